@@ -1,0 +1,273 @@
+"""Poolings: turn the decoder's last hidden states into one vector per input.
+
+NV-Embed (Lee et al. 2024, arXiv 2405.17428) section 3.2 introduces latent-attention
+pooling; the paper's pooling ablation (../shared/PAPER.md section 5) compares it with
+mean pooling, last-token (EOS) pooling and one self-attention layer before a mean.
+All four live here, with one interface:
+
+    forward(hidden (B, T, D), pool_mask (B, T) bool) -> (B, D)   # not normalised
+
+`pool_mask` is True exactly on the tokens to pool (the text tokens and EOS; never
+BOS, the instruction or padding). Positions outside it have no influence on the
+output of any pooling, whatever values they hold. A row with no True position is an
+error (the released code divides by zero there and returns NaN).
+
+Shape legend: B batch, T tokens, D hidden, H heads, Dh head dim, L latents.
+
+`POOLINGS` maps the `--pooling` names to constructors taking D as their one
+positional argument. `latent_attention_state_dict_from_released` renames the
+released NV-Embed-v1/v2 `latent_attention_model.*` weights onto
+`LatentAttentionPooling` (the map is the dict `RELEASED_LATENT_NAMES`).
+
+Run the tests with `python -m pytest -q tests/test_pooling.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def check_pool_inputs(hidden: Tensor, pool_mask: Tensor) -> Tensor:
+    """Validate shapes and return pool_mask as bool (B, T); refuse rows that pool nothing."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, D), got shape {tuple(hidden.shape)}")
+    if pool_mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"pool_mask must be (B, T) = {tuple(hidden.shape[:2])} to match hidden, "
+            f"got shape {tuple(pool_mask.shape)}"
+        )
+    pool_mask = pool_mask if pool_mask.dtype == torch.bool else pool_mask != 0
+    empty_rows = (~pool_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(
+            f"pool_mask selects no token in row(s) {empty_rows[:10]}"
+            f"{' ...' if len(empty_rows) > 10 else ''}; every row needs at least one "
+            "position to pool (its text tokens and EOS)"
+        )
+    return pool_mask
+
+
+def masked_mean(hidden: Tensor, pool_mask: Tensor) -> Tensor:
+    """Mean over the positions where pool_mask (B, T) bool is True: (B, T, D) -> (B, D)."""
+    # where(), not hidden * mask: a NaN or inf at a padded position must not leak in.
+    kept = torch.where(pool_mask[..., None], hidden, 0)  # (B, T, D)
+    counts = pool_mask.sum(dim=1, keepdim=True).to(hidden.dtype)  # (B, 1)
+    return kept.sum(dim=1) / counts
+
+
+class MeanPooling(nn.Module):
+    """Average of the pooled tokens (the paper's "mean" ablation)."""
+
+    def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
+        return masked_mean(hidden, check_pool_inputs(hidden, pool_mask))
+
+
+class LastTokenPooling(nn.Module):
+    """The hidden state of the last pooled position of each row: the appended EOS.
+
+    Taking the last True of pool_mask (rather than position T-1 or the attention
+    mask's length) is what makes it right under left and right padding alike.
+    """
+
+    def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
+        pool_mask = check_pool_inputs(hidden, pool_mask)
+        positions = torch.arange(pool_mask.shape[1], device=pool_mask.device)  # (T,)
+        last = torch.where(pool_mask, positions, -1).amax(dim=1)  # (B,)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
+        return hidden[rows, last]  # (B, D)
+
+
+# Released name (after the `latent_attention_model.` prefix) -> our name. The released
+# module is a Perceiver-style pair of blocks: block 0 = PreNorm(cross-attention),
+# block 1 = PreNorm(feed-forward); `fn` is the wrapped layer, `net.0`/`net.2` the two
+# linears of the GEGLU feed-forward (`net.1` is the parameter-free GEGLU). Beware the
+# released naming: its `norm` normalises the tokens (the queries) and `norm_context`
+# the latents (the keys and values).
+RELEASED_LATENT_PREFIX = "latent_attention_model."
+RELEASED_LATENT_NAMES = {
+    "latents": "latents",
+    "cross_attend_blocks.0.norm.weight": "attn_norm.weight",
+    "cross_attend_blocks.0.norm.bias": "attn_norm.bias",
+    "cross_attend_blocks.0.norm_context.weight": "latent_norm.weight",
+    "cross_attend_blocks.0.norm_context.bias": "latent_norm.bias",
+    "cross_attend_blocks.0.fn.to_q.weight": "to_q.weight",
+    "cross_attend_blocks.0.fn.to_kv.weight": "to_kv.weight",
+    "cross_attend_blocks.0.fn.to_out.weight": "to_out.weight",
+    "cross_attend_blocks.1.norm.weight": "ff_norm.weight",
+    "cross_attend_blocks.1.norm.bias": "ff_norm.bias",
+    "cross_attend_blocks.1.fn.net.0.weight": "ff_in.weight",
+    "cross_attend_blocks.1.fn.net.0.bias": "ff_in.bias",
+    "cross_attend_blocks.1.fn.net.2.weight": "ff_out.weight",
+    "cross_attend_blocks.1.fn.net.2.bias": "ff_out.bias",
+}
+
+
+class LatentAttentionPooling(nn.Module):
+    """Latent-attention pooling (section 3.2), computed as the released model does.
+
+    Every token attends to a trainable latent array (L x D, shared by all inputs):
+    the token is the query, the latents are keys and values, and the softmax runs
+    over the L latents, so each token is transformed on its own (no token sees
+    another). Then a feed-forward, then the mean over pool_mask:
+
+        h = h + to_out(softmax(q k^T / sqrt(Dh)) v),  q = to_q(LN(h)), [k | v] = to_kv(LN'(latents))
+        h = h + ff_out(x * gelu(gate)),                [x | gate] = ff_in(LN''(h))
+        out = masked mean of h over pool_mask
+
+    Where the paper's text and the released code differ, this follows the code
+    (the code produced the published numbers and its weights must load here):
+    - the paper writes O = softmax(Q K^T) V followed by an MLP of two linear layers
+      with a GELU between them; the code wraps both in pre-LayerNorms (on the tokens and, separately,
+      on the latents) with residual connections, and its MLP is a GEGLU whose first
+      linear is D -> 2 * mlp_ratio * D;
+    - the paper shows no scale; the code's SDPA call applies the default Dh^-0.5;
+    - 8 heads each of head dim D (inner width 8 * D = 32768 at D = 4096), not D / 8,
+      which is why the block has about 0.74B parameters at D = 4096;
+    - the latents get no mask and no positional information; only the final mean
+      uses pool_mask.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_latents: int = 512,
+        num_heads: int = 8,
+        head_dim: int | None = None,
+        mlp_ratio: int = 4,
+    ):
+        super().__init__()
+        head_dim = hidden_size if head_dim is None else head_dim  # released: Dh = D
+        inner = num_heads * head_dim
+        self.hidden_size, self.num_latents = hidden_size, num_latents
+        self.num_heads, self.head_dim, self.mlp_ratio = num_heads, head_dim, mlp_ratio
+        # Released init: latents ~ N(0, 1); norms and linears keep torch's defaults.
+        self.latents = nn.Parameter(torch.randn(num_latents, hidden_size))
+        self.attn_norm = nn.LayerNorm(hidden_size)
+        self.latent_norm = nn.LayerNorm(hidden_size)
+        self.to_q = nn.Linear(hidden_size, inner, bias=False)
+        self.to_kv = nn.Linear(hidden_size, 2 * inner, bias=False)  # rows: [k | v]
+        self.to_out = nn.Linear(inner, hidden_size, bias=False)
+        self.ff_norm = nn.LayerNorm(hidden_size)
+        self.ff_in = nn.Linear(hidden_size, 2 * mlp_ratio * hidden_size)  # rows: [x | gate]
+        self.ff_out = nn.Linear(mlp_ratio * hidden_size, hidden_size)
+
+    def reset_parameters(self) -> None:
+        """Re-draw every weight as __init__ does (for a module built on the meta device)."""
+        nn.init.normal_(self.latents)
+        for module in (self.attn_norm, self.latent_norm, self.to_q, self.to_kv,
+                       self.to_out, self.ff_norm, self.ff_in, self.ff_out):
+            module.reset_parameters()
+
+    def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
+        pool_mask = check_pool_inputs(hidden, pool_mask)
+        B, T, _ = hidden.shape
+        H, Dh, L = self.num_heads, self.head_dim, self.num_latents
+
+        q = self.to_q(self.attn_norm(hidden)).view(B, T, H, Dh)  # (B, T, H, Dh)
+        # The released code splits to_kv's output in half: keys first, then values.
+        k, v = self.to_kv(self.latent_norm(self.latents)).chunk(2, dim=-1)  # 2 x (L, H*Dh)
+        k, v = k.view(L, H, Dh), v.view(L, H, Dh)  # (L, H, Dh)
+        scores = torch.einsum("bthd,lhd->bhtl", q, k) * Dh**-0.5  # (B, H, T, L)
+        # Softmax in at least float32: under bf16 the logits over 512 latents lose too much.
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+        weights = scores.softmax(dim=-1, dtype=softmax_dtype).to(v.dtype)  # (B, H, T, L)
+        attended = torch.einsum("bhtl,lhd->bthd", weights, v).reshape(B, T, H * Dh)  # (B, T, H*Dh)
+        hidden = hidden + self.to_out(attended)
+
+        # GEGLU, as released: the first half is the value, the second half the gate
+        # (exact, erf-based GELU).
+        x, gate = self.ff_in(self.ff_norm(hidden)).chunk(2, dim=-1)  # 2 x (B, T, mlp_ratio*D)
+        hidden = hidden + self.ff_out(x * F.gelu(gate))
+        return masked_mean(hidden, pool_mask)
+
+
+def latent_attention_state_dict_from_released(
+    released: Mapping[str, Tensor],
+    expected: nn.Module | Mapping[str, torch.Size | tuple[int, ...]] | None = None,
+) -> dict[str, Tensor]:
+    """Rename the released `latent_attention_model.*` tensors to LatentAttentionPooling's names.
+
+    `released` may be the whole NV-Embed state dict: keys without the prefix (the
+    `embedding_model.*` decoder) are ignored. Raises KeyError naming every missing or
+    unknown key under the prefix. With `expected` (a LatentAttentionPooling, or a dict
+    from our names to shapes), a tensor whose shape differs raises ValueError naming
+    the released key, our key and both shapes. The tensors are returned as they are
+    (no copy, no dtype change), ready for `load_state_dict(..., strict=True)`.
+    """
+    ours_of = RELEASED_LATENT_NAMES
+    found = {key[len(RELEASED_LATENT_PREFIX):]: tensor for key, tensor in released.items()
+             if key.startswith(RELEASED_LATENT_PREFIX)}
+    missing = [RELEASED_LATENT_PREFIX + name for name in ours_of if name not in found]
+    unknown = [RELEASED_LATENT_PREFIX + name for name in found if name not in ours_of]
+    if missing or unknown:
+        raise KeyError(
+            "released latent-attention weights do not match the expected names: "
+            f"missing {missing}, unexpected {unknown}"
+        )
+    mapped = {ours_of[name]: tensor for name, tensor in found.items()}
+
+    if expected is not None:
+        if isinstance(expected, nn.Module):
+            expected = {name: tensor.shape for name, tensor in expected.state_dict().items()}
+        misshapen = [
+            f"{RELEASED_LATENT_PREFIX}{name} -> {ours_of[name]}: expected "
+            f"{_shape(expected.get(ours_of[name]))}, got {tuple(tensor.shape)}"
+            for name, tensor in found.items()
+            if tuple(tensor.shape) != _shape(expected.get(ours_of[name]))
+        ]
+        if misshapen:
+            raise ValueError("released latent-attention tensors have the wrong shape: "
+                             + "; ".join(misshapen))
+    return mapped
+
+
+def _shape(shape) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(shape)
+
+
+class SelfAttentionPooling(nn.Module):
+    """One multi-head self-attention layer over the tokens, then the masked mean.
+
+    The paper's fourth pooling ablation ("self-attention" in its table). Pre-norm
+    with a residual, like the latent block, but the keys and values are the tokens
+    themselves (head dim D / H). Keys outside pool_mask are masked out so that
+    padding, BOS and the instruction have no influence on the embedding, as for
+    every pooling here; the paper does not say how it masked this layer.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.norm = nn.LayerNorm(hidden_size)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)  # rows: [q | k | v]
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
+        pool_mask = check_pool_inputs(hidden, pool_mask)
+        B, T, D = hidden.shape
+        H = self.num_heads
+        # Zero the unpooled positions first: a masked key gets weight exactly 0, but
+        # 0 * inf in its value would still give NaN.
+        hidden = torch.where(pool_mask[..., None], hidden, 0)  # (B, T, D)
+        q, k, v = self.qkv(self.norm(hidden)).chunk(3, dim=-1)  # 3 x (B, T, D)
+        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, T, Dh)
+        may_attend = pool_mask[:, None, None, :]  # (B, 1, 1, T): True where the key is pooled
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=may_attend)  # (B, H, T, Dh)
+        attended = attended.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return masked_mean(hidden + self.out(attended), pool_mask)
+
+
+# The `--pooling` choices. Each takes D as its one positional argument; other sizes
+# are keywords (mean and eos have none and ignore them).
+POOLINGS = {
+    "mean": lambda hidden_size, **kw: MeanPooling(),
+    "eos": lambda hidden_size, **kw: LastTokenPooling(),
+    "latent": LatentAttentionPooling,
+    "self-attention": SelfAttentionPooling,
+}
