@@ -330,23 +330,26 @@ UNUSED_CHECKPOINT_KEYS = ("lm_head.weight",)
 
 def _read_checkpoint_tensors(folder: Path, dtype: torch.dtype):
     """Yield (name without "model.", tensor cast to dtype), one tensor at a time."""
+    for name, tensor in _read_checkpoint_tensors_raw(folder, dtype):
+        if name in UNUSED_CHECKPOINT_KEYS or name.endswith("rotary_emb.inv_freq"):
+            continue
+        yield name.removeprefix("model."), tensor
+
+
+def _read_checkpoint_tensors_raw(folder: Path, dtype: torch.dtype):
+    """Yield every (name, tensor cast to dtype) of a checkpoint directory, one at a time."""
     from safetensors import safe_open
 
     for file in _checkpoint_files(folder):
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    if name in UNUSED_CHECKPOINT_KEYS or name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    yield name.removeprefix("model."), f.get_tensor(name).to(dtype)
+                    yield name, f.get_tensor(name).to(dtype)
         else:
             # mmap + weights_only: no unpickling of arbitrary objects, no full read.
             shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             for name in list(shard):
-                tensor = shard.pop(name)
-                if name in UNUSED_CHECKPOINT_KEYS or name.endswith("rotary_emb.inv_freq"):
-                    continue
-                yield name.removeprefix("model."), tensor.to(dtype)
+                yield name, shard.pop(name).to(dtype)
 
 
 def _read_gguf(file: Path, dtype: torch.dtype):
@@ -355,9 +358,11 @@ def _read_gguf(file: Path, dtype: torch.dtype):
         raise FileNotFoundError(f"{file}: no such .gguf file")
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+    # transformers dequantises to float32; we cast tensor by tensor.
+    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
     config = MistralConfig.from_hf(hf.config.to_dict(), source=str(file))
-    state = ((k.removeprefix("model."), v) for k, v in hf.state_dict().items() if k not in UNUSED_CHECKPOINT_KEYS)
+    state = ((k.removeprefix("model."), v.to(dtype)) for k, v in hf.state_dict().items()
+             if k not in UNUSED_CHECKPOINT_KEYS)
     return config, state
 
 
@@ -459,3 +464,236 @@ def mark_only_lora_trainable(module: nn.Module) -> nn.Module:
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if "lora_" in k}
+
+
+# ----------------------------------------------------------------------------
+# NV-Embed: decoder + pooling + tokenizer
+
+
+class NVEmbed(nn.Module):
+    """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise.
+
+    The same `forward` serves training (train.py) and inference (`encode`), and both
+    tokenize through `data.tokenize`, so the pool mask (text tokens + EOS, never BOS,
+    instruction or padding; PAPER.md section 3) is identical in the two.
+    """
+
+    def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
+                 pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
+                 query_template: str = "Instruct: {instruction}\nQuery: ", base: str | None = None):
+        super().__init__()
+        self.decoder = decoder
+        self.pooling = pooling
+        self.tokenizer = tokenizer
+        self.pooling_name = pooling_name
+        self.pooling_kwargs = dict(pooling_kwargs or {})
+        self.causal = causal  # False: the paper's bidirectional encoder
+        self.max_length = max_length
+        self.query_template = query_template
+        self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
+        if len(tokenizer) > decoder.config.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocab_size is "
+                             f"{decoder.config.vocab_size}")
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """batch: `data.tokenize`'s dict. Returns (B, D) unit vectors."""
+        hidden = self.decoder(batch["input_ids"], batch["attention_mask"], causal=self.causal)  # (B, T, D)
+        pooled = self.pooling(hidden, batch["pool_mask"])  # (B, D)
+        return F.normalize(pooled, dim=-1)
+
+    # -- inference -------------------------------------------------------------
+
+    def tokenize(self, texts, instruction="", max_length=None, padding_side="right"):
+        from data import tokenize
+
+        return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
+                        template=self.query_template, padding_side=padding_side)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], instruction: str = "", batch_size: int = 32,
+               max_length: int | None = None, show_progress: bool | None = None) -> torch.Tensor:
+        """Embed `texts` (N,) -> float32 (N, D), unit length, in the input order.
+
+        Queries pass their task `instruction` (formatted with `query_template`);
+        documents pass none. Texts are batched in order of token count so that a
+        batch holds texts of similar size and little compute goes to padding. (Sorting
+        by characters is not enough: on SciFact a token spans 3 to 7 characters, and
+        char-sorted batches still carry ~25% padding.)
+        """
+        from tqdm.auto import tqdm
+
+        from data import encode_texts
+
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode expects a list of strings")
+        was_training = self.training
+        self.eval()
+        device = self.decoder.embed_tokens.weight.device
+        lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: memory peaks at once
+        out = torch.empty(len(texts), self.decoder.config.hidden_size, dtype=torch.float32)
+        truncated = 0
+        show = len(texts) > 8 * batch_size if show_progress is None else show_progress
+        for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show, leave=False):
+            rows = order[start:start + batch_size]
+            batch = self.tokenize([texts[i] for i in rows], instruction, max_length)
+            truncated += int(batch.pop("truncated").sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out[rows] = self(batch).float().cpu()
+        if truncated:
+            print(f"encode: {truncated} of {len(texts)} texts were longer than "
+                  f"{max_length or self.max_length} tokens and were truncated")
+        self.train(was_training)
+        return out
+
+    # -- building, saving, loading ----------------------------------------------
+
+    @classmethod
+    def from_base(cls, model: str = "tiny", pooling: str = "latent", causal: bool = False,
+                  max_length: int = 512, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  pooling_kwargs: dict | None = None, **kwargs) -> "NVEmbed":
+        """A fresh embedder on a base decoder: a preset name (random weights, byte
+        tokenizer; for tests and the default tiny run), an HF checkpoint directory or
+        a `.gguf` file (weights and tokenizer from it)."""
+        from data import ByteTokenizer, load_tokenizer
+        from pooling import POOLINGS
+
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
+        torch.manual_seed(seed)
+        if model in PRESETS:
+            decoder, tokenizer, base = Mistral(MistralConfig.preset(model)).to(dtype), ByteTokenizer(), None
+        else:
+            decoder, tokenizer = Mistral.from_pretrained(model, dtype=dtype), load_tokenizer(model)
+            base = str(Path(model).resolve())
+        pool = POOLINGS[pooling](decoder.config.hidden_size, **(pooling_kwargs or {})).to(dtype)
+        return cls(decoder, pool, tokenizer, pooling, pooling_kwargs, causal=causal, max_length=max_length,
+                   base=base, **kwargs)
+
+    def lora_config(self) -> dict | None:
+        for module in self.decoder.modules():
+            if isinstance(module, LoRALinear):
+                targets = sorted({name.rsplit(".", 1)[-1] for name, m in self.decoder.named_modules()
+                                  if isinstance(m, LoRALinear)})
+                return dict(rank=module.lora_A.shape[0], alpha=module.scaling * module.lora_A.shape[0],
+                            dropout=module.lora_dropout.p, targets=targets)
+        return None
+
+    def save(self, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False):
+        """Write config.json, weights (safetensors) and the tokenizer to `folder`.
+
+        With LoRA adapters on a decoder that came from a checkpoint, only the adapters
+        are written, plus a reference to that checkpoint; otherwise the full decoder.
+        `state_dict` (of this module) may be passed in, e.g. gathered from FSDP shards.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        if (folder / "config.json").exists() and not overwrite:
+            raise FileExistsError(f"{folder} already holds a saved model; pass overwrite=True to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+        lora = self.lora_config()
+        adapters_only = lora is not None and self.base is not None
+        decoder_state = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
+        if adapters_only:
+            decoder_state = {k: v for k, v in decoder_state.items() if "lora_" in k}
+        pooling_state = {k.removeprefix("pooling."): v for k, v in state.items() if k.startswith("pooling.")}
+        save_file(decoder_state, folder / ("adapters.safetensors" if adapters_only else "decoder.safetensors"))
+        save_file(pooling_state, folder / "pooling.safetensors")
+        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        config = dict(
+            format="nv-embed", pooling=self.pooling_name, pooling_kwargs=self.pooling_kwargs,
+            causal=self.causal, max_length=self.max_length, query_template=self.query_template,
+            decoder=asdict(self.decoder.config), lora=lora, base=self.base if adapters_only else None,
+            dtype=str(self.decoder.embed_tokens.weight.dtype).removeprefix("torch."), tokenizer="tokenizer",
+        )
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "NVEmbed":
+        """Load what `save` wrote (train.py's output)."""
+        from safetensors.torch import load_file
+
+        from data import load_tokenizer
+        from pooling import POOLINGS
+
+        folder = Path(folder)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (not a saved NV-Embed model)")
+        config = json.loads(config_file.read_text())
+        if config.get("format") != "nv-embed":
+            raise ValueError(f"{config_file}: not an NV-Embed model saved by this project "
+                             "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
+        dtype = dtype or getattr(torch, config["dtype"])
+        lora = config["lora"]
+        if config["base"] is not None:  # base checkpoint + adapters
+            decoder = Mistral.from_pretrained(config["base"], dtype=dtype)
+            if asdict(decoder.config) != config["decoder"]:
+                raise ValueError(f"{config_file}: base checkpoint {config['base']} has another config than the "
+                                 "one these adapters were trained on")
+            apply_lora(decoder, **lora)
+            adapters = load_file(folder / "adapters.safetensors")
+            expected = set(lora_state_dict(decoder))
+            if set(adapters) != expected:
+                raise ValueError(f"{folder / 'adapters.safetensors'}: adapter names differ from the model's: "
+                                 f"missing {sorted(expected - set(adapters))[:5]}, "
+                                 f"unexpected {sorted(set(adapters) - expected)[:5]}")
+            decoder.load_state_dict({k: v.to(dtype) for k, v in adapters.items()}, strict=False)
+        else:
+            with torch.device("meta"):
+                decoder = Mistral(MistralConfig(**config["decoder"]))
+            if lora:
+                apply_lora(decoder, **lora)
+            tensors = load_file(folder / "decoder.safetensors")
+            load_checked(decoder, ((k, v.to(dtype)) for k, v in tensors.items()), str(folder / "decoder.safetensors"))
+        pooling = POOLINGS[config["pooling"]](decoder.config.hidden_size, **config["pooling_kwargs"])
+        pooling_state = load_file(folder / "pooling.safetensors")
+        pooling.load_state_dict({k: v.to(dtype) for k, v in pooling_state.items()}, strict=True)
+        tokenizer = load_tokenizer(str(folder / config["tokenizer"]))
+        model = cls(decoder, pooling.to(dtype), tokenizer, config["pooling"], config["pooling_kwargs"],
+                    causal=config["causal"], max_length=config["max_length"],
+                    query_template=config["query_template"], base=config["base"])
+        return model.to(device).eval()
+
+    @classmethod
+    def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "NVEmbed":
+        """Load NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository).
+
+        Their checkpoint holds `embedding_model.<HF Mistral names>` and
+        `latent_attention_model.*` (renamed by pooling.RELEASED_LATENT_NAMES). Only the
+        weights and the two configs are read; their Python code is never run.
+        """
+        from data import load_tokenizer
+        from pooling import LatentAttentionPooling, latent_attention_state_dict_from_released
+
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        text_config = dict(config.get("text_config") or {})
+        if not text_config:
+            raise ValueError(f"{folder / 'config.json'}: no text_config (not a released NV-Embed checkpoint)")
+        if text_config.get("model_type") == "bidir_mistral":  # their name for Mistral without the causal mask
+            text_config["model_type"] = "mistral"
+        latent_config = config.get("latent_attention_config") or {}
+        decoder_config = MistralConfig.from_hf(text_config, source=str(folder / "config.json"))
+        D = decoder_config.hidden_size
+        pooling_kwargs = dict(num_latents=latent_config.get("num_latents_value", 512),
+                              num_heads=latent_config.get("num_cross_heads", 8),
+                              head_dim=latent_config.get("cross_dim_head", D))
+        with torch.device("meta"):
+            decoder = Mistral(decoder_config)
+            pooling = LatentAttentionPooling(D, **pooling_kwargs)
+        released = dict(_read_checkpoint_tensors_raw(folder, dtype))
+        decoder_state = ((k.removeprefix("embedding_model."), v) for k, v in released.items()
+                         if k.startswith("embedding_model."))
+        load_checked(decoder, decoder_state, str(folder))
+        pooling_state = latent_attention_state_dict_from_released(released, expected=pooling)
+        unknown = sorted(k for k in released if not k.startswith(("embedding_model.", "latent_attention_model.")))
+        if unknown:
+            raise ValueError(f"{folder}: unexpected tensors {unknown[:10]}")
+        pooling.load_state_dict(pooling_state, strict=True, assign=True)
+        return cls(decoder, pooling, load_tokenizer(str(folder)), "latent", pooling_kwargs, causal=False,
+                   max_length=512, base=None).eval()
+
