@@ -25,11 +25,24 @@ How it differs from BEIR (beir/retrieval/evaluation.py, beir/retrieval/custom_me
   returns a number the two agree, except for a qrels entry with no judgments at all
   (which no qrels file can produce).
 
-Run the tests: python -m pytest -q tests/test_evaluate.py
+The rest of the file evaluates an embedder: `run_evaluation(model, corpus, queries, qrels,
+instruction, ...) -> (metrics, run)` (also called by train.py) encodes queries with the
+task instruction and documents bare (title + " " + text), searches and scores; the command
+prints a BEIR-style table and writes the metrics (JSON) and the run (TREC format):
+
+    python evaluate.py                      # built-in dataset; runs/stage{2,1}/model, else a fresh tiny model
+    python evaluate.py --model runs/stage1/model --data ../shared/data/scifact --split test
+    python evaluate.py --model SmolLM2.gguf --pooling mean --bidirectional --data DIR   # zero-shot baseline
+
+Run the tests: python -m pytest -q tests/test_evaluate.py tests/test_evaluate_command.py
+Benchmark: python bench/eval_speed.py
 """
 
-import math
+import argparse
+import json
 import numbers
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -161,28 +174,39 @@ def _check_grades(qid, judgments):
     return grades
 
 
+_PLAIN_SCORE_TYPES = {float, int, np.float32, np.float64}
+
+
 def _ranking(qid, doc_scores, ignore_identical_ids):
     """Doc ids of run[qid] in trec_eval's order."""
-    doc_ids, scores = [], []
-    for did, score in doc_scores.items():
-        if not isinstance(did, str):
-            raise TypeError(f"evaluate: run[{qid!r}] has a non-string doc id {did!r}")
-        if not isinstance(score, numbers.Real) or math.isnan(score):
-            raise ValueError(f"evaluate: run[{qid!r}][{did!r}] = {score!r}: a score must be a real number, not NaN")
-        # BEIR pops a retrieved doc whose id equals the query id (a corpus that
-        # contains the queries would otherwise retrieve each query as its own answer).
-        if ignore_identical_ids and did == qid:
-            continue
-        doc_ids.append(did)
-        scores.append(float(score))
+    # The checks run per query, not per document, where they can: evaluate's time is
+    # mostly here (1,000 queries x 1,000 results).
+    if {type(did) for did in doc_scores} - {str}:
+        for did in doc_scores:
+            if not isinstance(did, str):
+                raise TypeError(f"evaluate: run[{qid!r}] has a non-string doc id {did!r}")
+    doc_ids, values = list(doc_scores), list(doc_scores.values())
+    if not {type(score) for score in values} <= _PLAIN_SCORE_TYPES:
+        for did, score in doc_scores.items():
+            if not isinstance(score, numbers.Real):
+                raise ValueError(f"evaluate: run[{qid!r}][{did!r}] = {score!r}: a score must be a real number")
+        values = [float(score) for score in values]
+    scores = np.array(values, dtype=np.float64)  # (n,)
+    if np.isnan(scores).any():
+        did = doc_ids[int(np.argmax(np.isnan(scores)))]
+        raise ValueError(f"evaluate: run[{qid!r}][{did!r}] is NaN: a score must be a real number, not NaN")
     # trec_eval stores each score as a C float (form_res_rels.c: `float sim`), so scores
     # equal after rounding to float32 tie: 1.0 and 1.0 + 1e-12 rank as equals.
     with np.errstate(over="ignore"):
-        scores32 = np.asarray(scores, dtype=np.float64).astype(np.float32).tolist()
+        scores32 = scores.astype(np.float32).tolist()
     # trec_eval ignores the order in the run and sorts by score descending, ties by doc
     # id descending as strcmp compares them (comp_sim_docno). Python compares str by
     # code point, which is the same order as strcmp on their UTF-8 bytes.
     ranked = sorted(zip(scores32, doc_ids), reverse=True)
+    # BEIR pops a retrieved doc whose id equals the query id (a corpus that
+    # contains the queries would otherwise retrieve each query as its own answer).
+    if ignore_identical_ids and qid in doc_scores:
+        return [did for _, did in ranked if did != qid]
     return [did for _, did in ranked]
 
 
@@ -246,5 +270,275 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
 
 
 # ----------------------------------------------------------------------------
-# Command (phase 2): `python evaluate.py --model DIR --data DIR ...` (issue 5, item 3)
-# goes here once model.NVEmbed and data.load_beir exist.
+# Evaluating an embedder: encode, search, score (BEIR's dense retrieval, PAPER.md section 6)
+
+DEFAULT_K_VALUES = (1, 3, 5, 10, 100, 1000)
+METRIC_NAMES = ("NDCG", "MAP", "Recall", "P", "MRR")
+
+# Query instructions of the released NV-Embed-v2 (PAPER.md section 3), by BEIR folder name.
+INSTRUCTIONS = {
+    "scifact": "Given a scientific claim, retrieve documents that support or refute the claim",
+    "nfcorpus": "Given a question, retrieve relevant documents that answer the question",
+    "arguana": "Given a claim, retrieve documents that support or refute the claim",
+    "fiqa": "Given a financial question, retrieve relevant passages that answer the query",
+}
+
+
+def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32, max_length=None,
+                   top_k=1000, k_values=DEFAULT_K_VALUES):
+    """Encode, search and score one BEIR split with an `NVEmbed`; returns (metrics, run).
+
+    corpus {doc_id: {"title", "text"}}, queries {query_id: text}, qrels {query_id: {doc_id:
+    grade}}: what `data.load_beir` returns. Queries are encoded with `instruction` (the
+    query template's task), documents bare as `data.doc_text` (title + " " + text), as
+    PAPER.md sections 3 and 6 prescribe. Only the queries judged in qrels are encoded.
+    `max_length` None means the model's own. metrics: `evaluate(qrels, run, k_values)`;
+    run: {query_id: {doc_id: score}} with each query's `top_k` best documents.
+    """
+    from data import doc_text
+
+    missing = [qid for qid in qrels if qid not in queries]
+    if missing:
+        raise ValueError(f"run_evaluation: {len(missing)} qrels queries have no text in `queries`, "
+                         f"e.g. {missing[:3]}")
+    if not corpus:
+        raise ValueError("run_evaluation: the corpus is empty")
+    query_ids = [qid for qid in queries if qid in qrels]
+    doc_ids = list(corpus)
+    query_texts = [queries[qid] for qid in query_ids]
+    doc_texts = [doc_text(corpus[did]) for did in doc_ids]
+    for kind, ids, texts in (("query", query_ids, query_texts), ("document", doc_ids, doc_texts)):
+        for item_id, text in zip(ids, texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"run_evaluation: {kind} {item_id!r} has no text")
+
+    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size,
+                             max_length=max_length)  # (Q, D), float32 on the CPU
+    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
+    # Score on the model's device; the corpus stays in CPU memory and search moves it chunk by chunk.
+    device = model.decoder.embed_tokens.weight.device
+    scores, indices = search(query_emb.to(device), corpus_emb, top_k=top_k)  # (Q, k) each
+    run = {
+        qid: {doc_ids[j]: score for j, score in zip(row_indices, row_scores)}
+        for qid, row_indices, row_scores in zip(query_ids, indices.cpu().tolist(), scores.cpu().tolist())
+    }
+    return evaluate(qrels, run, k_values), run
+
+
+def write_trec(run, path, run_name):
+    """Write a run in TREC format, one line per document: `query_id Q0 doc_id rank score run_name`.
+
+    Lines are in trec_eval's order (score as float32 descending, ties by doc id
+    descending), so the rank column is the rank the metrics used. Scores are written with
+    9 significant digits, enough to give back the same float32 (trec_eval reads a float).
+    """
+    if not run_name or any(c.isspace() for c in run_name):
+        raise ValueError(f"write_trec: run name {run_name!r} must be non-empty without whitespace")
+    with open(path, "w", encoding="utf-8") as f:
+        for qid, docs in run.items():
+            # A space in an id would shift every later column of the line.
+            for item_id in (qid, *docs):
+                if not item_id or any(c.isspace() for c in item_id):
+                    raise ValueError(f"write_trec: id {item_id!r} (query {qid!r}) is empty or has whitespace, "
+                                     "which the TREC format cannot hold")
+            ranked = sorted(docs.items(), key=lambda item: (float(np.float32(item[1])), item[0]), reverse=True)
+            for rank, (did, score) in enumerate(ranked, start=1):
+                f.write(f"{qid} Q0 {did} {rank} {score:.9g} {run_name}\n")
+
+
+def read_trec(path):
+    """Read a TREC run file back into {query_id: {doc_id: score}}; bad lines name file and line."""
+    run = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 6:
+                raise ValueError(f"{path}:{number}: expected 6 fields (query_id Q0 doc_id rank score run_name), "
+                                 f"got {len(fields)}")
+            qid, _, did, _, score, _ = fields
+            try:
+                run.setdefault(qid, {})[did] = float(score)
+            except ValueError:
+                raise ValueError(f"{path}:{number}: score {score!r} is not a number") from None
+    return run
+
+
+def format_table(metrics):
+    """BEIR's summary: one row per cutoff k, one column per metric, 5 decimals as BEIR rounds."""
+    k_values = sorted({int(name.split("@")[1]) for name in metrics})
+    lines = [f"{'k':>6}" + "".join(f"{name:>10}" for name in METRIC_NAMES)]
+    for k in k_values:
+        lines.append(f"{k:>6}" + "".join(f"{metrics[f'{name}@{k}']:>10.5f}" for name in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# The command
+
+DEFAULT_MODELS = ("runs/stage2/model", "runs/stage1/model")  # what `train.py --stage 2 / 1` writes
+
+
+def _is_saved_nvembed(path):
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text()).get("format") == "nv-embed"
+    except (ValueError, AttributeError):
+        return False
+
+
+def _parse_k_values(text):
+    try:
+        k_values = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not k_values or min(k_values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return tuple(sorted(set(k_values)))
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Evaluate an NV-Embed model on a BEIR dataset the way BEIR does (exact search, trec_eval "
+                    "metrics). With no flags: the built-in dataset's test split with runs/stage{2,1}/model if "
+                    "train.py wrote one, else a fresh random tiny model.")
+    parser.add_argument("--model", help="a saved NV-Embed folder (train.py's runs/stageN/model), or for a zero-shot "
+                                        "baseline a base checkpoint: an HF folder, a .gguf file or a preset name "
+                                        "('tiny'). Default: runs/stage2/model, runs/stage1/model, else 'tiny'")
+    parser.add_argument("--data", default="builtin",
+                        help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or 'builtin' (default)")
+    parser.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
+    parser.add_argument("--instruction", default=None,
+                        help="the task instruction for the queries (documents get none). Default: the built-in "
+                             "dataset's, or NV-Embed-v2's for a known BEIR folder name "
+                             f"({', '.join(sorted(INSTRUCTIONS))}), else none")
+    parser.add_argument("--pooling", default=None, choices=("mean", "eos", "latent", "self-attention"),
+                        help="base checkpoints only (default mean). mean and eos "
+                             "have no weights, so an untrained baseline measures the decoder alone")
+    attention = parser.add_mutually_exclusive_group()
+    attention.add_argument("--causal", dest="causal", action="store_const", const=True, default=None,
+                           help="base checkpoints only: keep the decoder's causal mask")
+    attention.add_argument("--bidirectional", dest="causal", action="store_const", const=False,
+                           help="base checkpoints only: remove the causal mask, as NV-Embed does (default)")
+    parser.add_argument("--max-length", type=_positive_int, default=None,
+                        help="tokens per text, truncating the text (default: the model's, 512 for a base)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
+    parser.add_argument("--top-k", type=_positive_int, default=1000,
+                        help="documents kept per query (default 1000, BEIR's)")
+    parser.add_argument("--k-values", type=_parse_k_values, default=DEFAULT_K_VALUES,
+                        help="metric cutoffs, comma-separated (default 1,3,5,10,100,1000)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="weights' dtype (default: a saved model's own, float32 for a base)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--out", default=None,
+                        help="folder for DATASET-SPLIT.json (metrics) and DATASET-SPLIT.trec (the run). Default: "
+                             "MODEL/eval for a saved model, runs/eval/NAME-POOLING-ATTENTION for a base")
+    parser.add_argument("--run-name", default=None, help="the TREC run name column (default: nvembed-MODELNAME)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser
+
+
+def main(argv=None):
+    import data
+    from model import PRESETS, NVEmbed
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
+    model_spec = args.model
+    if model_spec is None:
+        model_spec = next((path for path in DEFAULT_MODELS if _is_saved_nvembed(path)), "tiny")
+        print("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
+                           "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
+                           "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
+    saved = _is_saved_nvembed(model_spec)
+    if not saved and model_spec not in PRESETS and not Path(model_spec).exists():
+        parser.error(f"--model {model_spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
+                     f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
+    if saved and (args.pooling is not None or args.causal is not None):
+        parser.error(f"--model {model_spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
+                     "trained with, so --pooling / --causal / --bidirectional do not apply")
+    pooling = args.pooling or "mean"
+    causal = bool(args.causal)
+
+    # Which data and instruction.
+    builtin = args.data == "builtin"
+    dataset_name = "builtin" if builtin else Path(args.data).resolve().name
+    if args.instruction is not None:
+        instruction = args.instruction
+    elif builtin:
+        instruction = data.BUILTIN_INSTRUCTION
+    else:
+        instruction = INSTRUCTIONS.get(dataset_name.lower(), "")
+        if not instruction:
+            print(f"note: no --instruction given and none known for {dataset_name!r}: queries are encoded bare")
+
+    # Where the results go; refuse to overwrite before any expensive work.
+    model_name = Path(model_spec).name if model_spec not in PRESETS else model_spec
+    if args.out is not None:
+        out = Path(args.out)
+    elif saved:
+        out = Path(model_spec) / "eval"
+    else:
+        out = Path("runs") / "eval" / f"{Path(model_name).stem}-{pooling}-{'causal' if causal else 'bidirectional'}"
+    stem = f"{dataset_name}-{args.split}"
+    metrics_file, run_file = out / f"{stem}.json", out / f"{stem}.trec"
+    existing = [str(p) for p in (metrics_file, run_file) if p.exists()]
+    if existing and not args.overwrite:
+        parser.error(f"{' and '.join(existing)} already exist; pass --overwrite to replace them or --out elsewhere")
+    run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if saved:
+        model = NVEmbed.from_pretrained(model_spec, dtype=dtype, device=device)
+    else:
+        model = NVEmbed.from_base(model_spec, pooling=pooling, causal=causal, max_length=args.max_length or 512,
+                                  dtype=dtype or torch.float32).to(device)
+    model.eval()
+
+    if builtin:
+        corpus, queries, qrels = data.builtin_dataset().split(args.split)
+    else:
+        corpus, queries, qrels = data.load_beir(args.data, args.split)
+    max_length = args.max_length or model.max_length
+    config = dict(
+        model=str(model_spec), model_kind="saved NV-Embed" if saved else "base (zero-shot)",
+        pooling=model.pooling_name, causal=model.causal, data=args.data, split=args.split,
+        instruction=instruction, max_length=max_length, batch_size=args.batch_size, top_k=args.top_k,
+        k_values=list(args.k_values), dtype=str(model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
+        device=str(device), num_queries=len(qrels), num_documents=len(corpus), run_name=run_name,
+    )
+    print("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
+    if args.top_k < max(args.k_values):
+        print(f"note: --top-k {args.top_k} < largest k {max(args.k_values)}: metrics beyond it see a truncated run")
+
+    start = time.perf_counter()
+    metrics, run = run_evaluation(model, corpus, queries, qrels, instruction=instruction,
+                                  batch_size=args.batch_size, max_length=max_length, top_k=args.top_k,
+                                  k_values=args.k_values)
+    seconds = time.perf_counter() - start
+
+    print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
+          f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")
+    print(format_table(metrics))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(dict(metrics=metrics, config=config, seconds=seconds), indent=2) + "\n")
+    write_trec(run, run_file, run_name)
+    print(f"wrote {metrics_file} and {run_file}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -197,6 +197,10 @@ def test_bad_input_errors():
         evaluate({"q": {"d": 1}}, {"q": {"d": float("nan")}})
     with pytest.raises(TypeError, match=r"qrels\['q'\]\['d'\]"):
         evaluate({"q": {"d": 1.5}}, {"q": {"d": 1.0}})
+    with pytest.raises(ValueError, match=r"run\['q'\]\['d'\] = '0.5'"):
+        evaluate({"q": {"d": 1}}, {"q": {"e": 1.0, "d": "0.5"}})
+    with pytest.raises(TypeError, match=r"run\['q'\] has a non-string doc id 7"):
+        evaluate({"q": {"d": 1}}, {"q": {"d": 1.0, 7: 0.5}})
     with pytest.raises(ValueError, match="no query"):
         evaluate({"q": {"d": 1}}, {"other": {"d": 1.0}})
     with pytest.raises(ValueError, match="k_values"):

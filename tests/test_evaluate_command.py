@@ -1,0 +1,175 @@
+"""Tests for evaluate.py's command and run_evaluation: end to end on the built-in dataset.
+
+The command's outputs are checked against independent recomputations: the TREC file is
+parsed with pytrec_eval's own parser and rescored, and the ranking is recomputed by
+brute force from `NVEmbed.encode` (query with instruction, document as title + " " + text).
+
+Run: python -m pytest -q tests/test_evaluate_command.py
+"""
+
+import json
+import random
+
+import pytest
+import torch
+
+import data
+from evaluate import evaluate, main, read_trec, run_evaluation, write_trec
+from model import NVEmbed
+from tests.helpers import scifact
+
+pytrec_eval = pytest.importorskip("pytrec_eval", reason="pytrec_eval (pip install pytrec-eval-terrier) parses the run")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a small shared CPU, two OpenMP threads make the tiny model's many small ops
+    # far slower (threads wait on each other); one thread keeps this file fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_outputs(folder, stem="builtin-test"):
+    metrics_json = json.loads((folder / f"{stem}.json").read_text())
+    with open(folder / f"{stem}.trec") as f:
+        lines = [line.split() for line in f]
+    with open(folder / f"{stem}.trec") as f:
+        run = pytrec_eval.parse_run(f)
+    return metrics_json, lines, run
+
+
+def test_command_end_to_end_on_builtin_dataset(tmp_path):
+    out = tmp_path / "out"
+    k_values = (1, 3, 10, 50)
+    metrics = main(["--model", "tiny", "--data", "builtin", "--out", str(out), "--top-k", "50",
+                    "--k-values", "10,1,3,50", "--batch-size", "64", "--run-name", "test-run"])
+    saved, lines, run = read_outputs(out)
+    corpus, queries, qrels = data.builtin_dataset().split("test")
+
+    # The JSON holds the returned metrics, with the resolved configuration.
+    assert saved["metrics"] == metrics
+    assert set(metrics) == {f"{m}@{k}" for m in ("NDCG", "MAP", "Recall", "P", "MRR") for k in k_values}
+    assert saved["config"]["instruction"] == data.BUILTIN_INSTRUCTION
+    assert saved["config"]["num_queries"] == len(qrels) and saved["config"]["num_documents"] == len(corpus)
+
+    # TREC lines: qid Q0 docid rank score name; ranks 1..50 per query, scores non-increasing.
+    assert all(len(fields) == 6 and fields[1] == "Q0" and fields[5] == "test-run" for fields in lines)
+    assert set(run) == set(qrels) and all(len(docs) == 50 for docs in run.values())
+    for qid in run:
+        rows = [fields for fields in lines if fields[0] == qid]
+        assert [int(fields[3]) for fields in rows] == list(range(1, 51))
+        scores = [float(fields[4]) for fields in rows]
+        assert scores == sorted(scores, reverse=True)
+
+    # Rescoring the file gives the stored metrics, and pytrec_eval agrees on nDCG@10 and Recall@50.
+    assert evaluate(qrels, run, k_values) == pytest.approx(metrics, abs=1e-12)
+    oracle = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.50"}).evaluate(run)
+    assert metrics["NDCG@10"] == pytest.approx(sum(s["ndcg_cut_10"] for s in oracle.values()) / len(oracle), abs=1e-9)
+    assert metrics["Recall@50"] == pytest.approx(sum(s["recall_50"] for s in oracle.values()) / len(oracle), abs=1e-9)
+
+    # Brute force: the same fresh tiny model (from_base is seeded), queries with the
+    # instruction, documents bare; every score in the file is the dot product.
+    model = NVEmbed.from_base("tiny", pooling="mean")
+    query_ids, doc_ids = list(qrels), list(corpus)
+    query_emb = model.encode([queries[q] for q in query_ids], instruction=data.BUILTIN_INSTRUCTION)
+    doc_emb = model.encode([corpus[d]["text"] for d in doc_ids])
+    full = query_emb @ doc_emb.T  # (Q, N)
+    for row, qid in enumerate(query_ids):
+        for did, score in run[qid].items():
+            assert score == pytest.approx(full[row, doc_ids.index(did)].item(), abs=1e-5)
+        best = full[row].topk(50).values
+        assert sorted(run[qid].values(), reverse=True) == pytest.approx(best.tolist(), abs=1e-5)
+
+
+def test_no_flags_uses_builtin_data_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default outputs go under ./runs
+    main([])
+    said = capsys.readouterr().out
+    assert "fresh tiny model" in said
+    out = tmp_path / "runs" / "eval" / "tiny-mean-bidirectional"
+    first = (out / "builtin-test.json").read_text(), (out / "builtin-test.trec").read_text()
+
+    with pytest.raises(SystemExit) as refused:
+        main([])
+    assert refused.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert ((out / "builtin-test.json").read_text(), (out / "builtin-test.trec").read_text()) == first
+
+    main(["--overwrite"])  # same model, same data: same run
+    assert (out / "builtin-test.trec").read_text() == first[1]
+
+
+def test_no_flags_prefers_the_model_train_py_wrote(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    trained = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8), seed=3)
+    trained.save(tmp_path / "runs" / "stage1" / "model")
+    metrics = main(["--k-values", "1,10", "--top-k", "10"])
+    assert "runs/stage1/model (trained by train.py)" in capsys.readouterr().out
+    saved, _, run = read_outputs(tmp_path / "runs" / "stage1" / "model" / "eval")
+    assert saved["config"]["pooling"] == "latent" and saved["metrics"] == metrics
+    corpus, queries, qrels = data.builtin_dataset().split("test")
+    expected, expected_run = run_evaluation(trained, corpus, queries, qrels, data.BUILTIN_INSTRUCTION,
+                                            top_k=10, k_values=(1, 10))
+    assert metrics == pytest.approx(expected, abs=1e-12)
+    assert run.keys() == expected_run.keys()
+
+    # A saved model keeps its pooling and attention: the base-only flags are refused.
+    with pytest.raises(SystemExit):
+        main(["--model", "runs/stage1/model", "--pooling", "mean", "--out", str(tmp_path / "x")])
+
+
+def test_beir_folder_with_titles(tmp_path):
+    """A BEIR folder read by load_beir: documents are encoded as title + " " + text."""
+    corpus = {"d1": {"title": "Foxes", "text": "The fox is quick."}, "d2": {"title": "", "text": "Dogs are lazy."},
+              "d3": {"title": "Cats", "text": "Cats sleep all day."}}
+    queries = {"q1": "which animal is quick", "q2": "who sleeps", "q3": "unjudged query"}
+    write_beir_folder = tmp_path / "toy"
+    data.write_beir(write_beir_folder, corpus, queries, {"test": {"q1": {"d1": 1}, "q2": {"d3": 2, "d2": 0}}})
+    out = tmp_path / "out"
+    metrics = main(["--model", "tiny", "--pooling", "eos", "--causal", "--data", str(write_beir_folder),
+                    "--instruction", "Find the animal", "--out", str(out), "--k-values", "1,2,3"])
+    saved, _, run = read_outputs(out, "toy-test")
+    assert saved["config"]["causal"] is True and saved["config"]["pooling"] == "eos"
+    assert set(run) == {"q1", "q2"}  # only judged queries are encoded
+
+    model = NVEmbed.from_base("tiny", pooling="eos", causal=True)
+    texts = ["Foxes The fox is quick.", "Dogs are lazy.", "Cats Cats sleep all day."]
+    doc_emb = model.encode(texts)
+    for qid in ("q1", "q2"):
+        query_emb = model.encode([queries[qid]], instruction="Find the animal")
+        for j, did in enumerate(corpus):
+            assert run[qid][did] == pytest.approx((query_emb[0] @ doc_emb[j]).item(), abs=1e-5)
+    qrels = {"q1": {"d1": 1}, "q2": {"d3": 2, "d2": 0}}
+    assert metrics == pytest.approx(evaluate(qrels, run, (1, 2, 3)), abs=1e-12)
+
+
+def test_trec_format_errors(tmp_path):
+    run = {"q1": {"d1": 0.5, "d2": 0.5, "d3": 0.25}}
+    write_trec(run, tmp_path / "run.trec", "r")
+    # trec_eval's order: equal scores by doc id descending.
+    assert [line.split()[2] for line in (tmp_path / "run.trec").read_text().splitlines()] == ["d2", "d1", "d3"]
+    assert read_trec(tmp_path / "run.trec") == run
+    with pytest.raises(ValueError, match="whitespace"):
+        write_trec({"q1": {"doc 1": 1.0}}, tmp_path / "bad.trec", "r")
+    (tmp_path / "broken.trec").write_text("q1 Q0 d1 1 0.5 r\nq1 Q0 d2 2\n")
+    with pytest.raises(ValueError, match=r"broken.trec:2"):
+        read_trec(tmp_path / "broken.trec")
+
+
+def test_run_evaluation_on_a_scifact_subset():
+    corpus, queries, qrels = data.load_beir(scifact(), "test")
+    rng = random.Random(0)
+    qids = rng.sample(sorted(qrels), 10)
+    relevant = {did for qid in qids for did in qrels[qid]}
+    others = rng.sample(sorted(set(corpus) - relevant), 60)
+    sub_corpus = {did: corpus[did] for did in sorted(relevant) + others}
+    sub_qrels = {qid: qrels[qid] for qid in qids}
+    model = NVEmbed.from_base("tiny", pooling="mean")
+    metrics, run = run_evaluation(model, sub_corpus, queries, sub_qrels,
+                                  "Given a scientific claim, retrieve documents that support or refute the claim",
+                                  batch_size=16, max_length=160, top_k=20, k_values=(1, 10, 20))
+    assert set(run) == set(qids) and all(len(docs) == 20 for docs in run.values())
+    assert metrics == pytest.approx(evaluate(sub_qrels, run, (1, 10, 20)), abs=1e-12)
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
