@@ -380,16 +380,6 @@ def format_table(metrics):
 DEFAULT_MODELS = ("runs/stage2/model", "runs/stage1/model")  # what `train.py --stage 2 / 1` writes
 
 
-def _is_saved_nvembed(path):
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return False
-    try:
-        return json.loads(config_file.read_text()).get("format") == "nv-embed"
-    except (ValueError, AttributeError):
-        return False
-
-
 def _parse_k_values(text):
     try:
         k_values = [int(k) for k in text.split(",") if k.strip()]
@@ -458,17 +448,17 @@ def main(argv=None):
     # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
     model_spec = args.model
     if model_spec is None:
-        model_spec = next((path for path in DEFAULT_MODELS if _is_saved_nvembed(path)), "tiny")
+        model_spec = next((path for path in DEFAULT_MODELS if NVEmbed.is_saved(path)), "tiny")
         print("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
                            "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
                            "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
-    saved = _is_saved_nvembed(model_spec)
-    if not saved and model_spec not in PRESETS and not Path(model_spec).exists():
-        parser.error(f"--model {model_spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
-                     f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
+    saved = NVEmbed.is_saved(model_spec)
     if saved and (args.pooling is not None or args.causal is not None):
         parser.error(f"--model {model_spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
                      "trained with, so --pooling / --causal / --bidirectional do not apply")
+    if not saved and model_spec not in PRESETS and not Path(model_spec).exists():
+        parser.error(f"--model {model_spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
+                     f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
 
@@ -501,12 +491,8 @@ def main(argv=None):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if saved:
-        model = NVEmbed.from_pretrained(model_spec, dtype=dtype, device=device)
-    else:
-        model = NVEmbed.from_base(model_spec, pooling=pooling, causal=causal, max_length=args.max_length or 512,
-                                  dtype=dtype or torch.float32).to(device)
-    model.eval()
+    model = NVEmbed.load(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
+                         dtype=dtype, device=device)
 
     if builtin:
         corpus, queries, qrels = data.builtin_dataset().split(args.split)

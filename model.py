@@ -658,6 +658,33 @@ class NVEmbed(nn.Module):
                     query_template=config["query_template"], base=config["base"])
         return model.to(device).eval()
 
+    @staticmethod
+    def is_saved(path) -> bool:
+        """Whether `path` is a folder written by `NVEmbed.save`."""
+        config_file = Path(path) / "config.json"
+        try:
+            return json.loads(config_file.read_text()).get("format") == "nv-embed"
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    @classmethod
+    def load(cls, spec: str, pooling: str | None = None, causal: bool | None = None, max_length: int = 512,
+             dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "NVEmbed":
+        """What the command lines take as --model: a folder written by `save` (its pooling and
+        attention are kept: passing others is refused), or a base decoder (preset, HF folder,
+        .gguf) with a fresh `pooling` (default mean, which has no weights) for zero-shot use."""
+        if cls.is_saved(spec):
+            if pooling is not None or causal is not None:
+                raise ValueError(f"{spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
+                                 "trained with")
+            return cls.from_pretrained(spec, dtype=dtype, device=device)
+        if spec not in PRESETS and not Path(spec).exists():
+            raise FileNotFoundError(f"{spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
+                                    f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
+        model = cls.from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length,
+                              dtype=dtype or torch.float32)
+        return model.to(device).eval()
+
     @classmethod
     def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "NVEmbed":
         """Load NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository).
