@@ -526,12 +526,14 @@ class NVEmbed(nn.Module):
 
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
+        if not texts:
+            return torch.empty(0, self.decoder.config.hidden_size)
         was_training = self.training
         self.eval()
         device = self.decoder.embed_tokens.weight.device
         lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: memory peaks at once
-        out = torch.empty(len(texts), self.decoder.config.hidden_size, dtype=torch.float32)
+        out = None  # (N, pooled width), allocated at the first batch
         truncated = 0
         show = len(texts) > 8 * batch_size if show_progress is None else show_progress
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show, leave=False):
@@ -539,7 +541,10 @@ class NVEmbed(nn.Module):
             batch = self.tokenize([texts[i] for i in rows], instruction, max_length)
             truncated += int(batch.pop("truncated").sum())
             batch = {k: v.to(device) for k, v in batch.items()}
-            out[rows] = self(batch).float().cpu()
+            embeddings = self(batch).float().cpu()  # (b, D)
+            if out is None:
+                out = torch.empty(len(texts), embeddings.shape[1])
+            out[rows] = embeddings
         if truncated:
             print(f"encode: {truncated} of {len(texts)} texts were longer than "
                   f"{max_length or self.max_length} tokens and were truncated")

@@ -1,0 +1,360 @@
+"""Tests for train.py: the loss against a naive loop, 2 ranks against 1, exact resume,
+and the default command end to end.
+
+Run: python -m pytest -q tests/test_train.py
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+
+torch.set_num_threads(1)
+
+# ---------------------------------------------------------------- the loss
+
+
+def naive_infonce(queries, docs, keys, group_size, temperature, in_batch_negatives, query_keys=None):
+    """The loss of PAPER.md section 4, one query at a time, in plain Python floats.
+
+    queries: B lists of floats; docs: B*G lists of floats grouped per query [pos, negs];
+    keys: B*G strings; query_keys: B strings or None. Candidates of query i: its group, or
+    every document when in-batch negatives are on, minus any other document with the key
+    of query i's positive and minus the positive of another example of the same query.
+    """
+    def is_false_negative(i, j):
+        positive = i * group_size
+        if j == positive:
+            return False
+        same_document = keys[j] == keys[positive]
+        same_query_positive = (query_keys is not None and j % group_size == 0
+                               and query_keys[j // group_size] == query_keys[i])
+        return same_document or same_query_positive
+
+    def cosine(a, b):
+        dot = sum(x * y for x, y in zip(a, b))
+        return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+    total = 0.0
+    for i, query in enumerate(queries):
+        positive = i * group_size
+        pool = range(len(docs)) if in_batch_negatives else range(positive, positive + group_size)
+        logits = [cosine(query, docs[j]) / temperature for j in pool if not is_false_negative(i, j)]
+        top = max(logits)
+        log_denominator = top + math.log(sum(math.exp(logit - top) for logit in logits))
+        total += log_denominator - cosine(query, docs[positive]) / temperature
+    return total / len(queries)
+
+
+def random_batch(B, G, D, seed):
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.randn(B, D, generator=generator, dtype=torch.float64)
+    docs = torch.randn(B * G, D, generator=generator, dtype=torch.float64)
+    # Nudge each positive towards its query so the loss is in a realistic range.
+    docs[::G] += 0.5 * queries
+    keys = [f"doc{j}" for j in range(B * G)]
+    return queries, docs, keys
+
+
+@pytest.mark.parametrize("in_batch_negatives", [False, True])
+@pytest.mark.parametrize("temperature", [0.01, 0.5])
+def test_loss_matches_naive_loop(in_batch_negatives, temperature):
+    B, G, D = 4, 3, 8
+    queries, docs, keys = random_batch(B, G, D, seed=1)
+    got = train.contrastive_loss(queries, docs, keys, temperature, in_batch_negatives)
+    want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, temperature, in_batch_negatives)
+    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("in_batch_negatives", [False, True])
+def test_loss_masks_duplicates_of_the_positive(in_batch_negatives):
+    B, G, D = 3, 3, 8
+    queries, docs, keys = random_batch(B, G, D, seed=2)
+    # Query 2 has the same positive as query 0 (same key, same text, same embedding),
+    # and one of query 1's hard negatives is that document too; query 1 also has a
+    # hard negative that duplicates its own positive.
+    docs[2 * G] = docs[0]
+    keys[2 * G] = keys[0]
+    docs[G + 2] = docs[0]
+    keys[G + 2] = keys[0]
+    keys[G + 1] = keys[G]
+    got = train.contrastive_loss(queries, docs, keys, 0.05, in_batch_negatives)
+    want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives)
+    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # Without the mask the value would differ: the test would notice a missing mask.
+    unmasked = naive_infonce(queries.tolist(), docs.tolist(), [f"u{j}" for j in range(B * G)], G, 0.05,
+                             in_batch_negatives)
+    assert abs(unmasked - want) > 1e-3
+
+
+@pytest.mark.parametrize("in_batch_negatives", [False, True])
+def test_loss_masks_other_positives_of_the_same_query(in_batch_negatives):
+    # A query with two relevant documents gives two examples (data.beir_training_examples);
+    # each example's positive must not be the other's negative.
+    B, G, D = 4, 2, 8
+    queries, docs, keys = random_batch(B, G, D, seed=4)
+    queries[3] = queries[1]
+    query_keys = ["qa", "qb", "qc", "qb"]
+    got = train.contrastive_loss(queries, docs, keys, 0.05, in_batch_negatives, query_keys=query_keys)
+    want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives, query_keys)
+    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    if in_batch_negatives:
+        unmasked = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, True, None)
+        assert abs(unmasked - want) > 1e-3
+
+
+def test_loss_accepts_key_ids_and_checks_shapes():
+    queries, docs, keys = random_batch(2, 2, 4, seed=3)
+    by_text = train.contrastive_loss(queries, docs, keys)
+    by_id = train.contrastive_loss(queries, docs, train.key_ids(keys))
+    assert by_text.item() == by_id.item()
+    with pytest.raises(ValueError, match="not a multiple"):
+        train.contrastive_loss(queries, docs[:3], keys[:3])
+    with pytest.raises(ValueError, match="doc keys"):
+        train.contrastive_loss(queries, docs, keys[:3])
+
+
+# ---------------------------------------------------------------- 2 ranks (FSDP2, gloo) vs 1 rank
+
+# (fine-tuning, in-batch negatives, activation checkpointing on the 2 ranks)
+CASES = [("full", True, False), ("full", False, False), ("lora", True, False), ("full", True, True)]
+TEMPERATURE = 0.05
+
+
+def tiny_model(kind):
+    config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96, model_dtype="fp32",
+                  seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8),
+                  lora_rank=4 if kind == "lora" else 0, lora_alpha=8.0, lora_dropout=0.0)
+    return train.build_model(config)
+
+
+def global_batch():
+    """8 built-in examples; example 0 appears twice, once on each rank (a duplicate positive across ranks)."""
+    import data
+
+    examples = data.builtin_dataset(seed=0).train_examples
+    return [examples[i] for i in (0, 1, 2, 3, 0, 5, 6, 7)]
+
+
+def collate(model, examples, in_batch_negatives):
+    import data
+
+    return data.collate(examples, model.tokenizer, max_length=96, num_hard_negatives=2,
+                        in_batch_negatives=in_batch_negatives)
+
+
+def gradients(model):
+    """Full (unsharded) gradients by parameter name."""
+    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            for name, p in model.named_parameters() if p.grad is not None}
+
+
+def two_rank_worker(rank, port, out_dir):
+    """Rank `rank` of 2 (gloo): one step's gradients for each case, then a 2-rank resume."""
+    import data
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    device = train.init_distributed("cpu")
+    results = {}
+    for kind, in_batch, checkpointing in CASES:
+        model = train.parallelize(tiny_model(kind), device, activation_checkpointing=checkpointing)
+        examples = global_batch()
+        mine = [examples[i] for i in data.rank_slice(range(len(examples)), rank, 2)]
+        loss, _ = train.forward_backward(model, collate(model, mine, in_batch), TEMPERATURE, 1.0, device)
+        torch.distributed.all_reduce(loss)
+        results[(kind, in_batch, checkpointing)] = (loss.item() / 2, gradients(model))
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "gradients.pt"))
+
+    # Sharded checkpoints: uninterrupted vs stopped after step 3 and resumed (train() keeps
+    # the process group that is already up).
+    def run(*extra):
+        train.train(train.resolve_config(train.build_parser().parse_args(SMALL_JOB + ["--steps", "6", *extra])))
+
+    run("--out", os.path.join(out_dir, "a"))
+    run("--out", os.path.join(out_dir, "b"), "--stop-after", "3")
+    run("--out", os.path.join(out_dir, "b"), "--resume")
+    train.destroy_distributed()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run two_rank_worker on 2 spawned processes once; its output folder."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    try:
+        torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(out_dir)), nprocs=2, join=True)
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    return out_dir
+
+
+def test_two_ranks_give_the_gradients_of_one(two_ranks):
+    two = torch.load(two_ranks / "gradients.pt")
+    assert not train.is_distributed()
+    for kind, in_batch, checkpointing in CASES:
+        model = tiny_model(kind)
+        examples = global_batch()
+        batch = collate(model, examples, in_batch)
+        loss, _ = train.forward_backward(model, batch, TEMPERATURE, 1.0, torch.device("cpu"))
+        one = gradients(model)
+        two_loss, two_grads = two[(kind, in_batch, checkpointing)]
+        assert two_loss == pytest.approx(loss.item(), rel=1e-5)
+        assert set(two_grads) == set(one) and one, (kind, sorted(set(one) ^ set(two_grads)))
+        if kind == "lora":
+            assert all("lora_" in name or name.startswith("pooling.") for name in one)
+        for name, grad in one.items():
+            torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{kind} {in_batch} {name}")
+
+
+def test_two_rank_resume_gives_the_uninterrupted_result(two_ranks):
+    a, b = saved_weights(two_ranks / "a"), saved_weights(two_ranks / "b")
+    assert set(a) == set(b) and any("lora_A" in k for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert logged_losses(two_ranks / "a") == logged_losses(two_ranks / "b")
+
+
+# ---------------------------------------------------------------- resume, non-finite loss, config
+
+# A small job: LoRA with dropout, so resuming must restore the RNG states too.
+SMALL_JOB = ["--batch-size", "8", "--hard-negatives", "2", "--max-length", "96", "--lora-rank", "4",
+             "--lora-dropout", "0.1", "--num-latents", "8", "--warmup-steps", "2", "--lr", "1e-2", "--no-eval",
+             "--no-progress", "--log-every", "1", "--save-every", "100"]
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def saved_weights(folder):
+    from safetensors.torch import load_file
+
+    return {f"{name}/{k}": v for name in ("decoder", "pooling")
+            for k, v in load_file(folder / "model" / f"{name}.safetensors").items()}
+
+
+def logged_losses(folder):
+    import json
+
+    return [r["loss"] for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, single_process):
+    uninterrupted = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "a")])
+    stopped = train.main(SMALL_JOB + ["--steps", "6", "--stop-after", "3", "--out", str(tmp_path / "b")])
+    assert stopped["step"] == 3 and stopped["model"] is None
+    assert train.latest_checkpoint(tmp_path / "b").name == "step_00000003"
+    # A save that crashed midway leaves a .tmp folder; it must not be taken for a checkpoint.
+    (tmp_path / "b" / "checkpoints" / "step_00000005.tmp").mkdir()
+    resumed = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "b"), "--resume"])
+    assert resumed["step"] == 6
+    a, b = saved_weights(tmp_path / "a"), saved_weights(tmp_path / "b")
+    assert set(a) == set(b) and any("lora_A" in k for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The logged losses of steps 4..6 are those of the uninterrupted run.
+    assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
+
+
+def test_resume_refuses_another_configuration(tmp_path, single_process):
+    train.main(SMALL_JOB + ["--steps", "4", "--stop-after", "2", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="lr"):
+        train.main(SMALL_JOB + ["--steps", "4", "--lr", "1e-3", "--out", str(tmp_path), "--resume"])
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, single_process, monkeypatch, capsys):
+    real_loss, calls = train.contrastive_loss, []
+
+    def loss_that_breaks(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "contrastive_loss", loss_that_breaks)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(SMALL_JOB + ["--steps", "5", "--save-every", "1", "--out", str(tmp_path)])
+    assert stopped.value.code == 1
+    assert "step 3: the loss is nan" in capsys.readouterr().err
+    assert train.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert not (tmp_path / "model").exists()
+
+
+def test_paper_recipe_with_a_real_model(tmp_path):
+    checkpoint = tmp_path / "Mistral-7B"
+    checkpoint.mkdir()
+    stage1 = train.resolve_config(train.build_parser().parse_args(["--model", str(checkpoint), "--device", "cpu"]))
+    # PAPER.md section 4.
+    assert (stage1["lr"], stage1["batch_size"], stage1["hard_negatives"]) == (2e-5, 128, 7)
+    assert (stage1["warmup_steps"], stage1["max_length"], stage1["temperature"]) == (500, 512, 0.01)
+    assert (stage1["lora_rank"], stage1["lora_alpha"], stage1["lora_dropout"]) == (16, 32, 0.1)
+    assert stage1["pooling"] == "latent" and stage1["pooling_kwargs"] == {"num_latents": 512}
+    assert stage1["in_batch_negatives"] and not stage1["causal"] and stage1["out"] == "runs/stage1"
+    stage2 = train.resolve_config(train.build_parser().parse_args(
+        ["--stage", "2", "--model", str(checkpoint), "--device", "cpu"]))
+    assert stage2["lr"] == 1.5e-5 and not stage2["in_batch_negatives"]
+    with pytest.raises(FileNotFoundError, match="no-such"):
+        train.resolve_config(train.build_parser().parse_args(["--model", str(tmp_path / "no-such")]))
+
+
+# ---------------------------------------------------------------- the default command, end to end
+
+
+def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py --stage 1` (shortened), then stage 2 from its output.
+
+    The full default job (no --steps) is what the README and .ci/run run; here fewer steps
+    keep the test fast, and after training nDCG@10 must still beat the untrained model's.
+    """
+    import json
+    import subprocess
+
+    from model import NVEmbed
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    stage1 = tmp_path / "stage1"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "train.py", "--stage", "1", "--steps", STAGE1_TEST_STEPS, "--out", str(stage1), "--no-progress"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    evals = {r["when"]: r["NDCG@10"] for r in map(json.loads, (stage1 / "log.jsonl").read_text().splitlines())
+             if r.get("event") == "eval"}
+    assert evals["after"] > evals["before"] + 0.02, evals
+    assert f"nDCG@10 before {evals['before']:.4f} -> after {evals['after']:.4f}" in result.stdout
+    model = NVEmbed.from_pretrained(stage1 / "model")
+    embeddings = model.encode(["a small river in the north"])
+    assert embeddings.shape == (1, model.decoder.config.hidden_size)
+    assert json.loads((stage1 / "config.json").read_text())["stage"] == 1
+
+    # Stage 2 continues from stage 1 (single process here), in-batch negatives off.
+    summary = train.main(["--stage", "2", "--init-from", str(stage1), "--steps", "3", "--batch-size", "8",
+                          "--out", str(tmp_path / "stage2"), "--no-eval", "--no-progress"])
+    config = json.loads((tmp_path / "stage2" / "config.json").read_text())
+    assert not config["in_batch_negatives"] and config["init_from"] == str(stage1)
+    assert NVEmbed.from_pretrained(summary["model"]).pooling_name == model.pooling_name
+    with pytest.raises(ValueError, match="pooling"):
+        train.resolve_config(train.build_parser().parse_args(["--stage", "2", "--init-from", str(stage1),
+                                                              "--pooling", "mean"]))
+
+
+STAGE1_TEST_STEPS = "60"
