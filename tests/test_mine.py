@@ -1,7 +1,9 @@
 """mine.py (TopK-PercPos) on the built-in data with a tiny model, checked against encode directly."""
 
 import json
+import math
 
+import pytest
 import torch
 
 import data
@@ -9,12 +11,14 @@ import mine
 from model import NVEmbed
 
 
-def test_mining_rules_hold_for_every_kept_negative():
+@pytest.mark.parametrize("teacher", ["tiny", "tfidf"])
+def test_mining_rules_hold_for_every_kept_negative(teacher):
     torch.manual_seed(0)
-    model = NVEmbed.from_base("tiny", pooling="mean").eval()
+    model = mine.TfidfTeacher() if teacher == "tfidf" else NVEmbed.from_base("tiny", pooling="mean").eval()
     corpus, queries, qrels = data.builtin_dataset().split("train")
     qrels = dict(list(qrels.items())[:40])
-    negatives, stats = mine.mine(model, corpus, queries, qrels, data.BUILTIN_INSTRUCTION, top_k=10, margin=0.95)
+    negatives, stats = mine.mine(model, corpus, queries, qrels, data.BUILTIN_INSTRUCTION, top_k=10, margin=0.95,
+                                 depth=len(corpus))
     assert set(negatives) == set(qrels)
     doc_ids = list(corpus)
     doc_emb = dict(zip(doc_ids, model.encode([data.doc_text(corpus[d]) for d in doc_ids])))
@@ -34,6 +38,22 @@ def test_mining_rules_hold_for_every_kept_negative():
             assert all(s <= scores[-1] + 1e-5 or s > 0.95 * positive_score - 1e-5 for s in others)
         kept_total += len(negative_ids)
     assert kept_total > 0 and stats["queries"] == len(qrels)
+
+
+def test_tfidf_teacher_against_a_naive_computation():
+    texts = ["the red river floods", "a red town", "the river is cold and the river is long"]
+    teacher = mine.TfidfTeacher(dim=2**16).fit(texts)
+    got = teacher.encode(["red river"]) @ teacher.encode(texts).T  # (1, 3)
+    words = [t.split() for t in texts]
+    vocab = sorted({w for ws in words for w in ws})
+    idf = {w: math.log(4 / (1 + sum(w in ws for ws in words))) + 1 for w in vocab}
+
+    def vector(ws):
+        v = torch.tensor([math.log1p(ws.count(w)) * idf[w] for w in vocab])
+        return v / v.norm()
+
+    expected = torch.stack([vector("red river".split()) @ vector(ws) for ws in words])
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_command_writes_a_readable_training_file(tmp_path):

