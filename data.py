@@ -195,6 +195,14 @@ def bos_ids(tokenizer) -> list[int]:
     return [bos] if bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] else []
 
 
+def starts_words_with_space(tokenizer) -> bool:
+    """Whether the tokenizer prepends a word-boundary space to a text ("a" -> "▁a"), as SentencePiece does."""
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return False  # ByteTokenizer
+    first = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False)[:1])
+    return bool(first) and first[0].startswith("▁")
+
+
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """encode(text, add_special_tokens=False) for each text: the text tokens `tokenize` uses (no BOS/EOS/prefix)."""
     if not texts:
@@ -231,8 +239,12 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     bos = bos_ids(tokenizer)
 
     distinct = sorted({s for s in instructions if s})  # encode each distinct prefix once
-    prefixes = {"": [], **dict(zip(distinct, encode_texts(tokenizer, [template.format(instruction=s)
-                                                                       for s in distinct])))}
+    prefix_texts = [template.format(instruction=s) for s in distinct]
+    if starts_words_with_space(tokenizer):
+        # A SentencePiece tokenizer (Mistral, Llama-2) encodes a text alone as "▁word": the
+        # text brings its own leading space, and the prefix's trailing one would double it.
+        prefix_texts = [t[:-1] if t.endswith(" ") else t for t in prefix_texts]
+    prefixes = {"": [], **dict(zip(distinct, encode_texts(tokenizer, prefix_texts)))}
     text_ids = encode_texts(tokenizer, texts)
 
     rows, masks, truncated = [], [], []

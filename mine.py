@@ -91,11 +91,14 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
     # Ask for top_k plus room for the positives, which are removed from the candidates.
     scores, indices = search(query_emb, corpus_emb, top_k=max(depth, top_k) + max_positives)  # (Q, k) each
 
-    negatives, dropped_as_positive, dropped_by_margin, short = {}, 0, 0, 0
+    negatives, dropped_as_positive, dropped_by_margin, short, nonpositive = {}, 0, 0, 0, 0
     for i, query_id in enumerate(query_ids):
         positives = {d for d, grade in qrels[query_id].items() if grade > 0}
         positive_rows = torch.tensor([row_of[d] for d in positives])
         positive_score = (corpus_emb[positive_rows] @ query_emb[i]).min().item()
+        # With a negative positive score, margin x score would lie above it; such a
+        # teacher cannot tell relevant documents apart, so those queries are counted.
+        nonpositive += positive_score <= 0
         threshold = margin * positive_score
         kept = []
         for score, j in zip(scores[i].tolist(), indices[i].tolist()):
@@ -111,7 +114,7 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
         negatives[query_id] = kept
     stats = dict(queries=len(query_ids), documents=len(doc_ids), top_k=top_k, depth=depth, margin=margin,
                  dropped_as_positive=dropped_as_positive, dropped_by_margin=dropped_by_margin,
-                 queries_with_fewer_than_top_k=short,
+                 queries_with_fewer_than_top_k=short, queries_with_nonpositive_positive_score=nonpositive,
                  queries_with_no_negative=sum(not n for n in negatives.values()))
     return negatives, stats
 
@@ -133,7 +136,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=30, help="negatives kept per query, hardest first (default 30)")
     p.add_argument("--margin", type=float, default=0.95, help="drop candidates above margin x positive score")
     p.add_argument("--depth", type=int, default=100, help="candidates searched per query (default 100)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per text (default 512)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -154,7 +157,7 @@ def main(argv=None):
     if args.model == "tfidf":
         model = TfidfTeacher()
     else:
-        model = NVEmbed.load(args.model, pooling=args.pooling, causal=args.causal, max_length=args.max_length,
+        model = NVEmbed.load(args.model, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
 
     negatives, stats = mine(model, corpus, queries, qrels, instruction, top_k=args.top_k, margin=args.margin,

@@ -181,12 +181,18 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.num_kv_heads != self.num_heads
+        if gqa and attn_mask is not None:
+            # SDPA's fused GPU kernels take either a mask (memory-efficient) or GQA
+            # (flash), not both; padded batches would fall back to the slow math path.
+            # So with a mask, repeat each key/value head for its group of query heads.
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T, Dh)
+            gqa = False
         # enable_gqa lets each group of H / Hkv query heads read one key/value head
         # without materialising repeated copies of k and v.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*Dh)
         return self.o_proj(y)
 
@@ -263,8 +269,8 @@ class Mistral(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # Positions count from each row's first real token, so left padding does not
-        # shift the rotary angles: (0, 0, 1, 2) for a row (pad, a, b, c)... except
-        # that pads before the first token are clamped to 0.
+        # shift the rotary angles: (pad, a, b, c) -> (0, 0, 1, 2), leading pads clamped
+        # to 0 (they are never attended to or pooled).
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.embed_tokens.weight.dtype)
 
@@ -449,7 +455,9 @@ def merge_lora(module: nn.Module) -> nn.Module:
             if isinstance(child, LoRALinear):
                 merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                    device="meta")
-                weight = child.weight + child.scaling * (child.lora_B @ child.lora_A)
+                # Fold in fp32 so that a bf16 weight is rounded once, not twice.
+                update = child.scaling * (child.lora_B.float() @ child.lora_A.float())
+                weight = child.weight.float() + update
                 merged.weight = nn.Parameter(weight.to(child.weight.dtype), requires_grad=child.weight.requires_grad)
                 merged.bias = child.bias
                 setattr(parent, name, merged)
@@ -480,7 +488,7 @@ class NVEmbed(nn.Module):
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
-                 query_template: str = "Instruct: {instruction}\nQuery: ", base: str | None = None):
+                 query_template: str | None = None, base: str | None = None):
         super().__init__()
         self.decoder = decoder
         self.pooling = pooling
@@ -489,6 +497,8 @@ class NVEmbed(nn.Module):
         self.pooling_kwargs = dict(pooling_kwargs or {})
         self.causal = causal  # False: the paper's bidirectional encoder
         self.max_length = max_length
+        if query_template is None:
+            from data import QUERY_TEMPLATE as query_template  # "Instruct: {instruction}\nQuery: "
         self.query_template = query_template
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
         if len(tokenizer) > decoder.config.vocab_size:
@@ -593,10 +603,16 @@ class NVEmbed(nn.Module):
         """
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        if (folder / "config.json").exists() and not overwrite:
-            raise FileExistsError(f"{folder} already holds a saved model; pass overwrite=True to replace it")
-        folder.mkdir(parents=True, exist_ok=True)
+        import shutil
+
+        final = Path(folder)
+        if final.exists() and any(final.iterdir()) and not overwrite:
+            raise FileExistsError(f"{final} already exists and is not empty; pass overwrite=True to replace it")
+        # Written whole into a temporary folder, then renamed: a crash never leaves a
+        # folder that looks saved, and no file of an older model survives beside the new.
+        folder = final.with_name(final.name + ".tmp")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
         lora = self.lora_config()
         adapters_only = lora is not None and self.base is not None
@@ -614,6 +630,8 @@ class NVEmbed(nn.Module):
             dtype=str(self.decoder.embed_tokens.weight.dtype).removeprefix("torch."), tokenizer="tokenizer",
         )
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(folder, final)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -266,8 +266,8 @@ class SelfAttentionPooling(nn.Module):
 # The `--pooling` choices. Each takes D as its one positional argument; other sizes
 # are keywords (mean and eos have none and ignore them).
 POOLINGS = {
-    "mean": lambda hidden_size, **kw: MeanPooling(),
-    "eos": lambda hidden_size, **kw: LastTokenPooling(),
+    "mean": lambda hidden_size: MeanPooling(),  # no sizes: it has no weights
+    "eos": lambda hidden_size: LastTokenPooling(),
     "latent": LatentAttentionPooling,
     "self-attention": SelfAttentionPooling,
 }

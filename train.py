@@ -253,6 +253,7 @@ def build_model(config: dict):
                                   seed=config["seed"], pooling_kwargs=config["pooling_kwargs"])
     model.max_length = config["max_length"]
     if model.lora_config() is None and config["lora_rank"] > 0:
+        torch.manual_seed(config["seed"])  # the adapters' init, identical on every rank
         apply_lora(model.decoder, rank=config["lora_rank"], alpha=config["lora_alpha"],
                    dropout=config["lora_dropout"])
     if model.lora_config() is not None:
@@ -268,7 +269,7 @@ def build_model(config: dict):
     return model.train()
 
 
-def parallelize(model, device: torch.device, activation_checkpointing: bool = False):
+def parallelize(model, device: torch.device, activation_checkpointing: bool = False, compute_dtype: str = "bf16"):
     """FSDP2 (torchtitan-style): shard each decoder layer, then the pooling, then the root.
 
     Each `fully_shard` group is all-gathered just before its forward and freed after
@@ -283,8 +284,9 @@ def parallelize(model, device: torch.device, activation_checkpointing: bool = Fa
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size(),))
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    bf16 = device.type == "cuda" and compute_dtype == "bf16"  # on CPU, autocast does the casting
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for layer in model.decoder.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed)
     if any(True for _ in model.pooling.parameters()):  # mean and eos pooling have no parameters
@@ -366,7 +368,10 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
         if stage == 1 and kinds != ["retrieval"]:
             raise ValueError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
                              f"this file has task types {kinds}; use it in --stage 2")
-        sources.append(data.TrainDataset(Path(path).stem, examples, in_batch_negatives=in_batch_negatives,
+        # Only retrieval data may use in-batch negatives: in classification, clustering or
+        # STS data another item of the batch may share the query's class (PAPER.md section 4).
+        sources.append(data.TrainDataset(Path(path).stem, examples,
+                                         in_batch_negatives=in_batch_negatives and kinds == ["retrieval"],
                                          num_hard_negatives=hard_negatives))
     return sources
 
@@ -533,7 +538,12 @@ def evaluation_set(config: dict):
 
     if config["eval_beir"]:
         corpus, queries, qrels = data.load_beir(config["eval_beir"], config["eval_split"])
-        return corpus, queries, qrels, config["eval_instruction"]
+        instruction = config["eval_instruction"]
+        if instruction is None:
+            from evaluate import INSTRUCTIONS
+
+            instruction = INSTRUCTIONS.get(Path(config["eval_beir"]).resolve().name.lower(), "")
+        return corpus, queries, qrels, instruction
     if not config["data"]:  # the built-in dataset's held-out test queries
         builtin = data.builtin_dataset(seed=0)
         return (*builtin.split("test"), builtin.instruction)
@@ -653,6 +663,14 @@ def train(config: dict) -> dict:
             raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
         check_resume_config(resume_from, config)
 
+    if resume_from is not None and rank() == 0:
+        # Steps logged after the checkpoint were lost with the crash and will run again.
+        resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        log_file = out / "log.jsonl"
+        records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+        kept = [r for r in records if r.get("step", 0) <= resumed_step]
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
     def log(record: dict):
         if rank() == 0:
             with open(out / "log.jsonl", "a") as f:
@@ -693,7 +711,7 @@ def train(config: dict) -> dict:
         ndcg_before = run_evaluation(model, config, device, "before", log)
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
-    model = parallelize(model, device, config["activation_checkpointing"])
+    model = parallelize(model, device, config["activation_checkpointing"], config["dtype"])
     # bf16 compute: FSDP's MixedPrecisionPolicy casts on GPU ranks; otherwise autocast does
     # (on a CPU with AMX, bf16 matrix products are several times faster than fp32).
     fsdp_casts = device.type == "cuda" and is_distributed()
@@ -911,8 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nDCG@10 before and after training (built-in test split, or --eval-beir; default on)")
     g.add_argument("--eval-beir", default=None, help="BEIR folder to evaluate on")
     g.add_argument("--eval-split", default="test", help="qrels split of --eval-beir (default %(default)s)")
-    g.add_argument("--eval-instruction", default="Given a question, retrieve relevant documents that answer "
-                   "the question", help="query instruction for --eval-beir (default: %(default)r)")
+    g.add_argument("--eval-instruction", default=None,
+                   help="query instruction for --eval-beir (default: NV-Embed-v2's for a known BEIR folder name, "
+                        "as evaluate.py picks it)")
     g.add_argument("--eval-batch-size", type=int, default=64, help="texts per batch when encoding (default %(default)s)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: when stderr is a terminal)")
@@ -966,6 +985,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if head_dim is not None:
             latent["head_dim"] = head_dim
         config["pooling_kwargs"] = latent if config["pooling"] == "latent" else {}
+    if config["pooling"] != "latent" and (config["num_latents"] or config["latent_head_dim"]):
+        raise ValueError(f"--num-latents / --latent-head-dim apply to latent pooling, not {config['pooling']!r}")
+    if config["init_from"] is not None and (config["num_latents"] or config["latent_head_dim"]):
+        raise ValueError("--num-latents / --latent-head-dim: the pooling of --init-from is kept as it was saved")
     del config["num_latents"], config["latent_head_dim"]
     if config["in_batch_negatives"] is None:
         config["in_batch_negatives"] = stage == 1  # PAPER.md section 4
@@ -985,6 +1008,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     if config["hard_negatives"] < 0 or config["temperature"] <= 0:
         raise ValueError("--hard-negatives must be >= 0 and --temperature > 0")
+    if config["hard_negatives"] == 0 and not config["in_batch_negatives"]:
+        raise ValueError("--hard-negatives 0 without in-batch negatives leaves no negative: the loss would be 0")
     return config
 
 

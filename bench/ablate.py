@@ -137,7 +137,8 @@ def train_and_evaluate(args, setting, out, train_file, test, instruction, poolin
             "--steps", str(setting["steps"]), "--batch-size", str(setting["batch_size"]),
             "--hard-negatives", str(setting["hard_negatives"]), "--max-length", str(setting["max_length"]),
             "--lr", str(setting["lr"]), "--warmup-steps", str(setting["warmup_steps"]),
-            "--num-latents", str(setting["num_latents"]), "--dtype", setting["dtype"], "--seed", str(args.seed),
+            *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
+            "--dtype", setting["dtype"], "--seed", str(args.seed),
             "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
             "--save-every", str(10 ** 9), "--keep-checkpoints", "1"]
     start = time.perf_counter()

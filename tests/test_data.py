@@ -532,3 +532,24 @@ def test_cli_builtin_and_check(tmp_path, capsys):
     data.main(["check-train", str(tmp_path / "builtin" / "train.jsonl")])
     out = capsys.readouterr().out
     assert "500 documents, 100 queries, 100 judgements" in out and "1600 examples" in out
+
+
+def test_tokenize_sentencepiece_style_prefix_has_no_double_space():
+    """Mistral's and Llama-2's tokenizers encode a text alone as "▁word": joined after "Query: " that
+    would read "Query:  word". tokenize drops the prefix's trailing space for such tokenizers, so the
+    ids equal those of the whole string while the pool mask still covers exactly the text and EOS."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = ["Instruct:", "find", "it\nQuery:", "vitamin", "claim", "a"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, **{"▁" + w: i + 4 for i, w in enumerate(words)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                               eos_token="</s>")
+    assert data.starts_words_with_space(tok) and not data.starts_words_with_space(ByteTokenizer())
+    prefix = data.QUERY_TEMPLATE.format(instruction="find it")
+    assert tok.encode(prefix, add_special_tokens=False)[-1] == vocab["▁"]  # the lone space token
+    out = tokenize(tok, ["vitamin claim"], "find it", max_length=32)
+    ids = out["input_ids"][0].tolist()
+    assert ids == tok.encode(prefix + "vitamin claim", add_special_tokens=False) + [2]
+    assert out["input_ids"][0][out["pool_mask"][0]].tolist() == [vocab["▁vitamin"], vocab["▁claim"], 2]

@@ -74,7 +74,7 @@ def test_save_and_reload_identical(tmp_path, pooling):
     loaded = NVEmbed.from_pretrained(tmp_path / "m")
     assert loaded.causal == model.causal and loaded.pooling_name == pooling
     torch.testing.assert_close(loaded.encode(TEXTS, instruction="find it"), before, atol=0, rtol=0)
-    with pytest.raises(FileExistsError, match="already holds a saved model"):
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
         model.save(tmp_path / "m")
 
 
