@@ -113,6 +113,7 @@ def compare(args, config, checkpointing, dtype, device, lora):
     ours_decoder.load_state_dict(hf_decoder.model.state_dict())
     ours_decoder.activation_checkpointing = checkpointing
     if checkpointing:
+        hf_decoder.model.config.use_cache = False
         hf_decoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     runs = {"ours": build(ours_decoder, config.hidden_size, lora, dtype, device, args.latents),
             "hf": build(hf_decoder, config.hidden_size, lora, dtype, device, args.latents)}
