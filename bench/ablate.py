@@ -120,7 +120,8 @@ def dequantised_base(model_path: Path, out: Path) -> Path:
 def zero_shot(args, setting, test, instruction, dtype):
     """Rows for the untrained model: each attention once through the decoder, every pooling."""
     rows = []
-    for attention, causal in ATTENTIONS.items():
+    for attention in args.attentions:
+        causal = ATTENTIONS[attention]
         start = time.perf_counter()
         model = NVEmbed.from_base(str(args.model), pooling="mean", causal=causal, dtype=dtype, seed=args.seed)
         D = model.decoder.config.hidden_size
@@ -178,10 +179,12 @@ def train_and_evaluate(args, setting, out, train_file, test, instruction, poolin
                                     device=args.device)
     metrics = score(*encode_split(model, *test, instruction, setting["max_length"], args.batch_size), test[2])
     eval_seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    loss_curve = [[r["step"], r["loss"]] for r in records if "loss" in r]  # what bench/plot_ablation.py draws
     print(f"trained   {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f} "
           f"({train_seconds:.0f} s training)", flush=True)
     return dict(pooling=pooling, attention=attention, trained=True, train_seconds=train_seconds,
-                eval_seconds=eval_seconds, **metrics)
+                eval_seconds=eval_seconds, **metrics, loss_curve=loss_curve)
 
 
 def markdown(rows, setting_name, setting, seconds, hardware):
@@ -229,8 +232,7 @@ def main(argv=None):
     args.model = dequantised_base(args.model, out)
 
     train_file = mine_negatives(args, setting, out, instruction)
-    rows = [r for r in zero_shot(args, setting, test, instruction, dtype)
-            if r["pooling"] in args.poolings and r["attention"] in args.attentions]
+    rows = [r for r in zero_shot(args, setting, test, instruction, dtype) if r["pooling"] in args.poolings]
 
     def write(seconds):  # after every row, so an interrupted run leaves its table so far
         (out / "ablation.md").write_text(markdown(rows, setting_name, setting, seconds, hardware))

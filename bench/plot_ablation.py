@@ -1,0 +1,110 @@
+"""Draw an ablation table (bench/ablate.py's JSON) as two PNG pictures.
+
+    python bench/plot_ablation.py bench/ablation-full.json     # -> bench/ablation-full.png, bench/loss-full.png
+
+- ablation-SETTING.png: SciFact test nDCG@10 per pooling, causal beside bidirectional,
+  trained (solid) over zero-shot (pale), with BM25's published 0.665 as a line.
+- loss-SETTING.png: each trained row's logged training loss against the step.
+
+Needs matplotlib, which nothing else in the project uses, so it is not a requirement:
+`pip install matplotlib` to redraw the committed pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+POOLING_ORDER = ("eos", "mean", "latent", "self-attention")
+ATTENTION_COLOURS = {"causal": "tab:orange", "bidirectional": "tab:blue"}
+POOLING_COLOURS = {"eos": "tab:red", "mean": "tab:green", "latent": "tab:blue", "self-attention": "tab:purple"}
+BM25_SCIFACT_NDCG10 = 0.665  # PAPER.md section 6
+
+
+def read_table(path: Path) -> dict:
+    table = json.loads(path.read_text())
+    for key in ("setting", "config", "rows", "hardware"):
+        if key not in table:
+            raise ValueError(f"{path}: no {key!r} field; is this bench/ablate.py's ablation.json?")
+    for i, row in enumerate(table["rows"]):
+        missing = {"pooling", "attention", "trained", "ndcg@10"} - set(row)
+        if missing:
+            raise ValueError(f"{path}: rows[{i}] lacks {sorted(missing)}")
+    return table
+
+
+def bar_chart(table: dict, out: Path):
+    import matplotlib.pyplot as plt
+
+    by = {(r["pooling"], r["attention"], r["trained"]): r["ndcg@10"] for r in table["rows"]}
+    poolings = [p for p in POOLING_ORDER if any(key[0] == p for key in by)]
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, (attention, colour) in enumerate(ATTENTION_COLOURS.items()):
+        xs = [i + (j - 0.5) * width for i in range(len(poolings))]
+        trained = [by.get((p, attention, True), 0.0) for p in poolings]
+        zero = [by.get((p, attention, False), 0.0) for p in poolings]
+        ax.bar(xs, trained, width, color=colour, label=f"{attention}, trained")
+        ax.bar(xs, zero, width * 0.6, color="white", edgecolor=colour, hatch="//", label=f"{attention}, zero-shot")
+        for x, value in zip(xs, trained):
+            ax.text(x, value + 0.01, f"{value:.3f}", ha="center", fontsize=7)
+    ax.axhline(BM25_SCIFACT_NDCG10, color="grey", linestyle="--", linewidth=1)
+    ax.text(len(poolings) - 0.5, BM25_SCIFACT_NDCG10 + 0.01, "BM25 0.665", ha="right", fontsize=8, color="grey")
+    ax.set_xticks(range(len(poolings)), poolings)
+    ax.set_ylabel("SciFact test nDCG@10")
+    ax.set_ylim(0, max(0.75, max(by.values()) + 0.08))
+    ax.set_title(f"SmolLM2-135M + LoRA, stage 1, setting '{table['setting']}' ({table['hardware']})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def loss_curves(table: dict, out: Path):
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table["rows"] if r["trained"] and r.get("loss_curve")]
+    if not rows:
+        raise ValueError("no trained row has a loss_curve (written by bench/ablate.py since it logs them)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        steps, losses = zip(*r["loss_curve"])
+        ax.plot(steps, losses, color=POOLING_COLOURS[r["pooling"]],
+                linestyle="-" if r["attention"] == "bidirectional" else ":", marker=".",
+                label=f"{r['pooling']}, {r['attention']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("InfoNCE loss (the logged step's batch)")
+    ax.set_yscale("log")
+    c = table["config"]
+    ax.set_title(f"Training loss, setting '{table['setting']}': {c['steps']} steps of {c['batch_size']} queries, "
+                 f"{c['hard_negatives']} hard negatives, {c['max_length']} tokens, lr {c['lr']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tables", nargs="+", type=Path, help="ablation JSON files written by bench/ablate.py")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: each JSON's folder)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+    except ImportError:
+        p.error("needs matplotlib: pip install matplotlib")
+    for path in args.tables:
+        table = read_table(path)
+        folder = args.out or path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, draw in ((f"ablation-{table['setting']}.png", bar_chart), (f"loss-{table['setting']}.png",
+                                                                               loss_curves)):
+            draw(table, folder / name)
+            print(f"wrote {folder / name}")
+
+
+if __name__ == "__main__":
+    main()
