@@ -408,6 +408,26 @@ def load_checked(model: nn.Module, tensors, source: str):
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class LoRADropout(nn.Dropout):
+    """nn.Dropout whose mask is drawn about four times faster on CPU.
+
+    PyTorch's CPU generator makes one draw per element, and LoRA drops out the input of
+    every adapted projection: on a 2-core CPU those draws were 40% of a SmolLM2 LoRA
+    training step (bench/lora_dropout.py). Here each 64-bit draw gives four 16-bit numbers,
+    and an element is dropped when its number falls below p * 2^16, which rounds p to a
+    multiple of 1/65536. On a GPU (whose generator is fast) it is plain nn.Dropout.
+    """
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        drop_below = round(self.p * 2**16)  # of the 2^16 values a 16-bit number can take
+        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
+        numbers = draws.view(torch.int16)[:x.numel()].view(x.shape)  # uniform on [-2^15, 2^15)
+        keep = numbers >= drop_below - 2**15
+        return x * keep * (1 / (1 - drop_below / 2**16))
+
+
 class LoRALinear(nn.Linear):
     """y = x W^T + (alpha / r) * dropout(x) A^T B^T, with the base weight W frozen.
 
@@ -426,7 +446,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # down-projection
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # up-projection, zero
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = LoRADropout(dropout)
 
     def forward(self, x):
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)

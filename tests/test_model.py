@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from model import (
-    Mistral, MistralConfig, apply_lora, load_checked, lora_state_dict, mark_only_lora_trainable, merge_lora,
+    LoRADropout, Mistral, MistralConfig, apply_lora, load_checked, lora_state_dict, mark_only_lora_trainable, merge_lora,
 )
 from tests.helpers import smollm2_gguf
 
@@ -276,3 +276,36 @@ def test_lora_fresh_merged_and_trainable():
     assert set(model.state_dict()) == set(Mistral(model.config).state_dict())
     with torch.no_grad():
         torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_lora_dropout_drops_p_and_keeps_the_mean(p):
+    torch.manual_seed(0)
+    dropout = LoRADropout(p).train()
+    x = torch.ones(2000, 1000)  # 2M elements: the dropped share has standard error < 0.0004
+    y = dropout(x)
+    dropped = (y == 0).float()
+    assert abs(dropped.mean().item() - p) < 0.002
+    assert abs(y.mean().item() - 1.0) < 0.004  # kept elements are scaled by 1 / (1 - p)
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / (1 - p), rel=1e-4)]
+    # Four elements share each 64-bit draw: neighbours must still be independent, and
+    # every position of the four drop at the same rate.
+    flat = dropped.flatten()
+    assert abs((flat[:-1] * flat[1:]).mean().item() - p * p) < 0.002
+    for position in range(4):
+        assert abs(flat[position::4].mean().item() - p) < 0.004
+
+
+def test_lora_dropout_gradient_is_its_mask_and_eval_is_identity():
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    dropout = LoRADropout(0.1).train()
+    torch.manual_seed(0)
+    y = dropout(x)
+    y.backward(torch.ones_like(y))
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - round(0.1 * 2**16) / 2**16))
+    torch.testing.assert_close(x.grad, kept.float() / (1 - round(0.1 * 2**16) / 2**16))
+    torch.manual_seed(0)
+    assert torch.equal(LoRADropout(0.1).train()(x), y)  # the seed fixes the mask
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(LoRADropout(0.0).train()(x), x)
