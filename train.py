@@ -731,6 +731,8 @@ def train(config: dict) -> dict:
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
 
     peak = peak_flops(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, even after others in the same process
     progress = tqdm(total=config["steps"], initial=step, desc=f"stage {config['stage']}", dynamic_ncols=True,
                     disable=rank() != 0 or not config["progress"])
     window = dict(time=0.0, steps=0, tokens=0, flops=0.0)

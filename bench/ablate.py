@@ -99,7 +99,12 @@ def dequantised_base(model_path: Path, out: Path) -> Path:
     if model_path.suffix != ".gguf":
         return model_path
     folder = out / "base"
-    if not (folder / "config.json").is_file():
+    stat = model_path.stat()
+    source = dict(gguf=str(model_path.resolve()), bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    made_from = folder / "source.json"
+    if folder.is_dir() and not (made_from.is_file() and json.loads(made_from.read_text()) == source):
+        shutil.rmtree(folder)  # made from another .gguf (or by a version that did not record it)
+    if not folder.is_dir():
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,6 +117,7 @@ def dequantised_base(model_path: Path, out: Path) -> Path:
         tied = hf.config.tie_word_embeddings
         save_file({k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")},
                   str(tmp / "model.safetensors"))
+        (tmp / "source.json").write_text(json.dumps(source) + "\n")
         tmp.rename(folder)  # complete or absent
     print(f"base model: {folder} (dequantised from {model_path})")
     return folder
@@ -229,22 +235,25 @@ def main(argv=None):
     hardware = (torch.cuda.get_device_name() if args.device == "cuda"
                 else f"CPU, {torch.get_num_threads()} threads")
     start = time.perf_counter()
+    model_name = str(args.model)
     args.model = dequantised_base(args.model, out)
 
     train_file = mine_negatives(args, setting, out, instruction)
     rows = [r for r in zero_shot(args, setting, test, instruction, dtype) if r["pooling"] in args.poolings]
 
     def write(seconds):  # after every row, so an interrupted run leaves its table so far
-        (out / "ablation.md").write_text(markdown(rows, setting_name, setting, seconds, hardware))
-        (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, rows=rows,
-                                                           seconds=seconds, hardware=hardware), indent=2) + "\n")
+        table = markdown(rows, setting_name, setting, seconds, hardware)
+        (out / "ablation.md").write_text(table)
+        (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, model=model_name,
+                                                           rows=rows, seconds=seconds, hardware=hardware),
+                                                      indent=2) + "\n")
+        return table
 
-    write(time.perf_counter() - start)
+    table = write(time.perf_counter() - start)
     for pooling in args.poolings:
         for attention in args.attentions:
             rows.append(train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention))
-            write(time.perf_counter() - start)
-    table = (out / "ablation.md").read_text()
+            table = write(time.perf_counter() - start)
     print(table)
 
 

@@ -42,19 +42,24 @@ def bar_chart(table: dict, out: Path):
     width = 0.38
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, (attention, colour) in enumerate(ATTENTION_COLOURS.items()):
-        xs = [i + (j - 0.5) * width for i in range(len(poolings))]
-        trained = [by.get((p, attention, True), 0.0) for p in poolings]
-        zero = [by.get((p, attention, False), 0.0) for p in poolings]
-        ax.bar(xs, trained, width, color=colour, label=f"{attention}, trained")
-        ax.bar(xs, zero, width * 0.6, color="white", edgecolor=colour, hatch="//", label=f"{attention}, zero-shot")
-        for x, value in zip(xs, trained):
-            ax.text(x, value + 0.01, f"{value:.3f}", ha="center", fontsize=7)
+        x_of = {p: i + (j - 0.5) * width for i, p in enumerate(poolings)}
+        for trained, style in ((True, dict(width=width, color=colour, label=f"{attention}, trained")),
+                               (False, dict(width=width * 0.6, color="white", edgecolor=colour, hatch="//",
+                                            label=f"{attention}, zero-shot"))):
+            present = [p for p in poolings if (p, attention, trained) in by]  # a row not run draws no bar
+            if present:
+                ax.bar([x_of[p] for p in present], [by[p, attention, trained] for p in present], **style)
+        for p in poolings:
+            if (p, attention, True) in by:
+                ax.text(x_of[p], by[p, attention, True] + 0.01, f"{by[p, attention, True]:.3f}", ha="center",
+                        fontsize=7)
     ax.axhline(BM25_SCIFACT_NDCG10, color="grey", linestyle="--", linewidth=1)
     ax.text(len(poolings) - 0.5, BM25_SCIFACT_NDCG10 + 0.01, "BM25 0.665", ha="right", fontsize=8, color="grey")
     ax.set_xticks(range(len(poolings)), poolings)
     ax.set_ylabel("SciFact test nDCG@10")
     ax.set_ylim(0, max(0.75, max(by.values()) + 0.08))
-    ax.set_title(f"SmolLM2-135M + LoRA, stage 1, setting '{table['setting']}' ({table['hardware']})", fontsize=9)
+    model = Path(table.get("model", "model not recorded")).name
+    ax.set_title(f"{model} + LoRA, stage 1, setting '{table['setting']}' ({table['hardware']})", fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -45,3 +45,12 @@ def test_plot_writes_both_pictures(tmp_path):
     plot_ablation.main([str(path), "--out", str(tmp_path / "pictures")])
     for name in ("ablation-quick.png", "loss-quick.png"):
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A partial table (a run stopped early, or --attentions bidirectional) draws what ran.
+    table["rows"] = [r for r in table["rows"] if r["attention"] == "bidirectional" and r["pooling"] != "eos"]
+    path.write_text(json.dumps(table))
+    plot_ablation.main([str(path), "--out", str(tmp_path / "partial")])
+    assert (tmp_path / "partial" / "ablation-quick.png").is_file()
+
+
+def test_plot_and_ablate_agree_on_the_pooling_order():
+    assert plot_ablation.POOLING_ORDER == ablate.POOLING_ORDER  # plot_ablation.py does not import torch

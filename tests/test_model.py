@@ -308,4 +308,18 @@ def test_lora_dropout_gradient_is_its_mask_and_eval_is_identity():
     torch.manual_seed(0)
     assert torch.equal(LoRADropout(0.1).train()(x), y)  # the seed fixes the mask
     assert torch.equal(dropout.eval()(x), x)
-    assert torch.equal(LoRADropout(0.0).train()(x), x)
+    for p in (0.0, 1e-6):  # p rounds to 0: nn.Dropout's own draws, not a silent no-op
+        torch.manual_seed(1)
+        ours = LoRADropout(p).train()(x)
+        torch.manual_seed(1)
+        assert torch.equal(ours, torch.nn.functional.dropout(x, p))
+    assert torch.equal(LoRADropout(1.0).train()(x), torch.zeros_like(x))  # nn.Dropout's p = 1
+
+
+def test_lora_dropout_keeps_bf16_and_saves_only_a_bool_mask():
+    x = torch.randn(4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = LoRADropout(0.1).train()(x)
+    assert y.dtype == torch.bfloat16
+    assert [t.dtype for t in saved] == [torch.bool]  # nn.Dropout saves a mask of x's dtype

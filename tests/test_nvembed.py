@@ -96,6 +96,13 @@ def test_lora_on_a_checkpoint_saves_adapters_only(tmp_path):
     assert not (tmp_path / "m" / "decoder.safetensors").exists()
     loaded = NVEmbed.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(loaded.encode(TEXTS), before, atol=1e-6, rtol=1e-6)
+    # The same in bf16: the fingerprint of the base does not depend on the dtype it is loaded in.
+    NVEmbed.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    # Another checkpoint of the same shape in the base's place is refused, not silently used.
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(hf.config).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="holds other weights than the ones these adapters were trained on"):
+        NVEmbed.from_pretrained(tmp_path / "m")
 
 
 def test_from_pretrained_refuses_other_folders(tmp_path):
