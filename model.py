@@ -633,6 +633,35 @@ class NVEmbed(nn.Module):
                             dropout=module.lora_dropout.p, targets=targets)
         return None
 
+    def architecture(self) -> dict:
+        """Everything but the weights and the tokenizer: what `skeleton` rebuilds from."""
+        return dict(decoder=asdict(self.decoder.config), pooling=self.pooling_name,
+                    pooling_kwargs=self.pooling_kwargs, lora=self.lora_config(), causal=self.causal,
+                    max_length=self.max_length, query_template=self.query_template, base=self.base,
+                    params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
+                            for name, p in self.named_parameters()})
+
+    @classmethod
+    def skeleton(cls, architecture: dict, tokenizer) -> "NVEmbed":
+        """The modules of `architecture()` on the meta device: every parameter's shape,
+        dtype and trainable flag, and no memory. FSDP ranks other than 0 start from this
+        and receive their shards of rank 0's weights (train.py)."""
+        from pooling import POOLINGS
+
+        with torch.device("meta"):
+            decoder = Mistral(MistralConfig(**architecture["decoder"]))
+            if architecture["lora"]:
+                apply_lora(decoder, **architecture["lora"])
+            pooling = POOLINGS[architecture["pooling"]](decoder.config.hidden_size, **architecture["pooling_kwargs"])
+        model = cls(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
+                    causal=architecture["causal"], max_length=architecture["max_length"],
+                    query_template=architecture["query_template"], base=architecture["base"])
+        for name, param in model.named_parameters():
+            dtype, trainable = architecture["params"][name]
+            param.data = param.data.to(getattr(torch, dtype))
+            param.requires_grad = trainable
+        return model
+
     def save(self, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False):
         """Write config.json, weights (safetensors) and the tokenizer to `folder`.
 

@@ -22,7 +22,8 @@ hard negatives each, lr 2e-5 (stage 1) / 1.5e-5 (stage 2), 500 warm-up steps, ma
 
 The training step is `train()`'s inner loop: encode queries and documents, contrastive
 loss (`contrastive_loss`), backward, clip, AdamW, schedule. Parallelism is one short
-function (`parallelize`). Checkpoints (`save_checkpoint` / `load_checkpoint`) are
+function (`parallelize`); only rank 0 reads the checkpoint, and the other ranks receive
+their shards from it (`build_model_on_rank0`, `load_from_rank0`). Checkpoints (`save_checkpoint` / `load_checkpoint`) are
 sharded torch.distributed.checkpoint folders, written under a temporary name and renamed
 when complete; `--resume` continues exactly where the last one stopped.
 
@@ -253,7 +254,7 @@ def build_model(config: dict):
                                   seed=config["seed"], pooling_kwargs=config["pooling_kwargs"])
     model.max_length = config["max_length"]
     if model.lora_config() is None and config["lora_rank"] > 0:
-        torch.manual_seed(config["seed"])  # the adapters' init, identical on every rank
+        torch.manual_seed(config["seed"])  # the adapters' init, reproducible from the seed
         apply_lora(model.decoder, rank=config["lora_rank"], alpha=config["lora_alpha"],
                    dropout=config["lora_dropout"])
     if model.lora_config() is not None:
@@ -267,6 +268,36 @@ def build_model(config: dict):
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return model.train()
+
+
+def build_model_on_rank0(config: dict):
+    """`build_model` on rank 0 only; every other rank gets the same modules on the meta
+    device (`NVEmbed.skeleton`) and, once sharded, its shards of rank 0's weights
+    (`load_from_rank0`). So one process, not each of 8, reads and holds a 7B checkpoint."""
+    from data import ByteTokenizer, load_tokenizer
+    from model import PRESETS, NVEmbed
+
+    model = build_model(config) if rank() == 0 else None
+    message = [model.architecture() if model is not None else None]
+    dist.broadcast_object_list(message, src=0)  # plain values made by rank 0 of this job
+    if model is not None:
+        return model
+    if config["init_from"]:
+        folder = model_folder(config["init_from"])
+        tokenizer = load_tokenizer(folder / json.loads((folder / "config.json").read_text())["tokenizer"])
+    else:
+        tokenizer = ByteTokenizer() if config["model"] in PRESETS else load_tokenizer(config["model"])
+    return NVEmbed.skeleton(message[0], tokenizer).train()
+
+
+def load_from_rank0(model, full_state: dict | None, device: torch.device):
+    """After `parallelize`: every rank's shards from rank 0's full state dict (None elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if rank() != 0:
+        model.to_empty(device=device)  # memory for the meta-device shards, filled just below
+    set_model_state_dict(model, full_state if rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def parallelize(model, device: torch.device, activation_checkpointing: bool = False, compute_dtype: str = "bf16"):
@@ -697,8 +728,9 @@ def train(config: dict) -> dict:
                          f"{micro_batches} x {world_size()} ranks")
     micro_size = config["batch_size"] // micro_batches
 
-    # ---- model: built identically on every rank (seeded), evaluated, then sharded.
-    model = build_model(config)
+    # ---- model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
+    distributed = is_distributed() and world_size() > 1
+    model = build_model_on_rank0(config) if distributed else build_model(config)
     tokenizer = model.tokenizer
     model_shape = dict(params=sum(p.numel() for p in model.parameters()),
                        layers=model.decoder.config.num_hidden_layers, hidden=model.decoder.config.hidden_size)
@@ -711,7 +743,11 @@ def train(config: dict) -> dict:
         ndcg_before = run_evaluation(model, config, device, "before", log)
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
+    full_state = model.state_dict() if rank() == 0 else None
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"])
+    if distributed:
+        load_from_rank0(model, full_state, device)
+    del full_state
     # bf16 compute: FSDP's MixedPrecisionPolicy casts on GPU ranks; otherwise autocast does
     # (on a CPU with AMX, bf16 matrix products are several times faster than fp32).
     fsdp_casts = device.type == "cuda" and is_distributed()
