@@ -501,8 +501,8 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str:
-    """A short hash of a decoder's weights: `samples` evenly spaced values of each tensor,
-    rounded to bf16 (so the same checkpoint loaded in fp32 or bf16 hashes alike).
+    """A short hash of a decoder's weights: up to `samples` values of each tensor taken at a
+    fixed stride, rounded to bf16 (so the same checkpoint loaded in fp32 or bf16 hashes alike).
 
     Adapter-only saves record it for their base checkpoint: loading them on another
     checkpoint of the same shape (another fine-tune of the same model, say) is refused

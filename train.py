@@ -22,8 +22,8 @@ hard negatives each, lr 2e-5 (stage 1) / 1.5e-5 (stage 2), 500 warm-up steps, ma
 
 The training step is `train()`'s inner loop: encode queries and documents, contrastive
 loss (`contrastive_loss`), backward, clip, AdamW, schedule. Parallelism is one short
-function (`parallelize`); only rank 0 reads the checkpoint, and the other ranks receive
-their shards from it (`build_model_on_rank0`, `load_from_rank0`). Checkpoints (`save_checkpoint` / `load_checkpoint`) are
+function (`parallelize`); only rank 0 reads the checkpoint and the tokenizer, and the
+other ranks receive them from it (`build_model_on_rank0`, `load_from_rank0`). Checkpoints (`save_checkpoint` / `load_checkpoint`) are
 sharded torch.distributed.checkpoint folders, written under a temporary name and renamed
 when complete; `--resume` continues exactly where the last one stopped.
 
@@ -273,21 +273,29 @@ def build_model(config: dict):
 def build_model_on_rank0(config: dict):
     """`build_model` on rank 0 only; every other rank gets the same modules on the meta
     device (`NVEmbed.skeleton`) and, once sharded, its shards of rank 0's weights
-    (`load_from_rank0`). So one process, not each of 8, reads and holds a 7B checkpoint."""
-    from data import ByteTokenizer, load_tokenizer
-    from model import PRESETS, NVEmbed
+    (`load_from_rank0`). So one process, not each of 8, reads and holds a 7B checkpoint.
+    The architecture and the tokenizer travel by broadcast (pickled by rank 0 of this
+    job), and so does rank 0's error if it cannot build the model."""
+    from model import NVEmbed
 
-    model = build_model(config) if rank() == 0 else None
-    message = [model.architecture() if model is not None else None]
-    dist.broadcast_object_list(message, src=0)  # plain values made by rank 0 of this job
+    model, error = None, None
+    if rank() == 0:
+        try:
+            model = build_model(config)
+        except Exception as e:
+            error = e
+    message = [None, None, None if error is None else f"{type(error).__name__}: {error}"]
+    if model is not None:
+        message[:2] = model.architecture(), model.tokenizer
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[2] is not None:
+        raise RuntimeError(f"rank 0 could not build the model: {message[2]}")
     if model is not None:
         return model
-    if config["init_from"]:
-        folder = model_folder(config["init_from"])
-        tokenizer = load_tokenizer(folder / json.loads((folder / "config.json").read_text())["tokenizer"])
-    else:
-        tokenizer = ByteTokenizer() if config["model"] in PRESETS else load_tokenizer(config["model"])
-    return NVEmbed.skeleton(message[0], tokenizer).train()
+    architecture, tokenizer, _ = message
+    return NVEmbed.skeleton(architecture, tokenizer).train()
 
 
 def load_from_rank0(model, full_state: dict | None, device: torch.device):
@@ -743,7 +751,7 @@ def train(config: dict) -> dict:
         ndcg_before = run_evaluation(model, config, device, "before", log)
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
-    full_state = model.state_dict() if rank() == 0 else None
+    full_state = model.state_dict() if distributed and rank() == 0 else None  # what rank 0 broadcasts
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"])
     if distributed:
         load_from_rank0(model, full_state, device)

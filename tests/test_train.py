@@ -188,6 +188,18 @@ def two_rank_worker(rank, port, out_dir):
     run("--out", os.path.join(out_dir, "b"), "--stop-after", "3")
     run("--out", os.path.join(out_dir, "b"), "--resume")
     run("--out", os.path.join(out_dir, "c"), "--steps", "3", "--lora-dropout", "0")  # vs one rank, below
+    train.train(train.resolve_config(train.build_parser().parse_args(STAGE2_FROM + [os.path.join(out_dir, "c"),
+                                                                                   "--out", os.path.join(out_dir, "e")])))
+
+    def unreadable(config):
+        raise ValueError("checkpoint unreadable")
+
+    if rank == 0:  # rank 0 cannot build the model: every rank must stop with its error, none wait
+        train.build_model = unreadable
+    with pytest.raises((ValueError, RuntimeError)) as error:
+        run("--out", os.path.join(out_dir, "d"))
+    with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+        f.write(f"{error.type.__name__}: {error.value}")
     train.destroy_distributed()
 
 
@@ -240,6 +252,23 @@ def test_two_ranks_fed_by_rank_0_train_as_one_process(two_ranks, tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
+def test_stage_2_from_a_saved_model_on_two_ranks_trains_as_one_process(two_ranks, tmp_path):
+    """--init-from on 2 ranks: rank 1 gets the saved model's architecture and tokenizer from rank 0."""
+    train.main(STAGE2_FROM + [str(two_ranks / "c"), "--out", str(tmp_path / "one")])
+    one, two = saved_weights(tmp_path / "one"), saved_weights(two_ranks / "e")
+    start = saved_weights(two_ranks / "c")
+    assert set(one) == set(two) == set(start)
+    assert any(not torch.allclose(one[name], start[name]) for name in one)  # stage 2 trained
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_rank_0_failing_to_build_stops_every_rank_with_its_error(two_ranks):
+    assert (two_ranks / "error0.txt").read_text() == "ValueError: checkpoint unreadable"
+    assert (two_ranks / "error1.txt").read_text() == \
+        "RuntimeError: rank 0 could not build the model: ValueError: checkpoint unreadable"
+
+
 def test_two_rank_resume_gives_the_uninterrupted_result(two_ranks):
     a, b = saved_weights(two_ranks / "a"), saved_weights(two_ranks / "b")
     assert set(a) == set(b) and any("lora_A" in k for k in a)
@@ -249,6 +278,10 @@ def test_two_rank_resume_gives_the_uninterrupted_result(two_ranks):
 
 
 # ---------------------------------------------------------------- resume, non-finite loss, config
+
+# Stage 2 from a saved model (no dropout: its LoRA comes from run "c"), followed by that folder.
+STAGE2_FROM = ["--stage", "2", "--steps", "2", "--batch-size", "8", "--max-length", "96", "--no-eval", "--no-progress",
+               "--log-every", "1", "--save-every", "100", "--init-from"]
 
 # A small job: LoRA with dropout, so resuming must restore the RNG states too.
 SMALL_JOB = ["--batch-size", "8", "--hard-negatives", "2", "--max-length", "96", "--lora-rank", "4",
