@@ -23,7 +23,10 @@ BM25_SCIFACT_NDCG10 = 0.665  # PAPER.md section 6
 
 
 def read_table(path: Path) -> dict:
-    table = json.loads(path.read_text())
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
     for key in ("setting", "config", "rows", "hardware"):
         if key not in table:
             raise ValueError(f"{path}: no {key!r} field; is this bench/ablate.py's ablation.json?")

@@ -31,6 +31,9 @@ def test_read_table_names_the_missing_field(tmp_path):
     path.write_text(json.dumps(dict(rows=[])))
     with pytest.raises(ValueError, match="no 'setting' field"):
         plot_ablation.read_table(path)
+    path.write_text('{"setting": ')
+    with pytest.raises(ValueError, match=r"ablation.json: not JSON \(Expecting value: line 1"):
+        plot_ablation.read_table(path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
