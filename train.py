@@ -23,9 +23,10 @@ hard negatives each, lr 2e-5 (stage 1) / 1.5e-5 (stage 2), 500 warm-up steps, ma
 The training step is `train()`'s inner loop: encode queries and documents, contrastive
 loss (`contrastive_loss`), backward, clip, AdamW, schedule. Parallelism is one short
 function (`parallelize`); only rank 0 reads the checkpoint and the tokenizer, and the
-other ranks receive them from it (`build_model_on_rank0`, `load_from_rank0`). Checkpoints (`save_checkpoint` / `load_checkpoint`) are
-sharded torch.distributed.checkpoint folders, written under a temporary name and renamed
-when complete; `--resume` continues exactly where the last one stopped.
+other ranks receive them from it (`build_model_on_rank0`, `load_from_rank0`).
+Checkpoints (`save_checkpoint` / `load_checkpoint`) are sharded
+torch.distributed.checkpoint folders, written under a temporary name and renamed when
+complete; `--resume` continues exactly where the last one stopped.
 
 Outputs, in the run folder (`--out`, default runs/stage{1,2}):
     config.json        the resolved configuration
@@ -279,23 +280,19 @@ def build_model_on_rank0(config: dict):
     from model import NVEmbed
 
     model, error = None, None
+    message = [None, None, None]  # architecture, tokenizer, rank 0's error
     if rank() == 0:
         try:
             model = build_model(config)
+            message[:2] = model.architecture(), model.tokenizer
         except Exception as e:
-            error = e
-    message = [None, None, None if error is None else f"{type(error).__name__}: {error}"]
-    if model is not None:
-        message[:2] = model.architecture(), model.tokenizer
+            error, message[2] = e, f"{type(e).__name__}: {e}"
     dist.broadcast_object_list(message, src=0)
     if error is not None:
         raise error
     if message[2] is not None:
         raise RuntimeError(f"rank 0 could not build the model: {message[2]}")
-    if model is not None:
-        return model
-    architecture, tokenizer, _ = message
-    return NVEmbed.skeleton(architecture, tokenizer).train()
+    return model if model is not None else NVEmbed.skeleton(*message[:2]).train()
 
 
 def load_from_rank0(model, full_state: dict | None, device: torch.device):
