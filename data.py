@@ -1,12 +1,12 @@
 """Training and evaluation data for NV-Embed: tokenization, readers, stage-2 pairs, batching, a built-in dataset.
 
-Paper (../shared/PAPER.md): section 3 (instruction template; instruction and BOS masked out of pooling, EOS
-appended), section 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in stage 1
+Paper (../shared/PAPER.md): section 3 (instruction template; instruction masked out of pooling, BOS as the
+model's `TextRule` says, EOS appended), section 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in stage 1
 and off in stage 2, example-based classification/clustering pairs, STS pairs with score >= 4 in both directions)
 and section 6 (the BEIR file format).
 
 Contents, top to bottom:
-- Tokenization shared by training and evaluation: `ByteTokenizer`, `load_tokenizer`, `tokenize`,
+- Tokenization shared by training and evaluation: `ByteTokenizer`, `load_tokenizer`, `TextRule`, `tokenize`,
   `encode_texts`.
 - Readers: `load_beir`, `doc_text`, the training file (`read_training_file` / `write_training_file`), a BEIR
   train split plus a negatives file -> examples (`beir_training_examples`).
@@ -123,7 +123,7 @@ class _Problems:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenization (PAPER section 3): [BOS] + prefix + text + [EOS], pooled over text + EOS only.
+# Tokenization (PAPER section 3): [BOS] + prefix + text + [EOS], pooled over text + EOS (the model's TextRule).
 
 
 class ByteTokenizer:
@@ -195,16 +195,8 @@ def bos_ids(tokenizer) -> list[int]:
     return [bos] if bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] else []
 
 
-def starts_words_with_space(tokenizer) -> bool:
-    """Whether the tokenizer prepends a word-boundary space to a text ("a" -> "▁a"), as SentencePiece does."""
-    if not hasattr(tokenizer, "convert_ids_to_tokens"):
-        return False  # ByteTokenizer
-    first = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False)[:1])
-    return bool(first) and first[0].startswith("▁")
-
-
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """encode(text, add_special_tokens=False) for each text: the text tokens `tokenize` uses (no BOS/EOS/prefix)."""
+    """encode(text, add_special_tokens=False) for each text: ids without BOS or EOS."""
     if not texts:
         return []
     if isinstance(tokenizer, ByteTokenizer) or not callable(tokenizer):
@@ -213,16 +205,82 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "", max_length: int | None = 512,
-             template: str = QUERY_TEMPLATE, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Row i = [BOS if the tokenizer has one] + encode(prefix_i) + encode(text_i)[:room] + [EOS], padded to the
-    longest row. prefix_i = template.format(instruction=instruction_i) when instruction_i is non-empty, else nothing.
+@dataclass(frozen=True)
+class TextRule:
+    """How a model turns (instruction, text) into ids and a pool mask. Each saved model records its rule, and
+    training and evaluation read it from the model, so the two always agree.
 
-    The prefix and the text are encoded separately and the ids joined, so a BPE merge across the boundary cannot
-    move it: pool_mask is True exactly on encode(text) (possibly truncated) and on EOS, never on BOS, prefix or
-    padding (PAPER section 3, which corrects the released code's off-by-one). Only the text is truncated to fit
-    max_length; `truncated` says which rows were. Returns input_ids (B, T) long, attention_mask (B, T) long,
-    pool_mask (B, T) bool, truncated (B,) bool."""
+    template          the query template; a text with an instruction is read as template.format(...) + text
+    mask_instruction  leave the instruction's tokens out of the pool (PAPER section 3; the released
+                      `is_mask_instruction`)
+    pool_bos          "never": BOS is never pooled (this project's models). "without_instruction": BOS is pooled
+                      whenever no instruction is masked out, as the released NV-Embed code does: it zeroes the
+                      first len(tokenize(prefix)) positions of an instructed text and nothing of a bare one, so
+                      every retrieval document averages its BOS in.
+    truncation        "text": cut the text so that the row still ends in EOS (this project's models). "sequence":
+                      cut the whole row at max_length, as the released code's tokenizer call does (a long text
+                      then loses its EOS).
+    """
+
+    template: str = QUERY_TEMPLATE
+    mask_instruction: bool = True
+    pool_bos: str = "never"
+    truncation: str = "text"
+
+    def __post_init__(self):
+        if self.pool_bos not in ("never", "without_instruction"):
+            raise ValueError(f"TextRule.pool_bos must be 'never' or 'without_instruction', got {self.pool_bos!r}")
+        if self.truncation not in ("text", "sequence"):
+            raise ValueError(f"TextRule.truncation must be 'text' or 'sequence', got {self.truncation!r}")
+        if "{instruction}" not in self.template:
+            raise ValueError(f"TextRule.template must contain '{{instruction}}', got {self.template!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str) -> "TextRule":
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown text_rule fields {unknown}")
+        return cls(**values)
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(prefix ids, text ids) of each prefix + text, cut from the tokenizer's own encoding of the joined string.
+
+    Encoding prefix and text apart and joining the ids would give ids the model never read. With the standard
+    template the boundary is a space, and a BPE or SentencePiece tokenizer attaches that space to the text's first
+    word: "Query: vitamin" is ':' 'Ġvitamin' (byte-level BPE, SmolLM2) or ':' '▁vitamin' (SentencePiece, Mistral),
+    while "Query: " alone ends in a lone 'Ġ' / '▁' token. So the joined string is encoded once, and its leading
+    tokens that equal the prefix's own encoding are the prefix; the first token that differs (it holds a character
+    of the text, here the space-and-word token) and all after it are the text. A byte tokenizer keeps the space as
+    the prefix's own token. The ids are then exactly the tokenizer's encoding of the joined string, for any
+    tokenizer whose encoding of a string does not change before the boundary when text is appended (true at a
+    space for all three kinds; tests/test_data.py checks SmolLM2's BPE, a SentencePiece tokenizer and bytes).
+    """
+    prefix_ids = encode_texts(tokenizer, [prefix])[0]
+    split = []
+    for joined in encode_texts(tokenizer, [prefix + text for text in texts]):
+        n = _common_prefix_length(joined, prefix_ids)
+        split.append((joined[:n], joined[n:]))
+    return split
+
+
+def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "", max_length: int | None = 512,
+             rule: TextRule = TextRule(), padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Row i = [BOS if the tokenizer adds one] + the tokenizer's encoding of prefix_i + text_i + [EOS], padded to
+    the longest row, where prefix_i = rule.template.format(instruction=instruction_i) when instruction_i is
+    non-empty, else nothing (`_split_prefix` says where the prefix ends).
+
+    pool_mask (PAPER section 3) is True on the text's tokens and EOS; on the prefix's too when the rule does not
+    mask instructions; on BOS only under the released rule (`TextRule.pool_bos`); never on padding. Truncation
+    follows `rule.truncation`; `truncated` says which rows were cut. Returns input_ids (B, T) long,
+    attention_mask (B, T) long, pool_mask (B, T) bool, truncated (B,) bool."""
     texts = list(texts)
     instructions = [instruction] * len(texts) if isinstance(instruction, str) else list(instruction)
     if len(instructions) != len(texts):
@@ -238,28 +296,42 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     bos = bos_ids(tokenizer)
 
-    distinct = sorted({s for s in instructions if s})  # encode each distinct prefix once
-    prefix_texts = [template.format(instruction=s) for s in distinct]
-    if starts_words_with_space(tokenizer):
-        # A SentencePiece tokenizer (Mistral, Llama-2) encodes a text alone as "▁word": the
-        # text brings its own leading space, and the prefix's trailing one would double it.
-        prefix_texts = [t[:-1] if t.endswith(" ") else t for t in prefix_texts]
-    prefixes = {"": [], **dict(zip(distinct, encode_texts(tokenizer, prefix_texts)))}
-    text_ids = encode_texts(tokenizer, texts)
+    # (prefix ids, text ids) per row: bare texts are encoded in one batch, each instruction's rows in another.
+    pieces: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
+    for instr in dict.fromkeys(instructions):
+        rows = [i for i, s in enumerate(instructions) if s == instr]
+        if instr:
+            split = _split_prefix(tokenizer, rule.template.format(instruction=instr), [texts[i] for i in rows])
+        else:
+            split = [([], ids) for ids in encode_texts(tokenizer, [texts[i] for i in rows])]
+        for i, piece in zip(rows, split):
+            pieces[i] = piece
 
     rows, masks, truncated = [], [], []
-    for i, (ids, instr) in enumerate(zip(text_ids, instructions)):
-        if not ids:
+    for i, ((prefix_ids, text_ids), instr) in enumerate(zip(pieces, instructions)):
+        if not text_ids:
             raise ValueError(f"text {i} encodes to no tokens: {texts[i]!r}")
-        head = bos + prefixes[instr]
-        room = len(ids) if max_length is None else max_length - len(head) - 1
-        if room < 1:
-            raise ValueError(f"text {i}: max_length={max_length} leaves no room for text after "
-                             f"{len(head)} BOS/instruction tokens and EOS")
-        truncated.append(len(ids) > room)
-        ids = ids[:room]
-        rows.append(head + ids + [eos])
-        masks.append([False] * len(head) + [True] * (len(ids) + 1))
+        head = bos + prefix_ids
+        if instr and rule.mask_instruction:
+            unpooled = len(head)  # BOS and the instruction
+        else:
+            unpooled = len(bos) if rule.pool_bos == "never" else 0
+        if rule.truncation == "text":
+            room = len(text_ids) if max_length is None else max_length - len(head) - 1
+            if room < 1:
+                raise ValueError(f"text {i}: max_length={max_length} leaves no room for text after "
+                                 f"{len(head)} BOS/instruction tokens and EOS")
+            row = head + text_ids[:room] + [eos]
+            truncated.append(len(text_ids) > room)
+        else:
+            row = head + text_ids + [eos]
+            truncated.append(max_length is not None and len(row) > max_length)
+            row = row[:max_length]
+            if len(row) <= unpooled:
+                raise ValueError(f"text {i}: max_length={max_length} cuts the row before any pooled token "
+                                 f"({unpooled} BOS/instruction tokens)")
+        rows.append(row)
+        masks.append([False] * unpooled + [True] * (len(row) - unpooled))
 
     T = max(len(r) for r in rows)
 
@@ -781,14 +853,14 @@ class TrainDataset:
                 f"{self.short_examples} examples had too few (repeated cyclically: {self.repeated_slots} slots)")
 
     def collate(self, indices: Sequence[int], tokenizer, max_length: int | None = 512,
-                template: str = QUERY_TEMPLATE, padding_side: str = "right") -> dict[str, Any]:
+                rule: TextRule = TextRule(), padding_side: str = "right") -> dict[str, Any]:
         return collate([self.examples[i] for i in indices], tokenizer, max_length, self.num_hard_negatives,
-                       template, in_batch_negatives=self.in_batch_negatives, dataset=self.name,
+                       rule, in_batch_negatives=self.in_batch_negatives, dataset=self.name,
                        padding_side=padding_side)
 
 
 def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512, num_hard_negatives: int = 7,
-            template: str = QUERY_TEMPLATE, in_batch_negatives: bool = True, dataset: str = "",
+            rule: TextRule = TextRule(), in_batch_negatives: bool = True, dataset: str = "",
             padding_side: str = "right") -> dict[str, Any]:
     """B examples -> the loss's batch. documents holds B * (1 + n) rows grouped per query as [pos, neg_1..neg_n], so
     query i's positive is document row i * (1 + n). doc_keys / query_keys are sha1 keys of the document and query
@@ -802,8 +874,8 @@ def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512
         document_instructions += [example.document_instruction] * (1 + num_hard_negatives)
     return {
         "queries": tokenize(tokenizer, [e.query for e in examples], [e.instruction for e in examples],
-                            max_length, template, padding_side),
-        "documents": tokenize(tokenizer, documents, document_instructions, max_length, template, padding_side),
+                            max_length, rule, padding_side),
+        "documents": tokenize(tokenizer, documents, document_instructions, max_length, rule, padding_side),
         "doc_keys": [text_key(d) for d in documents],
         "query_keys": [text_key(e.instruction + "\n" + e.query) for e in examples],
         "in_batch_negatives": in_batch_negatives,

@@ -26,6 +26,7 @@ Run the parity tests against transformers with `python -m pytest tests/test_mode
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -521,13 +522,18 @@ class NVEmbed(nn.Module):
     """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise.
 
     The same `forward` serves training (train.py) and inference (`encode`), and both
-    tokenize through `data.tokenize`, so the pool mask (text tokens + EOS, never BOS,
-    instruction or padding; PAPER.md section 3) is identical in the two.
+    tokenize through `data.tokenize` with the model's own `text_rule`, so the pool mask
+    (text tokens + EOS, never the instruction or padding; BOS as the rule says; PAPER.md
+    section 3) is identical in the two. This project's models never pool BOS; a model
+    loaded with `from_released` follows the released code's rule and pools the BOS of
+    every text without an instruction.
     """
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
-                 query_template: str | None = None, base: str | None = None):
+                 text_rule=None, base: str | None = None, normalize: bool = True):
+        from data import TextRule
+
         super().__init__()
         self.decoder = decoder
         self.pooling = pooling
@@ -536,19 +542,19 @@ class NVEmbed(nn.Module):
         self.pooling_kwargs = dict(pooling_kwargs or {})
         self.causal = causal  # False: the paper's bidirectional encoder
         self.max_length = max_length
-        if query_template is None:
-            from data import QUERY_TEMPLATE as query_template  # "Instruct: {instruction}\nQuery: "
-        self.query_template = query_template
+        self.text_rule = text_rule or TextRule()  # template, instruction mask, BOS rule, truncation
+        self.normalize = normalize  # L2-normalise the output (the released `output_normalize`)
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
         if len(tokenizer) > decoder.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocab_size is "
                              f"{decoder.config.vocab_size}")
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """batch: `data.tokenize`'s dict. Returns (B, D) unit vectors."""
+        """batch: `data.tokenize`'s dict. Returns (B, D) unit vectors (fp32)."""
         hidden = self.decoder(batch["input_ids"], batch["attention_mask"], causal=self.causal)  # (B, T, D)
         pooled = self.pooling(hidden, batch["pool_mask"])  # (B, D)
-        return F.normalize(pooled, dim=-1)
+        # In fp32 as the released code does: a bf16 norm leaves vectors of length 1 +- 4e-3.
+        return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled.float()
 
     # -- inference -------------------------------------------------------------
 
@@ -556,14 +562,14 @@ class NVEmbed(nn.Module):
         from data import tokenize
 
         return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
-                        template=self.query_template, padding_side=padding_side)
+                        rule=self.text_rule, padding_side=padding_side)
 
     @torch.inference_mode()
     def encode(self, texts: list[str], instruction: str = "", batch_size: int = 32,
                max_length: int | None = None, show_progress: bool | None = None) -> torch.Tensor:
         """Embed `texts` (N,) -> float32 (N, D), unit length, in the input order.
 
-        Queries pass their task `instruction` (formatted with `query_template`);
+        Queries pass their task `instruction` (formatted with `text_rule.template`);
         documents pass none. Texts are batched in order of token count so that a
         batch holds texts of similar size and little compute goes to padding. (Sorting
         by characters is not enough: on SciFact a token spans 3 to 7 characters, and
@@ -575,6 +581,9 @@ class NVEmbed(nn.Module):
 
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
+        for i, text in enumerate(texts):  # here, before batches are sorted, so that i is the caller's index
+            if not text:
+                raise ValueError(f"encode: text {i} is empty")
         if not texts:
             return torch.empty(0, self.decoder.config.hidden_size)
         was_training = self.training
@@ -637,7 +646,8 @@ class NVEmbed(nn.Module):
         """Everything but the weights and the tokenizer: what `skeleton` rebuilds from."""
         return dict(decoder=asdict(self.decoder.config), pooling=self.pooling_name,
                     pooling_kwargs=self.pooling_kwargs, lora=self.lora_config(), causal=self.causal,
-                    max_length=self.max_length, query_template=self.query_template, base=self.base,
+                    max_length=self.max_length, text_rule=dataclasses.asdict(self.text_rule),
+                    normalize=self.normalize, base=self.base,
                     params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
                             for name, p in self.named_parameters()})
 
@@ -646,6 +656,7 @@ class NVEmbed(nn.Module):
         """The modules of `architecture()` on the meta device: every parameter's shape,
         dtype and trainable flag, and no memory. FSDP ranks other than 0 start from this
         and receive their shards of rank 0's weights (train.py)."""
+        from data import TextRule
         from pooling import POOLINGS
 
         with torch.device("meta"):
@@ -655,7 +666,8 @@ class NVEmbed(nn.Module):
             pooling = POOLINGS[architecture["pooling"]](decoder.config.hidden_size, **architecture["pooling_kwargs"])
         model = cls(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
                     causal=architecture["causal"], max_length=architecture["max_length"],
-                    query_template=architecture["query_template"], base=architecture["base"])
+                    text_rule=TextRule(**architecture["text_rule"]), normalize=architecture["normalize"],
+                    base=architecture["base"])
         for name, param in model.named_parameters():
             dtype, trainable = architecture["params"][name]
             param.data = param.data.to(getattr(torch, dtype))
@@ -695,7 +707,8 @@ class NVEmbed(nn.Module):
         self.tokenizer.save_pretrained(str(folder / "tokenizer"))
         config = dict(
             format="nv-embed", pooling=self.pooling_name, pooling_kwargs=self.pooling_kwargs,
-            causal=self.causal, max_length=self.max_length, query_template=self.query_template,
+            causal=self.causal, max_length=self.max_length, text_rule=dataclasses.asdict(self.text_rule),
+            normalize=self.normalize,
             decoder=asdict(self.decoder.config), lora=lora, base=self.base if adapters_only else None,
             base_fingerprint=base_fingerprint,
             dtype=str(self.decoder.embed_tokens.weight.dtype).removeprefix("torch."), tokenizer="tokenizer",
@@ -710,7 +723,7 @@ class NVEmbed(nn.Module):
         """Load what `save` wrote (train.py's output)."""
         from safetensors.torch import load_file
 
-        from data import load_tokenizer
+        from data import TextRule, load_tokenizer
         from pooling import POOLINGS
 
         folder = Path(folder)
@@ -752,9 +765,12 @@ class NVEmbed(nn.Module):
         pooling_state = load_file(folder / "pooling.safetensors")
         pooling.load_state_dict({k: v.to(dtype) for k, v in pooling_state.items()}, strict=True)
         tokenizer = load_tokenizer(str(folder / config["tokenizer"]))
+        # Saves from before the rule was recorded hold only the template; the rest was the project's rule.
+        text_rule = TextRule.from_dict(config.get("text_rule") or {"template": config["query_template"]},
+                                       source=str(config_file))
         model = cls(decoder, pooling.to(dtype), tokenizer, config["pooling"], config["pooling_kwargs"],
-                    causal=config["causal"], max_length=config["max_length"],
-                    query_template=config["query_template"], base=config["base"])
+                    causal=config["causal"], max_length=config["max_length"], text_rule=text_rule,
+                    normalize=config.get("normalize", True), base=config["base"])
         return model.to(device).eval()
 
     @staticmethod
@@ -785,25 +801,45 @@ class NVEmbed(nn.Module):
         return model.to(device).eval()
 
     @classmethod
-    def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "NVEmbed":
-        """Load NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository).
+    def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                      max_length: int = 4096) -> "NVEmbed":
+        """Load NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository) so that it embeds
+        exactly as the released code (`modeling_nvembed.py`) does.
 
         Their checkpoint holds `embedding_model.<HF Mistral names>` and
         `latent_attention_model.*` (renamed by pooling.RELEASED_LATENT_NAMES). Only the
-        weights and the two configs are read; their Python code is never run.
+        weights, the tokenizer and the two configs are read; their Python code is never run.
+        What their `encode(prompts, instruction, max_length=4096)` does with the inputs:
+          - each row is the tokenizer's encoding of instruction + text + "</s>", with BOS,
+            cut at max_length (a long text loses its EOS): TextRule.truncation "sequence";
+          - the first len(tokenize(instruction)) positions leave the pool, only when
+            `padding_side` is "right", `is_mask_instruction` is true and there is an
+            instruction: with Mistral's tokenizer those are exactly BOS and the prefix, and a
+            text without instruction pools its BOS (TextRule.pool_bos "without_instruction");
+          - padding is EOS on the right (`add_pad_token`); EOS is appended whatever `add_eos`
+            says (their encode passes always_add_eos=True);
+          - the pooled mean is L2-normalised when the latent config's `output_normalize` is.
+        Left padding is refused: there the released code masks no instruction and its
+        decoder counts positions from the first column, which this decoder does not.
         """
-        from data import load_tokenizer
+        from data import QUERY_TEMPLATE, TextRule, load_tokenizer
         from pooling import LatentAttentionPooling, latent_attention_state_dict_from_released
 
         folder = Path(folder)
-        config = json.loads((folder / "config.json").read_text())
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (not a released NV-Embed checkpoint)")
+        config = json.loads(config_file.read_text())
         text_config = dict(config.get("text_config") or {})
         if not text_config:
-            raise ValueError(f"{folder / 'config.json'}: no text_config (not a released NV-Embed checkpoint)")
+            raise ValueError(f"{config_file}: no text_config (not a released NV-Embed checkpoint)")
         if text_config.get("model_type") == "bidir_mistral":  # their name for Mistral without the causal mask
             text_config["model_type"] = "mistral"
+        if config.get("padding_side", "right") != "right":
+            raise ValueError(f"{config_file}: padding_side {config['padding_side']!r} is not supported (the "
+                             "released code then shifts rotary positions by the padding and masks no instruction)")
         latent_config = config.get("latent_attention_config") or {}
-        decoder_config = MistralConfig.from_hf(text_config, source=str(folder / "config.json"))
+        decoder_config = MistralConfig.from_hf(text_config, source=str(config_file))
         D = decoder_config.hidden_size
         pooling_kwargs = dict(num_latents=latent_config.get("num_latents_value", 512),
                               num_heads=latent_config.get("num_cross_heads", 8),
@@ -820,6 +856,10 @@ class NVEmbed(nn.Module):
         if unknown:
             raise ValueError(f"{folder}: unexpected tensors {unknown[:10]}")
         pooling.load_state_dict(pooling_state, strict=True, assign=True)
-        return cls(decoder, pooling, load_tokenizer(str(folder)), "latent", pooling_kwargs, causal=False,
-                   max_length=512, base=None).eval()
-
+        tokenizer = load_tokenizer(str(folder))
+        if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
+            tokenizer.pad_token = tokenizer.eos_token
+        rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
+                        pool_bos="without_instruction", truncation="sequence")
+        return cls(decoder, pooling, tokenizer, "latent", pooling_kwargs, causal=False, max_length=max_length,
+                   text_rule=rule, normalize=bool(latent_config.get("output_normalize", True)), base=None).eval()

@@ -793,7 +793,7 @@ def train(config: dict) -> dict:
                 model.set_requires_gradient_sync(micro == micro_batches - 1)
             indices = data.rank_slice(global_batch[micro * micro_size:(micro + 1) * micro_size], rank(),
                                       world_size())
-            batch = source.collate(indices, tokenizer, config["max_length"], model.query_template)
+            batch = source.collate(indices, tokenizer, config["max_length"], model.text_rule)
             loss, real_tokens = forward_backward(model, batch, config["temperature"], 1.0 / micro_batches,
                                                  device, autocast)
             loss_sum += loss / micro_batches

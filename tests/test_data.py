@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-from data import (BatchSampler, ByteTokenizer, DataError, Example, SkipReport, TrainDataset,  # noqa: E402
+from data import (BatchSampler, ByteTokenizer, DataError, Example, SkipReport, TextRule, TrainDataset,  # noqa: E402
                   beir_training_examples, classification_pairs, clustering_pairs, collate, load_beir,
                   load_tokenizer, rank_slice, read_training_file, sts_pairs, tokenize, write_training_file)
 
@@ -42,7 +42,7 @@ def test_byte_tokenizer_round_trip_and_save(tmp_path):
 def test_tokenize_bytes_by_hand():
     tok = ByteTokenizer()
     # Row = BOS, "I:x|" (73 58 120 124), text bytes, EOS; pool_mask on text + EOS only.
-    out = tokenize(tok, ["ab", "c"], "x", template="I:{instruction}|")
+    out = tokenize(tok, ["ab", "c"], "x", rule=TextRule(template="I:{instruction}|"))
     assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 98, 258],
                                          [257, 73, 58, 120, 124, 99, 258, 256]]
     assert out["attention_mask"].tolist() == [[1] * 8, [1] * 7 + [0]]
@@ -51,21 +51,21 @@ def test_tokenize_bytes_by_hand():
     assert out["truncated"].tolist() == [False, False]
 
     # Left padding, one instruction per text ("" = no prefix at all).
-    out = tokenize(tok, ["ab", "c"], ["", "x"], template="I:{instruction}|", padding_side="left")
+    out = tokenize(tok, ["ab", "c"], ["", "x"], rule=TextRule(template="I:{instruction}|"), padding_side="left")
     assert out["input_ids"].tolist() == [[256, 256, 256, 257, 97, 98, 258],
                                          [257, 73, 58, 120, 124, 99, 258]]
     assert out["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
     assert out["pool_mask"].tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]]
 
     # Truncation cuts the text only: max_length 7 = BOS + 4 prefix + 1 text byte + EOS.
-    out = tokenize(tok, ["abc", "d"], "x", max_length=7, template="I:{instruction}|")
+    out = tokenize(tok, ["abc", "d"], "x", max_length=7, rule=TextRule(template="I:{instruction}|"))
     assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 258], [257, 73, 58, 120, 124, 100, 258]]
     assert out["truncated"].tolist() == [True, False]
 
     with pytest.raises(ValueError, match="text 1 is empty"):
         tokenize(tok, ["a", "", "b"])
     with pytest.raises(ValueError, match="max_length=6 leaves no room"):
-        tokenize(tok, ["a"], "x", max_length=6, template="I:{instruction}|")
+        tokenize(tok, ["a"], "x", max_length=6, rule=TextRule(template="I:{instruction}|"))
     with pytest.raises(ValueError, match="2 instructions for 1 texts"):
         tokenize(tok, ["a"], ["x", "y"])
 
@@ -94,20 +94,28 @@ def test_tokenize_smollm2_boundary(smollm2, tmp_path):
     # SmolLM2's BOS is <|im_start|> (id 1), which its own encoding never prepends: so tokenize adds no BOS.
     assert tok.bos_token_id == 1 and tok.eos_token_id == 2
     assert tok.encode("hello", add_special_tokens=True) == tok.encode("hello", add_special_tokens=False)
-    template, instruction = data.QUERY_TEMPLATE, "Given a claim, retrieve documents"
-    prefix = template.format(instruction=instruction)
-    texts = ["hello world", "  two spaces", "\nnewline first", "Zorvath floods"]
-    # The case that matters exists: joint BPE moves the boundary ("Query: " + "hello" -> "Ġhello").
-    assert tok.encode(prefix + texts[0]) != tok.encode(prefix) + tok.encode(texts[0])
+    assert data.bos_ids(tok) == []
+    instruction = "Given a claim, retrieve documents"
+    prefix = data.QUERY_TEMPLATE.format(instruction=instruction)
+    texts = ["vitamin D lowers fracture risk", "hello world", "  two spaces", "\nnewline first", "Zorvath floods",
+             "5 mg daily", "(a) claim"]
+    # The case that matters: byte-level BPE attaches the boundary's space to the text's first word, and the
+    # prefix alone ends in a lone 'Ġ' that the model never reads before a word.
+    assert tok.convert_ids_to_tokens(tok.encode(prefix))[-2:] == [":", "Ġ"]
+    assert "Ġvitamin" in tok.convert_ids_to_tokens(tok.encode(prefix + texts[0]))
     out = tokenize(tok, texts, instruction, max_length=64)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for i, text in enumerate(texts):
         ids, pool, attention = out["input_ids"][i], out["pool_mask"][i], out["attention_mask"][i].bool()
-        assert ids[pool].tolist() == tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
-        assert ids[attention & ~pool].tolist() == tok.encode(prefix, add_special_tokens=False)
-        assert data.bos_ids(tok) == []
+        # The rule: the ids are the tokenizer's own encoding of the joined string, plus EOS ...
+        assert ids[attention].tolist() == tok.encode(prefix + text) + [tok.eos_token_id]
+        # ... and the unpooled head is the prefix, less its final space where the text's first token took it.
+        head = tok.decode(ids[attention & ~pool].tolist())
+        assert head in (prefix, prefix[:-1]), head
+        assert tok.decode(ids[pool].tolist()[:-1]) in (text, " " + text)
         assert (ids[~attention] == pad).all()
-    # Documents (no instruction): everything is pooled (no BOS here).
+    assert tok.convert_ids_to_tokens(out["input_ids"][0][out["pool_mask"][0]].tolist())[:2] == ["Ġvitamin", "ĠD"]
+    # Documents (no instruction): everything is pooled (no BOS here), and the ids are encode(text) + EOS.
     out = tokenize(tok, texts)
     assert out["pool_mask"].sum(1).tolist() == [len(tok.encode(t)) + 1 for t in texts]
     # The batched call tokenize makes gives the ids of encode() per text.
@@ -115,6 +123,30 @@ def test_tokenize_smollm2_boundary(smollm2, tmp_path):
     # Saved HF tokenizer folders load through the same function and encode identically.
     tok.save_pretrained(tmp_path / "hf")
     assert load_tokenizer(tmp_path / "hf").encode(texts[2], add_special_tokens=False) == tok.encode(texts[2])
+
+
+def test_tokenize_truncation_and_pool_rules():
+    tok = ByteTokenizer()
+    rule = TextRule(template="I:{instruction}|")
+    # "text": the text is cut so that the row keeps EOS.
+    out = tokenize(tok, ["abcdef"], "x", max_length=8, rule=rule)
+    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 98, 258]] and out["truncated"].tolist() == [True]
+    # "sequence" (the released code's): the whole row is cut at max_length, EOS included.
+    released = TextRule(template="I:{instruction}|", pool_bos="without_instruction", truncation="sequence")
+    out = tokenize(tok, ["abcdef", "a"], "x", max_length=8, rule=released)
+    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 98, 99], [257, 73, 58, 120, 124, 97, 258, 256]]
+    assert out["pool_mask"].tolist() == [[0] * 5 + [1] * 3, [0] * 5 + [1, 1, 0]]
+    assert out["truncated"].tolist() == [True, False]
+    # Without an instruction the released rule pools BOS; this project's rule never does.
+    assert tokenize(tok, ["ab"], rule=released)["pool_mask"].tolist() == [[1, 1, 1, 1]]
+    assert tokenize(tok, ["ab"], rule=rule)["pool_mask"].tolist() == [[0, 1, 1, 1]]
+    # mask_instruction=False pools the prefix too.
+    unmasked = TextRule(template="I:{instruction}|", mask_instruction=False)
+    assert tokenize(tok, ["ab"], "x", rule=unmasked)["pool_mask"].tolist() == [[0] + [1] * 7]
+    with pytest.raises(ValueError, match="cuts the row before any pooled token"):
+        tokenize(tok, ["ab"], "x", max_length=5, rule=released)
+    with pytest.raises(ValueError, match="pool_bos"):
+        TextRule(pool_bos="sometimes")
 
 
 # ---------------------------------------------------------------------------------------------------- BEIR reader
@@ -400,8 +432,8 @@ def sha1(text):
 def test_collate_groups_keys_and_masks():
     examples = [Example("q1", "Find", "p1", ["n11", "n12", "n13"], "retrieval"),
                 Example("q2", "Find", "p2", ["n21", "n22"], "retrieval")]  # one short: n21 repeats
-    batch = collate(examples, ByteTokenizer(), max_length=64, num_hard_negatives=3, template="I:{instruction}|",
-                    dataset="toy", in_batch_negatives=False)
+    batch = collate(examples, ByteTokenizer(), max_length=64, num_hard_negatives=3,
+                    rule=TextRule(template="I:{instruction}|"), dataset="toy", in_batch_negatives=False)
     documents = ["p1", "n11", "n12", "n13", "p2", "n21", "n22", "n21"]
     assert batch["doc_keys"] == [sha1(d) for d in documents]
     assert batch["query_keys"] == [sha1("Find\nq1"), sha1("Find\nq2")]
@@ -417,7 +449,7 @@ def test_collate_groups_keys_and_masks():
 
 def test_collate_sts_documents_get_instruction():
     example = Example("a b", "Same?", "a c", ["z"], "sts")
-    batch = collate([example], ByteTokenizer(), num_hard_negatives=1, template="I:{instruction}|")
+    batch = collate([example], ByteTokenizer(), num_hard_negatives=1, rule=TextRule(template="I:{instruction}|"))
     assert batch["documents"]["input_ids"][0].tolist() == [257] + list(b"I:Same?|a c") + [258]
     assert batch["documents"]["pool_mask"].sum(1).tolist() == [4, 2]
 
@@ -534,10 +566,9 @@ def test_cli_builtin_and_check(tmp_path, capsys):
     assert "500 documents, 100 queries, 100 judgements" in out and "1600 examples" in out
 
 
-def test_tokenize_sentencepiece_style_prefix_has_no_double_space():
-    """Mistral's and Llama-2's tokenizers encode a text alone as "▁word": joined after "Query: " that
-    would read "Query:  word". tokenize drops the prefix's trailing space for such tokenizers, so the
-    ids equal those of the whole string while the pool mask still covers exactly the text and EOS."""
+def test_tokenize_sentencepiece_style_boundary():
+    """Mistral's and Llama-2's tokenizers encode "Query: " alone with a final lone "▁", which the joined text
+    merges into "▁vitamin". The ids are those of the whole string; the pool mask covers exactly text and EOS."""
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     words = ["Instruct:", "find", "it\nQuery:", "vitamin", "claim", "a"]
@@ -546,7 +577,6 @@ def test_tokenize_sentencepiece_style_prefix_has_no_double_space():
     core.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
                                                eos_token="</s>")
-    assert data.starts_words_with_space(tok) and not data.starts_words_with_space(ByteTokenizer())
     prefix = data.QUERY_TEMPLATE.format(instruction="find it")
     assert tok.encode(prefix, add_special_tokens=False)[-1] == vocab["▁"]  # the lone space token
     out = tokenize(tok, ["vitamin claim"], "find it", max_length=32)

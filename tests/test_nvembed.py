@@ -62,8 +62,22 @@ def test_pool_mask_is_exactly_text_and_eos_with_real_bpe():
     instruction, text = "Given a claim, retrieve evidence", "vitamin-D deficiency raises risk"
     batch = model.tokenize([text, "ok"], instruction=instruction)
     pooled = batch["input_ids"][0][batch["pool_mask"][0]].tolist()
-    assert pooled == tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    # Byte-level BPE: the text's first token carries the boundary's space ("Ġvitamin"), as in the joined string.
+    assert pooled == tokenizer.encode(" " + text, add_special_tokens=False) + [tokenizer.eos_token_id]
     model.encode([text, "ok"], instruction=instruction)  # runs end to end with the real tokenizer
+
+
+def test_encode_errors_name_the_callers_index():
+    # encode sorts texts by length before tokenizing; the error must still name the caller's position.
+    with pytest.raises(ValueError, match="text 0 is empty"):
+        tiny("mean").encode(["", "beta"])
+
+
+def test_embeddings_are_normalised_in_fp32():
+    model = tiny("mean", dtype=torch.bfloat16)
+    embeddings = model.encode(TEXTS)
+    assert embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("pooling", ["latent", "eos"])
