@@ -36,8 +36,11 @@ Policies (each one explicit, none silent):
   n (mined lists are ranked, hardest first). Shorter lists are repeated cyclically up to n; the number of repeated
   slots is reported (`TrainDataset.summary()`, `collate(...)["repeated_negatives"]`). An example with no negative at
   all is refused (there is nothing to repeat).
-- Document keys: every document's key is the sha1 of its text, so the loss can mask an in-batch "negative" that is
-  the query's positive (an identical text gives an identical embedding, whatever its id).
+- Document keys: every document's key is an int64 hash of its text (`text_key`), so the loss can tell that two
+  columns hold the same document (an identical text gives an identical embedding, whatever its id): it masks a
+  query's known positives (every positive the dataset gives the same query) and counts each document once.
+- In-batch negatives: only retrieval data uses them (`TrainDataset`), whatever is asked; in classification,
+  clustering or STS data another item of the batch may share the query's class or meaning.
 - STS negatives: random other sentences of the same source, never the query, its positive, or a sentence the
   source pairs with the query at score >= threshold (in-batch negatives are off in stage 2).
 
@@ -795,9 +798,25 @@ def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_nega
 # Batching (PAPER section 4): one dataset per batch, exactly n hard negatives per query, document keys.
 
 
-def text_key(text: str) -> str:
-    """A document's key for false-negative masking: identical texts have identical keys."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+def text_key(text: str) -> int:
+    """A document's key for the loss's masking: identical texts have identical keys, on every rank.
+
+    An int64 (8 bytes of blake2b), so that batches carry keys as tensors the loss all-gathers and compares as they
+    are. Python's hash() of a str is salted per process, so it cannot be compared across ranks. A collision among
+    n keys has probability ~n^2 / 2^65 (it would mask one negative).
+    """
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def query_positive_keys(examples: Iterable[Example]) -> dict[tuple[str, str], list[int]]:
+    """(instruction, query) -> the keys of every positive that `examples` give that query, in order, once each.
+
+    A query with several relevant documents has one example per positive (`beir_training_examples`), and the same
+    query text may come back in other examples; each of these documents is relevant to every one of them."""
+    positives: dict[tuple[str, str], dict[int, None]] = defaultdict(dict)
+    for example in examples:
+        positives[(example.instruction, example.query)][text_key(example.positive)] = None
+    return {query: list(keys) for query, keys in positives.items()}
 
 
 def hard_negatives(example: Example, num_hard_negatives: int) -> tuple[list[str], int]:
@@ -816,7 +835,9 @@ class TrainDataset:
     """One training source: every batch is drawn from a single TrainDataset.
 
     in_batch_negatives: whether the loss may use other queries' documents as negatives (stage 1: yes; stage 2: no,
-    since other items may share a class, PAPER section 4). Documents get the instruction iff task_type is "sts"."""
+    PAPER section 4). Only retrieval data may: a dataset of another task type sets it to False whatever is passed.
+    Documents get the instruction iff task_type is "sts". known_positives: (instruction, query) -> the keys of all
+    its positives in this dataset (`query_positive_keys`), which the loss masks out of the query's negatives."""
 
     name: str
     examples: list[Example]
@@ -829,6 +850,10 @@ class TrainDataset:
         kinds = Counter(e.task_type for e in self.examples)
         if len(kinds) != 1:
             raise DataError(f"dataset {self.name!r} mixes task types {dict(kinds)}; make one dataset per task")
+        # The one place this rule lives (PAPER section 4): in classification, clustering or STS data another item of
+        # the batch may share the query's class or meaning, and would be pushed away as its negative.
+        self.in_batch_negatives = self.in_batch_negatives and self.task_type == "retrieval"
+        self.known_positives = query_positive_keys(self.examples)
         self.short_examples = self.repeated_slots = 0
         for example in self.examples:
             repeated = hard_negatives(example, self.num_hard_negatives)[1]  # refuses an example with none
@@ -848,7 +873,8 @@ class TrainDataset:
 
     def summary(self) -> str:
         return (f"{self.name}: {len(self)} {self.task_type} examples, in-batch negatives "
-                f"{'on' if self.in_batch_negatives else 'off'}, instruction on documents "
+                f"{'on' if self.in_batch_negatives else 'off'}"
+                f"{'' if self.task_type == 'retrieval' else ' (retrieval data only)'}, instruction on documents "
                 f"{'yes' if self.instruction_on_documents else 'no'}, {self.num_hard_negatives} hard negatives each; "
                 f"{self.short_examples} examples had too few (repeated cyclically: {self.repeated_slots} slots)")
 
@@ -856,16 +882,22 @@ class TrainDataset:
                 rule: TextRule = TextRule(), padding_side: str = "right") -> dict[str, Any]:
         return collate([self.examples[i] for i in indices], tokenizer, max_length, self.num_hard_negatives,
                        rule, in_batch_negatives=self.in_batch_negatives, dataset=self.name,
-                       padding_side=padding_side)
+                       padding_side=padding_side, known_positives=self.known_positives)
 
 
 def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512, num_hard_negatives: int = 7,
             rule: TextRule = TextRule(), in_batch_negatives: bool = True, dataset: str = "",
-            padding_side: str = "right") -> dict[str, Any]:
+            padding_side: str = "right",
+            known_positives: Mapping[tuple[str, str], Sequence[int]] | None = None) -> dict[str, Any]:
     """B examples -> the loss's batch. documents holds B * (1 + n) rows grouped per query as [pos, neg_1..neg_n], so
-    query i's positive is document row i * (1 + n). doc_keys / query_keys are sha1 keys of the document and query
-    texts (the loss masks in-batch documents whose key equals the query's positive, or that belong to another
-    example of the same query); repeated_negatives counts the slots filled by the repeat policy."""
+    query i's positive is document row i * (1 + n). doc_keys (B * (1 + n),) int64: the documents' `text_key`s.
+    known_positive_keys (B, P) int64, row i: the keys of every positive of query i, from `known_positives`
+    (`query_positive_keys` of the whole dataset; default: of these examples only), padded by repeating its first
+    key. The loss masks these documents out of query i's negatives and counts each document once.
+    repeated_negatives counts the slots filled by the repeat policy."""
+    known_positives = known_positives if known_positives is not None else query_positive_keys(examples)
+    positive_keys = [list(known_positives[(e.instruction, e.query)]) for e in examples]
+    width = max(len(keys) for keys in positive_keys)  # P
     documents, document_instructions, repeated = [], [], 0
     for example in examples:
         negatives, n_repeated = hard_negatives(example, num_hard_negatives)
@@ -876,8 +908,9 @@ def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512
         "queries": tokenize(tokenizer, [e.query for e in examples], [e.instruction for e in examples],
                             max_length, rule, padding_side),
         "documents": tokenize(tokenizer, documents, document_instructions, max_length, rule, padding_side),
-        "doc_keys": [text_key(d) for d in documents],
-        "query_keys": [text_key(e.instruction + "\n" + e.query) for e in examples],
+        "doc_keys": torch.tensor([text_key(d) for d in documents], dtype=torch.long),  # (B * (1 + n),)
+        "known_positive_keys": torch.tensor([keys + keys[:1] * (width - len(keys)) for keys in positive_keys],
+                                            dtype=torch.long),  # (B, P)
         "in_batch_negatives": in_batch_negatives,
         "dataset": dataset,
         "num_hard_negatives": num_hard_negatives,

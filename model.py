@@ -719,8 +719,15 @@ class NVEmbed(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "NVEmbed":
-        """Load what `save` wrote (train.py's output)."""
+                        device: str | torch.device = "cpu",
+                        trainable_dtype: torch.dtype | None = None) -> "NVEmbed":
+        """Load what `save` wrote (train.py's output).
+
+        dtype: of the decoder (default: the dtype it was saved in). trainable_dtype: of the
+        LoRA adapters and the pooling, the weights training updates (default: dtype).
+        train.py's stage 2 asks for fp32, so that stage 1's fp32 adapters and pooling,
+        saved beside a bf16 base, arrive bit for bit instead of rounded to bf16.
+        """
         from safetensors.torch import load_file
 
         from data import TextRule, load_tokenizer
@@ -735,6 +742,7 @@ class NVEmbed(nn.Module):
             raise ValueError(f"{config_file}: not an NV-Embed model saved by this project "
                              "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
         dtype = dtype or getattr(torch, config["dtype"])
+        trainable_dtype = trainable_dtype or dtype
         lora = config["lora"]
         if config["base"] is not None:  # base checkpoint + adapters
             decoder = Mistral.from_pretrained(config["base"], dtype=dtype)
@@ -753,22 +761,25 @@ class NVEmbed(nn.Module):
                 raise ValueError(f"{folder / 'adapters.safetensors'}: adapter names differ from the model's: "
                                  f"missing {sorted(expected - set(adapters))[:5]}, "
                                  f"unexpected {sorted(set(adapters) - expected)[:5]}")
-            decoder.load_state_dict({k: v.to(dtype) for k, v in adapters.items()}, strict=False)
+            # assign: the adapters take trainable_dtype, not the dtype apply_lora gave them.
+            decoder.load_state_dict({k: v.to(trainable_dtype) for k, v in adapters.items()}, strict=False,
+                                    assign=True)
         else:
             with torch.device("meta"):
                 decoder = Mistral(MistralConfig(**config["decoder"]))
             if lora:
                 apply_lora(decoder, **lora)
             tensors = load_file(folder / "decoder.safetensors")
-            load_checked(decoder, ((k, v.to(dtype)) for k, v in tensors.items()), str(folder / "decoder.safetensors"))
+            load_checked(decoder, ((k, v.to(trainable_dtype if "lora_" in k else dtype)) for k, v in tensors.items()),
+                         str(folder / "decoder.safetensors"))
         pooling = POOLINGS[config["pooling"]](decoder.config.hidden_size, **config["pooling_kwargs"])
         pooling_state = load_file(folder / "pooling.safetensors")
-        pooling.load_state_dict({k: v.to(dtype) for k, v in pooling_state.items()}, strict=True)
+        pooling.load_state_dict({k: v.to(trainable_dtype) for k, v in pooling_state.items()}, strict=True)
         tokenizer = load_tokenizer(str(folder / config["tokenizer"]))
         # Saves from before the rule was recorded hold only the template; the rest was the project's rule.
         text_rule = TextRule.from_dict(config.get("text_rule") or {"template": config["query_template"]},
                                        source=str(config_file))
-        model = cls(decoder, pooling.to(dtype), tokenizer, config["pooling"], config["pooling_kwargs"],
+        model = cls(decoder, pooling.to(trainable_dtype), tokenizer, config["pooling"], config["pooling_kwargs"],
                     causal=config["causal"], max_length=config["max_length"], text_rule=text_rule,
                     normalize=config.get("normalize", True), base=config["base"])
         return model.to(device).eval()

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -110,37 +109,31 @@ def destroy_distributed():
 # The loss (PAPER.md section 4): InfoNCE over cosine similarities / temperature.
 
 
-def key_ids(keys: list[str]) -> torch.Tensor:
-    """Stable int64 ids of document keys (ids or text hashes), equal on every rank.
-
-    Python's hash() of a str is salted per process, so it cannot be compared across
-    ranks; 8 bytes of blake2b can (a collision among n keys has probability ~n^2 / 2^65).
-    """
-    return torch.tensor(
-        [int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-         for key in keys],
-        dtype=torch.long,
-    )
-
-
-def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys, temperature: float = 0.01,
-                     in_batch_negatives: bool = True, query_keys=None) -> torch.Tensor:
+def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,
+                     temperature: float = 0.01, in_batch_negatives: bool = True,
+                     known_positive_keys: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE of this rank's B queries, averaged over them.
 
     query_emb (B, D); doc_emb (B*G, D) grouped per query as [positive, hard neg 1..n]
-    (G = 1 + n); doc_keys: B*G document keys; query_keys (optional): B query keys (lists
-    of str as `data.collate` makes them, or int64 ids from `key_ids`).
+    (G = 1 + n); doc_keys (B*G,) int64: the documents' keys (`data.text_key`: identical
+    text, identical key); known_positive_keys (B, P) int64, optional: row i holds the key
+    of every document known to be relevant to query i (`data.collate` pads a row by
+    repeating a key); without it, each query's own positive is its only known positive.
 
         loss_i = -log( exp(s(q_i, d_i+) / tau) / sum_{d in candidates_i} exp(s(q_i, d) / tau) )
 
     with s the cosine similarity. The candidates of query i are its own group (positive
     and hard negatives) and, with `in_batch_negatives`, every document of the GLOBAL
-    batch: the other queries' positives and hard negatives on every rank. False
-    negatives are masked out of the candidates: a document whose key equals query i's
-    positive key (a duplicate of the positive elsewhere in the batch), and the positive
-    of another example of the same query (a query with several relevant documents gives
-    one example per positive). Keeping them would push the model to rank a relevant
-    document below itself.
+    batch: the other queries' positives and hard negatives on every rank. Two rules
+    make them a set of distinct negatives plus the positive:
+    - a known positive of query i other than its positive column is not a negative
+      (a false negative: a copy of the positive, the positive of another example of the
+      same query, or a document relevant to query i that is another query's positive);
+    - each distinct document counts once: a copy of a document already among the
+      candidates (a hard negative repeated to fill the n slots, or a document that is a
+      hard negative of several queries) would weigh it twice in the denominator.
+    The known positives are needed only for this rank's queries, so they are not
+    gathered; the document keys, which say what every column is, are.
 
     Cross-rank negatives and the world-size factor: the documents of all ranks are
     gathered with an autograd-aware all_gather (`GatherWithGradient`): its backward
@@ -159,9 +152,10 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys, t
         raise ValueError(f"contrastive_loss: doc_emb has {doc_emb.shape[0]} rows, not a multiple of the "
                          f"{B} queries (expected B*(1+n) documents grouped per query)")
     G = doc_emb.shape[0] // B  # documents per query: 1 positive + n hard negatives
-    keys = _as_key_ids(doc_keys, B * G, "doc keys").to(query_emb.device)  # (B*G,)
-    queries = None if query_keys is None else _as_key_ids(query_keys, B, "query keys").to(query_emb.device)
-    positive_keys = keys[::G]  # (B,)
+    keys = _checked_keys(doc_keys, (B * G,), "doc_keys").to(query_emb.device)  # (B*G,)
+    if known_positive_keys is None:
+        known_positive_keys = keys[::G, None]  # (B, 1): each query's own positive
+    known = _checked_keys(known_positive_keys, (B, None), "known_positive_keys").to(query_emb.device)  # (B, P)
 
     # fp32 logits: with tau = 0.01, bf16 similarities (3 significant digits) would be
     # rounded by more than the gaps the loss has to learn.
@@ -175,25 +169,25 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys, t
             # Every rank must hold the same B (the sampler gives equal slices).
             doc_emb = GatherWithGradient.apply(doc_emb)  # (W*B*G, D), gradients flow back to the owners
             keys = _all_gather_ids(keys)  # (W*B*G,)
-            if queries is not None:
-                all_queries = _all_gather_ids(queries)  # (W*B,)
             offset = rank() * B * G
-        elif queries is not None:
-            all_queries = queries
-        scores = query_emb @ doc_emb.T / temperature  # (B, W*B*G)
+        scores = query_emb @ doc_emb.T / temperature  # (B, C), C = W*B*G: every query sees every document
         # tevatron's trick: query i's positive is the first document of its group.
         target = offset + torch.arange(B, device=scores.device) * G  # (B,)
-        false_negative = keys[None, :] == positive_keys[:, None]  # (B, W*B*G)
-        if queries is not None:
-            # Columns 0, G, 2G, ... are the positives of the global batch's examples.
-            false_negative[:, ::G] |= queries[:, None] == all_queries[None, :]  # (B, W*B)
+        candidate_keys = keys[None, :]  # (1, C), the same columns for every query
     else:
-        scores = torch.einsum("bd,bgd->bg", query_emb, doc_emb.view(B, G, D)) / temperature  # (B, G)
+        scores = torch.einsum("bd,bgd->bg", query_emb, doc_emb.view(B, G, D)) / temperature  # (B, C), C = G
         target = torch.zeros(B, dtype=torch.long, device=scores.device)  # the positive is column 0
-        false_negative = keys.view(B, G) == positive_keys[:, None]  # (B, G)
+        candidate_keys = keys.view(B, G)  # (B, C): query i sees its own group
 
+    # Rule 1, false negatives: columns holding a known positive of the query.
+    known_positive = (candidate_keys[:, :, None] == known[:, None, :]).any(-1)  # (B, C)
+    # Rule 2, one copy per document: columns whose document an earlier column already holds.
+    same_document = candidate_keys[:, :, None] == candidate_keys[:, None, :]  # (1 or B, C, C)
+    repeated = same_document.tril(-1).any(-1)  # (1 or B, C)
+    # The positive column always stays, though rule 1 names it and an earlier column may
+    # hold the same document (another query's positive); every other copy of it goes.
     is_target = F.one_hot(target, scores.shape[1]).bool()  # (B, C)
-    scores = scores.masked_fill(false_negative & ~is_target, float("-inf"))
+    scores = scores.masked_fill((known_positive | repeated) & ~is_target, float("-inf"))
     return F.cross_entropy(scores, target)
 
 
@@ -219,11 +213,15 @@ class GatherWithGradient(torch.autograd.Function):
         return grad.chunk(world_size())[rank()]  # (N, D): this rank's rows
 
 
-def _as_key_ids(keys, count: int, what: str) -> torch.Tensor:
-    ids = keys if isinstance(keys, torch.Tensor) else key_ids(list(keys))
-    if ids.shape != (count,):
-        raise ValueError(f"contrastive_loss: {tuple(ids.shape)} {what} for {count} rows")
-    return ids
+def _checked_keys(keys, shape: tuple, what: str) -> torch.Tensor:
+    """`keys` if it is an int64 tensor of `shape` (None: any size, at least 1), else a ValueError."""
+    fits = (isinstance(keys, torch.Tensor) and keys.dtype == torch.long and keys.dim() == len(shape)
+            and all(n == want if want is not None else n >= 1 for n, want in zip(keys.shape, shape)))
+    if not fits:
+        found = f"{keys.dtype} {tuple(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
+        wanted = str(tuple("P" if n is None else n for n in shape)).replace("'", "")  # e.g. (8,) or (2, P)
+        raise ValueError(f"contrastive_loss: {what} must be an int64 tensor {wanted} (data.text_key), got {found}")
+    return keys
 
 
 def _all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
@@ -248,7 +246,12 @@ def build_model(config: dict):
     from model import NVEmbed, apply_lora, mark_only_lora_trainable
 
     if config["init_from"]:
-        model = NVEmbed.from_pretrained(model_folder(config["init_from"]), dtype=_dtype(config["model_dtype"]))
+        # What trains is loaded in fp32, exactly as stage 1 saved it (a trip through bf16
+        # would round it): the adapters and the pooling, or the whole model without LoRA.
+        # Only a frozen base takes --model-dtype.
+        frozen_dtype = _dtype(config["model_dtype"]) if config["lora_rank"] > 0 else torch.float32
+        model = NVEmbed.from_pretrained(model_folder(config["init_from"]), dtype=frozen_dtype,
+                                        trainable_dtype=torch.float32)
     else:
         model = NVEmbed.from_base(config["model"], pooling=config["pooling"], causal=config["causal"],
                                   max_length=config["max_length"], dtype=_dtype(config["model_dtype"]),
@@ -368,7 +371,8 @@ def builtin_sources(stage: int, hard_negatives: int, in_batch_negatives: bool, s
     non-retrieval task made from the training documents, example-based classification by
     kind of place (river, town, ...; PAPER.md section 4, v2 pairs: the positive is another
     place of the same kind, the negatives places of other kinds). Test documents are left
-    out, so nothing about the evaluation queries is trained on.
+    out, so nothing about the evaluation queries is trained on. In-batch negatives, when
+    asked for, go to the retrieval source only (data.TrainDataset decides).
     """
     import re
 
@@ -393,7 +397,8 @@ def builtin_sources(stage: int, hard_negatives: int, in_batch_negatives: bool, s
 def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:
     """One TrainDataset per training file (data.py's schema; a file holds one task type).
 
-    Stage 1 takes retrieval files only (PAPER.md section 4); stage 2 takes any.
+    Stage 1 takes retrieval files only (PAPER.md section 4); stage 2 takes any. In-batch
+    negatives, when asked for, go to the retrieval files only (data.TrainDataset decides).
     """
     import data
 
@@ -404,10 +409,7 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
         if stage == 1 and kinds != ["retrieval"]:
             raise ValueError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
                              f"this file has task types {kinds}; use it in --stage 2")
-        # Only retrieval data may use in-batch negatives: in classification, clustering or
-        # STS data another item of the batch may share the query's class (PAPER.md section 4).
-        sources.append(data.TrainDataset(Path(path).stem, examples,
-                                         in_batch_negatives=in_batch_negatives and kinds == ["retrieval"],
+        sources.append(data.TrainDataset(Path(path).stem, examples, in_batch_negatives=in_batch_negatives,
                                          num_hard_negatives=hard_negatives))
     return sources
 
@@ -434,7 +436,7 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float, 
         doc_emb = model(documents)  # (B*(1+n), D)
     loss = contrastive_loss(query_emb, doc_emb, batch["doc_keys"], temperature,
                             in_batch_negatives=batch["in_batch_negatives"],
-                            query_keys=batch.get("query_keys"))
+                            known_positive_keys=batch["known_positive_keys"])
     (loss * loss_scale).backward()
     return loss.detach(), int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
 
@@ -935,8 +937,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
     g.add_argument("--hard-negatives", type=int, default=None, help="hard negatives per query (paper 7)")
     g.add_argument("--in-batch-negatives", action=argparse.BooleanOptionalAction, default=None,
-                   help="use the other documents of the global batch as negatives (default: on in stage 1, "
-                        "off in stage 2)")
+                   help="use the other documents of the global batch as negatives, for retrieval data only "
+                        "(default: on in stage 1, off in stage 2)")
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature tau (0.01)")
     g.add_argument("--max-length", type=int, default=None, help="max tokens per text (paper 512)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (paper 2e-5 / 1.5e-5)")

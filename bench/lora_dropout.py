@@ -67,7 +67,7 @@ def main():
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = contrastive_loss(model(queries), model(documents), doc_keys=[str(i) for i in range(32)],
+            loss = contrastive_loss(model(queries), model(documents), doc_keys=torch.arange(32),
                                     temperature=0.01, in_batch_negatives=True)
         loss.backward()
         optimizer.step()

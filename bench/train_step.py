@@ -91,8 +91,9 @@ def step(model, optimizer, queries, documents, is_cuda):
     start = time.perf_counter()
 
     def forward():
-        return contrastive_loss(model(queries), model(documents), doc_keys=[str(i) for i in range(len(
-            documents["input_ids"]))], temperature=0.01, in_batch_negatives=True)
+        doc_keys = torch.arange(len(documents["input_ids"]))  # every document distinct
+        return contrastive_loss(model(queries), model(documents), doc_keys=doc_keys, temperature=0.01,
+                                in_batch_negatives=True)
 
     loss, saved = saved_bytes(forward)
     loss.backward()

@@ -4,6 +4,7 @@ pairs, batching and the sampler, the built-in dataset. Run: python -m pytest -x 
 import hashlib
 import json
 import re
+import struct
 import sys
 from collections import Counter
 from pathlib import Path
@@ -425,8 +426,9 @@ def test_sts_pairs():
 # ---------------------------------------------------------------------------------------------------- batching
 
 
-def sha1(text):
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+def blake2b_int64(text):
+    """8 bytes of blake2b read as a little-endian signed int64 (struct's "<q")."""
+    return struct.unpack("<q", hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest())[0]
 
 
 def test_collate_groups_keys_and_masks():
@@ -435,8 +437,9 @@ def test_collate_groups_keys_and_masks():
     batch = collate(examples, ByteTokenizer(), max_length=64, num_hard_negatives=3,
                     rule=TextRule(template="I:{instruction}|"), dataset="toy", in_batch_negatives=False)
     documents = ["p1", "n11", "n12", "n13", "p2", "n21", "n22", "n21"]
-    assert batch["doc_keys"] == [sha1(d) for d in documents]
-    assert batch["query_keys"] == [sha1("Find\nq1"), sha1("Find\nq2")]
+    assert batch["doc_keys"].dtype == torch.int64
+    assert batch["doc_keys"].tolist() == [blake2b_int64(d) for d in documents]
+    assert batch["known_positive_keys"].tolist() == [[blake2b_int64("p1")], [blake2b_int64("p2")]]
     assert batch["repeated_negatives"] == 1 and batch["num_hard_negatives"] == 3
     assert batch["in_batch_negatives"] is False and batch["dataset"] == "toy"
     docs, queries = batch["documents"], batch["queries"]
@@ -452,6 +455,36 @@ def test_collate_sts_documents_get_instruction():
     batch = collate([example], ByteTokenizer(), num_hard_negatives=1, rule=TextRule(template="I:{instruction}|"))
     assert batch["documents"]["input_ids"][0].tolist() == [257] + list(b"I:Same?|a c") + [258]
     assert batch["documents"]["pool_mask"].sum(1).tolist() == [4, 2]
+
+
+def test_train_dataset_carries_every_known_positive_of_a_query():
+    # q1 has three relevant documents (one example each, the same query text twice with p1); q2 has one.
+    examples = [Example("q1", "Find", "p1", ["n"], "retrieval"), Example("q2", "Find", "p2", ["n"], "retrieval"),
+                Example("q1", "Find", "p3", ["n"], "retrieval"), Example("q1", "Find", "p1", ["m"], "retrieval"),
+                Example("q1", "Other", "p4", ["n"], "retrieval"),  # another instruction: another query
+                Example("q1", "Find", "p5", ["n"], "retrieval")]
+    batch = TrainDataset("toy", examples, num_hard_negatives=1).collate([0, 1, 4], ByteTokenizer())
+    key = blake2b_int64
+    assert batch["known_positive_keys"].tolist() == [[key("p1"), key("p3"), key("p5")],
+                                                     [key("p2"), key("p2"), key("p2")],  # padded with its own key
+                                                     [key("p4"), key("p4"), key("p4")]]
+    # From a BEIR train split: q1 judges d0 and d1 relevant, each example knows both.
+    corpus, queries, qrels = small_beir()
+    beir = TrainDataset("beir", beir_training_examples(corpus, queries, qrels, {"q1": ["d5"], "q2": ["d3"]}, "Find"),
+                        num_hard_negatives=1)
+    known = beir.collate([0, 1, 2], ByteTokenizer())["known_positive_keys"].tolist()
+    positives = [data.doc_text(corpus[d]) for d in ("d0", "d1", "d2")]
+    assert [set(row) for row in known] == [{key(positives[0]), key(positives[1])}] * 2 + [{key(positives[2])}]
+
+
+def test_train_dataset_gives_in_batch_negatives_to_retrieval_data_only():
+    pairs = classification_pairs(LABELED, "Classify", num_negatives=2)
+    assert not TrainDataset("toy", pairs, in_batch_negatives=True).in_batch_negatives
+    assert not TrainDataset("toy", pairs, in_batch_negatives=True).collate([0], ByteTokenizer())["in_batch_negatives"]
+    assert not TrainDataset("s", [Example("x", "i", "y", ["z"], "sts")], in_batch_negatives=True).in_batch_negatives
+    assert TrainDataset("r", [Example("x", "i", "y", ["z"], "retrieval")], in_batch_negatives=True).in_batch_negatives
+    assert not TrainDataset("r", [Example("x", "i", "y", ["z"], "retrieval")], in_batch_negatives=False) \
+        .in_batch_negatives
 
 
 def test_train_dataset_negative_policy():

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import data  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -20,22 +21,18 @@ torch.set_num_threads(1)
 # ---------------------------------------------------------------- the loss
 
 
-def naive_infonce(queries, docs, keys, group_size, temperature, in_batch_negatives, query_keys=None):
-    """The loss of PAPER.md section 4, one query at a time, in plain Python floats.
+def naive_infonce(queries, docs, keys, group_size, temperature, in_batch_negatives, known_positives=None):
+    """The loss of PAPER.md section 4, one query at a time, in plain Python.
 
     queries: B lists of floats; docs: B*G lists of floats grouped per query [pos, negs];
-    keys: B*G strings; query_keys: B strings or None. Candidates of query i: its group, or
-    every document when in-batch negatives are on, minus any other document with the key
-    of query i's positive and minus the positive of another example of the same query.
+    keys: B*G document keys (identical key = identical document); known_positives: B sets
+    of the keys known relevant to each query (default: its own positive). Query i's
+    candidates are built by hand: its positive, then each document of its pool (its group,
+    or the whole batch with in-batch negatives) that is not a known positive of query i
+    and not a copy of a document already taken.
     """
-    def is_false_negative(i, j):
-        positive = i * group_size
-        if j == positive:
-            return False
-        same_document = keys[j] == keys[positive]
-        same_query_positive = (query_keys is not None and j % group_size == 0
-                               and query_keys[j // group_size] == query_keys[i])
-        return same_document or same_query_positive
+    if known_positives is None:
+        known_positives = [{keys[i * group_size]} for i in range(len(queries))]
 
     def cosine(a, b):
         dot = sum(x * y for x, y in zip(a, b))
@@ -45,10 +42,16 @@ def naive_infonce(queries, docs, keys, group_size, temperature, in_batch_negativ
     for i, query in enumerate(queries):
         positive = i * group_size
         pool = range(len(docs)) if in_batch_negatives else range(positive, positive + group_size)
-        logits = [cosine(query, docs[j]) / temperature for j in pool if not is_false_negative(i, j)]
+        candidates, taken = [positive], {keys[positive]}
+        for j in pool:
+            if keys[j] in known_positives[i] or keys[j] in taken:
+                continue
+            candidates.append(j)
+            taken.add(keys[j])
+        logits = [cosine(query, docs[j]) / temperature for j in candidates]
         top = max(logits)
         log_denominator = top + math.log(sum(math.exp(logit - top) for logit in logits))
-        total += log_denominator - cosine(query, docs[positive]) / temperature
+        total += log_denominator - logits[0]
     return total / len(queries)
 
 
@@ -58,8 +61,22 @@ def random_batch(B, G, D, seed):
     docs = torch.randn(B * G, D, generator=generator, dtype=torch.float64)
     # Nudge each positive towards its query so the loss is in a realistic range.
     docs[::G] += 0.5 * queries
-    keys = [f"doc{j}" for j in range(B * G)]
+    keys = list(range(100, 100 + B * G))  # every document distinct
     return queries, docs, keys
+
+
+def copy_document(docs, keys, to, source):
+    """Row `to` becomes the document of row `source`: same key, same embedding."""
+    docs[to], keys[to] = docs[source], keys[source]
+
+
+def loss(queries, docs, keys, temperature, in_batch_negatives, known_positives=None):
+    """train.contrastive_loss with the keys as tensors, known_positives as B sets (padded rows)."""
+    known = None
+    if known_positives is not None:
+        width = max(map(len, known_positives))
+        known = torch.tensor([sorted(s) + [min(s)] * (width - len(s)) for s in known_positives])  # (B, P)
+    return train.contrastive_loss(queries, docs, torch.tensor(keys), temperature, in_batch_negatives, known).item()
 
 
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
@@ -67,57 +84,141 @@ def random_batch(B, G, D, seed):
 def test_loss_matches_naive_loop(in_batch_negatives, temperature):
     B, G, D = 4, 3, 8
     queries, docs, keys = random_batch(B, G, D, seed=1)
-    got = train.contrastive_loss(queries, docs, keys, temperature, in_batch_negatives)
+    got = loss(queries, docs, keys, temperature, in_batch_negatives)
     want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, temperature, in_batch_negatives)
-    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
 def test_loss_masks_duplicates_of_the_positive(in_batch_negatives):
     B, G, D = 3, 3, 8
     queries, docs, keys = random_batch(B, G, D, seed=2)
-    # Query 2 has the same positive as query 0 (same key, same text, same embedding),
-    # and one of query 1's hard negatives is that document too; query 1 also has a
-    # hard negative that duplicates its own positive.
-    docs[2 * G] = docs[0]
-    keys[2 * G] = keys[0]
-    docs[G + 2] = docs[0]
-    keys[G + 2] = keys[0]
-    keys[G + 1] = keys[G]
-    got = train.contrastive_loss(queries, docs, keys, 0.05, in_batch_negatives)
+    # Query 2 has the same positive as query 0, and one of query 1's hard negatives is
+    # that document too; query 1 also has a hard negative that duplicates its own positive.
+    copy_document(docs, keys, 2 * G, 0)
+    copy_document(docs, keys, G + 2, 0)
+    copy_document(docs, keys, G + 1, G)
+    got = loss(queries, docs, keys, 0.05, in_batch_negatives)
     want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives)
-    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     # Without the mask the value would differ: the test would notice a missing mask.
-    unmasked = naive_infonce(queries.tolist(), docs.tolist(), [f"u{j}" for j in range(B * G)], G, 0.05,
-                             in_batch_negatives)
+    unmasked = naive_infonce(queries.tolist(), docs.tolist(), list(range(B * G)), G, 0.05, in_batch_negatives)
     assert abs(unmasked - want) > 1e-3
 
 
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
-def test_loss_masks_other_positives_of_the_same_query(in_batch_negatives):
-    # A query with two relevant documents gives two examples (data.beir_training_examples);
-    # each example's positive must not be the other's negative.
-    B, G, D = 4, 2, 8
+def test_loss_counts_each_document_once(in_batch_negatives):
+    B, G, D = 3, 4, 8
+    queries, docs, keys = random_batch(B, G, D, seed=5)
+    copy_document(docs, keys, 3, 1)  # query 0's negatives repeated cyclically: [n1, n2, n1]
+    copy_document(docs, keys, G + 3, G + 1)  # query 1's too: [m1, m2, m1] ...
+    copy_document(docs, keys, 2 * G + 2, G + 1)  # ... and m1 is also a hard negative of query 2
+    copy_document(docs, keys, 2 * G + 3, 2)  # and so is query 0's n2
+    got = loss(queries, docs, keys, 0.05, in_batch_negatives)
+    want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    every_copy = naive_infonce(queries.tolist(), docs.tolist(), list(range(B * G)), G, 0.05, in_batch_negatives)
+    assert abs(every_copy - want) > 1e-3  # counting copies would give another loss
+
+
+@pytest.mark.parametrize("in_batch_negatives", [False, True])
+def test_loss_masks_every_known_positive(in_batch_negatives):
+    B, G, D = 4, 3, 8
     queries, docs, keys = random_batch(B, G, D, seed=4)
+    # Query 3 is another example of query 1 (a query with two relevant documents); query 1's
+    # positive is relevant to query 0 as well, whose (query 0, that document) example is not
+    # in the batch; and query 2 has a relevant document among its own hard negatives.
     queries[3] = queries[1]
-    query_keys = ["qa", "qb", "qc", "qb"]
-    got = train.contrastive_loss(queries, docs, keys, 0.05, in_batch_negatives, query_keys=query_keys)
-    want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives, query_keys)
-    assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
-    if in_batch_negatives:
-        unmasked = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, True, None)
-        assert abs(unmasked - want) > 1e-3
+    known = [{keys[0], keys[G]}, {keys[G], keys[3 * G]}, {keys[2 * G], keys[2 * G + 1], 999},
+             {keys[3 * G], keys[G]}]
+    got = loss(queries, docs, keys, 0.05, in_batch_negatives, known)
+    want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives, known)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    own_positive_only = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives)
+    assert abs(own_positive_only - want) > 1e-3
 
 
-def test_loss_accepts_key_ids_and_checks_shapes():
+def test_loss_checks_keys_and_shapes():
     queries, docs, keys = random_batch(2, 2, 4, seed=3)
-    by_text = train.contrastive_loss(queries, docs, keys)
-    by_id = train.contrastive_loss(queries, docs, train.key_ids(keys))
-    assert by_text.item() == by_id.item()
     with pytest.raises(ValueError, match="not a multiple"):
-        train.contrastive_loss(queries, docs[:3], keys[:3])
-    with pytest.raises(ValueError, match="doc keys"):
-        train.contrastive_loss(queries, docs, keys[:3])
+        train.contrastive_loss(queries, docs[:3], torch.tensor(keys[:3]))
+    with pytest.raises(ValueError, match=r"doc_keys must be an int64 tensor \(4,\)"):
+        train.contrastive_loss(queries, docs, torch.tensor(keys[:3]))
+    with pytest.raises(ValueError, match="doc_keys must be an int64 tensor"):
+        train.contrastive_loss(queries, docs, [str(k) for k in keys])
+    with pytest.raises(ValueError, match=r"known_positive_keys must be an int64 tensor \(2, P\)"):
+        train.contrastive_loss(queries, docs, torch.tensor(keys), known_positive_keys=torch.tensor(keys))
+
+
+# Through the data pipeline: data.TrainDataset -> collate -> train.forward_backward, with a
+# model whose embedding is a fixed function of the text, against a naive loop that builds
+# every query's candidates from the example texts.
+
+class BagOfBytes(torch.nn.Module):
+    """An embedder for the loss tests: the sum of a random vector per byte of the pooled text."""
+
+    def __init__(self, D=16, seed=0):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(259, D, generator=torch.Generator().manual_seed(seed),
+                                                    dtype=torch.float64))
+
+    def forward(self, batch):
+        return (self.table[batch["input_ids"]] * batch["pool_mask"][..., None]).sum(1)  # (B, D)
+
+
+def known_positive_examples():
+    """8 examples, 4 per rank on 2 ranks, with what the masking rules are for.
+
+    - query a has two relevant documents: doc alpha (its example is in the batch, on rank 0)
+      and doc beta (its example is not; doc beta is query f's positive, on rank 1);
+    - query b too, both examples in the batch (rank 0 and rank 1), and its second example has
+      the first one's positive among its hard negatives;
+    - doc alpha, query a's positive, is also a hard negative of query d;
+    - query b's single negative is repeated to fill the 2 slots, query g's list repeats one;
+    - doc kilo is a hard negative of queries a and c (rank 0), doc lima of a and e (both ranks).
+    """
+    def example(query, positive, negatives):
+        return data.Example(query, "Find", positive, negatives, "retrieval")
+
+    return [example("query a", "doc alpha", ["doc kilo", "doc lima"]),
+            example("query b", "doc bravo", ["doc mike"]),
+            example("query c", "doc charlie", ["doc kilo", "doc november"]),
+            example("query d", "doc delta", ["doc oscar", "doc alpha"]),
+            example("query e", "doc echo", ["doc lima", "doc papa"]),
+            example("query f", "doc beta", ["doc quebec", "doc romeo"]),
+            example("query g", "doc golf", ["doc sierra", "doc sierra"]),
+            example("query b", "doc hotel", ["doc tango", "doc bravo"])]
+
+
+def known_positive_dataset(in_batch_negatives):
+    """The examples above plus (query a, doc beta), which no batch of the tests takes."""
+    examples = known_positive_examples() + [data.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
+    return data.TrainDataset("known-positives", examples, in_batch_negatives=in_batch_negatives,
+                             num_hard_negatives=2)
+
+
+def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperature, in_batch_negatives):
+    """The loss of a batch of examples, every query's candidates built from the texts by hand."""
+    def embed(text, instruction=""):
+        return model(data.tokenize(data.ByteTokenizer(), [text], instruction))[0].tolist()
+
+    groups = [[e.positive] + [e.negatives[k % len(e.negatives)] for k in range(num_hard_negatives)]
+              for e in examples]
+    texts = [text for group in groups for text in group]
+    known = [{other.positive for other in all_examples if (other.instruction, other.query) == (e.instruction, e.query)}
+             for e in examples]
+    with torch.no_grad():
+        return naive_infonce([embed(e.query, e.instruction) for e in examples], [embed(t) for t in texts], texts,
+                             1 + num_hard_negatives, temperature, in_batch_negatives, known)
+
+
+@pytest.mark.parametrize("in_batch_negatives", [False, True])
+def test_batch_loss_masks_known_positives_and_counts_documents_once(in_batch_negatives):
+    dataset, model = known_positive_dataset(in_batch_negatives), BagOfBytes()
+    batch = dataset.collate(range(8), data.ByteTokenizer(), max_length=64)
+    got, _ = train.forward_backward(model, batch, 0.05, 1.0, torch.device("cpu"))
+    want = naive_batch_loss(model, known_positive_examples(), dataset.examples, 2, 0.05, in_batch_negatives)
+    assert got.item() == pytest.approx(want, rel=1e-9)
 
 
 # ---------------------------------------------------------------- 2 ranks (FSDP2, gloo) vs 1 rank
@@ -173,6 +274,17 @@ def two_rank_worker(rank, port, out_dir):
         results[(kind, in_batch, checkpointing)] = (loss.item() / 2, gradients(model))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "gradients.pt"))
+
+    # The loss alone, through the data pipeline: cross-rank known positives and copies.
+    losses = {}
+    for in_batch in (False, True):
+        batch = known_positive_dataset(in_batch).collate(data.rank_slice(range(8), rank, 2), data.ByteTokenizer(),
+                                                         max_length=64)
+        loss, _ = train.forward_backward(BagOfBytes(), batch, TEMPERATURE, 1.0, device)
+        torch.distributed.all_reduce(loss)
+        losses[in_batch] = loss.item() / 2
+    if rank == 0:
+        torch.save(losses, os.path.join(out_dir, "known_positive_losses.pt"))
 
     # Sharded checkpoints: uninterrupted vs stopped after step 3 and resumed (train() keeps
     # the process group that is already up).
@@ -239,6 +351,16 @@ def test_two_ranks_give_the_gradients_of_one(two_ranks):
             assert all("lora_" in name or name.startswith("pooling.") for name in one)
         for name, grad in one.items():
             torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{kind} {in_batch} {name}")
+
+
+def test_batch_loss_on_two_ranks_matches_the_naive_loop(two_ranks):
+    """Each rank's loss over its 4 queries against the 8 of both ranks, averaged over the ranks."""
+    two = torch.load(two_ranks / "known_positive_losses.pt")
+    for in_batch_negatives in (False, True):
+        dataset = known_positive_dataset(in_batch_negatives)
+        want = naive_batch_loss(BagOfBytes(), known_positive_examples(), dataset.examples, 2, TEMPERATURE,
+                                in_batch_negatives)
+        assert two[in_batch_negatives] == pytest.approx(want, rel=1e-9)
 
 
 def test_two_ranks_fed_by_rank_0_train_as_one_process(two_ranks, tmp_path):
@@ -363,6 +485,56 @@ def test_paper_recipe_with_a_real_model(tmp_path):
     assert stage2["lr"] == 1.5e-5 and not stage2["in_batch_negatives"]
     with pytest.raises(FileNotFoundError, match="no-such"):
         train.resolve_config(train.build_parser().parse_args(["--model", str(tmp_path / "no-such")]))
+
+
+# ---------------------------------------------------------------- stage 2's model and data
+
+
+def stage_1_like_save(folder, base="tiny"):
+    """What stage 1 with LoRA and --model-dtype bf16 saves: a bf16 base, fp32 adapters and
+    pooling holding trained values (not representable in bf16)."""
+    from model import NVEmbed, apply_lora
+
+    model = NVEmbed.from_base(base, pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8),
+                              dtype=torch.bfloat16)
+    apply_lora(model.decoder, rank=4, alpha=8.0, dropout=0.0)
+    generator = torch.Generator().manual_seed(7)
+    for name, param in model.named_parameters():
+        if "lora_" in name or name.startswith("pooling."):
+            param.data = 0.1 * torch.randn(param.shape, generator=generator, dtype=torch.float32)
+    model.save(folder)
+    return {name: param.detach().clone() for name, param in model.named_parameters()
+            if "lora_" in name or name.startswith("pooling.")}
+
+
+@pytest.mark.parametrize("base", ["preset", "checkpoint"])
+def test_stage_2_starts_from_stage_1s_trainable_weights_bit_for_bit(tmp_path, base):
+    """A preset base saves the whole decoder; a checkpoint base saves the adapters only."""
+    if base == "checkpoint":
+        transformers = pytest.importorskip("transformers")
+        from model import MistralConfig
+
+        config = MistralConfig.preset("tiny")
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **{k: v for k, v in config.__dict__.items() if k != "sliding_window"})).save_pretrained(tmp_path / "base")
+        data.ByteTokenizer().save_pretrained(str(tmp_path / "base"))
+    saved = stage_1_like_save(tmp_path / "stage1", "tiny" if base == "preset" else str(tmp_path / "base"))
+    model = train.build_model(dict(init_from=str(tmp_path / "stage1"), model=None, max_length=96, model_dtype="bf16",
+                                   seed=0, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0))
+    loaded = dict(model.named_parameters())
+    for name, weight in saved.items():
+        assert loaded[name].dtype == torch.float32 and loaded[name].requires_grad, name
+        assert torch.equal(loaded[name].detach(), weight), name
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # the base in --model-dtype
+
+
+def test_builtin_stage_2_gives_in_batch_negatives_to_retrieval_only():
+    retrieval, classification = train.builtin_sources(stage=2, hard_negatives=2, in_batch_negatives=True)
+    assert retrieval.task_type == "retrieval" and retrieval.in_batch_negatives
+    assert classification.task_type == "classification" and not classification.in_batch_negatives
+    assert classification.collate([0, 1], data.ByteTokenizer(), max_length=None)["in_batch_negatives"] is False
+    assert "in-batch negatives off (retrieval data only)" in classification.summary()
 
 
 # ---------------------------------------------------------------- the default command, end to end
