@@ -182,13 +182,26 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: t
     # Rule 1, false negatives: columns holding a known positive of the query.
     known_positive = (candidate_keys[:, :, None] == known[:, None, :]).any(-1)  # (B, C)
     # Rule 2, one copy per document: columns whose document an earlier column already holds.
-    same_document = candidate_keys[:, :, None] == candidate_keys[:, None, :]  # (1 or B, C, C)
-    repeated = same_document.tril(-1).any(-1)  # (1 or B, C)
+    repeated = _repeated_columns(candidate_keys)  # (1 or B, C)
     # The positive column always stays, though rule 1 names it and an earlier column may
     # hold the same document (another query's positive); every other copy of it goes.
     is_target = F.one_hot(target, scores.shape[1]).bool()  # (B, C)
     scores = scores.masked_fill((known_positive | repeated) & ~is_target, float("-inf"))
     return F.cross_entropy(scores, target)
+
+
+def _repeated_columns(keys: torch.Tensor) -> torch.Tensor:
+    """keys (R, C) -> (R, C) bool, True where an earlier column of the same row holds the same key.
+
+    A stable sort puts equal keys side by side in column order, so every member of a run of
+    equal keys but the first is a repeat. O(C log C) time and O(C) memory per row, where
+    comparing every column with every other would take (C, C): a gigabyte at C = 32k.
+    """
+    order = keys.argsort(dim=1, stable=True)  # (R, C)
+    sorted_keys = keys.gather(1, order)  # (R, C)
+    repeat_in_order = torch.zeros_like(sorted_keys, dtype=torch.bool)  # (R, C)
+    repeat_in_order[:, 1:] = sorted_keys[:, 1:] == sorted_keys[:, :-1]
+    return torch.zeros_like(repeat_in_order).scatter(1, order, repeat_in_order)  # back to column order
 
 
 class GatherWithGradient(torch.autograd.Function):
