@@ -452,8 +452,11 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = LoRADropout(dropout)
 
     def forward(self, x):
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + self.scaling * update
+        base = F.linear(x, self.weight, self.bias)
+        # Training keeps the adapters in fp32 over a bf16 base: the update is computed in the
+        # adapters' dtype and added in the base's (under autocast or FSDP's bf16 both are bf16).
+        update = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return base + (self.scaling * update).to(base.dtype)
 
 
 def apply_lora(module: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1,
@@ -552,7 +555,9 @@ class NVEmbed(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """batch: `data.tokenize`'s dict. Returns (B, D) unit vectors (fp32)."""
         hidden = self.decoder(batch["input_ids"], batch["attention_mask"], causal=self.causal)  # (B, T, D)
-        pooled = self.pooling(hidden, batch["pool_mask"])  # (B, D)
+        # A trained pooling is fp32 over a bf16 decoder (train.py): it reads the hidden states in its own dtype.
+        pooling_dtype = next((p.dtype for p in self.pooling.parameters()), hidden.dtype)
+        pooled = self.pooling(hidden.to(pooling_dtype), batch["pool_mask"])  # (B, D)
         # In fp32 as the released code does: a bf16 norm leaves vectors of length 1 +- 4e-3.
         return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled.float()
 

@@ -172,3 +172,17 @@ def test_released_names_refuse_missing_or_misshapen(tmp_path):
     released_folder(tmp_path, misshape="embedding_model.layers.1.mlp.up_proj.weight")
     with pytest.raises(ValueError, match=r"wrongly shaped tensors.*layers.1.mlp.up_proj.weight"):
         NVEmbed.from_released(tmp_path)
+
+
+def test_bf16_base_with_fp32_adapters_and_pooling_encodes():
+    """What train.py builds for LoRA in bf16 (trainable weights fp32 over a bf16 base) encodes outside autocast,
+    as train.py's evaluation before training does, and agrees with an all-fp32 copy."""
+    model = tiny("latent", dtype=torch.bfloat16)
+    apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
+    for name, param in model.named_parameters():
+        if "lora_" in name or name.startswith("pooling."):
+            param.data = param.data.float()
+            torch.nn.init.normal_(param, std=0.05)
+    mixed = model.encode(TEXTS)
+    full = model.float().encode(TEXTS)
+    torch.testing.assert_close(mixed, full, atol=3e-2, rtol=0)
