@@ -29,7 +29,8 @@ positive and the negatives are tokenized with the same instruction and template 
 every other task type tokenizes documents bare.
 
 Policies (each one explicit, none silent):
-- Bad input raises `DataError` naming file and line (or row / field). With `skip_bad=True` the offending record is
+- Bad input raises `DataError` (a missing file `MissingFileError`) naming file and line (or row / field); the
+  commands print it as one line and exit with status 2 (`UserError`). With `skip_bad=True` the offending record is
   skipped instead, counted in a `SkipReport` by reason, and the counts are printed (and merged into the `report`
   argument when one is given).
 - Hard negatives: every query gets exactly `num_hard_negatives` (paper: 7). Longer lists are cut to their first
@@ -53,9 +54,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
+import os
 import random
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +73,41 @@ TASK_TYPES = ("retrieval", "classification", "clustering", "sts")
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
-class DataError(ValueError):
+class UserError(Exception):
+    """A mistake in what a user gave a command (a file, a flag, a checkpoint), not in the code.
+
+    Its message names the culprit: the file and line, the field, or the flag. A command stops on one as argparse
+    stops on a bad flag: `<command>: error: <message>` on stderr, exit status 2, no traceback (`exits_on_user_error`;
+    train.py's main does the same, on rank 0). Any other exception is a bug and keeps its traceback. The subclasses
+    say what is at fault; model.py adds `CheckpointError`."""
+
+
+class DataError(UserError, ValueError):
     """Bad input; the message names the file and line (or the row / field) at fault."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder that the user named, or that must be in one, does not exist."""
+
+
+class UsageError(UserError, ValueError):
+    """A flag's value that cannot work, alone or with the others (the message names the flags)."""
+
+
+def exits_on_user_error(main):
+    """Wraps a command's main(): a UserError ends it as argparse's `parser.error` does, with the one line
+    `<command>: error: <message>` on stderr and exit status 2. Other exceptions pass through untouched."""
+
+    @functools.wraps(main)
+    def main_ending_user_errors(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            # argparse's name for the command (parser.prog), so both kinds of error read alike.
+            print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return main_ending_user_errors
 
 
 @dataclass
@@ -180,7 +217,7 @@ def load_tokenizer(path: str | Path):
             raise DataError(f"{path / BYTE_TOKENIZER_FILE}: not a ByteTokenizer file: {config}")
         return ByteTokenizer()
     if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
-        raise FileNotFoundError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf file)")
+        raise MissingFileError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf file)")
     from transformers import AutoTokenizer  # slow import, only when needed
 
     if path.is_file():
@@ -355,7 +392,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
 def _jsonl_records(path: Path, problems: _Problems):
     """Yields (line_number, dict) for each non-blank line; a malformed line is a problem naming file and line."""
     if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
+        raise MissingFileError(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -406,6 +443,9 @@ def load_beir(folder: str | Path, split: str, skip_bad: bool = False, report: Sk
     tab-separated fields or with a non-integer grade, a duplicate judgement, a qrels id absent from the corpus or
     the queries. skip_bad=True skips such records instead and reports the counts."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"{folder}: no such folder (want a BEIR folder: corpus.jsonl, queries.jsonl, "
+                               "qrels/SPLIT.tsv)")
     problems = _Problems(f"{folder} ({split})", skip_bad, report)
 
     corpus, seen_at = {}, {}
@@ -444,7 +484,9 @@ def load_beir(folder: str | Path, split: str, skip_bad: bool = False, report: Sk
     qrels: dict[str, dict[str, int]] = {}
     path = folder / "qrels" / f"{split}.tsv"
     if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
+        splits = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        raise MissingFileError(f"{path}: no such file: the folder has no split {split!r} "
+                               f"(its splits: {', '.join(splits) or 'none'})")
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
@@ -508,6 +550,7 @@ class Example:
     query_id: str | None = None
     positive_id: str | None = None
     negative_ids: list[str] | None = None
+    location: str | None = field(default=None, compare=False)  # "file:line" it was read from, for errors
 
     @property
     def document_instruction(self) -> str:
@@ -515,7 +558,7 @@ class Example:
         return self.instruction if self.task_type == "sts" else ""
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "location"}
 
 
 def _example_from_row(row: Mapping[str, Any], where: str, problems: _Problems) -> Example | None:
@@ -551,7 +594,7 @@ def _example_from_row(row: Mapping[str, Any], where: str, problems: _Problems) -
                        f"got {negative_ids!r}")
         negative_ids = [str(i) for i in negative_ids]
     return Example(row["query"], row["instruction"], row["positive"], list(negatives), row["task_type"],
-                   ids["query_id"], ids["positive_id"], negative_ids)
+                   ids["query_id"], ids["positive_id"], negative_ids, location=where)
 
 
 def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipReport | None = None,
@@ -568,7 +611,7 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
         rows = ((f"{local}:{number}", record) for number, record in _jsonl_records(local, problems))
     else:
         if local.suffix in builders and not local.is_file():
-            raise FileNotFoundError(f"missing file: {local}")
+            raise MissingFileError(f"{local}: no such file")
         if local.exists() and local.suffix not in builders:
             raise DataError(f"{local}: unknown training-file format {local.suffix!r} "
                             f"(want .jsonl, {', '.join(builders)})")
@@ -577,7 +620,10 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
         if local.exists():
             table = datasets.load_dataset(builders[local.suffix], data_files=str(local), split=split)
         else:  # a dataset name on the hub, where one is reachable
-            table = datasets.load_dataset(str(path), split=split)
+            try:
+                table = datasets.load_dataset(str(path), split=split)
+            except FileNotFoundError as error:  # datasets' DatasetNotFoundError is one too
+                raise MissingFileError(f"{path}: no such file, nor a dataset of that name ({error})") from error
         rows = ((f"{path} row {i + 1}", record) for i, record in enumerate(table))
     examples = [e for where, record in rows if (e := _example_from_row(record, where, problems)) is not None]
     problems.finish()
@@ -824,7 +870,8 @@ def hard_negatives(example: Example, num_hard_negatives: int) -> tuple[list[str]
     Returns (negatives, number of repeated slots). An example with no negative is refused."""
     have = example.negatives
     if not have and num_hard_negatives > 0:
-        raise DataError(f"example (query_id={example.query_id!r}, query={example.query[:60]!r}) has no hard "
+        where = f"{example.location}: " if example.location else ""
+        raise DataError(f"{where}example (query_id={example.query_id!r}, query={example.query[:60]!r}) has no hard "
                         f"negative; {num_hard_negatives} are required")
     chosen = [have[k % len(have)] for k in range(num_hard_negatives)]
     return chosen, max(0, num_hard_negatives - len(have))
@@ -1146,6 +1193,7 @@ def builtin_dataset(seed: int = 0, num_test: int = 100, queries_per_train_docume
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="NV-Embed data: write the built-in dataset or check data files.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1176,6 +1224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{args.path}: {len(examples)} examples, task types {dict(Counter(e.task_type for e in examples))}, "
               f"hard negatives per example min {min(len(e.negatives) for e in examples)} "
               f"max {max(len(e.negatives) for e in examples)}")
+        without = [e for e in examples if not e.negatives]
+        if without:  # allowed by the schema, refused by training unless it asks for no hard negative
+            print(f"{len(without)} example{' has' if len(without) == 1 else 's have'} no hard negative "
+                  f"(first: {without[0].location}); training refuses them unless --hard-negatives is 0")
 
 
 if __name__ == "__main__":

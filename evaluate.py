@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
+
 # ----------------------------------------------------------------------------
 # Exact search
 
@@ -438,8 +440,8 @@ def build_parser():
     return parser
 
 
+@data.exits_on_user_error
 def main(argv=None):
-    import data
     from model import PRESETS, NVEmbed
 
     parser = build_parser()

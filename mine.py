@@ -119,6 +119,7 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
     return negatives, stats
 
 
+@data.exits_on_user_error
 def main(argv=None):
     from model import NVEmbed
 

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -38,6 +39,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from data import MissingFileError, UsageError, UserError
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read, or holds a model this file does not implement; the message names its file."""
+
 
 # ----------------------------------------------------------------------------
 # Config
@@ -82,18 +90,18 @@ class MistralConfig:
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = hf.get("architectures")
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: unsupported architecture model_type={model_type!r} "
                 f"(architectures={archs}); supported: {sorted(SUPPORTED_MODEL_TYPES)}"
             )
         rope_scaling = hf.get("rope_scaling") or {}
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"{source}: rope_scaling type {rope_type!r} is not supported")
+            raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError(f"{source}: attention_bias / mlp_bias are not supported")
+            raise CheckpointError(f"{source}: attention_bias / mlp_bias are not supported")
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+            raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in known}
         # HF's rope_theta moved into rope_parameters in recent versions.
@@ -311,13 +319,24 @@ class Mistral(nn.Module):
         else:
             config_file = path / "config.json"
             if not config_file.is_file():
-                raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint directory or a .gguf file)")
-            config = MistralConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+                raise MissingFileError(f"{path}: no config.json (expected an HF checkpoint directory or a .gguf file)")
+            config = MistralConfig.from_hf(_read_json(config_file), source=str(config_file))
             state = _read_checkpoint_tensors(path, dtype)
         with torch.device("meta"):
             model = cls(config)
         load_checked(model, state, source=str(path))
         return model.to(device)
+
+
+def _read_json(file: Path) -> dict:
+    """A checkpoint's JSON file (config, index) as a dict; a malformed one is named with its line."""
+    try:
+        content = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file}:{error.lineno}: malformed JSON ({error.msg})") from error
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(content).__name__}")
+    return content
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -328,7 +347,7 @@ def _checkpoint_files(folder: Path) -> list[Path]:
             return [folder / name for name in sorted(set(weight_map.values()))]
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+        raise MissingFileError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
     return files
 
 
@@ -346,16 +365,23 @@ def _read_checkpoint_tensors(folder: Path, dtype: torch.dtype):
 
 def _read_checkpoint_tensors_raw(folder: Path, dtype: torch.dtype):
     """Yield every (name, tensor cast to dtype) of a checkpoint directory, one at a time."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for file in _checkpoint_files(folder):
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
+            try:  # the header is checked against the file's size here: a truncated file fails at once
+                opened = safe_open(str(file), framework="pt")
+            except SafetensorError as error:  # its message does not name the file
+                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
+            with opened as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name).to(dtype)
         else:
             # mmap + weights_only: no unpickling of arbitrary objects, no full read.
-            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a truncated or foreign file
+                raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({error})") from error
             for name in list(shard):
                 yield name, shard.pop(name).to(dtype)
 
@@ -363,7 +389,10 @@ def _read_checkpoint_tensors_raw(folder: Path, dtype: torch.dtype):
 def _read_gguf(file: Path, dtype: torch.dtype):
     """Dequantise a .gguf through transformers; returns (config, tensors)."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such .gguf file")
+        raise MissingFileError(f"{file}: no such .gguf file")
+    with open(file, "rb") as f:
+        if f.read(4) != b"GGUF":  # what transformers would refuse, with a traceback
+            raise CheckpointError(f"{file}: not a GGUF file (it does not start with the bytes 'GGUF')")
     from transformers import AutoModelForCausalLM
 
     # transformers dequantises to float32; we cast tensor by tensor.
@@ -372,6 +401,19 @@ def _read_gguf(file: Path, dtype: torch.dtype):
     state = ((k.removeprefix("model."), v.to(dtype)) for k, v in hf.state_dict().items()
              if k not in UNUSED_CHECKPOINT_KEYS)
     return config, state
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, naming the file when it is missing or unreadable (truncated, say)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise MissingFileError(f"{file}: no such file")
+    try:
+        return load_file(file)
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
 
 
 def load_checked(model: nn.Module, tensors, source: str):
@@ -399,7 +441,7 @@ def load_checked(model: nn.Module, tensors, source: str):
     if misshapen:
         problems.append(f"wrongly shaped tensors: {misshapen}")
     if problems:
-        raise ValueError(f"{source}: checkpoint does not match the model config; " + "; ".join(problems))
+        raise CheckpointError(f"{source}: checkpoint does not match the model config; " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
 
 
@@ -733,39 +775,38 @@ class NVEmbed(nn.Module):
         train.py's stage 2 asks for fp32, so that stage 1's fp32 adapters and pooling,
         saved beside a bf16 base, arrive bit for bit instead of rounded to bf16.
         """
-        from safetensors.torch import load_file
-
         from data import TextRule, load_tokenizer
         from pooling import POOLINGS
 
         folder = Path(folder)
         config_file = folder / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{folder}: no config.json (not a saved NV-Embed model)")
-        config = json.loads(config_file.read_text())
+            raise MissingFileError(f"{folder}: no config.json (not a saved NV-Embed model)")
+        config = _read_json(config_file)
         if config.get("format") != "nv-embed":
-            raise ValueError(f"{config_file}: not an NV-Embed model saved by this project "
-                             "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
+            raise CheckpointError(f"{config_file}: not an NV-Embed model saved by this project "
+                                  "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
         dtype = dtype or getattr(torch, config["dtype"])
         trainable_dtype = trainable_dtype or dtype
         lora = config["lora"]
         if config["base"] is not None:  # base checkpoint + adapters
             decoder = Mistral.from_pretrained(config["base"], dtype=dtype)
             if asdict(decoder.config) != config["decoder"]:
-                raise ValueError(f"{config_file}: base checkpoint {config['base']} has another config than the "
-                                 "one these adapters were trained on")
+                raise CheckpointError(f"{config_file}: base checkpoint {config['base']} has another config "
+                                      "than the one these adapters were trained on")
             expected = config.get("base_fingerprint")  # absent in saves from before it existed
             found = weights_fingerprint(decoder.state_dict())
             if expected and found != expected:
-                raise ValueError(f"{config_file}: base checkpoint {config['base']} holds other weights than the "
-                                 f"ones these adapters were trained on (fingerprint {found}, expected {expected})")
+                raise CheckpointError(f"{config_file}: base checkpoint {config['base']} holds other weights "
+                                      f"than the ones these adapters were trained on (fingerprint {found}, "
+                                      f"expected {expected})")
             apply_lora(decoder, **lora)
-            adapters = load_file(folder / "adapters.safetensors")
+            adapters = _load_safetensors(folder / "adapters.safetensors")
             expected = set(lora_state_dict(decoder))
             if set(adapters) != expected:
-                raise ValueError(f"{folder / 'adapters.safetensors'}: adapter names differ from the model's: "
-                                 f"missing {sorted(expected - set(adapters))[:5]}, "
-                                 f"unexpected {sorted(set(adapters) - expected)[:5]}")
+                raise CheckpointError(f"{folder / 'adapters.safetensors'}: adapter names differ from the model's: "
+                                      f"missing {sorted(expected - set(adapters))[:5]}, "
+                                      f"unexpected {sorted(set(adapters) - expected)[:5]}")
             # assign: the adapters take trainable_dtype, not the dtype apply_lora gave them.
             decoder.load_state_dict({k: v.to(trainable_dtype) for k, v in adapters.items()}, strict=False,
                                     assign=True)
@@ -774,11 +815,11 @@ class NVEmbed(nn.Module):
                 decoder = Mistral(MistralConfig(**config["decoder"]))
             if lora:
                 apply_lora(decoder, **lora)
-            tensors = load_file(folder / "decoder.safetensors")
+            tensors = _load_safetensors(folder / "decoder.safetensors")
             load_checked(decoder, ((k, v.to(trainable_dtype if "lora_" in k else dtype)) for k, v in tensors.items()),
                          str(folder / "decoder.safetensors"))
         pooling = POOLINGS[config["pooling"]](decoder.config.hidden_size, **config["pooling_kwargs"])
-        pooling_state = load_file(folder / "pooling.safetensors")
+        pooling_state = _load_safetensors(folder / "pooling.safetensors")
         pooling.load_state_dict({k: v.to(trainable_dtype) for k, v in pooling_state.items()}, strict=True)
         tokenizer = load_tokenizer(str(folder / config["tokenizer"]))
         # Saves from before the rule was recorded hold only the template; the rest was the project's rule.
@@ -806,12 +847,12 @@ class NVEmbed(nn.Module):
         .gguf) with a fresh `pooling` (default mean, which has no weights) for zero-shot use."""
         if cls.is_saved(spec):
             if pooling is not None or causal is not None:
-                raise ValueError(f"{spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
+                raise UsageError(f"{spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
                                  "trained with")
             return cls.from_pretrained(spec, dtype=dtype, device=device)
         if spec not in PRESETS and not Path(spec).exists():
-            raise FileNotFoundError(f"{spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
-                                    f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
+            raise MissingFileError(f"{spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
+                                   f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
         model = cls.from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length,
                               dtype=dtype or torch.float32)
         return model.to(device).eval()

@@ -54,6 +54,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data import DataError, MissingFileError, UsageError, UserError
+
 # ----------------------------------------------------------------------------
 # Distributed helpers: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them the
 # run is a plain single process and no process group exists at all.
@@ -296,16 +298,18 @@ def build_model_on_rank0(config: dict):
     from model import NVEmbed
 
     model, error = None, None
-    message = [None, None, None]  # architecture, tokenizer, rank 0's error
+    message = [None, None, None, False]  # architecture, tokenizer, rank 0's error, whether it is the user's
     if rank() == 0:
         try:
             model = build_model(config)
             message[:2] = model.architecture(), model.tokenizer
         except Exception as e:
-            error, message[2] = e, f"{type(e).__name__}: {e}"
+            error, message[2], message[3] = e, f"{type(e).__name__}: {e}", isinstance(e, UserError)
     dist.broadcast_object_list(message, src=0)
     if error is not None:
         raise error
+    if message[3]:  # a mistake in the user's input, which rank 0 reports (`main`)
+        raise UserError(f"rank 0 could not build the model: {message[2]}")
     if message[2] is not None:
         raise RuntimeError(f"rank 0 could not build the model: {message[2]}")
     return model if model is not None else NVEmbed.skeleton(*message[:2]).train()
@@ -367,8 +371,8 @@ def model_folder(path: str | os.PathLike) -> Path:
         return path / "model"
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == "nv-embed":
         return path
-    raise FileNotFoundError(f"{path}: neither a run folder with model/ nor a saved NV-Embed model "
-                            "(run stage 1 first, or pass --init-from a stage-1 output)")
+    raise MissingFileError(f"{path}: neither a run folder with model/ nor a saved NV-Embed model "
+                           "(run stage 1 first, or pass --init-from a stage-1 output)")
 
 
 # ----------------------------------------------------------------------------
@@ -420,8 +424,8 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
         examples = data.read_training_file(path)
         kinds = sorted({e.task_type for e in examples})
         if stage == 1 and kinds != ["retrieval"]:
-            raise ValueError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
-                             f"this file has task types {kinds}; use it in --stage 2")
+            raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
+                            f"this file has task types {kinds}; use it in --stage 2")
         sources.append(data.TrainDataset(Path(path).stem, examples, in_batch_negatives=in_batch_negatives,
                                          num_hard_negatives=hard_negatives))
     return sources
@@ -671,13 +675,15 @@ def logged_ndcg(out: Path, when: str) -> float | None:
 def prepare_run_folder(config: dict):
     """Create --out; refuse to mix a fresh run into an old one unless --overwrite."""
     out = Path(config["out"])
-    if rank() == 0 and not config["resume"]:
+    if not config["resume"]:
+        # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]
         if old and not config["overwrite"]:
-            raise FileExistsError(f"{out} already holds a run ({', '.join(p.name for p in old)}); pass --resume "
-                                  "to continue it, --overwrite to replace it, or another --out")
-        for path in old:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); pass --resume "
+                             "to continue it, --overwrite to replace it, or another --out")
+        if rank() == 0:
+            for path in old:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier()
@@ -694,7 +700,7 @@ def check_resume_config(folder: Path, config: dict):
                     if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
     if differ:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
-        raise ValueError(f"--resume: {folder} was written with another configuration ({details})")
+        raise UsageError(f"--resume: {folder} was written with another configuration ({details})")
 
 
 def train(config: dict) -> dict:
@@ -711,7 +717,7 @@ def train(config: dict) -> dict:
     if config["resume"]:
         resume_from = latest_checkpoint(out)
         if resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
+            raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
         check_resume_config(resume_from, config)
 
     if resume_from is not None and rank() == 0:
@@ -741,10 +747,12 @@ def train(config: dict) -> dict:
                                   config["seed"])
     for source in sources:
         print0(source.summary())
+        if len(source) < config["batch_size"]:
+            raise UsageError(f"--batch-size {config['batch_size']}: {source.name} has only {len(source)} examples")
     sampler = data.BatchSampler(sources, config["batch_size"], seed=config["seed"])
     micro_batches = config["grad_accum"]
     if config["batch_size"] % (micro_batches * world_size()):
-        raise ValueError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
+        raise UsageError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
                          f"{micro_batches} x {world_size()} ranks")
     micro_size = config["batch_size"] // micro_batches
 
@@ -1006,17 +1014,17 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["init_from"] = DEFAULT_STAGE1_OUT
     if config["init_from"] is not None:
         if config["model"] is not None:
-            raise ValueError("pass either --model (start from a base decoder) or --init-from (a saved model)")
+            raise UsageError("pass either --model (start from a base decoder) or --init-from (a saved model)")
         saved = json.loads((model_folder(config["init_from"]) / "config.json").read_text())
         recipe = "tiny" if saved["decoder"] == dataclasses.asdict(MistralConfig.preset("tiny")) else "paper"
         saved_lora = (saved["lora"] or {}).get("rank", 0)
         for key, value in (("pooling", saved["pooling"]), ("causal", saved["causal"])):
             if config[key] is not None and config[key] != value:
-                raise ValueError(f"--{key}={config[key]!r} differs from the model in {config['init_from']} "
+                raise UsageError(f"--{key}={config[key]!r} differs from the model in {config['init_from']} "
                                  f"({key} {value!r})")
             config[key] = value
         if saved_lora and config["lora_rank"] not in (None, saved_lora):
-            raise ValueError(f"--lora-rank {config['lora_rank']}: {config['init_from']} carries rank-{saved_lora} "
+            raise UsageError(f"--lora-rank {config['lora_rank']}: {config['init_from']} carries rank-{saved_lora} "
                              "adapters, which training continues")
         config["lora_rank"] = saved_lora or config["lora_rank"] or 0
         config["pooling_kwargs"] = saved["pooling_kwargs"]
@@ -1024,8 +1032,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["model"] = config["model"] or "tiny"
         recipe = "tiny" if config["model"] == "tiny" else "paper"
         if config["model"] not in PRESETS and not Path(config["model"]).exists():
-            raise FileNotFoundError(f"--model {config['model']}: no such checkpoint folder, .gguf file or preset "
-                                    f"({sorted(PRESETS)})")
+            raise MissingFileError(f"--model {config['model']}: no such checkpoint folder, .gguf file or preset "
+                                   f"({sorted(PRESETS)})")
         config["pooling"] = config["pooling"] or "latent"
         config["causal"] = bool(config["causal"])
     defaults = RECIPES[recipe]
@@ -1044,9 +1052,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
             latent["head_dim"] = head_dim
         config["pooling_kwargs"] = latent if config["pooling"] == "latent" else {}
     if config["pooling"] != "latent" and (config["num_latents"] or config["latent_head_dim"]):
-        raise ValueError(f"--num-latents / --latent-head-dim apply to latent pooling, not {config['pooling']!r}")
+        raise UsageError(f"--num-latents / --latent-head-dim apply to latent pooling, not {config['pooling']!r}")
     if config["init_from"] is not None and (config["num_latents"] or config["latent_head_dim"]):
-        raise ValueError("--num-latents / --latent-head-dim: the pooling of --init-from is kept as it was saved")
+        raise UsageError("--num-latents / --latent-head-dim: the pooling of --init-from is kept as it was saved")
     del config["num_latents"], config["latent_head_dim"]
     if config["in_batch_negatives"] is None:
         config["in_batch_negatives"] = stage == 1  # PAPER.md section 4
@@ -1055,7 +1063,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if config["model_dtype"] is None:
         config["model_dtype"] = "bf16" if config["dtype"] == "bf16" and config["lora_rank"] > 0 else "fp32"
     if config["model_dtype"] == "bf16" and config["dtype"] != "bf16":
-        raise ValueError("--model-dtype bf16 needs --dtype bf16 (a bf16 base cannot compute in fp32)")
+        raise UsageError("--model-dtype bf16 needs --dtype bf16 (a bf16 base cannot compute in fp32)")
     config["out"] = config["out"] or f"runs/stage{stage}"
     if config["progress"] is None:
         config["progress"] = sys.stderr.isatty()
@@ -1063,18 +1071,26 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["overwrite"] = recipe == "tiny"
     for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
         if config[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    if config["hard_negatives"] < 0 or config["temperature"] <= 0:
-        raise ValueError("--hard-negatives must be >= 0 and --temperature > 0")
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["hard_negatives"] < 0:
+        raise UsageError(f"--hard-negatives must be >= 0, got {config['hard_negatives']}")
+    if config["temperature"] <= 0:
+        raise UsageError(f"--temperature must be > 0, got {config['temperature']}")
     if config["hard_negatives"] == 0 and not config["in_batch_negatives"]:
-        raise ValueError("--hard-negatives 0 without in-batch negatives leaves no negative: the loss would be 0")
+        raise UsageError("--hard-negatives 0 without in-batch negatives leaves no negative: the loss would be 0")
     return config
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = resolve_config(build_parser().parse_args(argv))
+    parser = build_parser()
     try:
-        return train(config)
+        return train(resolve_config(parser.parse_args(argv)))
+    except UserError as error:
+        # A mistake in the input ends the run as argparse's parser.error does: one line, exit status 2. Under
+        # torchrun every rank stops here on the same mistake (each found it, or rank 0 sent it), and rank 0 says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except NonFiniteLossError as error:
         print(f"[rank {rank()}] {error}", file=sys.stderr, flush=True)
         raise SystemExit(1)

@@ -209,6 +209,7 @@ def markdown(rows, setting_name, setting, seconds, hardware):
     return "\n".join(lines) + "\n"
 
 
+@data.exits_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the CPU setting (about 45 minutes on 2 cores)")

@@ -447,10 +447,13 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, single_process):
     assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
 
 
-def test_resume_refuses_another_configuration(tmp_path, single_process):
+def test_resume_refuses_another_configuration(tmp_path, single_process, capsys):
     train.main(SMALL_JOB + ["--steps", "4", "--stop-after", "2", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(SystemExit) as refused:
         train.main(SMALL_JOB + ["--steps", "4", "--lr", "1e-3", "--out", str(tmp_path), "--resume"])
+    assert refused.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert ": error: --resume: " in last_line and "lr: checkpoint 0.01, now 0.001" in last_line
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, single_process, monkeypatch, capsys):

@@ -1,0 +1,300 @@
+"""A user's mistake ends every command the way argparse ends a bad flag: one last line on
+stderr, `<command>: error: <culprit>: <what is wrong>`, and exit status 2, never a
+traceback (a traceback is kept for bugs in the code).
+
+Each case builds one broken input in tmp_path (from the built-in dataset and the tiny
+preset, so that all of them fail within a second or two), runs the command's main(argv)
+in-process as `python <command> ...` would, and checks the exit status, the last line of
+stderr and that it names the culprit: the file and line, or the flag. A model that cannot
+be read must stop a command before any training or encoding starts.
+
+Run: python -m pytest -q tests/test_errors.py
+"""
+
+import contextlib
+import functools
+import io
+import json
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import mine  # noqa: E402
+import train  # noqa: E402
+from model import Mistral, MistralConfig  # noqa: E402
+
+torch.set_num_threads(1)
+
+COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": data.main}
+
+
+@functools.lru_cache(maxsize=1)
+def builtin():
+    return data.builtin_dataset()
+
+
+# ---------------------------------------------------------------- broken inputs
+
+
+def training_file(tmp_path, second_line=None):
+    """Three built-in training examples in train.jsonl, line 2 replaced by `second_line` (a dict or raw text)."""
+    lines = [json.dumps(example.to_json()) for example in builtin().train_examples[:3]]
+    if second_line is not None:
+        lines[1] = second_line if isinstance(second_line, str) else json.dumps(second_line)
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def training_row(**changes):
+    """The second built-in example as a training-file row, with `changes` (a value None removes the field)."""
+    row = {**builtin().train_examples[1].to_json(), **changes}
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def beir_folder(tmp_path):
+    """The built-in dataset as a BEIR folder (train and test qrels)."""
+    folder = tmp_path / "beir"
+    data.write_beir(folder, builtin().corpus, builtin().queries, builtin().qrels)
+    return folder
+
+
+def append_line(path, line):
+    """Append `line` to a file; returns its line number."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def hf_checkpoint(tmp_path, model_type="mistral", truncate=False):
+    """An HF checkpoint folder of the tiny preset: config.json and model.safetensors (cut in half if `truncate`)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    config = MistralConfig.preset("tiny")
+    hf = dict(model_type=model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+              intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+              num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads)
+    (folder / "config.json").write_text(json.dumps(hf))
+    weights = folder / "model.safetensors"
+    save_file({f"model.{k}": v for k, v in Mistral(config).state_dict().items()}, weights)
+    if truncate:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+# ---------------------------------------------------------------- the cases
+# Each returns (command, argv, culprit): `culprit` (a string, or several) must appear in the last stderr line.
+
+
+def malformed_json_line(tmp_path):
+    path = training_file(tmp_path, '{"query": "which river", "positive": ')
+    return "data.py", ["check-train", str(path)], f"{path}:2: malformed JSON"
+
+
+def missing_field(tmp_path):
+    path = training_file(tmp_path, training_row(positive=None))
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"{path}:2: field 'positive'"
+
+
+def empty_query(tmp_path):
+    path = training_file(tmp_path, training_row(query=""))
+    return "data.py", ["check-train", str(path)], f"{path}:2: field 'query'"
+
+
+def negatives_not_a_list(tmp_path):
+    path = training_file(tmp_path, training_row(negatives="a river in the north"))
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"{path}:2: field 'negatives'"
+
+
+def unknown_task_type(tmp_path):
+    path = training_file(tmp_path, training_row(task_type="ranking"))
+    return "data.py", ["check-train", str(path)], f"{path}:2: task_type 'ranking'"
+
+
+def empty_training_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("")
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"{path}: no training examples"
+
+
+def example_without_negatives(tmp_path):
+    path = training_file(tmp_path, training_row(negatives=[], negative_ids=[]))
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        (f"{path}:2: example (query_id='q000-1'", "has no hard negative")
+
+
+def qrels_unknown_id(tmp_path):
+    folder = beir_folder(tmp_path)
+    line = append_line(folder / "qrels" / "test.tsv", "q-unknown\tdoc000\t1")
+    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "eval")],
+            f"{folder / 'qrels' / 'test.tsv'}:{line}: query id 'q-unknown'")
+
+
+def qrels_non_integer_grade(tmp_path):
+    folder = beir_folder(tmp_path)
+    line = append_line(folder / "qrels" / "train.tsv", "q000-0\tdoc000\thigh")
+    return ("mine.py", ["--data", str(folder), "--out", str(tmp_path / "mined.jsonl")],
+            f"{folder / 'qrels' / 'train.tsv'}:{line}: score 'high'")
+
+
+def duplicate_corpus_id(tmp_path):
+    folder = beir_folder(tmp_path)
+    corpus = folder / "corpus.jsonl"
+    line = append_line(corpus, corpus.read_text().splitlines()[0])
+    return "data.py", ["check-beir", str(folder), "test"], f"{corpus}:{line}: duplicate document id"
+
+
+def missing_split(tmp_path):
+    folder = beir_folder(tmp_path)
+    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--split", "dev", "--out", str(tmp_path)],
+            str(folder / "qrels" / "dev.tsv"))
+
+
+def missing_model_path(tmp_path):
+    return "train.py", ["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "run")], \
+        f"--model {tmp_path / 'no-such-model'}"
+
+
+def missing_model_path_to_evaluate(tmp_path):
+    return "evaluate.py", ["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "eval")], \
+        f"--model {tmp_path / 'no-such-model'}: not found"
+
+
+def missing_model_path_to_mine(tmp_path):
+    return "mine.py", ["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "mined.jsonl")], \
+        str(tmp_path / "no-such-model")
+
+
+def not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"<html>this download failed</html>")
+    return "evaluate.py", ["--model", str(path), "--out", str(tmp_path / "eval")], f"{path}: not a GGUF file"
+
+
+def unsupported_architecture(tmp_path):
+    folder = hf_checkpoint(tmp_path, model_type="gpt2")
+    return "mine.py", ["--model", str(folder), "--out", str(tmp_path / "mined.jsonl")], \
+        f"{folder / 'config.json'}: unsupported architecture model_type='gpt2'"
+
+
+def truncated_safetensors(tmp_path):
+    folder = hf_checkpoint(tmp_path, truncate=True)
+    return "train.py", ["--model", str(folder), "--out", str(tmp_path / "run"), "--device", "cpu"], \
+        str(folder / "model.safetensors")
+
+
+def batch_size_does_not_divide(tmp_path):
+    return "train.py", ["--batch-size", "10", "--grad-accum", "4", "--out", str(tmp_path / "run")], \
+        "--batch-size 10 must be divisible by --grad-accum 4"
+
+
+def negative_temperature(tmp_path):
+    return "train.py", ["--temperature", "-0.05", "--out", str(tmp_path / "run")], "--temperature"
+
+
+def resume_without_checkpoint(tmp_path):
+    return "train.py", ["--resume", "--out", str(tmp_path / "run")], \
+        f"--resume: no checkpoint in {tmp_path / 'run' / 'checkpoints'}"
+
+
+def mining_a_missing_folder(tmp_path):
+    return "mine.py", ["--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "mined.jsonl")], \
+        str(tmp_path / "no-such-folder")
+
+
+CASES = [malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
+         empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
+         duplicate_corpus_id, missing_split, missing_model_path, missing_model_path_to_evaluate,
+         missing_model_path_to_mine, not_a_gguf_file, unsupported_architecture, truncated_safetensors,
+         batch_size_does_not_divide, negative_temperature, resume_without_checkpoint, mining_a_missing_folder]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
+def test_a_users_mistake_is_one_line_and_exit_status_2(case, tmp_path, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # a default output folder (runs/...) would land here
+    command, argv, culprit = case(tmp_path)
+    monkeypatch.setattr(sys, "argv", [command])  # `python <command> ...`: argparse names it from argv[0]
+    with pytest.raises(SystemExit) as exit_:
+        COMMANDS[command](argv)
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2, stderr
+    assert "Traceback" not in stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert re.match(rf"^{re.escape(command)}: error: ", last_line), last_line
+    for part in [culprit] if isinstance(culprit, str) else culprit:
+        assert part in last_line, last_line
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_no_negatives_names_the_example_and_check_train_counts_it(tmp_path, capsys):
+    """The example with no negative is refused by training (naming its line, above); checking the file
+    passes (with --hard-negatives 0 it can train on in-batch negatives) and says how many have none."""
+    path = training_file(tmp_path, training_row(negatives=[], negative_ids=[]))
+    data.main(["check-train", str(path)])
+    assert f"1 example has no hard negative (first: {path}:2)" in capsys.readouterr().out
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only user mistakes are turned into one line: any other exception propagates as it is."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the code")
+
+    monkeypatch.setattr(data, "read_training_file", broken)
+    with pytest.raises(ValueError, match="a bug in the code"):
+        data.main(["check-train", str(training_file(tmp_path))])
+
+
+# ---------------------------------------------------------------- two ranks
+
+
+def two_rank_worker(rank, port, checkpoint, training_data, out_dir):
+    """Rank `rank` of 2 runs train.py on a checkpoint that only rank 0 reads (and finds truncated)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    sys.argv = ["train.py"]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            train.main(["--model", checkpoint, "--data", training_data, "--batch-size", "2", "--device", "cpu",
+                        "--no-progress", "--out", os.path.join(out_dir, "run")])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(code=code, stderr=stderr.getvalue()), f)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_two_ranks_rank_0s_mistake_stops_both_and_is_said_once(tmp_path):
+    checkpoint, training_data = hf_checkpoint(tmp_path, truncate=True), training_file(tmp_path)
+    saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    try:
+        torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(checkpoint), str(training_data),
+                                                           str(tmp_path)), nprocs=2, join=True)
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [2, 2], ranks
+    assert "Traceback" not in ranks[0]["stderr"] + ranks[1]["stderr"]
+    last_line = ranks[0]["stderr"].strip().splitlines()[-1]
+    assert last_line.startswith("train.py: error: ") and str(checkpoint / "model.safetensors") in last_line
+    assert ": error: " not in ranks[1]["stderr"]  # said once, by rank 0
