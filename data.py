@@ -969,10 +969,13 @@ class BatchSampler:
     """Which dataset and which examples make the global batch of step k: a pure function of (seed, k).
 
     Step k picks dataset d with probability weights[d] (default: proportional to dataset size), independently per
-    step. Dataset d's j-th batch (j = how many earlier steps picked d) is slice j % E of the permutation for epoch
-    j // E, where E = len(d) // global_batch_size full batches per epoch and each epoch has its own permutation
-    (the remainder differs from epoch to epoch, so every example is seen). Nothing depends on the world size, so
-    a run resumed at step k on any number of ranks sees the same batches: the sampler's state is just the step."""
+    step. Dataset d's batches, laid end to end, walk through its epochs: its j-th batch (j = how many earlier
+    steps picked d) is positions j*B .. (j+1)*B - 1 of its epoch orders written one after another (B the global
+    batch size), and each epoch's order is a permutation of d. So each epoch holds every example exactly once and
+    nothing is dropped. Where len(d) is not a multiple of B, one batch straddles two epochs; the next epoch's
+    first examples are then taken among those not in the previous epoch's last ones (`_epoch_order`), so no batch
+    holds an example twice. Nothing depends on the world size, so a run resumed at step k on any number of ranks
+    sees the same batches: the sampler's state is just the step."""
 
     block = 1024  # dataset choices are drawn in blocks of steps, so reaching step k costs O(k / block)
 
@@ -994,7 +997,7 @@ class BatchSampler:
         self._choices: list[np.ndarray] = []  # per block of steps: the dataset each step picks
         self._counts: list[np.ndarray] = []  # per block of steps: how many earlier steps picked the same dataset
         self._picked = np.zeros(len(self.sizes), dtype=np.int64)  # picks per dataset in the blocks drawn so far
-        self._permutations: dict[int, tuple[int, np.ndarray]] = {}  # dataset -> (epoch, its permutation)
+        self._orders: dict[int, dict[int, np.ndarray]] = {}  # dataset -> {epoch: its order}, the last two built
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         while len(self._choices) <= b:
@@ -1009,6 +1012,41 @@ class BatchSampler:
             self._counts.append(counts)
         return self._choices[b], self._counts[b]
 
+    def _shuffle(self, d: int, epoch: int, previous: np.ndarray | None) -> np.ndarray:
+        """Epoch `epoch` of dataset d, (size,), given the previous epoch's order (None where this epoch starts
+        a batch). Its first batch holds `offset` examples from the previous epoch's end and B - offset from this
+        epoch's start: those are the first B - offset of a fresh permutation that are not among the `offset`;
+        every other example keeps the permutation's order."""
+        size = self.sizes[d]
+        order = np.random.default_rng([self.seed, 2, d, epoch]).permutation(size)  # (size,)
+        offset = epoch * size % self.batch_size
+        if offset == 0:
+            return order
+        in_tail = np.zeros(size, dtype=bool)
+        in_tail[previous[size - offset:]] = True
+        head = order[~in_tail[order]][:self.batch_size - offset]  # size - offset >= B - offset candidates
+        in_head = np.zeros(size, dtype=bool)
+        in_head[head] = True
+        return np.concatenate([head, order[~in_head[order]]])
+
+    def _epoch_order(self, d: int, epoch: int) -> np.ndarray:
+        """Dataset d's order in this epoch. It depends on the previous epoch's tail, and so on back to the last
+        epoch that began on a batch boundary: epoch * size is a multiple of B every B / gcd(size, B) epochs. So
+        reaching an epoch costs at most that many shuffles; running through, one per epoch (the last two are kept)."""
+        built = self._orders.setdefault(d, {})
+        if epoch not in built:
+            cycle = self.batch_size // int(np.gcd(self.sizes[d], self.batch_size))
+            first = epoch - epoch % cycle  # starts on a batch boundary: needs no previous epoch
+            if epoch > first and epoch - 1 in built:
+                e, order = epoch - 1, built[epoch - 1]  # running through: continue from the previous epoch
+            else:
+                e, order = first - 1, None  # random access (a resumed run): rebuild from the cycle's start
+            while e < epoch:
+                e, previous = e + 1, order
+                order = self._shuffle(d, e, previous)
+            self._orders[d] = {epoch: order} if previous is None else {epoch - 1: previous, epoch: order}
+        return self._orders[d][epoch]
+
     def batch_for_step(self, step: int) -> tuple[int, list[int]]:
         """(dataset index, the global batch's example indices) for this step."""
         if step < 0:
@@ -1016,12 +1054,11 @@ class BatchSampler:
         b, offset = divmod(step, self.block)
         choices, counts = self._block(b)
         d, j = int(choices[offset]), int(counts[offset])  # step is dataset d's j-th batch
-        epoch, within = divmod(j, self.sizes[d] // self.batch_size)
-        if self._permutations.get(d, (None,))[0] != epoch:
-            rng = np.random.default_rng([self.seed, 2, d, epoch])
-            self._permutations[d] = (epoch, rng.permutation(self.sizes[d]))
-        permutation = self._permutations[d][1]
-        return d, permutation[within * self.batch_size:(within + 1) * self.batch_size].tolist()
+        epoch, within = divmod(j * self.batch_size, self.sizes[d])  # where the batch starts in d's epochs
+        batch = self._epoch_order(d, epoch)[within:within + self.batch_size]
+        if len(batch) < self.batch_size:  # it straddles two epochs (B <= size: never more)
+            batch = np.concatenate([batch, self._epoch_order(d, epoch + 1)[:self.batch_size - len(batch)]])
+        return d, batch.tolist()
 
 
 def rank_slice(batch: Sequence[int], rank: int, world_size: int) -> list[int]:

@@ -287,15 +287,19 @@ INSTRUCTIONS = {
 
 
 def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32, max_length=None,
-                   top_k=1000, k_values=DEFAULT_K_VALUES):
+                   top_k=1000, k_values=DEFAULT_K_VALUES, ignore_identical_ids=True):
     """Encode, search and score one BEIR split with an `NVEmbed`; returns (metrics, run).
 
     corpus {doc_id: {"title", "text"}}, queries {query_id: text}, qrels {query_id: {doc_id:
     grade}}: what `data.load_beir` returns. Queries are encoded with `instruction` (the
     query template's task), documents bare as `data.doc_text` (title + " " + text), as
     PAPER.md sections 3 and 6 prescribe. Only the queries judged in qrels are encoded.
-    `max_length` None means the model's own. metrics: `evaluate(qrels, run, k_values)`;
-    run: {query_id: {doc_id: score}} with each query's `top_k` best documents.
+    `max_length` None means the model's own. metrics: `evaluate(qrels, run, k_values,
+    ignore_identical_ids)`; run: {query_id: {doc_id: score}} with each query's `top_k` best
+    documents. With `ignore_identical_ids` (BEIR's default) a document whose id is the
+    query's own is not one of them: as BEIR's exact search does, top_k + 1 are searched and
+    the self-match skipped, so such a query still gets top_k others (ArguAna and Quora have
+    queries that are corpus documents).
     """
     from data import doc_text
 
@@ -319,12 +323,16 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
     corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
     # Score on the model's device; the corpus stays in CPU memory and search moves it chunk by chunk.
     device = model.decoder.embed_tokens.weight.device
-    scores, indices = search(query_emb.to(device), corpus_emb, top_k=top_k)  # (Q, k) each
-    run = {
-        qid: {doc_ids[j]: score for j, score in zip(row_indices, row_scores)}
-        for qid, row_indices, row_scores in zip(query_ids, indices.cpu().tolist(), scores.cpu().tolist())
-    }
-    return evaluate(qrels, run, k_values), run
+    # One more result than kept, in case one of them is the query's own document.
+    scores, indices = search(query_emb.to(device), corpus_emb,
+                             top_k=top_k + 1 if ignore_identical_ids else top_k)  # (Q, k) each
+    run = {}
+    for qid, row_indices, row_scores in zip(query_ids, indices.cpu().tolist(), scores.cpu().tolist()):
+        ranked = [(doc_ids[j], score) for j, score in zip(row_indices, row_scores)]
+        if ignore_identical_ids:
+            ranked = [(did, score) for did, score in ranked if did != qid]
+        run[qid] = dict(ranked[:top_k])
+    return evaluate(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids), run
 
 
 def write_trec(run, path, run_name):

@@ -14,15 +14,20 @@ The rule assumes a teacher whose scores separate relevant from irrelevant docume
 An untrained decoder does not: its mean-pooled embeddings share one dominant direction,
 every cosine similarity lies around 0.8-0.95, and positives rank below hundreds of
 documents, so the rule drops nearly every candidate (we measured this on SciFact with
-SmolLM2-135M). `--model tfidf` is a lexical teacher for such a cold start (TF-IDF
-cosine, as DPR mined BM25 negatives); a trained embedder is the teacher NV-Embed uses.
+SmolLM2-135M). `--model bm25` is a lexical teacher for such a cold start: BM25, the
+teacher DPR mined its hard negatives with, computed by the bm25s package on a sparse
+index (`BM25Teacher`). Indexing peaks at ~35 bytes per corpus word (bench/RESULTS.md:
+0.5 GB for 1M documents of 15 words), so MS MARCO's 8.8M passages need some 10 GB,
+where the dense (N, 32768) TF-IDF matrix this replaced would have needed 1 TB. A
+trained embedder is the teacher NV-Embed uses.
 
 Usage:
     python mine.py --model M --data DIR --split train --out train.jsonl
+    python mine.py --model bm25 --data DIR --split train --out train.jsonl
     python mine.py            # the built-in dataset's train split with a fresh tiny model
 
-M is a saved NV-Embed folder or a base decoder (HF folder, .gguf, preset) with
---pooling / --causal, as in evaluate.py. The output is a training file in data.py's
+M is `bm25`, a saved NV-Embed folder or a base decoder (HF folder, .gguf, preset) with
+--pooling / --causal, as in evaluate.py. Benchmark: python bench/mine_bm25.py. The output is a training file in data.py's
 schema, plus DIR-of-out/NAME.stats.json with the counts of what was dropped.
 """
 
@@ -30,48 +35,110 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import zlib
 from pathlib import Path
 
+import bm25s
+import numpy as np
 import torch
 
 import data
 from evaluate import INSTRUCTIONS, search
 
 
-class TfidfTeacher:
-    """TF-IDF vectors (lowercased words hashed into `dim` buckets), L2-normalised: the
-    `encode` of an embedder, for mining. `fit` learns the IDF on the corpus."""
+class BM25Teacher:
+    """BM25 scores from a sparse index (bm25s), for mining: `index` the corpus, then `rank`.
 
-    def __init__(self, dim: int = 2**15):
-        self.dim = dim
-        self.idf = torch.ones(dim)
+    bm25s's default variant is Lucene's: score(q, d) = sum over the query's words w (a word
+    repeated in the query counts each time, as in a Lucene query with repeated terms) of
+    idf(w) * tf / (tf + k1 * (1 - b + b * |d| / avgdl)), idf(w) = ln(1 + (N - df + 0.5) / (df + 0.5)),
+    with |d| the document's length in words after tokenization. The index stores that term
+    per (word, document) pair that occurs, so its memory is the corpus's word count.
 
-    def _counts(self, texts):
-        rows = torch.zeros(len(texts), self.dim)  # (N, dim) term counts
-        for i, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                rows[i, zlib.crc32(word.encode()) % self.dim] += 1  # crc32: the same bucket in every process
-        return rows
+    Tokenization (bm25s.tokenize, the same for documents and queries):
+    - lowercased, split into runs of two or more word characters (scikit-learn's pattern,
+      bm25s's default): case carries no meaning for matching, and single characters are
+      mostly list markers and initials;
+    - English stopwords removed (bm25s's list: the 33 words of Lucene's English stop set):
+      their idf is near zero, and each is in nearly every document, so scoring one costs a
+      pass over the whole corpus for nothing;
+    - not stemmed: bm25s takes a stemmer but ships none (PyStemmer would be one more
+      dependency). Lucene's English analyzer (which DPR's Pyserini BM25 used) stems with
+      Porter; without it "flood" and "floods" are different words, so a few relevant
+      documents rank lower: a slightly weaker teacher, not a wrong one.
+    """
 
-    def fit(self, texts):
-        document_frequency = (self._counts(texts) > 0).sum(0)  # (dim,)
-        self.idf = torch.log((1 + len(texts)) / (1 + document_frequency)) + 1
+    def __init__(self, k1: float = 1.5, b: float = 0.75):
+        self.k1, self.b = k1, b
+        self.retriever = None
+
+    @staticmethod
+    def tokenize(texts, return_ids=False):
+        """Words of each text (return_ids False), or bm25s's Tokenized (ids per text and the vocabulary)."""
+        return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=None, return_ids=return_ids,
+                              show_progress=False)
+
+    def index(self, doc_texts):
+        self.retriever = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
+        self.retriever.index(self.tokenize(doc_texts, return_ids=True), show_progress=False)
+        self.num_docs = len(doc_texts)
         return self
 
-    def encode(self, texts, instruction="", batch_size=None, max_length=None):
-        vectors = torch.log1p(self._counts(texts)) * self.idf  # sublinear tf x idf, (N, dim)
-        return torch.nn.functional.normalize(vectors, dim=-1)
+    def scores(self, query_words) -> np.ndarray:
+        """BM25 score of every document for one tokenized query, (N,) float32."""
+        word_ids = self.retriever.get_tokens_ids(query_words)  # drops words that no document has
+        if not word_ids:
+            return np.zeros(self.num_docs, dtype=np.float32)
+        return self.retriever.get_scores_from_ids(word_ids)
+
+    def rank(self, query_texts, positive_rows, k):
+        """For each query: its best k documents as [(score, row)], best first (ties: lower row first), and the
+        lowest score of its positives (rows). A document sharing no word with the query (score 0) is no
+        candidate: it would be an arbitrary negative, not a hard one.
+
+        All documents are scored per query (bm25s.BM25.get_scores_from_ids, which its own `retrieve` calls),
+        so the positives' scores come from the same pass, however deep they rank."""
+        candidates, positive_scores = [], []
+        for query_words, rows in zip(self.tokenize(query_texts), positive_rows):
+            scores = self.scores(query_words)  # (N,)
+            candidates.append([(float(scores[j]), int(j)) for j in _best_rows(scores, k)])
+            positive_scores.append(float(scores[rows].min()))
+        return candidates, positive_scores
+
+
+def _best_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the k highest positive scores, best first, equal scores by row: O(N), (<= k,)."""
+    matching = np.flatnonzero(scores > 0)
+    if len(matching) > k:
+        kth_best = np.partition(scores[matching], len(matching) - k)[len(matching) - k]
+        above = matching[scores[matching] > kth_best]
+        tied = matching[scores[matching] == kth_best][:k - len(above)]
+        matching = np.concatenate([above, tied])
+    return matching[np.lexsort((matching, -scores[matching]))]
+
+
+def _dense_rank(model, doc_texts, query_texts, positive_rows, k, instruction, batch_size, max_length):
+    """`BM25Teacher.rank` for an embedder: cosine similarities of L2-normalised embeddings."""
+    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
+    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size,
+                             max_length=max_length)  # (Q, D)
+    scores, indices = search(query_emb, corpus_emb, top_k=k)  # (Q, k) each
+    candidates = [list(zip(row_scores, row_indices))
+                  for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
+    positive_scores = [(corpus_emb[torch.tensor(rows)] @ query_emb[i]).min().item()
+                       for i, rows in enumerate(positive_rows)]
+    return candidates, positive_scores
 
 
 def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margin: float = 0.95,
          batch_size: int = 32, max_length: int | None = None, depth: int = 100):
     """Returns ({query_id: [up to top_k negative doc ids, hardest first]}, stats).
 
-    Candidates are the `depth` best documents (plus room for the positives); the first
-    `top_k` that survive the two rules are kept."""
+    `model` is a `BM25Teacher` or an embedder (`NVEmbed`). Candidates are the `depth` best
+    documents (plus room for the positives); the first `top_k` that survive the two rules
+    are kept. stats counts what the rules dropped."""
     query_ids = [q for q, judged in qrels.items() if any(grade > 0 for grade in judged.values())]
+    if not query_ids:
+        raise ValueError("mine: no qrels query has a positive (a grade > 0)")
     missing = [q for q in query_ids if q not in queries]
     if missing:
         raise ValueError(f"mine: {len(missing)} qrels queries are not in the queries, e.g. {missing[:3]}")
@@ -82,26 +149,27 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
         raise ValueError(f"mine: {len(unknown)} qrels documents are not in the corpus, e.g. {unknown[:3]}")
 
     doc_texts = [data.doc_text(corpus[d]) for d in doc_ids]
-    if hasattr(model, "fit"):  # a lexical teacher learns its IDF on the corpus
-        model.fit(doc_texts)
-    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
-    query_emb = model.encode([queries[q] for q in query_ids], instruction=instruction, batch_size=batch_size,
-                             max_length=max_length)  # (Q, D)
-    max_positives = max(sum(g > 0 for g in qrels[q].values()) for q in query_ids)
+    query_texts = [queries[q] for q in query_ids]
+    positive_rows = [[row_of[d] for d, grade in qrels[q].items() if grade > 0] for q in query_ids]
     # Ask for top_k plus room for the positives, which are removed from the candidates.
-    scores, indices = search(query_emb, corpus_emb, top_k=max(depth, top_k) + max_positives)  # (Q, k) each
+    depth_searched = max(depth, top_k) + max(len(rows) for rows in positive_rows)
+    if isinstance(model, BM25Teacher):
+        model.index(doc_texts)
+        candidates, positive_scores = model.rank(query_texts, positive_rows, depth_searched)
+    else:
+        candidates, positive_scores = _dense_rank(model, doc_texts, query_texts, positive_rows, depth_searched,
+                                                  instruction, batch_size, max_length)
 
     negatives, dropped_as_positive, dropped_by_margin, short, nonpositive = {}, 0, 0, 0, 0
-    for i, query_id in enumerate(query_ids):
+    for query_id, ranked, positive_score in zip(query_ids, candidates, positive_scores):
         positives = {d for d, grade in qrels[query_id].items() if grade > 0}
-        positive_rows = torch.tensor([row_of[d] for d in positives])
-        positive_score = (corpus_emb[positive_rows] @ query_emb[i]).min().item()
         # With a negative positive score, margin x score would lie above it; such a
         # teacher cannot tell relevant documents apart, so those queries are counted.
+        # (BM25 scores 0 a positive that shares no word with its query.)
         nonpositive += positive_score <= 0
         threshold = margin * positive_score
         kept = []
-        for score, j in zip(scores[i].tolist(), indices[i].tolist()):
+        for score, j in ranked:
             if len(kept) == top_k:
                 break
             if doc_ids[j] in positives:
@@ -125,7 +193,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
-                   help="teacher: saved NV-Embed folder, HF folder, .gguf, preset, or 'tfidf' (lexical)")
+                   help="teacher: 'bm25' (lexical), a saved NV-Embed folder, HF folder, .gguf or preset")
     p.add_argument("--pooling", default=None, choices=("mean", "eos", "latent", "self-attention"),
                    help="base models only (default mean)")
     p.add_argument("--causal", action="store_true", default=None, help="base models only: keep the causal mask")
@@ -156,7 +224,9 @@ def main(argv=None):
         instruction = args.instruction
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model == "tfidf":
-        model = TfidfTeacher()
+        p.error("--model tfidf is gone: the lexical teacher is now --model bm25")
+    if args.model == "bm25":
+        model = BM25Teacher()
     else:
         model = NVEmbed.load(args.model, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)

@@ -465,7 +465,7 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float, 
 def _rng_state() -> dict:
     """The RNG states training draws from: torch's (dropout). The data order needs none:
     data.BatchSampler is a pure function of (seed, step), and nothing here uses Python's
-    or numpy's global generators. Tensors only, so the checkpoint holds no pickled objects."""
+    or numpy's global generators. Tensors only, as everything dcp saves (`_training_state`)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -489,17 +489,30 @@ def _state_dict_options(model):
     return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
-def _training_state(model, optimizer, scheduler, step: int, with_rng: bool = True) -> dict:
+def _training_state(model, optimizer, with_rng: bool = True) -> tuple[dict, list]:
+    """(what dcp saves and loads: tensors only, the optimizer's param groups).
+
+    dcp writes any entry that is not a tensor with torch.save, and loads it back with
+    torch.load(weights_only=False), which unpickles arbitrary objects. So the non-tensor
+    state (the step, the schedule, the param groups: lr, betas, eps...) stays out of it and
+    goes to trainer_state.json (`save_checkpoint`)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(model))
-    # `step` is also the sampler's position: data.BatchSampler is a pure function of (seed, step).
-    state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-             "step": step}
+    state = {"model": model_state, "optimizer": optimizer_state["state"]}  # per parameter: exp_avg, step...
     if with_rng:
         # One key per rank: dcp would keep only one copy of a key that every rank writes.
         state[f"rng_rank{rank()}"] = _rng_state()
-    return state
+
+    def check_tensors(value, where):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check_tensors(item, f"{where}.{key}")
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"checkpoint: {where} is a {type(value).__name__}, not a tensor (dcp would pickle it)")
+
+    check_tensors(state, "state")
+    return state, optimizer_state["param_groups"]
 
 
 @contextlib.contextmanager
@@ -531,7 +544,10 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
     Every rank writes its shards into step_N.tmp; only when all have finished (dcp.save
     returns after the coordinator wrote the metadata) does rank 0 rename the folder to
     step_N. A rename is atomic, so a crash mid-save leaves a .tmp folder that nothing
-    mistakes for a checkpoint (it is deleted by the next save).
+    mistakes for a checkpoint (it is deleted by the next save). The dcp files hold tensors
+    only (model, optimizer moments, RNG); step_N/trainer_state.json holds the rest: the
+    step (also the sampler's position: data.BatchSampler is a pure function of (seed,
+    step)), the schedule's state_dict, the optimizer's param groups, the configuration.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -541,11 +557,14 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     _barrier()
+    tensors, param_groups = _training_state(model, optimizer)
     with _single_process_dcp():
-        dcp.save(_training_state(model, optimizer, scheduler, step), checkpoint_id=temporary,
-                 no_dist=not is_distributed())
+        dcp.save(tensors, checkpoint_id=temporary, no_dist=not is_distributed())
     if rank() == 0:
-        trainer_state = {"step": step, "world_size": world_size(), "config": config}
+        # Param groups name their parameters by FQN and are the same on every rank; so is the schedule.
+        # JSON writes floats exactly (shortest repr that reads back the same).
+        trainer_state = {"step": step, "world_size": world_size(), "config": config,
+                         "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
         (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -563,24 +582,37 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
 
     RNG states are per rank; on another world size they are not restored (the run then
     continues correctly, but dropout masks differ from an uninterrupted run's).
+
+    What is unpickled: dcp reads its own step_N/.metadata file with pickle.load (its file
+    format has no other), so a checkpoint folder must be trusted as far as that file goes;
+    the tensors it reads with torch.load(weights_only=True), which unpickles tensors and
+    nothing else; everything else comes from trainer_state.json.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     saved = json.loads((folder / "trainer_state.json").read_text())
+    missing = [key for key in ("scheduler", "optimizer_param_groups") if key not in saved]
+    if missing:
+        raise ValueError(f"{folder / 'trainer_state.json'} has no {' or '.join(missing)}: the checkpoint was "
+                         "written by an older train.py (which pickled them into the dcp files); it cannot be resumed")
     same_world = saved["world_size"] == world_size()
     if not same_world:
         print0(f"resume: {folder} was written by {saved['world_size']} ranks, this run has {world_size()}; "
                "RNG states are not restored (dropout masks will differ from an uninterrupted run)")
-    state = _training_state(model, optimizer, scheduler, 0, with_rng=same_world)
+    state, _ = _training_state(model, optimizer, with_rng=same_world)
     with _single_process_dcp():
         dcp.load(state, checkpoint_id=folder, no_dist=not is_distributed())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+    # JSON has lists where the optimizer had tuples (AdamW's betas): give back the live groups' types.
+    param_groups = [{key: tuple(value) if isinstance(live.get(key), tuple) else value for key, value in group.items()}
+                    for group, live in zip(saved["optimizer_param_groups"], optimizer.param_groups)]
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optimizer"], "param_groups": param_groups},
                    options=_state_dict_options(model))
-    scheduler.load_state_dict(state["scheduler"])
+    scheduler.load_state_dict(saved["scheduler"])
     if same_world:
         _set_rng_state(state[f"rng_rank{rank()}"])
-    return int(state["step"])
+    return int(saved["step"])
 
 
 # ----------------------------------------------------------------------------

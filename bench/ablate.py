@@ -149,7 +149,7 @@ def zero_shot(args, setting, test, instruction, dtype):
 def mine_negatives(args, setting, out, instruction):
     """Hard negatives for SciFact train, TopK-PercPos (mine.py), cached in OUT/train.jsonl.
 
-    The teacher is TF-IDF: the untrained decoder cannot serve (mine.py's docstring: its
+    The teacher is BM25: the untrained decoder cannot serve (mine.py's docstring: its
     positives rank below hundreds of documents and the 0.95 rule then drops nearly every
     candidate), and NV-Embed's own teachers are trained embedders we do not have here."""
     train_file = out / "train.jsonl"
@@ -157,7 +157,7 @@ def mine_negatives(args, setting, out, instruction):
         print(f"reusing mined negatives in {train_file}")
         return train_file
     corpus, queries, qrels = data.load_beir(args.data, "train")
-    negatives, stats = mine.mine(mine.TfidfTeacher(), corpus, queries, qrels, instruction,
+    negatives, stats = mine.mine(mine.BM25Teacher(), corpus, queries, qrels, instruction,
                                  top_k=setting["hard_negatives"])
     examples = data.beir_training_examples(corpus, queries, qrels, negatives, instruction)
     data.write_training_file(train_file, examples)

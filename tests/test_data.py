@@ -514,17 +514,29 @@ def test_sampler_deterministic_and_resumable():
     assert run != [BatchSampler(sizes, 8, seed=4).batch_for_step(k) for k in steps]
     for d, batch in run:  # one dataset per batch, no example twice in a batch
         assert 0 <= min(batch) and max(batch) < sizes[d] and len(set(batch)) == 8
-    # Across block boundaries (3000 steps > BatchSampler.block), each dataset still walks through its epochs:
-    # its successive batches, cut into epochs of size // 8 batches, never repeat an example within an epoch.
-    per_dataset = {d: [] for d in range(3)}
-    for k in range(3000):
-        d, batch = first.batch_for_step(k)
-        per_dataset[d].append(batch)
-    for d, batches in per_dataset.items():
-        per_epoch = sizes[d] // 8
-        for e in range(len(batches) // per_epoch):
-            seen = [i for batch in batches[e * per_epoch:(e + 1) * per_epoch] for i in batch]
-            assert len(set(seen)) == len(seen) == per_epoch * 8
+
+
+@pytest.mark.parametrize("sizes, batch_size", [([100, 37, 64], 8), ([10, 13], 8), ([9, 24], 8), ([5], 5)])
+def test_sampler_sees_every_example_exactly_once_per_epoch(sizes, batch_size):
+    """Each dataset's batches, laid end to end and cut every len(dataset) examples, are whole epochs: each one
+    holds every example exactly once (no remainder is dropped), and no batch holds an example twice, also where
+    a batch straddles two epochs. Random access equals running through, across BatchSampler.block."""
+    sampler = BatchSampler(sizes, batch_size, seed=5)
+    steps = 3000
+    run = [sampler.batch_for_step(k) for k in range(steps)]
+    streams = {d: [] for d in range(len(sizes))}
+    for d, batch in run:
+        assert len(batch) == batch_size and len(set(batch)) == batch_size
+        streams[d].extend(batch)
+    for d, stream in streams.items():
+        epochs = len(stream) // sizes[d]
+        assert epochs >= 3
+        for e in range(epochs):
+            assert sorted(stream[e * sizes[d]:(e + 1) * sizes[d]]) == list(range(sizes[d])), (d, e)
+        assert stream[:sizes[d]] != stream[sizes[d]:2 * sizes[d]]  # each epoch reshuffled
+    for k in [2999, 0, 1500, 1023, 1024, 7, 2500, 3]:  # out of order, each on a fresh sampler and on one reused
+        assert BatchSampler(sizes, batch_size, seed=5).batch_for_step(k) == run[k]
+        assert sampler.batch_for_step(k) == run[k]
 
 
 def test_sampler_epochs_and_weights():

@@ -173,3 +173,36 @@ def test_run_evaluation_on_a_scifact_subset():
     assert set(run) == set(qids) and all(len(docs) == 20 for docs in run.values())
     assert metrics == pytest.approx(evaluate(sub_qrels, run, (1, 10, 20)), abs=1e-12)
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
+
+
+def test_run_evaluation_keeps_top_k_results_besides_a_query_that_is_its_own_document():
+    """A query whose id is also a corpus id (ArguAna, Quora) retrieves itself first. BEIR's
+    exact search asks for top_k + 1, skips the self-match and keeps top_k others; a naive
+    reference: rank every document by brute force, drop the self-match, cut at top_k."""
+    top_k = 5
+    full_corpus, _, _ = data.builtin_dataset().split("test")
+    doc_ids = list(full_corpus)[:40]
+    corpus = {did: full_corpus[did] for did in doc_ids}
+    self_ids = doc_ids[:6]  # these queries are corpus documents, with the same id and text
+    queries = {did: corpus[did]["text"] for did in self_ids}
+    model = NVEmbed.from_base("tiny", pooling="mean")
+    query_emb = model.encode([queries[q] for q in self_ids])  # (6, D), no instruction
+    doc_emb = model.encode([corpus[d]["text"] for d in doc_ids])  # (40, D)
+    full = (query_emb @ doc_emb.T).tolist()  # (6, 40)
+    expected_run = {}
+    for row, qid in enumerate(self_ids):
+        ranked = sorted(range(len(doc_ids)), key=lambda j: (-full[row][j], j))
+        assert doc_ids[ranked[0]] == qid  # the same text, bare on both sides: the self-match ranks first
+        others = [doc_ids[j] for j in ranked if doc_ids[j] != qid]
+        expected_run[qid] = {did: full[row][doc_ids.index(did)] for did in others[:top_k]}
+    # Each query's one relevant document is the last one the reference keeps: Recall@top_k
+    # is 1 only if the run holds top_k documents besides the query itself.
+    qrels = {qid: {list(docs)[-1]: 1} for qid, docs in expected_run.items()}
+
+    metrics, run = run_evaluation(model, corpus, queries, qrels, "", top_k=top_k, k_values=(1, top_k))
+    assert run.keys() == expected_run.keys()
+    for qid in self_ids:
+        assert set(run[qid]) == set(expected_run[qid])
+        assert run[qid] == pytest.approx(expected_run[qid], abs=1e-5)
+    assert metrics == pytest.approx(evaluate(qrels, expected_run, (1, top_k)), abs=1e-12)
+    assert metrics[f"Recall@{top_k}"] == 1.0

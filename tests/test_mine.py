@@ -1,7 +1,9 @@
-"""mine.py (TopK-PercPos) on the built-in data with a tiny model, checked against encode directly."""
+"""mine.py (TopK-PercPos): with a tiny embedder, checked against encode directly; with BM25, checked against a
+naive BM25 written out here."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,10 +13,9 @@ import mine
 from model import NVEmbed
 
 
-@pytest.mark.parametrize("teacher", ["tiny", "tfidf"])
-def test_mining_rules_hold_for_every_kept_negative(teacher):
+def test_mining_rules_hold_for_every_kept_negative():
     torch.manual_seed(0)
-    model = mine.TfidfTeacher() if teacher == "tfidf" else NVEmbed.from_base("tiny", pooling="mean").eval()
+    model = NVEmbed.from_base("tiny", pooling="mean").eval()
     corpus, queries, qrels = data.builtin_dataset().split("train")
     qrels = dict(list(qrels.items())[:40])
     negatives, stats = mine.mine(model, corpus, queries, qrels, data.BUILTIN_INSTRUCTION, top_k=10, margin=0.95,
@@ -40,20 +41,100 @@ def test_mining_rules_hold_for_every_kept_negative(teacher):
     assert kept_total > 0 and stats["queries"] == len(qrels)
 
 
-def test_tfidf_teacher_against_a_naive_computation():
-    texts = ["the red river floods", "a red town", "the river is cold and the river is long"]
-    teacher = mine.TfidfTeacher(dim=2**16).fit(texts)
-    got = teacher.encode(["red river"]) @ teacher.encode(texts).T  # (1, 3)
-    words = [t.split() for t in texts]
-    vocab = sorted({w for ws in words for w in ws})
-    idf = {w: math.log(4 / (1 + sum(w in ws for ws in words))) + 1 for w in vocab}
+# A hand-made corpus. "the", "a", "is", "and", "of", "in" are on Lucene's English stop list, which bm25s uses;
+# no other word here is. d3 is nearly d1 (an unjudged relevant document: the margin rule must drop it), d8 and d9
+# are the same text (an exact tie, broken by corpus order), d10 shares no word with any query.
+STOPWORDS = {"the", "a", "is", "and", "of", "in"}
+CORPUS = {
+    "d0": "The red river floods the valley in spring",
+    "d1": "A cold river runs through the northern valley",
+    "d2": "The town market sells red apples and river fish",
+    "d3": "A cold river in the northern valley",
+    "d4": "Mountain goats climb the northern cliffs",
+    "d5": "The river of the red valley is long and the river is cold",
+    "d6": "Spring rain fills every river and lake of the valley",
+    "d7": "Old town walls stand above the harbour",
+    "d8": "Fish markets of the harbour town open early",
+    "d9": "Fish markets of the harbour town open early",
+    "d10": "Quiet snow",
+}
+QUERIES = {"q0": "cold river northern valley", "q1": "red river valley floods", "q2": "harbour town fish market",
+           "q3": "northern mountain goats cliffs", "q4": "river river spring lake"}
+QRELS = {"q0": {"d1": 1}, "q1": {"d0": 1, "d5": 2}, "q2": {"d2": 1, "d7": 0}, "q3": {"d4": 1}, "q4": {"d6": 1}}
 
-    def vector(ws):
-        v = torch.tensor([math.log1p(ws.count(w)) * idf[w] for w in vocab])
-        return v / v.norm()
 
-    expected = torch.stack([vector("red river".split()) @ vector(ws) for ws in words])
-    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
+def naive_bm25(query, texts, k1=1.5, b=0.75):
+    """Lucene's BM25 by hand: sum over the query's words w, repeats included, of
+    idf(w) * tf / (tf + k1 * (1 - b + b * len(d) / avgdl)), idf(w) = ln(1 + (N - df + 0.5) / (df + 0.5));
+    words are lowercased runs of 2+ word characters without stopwords, and len(d) counts those."""
+    def words(text):
+        return [w for w in re.findall(r"\w+", text.lower()) if len(w) > 1 and w not in STOPWORDS]
+
+    docs = [words(t) for t in texts]
+    avgdl = sum(map(len, docs)) / len(docs)
+    scores = []
+    for doc in docs:
+        score = 0.0
+        for w in words(query):
+            df = sum(w in d for d in docs)
+            tf = doc.count(w)
+            if tf:
+                idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+                score += idf * tf / (tf + k1 * (1 - b + b * len(doc) / avgdl))
+        scores.append(score)
+    return scores
+
+
+def test_bm25_scores_equal_a_naive_bm25():
+    texts = list(CORPUS.values())
+    teacher = mine.BM25Teacher().index(texts)
+    rows = [[0], [1, 5], [2], [3], [4]]
+    candidates, positive_scores = teacher.rank(list(QUERIES.values()), rows, k=len(texts))
+    for query, ranked, positives, positive_score in zip(QUERIES.values(), candidates, rows, positive_scores):
+        expected = naive_bm25(query, texts)
+        # Every document sharing a word with the query, best first, ties by corpus order.
+        assert [j for _, j in ranked] == sorted((j for j in range(len(texts)) if expected[j] > 0),
+                                                key=lambda j: (-expected[j], j))
+        assert [score for score, _ in ranked] == pytest.approx([expected[j] for _, j in ranked], rel=1e-6)
+        assert positive_score == pytest.approx(min(expected[j] for j in positives), rel=1e-6)
+    # Cut at every k: the k best, also when the cut falls inside the exact tie of d8 and d9 (k = 2 for q2).
+    expected = naive_bm25(QUERIES["q2"], texts)
+    full = sorted((j for j in range(len(texts)) if expected[j] > 0), key=lambda j: (-expected[j], j))
+    assert full[1:3] == [8, 9] and expected[8] == expected[9]
+    for k in range(1, len(texts) + 1):
+        ranked, _ = teacher.rank([QUERIES["q2"]], [[2]], k=k)
+        assert [j for _, j in ranked[0]] == full[:k]
+
+
+@pytest.mark.parametrize("top_k, margin", [(3, 0.95), (10, 0.95), (2, 0.5)])
+def test_bm25_mining_follows_the_rules_on_naive_scores(top_k, margin):
+    """mine()'s negatives and counts are what TopK-PercPos gives on the naive BM25 scores."""
+    corpus = {d: {"title": "", "text": t} for d, t in CORPUS.items()}
+    negatives, stats = mine.mine(mine.BM25Teacher(), corpus, QUERIES, QRELS, "", top_k=top_k, margin=margin,
+                                 depth=top_k)
+    doc_ids, texts = list(CORPUS), list(CORPUS.values())
+    expected, as_positive, by_margin = {}, 0, 0
+    for query_id, judged in QRELS.items():
+        scores = naive_bm25(QUERIES[query_id], texts)
+        positives = {d for d, grade in judged.items() if grade > 0}
+        threshold = margin * min(scores[doc_ids.index(d)] for d in positives)
+        ranked = sorted((j for j in range(len(texts)) if scores[j] > 0), key=lambda j: (-scores[j], j))
+        kept = []
+        for j in ranked[:top_k + 2]:  # depth top_k, plus room for the (at most 2) positives
+            if len(kept) == top_k:
+                break
+            if doc_ids[j] in positives:
+                as_positive += 1
+            elif scores[j] > threshold:
+                by_margin += 1
+            else:
+                kept.append(doc_ids[j])
+        expected[query_id] = kept
+        assert not set(negatives[query_id]) & positives  # no judged positive is ever a negative
+    assert negatives == expected
+    assert (stats["dropped_as_positive"], stats["dropped_by_margin"]) == (as_positive, by_margin)
+    assert as_positive > 0 and by_margin > 0  # both rules were exercised
+    assert "d3" not in negatives["q0"]  # the near-duplicate of q0's positive
 
 
 def test_command_writes_a_readable_training_file(tmp_path):
@@ -64,6 +145,13 @@ def test_command_writes_a_readable_training_file(tmp_path):
     assert all(e.positive not in e.negatives for e in examples)
     stats = json.loads(out.with_suffix(".stats.json").read_text())
     assert stats["examples"] == len(examples)
+    bm25_out = tmp_path / "bm25.jsonl"
+    _, bm25_stats = mine.main(["--model", "bm25", "--out", str(bm25_out), "--top-k", "5"])
+    bm25_examples = data.read_training_file(bm25_out)
+    assert bm25_stats["examples"] == len(bm25_examples) > 0 and bm25_stats["model"] == "bm25"
+    assert all(e.positive not in e.negatives for e in bm25_examples)
+    with pytest.raises(SystemExit):
+        mine.main(["--model", "tfidf", "--out", str(tmp_path / "tfidf.jsonl")])
     try:
         mine.main(["--out", str(out)])
     except SystemExit as exit_:

@@ -223,6 +223,54 @@ def test_batch_loss_masks_known_positives_and_counts_documents_once(in_batch_neg
 
 # ---------------------------------------------------------------- 2 ranks (FSDP2, gloo) vs 1 rank
 
+def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_path, single_process, monkeypatch):
+    """dcp pickles every non-tensor entry (torch.save) and unpickles it at load with torch.load(weights_only=False).
+    The step, the schedule and the optimizer's param groups live in trainer_state.json instead, so the dcp
+    folder's metadata lists tensors only and loading calls torch.load in weights_only mode alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    def training_objects():
+        model = tiny_model("lora")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                      betas=(0.9, 0.98), weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / 4)
+        return model, optimizer, scheduler
+
+    model, optimizer, scheduler = training_objects()
+    for _ in range(2):
+        train.forward_backward(model, collate(model, global_batch(), True), TEMPERATURE, 1.0, torch.device("cpu"))
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    folder = train.save_checkpoint(tmp_path, model, optimizer, scheduler, 2, config={"seed": 0})
+
+    entries = FileSystemReader(folder).read_metadata().state_dict_metadata
+    pickled = sorted(key for key, value in entries.items() if not isinstance(value, TensorStorageMetadata))
+    assert entries and not pickled, pickled
+
+    fresh_model, fresh_optimizer, fresh_scheduler = training_objects()
+    real_load, weights_only = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        weights_only.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    assert train.load_checkpoint(folder, fresh_model, fresh_optimizer, fresh_scheduler) == 2
+    assert weights_only and set(weights_only) == {True}
+    # Restored exactly, types included (JSON has no tuples; AdamW's betas is one).
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    expected, got = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert got["param_groups"] == expected["param_groups"]
+    assert all(type(g["betas"]) is tuple for g in got["param_groups"])
+    assert got["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        assert all(torch.equal(got["state"][index][name], value) for name, value in state.items())
+    for (name, value), (_, restored) in zip(model.state_dict().items(), fresh_model.state_dict().items()):
+        assert torch.equal(value, restored), name
+
+
 # (fine-tuning, in-batch negatives, activation checkpointing on the 2 ranks)
 CASES = [("full", True, False), ("full", False, False), ("lora", True, False), ("full", True, True)]
 TEMPERATURE = 0.05
