@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 import data
+from errors import exits_on_user_error
 
 # ----------------------------------------------------------------------------
 # Exact search
@@ -448,7 +449,7 @@ def build_parser():
     return parser
 
 
-@data.exits_on_user_error
+@exits_on_user_error
 def main(argv=None):
     from model import PRESETS, NVEmbed
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 import data
+from errors import exits_on_user_error
 from evaluate import INSTRUCTIONS, search
 
 
@@ -187,7 +188,7 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
     return negatives, stats
 
 
-@data.exits_on_user_error
+@exits_on_user_error
 def main(argv=None):
     from model import NVEmbed
 

@@ -40,11 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import MissingFileError, UsageError, UserError
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read, or holds a model this file does not implement; the message names its file."""
+from errors import CheckpointError, MissingFileError, UsageError
 
 
 # ----------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import DataError, MissingFileError, UsageError, UserError
+from errors import DataError, MissingFileError, UsageError, UserError
 
 # ----------------------------------------------------------------------------
 # Distributed helpers: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them the

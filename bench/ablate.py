@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
+from errors import exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate, search  # noqa: E402
@@ -209,7 +210,7 @@ def markdown(rows, setting_name, setting, seconds, hardware):
     return "\n".join(lines) + "\n"
 
 
-@data.exits_on_user_error
+@exits_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the CPU setting (about 45 minutes on 2 cores)")

@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-from data import (BatchSampler, ByteTokenizer, DataError, Example, SkipReport, TextRule, TrainDataset,  # noqa: E402
+from errors import DataError  # noqa: E402
+from data import (BatchSampler, ByteTokenizer, Example, SkipReport, TextRule, TrainDataset,  # noqa: E402
                   beir_training_examples, classification_pairs, clustering_pairs, collate, load_beir,
                   load_tokenizer, rank_slice, read_training_file, sts_pairs, tokenize, write_training_file)
 

@@ -1,0 +1,50 @@
+"""The user's mistakes, told apart from bugs: what every command prints for them.
+
+A `UserError` is a mistake in what a user gave a command (a file, a flag, a checkpoint), not
+in the code. Its message names the culprit: the file and line, the field, or the flag. A
+command stops on one as argparse stops on a bad flag: one line `<command>: error: <message>`
+on stderr and exit status 2, no traceback (`exits_on_user_error`; train.py's main does the
+same on rank 0 only). Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+
+class UserError(Exception):
+    """A mistake in a command's input; the subclasses say what is at fault."""
+
+
+class DataError(UserError, ValueError):
+    """Bad input; the message names the file and line (or the row / field) at fault."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder that the user named, or that must be in one, does not exist."""
+
+
+class UsageError(UserError, ValueError):
+    """A flag's value that cannot work, alone or with the others (the message names the flags)."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read, or holds a model this project does not implement; names its file."""
+
+
+def exits_on_user_error(main):
+    """Wraps a command's main(): a UserError ends it as argparse's `parser.error` does, with the one line
+    `<command>: error: <message>` on stderr and exit status 2. Other exceptions pass through untouched."""
+
+    @functools.wraps(main)
+    def main_ending_user_errors(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            # argparse's name for the command (parser.prog), so both kinds of error read alike.
+            print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return main_ending_user_errors
