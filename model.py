@@ -16,7 +16,7 @@ Differences from the HF reference (transformers' MistralModel / LlamaModel):
     so its hidden states under left padding depend on the amount of padding).
   - No KV cache and no generation: an embedder reads each text once.
   - Parameter names are HF's without the leading "model.", so an HF state dict loads
-    as it is; `from_pretrained` is a short visible loop over the checkpoint's tensors.
+    as it is (checkpoints.py reads the files).
 
 Shape legend: B batch, T tokens, D hidden, H query heads, Hkv key/value heads,
 Dh head dim, F MLP width.
@@ -27,11 +27,8 @@ Run the parity tests against transformers with `python -m pytest tests/test_mode
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -39,8 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
-from errors import CheckpointError, MissingFileError, UsageError
+from checkpoints import (check_base, hf_decoder_fields, is_saved, load_checked, read_hf_checkpoint, read_model_folder,
+                         read_released, write_model_folder)
+from data import QUERY_TEMPLATE, ByteTokenizer, TextRule, encode_texts, load_tokenizer, tokenize
+from errors import MissingFileError, UsageError
+from pooling import POOLINGS
 
 
 # ----------------------------------------------------------------------------
@@ -78,39 +80,11 @@ class MistralConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config") -> "MistralConfig":
-        """Read an HF `config.json` dict of a Mistral or Llama-family model.
-
-        Anything that would change the computation and that this file does not
-        implement is refused by name rather than silently ignored.
-        """
-        model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            archs = hf.get("architectures")
-            raise CheckpointError(
-                f"{source}: unsupported architecture model_type={model_type!r} "
-                f"(architectures={archs}); supported: {sorted(SUPPORTED_MODEL_TYPES)}"
-            )
-        rope_scaling = hf.get("rope_scaling") or {}
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-        if rope_type != "default":
-            raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise CheckpointError(f"{source}: attention_bias / mlp_bias are not supported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        """Read an HF `config.json` dict of a Mistral or Llama-family model (checkpoints.hf_decoder_fields
+        refuses by name anything that would change the computation and that this file does not implement)."""
         known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in known}
-        # HF's rope_theta moved into rope_parameters in recent versions.
-        rope_parameters = hf.get("rope_parameters") or {}
-        if "rope_theta" not in kwargs and "rope_theta" in rope_parameters:
-            kwargs["rope_theta"] = rope_parameters["rope_theta"]
-        kwargs.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
-        if model_type == "llama":
-            kwargs["sliding_window"] = None  # Llama has full causal attention
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in hf_decoder_fields(hf, source).items() if k in known})
 
-
-SUPPORTED_MODEL_TYPES = {"mistral", "llama"}
 
 PRESETS = {
     # Mistral-7B-v0.1, the backbone of NV-Embed (PAPER.md section 1).
@@ -309,136 +283,12 @@ class Mistral(nn.Module):
 
         A `.gguf` file is dequantised by transformers (needs the `gguf` package).
         """
-        path = Path(path)
-        if path.suffix == ".gguf":
-            config, state = _read_gguf(path, dtype)
-        else:
-            config_file = path / "config.json"
-            if not config_file.is_file():
-                raise MissingFileError(f"{path}: no config.json (expected an HF checkpoint directory or a .gguf file)")
-            config = MistralConfig.from_hf(_read_json(config_file), source=str(config_file))
-            state = _read_checkpoint_tensors(path, dtype)
+        hf_config, source, state = read_hf_checkpoint(Path(path), dtype)
+        config = MistralConfig.from_hf(hf_config, source=source)
         with torch.device("meta"):
             model = cls(config)
         load_checked(model, state, source=str(path))
         return model.to(device)
-
-
-def _read_json(file: Path) -> dict:
-    """A checkpoint's JSON file (config, index) as a dict; a malformed one is named with its line."""
-    try:
-        content = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{file}:{error.lineno}: malformed JSON ({error.msg})") from error
-    if not isinstance(content, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(content).__name__}")
-    return content
-
-
-def _checkpoint_files(folder: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise MissingFileError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
-    return files
-
-
-# Checkpoint tensors that belong to the causal LM but not to the encoder.
-UNUSED_CHECKPOINT_KEYS = ("lm_head.weight",)
-
-
-def _read_checkpoint_tensors(folder: Path, dtype: torch.dtype):
-    """Yield (name without "model.", tensor cast to dtype), one tensor at a time."""
-    for name, tensor in _read_checkpoint_tensors_raw(folder, dtype):
-        if name in UNUSED_CHECKPOINT_KEYS or name.endswith("rotary_emb.inv_freq"):
-            continue
-        yield name.removeprefix("model."), tensor
-
-
-def _read_checkpoint_tensors_raw(folder: Path, dtype: torch.dtype):
-    """Yield every (name, tensor cast to dtype) of a checkpoint directory, one at a time."""
-    from safetensors import SafetensorError, safe_open
-
-    for file in _checkpoint_files(folder):
-        if file.suffix == ".safetensors":
-            try:  # the header is checked against the file's size here: a truncated file fails at once
-                opened = safe_open(str(file), framework="pt")
-            except SafetensorError as error:  # its message does not name the file
-                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
-            with opened as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name).to(dtype)
-        else:
-            # mmap + weights_only: no unpickling of arbitrary objects, no full read.
-            try:
-                shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a truncated or foreign file
-                raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({error})") from error
-            for name in list(shard):
-                yield name, shard.pop(name).to(dtype)
-
-
-def _read_gguf(file: Path, dtype: torch.dtype):
-    """Dequantise a .gguf through transformers; returns (config, tensors)."""
-    if not file.is_file():
-        raise MissingFileError(f"{file}: no such .gguf file")
-    with open(file, "rb") as f:
-        if f.read(4) != b"GGUF":  # what transformers would refuse, with a traceback
-            raise CheckpointError(f"{file}: not a GGUF file (it does not start with the bytes 'GGUF')")
-    from transformers import AutoModelForCausalLM
-
-    # transformers dequantises to float32; we cast tensor by tensor.
-    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
-    config = MistralConfig.from_hf(hf.config.to_dict(), source=str(file))
-    state = ((k.removeprefix("model."), v.to(dtype)) for k, v in hf.state_dict().items()
-             if k not in UNUSED_CHECKPOINT_KEYS)
-    return config, state
-
-
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """safetensors' load_file, naming the file when it is missing or unreadable (truncated, say)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise MissingFileError(f"{file}: no such file")
-    try:
-        return load_file(file)
-    except SafetensorError as error:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
-
-
-def load_checked(model: nn.Module, tensors, source: str):
-    """Assign named tensors to `model` (which may live on the meta device).
-
-    Refuses, naming them, tensors the model does not have, tensors of the wrong shape,
-    and parameters the checkpoint lacks. Tensors are assigned, not copied, so there
-    is never a second copy of the weights.
-    """
-    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    state, unexpected, misshapen = {}, [], []
-    for name, tensor in tensors:
-        if name not in expected:
-            unexpected.append(name)
-        elif tuple(tensor.shape) != tuple(expected[name].shape):
-            misshapen.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
-        else:
-            state[name] = tensor
-    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshapen})
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {sorted(unexpected)}")
-    if misshapen:
-        problems.append(f"wrongly shaped tensors: {misshapen}")
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not match the model config; " + "; ".join(problems))
-    model.load_state_dict(state, strict=True, assign=True)
 
 
 # ----------------------------------------------------------------------------
@@ -542,23 +392,6 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 # NV-Embed: decoder + pooling + tokenizer
 
 
-def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str:
-    """A short hash of a decoder's weights: up to `samples` values of each tensor taken at a
-    fixed stride, rounded to bf16 (so the same checkpoint loaded in fp32 or bf16 hashes alike).
-
-    Adapter-only saves record it for their base checkpoint: loading them on another
-    checkpoint of the same shape (another fine-tune of the same model, say) is refused
-    instead of silently computing something else.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        flat = tensors[name].detach().reshape(-1)
-        stride = max(1, flat.numel() // samples)
-        values = flat[::stride][:samples].to("cpu", torch.bfloat16).view(torch.int16)
-        digest.update(name.encode() + values.numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class NVEmbed(nn.Module):
     """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise.
 
@@ -573,7 +406,6 @@ class NVEmbed(nn.Module):
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
                  text_rule=None, base: str | None = None, normalize: bool = True):
-        from data import TextRule
 
         super().__init__()
         self.decoder = decoder
@@ -602,7 +434,6 @@ class NVEmbed(nn.Module):
     # -- inference -------------------------------------------------------------
 
     def tokenize(self, texts, instruction="", max_length=None, padding_side="right"):
-        from data import tokenize
 
         return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
                         rule=self.text_rule, padding_side=padding_side)
@@ -618,9 +449,7 @@ class NVEmbed(nn.Module):
         by characters is not enough: on SciFact a token spans 3 to 7 characters, and
         char-sorted batches still carry ~25% padding.)
         """
-        from tqdm.auto import tqdm
 
-        from data import encode_texts
 
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
@@ -661,8 +490,6 @@ class NVEmbed(nn.Module):
         """A fresh embedder on a base decoder: a preset name (random weights, byte
         tokenizer; for tests and the default tiny run), an HF checkpoint directory or
         a `.gguf` file (weights and tokenizer from it)."""
-        from data import ByteTokenizer, load_tokenizer
-        from pooling import POOLINGS
 
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
@@ -696,12 +523,9 @@ class NVEmbed(nn.Module):
 
     @classmethod
     def skeleton(cls, architecture: dict, tokenizer) -> "NVEmbed":
-        """The modules of `architecture()` on the meta device: every parameter's shape,
-        dtype and trainable flag, and no memory. FSDP ranks other than 0 start from this
-        and receive their shards of rank 0's weights (train.py)."""
-        from data import TextRule
-        from pooling import POOLINGS
-
+        """The modules of `architecture()` (or of a saved config.json) on the meta device: every parameter's
+        shape and, where recorded, its dtype and trainable flag, and no memory. `load_checked` then assigns
+        the weights; FSDP ranks other than 0 start from this and receive their shards of rank 0's (train.py)."""
         with torch.device("meta"):
             decoder = Mistral(MistralConfig(**architecture["decoder"]))
             if architecture["lora"]:
@@ -711,54 +535,18 @@ class NVEmbed(nn.Module):
                     causal=architecture["causal"], max_length=architecture["max_length"],
                     text_rule=TextRule(**architecture["text_rule"]), normalize=architecture["normalize"],
                     base=architecture["base"])
-        for name, param in model.named_parameters():
-            dtype, trainable = architecture["params"][name]
+        for name, (dtype, trainable) in architecture.get("params", {}).items():
+            param = model.get_parameter(name)
             param.data = param.data.to(getattr(torch, dtype))
             param.requires_grad = trainable
         return model
 
     def save(self, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False):
-        """Write config.json, weights (safetensors) and the tokenizer to `folder`.
-
-        With LoRA adapters on a decoder that came from a checkpoint, only the adapters
-        are written, plus a reference to that checkpoint; otherwise the full decoder.
-        `state_dict` (of this module) may be passed in, e.g. gathered from FSDP shards.
-        """
-        from safetensors.torch import save_file
-
-        import shutil
-
-        final = Path(folder)
-        if final.exists() and any(final.iterdir()) and not overwrite:
-            raise FileExistsError(f"{final} already exists and is not empty; pass overwrite=True to replace it")
-        # Written whole into a temporary folder, then renamed: a crash never leaves a
-        # folder that looks saved, and no file of an older model survives beside the new.
-        folder = final.with_name(final.name + ".tmp")
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
-        lora = self.lora_config()
-        adapters_only = lora is not None and self.base is not None
-        decoder_state = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
-        base_fingerprint = None
-        if adapters_only:
-            base_fingerprint = weights_fingerprint({k: v for k, v in decoder_state.items() if "lora_" not in k})
-            decoder_state = {k: v for k, v in decoder_state.items() if "lora_" in k}
-        pooling_state = {k.removeprefix("pooling."): v for k, v in state.items() if k.startswith("pooling.")}
-        save_file(decoder_state, folder / ("adapters.safetensors" if adapters_only else "decoder.safetensors"))
-        save_file(pooling_state, folder / "pooling.safetensors")
-        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
-        config = dict(
-            format="nv-embed", pooling=self.pooling_name, pooling_kwargs=self.pooling_kwargs,
-            causal=self.causal, max_length=self.max_length, text_rule=dataclasses.asdict(self.text_rule),
-            normalize=self.normalize,
-            decoder=asdict(self.decoder.config), lora=lora, base=self.base if adapters_only else None,
-            base_fingerprint=base_fingerprint,
-            dtype=str(self.decoder.embed_tokens.weight.dtype).removeprefix("torch."), tokenizer="tokenizer",
-        )
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(folder, final)
+        """Write config.json (the architecture), the weights and the tokenizer to `folder`. With LoRA on a
+        checkpoint's decoder, only the adapters are written, with a reference to that checkpoint and a
+        fingerprint of its weights (checkpoints.write_model_folder). `state_dict` (of this module) may be
+        passed in, e.g. gathered from FSDP shards."""
+        write_model_folder(folder, self.architecture(), state_dict or self.state_dict(), self.tokenizer, overwrite)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -771,69 +559,18 @@ class NVEmbed(nn.Module):
         train.py's stage 2 asks for fp32, so that stage 1's fp32 adapters and pooling,
         saved beside a bf16 base, arrive bit for bit instead of rounded to bf16.
         """
-        from data import TextRule, load_tokenizer
-        from pooling import POOLINGS
-
-        folder = Path(folder)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise MissingFileError(f"{folder}: no config.json (not a saved NV-Embed model)")
-        config = _read_json(config_file)
-        if config.get("format") != "nv-embed":
-            raise CheckpointError(f"{config_file}: not an NV-Embed model saved by this project "
-                                  "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
+        config, config_file, tensors = read_model_folder(folder)  # {"decoder.*", "pooling.*": tensor}
         dtype = dtype or getattr(torch, config["dtype"])
         trainable_dtype = trainable_dtype or dtype
-        lora = config["lora"]
-        if config["base"] is not None:  # base checkpoint + adapters
-            decoder = Mistral.from_pretrained(config["base"], dtype=dtype)
-            if asdict(decoder.config) != config["decoder"]:
-                raise CheckpointError(f"{config_file}: base checkpoint {config['base']} has another config "
-                                      "than the one these adapters were trained on")
-            expected = config.get("base_fingerprint")  # absent in saves from before it existed
-            found = weights_fingerprint(decoder.state_dict())
-            if expected and found != expected:
-                raise CheckpointError(f"{config_file}: base checkpoint {config['base']} holds other weights "
-                                      f"than the ones these adapters were trained on (fingerprint {found}, "
-                                      f"expected {expected})")
-            apply_lora(decoder, **lora)
-            adapters = _load_safetensors(folder / "adapters.safetensors")
-            expected = set(lora_state_dict(decoder))
-            if set(adapters) != expected:
-                raise CheckpointError(f"{folder / 'adapters.safetensors'}: adapter names differ from the model's: "
-                                      f"missing {sorted(expected - set(adapters))[:5]}, "
-                                      f"unexpected {sorted(set(adapters) - expected)[:5]}")
-            # assign: the adapters take trainable_dtype, not the dtype apply_lora gave them.
-            decoder.load_state_dict({k: v.to(trainable_dtype) for k, v in adapters.items()}, strict=False,
-                                    assign=True)
-        else:
-            with torch.device("meta"):
-                decoder = Mistral(MistralConfig(**config["decoder"]))
-            if lora:
-                apply_lora(decoder, **lora)
-            tensors = _load_safetensors(folder / "decoder.safetensors")
-            load_checked(decoder, ((k, v.to(trainable_dtype if "lora_" in k else dtype)) for k, v in tensors.items()),
-                         str(folder / "decoder.safetensors"))
-        pooling = POOLINGS[config["pooling"]](decoder.config.hidden_size, **config["pooling_kwargs"])
-        pooling_state = _load_safetensors(folder / "pooling.safetensors")
-        pooling.load_state_dict({k: v.to(trainable_dtype) for k, v in pooling_state.items()}, strict=True)
-        tokenizer = load_tokenizer(str(folder / config["tokenizer"]))
-        # Saves from before the rule was recorded hold only the template; the rest was the project's rule.
-        text_rule = TextRule.from_dict(config.get("text_rule") or {"template": config["query_template"]},
-                                       source=str(config_file))
-        model = cls(decoder, pooling.to(trainable_dtype), tokenizer, config["pooling"], config["pooling_kwargs"],
-                    causal=config["causal"], max_length=config["max_length"], text_rule=text_rule,
-                    normalize=config.get("normalize", True), base=config["base"])
+        if config["base"] is not None:  # an adapters-only save: the frozen weights come from the base
+            base = Mistral.from_pretrained(config["base"], dtype=dtype)
+            check_base(config, config_file, asdict(base.config), base.state_dict())
+            tensors |= {f"decoder.{k}": v for k, v in base.state_dict().items()}
+        model = cls.skeleton(config, load_tokenizer(str(Path(folder) / config["tokenizer"])))
+        trainable = [k for k in tensors if "lora_" in k or k.startswith("pooling.")]
+        load_checked(model, ((k, v.to(trainable_dtype if k in trainable else dtype)) for k, v in tensors.items()),
+                     str(folder))
         return model.to(device).eval()
-
-    @staticmethod
-    def is_saved(path) -> bool:
-        """Whether `path` is a folder written by `NVEmbed.save`."""
-        config_file = Path(path) / "config.json"
-        try:
-            return json.loads(config_file.read_text()).get("format") == "nv-embed"
-        except (OSError, ValueError, AttributeError):
-            return False
 
     @classmethod
     def load(cls, spec: str, pooling: str | None = None, causal: bool | None = None, max_length: int = 512,
@@ -841,7 +578,7 @@ class NVEmbed(nn.Module):
         """What the command lines take as --model: a folder written by `save` (its pooling and
         attention are kept: passing others is refused), or a base decoder (preset, HF folder,
         .gguf) with a fresh `pooling` (default mean, which has no weights) for zero-shot use."""
-        if cls.is_saved(spec):
+        if is_saved(spec):
             if pooling is not None or causal is not None:
                 raise UsageError(f"{spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
                                  "trained with")
@@ -857,12 +594,11 @@ class NVEmbed(nn.Module):
     def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                       max_length: int = 4096) -> "NVEmbed":
         """Load NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository) so that it embeds
-        exactly as the released code (`modeling_nvembed.py`) does.
+        exactly as the released code (`modeling_nvembed.py`) does (tests/test_released.py).
 
         Their checkpoint holds `embedding_model.<HF Mistral names>` and
-        `latent_attention_model.*` (renamed by pooling.RELEASED_LATENT_NAMES). Only the
-        weights, the tokenizer and the two configs are read; their Python code is never run.
-        What their `encode(prompts, instruction, max_length=4096)` does with the inputs:
+        `latent_attention_model.*` (renamed by pooling.RELEASED_LATENT_NAMES). What their
+        `encode(prompts, instruction, max_length=4096)` does with the inputs:
           - each row is the tokenizer's encoding of instruction + text + "</s>", with BOS,
             cut at max_length (a long text loses its EOS): TextRule.truncation "sequence";
           - the first len(tokenize(instruction)) positions leave the pool, only when
@@ -872,47 +608,20 @@ class NVEmbed(nn.Module):
           - padding is EOS on the right (`add_pad_token`); EOS is appended whatever `add_eos`
             says (their encode passes always_add_eos=True);
           - the pooled mean is L2-normalised when the latent config's `output_normalize` is.
-        Left padding is refused: there the released code masks no instruction and its
-        decoder counts positions from the first column, which this decoder does not.
         """
-        from data import QUERY_TEMPLATE, TextRule, load_tokenizer
-        from pooling import LatentAttentionPooling, latent_attention_state_dict_from_released
-
-        folder = Path(folder)
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{folder}: no config.json (not a released NV-Embed checkpoint)")
-        config = json.loads(config_file.read_text())
-        text_config = dict(config.get("text_config") or {})
-        if not text_config:
-            raise ValueError(f"{config_file}: no text_config (not a released NV-Embed checkpoint)")
-        if text_config.get("model_type") == "bidir_mistral":  # their name for Mistral without the causal mask
-            text_config["model_type"] = "mistral"
-        if config.get("padding_side", "right") != "right":
-            raise ValueError(f"{config_file}: padding_side {config['padding_side']!r} is not supported (the "
-                             "released code then shifts rotary positions by the padding and masks no instruction)")
-        latent_config = config.get("latent_attention_config") or {}
-        decoder_config = MistralConfig.from_hf(text_config, source=str(config_file))
-        D = decoder_config.hidden_size
+        config, text_config, latent_config, tensors = read_released(folder, dtype)
+        decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
+        rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
+                        pool_bos="without_instruction", truncation="sequence")
         pooling_kwargs = dict(num_latents=latent_config.get("num_latents_value", 512),
                               num_heads=latent_config.get("num_cross_heads", 8),
-                              head_dim=latent_config.get("cross_dim_head", D))
-        with torch.device("meta"):
-            decoder = Mistral(decoder_config)
-            pooling = LatentAttentionPooling(D, **pooling_kwargs)
-        released = dict(_read_checkpoint_tensors_raw(folder, dtype))
-        decoder_state = ((k.removeprefix("embedding_model."), v) for k, v in released.items()
-                         if k.startswith("embedding_model."))
-        load_checked(decoder, decoder_state, str(folder))
-        pooling_state = latent_attention_state_dict_from_released(released, expected=pooling)
-        unknown = sorted(k for k in released if not k.startswith(("embedding_model.", "latent_attention_model.")))
-        if unknown:
-            raise ValueError(f"{folder}: unexpected tensors {unknown[:10]}")
-        pooling.load_state_dict(pooling_state, strict=True, assign=True)
+                              head_dim=latent_config.get("cross_dim_head", decoder.hidden_size))
+        architecture = dict(decoder=asdict(decoder), lora=None, pooling="latent", pooling_kwargs=pooling_kwargs,
+                            causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule),
+                            normalize=bool(latent_config.get("output_normalize", True)), base=None)
         tokenizer = load_tokenizer(str(folder))
         if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
             tokenizer.pad_token = tokenizer.eos_token
-        rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
-                        pool_bos="without_instruction", truncation="sequence")
-        return cls(decoder, pooling, tokenizer, "latent", pooling_kwargs, causal=False, max_length=max_length,
-                   text_rule=rule, normalize=bool(latent_config.get("output_normalize", True)), base=None).eval()
+        model = cls.skeleton(architecture, tokenizer)
+        load_checked(model, tensors.items(), str(folder))
+        return model.eval()

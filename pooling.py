@@ -15,16 +15,14 @@ error (the released code divides by zero there and returns NaN).
 Shape legend: B batch, T tokens, D hidden, H heads, Dh head dim, L latents.
 
 `POOLINGS` maps the `--pooling` names to constructors taking D as their one
-positional argument. `latent_attention_state_dict_from_released` renames the
-released NV-Embed-v1/v2 `latent_attention_model.*` weights onto
-`LatentAttentionPooling` (the map is the dict `RELEASED_LATENT_NAMES`).
+positional argument. The released NV-Embed-v1/v2 weights load onto
+`LatentAttentionPooling` through the name map in checkpoints.py.
 
 Run the tests with `python -m pytest -q tests/test_pooling.py`.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -79,31 +77,6 @@ class LastTokenPooling(nn.Module):
         last = torch.where(pool_mask, positions, -1).amax(dim=1)  # (B,)
         rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
         return hidden[rows, last]  # (B, D)
-
-
-# Released name (after the `latent_attention_model.` prefix) -> our name. The released
-# module is a Perceiver-style pair of blocks: block 0 = PreNorm(cross-attention),
-# block 1 = PreNorm(feed-forward); `fn` is the wrapped layer, `net.0`/`net.2` the two
-# linears of the GEGLU feed-forward (`net.1` is the parameter-free GEGLU). Beware the
-# released naming: its `norm` normalises the tokens (the queries) and `norm_context`
-# the latents (the keys and values).
-RELEASED_LATENT_PREFIX = "latent_attention_model."
-RELEASED_LATENT_NAMES = {
-    "latents": "latents",
-    "cross_attend_blocks.0.norm.weight": "attn_norm.weight",
-    "cross_attend_blocks.0.norm.bias": "attn_norm.bias",
-    "cross_attend_blocks.0.norm_context.weight": "latent_norm.weight",
-    "cross_attend_blocks.0.norm_context.bias": "latent_norm.bias",
-    "cross_attend_blocks.0.fn.to_q.weight": "to_q.weight",
-    "cross_attend_blocks.0.fn.to_kv.weight": "to_kv.weight",
-    "cross_attend_blocks.0.fn.to_out.weight": "to_out.weight",
-    "cross_attend_blocks.1.norm.weight": "ff_norm.weight",
-    "cross_attend_blocks.1.norm.bias": "ff_norm.bias",
-    "cross_attend_blocks.1.fn.net.0.weight": "ff_in.weight",
-    "cross_attend_blocks.1.fn.net.0.bias": "ff_in.bias",
-    "cross_attend_blocks.1.fn.net.2.weight": "ff_out.weight",
-    "cross_attend_blocks.1.fn.net.2.bias": "ff_out.bias",
-}
 
 
 class LatentAttentionPooling(nn.Module):
@@ -183,50 +156,6 @@ class LatentAttentionPooling(nn.Module):
         x, gate = self.ff_in(self.ff_norm(hidden)).chunk(2, dim=-1)  # 2 x (B, T, mlp_ratio*D)
         hidden = hidden + self.ff_out(x * F.gelu(gate))
         return masked_mean(hidden, pool_mask)
-
-
-def latent_attention_state_dict_from_released(
-    released: Mapping[str, Tensor],
-    expected: nn.Module | Mapping[str, torch.Size | tuple[int, ...]] | None = None,
-) -> dict[str, Tensor]:
-    """Rename the released `latent_attention_model.*` tensors to LatentAttentionPooling's names.
-
-    `released` may be the whole NV-Embed state dict: keys without the prefix (the
-    `embedding_model.*` decoder) are ignored. Raises KeyError naming every missing or
-    unknown key under the prefix. With `expected` (a LatentAttentionPooling, or a dict
-    from our names to shapes), a tensor whose shape differs raises ValueError naming
-    the released key, our key and both shapes. The tensors are returned as they are
-    (no copy, no dtype change), ready for `load_state_dict(..., strict=True)`.
-    """
-    ours_of = RELEASED_LATENT_NAMES
-    found = {key[len(RELEASED_LATENT_PREFIX):]: tensor for key, tensor in released.items()
-             if key.startswith(RELEASED_LATENT_PREFIX)}
-    missing = [RELEASED_LATENT_PREFIX + name for name in ours_of if name not in found]
-    unknown = [RELEASED_LATENT_PREFIX + name for name in found if name not in ours_of]
-    if missing or unknown:
-        raise KeyError(
-            "released latent-attention weights do not match the expected names: "
-            f"missing {missing}, unexpected {unknown}"
-        )
-    mapped = {ours_of[name]: tensor for name, tensor in found.items()}
-
-    if expected is not None:
-        if isinstance(expected, nn.Module):
-            expected = {name: tensor.shape for name, tensor in expected.state_dict().items()}
-        misshapen = [
-            f"{RELEASED_LATENT_PREFIX}{name} -> {ours_of[name]}: expected "
-            f"{_shape(expected.get(ours_of[name]))}, got {tuple(tensor.shape)}"
-            for name, tensor in found.items()
-            if tuple(tensor.shape) != _shape(expected.get(ours_of[name]))
-        ]
-        if misshapen:
-            raise ValueError("released latent-attention tensors have the wrong shape: "
-                             + "; ".join(misshapen))
-    return mapped
-
-
-def _shape(shape) -> tuple[int, ...] | None:
-    return None if shape is None else tuple(shape)
 
 
 class SelfAttentionPooling(nn.Module):

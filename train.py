@@ -40,71 +40,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
-import shutil
+import re
+import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm.auto import tqdm
 
+import data
+import evaluate
+from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
+                         save_checkpoint)
+from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
 from errors import DataError, MissingFileError, UsageError, UserError
+from model import PRESETS, MistralConfig, NVEmbed, apply_lora, mark_only_lora_trainable
 
 # ----------------------------------------------------------------------------
 # Distributed helpers: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them the
 # run is a plain single process and no process group exists at all.
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only (every rank runs the same code)."""
-    if rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def init_distributed(device: str | None = None) -> torch.device:
-    """Start the process group if launched by torchrun; return this rank's device.
-
-    nccl on GPU, gloo on CPU. Without torchrun's environment, nothing is initialised.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(device)
-    if launched and not is_distributed():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        # Rank 0 evaluates before and after training while the others wait in a barrier;
-        # an hour leaves room for a real BEIR corpus.
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
-                                timeout=datetime.timedelta(hours=1))
-    return device
-
-
-def destroy_distributed():
-    if is_distributed():
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------
@@ -258,7 +221,6 @@ def build_model(config: dict):
     output) keeps training those. Trainable parameters are kept in fp32 for AdamW even when
     the frozen base is bf16; FSDP's mixed-precision policy casts them for the compute.
     """
-    from model import NVEmbed, apply_lora, mark_only_lora_trainable
 
     if config["init_from"]:
         # What trains is loaded in fp32, exactly as stage 1 saved it (a trip through bf16
@@ -295,7 +257,6 @@ def build_model_on_rank0(config: dict):
     (`load_from_rank0`). So one process, not each of 8, reads and holds a 7B checkpoint.
     The architecture and the tokenizer travel by broadcast (pickled by rank 0 of this
     job), and so does rank 0's error if it cannot build the model."""
-    from model import NVEmbed
 
     model, error = None, None
     message = [None, None, None, False]  # architecture, tokenizer, rank 0's error, whether it is the user's
@@ -317,7 +278,6 @@ def build_model_on_rank0(config: dict):
 
 def load_from_rank0(model, full_state: dict | None, device: torch.device):
     """After `parallelize`: every rank's shards from rank 0's full state dict (None elsewhere)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if rank() != 0:
         model.to_empty(device=device)  # memory for the meta-device shards, filled just below
@@ -336,9 +296,6 @@ def parallelize(model, device: torch.device, activation_checkpointing: bool = Fa
     model.decoder.activation_checkpointing = activation_checkpointing  # recompute each layer in backward
     if not is_distributed():
         return model.to(device)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = init_device_mesh(device.type, (world_size(),))
     bf16 = device.type == "cuda" and compute_dtype == "bf16"  # on CPU, autocast does the casting
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
@@ -364,17 +321,6 @@ def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def model_folder(path: str | os.PathLike) -> Path:
-    """A saved model: a run folder's `model/`, or the model folder itself."""
-    path = Path(path)
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == "nv-embed":
-        return path
-    raise MissingFileError(f"{path}: neither a run folder with model/ nor a saved NV-Embed model "
-                           "(run stage 1 first, or pass --init-from a stage-1 output)")
-
-
 # ----------------------------------------------------------------------------
 # Data: one data.TrainDataset per source; every batch comes from a single source.
 
@@ -391,9 +337,7 @@ def builtin_sources(stage: int, hard_negatives: int, in_batch_negatives: bool, s
     out, so nothing about the evaluation queries is trained on. In-batch negatives, when
     asked for, go to the retrieval source only (data.TrainDataset decides).
     """
-    import re
 
-    import data
 
     builtin = data.builtin_dataset(seed=0, num_hard_negatives=max(hard_negatives, 1))
     sources = [data.TrainDataset("builtin-retrieval", builtin.train_examples, in_batch_negatives=in_batch_negatives,
@@ -417,7 +361,6 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
     Stage 1 takes retrieval files only (PAPER.md section 4); stage 2 takes any. In-batch
     negatives, when asked for, go to the retrieval files only (data.TrainDataset decides).
     """
-    import data
 
     sources = []
     for path in paths:
@@ -462,174 +405,19 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float, 
 # Checkpoints: torch.distributed.checkpoint (each rank writes its own shards)
 
 
-def _rng_state() -> dict:
-    """The RNG states training draws from: torch's (dropout). The data order needs none:
-    data.BatchSampler is a pure function of (seed, step), and nothing here uses Python's
-    or numpy's global generators. Tensors only, as everything dcp saves (`_training_state`)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _state_dict_options(model):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # Under LoRA the frozen base is not saved: resuming rebuilds it from the same
-    # --model / --init-from and seed (the config check at resume makes sure of that).
-    # Loading is then not strict about the frozen keys; dcp.load still fails on any
-    # trainable key the checkpoint lacks.
-    lora = model.lora_config() is not None
-    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
-
-
-def _training_state(model, optimizer, with_rng: bool = True) -> tuple[dict, list]:
-    """(what dcp saves and loads: tensors only, the optimizer's param groups).
-
-    dcp writes any entry that is not a tensor with torch.save, and loads it back with
-    torch.load(weights_only=False), which unpickles arbitrary objects. So the non-tensor
-    state (the step, the schedule, the param groups: lr, betas, eps...) stays out of it and
-    goes to trainer_state.json (`save_checkpoint`)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(model))
-    state = {"model": model_state, "optimizer": optimizer_state["state"]}  # per parameter: exp_avg, step...
-    if with_rng:
-        # One key per rank: dcp would keep only one copy of a key that every rank writes.
-        state[f"rng_rank{rank()}"] = _rng_state()
-
-    def check_tensors(value, where):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                check_tensors(item, f"{where}.{key}")
-        elif not isinstance(value, torch.Tensor):
-            raise TypeError(f"checkpoint: {where} is a {type(value).__name__}, not a tensor (dcp would pickle it)")
-
-    check_tensors(state, "state")
-    return state, optimizer_state["param_groups"]
-
-
-@contextlib.contextmanager
-def _single_process_dcp():
-    """dcp works without a process group (no_dist=True), but warns each time that it does."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def checkpoint_folder(out: str | os.PathLike) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint (`step_N`; an unfinished save is `step_N.tmp`)."""
-    found = [p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()]
-    return max(found, key=lambda p: int(p.name[len("step_"):])) if found else None
-
-
-def _barrier():
-    if is_distributed():
-        dist.barrier()
-
-
-def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, keep: int = 2) -> Path:
-    """Write the training state after `step` optimizer steps to out/checkpoints/step_N.
-
-    Every rank writes its shards into step_N.tmp; only when all have finished (dcp.save
-    returns after the coordinator wrote the metadata) does rank 0 rename the folder to
-    step_N. A rename is atomic, so a crash mid-save leaves a .tmp folder that nothing
-    mistakes for a checkpoint (it is deleted by the next save). The dcp files hold tensors
-    only (model, optimizer moments, RNG); step_N/trainer_state.json holds the rest: the
-    step (also the sampler's position: data.BatchSampler is a pure function of (seed,
-    step)), the schedule's state_dict, the optimizer's param groups, the configuration.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    final = checkpoint_folder(out) / f"step_{step:08d}"
-    temporary = final.with_name(final.name + ".tmp")
-    if rank() == 0:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    _barrier()
-    tensors, param_groups = _training_state(model, optimizer)
-    with _single_process_dcp():
-        dcp.save(tensors, checkpoint_id=temporary, no_dist=not is_distributed())
-    if rank() == 0:
-        # Param groups name their parameters by FQN and are the same on every rank; so is the schedule.
-        # JSON writes floats exactly (shortest repr that reads back the same).
-        trainer_state = {"step": step, "world_size": world_size(), "config": config,
-                         "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
-        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        older = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
-                       key=lambda p: int(p.name[len("step_"):]))
-        for stale in older[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale)
-    _barrier()
-    return final
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
-    """Restore model, optimizer, schedule and RNG from `folder` in place; return its step.
-
-    RNG states are per rank; on another world size they are not restored (the run then
-    continues correctly, but dropout masks differ from an uninterrupted run's).
-
-    What is unpickled: dcp reads its own step_N/.metadata file with pickle.load (its file
-    format has no other), so a checkpoint folder must be trusted as far as that file goes;
-    the tensors it reads with torch.load(weights_only=True), which unpickles tensors and
-    nothing else; everything else comes from trainer_state.json.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    saved = json.loads((folder / "trainer_state.json").read_text())
-    missing = [key for key in ("scheduler", "optimizer_param_groups") if key not in saved]
-    if missing:
-        raise ValueError(f"{folder / 'trainer_state.json'} has no {' or '.join(missing)}: the checkpoint was "
-                         "written by an older train.py (which pickled them into the dcp files); it cannot be resumed")
-    same_world = saved["world_size"] == world_size()
-    if not same_world:
-        print0(f"resume: {folder} was written by {saved['world_size']} ranks, this run has {world_size()}; "
-               "RNG states are not restored (dropout masks will differ from an uninterrupted run)")
-    state, _ = _training_state(model, optimizer, with_rng=same_world)
-    with _single_process_dcp():
-        dcp.load(state, checkpoint_id=folder, no_dist=not is_distributed())
-    # JSON has lists where the optimizer had tuples (AdamW's betas): give back the live groups' types.
-    param_groups = [{key: tuple(value) if isinstance(live.get(key), tuple) else value for key, value in group.items()}
-                    for group, live in zip(saved["optimizer_param_groups"], optimizer.param_groups)]
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict={"state": state["optimizer"], "param_groups": param_groups},
-                   options=_state_dict_options(model))
-    scheduler.load_state_dict(saved["scheduler"])
-    if same_world:
-        _set_rng_state(state[f"rng_rank{rank()}"])
-    return int(saved["step"])
-
-
 # ----------------------------------------------------------------------------
 # Evaluation (BEIR-style nDCG@10; evaluate.py)
 
 
 def evaluation_set(config: dict):
     """(corpus, queries, qrels, instruction) to evaluate on, or None."""
-    import data
 
     if config["eval_beir"]:
         corpus, queries, qrels = data.load_beir(config["eval_beir"], config["eval_split"])
         instruction = config["eval_instruction"]
         if instruction is None:
-            from evaluate import INSTRUCTIONS
 
-            instruction = INSTRUCTIONS.get(Path(config["eval_beir"]).resolve().name.lower(), "")
+            instruction = evaluate.INSTRUCTIONS.get(Path(config["eval_beir"]).resolve().name.lower(), "")
         return corpus, queries, qrels, instruction
     if not config["data"]:  # the built-in dataset's held-out test queries
         builtin = data.builtin_dataset(seed=0)
@@ -644,17 +432,15 @@ def run_evaluation(model, config: dict, device: torch.device, when: str, log) ->
         evaluation = evaluation_set(config)
         if evaluation is not None:
             was_device = next(model.parameters()).device
-            from evaluate import run_evaluation as evaluate_split
-
             corpus, queries, qrels, instruction = evaluation
-            metrics, _ = evaluate_split(model.to(device), corpus, queries, qrels, instruction,
+            metrics, _ = evaluate.run_evaluation(model.to(device), corpus, queries, qrels, instruction,
                                         batch_size=config["eval_batch_size"], top_k=100, k_values=(1, 10, 100))
             model.to(was_device)
             result = metrics["NDCG@10"]
             print0(f"eval {when} training: nDCG@10 {result:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
                    f"MRR@10 {metrics['MRR@10']:.4f}")
             log({"event": "eval", "when": when, **metrics})
-    _barrier()
+    barrier()
     return result
 
 
@@ -692,78 +478,19 @@ def step_flops(model_shape: dict, batch: dict) -> float:
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
-def logged_ndcg(out: Path, when: str) -> float | None:
-    """nDCG@10 of an evaluation already recorded in out/log.jsonl."""
-    log_file = out / "log.jsonl"
-    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-    return next((r["NDCG@10"] for r in records if r.get("event") == "eval" and r["when"] == when), None)
-
-
-def prepare_run_folder(config: dict):
-    """Create --out; refuse to mix a fresh run into an old one unless --overwrite."""
-    out = Path(config["out"])
-    if not config["resume"]:
-        # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
-        old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]
-        if old and not config["overwrite"]:
-            raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); pass --resume "
-                             "to continue it, --overwrite to replace it, or another --out")
-        if rank() == 0:
-            for path in old:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    _barrier()
-
-
-# Config keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "stop_after", "eval",
-                     "eval_batch_size", "device", "progress"}
-
-
-def check_resume_config(folder: Path, config: dict):
-    saved = json.loads((folder / "trainer_state.json").read_text())["config"]
-    differ = sorted(k for k in set(saved) | set(config)
-                    if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
-    if differ:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
-        raise UsageError(f"--resume: {folder} was written with another configuration ({details})")
-
-
 def train(config: dict) -> dict:
     """Run one stage as `config` (see `resolve_config`) says; returns a summary dict."""
-    import data
-    from tqdm.auto import tqdm
-
-    from model import NVEmbed
 
     device = init_distributed(config["device"])
     out = Path(config["out"])
-    prepare_run_folder(config)
-    resume_from = None
-    if config["resume"]:
-        resume_from = latest_checkpoint(out)
-        if resume_from is None:
-            raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
-        check_resume_config(resume_from, config)
-
-    if resume_from is not None and rank() == 0:
-        # Steps logged after the checkpoint were lost with the crash and will run again.
-        resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-        log_file = out / "log.jsonl"
-        records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-        kept = [r for r in records if r.get("step", 0) <= resumed_step]
-        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    resume_from = open_run(config)
 
     def log(record: dict):
-        if rank() == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        append_log(out, record)
 
     print0("config " + json.dumps(config, indent=2))
     if rank() == 0:
@@ -906,14 +633,13 @@ def train(config: dict) -> dict:
         return summary
 
     # ---- the final model: gather the full weights to rank 0, save, reload, evaluate.
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() == 0:
         model.save(out / "model", state_dict=full_state, overwrite=True)
         print0(f"saved model to {out / 'model'}")
     del model, optimizer, full_state
-    _barrier()
+    barrier()
     summary["model"] = str(out / "model")
     if config["eval"]:
         # Evaluate what was saved, as evaluate.py would load it.
@@ -1038,7 +764,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Fill every flag left out from the recipe (and, with --init-from, from the saved model)."""
-    from model import PRESETS, MistralConfig
 
     config = dict(vars(args))
     stage = config["stage"]

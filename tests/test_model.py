@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from model import (
-    LoRADropout, Mistral, MistralConfig, apply_lora, load_checked, lora_state_dict, mark_only_lora_trainable, merge_lora,
+    LoRADropout, Mistral, MistralConfig, apply_lora, lora_state_dict, mark_only_lora_trainable, merge_lora,
 )
+from checkpoints import load_checked
 from tests.helpers import smollm2_gguf
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 from data import ByteTokenizer, load_tokenizer
 from model import Mistral, MistralConfig, NVEmbed, apply_lora
-from pooling import LatentAttentionPooling, RELEASED_LATENT_NAMES
+from checkpoints import RELEASED_LATENT_NAMES
+from pooling import LatentAttentionPooling
 from tests.helpers import smollm2_gguf
 
 TEXTS = ["a short one", "a much longer text that needs padding in the batch", "mid-sized text",

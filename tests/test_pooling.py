@@ -15,15 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pooling import (  # noqa: E402
-    POOLINGS,
-    RELEASED_LATENT_PREFIX,
-    LastTokenPooling,
-    LatentAttentionPooling,
-    MeanPooling,
-    SelfAttentionPooling,
-    latent_attention_state_dict_from_released,
-)
+from checkpoints import RELEASED_LATENT_PREFIX, latent_attention_state_dict_from_released  # noqa: E402
+from pooling import POOLINGS, LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling  # noqa: E402
 
 torch.set_num_threads(1)
 DTYPE = torch.float64

@@ -14,6 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import checkpoints  # noqa: E402
+import distributed  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -243,7 +245,7 @@ def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_pa
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
-    folder = train.save_checkpoint(tmp_path, model, optimizer, scheduler, 2, config={"seed": 0})
+    folder = checkpoints.save_checkpoint(tmp_path, model, optimizer, scheduler, 2, config={"seed": 0})
 
     entries = FileSystemReader(folder).read_metadata().state_dict_metadata
     pickled = sorted(key for key, value in entries.items() if not isinstance(value, TensorStorageMetadata))
@@ -257,7 +259,7 @@ def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_pa
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    assert train.load_checkpoint(folder, fresh_model, fresh_optimizer, fresh_scheduler) == 2
+    assert checkpoints.load_checkpoint(folder, fresh_model, fresh_optimizer, fresh_scheduler) == 2
     assert weights_only and set(weights_only) == {True}
     # Restored exactly, types included (JSON has no tuples; AdamW's betas is one).
     assert fresh_scheduler.state_dict() == scheduler.state_dict()
@@ -311,7 +313,7 @@ def two_rank_worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    device = train.init_distributed("cpu")
+    device = distributed.init_distributed("cpu")
     results = {}
     for kind, in_batch, checkpointing in CASES:
         model = train.parallelize(tiny_model(kind), device, activation_checkpointing=checkpointing)
@@ -360,7 +362,7 @@ def two_rank_worker(rank, port, out_dir):
         run("--out", os.path.join(out_dir, "d"))
     with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
         f.write(f"{error.type.__name__}: {error.value}")
-    train.destroy_distributed()
+    distributed.destroy_distributed()
 
 
 def free_port():
@@ -385,7 +387,7 @@ def two_ranks(tmp_path_factory):
 
 def test_two_ranks_give_the_gradients_of_one(two_ranks):
     two = torch.load(two_ranks / "gradients.pt")
-    assert not train.is_distributed()
+    assert not distributed.is_distributed()
     for kind, in_batch, checkpointing in CASES:
         model = tiny_model(kind)
         examples = global_batch()
@@ -482,7 +484,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, single_process):
     uninterrupted = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "a")])
     stopped = train.main(SMALL_JOB + ["--steps", "6", "--stop-after", "3", "--out", str(tmp_path / "b")])
     assert stopped["step"] == 3 and stopped["model"] is None
-    assert train.latest_checkpoint(tmp_path / "b").name == "step_00000003"
+    assert checkpoints.latest_checkpoint(tmp_path / "b").name == "step_00000003"
     # A save that crashed midway leaves a .tmp folder; it must not be taken for a checkpoint.
     (tmp_path / "b" / "checkpoints" / "step_00000005.tmp").mkdir()
     resumed = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "b"), "--resume"])
@@ -517,7 +519,7 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, single_process, mo
         train.main(SMALL_JOB + ["--steps", "5", "--save-every", "1", "--out", str(tmp_path)])
     assert stopped.value.code == 1
     assert "step 3: the loss is nan" in capsys.readouterr().err
-    assert train.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000002"
     assert not (tmp_path / "model").exists()
 
 

@@ -1,0 +1,620 @@
+"""Weights and training state in and out: read when you need them.
+
+- HF checkpoints (`Mistral.from_pretrained`): a folder of config.json and (sharded)
+  safetensors or `pytorch_model*.bin` (read with weights_only=True), or a `.gguf` file
+  dequantised by transformers. Tensors are read one at a time and assigned, never copied.
+- NV-Embed folders (`NVEmbed.save` / `NVEmbed.from_pretrained`): config.json, the decoder
+  (or only its LoRA adapters plus a fingerprint of their base), the pooling, the tokenizer;
+  written into a temporary folder and renamed, so a crash never leaves a half-saved model.
+- NVIDIA's released NV-Embed-v1/v2 folders (`NVEmbed.from_released`): only their weights
+  and configs are read; their Python code is never run.
+- Training state (train.py): torch.distributed.checkpoint folders holding tensors only,
+  the rest as JSON beside them; the run folder and its log.
+
+Every unreadable or mismatched file raises `errors.CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch import Tensor
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from distributed import barrier, is_distributed, print0, rank, world_size
+from errors import CheckpointError, MissingFileError, UsageError
+
+# ----------------------------------------------------------------------------
+# HF checkpoints
+
+SUPPORTED_MODEL_TYPES = {"mistral", "llama"}
+
+
+def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
+    """An HF `config.json` dict of a Mistral or Llama-family model, with its rope_theta and key/value heads where
+    recent transformers versions or older files leave them out. Anything that would change the computation and
+    that model.py does not implement is refused by name rather than silently ignored."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        archs = hf.get("architectures")
+        raise CheckpointError(
+            f"{source}: unsupported architecture model_type={model_type!r} "
+            f"(architectures={archs}); supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    rope_scaling = hf.get("rope_scaling") or {}
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError(f"{source}: attention_bias / mlp_bias are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    fields = dict(hf)
+    # HF's rope_theta moved into rope_parameters in recent versions.
+    rope_parameters = hf.get("rope_parameters") or {}
+    if "rope_theta" not in fields and "rope_theta" in rope_parameters:
+        fields["rope_theta"] = rope_parameters["rope_theta"]
+    fields.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
+    if model_type == "llama":
+        fields["sliding_window"] = None  # Llama has full causal attention
+    return fields
+
+
+
+def read_json(file: Path) -> dict:
+    """A checkpoint's JSON file (config, index) as a dict; a malformed one is named with its line."""
+    try:
+        content = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file}:{error.lineno}: malformed JSON ({error.msg})") from error
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise MissingFileError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    return files
+
+
+# Checkpoint tensors that belong to the causal LM but not to the encoder.
+UNUSED_CHECKPOINT_KEYS = ("lm_head.weight",)
+
+
+def _read_checkpoint_tensors(folder: Path, dtype: torch.dtype):
+    """Yield (name without "model.", tensor cast to dtype), one tensor at a time."""
+    for name, tensor in read_checkpoint_tensors_raw(folder, dtype):
+        if name in UNUSED_CHECKPOINT_KEYS or name.endswith("rotary_emb.inv_freq"):
+            continue
+        yield name.removeprefix("model."), tensor
+
+
+def read_checkpoint_tensors_raw(folder: Path, dtype: torch.dtype):
+    """Yield every (name, tensor cast to dtype) of a checkpoint directory, one at a time."""
+    for file in _checkpoint_files(folder):
+        if file.suffix == ".safetensors":
+            try:  # the header is checked against the file's size here: a truncated file fails at once
+                opened = safe_open(str(file), framework="pt")
+            except SafetensorError as error:  # its message does not name the file
+                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
+            with opened as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).to(dtype)
+        else:
+            # mmap + weights_only: no unpickling of arbitrary objects, no full read.
+            try:
+                shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a truncated or foreign file
+                raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({error})") from error
+            for name in list(shard):
+                yield name, shard.pop(name).to(dtype)
+
+
+def read_hf_checkpoint(path: Path, dtype: torch.dtype):
+    """(config.json as a dict, the file it came from, (name, tensor) pairs) of an HF checkpoint folder or a .gguf
+    file. Names lose HF's leading "model."; the LM head is left out (an embedder has none)."""
+    if path.suffix == ".gguf":
+        return _read_gguf(path, dtype)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"{path}: no config.json (expected an HF checkpoint directory or a .gguf file)")
+    return read_json(config_file), str(config_file), _read_checkpoint_tensors(path, dtype)
+
+
+def _read_gguf(file: Path, dtype: torch.dtype):
+    """Dequantise a .gguf through transformers; returns what read_hf_checkpoint does."""
+    if not file.is_file():
+        raise MissingFileError(f"{file}: no such .gguf file")
+    with open(file, "rb") as f:
+        if f.read(4) != b"GGUF":  # what transformers would refuse, with a traceback
+            raise CheckpointError(f"{file}: not a GGUF file (it does not start with the bytes 'GGUF')")
+    from transformers import AutoModelForCausalLM  # slow to import: only for .gguf files
+
+    # transformers dequantises to float32; we cast tensor by tensor.
+    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+    state = ((k.removeprefix("model."), v.to(dtype)) for k, v in hf.state_dict().items()
+             if k not in UNUSED_CHECKPOINT_KEYS)
+    return hf.config.to_dict(), str(file), state
+
+
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, naming the file when it is missing or unreadable (truncated, say)."""
+    if not file.is_file():
+        raise MissingFileError(f"{file}: no such file")
+    try:
+        return load_file(file)
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
+
+
+def load_checked(model: nn.Module, tensors, source: str):
+    """Assign named tensors to `model` (which may live on the meta device).
+
+    Refuses, naming them, tensors the model does not have, tensors of the wrong shape,
+    and parameters the checkpoint lacks. Tensors are assigned, not copied, so there
+    is never a second copy of the weights.
+    """
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    state, unexpected, misshapen = {}, [], []
+    for name, tensor in tensors:
+        if name not in expected:
+            unexpected.append(name)
+        elif tuple(tensor.shape) != tuple(expected[name].shape):
+            misshapen.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
+        else:
+            state[name] = tensor
+    missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshapen})
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {sorted(unexpected)}")
+    if misshapen:
+        problems.append(f"wrongly shaped tensors: {misshapen}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match the model config; " + "; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -> str:
+    """A short hash of a decoder's weights: up to `samples` values of each tensor taken at a
+    fixed stride, rounded to bf16 (so the same checkpoint loaded in fp32 or bf16 hashes alike).
+
+    Adapter-only saves record it for their base checkpoint: loading them on another
+    checkpoint of the same shape (another fine-tune of the same model, say) is refused
+    instead of silently computing something else.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        flat = tensors[name].detach().reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        values = flat[::stride][:samples].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode() + values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------
+# NV-Embed folders: what NVEmbed.save writes and NVEmbed.from_pretrained reads
+
+
+def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
+                       tokenizer, overwrite: bool = False) -> None:
+    """What NVEmbed.save writes: config.json (the architecture, the weights' dtype), the decoder's weights (or,
+    for LoRA on a checkpoint's decoder, only the adapters plus a fingerprint of the base's weights), the
+    pooling's, and the tokenizer in tokenizer/.
+
+    Written whole into a temporary folder, then renamed: a crash never leaves a folder
+    that looks saved, and no file of an older model survives beside the new.
+    """
+    final = Path(folder)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise FileExistsError(f"{final} already exists and is not empty; pass overwrite=True to replace it")
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    adapters_only = architecture["lora"] is not None and architecture["base"] is not None
+    decoder_state = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
+    pooling_state = {k.removeprefix("pooling."): v for k, v in state.items() if k.startswith("pooling.")}
+    base_fingerprint = None
+    if adapters_only:
+        base_fingerprint = weights_fingerprint({k: v for k, v in decoder_state.items() if "lora_" not in k})
+        decoder_state = {k: v for k, v in decoder_state.items() if "lora_" in k}
+    config = dict(format="nv-embed", **{k: v for k, v in architecture.items() if k not in ("params", "base")},
+                  base=architecture["base"] if adapters_only else None, base_fingerprint=base_fingerprint,
+                  dtype=str(state["decoder.embed_tokens.weight"].dtype).removeprefix("torch."), tokenizer="tokenizer")
+
+    temporary = final.with_name(final.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_file(decoder_state, temporary / ("adapters.safetensors" if adapters_only else "decoder.safetensors"))
+    save_file(pooling_state, temporary / "pooling.safetensors")
+    tokenizer.save_pretrained(str(temporary / "tokenizer"))
+    (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+
+
+def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, torch.Tensor]]:
+    """(config, its file, {"decoder.*" / "pooling.*": tensor}) of a folder NVEmbed.save wrote, the tensors as
+    saved (an adapters-only save holds only the adapters of its decoder). Any other folder is refused by name."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"{folder}: no config.json (not a saved NV-Embed model)")
+    config = read_json(config_file)
+    if config.get("format") != "nv-embed":
+        raise CheckpointError(f"{config_file}: not an NV-Embed model saved by this project "
+                              "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
+    # Saves from before the text rule was recorded hold only its template; the rest was the project's rule.
+    config.setdefault("text_rule", {"template": config.get("query_template")})
+    config.setdefault("normalize", True)
+    decoder_file = "adapters.safetensors" if config["base"] is not None else "decoder.safetensors"
+    tensors = {f"decoder.{k}": v for k, v in load_safetensors(folder / decoder_file).items()}
+    tensors |= {f"pooling.{k}": v for k, v in load_safetensors(folder / "pooling.safetensors").items()}
+    return config, config_file, tensors
+
+
+def check_base(config: dict, config_file: Path, decoder_config: dict, base_state: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapters-only save whose base checkpoint is not the one it was trained on: another config, or
+    (the fingerprint) other weights of the same shape, such as another fine-tune of the same model."""
+    if decoder_config != config["decoder"]:
+        raise CheckpointError(f"{config_file}: base checkpoint {config['base']} has another config "
+                              "than the one these adapters were trained on")
+    expected = config.get("base_fingerprint")  # absent in saves from before it existed
+    found = weights_fingerprint(base_state)
+    if expected and found != expected:
+        raise CheckpointError(f"{config_file}: base checkpoint {config['base']} holds other weights "
+                              f"than the ones these adapters were trained on (fingerprint {found}, "
+                              f"expected {expected})")
+
+
+def is_saved(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `NVEmbed.save`."""
+    config_file = Path(path) / "config.json"
+    try:
+        return json.loads(config_file.read_text()).get("format") == "nv-embed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# Released name (after the `latent_attention_model.` prefix) -> our name. The released
+# module is a Perceiver-style pair of blocks: block 0 = PreNorm(cross-attention),
+# block 1 = PreNorm(feed-forward); `fn` is the wrapped layer, `net.0`/`net.2` the two
+# linears of the GEGLU feed-forward (`net.1` is the parameter-free GEGLU). Beware the
+# released naming: its `norm` normalises the tokens (the queries) and `norm_context`
+# the latents (the keys and values).
+RELEASED_LATENT_PREFIX = "latent_attention_model."
+
+
+RELEASED_LATENT_NAMES = {
+    "latents": "latents",
+    "cross_attend_blocks.0.norm.weight": "attn_norm.weight",
+    "cross_attend_blocks.0.norm.bias": "attn_norm.bias",
+    "cross_attend_blocks.0.norm_context.weight": "latent_norm.weight",
+    "cross_attend_blocks.0.norm_context.bias": "latent_norm.bias",
+    "cross_attend_blocks.0.fn.to_q.weight": "to_q.weight",
+    "cross_attend_blocks.0.fn.to_kv.weight": "to_kv.weight",
+    "cross_attend_blocks.0.fn.to_out.weight": "to_out.weight",
+    "cross_attend_blocks.1.norm.weight": "ff_norm.weight",
+    "cross_attend_blocks.1.norm.bias": "ff_norm.bias",
+    "cross_attend_blocks.1.fn.net.0.weight": "ff_in.weight",
+    "cross_attend_blocks.1.fn.net.0.bias": "ff_in.bias",
+    "cross_attend_blocks.1.fn.net.2.weight": "ff_out.weight",
+    "cross_attend_blocks.1.fn.net.2.bias": "ff_out.bias",
+}
+
+
+def latent_attention_state_dict_from_released(
+    released: Mapping[str, Tensor],
+    expected: nn.Module | Mapping[str, torch.Size | tuple[int, ...]] | None = None,
+) -> dict[str, Tensor]:
+    """Rename the released `latent_attention_model.*` tensors to LatentAttentionPooling's names.
+
+    `released` may be the whole NV-Embed state dict: keys without the prefix (the
+    `embedding_model.*` decoder) are ignored. Raises KeyError naming every missing or
+    unknown key under the prefix. With `expected` (a LatentAttentionPooling, or a dict
+    from our names to shapes), a tensor whose shape differs raises ValueError naming
+    the released key, our key and both shapes. The tensors are returned as they are
+    (no copy, no dtype change), ready for `load_state_dict(..., strict=True)`.
+    """
+    ours_of = RELEASED_LATENT_NAMES
+    found = {key[len(RELEASED_LATENT_PREFIX):]: tensor for key, tensor in released.items()
+             if key.startswith(RELEASED_LATENT_PREFIX)}
+    missing = [RELEASED_LATENT_PREFIX + name for name in ours_of if name not in found]
+    unknown = [RELEASED_LATENT_PREFIX + name for name in found if name not in ours_of]
+    if missing or unknown:
+        raise KeyError(
+            "released latent-attention weights do not match the expected names: "
+            f"missing {missing}, unexpected {unknown}"
+        )
+    mapped = {ours_of[name]: tensor for name, tensor in found.items()}
+
+    if expected is not None:
+        if isinstance(expected, nn.Module):
+            expected = {name: tensor.shape for name, tensor in expected.state_dict().items()}
+        misshapen = [
+            f"{RELEASED_LATENT_PREFIX}{name} -> {ours_of[name]}: expected "
+            f"{_shape(expected.get(ours_of[name]))}, got {tuple(tensor.shape)}"
+            for name, tensor in found.items()
+            if tuple(tensor.shape) != _shape(expected.get(ours_of[name]))
+        ]
+        if misshapen:
+            raise ValueError("released latent-attention tensors have the wrong shape: "
+                             + "; ".join(misshapen))
+    return mapped
+
+
+def _shape(shape) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(shape)
+
+
+def read_released(folder: str | os.PathLike, dtype: torch.dtype) -> tuple[dict, dict, dict, dict]:
+    """(config, text_config, latent_attention_config, {NVEmbed name: tensor}) of a released NV-Embed folder.
+
+    Their decoder type "bidir_mistral" (Mistral without the causal mask) reads as "mistral".
+    Left padding is refused: there the released code masks no instruction and its decoder
+    counts positions from the first column, which this project's decoder does not.
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"{folder}: no config.json (not a released NV-Embed checkpoint)")
+    config = read_json(config_file)
+    text_config = dict(config.get("text_config") or {})
+    if not text_config:
+        raise CheckpointError(f"{config_file}: no text_config (not a released NV-Embed checkpoint)")
+    if text_config.get("model_type") == "bidir_mistral":
+        text_config["model_type"] = "mistral"
+    if config.get("padding_side", "right") != "right":
+        raise CheckpointError(f"{config_file}: padding_side {config['padding_side']!r} is not supported (the "
+                              "released code then shifts rotary positions by the padding and masks no instruction)")
+    released = dict(read_checkpoint_tensors_raw(folder, dtype))
+    unknown = sorted(k for k in released if not k.startswith(("embedding_model.", RELEASED_LATENT_PREFIX)))
+    if unknown:
+        raise CheckpointError(f"{folder}: unexpected tensors {unknown[:10]}")
+    tensors = {"decoder." + k.removeprefix("embedding_model."): v for k, v in released.items()
+               if k.startswith("embedding_model.")}
+    tensors |= {"pooling." + k: v for k, v in latent_attention_state_dict_from_released(released).items()}
+    return config, text_config, config.get("latent_attention_config") or {}, tensors
+
+
+# ----------------------------------------------------------------------------
+# Training state (torch.distributed.checkpoint: each rank writes its own shards) and the run folder
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """A saved model: a run folder's `model/`, or the model folder itself."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == "nv-embed":
+        return path
+    raise MissingFileError(f"{path}: neither a run folder with model/ nor a saved NV-Embed model "
+                           "(run stage 1 first, or pass --init-from a stage-1 output)")
+
+
+def _rng_state() -> dict:
+    """The RNG states training draws from: torch's (dropout). The data order needs none:
+    data.BatchSampler is a pure function of (seed, step), and nothing here uses Python's
+    or numpy's global generators. Tensors only, as everything dcp saves (`_training_state`)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _state_dict_options(model):
+
+    # Under LoRA the frozen base is not saved: resuming rebuilds it from the same
+    # --model / --init-from and seed (the config check at resume makes sure of that).
+    # Loading is then not strict about the frozen keys; dcp.load still fails on any
+    # trainable key the checkpoint lacks.
+    lora = model.lora_config() is not None
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
+def _training_state(model, optimizer, with_rng: bool = True) -> tuple[dict, list]:
+    """(what dcp saves and loads: tensors only, the optimizer's param groups).
+
+    dcp writes any entry that is not a tensor with torch.save, and loads it back with
+    torch.load(weights_only=False), which unpickles arbitrary objects. So the non-tensor
+    state (the step, the schedule, the param groups: lr, betas, eps...) stays out of it and
+    goes to trainer_state.json (`save_checkpoint`)."""
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(model))
+    state = {"model": model_state, "optimizer": optimizer_state["state"]}  # per parameter: exp_avg, step...
+    if with_rng:
+        # One key per rank: dcp would keep only one copy of a key that every rank writes.
+        state[f"rng_rank{rank()}"] = _rng_state()
+
+    def check_tensors(value, where):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check_tensors(item, f"{where}.{key}")
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"checkpoint: {where} is a {type(value).__name__}, not a tensor (dcp would pickle it)")
+
+    check_tensors(state, "state")
+    return state, optimizer_state["param_groups"]
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """dcp works without a process group (no_dist=True), but warns each time that it does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def checkpoint_folder(out: str | os.PathLike) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint (`step_N`; an unfinished save is `step_N.tmp`)."""
+    found = [p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()]
+    return max(found, key=lambda p: int(p.name[len("step_"):])) if found else None
+
+
+def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, keep: int = 2) -> Path:
+    """Write the training state after `step` optimizer steps to out/checkpoints/step_N.
+
+    Every rank writes its shards into step_N.tmp; only when all have finished (dcp.save
+    returns after the coordinator wrote the metadata) does rank 0 rename the folder to
+    step_N. A rename is atomic, so a crash mid-save leaves a .tmp folder that nothing
+    mistakes for a checkpoint (it is deleted by the next save). The dcp files hold tensors
+    only (model, optimizer moments, RNG); step_N/trainer_state.json holds the rest: the
+    step (also the sampler's position: data.BatchSampler is a pure function of (seed,
+    step)), the schedule's state_dict, the optimizer's param groups, the configuration.
+    """
+
+    final = checkpoint_folder(out) / f"step_{step:08d}"
+    temporary = final.with_name(final.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    barrier()
+    tensors, param_groups = _training_state(model, optimizer)
+    with _single_process_dcp():
+        dcp.save(tensors, checkpoint_id=temporary, no_dist=not is_distributed())
+    if rank() == 0:
+        # Param groups name their parameters by FQN and are the same on every rank; so is the schedule.
+        # JSON writes floats exactly (shortest repr that reads back the same).
+        trainer_state = {"step": step, "world_size": world_size(), "config": config,
+                         "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
+        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        older = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
+                       key=lambda p: int(p.name[len("step_"):]))
+        for stale in older[:-keep] if keep > 0 else []:
+            shutil.rmtree(stale)
+    barrier()
+    return final
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
+    """Restore model, optimizer, schedule and RNG from `folder` in place; return its step.
+
+    RNG states are per rank; on another world size they are not restored (the run then
+    continues correctly, but dropout masks differ from an uninterrupted run's).
+
+    What is unpickled: dcp reads its own step_N/.metadata file with pickle.load (its file
+    format has no other), so a checkpoint folder must be trusted as far as that file goes;
+    the tensors it reads with torch.load(weights_only=True), which unpickles tensors and
+    nothing else; everything else comes from trainer_state.json.
+    """
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    missing = [key for key in ("scheduler", "optimizer_param_groups") if key not in saved]
+    if missing:
+        raise CheckpointError(f"{folder / 'trainer_state.json'} has no {' or '.join(missing)}: the checkpoint was "
+                              "written by an older train.py (which pickled them into the dcp files); it cannot be "
+                              "resumed")
+    same_world = saved["world_size"] == world_size()
+    if not same_world:
+        print0(f"resume: {folder} was written by {saved['world_size']} ranks, this run has {world_size()}; "
+               "RNG states are not restored (dropout masks will differ from an uninterrupted run)")
+    state, _ = _training_state(model, optimizer, with_rng=same_world)
+    with _single_process_dcp():
+        dcp.load(state, checkpoint_id=folder, no_dist=not is_distributed())
+    # JSON has lists where the optimizer had tuples (AdamW's betas): give back the live groups' types.
+    param_groups = [{key: tuple(value) if isinstance(live.get(key), tuple) else value for key, value in group.items()}
+                    for group, live in zip(saved["optimizer_param_groups"], optimizer.param_groups)]
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optimizer"], "param_groups": param_groups},
+                   options=_state_dict_options(model))
+    scheduler.load_state_dict(saved["scheduler"])
+    if same_world:
+        _set_rng_state(state[f"rng_rank{rank()}"])
+    return int(saved["step"])
+
+
+def prepare_run_folder(config: dict):
+    """Create --out; refuse to mix a fresh run into an old one unless --overwrite."""
+    out = Path(config["out"])
+    if not config["resume"]:
+        # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
+        old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]
+        if old and not config["overwrite"]:
+            raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); pass --resume "
+                             "to continue it, --overwrite to replace it, or another --out")
+        if rank() == 0:
+            for path in old:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+
+# Config keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "stop_after", "eval",
+                     "eval_batch_size", "device", "progress"}
+
+
+def check_resume_config(folder: Path, config: dict):
+    saved = json.loads((folder / "trainer_state.json").read_text())["config"]
+    differ = sorted(k for k in set(saved) | set(config)
+                    if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
+        raise UsageError(f"--resume: {folder} was written with another configuration ({details})")
+
+
+def logged_ndcg(out: Path, when: str) -> float | None:
+    """nDCG@10 of an evaluation already recorded in out/log.jsonl."""
+    log_file = out / "log.jsonl"
+    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    return next((r["NDCG@10"] for r in records if r.get("event") == "eval" and r["when"] == when), None)
+
+
+def open_run(config: dict) -> Path | None:
+    """Make the run folder --out ready (`prepare_run_folder`); with --resume, the checkpoint to resume from, after
+    checking that it was written with the same configuration and cutting the log back to its step (the steps
+    logged after it were lost with the crash and will run again)."""
+    out = Path(config["out"])
+    prepare_run_folder(config)
+    if not config["resume"]:
+        return None
+    resume_from = latest_checkpoint(out)
+    if resume_from is None:
+        raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
+    check_resume_config(resume_from, config)
+    if rank() == 0:
+        resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+        log_file = out / "log.jsonl"
+        records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+        kept = [r for r in records if r.get("step", 0) <= resumed_step]
+        log_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return resume_from
+
+
+def append_log(out: Path, record: dict) -> None:
+    """One JSON record appended to out/log.jsonl, by rank 0."""
+    if rank() == 0:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

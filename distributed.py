@@ -1,0 +1,64 @@
+"""torchrun's process group in a few helpers: who am I, how many are we, print once.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them a run is a plain single process
+and no process group exists at all, so every helper here also works without one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every rank runs the same code)."""
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_distributed(device: str | None = None) -> torch.device:
+    """Start the process group if launched by torchrun; return this rank's device.
+
+    nccl on GPU, gloo on CPU. Without torchrun's environment, nothing is initialised.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device)
+    if launched and not is_distributed():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # Rank 0 evaluates before and after training while the others wait in a barrier;
+        # an hour leaves room for a real BEIR corpus.
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(hours=1))
+    return device
+
+
+def destroy_distributed():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
