@@ -425,7 +425,7 @@ def evaluation_set(config: dict):
     return None
 
 
-def run_evaluation(model, config: dict, device: torch.device, when: str, log) -> float | None:
+def run_evaluation(model, config: dict, device: torch.device, when: str) -> float | None:
     """nDCG@10 on rank 0 (others wait); logged and returned (None on other ranks / no eval set)."""
     result = None
     if config["eval"] and rank() == 0:
@@ -434,12 +434,13 @@ def run_evaluation(model, config: dict, device: torch.device, when: str, log) ->
             was_device = next(model.parameters()).device
             corpus, queries, qrels, instruction = evaluation
             metrics, _ = evaluate.run_evaluation(model.to(device), corpus, queries, qrels, instruction,
-                                        batch_size=config["eval_batch_size"], top_k=100, k_values=(1, 10, 100))
+                                                 batch_size=config["eval_batch_size"], top_k=100,
+                                                 k_values=(1, 10, 100))
             model.to(was_device)
             result = metrics["NDCG@10"]
             print0(f"eval {when} training: nDCG@10 {result:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
                    f"MRR@10 {metrics['MRR@10']:.4f}")
-            log({"event": "eval", "when": when, **metrics})
+            append_log(Path(config["out"]), {"event": "eval", "when": when, **metrics})
     barrier()
     return result
 
@@ -465,6 +466,20 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def model_shape(model) -> dict:
+    """What step_flops counts with: all parameters (under FSDP, the unsharded count), layers, hidden size."""
+    return dict(params=sum(p.numel() for p in model.parameters()), layers=model.decoder.config.num_hidden_layers,
+                hidden=model.decoder.config.hidden_size)
+
+
+def describe(model, device: torch.device) -> str:
+    shape, lora = model_shape(model), model.lora_config()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"model: {shape['params'] / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+            f"({'LoRA ' + json.dumps(lora) if lora else 'full fine-tuning'}), pooling {model.pooling_name}, "
+            f"{'causal' if model.causal else 'bidirectional'}; {world_size()} rank(s) on {device.type}")
+
+
 def step_flops(model_shape: dict, batch: dict) -> float:
     """Training FLOPs of one micro-batch, counted as torchtitan does: 6 x parameters per
     token (forward 2, backward 4) plus 12 x layers x D x T per token for attention."""
@@ -482,22 +497,9 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
-def train(config: dict) -> dict:
-    """Run one stage as `config` (see `resolve_config`) says; returns a summary dict."""
-
-    device = init_distributed(config["device"])
-    out = Path(config["out"])
-    resume_from = open_run(config)
-
-    def log(record: dict):
-        append_log(out, record)
-
-    print0("config " + json.dumps(config, indent=2))
-    if rank() == 0:
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-    # ---- data: the global batch of step k is a pure function of (seed, k); rank r
-    # takes a contiguous slice of each micro-batch.
+def training_data(config: dict) -> tuple[list, data.BatchSampler]:
+    """The sources (one data.TrainDataset each) and the sampler: the global batch of step k is a pure function
+    of (seed, k), whatever the number of ranks."""
     if config["data"]:
         sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
                                config["in_batch_negatives"])
@@ -508,26 +510,72 @@ def train(config: dict) -> dict:
         print0(source.summary())
         if len(source) < config["batch_size"]:
             raise UsageError(f"--batch-size {config['batch_size']}: {source.name} has only {len(source)} examples")
-    sampler = data.BatchSampler(sources, config["batch_size"], seed=config["seed"])
-    micro_batches = config["grad_accum"]
-    if config["batch_size"] % (micro_batches * world_size()):
+    if config["batch_size"] % (config["grad_accum"] * world_size()):
         raise UsageError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
-                         f"{micro_batches} x {world_size()} ranks")
-    micro_size = config["batch_size"] // micro_batches
+                         f"{config['grad_accum']} x {world_size()} ranks")
+    return sources, data.BatchSampler(sources, config["batch_size"], seed=config["seed"])
 
-    # ---- model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
+
+def train_step(model, optimizer, scheduler, source, global_batch: list[int], config: dict, device: torch.device,
+               autocast) -> dict:
+    """One optimizer step on the global batch; returns its loss (the mean over all ranks), gradient norm, lr,
+    real tokens (all ranks) and this rank's FLOPs."""
+    micro_batches = config["grad_accum"]
+    micro_size = config["batch_size"] // micro_batches
+    loss_sum, tokens, flops = torch.zeros((), device=device), 0, 0.0
+    # Gradient accumulation: gradients are reduced across ranks only on the last
+    # micro-batch. In-batch negatives are per micro-batch (the other documents of
+    # the same micro-batch on all ranks), so accumulation trades memory for fewer
+    # negatives; 1 micro-batch is the paper's setting.
+    for micro in range(micro_batches):
+        if is_distributed():
+            model.set_requires_gradient_sync(micro == micro_batches - 1)
+        indices = data.rank_slice(global_batch[micro * micro_size:(micro + 1) * micro_size], rank(), world_size())
+        batch = source.collate(indices, model.tokenizer, config["max_length"], model.text_rule)
+        loss, real_tokens = forward_backward(model, batch, config["temperature"], 1.0 / micro_batches, device,
+                                             autocast)
+        loss_sum += loss / micro_batches
+        tokens += real_tokens
+        flops += step_flops(model_shape(model), batch)
+    # The logged loss is the global batch's mean (the ranks hold equal shares).
+    stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
+    if is_distributed():
+        dist.all_reduce(stats)
+        stats[0] /= world_size()
+    loss_value = stats[0].item()
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(f"the loss is {loss_value}; stopping without an optimizer step or a checkpoint "
+                                 f"from this step (last checkpoint: {latest_checkpoint(config['out']) or 'none'})")
+    max_norm = config["grad_clip"] if config["grad_clip"] > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP
+    grad_norm = grad_norm.item()
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"the gradient norm is {grad_norm} (loss {loss_value:.4f}); stopping without an "
+                                 "optimizer step or a checkpoint from this step")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss_value, grad_norm=grad_norm, lr=lr, tokens=int(stats[1].item()), flops=flops)
+
+
+def train(config: dict) -> dict:
+    """Run one stage as `config` (see `resolve_config`) says; returns a summary dict."""
+    device = init_distributed(config["device"])
+    out = Path(config["out"])
+    resume_from = open_run(config)
+    print0("config " + json.dumps(config, indent=2))
+    if rank() == 0:
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    sources, sampler = training_data(config)
+
+    # The model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
     distributed = is_distributed() and world_size() > 1
     model = build_model_on_rank0(config) if distributed else build_model(config)
-    tokenizer = model.tokenizer
-    model_shape = dict(params=sum(p.numel() for p in model.parameters()),
-                       layers=model.decoder.config.num_hidden_layers, hidden=model.decoder.config.hidden_size)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"model: {model_shape['params'] / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-           f"({'LoRA ' + json.dumps(model.lora_config()) if model.lora_config() else 'full fine-tuning'}), "
-           f"pooling {model.pooling_name}, {'causal' if model.causal else 'bidirectional'}; "
-           f"{world_size()} rank(s) on {device.type}")
+    print0(describe(model, device))
     if resume_from is None:
-        ndcg_before = run_evaluation(model, config, device, "before", log)
+        ndcg_before = run_evaluation(model, config, device, "before")
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
     full_state = model.state_dict() if distributed and rank() == 0 else None  # what rank 0 broadcasts
@@ -553,87 +601,29 @@ def train(config: dict) -> dict:
         print0(f"resumed from {resume_from} at step {step}")
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
 
-    peak = peak_flops(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, even after others in the same process
-    progress = tqdm(total=config["steps"], initial=step, desc=f"stage {config['stage']}", dynamic_ncols=True,
-                    disable=rank() != 0 or not config["progress"])
-    window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
-    loss_value = None
+    step_log = StepLog(config, device, initial_step=step)
+    stats = dict(loss=None)
     while step < last_step:
         start = time.perf_counter()
         source_index, global_batch = sampler.batch_for_step(step)
-        source = sources[source_index]
-        loss_sum = torch.zeros((), device=device)
-        tokens = 0
-        # Gradient accumulation: gradients are reduced across ranks only on the last
-        # micro-batch. In-batch negatives are per micro-batch (the other documents of
-        # the same micro-batch on all ranks), so accumulation trades memory for fewer
-        # negatives; 1 micro-batch is the paper's setting.
-        for micro in range(micro_batches):
-            if is_distributed():
-                model.set_requires_gradient_sync(micro == micro_batches - 1)
-            indices = data.rank_slice(global_batch[micro * micro_size:(micro + 1) * micro_size], rank(),
-                                      world_size())
-            batch = source.collate(indices, tokenizer, config["max_length"], model.text_rule)
-            loss, real_tokens = forward_backward(model, batch, config["temperature"], 1.0 / micro_batches,
-                                                 device, autocast)
-            loss_sum += loss / micro_batches
-            tokens += real_tokens
-            window["flops"] += step_flops(model_shape, batch)
-        # The logged loss is the global batch's mean (the ranks hold equal shares).
-        stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
-        if is_distributed():
-            dist.all_reduce(stats)
-            stats[0] /= world_size()
-        loss_value = stats[0].item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"step {step + 1}: the loss is {loss_value}; stopping without an optimizer "
-                                     f"step or a checkpoint from this step (last checkpoint: "
-                                     f"{latest_checkpoint(out) or 'none'})")
-        max_norm = config["grad_clip"] if config["grad_clip"] > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor under FSDP
-        grad_norm = grad_norm.item()
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"step {step + 1}: the gradient norm is {grad_norm} (loss {loss_value:.4f}); "
-                                     f"stopping without an optimizer step or a checkpoint from this step")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            stats = train_step(model, optimizer, scheduler, sources[source_index], global_batch, config, device,
+                               autocast)
+        except NonFiniteLossError as error:
+            raise NonFiniteLossError(f"step {step + 1}: {error}") from None
         step += 1
-        progress.update(1)
-
-        window["time"] += time.perf_counter() - start
-        window["steps"] += 1
-        window["tokens"] += int(stats[1].item())
-        if step % config["log_every"] == 0 or step == last_step:
-            ms = 1000 * window["time"] / window["steps"]
-            tokens_per_s = window["tokens"] / window["time"]
-            mfu = window["flops"] / window["time"] / peak if peak else None  # this rank's share of the work
-            record = dict(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm, ms_per_step=ms,
-                          tokens_per_s=tokens_per_s, mfu=mfu, peak_memory_mib=peak_memory_mib(device),
-                          dataset=source.name)
-            log(record)
-            if rank() == 0:
-                progress.write(f"step {step:5d}/{config['steps']} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                               f"grad norm {grad_norm:.3f} | {ms:.0f} ms/step | {tokens_per_s:,.0f} tok/s | "
-                               f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                               f"mem {record['peak_memory_mib']:,.0f} MiB | {source.name}")
-            window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
+        step_log.add(step, stats, time.perf_counter() - start, sources[source_index].name, last_step)
         if step % config["save_every"] == 0 or (step == last_step < config["steps"]):
             path = save_checkpoint(out, model, optimizer, scheduler, step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
-    progress.close()
+    step_log.close()
 
-    summary = dict(out=str(out), step=step, loss=loss_value, ndcg_before=ndcg_before, ndcg_after=None, model=None)
+    summary = dict(out=str(out), step=step, loss=stats["loss"], ndcg_before=ndcg_before, ndcg_after=None,
+                   model=None)
     if step < config["steps"]:
         print0(f"stopped after step {step} of {config['steps']} (--stop-after); continue with --resume")
         return summary
-
-    # ---- the final model: gather the full weights to rank 0, save, reload, evaluate.
-
+    # The final model: gather the full weights to rank 0, save, and evaluate what was saved.
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() == 0:
         model.save(out / "model", state_dict=full_state, overwrite=True)
@@ -641,13 +631,48 @@ def train(config: dict) -> dict:
     del model, optimizer, full_state
     barrier()
     summary["model"] = str(out / "model")
-    if config["eval"]:
-        # Evaluate what was saved, as evaluate.py would load it.
+    if config["eval"]:  # as evaluate.py would load it
         saved = NVEmbed.from_pretrained(out / "model") if rank() == 0 else None
-        summary["ndcg_after"] = run_evaluation(saved, config, device, "after", log)
+        summary["ndcg_after"] = run_evaluation(saved, config, device, "after")
     if ndcg_before is not None and summary["ndcg_after"] is not None:
         print0(f"nDCG@10 before {ndcg_before:.4f} -> after {summary['ndcg_after']:.4f}")
     return summary
+
+
+class StepLog:
+    """One log line and one log.jsonl record per --log-every steps: step, loss, lr, grad norm, ms/step, tokens/s,
+    MFU (GPU only) and peak memory, averaged over the steps since the last line; a tqdm bar with --progress."""
+
+    def __init__(self, config: dict, device: torch.device, initial_step: int):
+        self.config, self.device, self.peak = config, device, peak_flops(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # this run's peak, even after others in the same process
+        self.progress = tqdm(total=config["steps"], initial=initial_step, desc=f"stage {config['stage']}",
+                             dynamic_ncols=True, disable=rank() != 0 or not config["progress"])
+        self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
+
+    def add(self, step: int, stats: dict, seconds: float, dataset: str, last_step: int):
+        self.progress.update(1)
+        for key, value in (("time", seconds), ("steps", 1), ("tokens", stats["tokens"]), ("flops", stats["flops"])):
+            self.window[key] += value
+        if step % self.config["log_every"] and step != last_step:
+            return
+        window = self.window
+        ms, tokens_per_s = 1000 * window["time"] / window["steps"], window["tokens"] / window["time"]
+        mfu = window["flops"] / window["time"] / self.peak if self.peak else None  # this rank's share of the work
+        record = dict(step=step, loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"], ms_per_step=ms,
+                      tokens_per_s=tokens_per_s, mfu=mfu, peak_memory_mib=peak_memory_mib(self.device),
+                      dataset=dataset)
+        append_log(Path(self.config["out"]), record)
+        if rank() == 0:
+            self.progress.write(f"step {step:5d}/{self.config['steps']} | loss {stats['loss']:.4f} | "
+                                f"lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | {ms:.0f} ms/step | "
+                                f"{tokens_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                                f"mem {record['peak_memory_mib']:,.0f} MiB | {dataset}")
+        self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
+
+    def close(self):
+        self.progress.close()
 
 
 # ----------------------------------------------------------------------------
