@@ -1,49 +1,13 @@
-"""Training and evaluation data for NV-Embed: tokenization, readers, stage-2 pairs, batching, a built-in dataset.
+"""NV-Embed's data side, in the order a batch flows: tokenization with the pool mask, stage-2 pairs, hard negatives
+and document keys, one-dataset batches, and a built-in dataset for the default run and the tests.
 
-Paper (../shared/PAPER.md): section 3 (instruction template; instruction masked out of pooling, BOS as the
-model's `TextRule` says, EOS appended), section 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in stage 1
-and off in stage 2, example-based classification/clustering pairs, STS pairs with score >= 4 in both directions)
-and section 6 (the BEIR file format).
+Paper (../shared/PAPER.md): section 3 (instruction template; instruction masked out of pooling, BOS as the model's
+`TextRule` says, EOS appended) and section 4 (two-stage contrastive instruction tuning: hard negatives, in-batch
+negatives on in stage 1 and off in stage 2, example-based classification/clustering pairs, STS pairs with score >= 4
+in both directions). Files on disk (BEIR folders, the training-file schema, `Example`) live in datafiles.py.
 
-Contents, top to bottom:
-- Tokenization shared by training and evaluation: `ByteTokenizer`, `load_tokenizer`, `TextRule`, `tokenize`,
-  `encode_texts`.
-- Readers: `load_beir`, `doc_text`, the training file (`read_training_file` / `write_training_file`), a BEIR
-  train split plus a negatives file -> examples (`beir_training_examples`).
-- Stage-2 sources: `classification_pairs`, `clustering_pairs`, `sts_pairs`.
-- Batching: `TrainDataset`, `BatchSampler`, `rank_slice`, `collate`.
-- A built-in synthetic dataset (`builtin_dataset`, `write_beir`) for the default run and the tests.
-
-Training-file schema (one JSON object per line in a .jsonl file; any other format or hub name that
-`datasets.load_dataset` reads, with the same columns):
-    query         str, non-empty     the query text, without its instruction
-    instruction   str                the task instruction ("" for none); formatted with the query template
-    positive      str, non-empty     the positive document's text (BEIR documents: doc_text(doc))
-    negatives     list[str]          hard negatives, hardest first; each non-empty and different from `positive`
-    task_type     str                "retrieval" | "classification" | "clustering" | "sts"
-    query_id      str, optional      ids where the source has them (provenance; mining writes them)
-    positive_id   str, optional
-    negative_ids  list[str], optional, same length as `negatives`
-Extra columns are ignored. Documents get the instruction only for symmetric tasks: task_type "sts" means the
-positive and the negatives are tokenized with the same instruction and template as the query (PAPER section 3);
-every other task type tokenizes documents bare.
-
-Policies (each one explicit, none silent):
-- Bad input raises `DataError` (a missing file `MissingFileError`) naming file and line (or row / field); the
-  commands print it as one line and exit with status 2 (`UserError`). With `skip_bad=True` the offending record is
-  skipped instead, counted in a `SkipReport` by reason, and the counts are printed (and merged into the `report`
-  argument when one is given).
-- Hard negatives: every query gets exactly `num_hard_negatives` (paper: 7). Longer lists are cut to their first
-  n (mined lists are ranked, hardest first). Shorter lists are repeated cyclically up to n; the number of repeated
-  slots is reported (`TrainDataset.summary()`, `collate(...)["repeated_negatives"]`). An example with no negative at
-  all is refused (there is nothing to repeat).
-- Document keys: every document's key is an int64 hash of its text (`text_key`), so the loss can tell that two
-  columns hold the same document (an identical text gives an identical embedding, whatever its id): it masks a
-  query's known positives (every positive the dataset gives the same query) and counts each document once.
-- In-batch negatives: only retrieval data uses them (`TrainDataset`), whatever is asked; in classification,
-  clustering or STS data another item of the batch may share the query's class or meaning.
-- STS negatives: random other sentences of the same source, never the query, its positive, or a sentence the
-  source pairs with the query at score >= threshold (in-batch negatives are off in stage 2).
+How it differs from the released NV-Embed code: this project's models never pool BOS, and a text cut at max_length
+keeps its EOS; `TextRule` records which rule a model uses, and `NVEmbed.from_released` picks the released one.
 
 Run: `python data.py builtin OUT_DIR` writes the built-in dataset (BEIR folder plus train.jsonl);
 `python data.py check-beir FOLDER SPLIT [--skip-bad]` and `python data.py check-train FILE [--skip-bad]` validate
@@ -58,69 +22,19 @@ import hashlib
 import json
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from datafiles import (Example, SkipReport, _Problems, check_beir, check_training_file, write_beir,
+                       write_training_file)
 from errors import DataError, MissingFileError, exits_on_user_error
+
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
-TASK_TYPES = ("retrieval", "classification", "clustering", "sts")
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
-
-
-@dataclass
-class SkipReport:
-    """Counts of records skipped under `skip_bad=True`, by reason, with the first few messages kept verbatim."""
-
-    source: str = ""
-    counts: Counter = field(default_factory=Counter)
-    messages: list[str] = field(default_factory=list)
-    max_messages: int = 10
-
-    def add(self, reason: str, message: str) -> None:
-        self.counts[reason] += 1
-        if len(self.messages) < self.max_messages:
-            self.messages.append(message)
-
-    def merge(self, other: "SkipReport") -> None:
-        self.counts.update(other.counts)
-        self.messages.extend(other.messages[: max(0, self.max_messages - len(self.messages))])
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def __str__(self) -> str:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-        lines = [f"[data] {self.source}: skipped {self.total} ({reasons})"]
-        lines += [f"[data]   e.g. {m}" for m in self.messages[:3]]
-        return "\n".join(lines)
-
-
-class _Problems:
-    """Raise on a problem, or (skip_bad) count it; `finish` prints the counts and merges them into `report`."""
-
-    def __init__(self, source: str, skip_bad: bool, report: SkipReport | None):
-        self.skip_bad, self.report = skip_bad, report
-        self.local = SkipReport(source)
-
-    def __call__(self, reason: str, message: str) -> None:
-        if not self.skip_bad:
-            raise DataError(message)
-        self.local.add(reason, message)
-
-    def note(self, reason: str, message: str) -> None:
-        """Records dropped by design (not errors), counted and reported whatever `skip_bad` says."""
-        self.local.add(reason, message)
-
-    def finish(self) -> None:
-        if self.local.total:
-            print(self.local)
-        if self.report is not None:
-            self.report.merge(self.local)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +93,7 @@ def load_tokenizer(path: str | Path):
         return ByteTokenizer()
     if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
         raise MissingFileError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf file)")
-    from transformers import AutoTokenizer  # slow import, only when needed
+    from transformers import AutoTokenizer  # heavy, slow to import: needed only for HF tokenizers
 
     if path.is_file():
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -347,330 +261,6 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Readers: BEIR folders (PAPER section 6) and the training file.
-
-
-def _jsonl_records(path: Path, problems: _Problems):
-    """Yields (line_number, dict) for each non-blank line; a malformed line is a problem naming file and line."""
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines hold no record
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems("malformed JSON", f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(record, dict):
-                problems("malformed JSON", f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                continue
-            yield number, record
-
-
-def _id_field(record: Mapping, key: str, where: str, problems: _Problems) -> str | None:
-    value = record.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # some files store numeric ids; BEIR ids are strings
-    if not isinstance(value, str) or not value:
-        problems(f"missing or empty {key}", f"{where}: field '{key}' is missing or empty (got {value!r})")
-        return None
-    return value
-
-
-def _text_field(record: Mapping, key: str, where: str, problems: _Problems, optional: bool = False) -> str | None:
-    """A string field; required ones must be non-blank, an optional one may be absent, null or empty ("")."""
-    value = record.get(key)
-    if optional and value is None:
-        return ""
-    if not isinstance(value, str) or not (optional or value.strip()):
-        problems(f"missing or empty {key}", f"{where}: field '{key}' is missing or empty (got {value!r})")
-        return None
-    return value
-
-
-def doc_text(doc: Mapping[str, str]) -> str:
-    """A BEIR document as encoded: title + " " + text, stripped (PAPER section 6)."""
-    return (doc.get("title", "") + " " + doc.get("text", "")).strip()
-
-
-def load_beir(folder: str | Path, split: str, skip_bad: bool = False, report: SkipReport | None = None):
-    """Reads corpus.jsonl, queries.jsonl and qrels/{split}.tsv of a BEIR folder.
-
-    Returns corpus {doc_id: {"title", "text"}}, queries {query_id: text} (only the queries the split judges) and
-    qrels {query_id: {doc_id: grade}}. Errors (DataError naming file and line): malformed JSON, a missing or empty
-    id or text (a document may lack a title, not both title and text), a duplicate id, a qrels row without three
-    tab-separated fields or with a non-integer grade, a duplicate judgement, a qrels id absent from the corpus or
-    the queries. skip_bad=True skips such records instead and reports the counts."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MissingFileError(f"{folder}: no such folder (want a BEIR folder: corpus.jsonl, queries.jsonl, "
-                               "qrels/SPLIT.tsv)")
-    problems = _Problems(f"{folder} ({split})", skip_bad, report)
-
-    corpus, seen_at = {}, {}
-    path = folder / "corpus.jsonl"
-    for number, record in _jsonl_records(path, problems):
-        where = f"{path}:{number}"
-        doc_id = _id_field(record, "_id", where, problems)
-        title = _text_field(record, "title", where, problems, optional=True)
-        text = record.get("text")
-        if not isinstance(text, str):  # may be empty when the title is not, but must be there (BEIR's schema)
-            problems("missing or empty text", f"{where}: field 'text' is missing or not a string (got {text!r})")
-            continue
-        if doc_id is None or title is None:
-            continue
-        if not (title + text).strip():
-            problems("missing or empty text", f"{where}: document {doc_id!r} has neither title nor text")
-            continue
-        if doc_id in corpus:
-            problems("duplicate id", f"{where}: duplicate document id {doc_id!r} (first at line {seen_at[doc_id]})")
-            continue
-        corpus[doc_id], seen_at[doc_id] = {"title": title, "text": text}, number
-
-    all_queries, seen_at = {}, {}
-    path = folder / "queries.jsonl"
-    for number, record in _jsonl_records(path, problems):
-        where = f"{path}:{number}"
-        query_id = _id_field(record, "_id", where, problems)
-        text = _text_field(record, "text", where, problems)
-        if query_id is None or text is None:
-            continue
-        if query_id in all_queries:
-            problems("duplicate id", f"{where}: duplicate query id {query_id!r} (first at line {seen_at[query_id]})")
-            continue
-        all_queries[query_id], seen_at[query_id] = text, number
-
-    qrels: dict[str, dict[str, int]] = {}
-    path = folder / "qrels" / f"{split}.tsv"
-    if not path.is_file():
-        splits = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
-        raise MissingFileError(f"{path}: no such file: the folder has no split {split!r} "
-                               f"(its splits: {', '.join(splits) or 'none'})")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip() or (number == 1 and line.split("\t")[0] == "query-id"):
-                continue  # blank line, or BEIR's header "query-id corpus-id score"
-            where = f"{path}:{number}"
-            fields = line.split("\t")
-            if len(fields) != 3:
-                problems("bad qrels row", f"{where}: expected 3 tab-separated fields "
-                                          f"(query-id, corpus-id, score), got {len(fields)}: {line!r}")
-                continue
-            query_id, doc_id, grade = fields
-            try:
-                grade = int(grade)
-            except ValueError:
-                problems("bad qrels row", f"{where}: score {grade!r} is not an integer")
-                continue
-            if query_id not in all_queries:
-                problems("unknown id", f"{where}: query id {query_id!r} is not in queries.jsonl")
-                continue
-            if doc_id not in corpus:
-                problems("unknown id", f"{where}: corpus id {doc_id!r} is not in corpus.jsonl")
-                continue
-            if doc_id in qrels.get(query_id, {}):
-                problems("duplicate judgement", f"{where}: query {query_id!r} judges document {doc_id!r} twice")
-                continue
-            qrels.setdefault(query_id, {})[doc_id] = grade
-    problems.finish()
-    queries = {query_id: all_queries[query_id] for query_id in qrels}
-    return corpus, queries, qrels
-
-
-def write_beir(folder: str | Path, corpus: Mapping[str, Mapping[str, str]], queries: Mapping[str, str],
-               qrels_by_split: Mapping[str, Mapping[str, Mapping[str, int]]]) -> None:
-    """Writes a BEIR folder: corpus.jsonl, queries.jsonl (every query given) and qrels/{split}.tsv per split."""
-    folder = Path(folder)
-    (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as f:
-        for doc_id, doc in corpus.items():
-            f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""), "text": doc["text"]}) + "\n")
-    with open(folder / "queries.jsonl", "w", encoding="utf-8") as f:
-        for query_id, text in queries.items():
-            f.write(json.dumps({"_id": query_id, "text": text}) + "\n")
-    for split, qrels in qrels_by_split.items():
-        with open(folder / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as f:
-            f.write("query-id\tcorpus-id\tscore\n")
-            for query_id, docs in qrels.items():
-                for doc_id, grade in docs.items():
-                    f.write(f"{query_id}\t{doc_id}\t{grade}\n")
-
-
-@dataclass
-class Example:
-    """One training example; see the training-file schema in the module docstring."""
-
-    query: str
-    instruction: str
-    positive: str
-    negatives: list[str]
-    task_type: str
-    query_id: str | None = None
-    positive_id: str | None = None
-    negative_ids: list[str] | None = None
-    location: str | None = field(default=None, compare=False)  # "file:line" it was read from, for errors
-
-    @property
-    def document_instruction(self) -> str:
-        """Symmetric tasks (STS) put the instruction on documents too (PAPER section 3); others leave them bare."""
-        return self.instruction if self.task_type == "sts" else ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "location"}
-
-
-def _example_from_row(row: Mapping[str, Any], where: str, problems: _Problems) -> Example | None:
-    def bad(message: str) -> None:
-        problems("bad training row", f"{where}: {message}")
-
-    for key in ("query", "positive"):
-        if not isinstance(row.get(key), str) or not row[key].strip():
-            return bad(f"field '{key}' is missing or empty (got {row.get(key)!r})")
-    if not isinstance(row.get("instruction"), str):
-        return bad(f"field 'instruction' is missing or not a string (got {row.get('instruction')!r}); "
-                   f"use \"\" for none")
-    if row.get("task_type") not in TASK_TYPES:
-        return bad(f"task_type {row.get('task_type')!r} is not one of {', '.join(TASK_TYPES)}")
-    negatives = row.get("negatives")
-    if not isinstance(negatives, (list, tuple)):
-        return bad(f"field 'negatives' must be a list of strings (got {negatives!r})")
-    for k, negative in enumerate(negatives):
-        if not isinstance(negative, str) or not negative.strip():
-            return bad(f"negatives[{k}] is empty or not a string (got {negative!r})")
-        if negative == row["positive"]:
-            return bad(f"negatives[{k}] is the positive itself")
-    ids = {}
-    for key in ("query_id", "positive_id"):
-        value = row.get(key)
-        if value is not None and not isinstance(value, (str, int)):
-            return bad(f"field '{key}' must be a string (got {value!r})")
-        ids[key] = None if value is None else str(value)
-    negative_ids = row.get("negative_ids")
-    if negative_ids is not None:
-        if not isinstance(negative_ids, (list, tuple)) or len(negative_ids) != len(negatives):
-            return bad(f"'negative_ids' must be a list as long as 'negatives' ({len(negatives)}), "
-                       f"got {negative_ids!r}")
-        negative_ids = [str(i) for i in negative_ids]
-    return Example(row["query"], row["instruction"], row["positive"], list(negatives), row["task_type"],
-                   ids["query_id"], ids["positive_id"], negative_ids, location=where)
-
-
-def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipReport | None = None,
-                       split: str = "train") -> list[Example]:
-    """Reads and validates a training file, row by row (errors name file and line/row).
-
-    A local .jsonl file is parsed line by line here, so that a malformed line is named (datasets' JSON reader
-    reports only "An error occurred while generating the dataset") and can be skipped under skip_bad. Any other
-    local file (.json, .csv, .parquet, ...) or a hub dataset name goes through datasets.load_dataset."""
-    problems = _Problems(str(path), skip_bad, report)
-    local = Path(path)
-    builders = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-    if local.suffix == ".jsonl":
-        rows = ((f"{local}:{number}", record) for number, record in _jsonl_records(local, problems))
-    else:
-        if local.suffix in builders and not local.is_file():
-            raise MissingFileError(f"{local}: no such file")
-        if local.exists() and local.suffix not in builders:
-            raise DataError(f"{local}: unknown training-file format {local.suffix!r} "
-                            f"(want .jsonl, {', '.join(builders)})")
-        import datasets  # slow import, only when needed
-
-        if local.exists():
-            table = datasets.load_dataset(builders[local.suffix], data_files=str(local), split=split)
-        else:  # a dataset name on the hub, where one is reachable
-            try:
-                table = datasets.load_dataset(str(path), split=split)
-            except FileNotFoundError as error:  # datasets' DatasetNotFoundError is one too
-                raise MissingFileError(f"{path}: no such file, nor a dataset of that name ({error})") from error
-        rows = ((f"{path} row {i + 1}", record) for i, record in enumerate(table))
-    examples = [e for where, record in rows if (e := _example_from_row(record, where, problems)) is not None]
-    problems.finish()
-    if not examples:
-        raise DataError(f"{path}: no training examples")
-    return examples
-
-
-def write_training_file(path: str | Path, examples: Iterable[Example]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for example in examples:
-            f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
-
-
-def read_negatives_file(path: str | Path, skip_bad: bool = False,
-                        report: SkipReport | None = None) -> dict[str, list[str]]:
-    """Negatives file: .jsonl rows {"query_id": str, "negative_ids": [doc_id, ...]} (hardest first)."""
-    path = Path(path)
-    problems = _Problems(str(path), skip_bad, report)
-    negatives, seen_at = {}, {}
-    for number, record in _jsonl_records(path, problems):
-        where = f"{path}:{number}"
-        query_id = _id_field(record, "query_id", where, problems)
-        ids = record.get("negative_ids")
-        if query_id is None:
-            continue
-        if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
-            problems("bad negatives row", f"{where}: 'negative_ids' must be a list of ids (got {ids!r})")
-            continue
-        if query_id in negatives:
-            problems("duplicate id", f"{where}: duplicate query id {query_id!r} (first at line {seen_at[query_id]})")
-            continue
-        negatives[query_id], seen_at[query_id] = [str(i) for i in ids], number
-    problems.finish()
-    return negatives
-
-
-def beir_training_examples(corpus: Mapping[str, Mapping[str, str]], queries: Mapping[str, str],
-                           qrels: Mapping[str, Mapping[str, int]],
-                           negatives: Mapping[str, Sequence[str]] | str | Path, instruction: str,
-                           skip_bad: bool = False, report: SkipReport | None = None) -> list[Example]:
-    """A BEIR train split plus hard negatives -> retrieval examples, one per (query, positive document).
-
-    negatives: {query_id: [doc_id, ...]} (hardest first) or the path of a negatives file (read_negatives_file).
-    Errors (or skips under skip_bad): a judged query with no entry in `negatives`, a negative id absent from the
-    corpus, a negative id that is one of the query's positives (the skip drops just that id). Queries without a
-    positive judgement (grade > 0) or whose negatives list is empty are dropped and counted, never silently."""
-    if not isinstance(negatives, Mapping):
-        negatives = read_negatives_file(negatives, skip_bad=skip_bad, report=report)
-    problems = _Problems("BEIR training examples", skip_bad, report)
-    examples = []
-    for query_id, judged in qrels.items():
-        positives = [doc_id for doc_id, grade in judged.items() if grade > 0]
-        if not positives:
-            problems.note("no positive", f"query {query_id!r} has no judgement with grade > 0")
-            continue
-        if query_id not in queries:
-            problems("unknown id", f"qrels query id {query_id!r} is not in queries")
-            continue
-        if query_id not in negatives:
-            problems("no negatives entry", f"query {query_id!r} has no entry in the negatives")
-            continue
-        negative_ids = []
-        for doc_id in negatives[query_id]:
-            if doc_id not in corpus:
-                problems("unknown id", f"query {query_id!r}: negative {doc_id!r} is not in the corpus")
-            elif doc_id in positives:
-                problems("negative is a positive", f"query {query_id!r}: negative {doc_id!r} is judged positive")
-            else:
-                negative_ids.append(doc_id)
-        if not negative_ids:
-            problems.note("no negatives", f"query {query_id!r} has no usable hard negative")
-            continue
-        for positive_id in positives:
-            if positive_id not in corpus:
-                problems("unknown id", f"query {query_id!r}: positive {positive_id!r} is not in the corpus")
-                continue
-            examples.append(Example(queries[query_id], instruction, doc_text(corpus[positive_id]),
-                                    [doc_text(corpus[d]) for d in negative_ids], "retrieval",
-                                    query_id, positive_id, list(negative_ids)))
-    problems.finish()
-    return examples
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Stage-2 sources (PAPER section 4): non-retrieval data as example-based pairs.
 
 
@@ -759,7 +349,8 @@ def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_nega
     """STS pairs (PAPER section 4): rows (text1, text2, score) -- tuples or mappings with text1/sentence1,
     text2/sentence2, score. Every pair with score >= threshold gives two examples, text1 -> text2 and text2 -> text1,
     with task_type "sts" so the documents get the instruction too. Negatives: random other sentences of the rows,
-    never the query, its positive, or a sentence paired with the query at score >= threshold."""
+    never the query, its positive, or a sentence paired with the query at score >= threshold (in-batch negatives
+    are off in stage 2)."""
     source = "sts rows"
     problems = _Problems(source, skip_bad, report)
     pairs = []
@@ -806,7 +397,8 @@ def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_nega
 
 
 def text_key(text: str) -> int:
-    """A document's key for the loss's masking: identical texts have identical keys, on every rank.
+    """A document's key for the loss's masking: identical texts have identical keys, on every rank, so the loss can
+    tell that two columns hold the same document (an identical text gives an identical embedding, whatever its id).
 
     An int64 (8 bytes of blake2b), so that batches carry keys as tensors the loss all-gathers and compares as they
     are. Python's hash() of a str is salted per process, so it cannot be compared across ranks. A collision among
@@ -827,8 +419,10 @@ def query_positive_keys(examples: Iterable[Example]) -> dict[tuple[str, str], li
 
 
 def hard_negatives(example: Example, num_hard_negatives: int) -> tuple[list[str], int]:
-    """Exactly num_hard_negatives negatives: the first n, or the list repeated cyclically when shorter.
-    Returns (negatives, number of repeated slots). An example with no negative is refused."""
+    """Exactly num_hard_negatives negatives (paper: 7): the first n (mined lists are ranked, hardest first), or the
+    list repeated cyclically when shorter. Returns (negatives, number of repeated slots), which
+    `TrainDataset.summary()` and `collate(...)["repeated_negatives"]` report. An example with no negative is
+    refused (there is nothing to repeat)."""
     have = example.negatives
     if not have and num_hard_negatives > 0:
         where = f"{example.location}: " if example.location else ""
@@ -1198,10 +792,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     builtin = commands.add_parser("builtin", help="write the built-in dataset: a BEIR folder plus train.jsonl")
     builtin.add_argument("out", help="output folder")
     builtin.add_argument("--seed", type=int, default=0, help="generation seed")
-    check_beir = commands.add_parser("check-beir", help="read a BEIR folder's split and print its counts")
-    check_beir.add_argument("folder")
-    check_beir.add_argument("split")
-    check_beir.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of failing")
+    check_beir_command = commands.add_parser("check-beir", help="read a BEIR folder's split and print its counts")
+    check_beir_command.add_argument("folder")
+    check_beir_command.add_argument("split")
+    check_beir_command.add_argument("--skip-bad", action="store_true",
+                                    help="skip bad records (counted) instead of failing")
     check_train = commands.add_parser("check-train", help="read a training file and print its counts")
     check_train.add_argument("path")
     check_train.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
@@ -1214,18 +809,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"wrote {len(data.corpus)} documents, {len(data.qrels['train'])} train and {len(data.qrels['test'])} "
               f"test queries, {len(data.train_examples)} training examples to {args.out}")
     elif args.command == "check-beir":
-        corpus, queries, qrels = load_beir(args.folder, args.split, skip_bad=args.skip_bad)
-        print(f"{args.folder} ({args.split}): {len(corpus)} documents, {len(queries)} queries, "
-              f"{sum(len(d) for d in qrels.values())} judgements")
+        check_beir(args.folder, args.split, skip_bad=args.skip_bad)
     else:
-        examples = read_training_file(args.path, skip_bad=args.skip_bad)
-        print(f"{args.path}: {len(examples)} examples, task types {dict(Counter(e.task_type for e in examples))}, "
-              f"hard negatives per example min {min(len(e.negatives) for e in examples)} "
-              f"max {max(len(e.negatives) for e in examples)}")
-        without = [e for e in examples if not e.negatives]
-        if without:  # allowed by the schema, refused by training unless it asks for no hard negative
-            print(f"{len(without)} example{' has' if len(without) == 1 else 's have'} no hard negative "
-                  f"(first: {without[0].location}); training refuses them unless --hard-negatives is 0")
+        check_training_file(args.path, skip_bad=args.skip_bad)
 
 
 if __name__ == "__main__":

@@ -1,41 +1,21 @@
-"""Retrieval evaluation the way BEIR does it: exact dense search and trec_eval metrics.
+"""Retrieval evaluation the way BEIR does it: exact dense search, trec_eval metrics, and the evaluation command.
 
-NV-Embed's headline numbers are BEIR retrieval nDCG@10 (MTEB retrieval, paper Table 1;
-PAPER.md section 6). This file has the two pieces every such number goes through:
+NV-Embed's headline numbers are BEIR retrieval nDCG@10 (MTEB retrieval, paper Table 1; PAPER.md section 6), and
+every such number goes through `search` (exact inner-product top-k over the corpus, chunk by chunk) and `evaluate`
+(NDCG@k, MAP@k, Recall@k and P@k exactly as pytrec_eval (trec_eval 9) computes them, plus MRR@k as BEIR adds it,
+averaged over queries as BEIR's `EvaluateRetrieval.evaluate` does; every trec_eval rule is written out in a comment
+where it is applied). `run_evaluation` encodes, searches and scores an `NVEmbed` (train.py calls it too).
 
-- `search(query_emb, corpus_emb, top_k)`: exact inner-product top-k. Embeddings from
-  `NVEmbed.encode` are L2-normalised, so the dot product is the cosine similarity BEIR's
-  dense retriever uses. The corpus is scored chunk by chunk and merged into a running
-  top-k, so memory stays (Q, chunk_size) however large the corpus is.
-- `evaluate(qrels, run, k_values)`: NDCG@k, MAP@k, Recall@k and P@k exactly as
-  pytrec_eval (trec_eval 9) computes them, plus MRR@k as BEIR adds it, averaged over
-  queries the way BEIR's `EvaluateRetrieval.evaluate` averages them. Every trec_eval
-  rule is written out in a comment where it is applied.
-
-How it differs from BEIR (beir/retrieval/evaluation.py, beir/retrieval/custom_metrics.py):
-- plain Python + numpy; pytrec_eval is only the test oracle (tests/test_evaluate.py);
-- metrics are returned unrounded (BEIR rounds each to 5 decimals);
-- `run` is not modified (BEIR pops identical ids out of the caller's dict);
-- MRR@k ranks documents with trec_eval's rule (score as float32 descending, then doc id
-  descending), the same ranking as the other metrics. BEIR's own `mrr` sorts by the raw
-  score with Python's stable sort, i.e. ties keep the run dict's insertion order; both
-  agree whenever the top-k scores are distinct float32 values.
-- MRR@k is averaged over the same queries as the other metrics. BEIR divides by
-  len(qrels) and raises KeyError for a qrels query missing from the run, so whenever BEIR
-  returns a number the two agree, except for a qrels entry with no judgments at all
-  (which no qrels file can produce).
-
-The rest of the file evaluates an embedder: `run_evaluation(model, corpus, queries, qrels,
-instruction, ...) -> (metrics, run)` (also called by train.py) encodes queries with the
-task instruction and documents bare (title + " " + text), searches and scores; the command
-prints a BEIR-style table and writes the metrics (JSON) and the run (TREC format):
+How it differs from BEIR (beir/retrieval/evaluation.py, beir/retrieval/custom_metrics.py): plain Python + numpy,
+pytrec_eval being only the test oracle (tests/test_evaluate.py); metrics are returned unrounded (BEIR rounds each
+to 5 decimals); `run` is not modified (BEIR pops identical ids out of the caller's dict); MRR@k ranks and averages
+as the other metrics do (where BEIR's own differs, see `evaluate`).
 
     python evaluate.py                      # built-in dataset; runs/stage{2,1}/model, else a fresh tiny model
     python evaluate.py --model runs/stage1/model --data ../shared/data/scifact --split test
     python evaluate.py --model SmolLM2.gguf --pooling mean --bidirectional --data DIR   # zero-shot baseline
 
-Run the tests: python -m pytest -q tests/test_evaluate.py tests/test_evaluate_command.py
-Benchmark: python bench/eval_speed.py
+Tests: python -m pytest -q tests/test_evaluate.py tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py
 """
 
 import argparse
@@ -48,22 +28,20 @@ import numpy as np
 import torch
 
 import data
+from datafiles import doc_text, load_beir, write_trec
 from errors import exits_on_user_error
+from model import PRESETS, NVEmbed
 
-# ----------------------------------------------------------------------------
-# Exact search
-
-# Shapes: Q queries, N corpus documents, D embedding size, n documents in a chunk,
-# k = min(top_k, N) results per query.
+# ----------------------------------------------------------------------------------------------------------------
+# Exact search. Shapes: Q queries, N corpus documents, D embedding size, n documents in a chunk, k = min(top_k, N).
 
 
 def _chunk_top_k(scores, k):
     """Top k of each row of scores (Q, n), ordered by score descending, column ascending.
 
-    torch.topk finds the right set unless columns outside it tie with the k-th best
-    score: then which of the tied columns it keeps is unspecified. Asking for k + 1
-    values shows those rows (the (k+1)-th best equals the k-th); they are rare with real
-    embeddings, so only they pay for a full stable sort.
+    torch.topk finds the right set unless columns outside it tie with the k-th best score: then which of the tied
+    columns it keeps is unspecified. Asking for k + 1 values shows those rows (the (k+1)-th best equals the k-th);
+    they are rare with real embeddings, so only they pay for a full stable sort.
     """
     n = scores.shape[1]
     k = min(k, n)
@@ -78,8 +56,7 @@ def _chunk_top_k(scores, k):
         row_values, row_columns = scores[rows].sort(dim=1, descending=True, stable=True)
         values[rows] = row_values[:, :k]
         columns[rows] = row_columns[:, :k]
-    # Order ties inside the top k by column: put each row in column order, then sort
-    # by score with a stable sort.
+    # Order ties inside the top k by column: put each row in column order, then sort by score with a stable sort.
     by_column = columns.argsort(dim=1)
     values, columns = values.gather(1, by_column), columns.gather(1, by_column)  # (Q, k)
     values, by_score = values.sort(dim=1, descending=True, stable=True)
@@ -89,27 +66,24 @@ def _chunk_top_k(scores, k):
 def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_size=4096):
     """Exact dot-product top-k of every query over the corpus.
 
-    query_emb (Q, D), corpus_emb (N, D) -> scores (Q, k), indices (Q, k) with
-    k = min(top_k, N); row q lists corpus rows by score descending. Equals a brute-force
-    `(query_emb @ corpus_emb.T).topk(k)`, with ties broken deterministically: among equal
-    scores the lower corpus index ranks first (torch.topk leaves that unspecified).
+    query_emb (Q, D), corpus_emb (N, D) -> scores (Q, k), indices (Q, k) with k = min(top_k, N); row q lists
+    corpus rows by score descending. Embeddings from `NVEmbed.encode` are L2-normalised, so the dot product is the
+    cosine similarity BEIR's dense retriever uses. Equals a brute-force `(query_emb @ corpus_emb.T).topk(k)`, with
+    ties broken deterministically: among equal scores the lower corpus index ranks first (torch.topk leaves that
+    unspecified).
 
-    Scores are computed in float32 (float64 if either input is float64) whatever the
-    input dtype, so bf16 embeddings do not collapse nearby scores into ties. The corpus
-    is scored `chunk_size` documents at a time and queries `query_chunk_size` at a time,
-    so the largest score block is (query_chunk_size, chunk_size). Corpus chunks are
-    moved to the queries' device, so a large corpus can stay in CPU memory while the
-    queries are on the GPU; results come back on the queries' device.
+    Scores are computed in float32 (float64 if either input is float64) whatever the input dtype, so bf16
+    embeddings do not collapse nearby scores into ties. The corpus is scored `chunk_size` documents at a time and
+    merged into a running top-k, queries `query_chunk_size` at a time, so memory stays (query_chunk_size,
+    chunk_size) however large the corpus is. Corpus chunks are moved to the queries' device, so a large corpus can
+    stay in CPU memory while the queries are on the GPU; results come back on the queries' device.
     """
     if query_emb.ndim != 2 or corpus_emb.ndim != 2:
-        raise ValueError(
-            f"search: query_emb and corpus_emb must be 2-D (Q, D) and (N, D), "
-            f"got {tuple(query_emb.shape)} and {tuple(corpus_emb.shape)}"
-        )
+        raise ValueError(f"search: query_emb and corpus_emb must be 2-D (Q, D) and (N, D), "
+                         f"got {tuple(query_emb.shape)} and {tuple(corpus_emb.shape)}")
     if query_emb.shape[1] != corpus_emb.shape[1]:
-        raise ValueError(
-            f"search: embedding sizes differ: queries D={query_emb.shape[1]}, corpus D={corpus_emb.shape[1]}"
-        )
+        raise ValueError(f"search: embedding sizes differ: queries D={query_emb.shape[1]}, "
+                         f"corpus D={corpus_emb.shape[1]}")
     for name, value in (("top_k", top_k), ("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
         if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"search: {name} must be a positive integer, got {value!r}")
@@ -124,25 +98,20 @@ def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_siz
     queries = query_emb.to(score_dtype)  # (Q, D)
     query_starts = range(0, num_queries, query_chunk_size)
     # Running top-k per query chunk; starts empty, grows to k columns after enough chunks.
-    best = [
-        (
-            torch.empty(min(query_chunk_size, num_queries - q0), 0, dtype=score_dtype, device=device),
-            torch.empty(min(query_chunk_size, num_queries - q0), 0, dtype=torch.long, device=device),
-        )
-        for q0 in query_starts
-    ]
+    best = [(torch.empty(min(query_chunk_size, num_queries - q0), 0, dtype=score_dtype, device=device),
+             torch.empty(min(query_chunk_size, num_queries - q0), 0, dtype=torch.long, device=device))
+            for q0 in query_starts]
     for start in range(0, num_docs, chunk_size):
         docs = corpus_emb[start : start + chunk_size].to(device=device, dtype=score_dtype)  # (n, D)
         for slot, q0 in enumerate(query_starts):
             scores = queries[q0 : q0 + query_chunk_size] @ docs.T  # (Qc, n)
             chunk_scores, chunk_columns = _chunk_top_k(scores, k)  # (Qc, kc)
             best_scores, best_indices = best[slot]
-            # Both lists are ordered (score descending, index ascending) and every index in
-            # this chunk exceeds every earlier one, so in the concatenation equal scores
-            # already sit in ascending index order: a stable sort by score keeps the rule.
+            # Both lists are ordered (score descending, index ascending) and every index in this chunk exceeds every
+            # earlier one, so in the concatenation equal scores already sit in ascending index order: a stable sort
+            # by score keeps the rule.
             merged_scores, order = torch.cat([best_scores, chunk_scores], dim=1).sort(
-                dim=1, descending=True, stable=True
-            )  # (Qc, k + kc)
+                dim=1, descending=True, stable=True)  # (Qc, k + kc)
             merged_indices = torch.cat([best_indices, chunk_columns + start], dim=1).gather(1, order)
             best[slot] = (merged_scores[:, :k], merged_indices[:, :k])
     if not best:  # no queries
@@ -151,7 +120,7 @@ def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_siz
     return torch.cat([s for s, _ in best]), torch.cat([i for _, i in best])
 
 
-# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Metrics (trec_eval 9 via pytrec_eval, as BEIR calls it)
 
 
@@ -182,8 +151,8 @@ _PLAIN_SCORE_TYPES = {float, int, np.float32, np.float64}
 
 def _ranking(qid, doc_scores, ignore_identical_ids):
     """Doc ids of run[qid] in trec_eval's order."""
-    # The checks run per query, not per document, where they can: evaluate's time is
-    # mostly here (1,000 queries x 1,000 results).
+    # The checks run per query, not per document, where they can: evaluate's time is mostly here (1,000 queries x
+    # 1,000 results).
     if {type(did) for did in doc_scores} - {str}:
         for did in doc_scores:
             if not isinstance(did, str):
@@ -198,16 +167,15 @@ def _ranking(qid, doc_scores, ignore_identical_ids):
     if np.isnan(scores).any():
         did = doc_ids[int(np.argmax(np.isnan(scores)))]
         raise ValueError(f"evaluate: run[{qid!r}][{did!r}] is NaN: a score must be a real number, not NaN")
-    # trec_eval stores each score as a C float (form_res_rels.c: `float sim`), so scores
-    # equal after rounding to float32 tie: 1.0 and 1.0 + 1e-12 rank as equals.
+    # trec_eval stores each score as a C float (form_res_rels.c: `float sim`), so scores equal after rounding to
+    # float32 tie: 1.0 and 1.0 + 1e-12 rank as equals.
     with np.errstate(over="ignore"):
         scores32 = scores.astype(np.float32).tolist()
-    # trec_eval ignores the order in the run and sorts by score descending, ties by doc
-    # id descending as strcmp compares them (comp_sim_docno). Python compares str by
-    # code point, which is the same order as strcmp on their UTF-8 bytes.
+    # trec_eval ignores the order in the run and sorts by score descending, ties by doc id descending as strcmp
+    # compares them (comp_sim_docno). Python compares str by code point, the same order as strcmp on UTF-8 bytes.
     ranked = sorted(zip(scores32, doc_ids), reverse=True)
-    # BEIR pops a retrieved doc whose id equals the query id (a corpus that
-    # contains the queries would otherwise retrieve each query as its own answer).
+    # BEIR pops a retrieved doc whose id equals the query id (a corpus that contains the queries would otherwise
+    # retrieve each query as its own answer).
     if ignore_identical_ids and qid in doc_scores:
         return [did for _, did in ranked if did != qid]
     return [did for _, did in ranked]
@@ -216,18 +184,19 @@ def _ranking(qid, doc_scores, ignore_identical_ids):
 def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids=True):
     """BEIR's NDCG@k, MAP@k, Recall@k, P@k and MRR@k of a run, averaged over queries.
 
-    qrels: {query_id: {doc_id: grade (int)}}; run: {query_id: {doc_id: score}}.
-    Returns {"NDCG@k": float, "MAP@k": ..., "Recall@k": ..., "P@k": ..., "MRR@k": ...}
-    for every k, unrounded. The input dicts are not modified.
+    qrels: {query_id: {doc_id: grade (int)}}; run: {query_id: {doc_id: score}}. Returns {"NDCG@k": float,
+    "MAP@k": ..., "Recall@k": ..., "P@k": ..., "MRR@k": ...} for every k, unrounded. The input dicts are not
+    modified.
     """
     k_values = _check_k_values(k_values)
     k_max = k_values[-1]
 
-    # Which queries count: pytrec_eval evaluates a query only if it is in the run (even
-    # with no retrieved docs: it scores 0) and has at least one judgment in the qrels
-    # (even if every grade is 0: it scores 0); BEIR averages over exactly the queries
-    # pytrec_eval returns. Run queries without qrels, and qrels queries not in the run,
-    # are ignored.
+    # Which queries count: pytrec_eval evaluates a query only if it is in the run (even with no retrieved docs: it
+    # scores 0) and has at least one judgment in the qrels (even if every grade is 0: it scores 0); BEIR averages
+    # over exactly the queries pytrec_eval returns. Run queries without qrels, and qrels queries not in the run, are
+    # ignored. MRR@k is averaged over the same queries: BEIR's own divides by len(qrels) and raises KeyError for a
+    # qrels query missing from the run, so whenever BEIR returns a number the two agree, except for a qrels entry
+    # with no judgments at all (which no qrels file can produce).
     query_ids = [qid for qid in run if qrels.get(qid)]
     if not query_ids:
         raise ValueError("evaluate: no query id is in both the run and the qrels (with at least one judgment)")
@@ -243,16 +212,16 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
         num_retrieved = len(ranked)
         # A retrieved doc missing from the qrels is unjudged: not relevant, gain 0.
         ranked_grades = np.array([grades.get(did, 0) for did in ranked], dtype=np.float64)  # (n,)
-        # Relevant means grade >= 1 (trec_eval's default relevance_level 1; BEIR's MRR
-        # uses grade > 0, the same for integers). Grades 0 and negative are not relevant.
+        # Relevant means grade >= 1 (trec_eval's default relevance_level 1; BEIR's MRR uses grade > 0, the same for
+        # integers). Grades 0 and negative are not relevant.
         relevant = ranked_grades >= 1  # (n,)
         num_relevant = sum(1 for grade in grades.values() if grade >= 1)  # from qrels, not the run
         hits = np.cumsum(relevant)  # (n,) relevant docs in the top r
-        # MAP: precision at the rank of each relevant retrieved doc, summed within the
-        # cutoff, divided by ALL relevant docs in the qrels (not min(k, num_relevant)).
+        # MAP: precision at the rank of each relevant retrieved doc, summed within the cutoff, divided by ALL
+        # relevant docs in the qrels (not min(k, num_relevant)).
         precision_sum = np.cumsum(np.where(relevant, hits / np.arange(1, num_retrieved + 1), 0.0))  # (n,)
-        # nDCG: gain = grade, negative grades count 0; the ideal ranking sorts every
-        # positive grade in the qrels, retrieved or not.
+        # nDCG: gain = grade, negative grades count 0; the ideal ranking sorts every positive grade in the qrels,
+        # retrieved or not.
         dcg = np.cumsum(np.maximum(ranked_grades, 0.0) * discount[:num_retrieved])  # (n,)
         ideal_grades = np.sort(np.array([g for g in grades.values() if g > 0], dtype=np.float64))[::-1]
         ideal_dcg = np.cumsum(ideal_grades[:k_max] * discount[: min(len(ideal_grades), k_max)])
@@ -266,13 +235,15 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
             totals[f"MAP@{k}"] += float(precision_sum[cut - 1]) / num_relevant if cut and num_relevant else 0.0
             totals[f"Recall@{k}"] += hits_k / num_relevant if num_relevant else 0.0
             totals[f"P@{k}"] += hits_k / k  # divides by k even when fewer than k were retrieved
-            # MRR (BEIR custom_metrics.mrr): 1 / rank of the first relevant doc in the top k, else 0.
+            # MRR (BEIR custom_metrics.mrr): 1 / rank of the first relevant doc in the top k, else 0. The rank is
+            # trec_eval's, as for the other metrics; BEIR's own mrr sorts by the raw score with Python's stable sort
+            # (ties keep the run dict's insertion order): the two agree whenever the top-k scores are distinct float32.
             totals[f"MRR@{k}"] += 1.0 / first_relevant if first_relevant is not None and first_relevant <= k else 0.0
 
     return {name: total / len(query_ids) for name, total in totals.items()}
 
 
-# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Evaluating an embedder: encode, search, score (BEIR's dense retrieval, PAPER.md section 6)
 
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100, 1000)
@@ -291,19 +262,15 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
                    top_k=1000, k_values=DEFAULT_K_VALUES, ignore_identical_ids=True):
     """Encode, search and score one BEIR split with an `NVEmbed`; returns (metrics, run).
 
-    corpus {doc_id: {"title", "text"}}, queries {query_id: text}, qrels {query_id: {doc_id:
-    grade}}: what `data.load_beir` returns. Queries are encoded with `instruction` (the
-    query template's task), documents bare as `data.doc_text` (title + " " + text), as
-    PAPER.md sections 3 and 6 prescribe. Only the queries judged in qrels are encoded.
-    `max_length` None means the model's own. metrics: `evaluate(qrels, run, k_values,
-    ignore_identical_ids)`; run: {query_id: {doc_id: score}} with each query's `top_k` best
-    documents. With `ignore_identical_ids` (BEIR's default) a document whose id is the
-    query's own is not one of them: as BEIR's exact search does, top_k + 1 are searched and
-    the self-match skipped, so such a query still gets top_k others (ArguAna and Quora have
-    queries that are corpus documents).
+    corpus {doc_id: {"title", "text"}}, queries {query_id: text}, qrels {query_id: {doc_id: grade}}: what
+    `datafiles.load_beir` returns. Queries are encoded with `instruction` (the query template's task), documents
+    bare as `datafiles.doc_text` (title + " " + text), as PAPER.md sections 3 and 6 prescribe. Only the queries
+    judged in qrels are encoded. `max_length` None means the model's own. metrics: `evaluate(qrels, run, k_values,
+    ignore_identical_ids)`; run: {query_id: {doc_id: score}} with each query's `top_k` best documents. With
+    `ignore_identical_ids` (BEIR's default) a document whose id is the query's own is not one of them: as BEIR's
+    exact search does, top_k + 1 are searched and the self-match skipped, so such a query still gets top_k others
+    (ArguAna and Quora have queries that are corpus documents).
     """
-    from data import doc_text
-
     missing = [qid for qid in qrels if qid not in queries]
     if missing:
         raise ValueError(f"run_evaluation: {len(missing)} qrels queries have no text in `queries`, "
@@ -336,46 +303,6 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
     return evaluate(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids), run
 
 
-def write_trec(run, path, run_name):
-    """Write a run in TREC format, one line per document: `query_id Q0 doc_id rank score run_name`.
-
-    Lines are in trec_eval's order (score as float32 descending, ties by doc id
-    descending), so the rank column is the rank the metrics used. Scores are written with
-    9 significant digits, enough to give back the same float32 (trec_eval reads a float).
-    """
-    if not run_name or any(c.isspace() for c in run_name):
-        raise ValueError(f"write_trec: run name {run_name!r} must be non-empty without whitespace")
-    with open(path, "w", encoding="utf-8") as f:
-        for qid, docs in run.items():
-            # A space in an id would shift every later column of the line.
-            for item_id in (qid, *docs):
-                if not item_id or any(c.isspace() for c in item_id):
-                    raise ValueError(f"write_trec: id {item_id!r} (query {qid!r}) is empty or has whitespace, "
-                                     "which the TREC format cannot hold")
-            ranked = sorted(docs.items(), key=lambda item: (float(np.float32(item[1])), item[0]), reverse=True)
-            for rank, (did, score) in enumerate(ranked, start=1):
-                f.write(f"{qid} Q0 {did} {rank} {score:.9g} {run_name}\n")
-
-
-def read_trec(path):
-    """Read a TREC run file back into {query_id: {doc_id: score}}; bad lines name file and line."""
-    run = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 6:
-                raise ValueError(f"{path}:{number}: expected 6 fields (query_id Q0 doc_id rank score run_name), "
-                                 f"got {len(fields)}")
-            qid, _, did, _, score, _ = fields
-            try:
-                run.setdefault(qid, {})[did] = float(score)
-            except ValueError:
-                raise ValueError(f"{path}:{number}: score {score!r} is not a number") from None
-    return run
-
-
 def format_table(metrics):
     """BEIR's summary: one row per cutoff k, one column per metric, 5 decimals as BEIR rounds."""
     k_values = sorted({int(name.split("@")[1]) for name in metrics})
@@ -385,8 +312,8 @@ def format_table(metrics):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------
-# The command
+# ----------------------------------------------------------------------------------------------------------------
+# The command: prints a BEIR-style table, writes the metrics (JSON) and the run (TREC format).
 
 DEFAULT_MODELS = ("runs/stage2/model", "runs/stage1/model")  # what `train.py --stage 2 / 1` writes
 
@@ -451,8 +378,6 @@ def build_parser():
 
 @exits_on_user_error
 def main(argv=None):
-    from model import PRESETS, NVEmbed
-
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -463,13 +388,8 @@ def main(argv=None):
         print("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
                            "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
                            "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
+    # NVEmbed.load (below, after the cheap checks) refuses a --model not found, and base-only flags for a saved one.
     saved = NVEmbed.is_saved(model_spec)
-    if saved and (args.pooling is not None or args.causal is not None):
-        parser.error(f"--model {model_spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
-                     "trained with, so --pooling / --causal / --bidirectional do not apply")
-    if not saved and model_spec not in PRESETS and not Path(model_spec).exists():
-        parser.error(f"--model {model_spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
-                     f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
 
@@ -508,7 +428,7 @@ def main(argv=None):
     if builtin:
         corpus, queries, qrels = data.builtin_dataset().split(args.split)
     else:
-        corpus, queries, qrels = data.load_beir(args.data, args.split)
+        corpus, queries, qrels = load_beir(args.data, args.split)
     max_length = args.max_length or model.max_length
     config = dict(
         model=str(model_spec), model_kind="saved NV-Embed" if saved else "base (zero-shot)",

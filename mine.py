@@ -7,19 +7,8 @@ near-positive candidates are most often unjudged relevant documents, and trainin
 push them away hurts (the "positive-aware" mining of NV-Retriever, which NV-Embed-v2
 uses). What remains, hardest first, becomes the query's hard negatives.
 
-A query with several positives uses the lowest positive score for its threshold, so a
-kept negative scores at most `margin` x every one of its positives.
-
-The rule assumes a teacher whose scores separate relevant from irrelevant documents.
-An untrained decoder does not: its mean-pooled embeddings share one dominant direction,
-every cosine similarity lies around 0.8-0.95, and positives rank below hundreds of
-documents, so the rule drops nearly every candidate (we measured this on SciFact with
-SmolLM2-135M). `--model bm25` is a lexical teacher for such a cold start: BM25, the
-teacher DPR mined its hard negatives with, computed by the bm25s package on a sparse
-index (`BM25Teacher`). Indexing peaks at ~35 bytes per corpus word (bench/RESULTS.md:
-0.5 GB for 1M documents of 15 words), so MS MARCO's 8.8M passages need some 10 GB,
-where the dense (N, 32768) TF-IDF matrix this replaced would have needed 1 TB. A
-trained embedder is the teacher NV-Embed uses.
+How it differs from NV-Embed-v2, whose teacher is a trained embedder: `--model bm25` is a
+lexical teacher (`BM25Teacher`) for a cold start, when no trained embedder exists yet.
 
 Usage:
     python mine.py --model M --data DIR --split train --out train.jsonl
@@ -27,8 +16,9 @@ Usage:
     python mine.py            # the built-in dataset's train split with a fresh tiny model
 
 M is `bm25`, a saved NV-Embed folder or a base decoder (HF folder, .gguf, preset) with
---pooling / --causal, as in evaluate.py. Benchmark: python bench/mine_bm25.py. The output is a training file in data.py's
+--pooling / --causal, as in evaluate.py. The output is a training file in datafiles.py's
 schema, plus DIR-of-out/NAME.stats.json with the counts of what was dropped.
+Benchmark: python bench/mine_bm25.py.
 """
 
 from __future__ import annotations
@@ -42,12 +32,23 @@ import numpy as np
 import torch
 
 import data
+from datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
 from errors import exits_on_user_error
 from evaluate import INSTRUCTIONS, search
+from model import NVEmbed
 
 
 class BM25Teacher:
     """BM25 scores from a sparse index (bm25s), for mining: `index` the corpus, then `rank`.
+
+    Why a lexical teacher: the margin rule assumes a teacher whose scores separate relevant
+    from irrelevant documents. An untrained decoder does not: its mean-pooled embeddings
+    share one dominant direction, every cosine similarity lies around 0.8-0.95, and
+    positives rank below hundreds of documents, so the rule drops nearly every candidate
+    (we measured this on SciFact with SmolLM2-135M). BM25 is the teacher DPR mined its hard
+    negatives with. Indexing peaks at ~35 bytes per corpus word (bench/RESULTS.md: 0.5 GB
+    for 1M documents of 15 words), so MS MARCO's 8.8M passages need some 10 GB, where the
+    dense (N, 32768) TF-IDF matrix this replaced would have needed 1 TB.
 
     bm25s's default variant is Lucene's: score(q, d) = sum over the query's words w (a word
     repeated in the query counts each time, as in a Lucene query with repeated terms) of
@@ -149,7 +150,7 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
     if unknown:
         raise ValueError(f"mine: {len(unknown)} qrels documents are not in the corpus, e.g. {unknown[:3]}")
 
-    doc_texts = [data.doc_text(corpus[d]) for d in doc_ids]
+    doc_texts = [doc_text(corpus[d]) for d in doc_ids]
     query_texts = [queries[q] for q in query_ids]
     positive_rows = [[row_of[d] for d, grade in qrels[q].items() if grade > 0] for q in query_ids]
     # Ask for top_k plus room for the positives, which are removed from the candidates.
@@ -168,6 +169,8 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
         # teacher cannot tell relevant documents apart, so those queries are counted.
         # (BM25 scores 0 a positive that shares no word with its query.)
         nonpositive += positive_score <= 0
+        # positive_score is the lowest of the query's positives, so a kept negative scores at most
+        # margin x every one of its positives.
         threshold = margin * positive_score
         kept = []
         for score, j in ranked:
@@ -190,8 +193,6 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
 
 @exits_on_user_error
 def main(argv=None):
-    from model import NVEmbed
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny",
                    help="teacher: 'bm25' (lexical), a saved NV-Embed folder, HF folder, .gguf or preset")
@@ -219,7 +220,7 @@ def main(argv=None):
         corpus, queries, qrels = data.builtin_dataset().split(args.split)
         instruction = data.BUILTIN_INSTRUCTION
     else:
-        corpus, queries, qrels = data.load_beir(args.data, args.split)
+        corpus, queries, qrels = load_beir(args.data, args.split)
         instruction = INSTRUCTIONS.get(Path(args.data).resolve().name.lower(), "")
     if args.instruction is not None:
         instruction = args.instruction
@@ -234,9 +235,9 @@ def main(argv=None):
 
     negatives, stats = mine(model, corpus, queries, qrels, instruction, top_k=args.top_k, margin=args.margin,
                             batch_size=args.batch_size, max_length=args.max_length, depth=args.depth)
-    report = data.SkipReport()
-    examples = data.beir_training_examples(corpus, queries, qrels, negatives, instruction, report=report)
-    data.write_training_file(out, examples)
+    report = SkipReport()
+    examples = beir_training_examples(corpus, queries, qrels, negatives, instruction, report=report)
+    write_training_file(out, examples)
     stats |= dict(examples=len(examples), model=args.model, data=args.data, split=args.split,
                   instruction=instruction, not_made_into_examples=report.total)
     out.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -32,7 +32,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
+import datafiles  # noqa: E402
 from errors import exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
@@ -88,7 +88,7 @@ def encode_split(model, corpus, queries, qrels, instruction, max_length, batch_s
     doc_ids = list(corpus)
     query_emb = model.encode([queries[q] for q in query_ids], instruction=instruction, batch_size=batch_size,
                              max_length=max_length)  # (Q, D)
-    corpus_emb = model.encode([data.doc_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
+    corpus_emb = model.encode([datafiles.doc_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
                               max_length=max_length)  # (N, D)
     return query_emb, corpus_emb, query_ids, doc_ids
 
@@ -157,11 +157,11 @@ def mine_negatives(args, setting, out, instruction):
     if train_file.is_file():
         print(f"reusing mined negatives in {train_file}")
         return train_file
-    corpus, queries, qrels = data.load_beir(args.data, "train")
+    corpus, queries, qrels = datafiles.load_beir(args.data, "train")
     negatives, stats = mine.mine(mine.BM25Teacher(), corpus, queries, qrels, instruction,
                                  top_k=setting["hard_negatives"])
-    examples = data.beir_training_examples(corpus, queries, qrels, negatives, instruction)
-    data.write_training_file(train_file, examples)
+    examples = datafiles.beir_training_examples(corpus, queries, qrels, negatives, instruction)
+    datafiles.write_training_file(train_file, examples)
     (out / "mining.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"mined: {json.dumps(stats)}")
     return train_file
@@ -233,7 +233,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if setting["dtype"] == "bf16" else torch.float32
     instruction = INSTRUCTIONS["scifact"]
-    test = data.load_beir(args.data, "test")
+    test = datafiles.load_beir(args.data, "test")
     hardware = (torch.cuda.get_device_name() if args.device == "cuda"
                 else f"CPU, {torch.get_num_threads()} threads")
     start = time.perf_counter()

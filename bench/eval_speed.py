@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
+import datafiles  # noqa: E402
 from evaluate import evaluate, search  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import POOLINGS  # noqa: E402
@@ -95,8 +96,8 @@ def scifact_like_texts(num_docs, seed):
     """SciFact documents (title + " " + text), or synthetic ones with their length distribution."""
     rng = random.Random(seed)
     if (SCIFACT / "corpus.jsonl").is_file():
-        corpus, _, _ = data.load_beir(SCIFACT, "test")
-        texts = [data.doc_text(doc) for doc in corpus.values()]
+        corpus, _, _ = datafiles.load_beir(SCIFACT, "test")
+        texts = [datafiles.doc_text(doc) for doc in corpus.values()]
         return rng.sample(texts, min(num_docs, len(texts))), f"SciFact documents ({SCIFACT})"
     # SciFact's document lengths in characters are close to log-normal: log mean 7.25, log std 0.37.
     words = "cell protein gene expression patients study results increased risk analysis clinical".split()

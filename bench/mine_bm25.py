@@ -36,9 +36,12 @@ def peak_rss_mib() -> float:
 
 
 def old_mine_module(folder: Path):
-    """mine.py at OLD_COMMIT, importable as `old_mine` (it imports data and evaluate, unchanged in what it uses)."""
+    """mine.py at OLD_COMMIT, importable as `old_mine`. It imports data and evaluate; of data it uses only
+    doc_text, which now lives in datafiles.py, so that one call is pointed there. Evaluate's part is unchanged."""
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_COMMIT}:mine.py"], capture_output=True,
                             text=True, check=True).stdout
+    source = source.replace("import data\n", "import data\nimport datafiles\n", 1)
+    source = source.replace("data.doc_text(", "datafiles.doc_text(")
     (folder / "old_mine.py").write_text(source)
     sys.path.insert(0, str(folder))
     import old_mine
@@ -47,11 +50,11 @@ def old_mine_module(folder: Path):
 
 
 def case_scifact(teacher: str) -> dict:
-    import data
+    import datafiles
     import mine
     from evaluate import INSTRUCTIONS
 
-    corpus, queries, qrels = data.load_beir(SCIFACT, "train")
+    corpus, queries, qrels = datafiles.load_beir(SCIFACT, "train")
     instruction = INSTRUCTIONS["scifact"]
     if teacher == "tfidf":
         import tempfile
@@ -76,13 +79,13 @@ def case_scifact(teacher: str) -> dict:
 
 def bm25_test_ndcg(corpus) -> float:
     """nDCG@10 of the BM25 teacher on SciFact test (after the measurement: it does not count in the peak)."""
-    import data
+    import datafiles
     import mine
     from evaluate import evaluate
 
-    _, queries, qrels = data.load_beir(SCIFACT, "test")
+    _, queries, qrels = datafiles.load_beir(SCIFACT, "test")
     doc_ids = list(corpus)
-    teacher = mine.BM25Teacher().index([data.doc_text(corpus[d]) for d in doc_ids])
+    teacher = mine.BM25Teacher().index([datafiles.doc_text(corpus[d]) for d in doc_ids])
     query_ids = list(qrels)
     ranked, _ = teacher.rank([queries[q] for q in query_ids], [[0]] * len(query_ids), k=1000)
     run = {q: {doc_ids[j]: score for score, j in candidates} for q, candidates in zip(query_ids, ranked)}

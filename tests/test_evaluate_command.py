@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import data
-from evaluate import evaluate, main, read_trec, run_evaluation, write_trec
+from datafiles import load_beir, read_trec, write_beir, write_trec
+from evaluate import evaluate, main, run_evaluation
 from model import NVEmbed
 from tests.helpers import scifact
 
@@ -126,7 +127,7 @@ def test_beir_folder_with_titles(tmp_path):
               "d3": {"title": "Cats", "text": "Cats sleep all day."}}
     queries = {"q1": "which animal is quick", "q2": "who sleeps", "q3": "unjudged query"}
     write_beir_folder = tmp_path / "toy"
-    data.write_beir(write_beir_folder, corpus, queries, {"test": {"q1": {"d1": 1}, "q2": {"d3": 2, "d2": 0}}})
+    write_beir(write_beir_folder, corpus, queries, {"test": {"q1": {"d1": 1}, "q2": {"d3": 2, "d2": 0}}})
     out = tmp_path / "out"
     metrics = main(["--model", "tiny", "--pooling", "eos", "--causal", "--data", str(write_beir_folder),
                     "--instruction", "Find the animal", "--out", str(out), "--k-values", "1,2,3"])
@@ -159,7 +160,7 @@ def test_trec_format_errors(tmp_path):
 
 
 def test_run_evaluation_on_a_scifact_subset():
-    corpus, queries, qrels = data.load_beir(scifact(), "test")
+    corpus, queries, qrels = load_beir(scifact(), "test")
     rng = random.Random(0)
     qids = rng.sample(sorted(qrels), 10)
     relevant = {did for qid in qids for did in qrels[qid]}

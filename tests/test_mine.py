@@ -10,6 +10,7 @@ import torch
 
 import data
 import mine
+from datafiles import doc_text, read_training_file
 from model import NVEmbed
 
 
@@ -22,7 +23,7 @@ def test_mining_rules_hold_for_every_kept_negative():
                                  depth=len(corpus))
     assert set(negatives) == set(qrels)
     doc_ids = list(corpus)
-    doc_emb = dict(zip(doc_ids, model.encode([data.doc_text(corpus[d]) for d in doc_ids])))
+    doc_emb = dict(zip(doc_ids, model.encode([doc_text(corpus[d]) for d in doc_ids])))
     kept_total = 0
     for query_id, negative_ids in negatives.items():
         q = model.encode([queries[query_id]], instruction=data.BUILTIN_INSTRUCTION)[0]
@@ -140,14 +141,14 @@ def test_bm25_mining_follows_the_rules_on_naive_scores(top_k, margin):
 def test_command_writes_a_readable_training_file(tmp_path):
     out = tmp_path / "mined.jsonl"
     mine.main(["--out", str(out), "--top-k", "5", "--max-length", "160"])
-    examples = data.read_training_file(out)
+    examples = read_training_file(out)
     assert examples and all(e.task_type == "retrieval" and 1 <= len(e.negatives) <= 5 for e in examples)
     assert all(e.positive not in e.negatives for e in examples)
     stats = json.loads(out.with_suffix(".stats.json").read_text())
     assert stats["examples"] == len(examples)
     bm25_out = tmp_path / "bm25.jsonl"
     _, bm25_stats = mine.main(["--model", "bm25", "--out", str(bm25_out), "--top-k", "5"])
-    bm25_examples = data.read_training_file(bm25_out)
+    bm25_examples = read_training_file(bm25_out)
     assert bm25_stats["examples"] == len(bm25_examples) > 0 and bm25_stats["model"] == "bm25"
     assert all(e.positive not in e.negatives for e in bm25_examples)
     with pytest.raises(SystemExit):
