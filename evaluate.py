@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import data
+from checkpoints import is_saved
 from datafiles import doc_text, load_beir, write_trec
 from errors import exits_on_user_error
 from model import PRESETS, NVEmbed
@@ -384,12 +385,12 @@ def main(argv=None):
     # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
     model_spec = args.model
     if model_spec is None:
-        model_spec = next((path for path in DEFAULT_MODELS if NVEmbed.is_saved(path)), "tiny")
+        model_spec = next((path for path in DEFAULT_MODELS if is_saved(path)), "tiny")
         print("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
                            "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
                            "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
     # NVEmbed.load (below, after the cheap checks) refuses a --model not found, and base-only flags for a saved one.
-    saved = NVEmbed.is_saved(model_spec)
+    saved = is_saved(model_spec)
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
 

@@ -580,11 +580,11 @@ class NVEmbed(nn.Module):
         .gguf) with a fresh `pooling` (default mean, which has no weights) for zero-shot use."""
         if is_saved(spec):
             if pooling is not None or causal is not None:
-                raise UsageError(f"{spec} is a saved NV-Embed model: it keeps the pooling and attention it was "
-                                 "trained with")
+                raise UsageError(f"--model {spec} is a saved NV-Embed model: it keeps the pooling and attention it "
+                                 "was trained with, so --pooling / --causal / --bidirectional do not apply")
             return cls.from_pretrained(spec, dtype=dtype, device=device)
         if spec not in PRESETS and not Path(spec).exists():
-            raise MissingFileError(f"{spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
+            raise MissingFileError(f"--model {spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
                                    f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
         model = cls.from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length,
                               dtype=dtype or torch.float32)

@@ -58,6 +58,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
 
 import data
+import datafiles
 import evaluate
 from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
                          save_checkpoint)
@@ -356,7 +357,7 @@ def builtin_sources(stage: int, hard_negatives: int, in_batch_negatives: bool, s
 
 
 def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:
-    """One TrainDataset per training file (data.py's schema; a file holds one task type).
+    """One TrainDataset per training file (datafiles.py's schema; a file holds one task type).
 
     Stage 1 takes retrieval files only (PAPER.md section 4); stage 2 takes any. In-batch
     negatives, when asked for, go to the retrieval files only (data.TrainDataset decides).
@@ -364,7 +365,7 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
 
     sources = []
     for path in paths:
-        examples = data.read_training_file(path)
+        examples = datafiles.read_training_file(path)
         kinds = sorted({e.task_type for e in examples})
         if stage == 1 and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
@@ -413,7 +414,7 @@ def evaluation_set(config: dict):
     """(corpus, queries, qrels, instruction) to evaluate on, or None."""
 
     if config["eval_beir"]:
-        corpus, queries, qrels = data.load_beir(config["eval_beir"], config["eval_split"])
+        corpus, queries, qrels = datafiles.load_beir(config["eval_beir"], config["eval_split"])
         instruction = config["eval_instruction"]
         if instruction is None:
 

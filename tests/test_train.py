@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
+import datafiles  # noqa: E402
 import checkpoints  # noqa: E402
 import distributed  # noqa: E402
 import train  # noqa: E402
@@ -180,7 +181,7 @@ def known_positive_examples():
     - doc kilo is a hard negative of queries a and c (rank 0), doc lima of a and e (both ranks).
     """
     def example(query, positive, negatives):
-        return data.Example(query, "Find", positive, negatives, "retrieval")
+        return datafiles.Example(query, "Find", positive, negatives, "retrieval")
 
     return [example("query a", "doc alpha", ["doc kilo", "doc lima"]),
             example("query b", "doc bravo", ["doc mike"]),
@@ -194,7 +195,7 @@ def known_positive_examples():
 
 def known_positive_dataset(in_batch_negatives):
     """The examples above plus (query a, doc beta), which no batch of the tests takes."""
-    examples = known_positive_examples() + [data.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
+    examples = known_positive_examples() + [datafiles.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
     return data.TrainDataset("known-positives", examples, in_batch_negatives=in_batch_negatives,
                              num_hard_negatives=2)
 
