@@ -1,27 +1,14 @@
 """The Mistral decoder in plain PyTorch, made bidirectional, plus LoRA and the NV-Embed model.
 
-NV-Embed (Lee et al., arXiv 2405.17428, section 3.1) starts from Mistral-7B and removes
-the causal mask: during contrastive training and at inference every token attends to
-every other real token, and only padding is masked. This file holds:
+NV-Embed (arXiv 2405.17428, section 3.1; PAPER.md sections 1-3) removes Mistral-7B's causal
+mask: every token attends to every real token, only padding is masked (`causal=False`).
+NVEmbed = decoder + pooling (pooling.py) + tokenizer and pool mask (data.py). Differences
+from transformers' MistralModel / LlamaModel: positions count from each row's first real
+token (HF's hidden states under left padding depend on the padding); no KV cache, no LM
+head; parameter names are HF's without "model.", so checkpoints load as they are
+(checkpoints.py reads the files). Parity tests: `python -m pytest tests/test_model.py`.
 
-  MistralConfig   the Hugging Face config fields, with named presets
-  Mistral         embeddings -> N x (RMSNorm, attention, RMSNorm, SwiGLU MLP) -> RMSNorm
-                  forward(..., causal=False) is the paper's encoder; causal=True is the
-                  original decoder with Mistral's sliding window. There is no LM head.
-  LoRA            apply_lora / merge_lora / mark_only_lora_trainable, in plain PyTorch
-  NVEmbed         decoder + pooling (pooling.py) + tokenizer (data.py): texts -> embeddings
-
-Differences from the HF reference (transformers' MistralModel / LlamaModel):
-  - Positions count from each row's first real token (HF counts from the first column,
-    so its hidden states under left padding depend on the amount of padding).
-  - No KV cache and no generation: an embedder reads each text once.
-  - Parameter names are HF's without the leading "model.", so an HF state dict loads
-    as it is (checkpoints.py reads the files).
-
-Shape legend: B batch, T tokens, D hidden, H query heads, Hkv key/value heads,
-Dh head dim, F MLP width.
-
-Run the parity tests against transformers with `python -m pytest tests/test_model.py`.
+Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head dim, F MLP width.
 """
 
 from __future__ import annotations
@@ -67,10 +54,8 @@ class MistralConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention needs it)"
-            )
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention needs it)")
 
     @classmethod
     def preset(cls, name: str) -> "MistralConfig":
@@ -90,21 +75,16 @@ PRESETS = {
     # Mistral-7B-v0.1, the backbone of NV-Embed (PAPER.md section 1).
     "mistral-7b": dict(),
     # A tiny model for the default CPU run and the tests (fits the byte tokenizer).
-    "tiny": dict(
-        vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        sliding_window=None,
-    ),
+    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None),
     # SmolLM2-135M, the real Llama-family model used for the CPU experiments.
-    "smollm2-135m": dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-        rope_theta=100000.0, sliding_window=None,
-    ),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, sliding_window=None),
 }
 
 # ----------------------------------------------------------------------------
-# Building blocks
+# The decoder: blocks, the causal switch, the model
 
 
 class RMSNorm(nn.Module):
@@ -123,13 +103,9 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of the rotary angles position * theta^(-2i/Dh), each (B, T, Dh).
-
-    HF's layout ("rotate half"): the two halves of the head dimension form the pairs,
-    so the angles are repeated once, not interleaved. HF checkpoints store q_proj and
-    k_proj permuted for exactly this layout; porting weights into an interleaved RoPE
-    is the classic silent mismatch.
-    """
+    """cos and sin of the rotary angles position * theta^(-2i/Dh), each (B, T, Dh), in HF's "rotate half" layout
+    (the halves of the head dimension pair up; HF's q_proj / k_proj are permuted for it, so an interleaved RoPE
+    would silently mismatch)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
@@ -163,14 +139,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
         if gqa and attn_mask is not None:
-            # SDPA's fused GPU kernels take either a mask (memory-efficient) or GQA
-            # (flash), not both; padded batches would fall back to the slow math path.
-            # So with a mask, repeat each key/value head for its group of query heads.
+            # SDPA's fused GPU kernels take a mask (memory-efficient) or GQA (flash), not both: with a
+            # mask, repeat each key/value head for its group of query heads, or it falls back to math.
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T, Dh)
             gqa = False
-        # enable_gqa lets each group of H / Hkv query heads read one key/value head
-        # without materialising repeated copies of k and v.
+        # enable_gqa: each group of H / Hkv query heads reads one key/value head, no repeated copies.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*Dh)
@@ -206,20 +180,10 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-# ----------------------------------------------------------------------------
-# The decoder
-
-
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, sliding_window: int | None):
-    """Boolean (B, 1, T, T) mask, True where query i may attend to key j.
-
-    Bidirectional (the paper's encoder): every real token sees every real token.
-    Causal: additionally j <= i, and with a sliding window W also i - j < W (as HF's
-    Mistral). The window is a causal-decoder detail: bidirectional attention sees the
-    whole text, as NV-Embed does. Every position may always see itself: otherwise a left-padding query
-    under the causal mask would see nothing and SDPA would return NaN there (such
-    rows are padding, so their values are never used).
-    """
+    """Boolean (B, 1, T, T), True where query i may attend to key j: every real key when bidirectional (the
+    paper's encoder sees the whole text, no window); causal adds j <= i and, with a window W, i - j < W (HF's
+    Mistral). Every position sees itself, or a left-padded row would see nothing and SDPA would give NaN."""
     B, T = attention_mask.shape
     real = attention_mask.bool()
     mask = real[:, None, None, :].expand(B, 1, T, T)  # keys: (B, 1, T, T)
@@ -248,16 +212,14 @@ class Mistral(nn.Module):
         cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Positions count from each row's first real token, so left padding does not
-        # shift the rotary angles: (pad, a, b, c) -> (0, 0, 1, 2), leading pads clamped
-        # to 0 (they are never attended to or pooled).
+        # Positions count from each row's first real token, so left padding does not shift the rotary
+        # angles: (pad, a, b, c) -> (0, 0, 1, 2); leading pads are clamped to 0 (never attended to or pooled).
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.embed_tokens.weight.dtype)
 
         window_active = causal and cfg.sliding_window is not None and T > cfg.sliding_window
         if bool(attention_mask.all()) and not window_active:
-            # No padding: let SDPA build the (causal or empty) mask itself, which
-            # allows its fused kernels.
+            # No padding: SDPA builds the (causal or empty) mask itself, which allows its fused kernels.
             attn_mask, is_causal = None, causal
         else:
             attn_mask, is_causal = attention_mask_4d(attention_mask, causal, cfg.sliding_window), False
@@ -273,16 +235,8 @@ class Mistral(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Mistral":
-        """Load an HF Mistral / Llama checkpoint: a directory, or a `.gguf` file.
-
-        A directory holds `config.json` and one or several `*.safetensors` files (with
-        `model.safetensors.index.json` when sharded; `pytorch_model*.bin` is read with
-        `weights_only=True`). The model is built on the meta device, so no random
-        weights are allocated, and each tensor is read, cast and assigned one at a
-        time: loading needs about the checkpoint's own size in memory.
-
-        A `.gguf` file is dequantised by transformers (needs the `gguf` package).
-        """
+        """Load an HF Mistral / Llama checkpoint folder ((sharded) safetensors or .bin) or a `.gguf` file.
+        Built on the meta device and assigned tensor by tensor: about the checkpoint's size in memory."""
         hf_config, source, state = read_hf_checkpoint(Path(path), dtype)
         config = MistralConfig.from_hf(hf_config, source=source)
         with torch.device("meta"):
@@ -299,15 +253,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRADropout(nn.Dropout):
-    """nn.Dropout whose mask is drawn two to three times faster on CPU.
-
-    PyTorch's CPU generator makes one draw per element, and LoRA drops out the input of
-    every adapted projection: on a 2-core CPU those draws were 42% of a SmolLM2 LoRA
-    training step (bench/lora_dropout.py). Here each 64-bit draw gives four 16-bit numbers,
-    and an element is dropped when its number falls below p * 2^16, which rounds p to a
-    multiple of 1/65536. On a GPU (whose generator is fast), in place, or for a p that
-    rounds to 0 or 1, it is plain nn.Dropout.
-    """
+    """nn.Dropout whose CPU mask is drawn 2-3x faster: PyTorch's CPU generator makes one draw per element, 42% of
+    a SmolLM2 LoRA step (bench/lora_dropout.py). Each 64-bit draw gives four 16-bit numbers, dropped below
+    p * 2^16 (p rounded to a multiple of 1/65536). On GPU, in place, or for p rounding to 0 or 1: nn.Dropout."""
 
     def forward(self, x):
         drop_below = round(self.p * 2**16)  # of the 2^16 values a 16-bit number can take
@@ -320,12 +268,8 @@ class LoRADropout(nn.Dropout):
 
 
 class LoRALinear(nn.Linear):
-    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, with the base weight W frozen.
-
-    A subclass of nn.Linear that keeps `weight` under its original name, so the base
-    checkpoint's names are unchanged and only `lora_A` / `lora_B` are added. B starts
-    at zero, so a fresh adapter leaves the model's output exactly as it was.
-    """
+    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen. `weight` keeps its name, so the checkpoint's
+    names are unchanged and only lora_A / lora_B are added; B starts at zero, so a fresh adapter changes nothing."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         nn.Module.__init__(self)
@@ -341,8 +285,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         base = F.linear(x, self.weight, self.bias)
-        # Training keeps the adapters in fp32 over a bf16 base: the update is computed in the
-        # adapters' dtype and added in the base's (under autocast or FSDP's bf16 both are bf16).
+        # fp32 adapters over a bf16 base (train.py): the update in the adapters' dtype, the sum in the base's.
         update = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return base + (self.scaling * update).to(base.dtype)
 
@@ -393,20 +336,12 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class NVEmbed(nn.Module):
-    """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise.
-
-    The same `forward` serves training (train.py) and inference (`encode`), and both
-    tokenize through `data.tokenize` with the model's own `text_rule`, so the pool mask
-    (text tokens + EOS, never the instruction or padding; BOS as the rule says; PAPER.md
-    section 3) is identical in the two. This project's models never pool BOS; a model
-    loaded with `from_released` follows the released code's rule and pools the BOS of
-    every text without an instruction.
-    """
+    """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise. Training (train.py) and
+    `encode` share `forward` and tokenize with the model's own `text_rule`, so their pool masks are the same."""
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
                  text_rule=None, base: str | None = None, normalize: bool = True):
-
         super().__init__()
         self.decoder = decoder
         self.pooling = pooling
@@ -434,23 +369,15 @@ class NVEmbed(nn.Module):
     # -- inference -------------------------------------------------------------
 
     def tokenize(self, texts, instruction="", max_length=None, padding_side="right"):
-
         return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
                         rule=self.text_rule, padding_side=padding_side)
 
     @torch.inference_mode()
     def encode(self, texts: list[str], instruction: str = "", batch_size: int = 32,
                max_length: int | None = None, show_progress: bool | None = None) -> torch.Tensor:
-        """Embed `texts` (N,) -> float32 (N, D), unit length, in the input order.
-
-        Queries pass their task `instruction` (formatted with `text_rule.template`);
-        documents pass none. Texts are batched in order of token count so that a
-        batch holds texts of similar size and little compute goes to padding. (Sorting
-        by characters is not enough: on SciFact a token spans 3 to 7 characters, and
-        char-sorted batches still carry ~25% padding.)
-        """
-
-
+        """Embed `texts` (N,) -> float32 (N, D), unit length, in the input order. Queries pass their task
+        `instruction`, documents none. Batches hold texts of similar token count (sorting by characters still
+        left ~25% padding on SciFact, where a token spans 3 to 7 characters)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a list of strings")
         for i, text in enumerate(texts):  # here, before batches are sorted, so that i is the caller's index
@@ -487,10 +414,8 @@ class NVEmbed(nn.Module):
     def from_base(cls, model: str = "tiny", pooling: str = "latent", causal: bool = False,
                   max_length: int = 512, dtype: torch.dtype = torch.float32, seed: int = 0,
                   pooling_kwargs: dict | None = None, **kwargs) -> "NVEmbed":
-        """A fresh embedder on a base decoder: a preset name (random weights, byte
-        tokenizer; for tests and the default tiny run), an HF checkpoint directory or
-        a `.gguf` file (weights and tokenizer from it)."""
-
+        """A fresh embedder on a base decoder: a preset (random weights, byte tokenizer), an HF checkpoint
+        folder or a `.gguf` file (weights and tokenizer from it)."""
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
         torch.manual_seed(seed)
@@ -523,9 +448,9 @@ class NVEmbed(nn.Module):
 
     @classmethod
     def skeleton(cls, architecture: dict, tokenizer) -> "NVEmbed":
-        """The modules of `architecture()` (or of a saved config.json) on the meta device: every parameter's
-        shape and, where recorded, its dtype and trainable flag, and no memory. `load_checked` then assigns
-        the weights; FSDP ranks other than 0 start from this and receive their shards of rank 0's (train.py)."""
+        """The modules of `architecture()` (or a saved config.json) on the meta device, with each parameter's
+        dtype and trainable flag where recorded: loaders assign the weights to it (`load_checked`), and FSDP
+        ranks other than 0 receive their shards of rank 0's (train.py)."""
         with torch.device("meta"):
             decoder = Mistral(MistralConfig(**architecture["decoder"]))
             if architecture["lora"]:
@@ -542,23 +467,16 @@ class NVEmbed(nn.Module):
         return model
 
     def save(self, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False):
-        """Write config.json (the architecture), the weights and the tokenizer to `folder`. With LoRA on a
-        checkpoint's decoder, only the adapters are written, with a reference to that checkpoint and a
-        fingerprint of its weights (checkpoints.write_model_folder). `state_dict` (of this module) may be
-        passed in, e.g. gathered from FSDP shards."""
+        """config.json (the architecture), the weights and the tokenizer (checkpoints.write_model_folder: for LoRA
+        on a checkpoint, only the adapters). `state_dict` may be passed in, e.g. gathered from FSDP shards."""
         write_model_folder(folder, self.architecture(), state_dict or self.state_dict(), self.tokenizer, overwrite)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu",
                         trainable_dtype: torch.dtype | None = None) -> "NVEmbed":
-        """Load what `save` wrote (train.py's output).
-
-        dtype: of the decoder (default: the dtype it was saved in). trainable_dtype: of the
-        LoRA adapters and the pooling, the weights training updates (default: dtype).
-        train.py's stage 2 asks for fp32, so that stage 1's fp32 adapters and pooling,
-        saved beside a bf16 base, arrive bit for bit instead of rounded to bf16.
-        """
+        """Load what `save` wrote. dtype: the decoder's (default: as saved); trainable_dtype: the adapters' and
+        pooling's (default: dtype). Stage 2 asks for fp32: stage 1's fp32 weights then arrive bit for bit."""
         config, config_file, tensors = read_model_folder(folder)  # {"decoder.*", "pooling.*": tensor}
         dtype = dtype or getattr(torch, config["dtype"])
         trainable_dtype = trainable_dtype or dtype
@@ -575,9 +493,8 @@ class NVEmbed(nn.Module):
     @classmethod
     def load(cls, spec: str, pooling: str | None = None, causal: bool | None = None, max_length: int = 512,
              dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "NVEmbed":
-        """What the command lines take as --model: a folder written by `save` (its pooling and
-        attention are kept: passing others is refused), or a base decoder (preset, HF folder,
-        .gguf) with a fresh `pooling` (default mean, which has no weights) for zero-shot use."""
+        """What the commands take as --model: a folder `save` wrote (its pooling and attention are kept), or a
+        base decoder (preset, HF folder, .gguf) with a fresh `pooling` (default mean) for zero-shot use."""
         if is_saved(spec):
             if pooling is not None or causal is not None:
                 raise UsageError(f"--model {spec} is a saved NV-Embed model: it keeps the pooling and attention it "
@@ -593,22 +510,15 @@ class NVEmbed(nn.Module):
     @classmethod
     def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                       max_length: int = 4096) -> "NVEmbed":
-        """Load NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository) so that it embeds
-        exactly as the released code (`modeling_nvembed.py`) does (tests/test_released.py).
-
-        Their checkpoint holds `embedding_model.<HF Mistral names>` and
-        `latent_attention_model.*` (renamed by pooling.RELEASED_LATENT_NAMES). What their
-        `encode(prompts, instruction, max_length=4096)` does with the inputs:
-          - each row is the tokenizer's encoding of instruction + text + "</s>", with BOS,
-            cut at max_length (a long text loses its EOS): TextRule.truncation "sequence";
-          - the first len(tokenize(instruction)) positions leave the pool, only when
-            `padding_side` is "right", `is_mask_instruction` is true and there is an
-            instruction: with Mistral's tokenizer those are exactly BOS and the prefix, and a
-            text without instruction pools its BOS (TextRule.pool_bos "without_instruction");
-          - padding is EOS on the right (`add_pad_token`); EOS is appended whatever `add_eos`
-            says (their encode passes always_add_eos=True);
-          - the pooled mean is L2-normalised when the latent config's `output_normalize` is.
-        """
+        """NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository), embedding exactly as their
+        `encode(prompts, instruction, max_length=4096)` does (tests/test_released.py):
+          - a row is the tokenizer's encoding of BOS + instruction + text + "</s>", cut at max_length (a long
+            text loses its EOS): TextRule.truncation "sequence";
+          - they zero the first len(tokenize(instruction)) positions of the pool mask (right padding,
+            `is_mask_instruction`, an instruction given): with Mistral's tokenizer exactly BOS and the prefix;
+            a bare text (every document) pools its BOS: TextRule.pool_bos "without_instruction";
+          - padding is EOS (`add_pad_token`); EOS is appended whatever `add_eos` says (always_add_eos=True);
+          - the mean is L2-normalised when `output_normalize` is."""
         config, text_config, latent_config, tensors = read_released(folder, dtype)
         decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
         rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),

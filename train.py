@@ -1,38 +1,17 @@
-"""Two-stage contrastive instruction tuning of NV-Embed, on one CPU or many GPUs (FSDP2).
+"""Two-stage contrastive instruction tuning of NV-Embed (PAPER.md section 4, paper section 3.3), one CPU or
+many GPUs (FSDP2). Stage 1: retrieval data, in-batch plus curated hard negatives. Stage 2: from stage 1, retrieval
+blended with classification, clustering and STS, in-batch negatives off (items of one class are no negatives).
 
-PAPER.md section 4 (paper section 3.3). Stage 1 trains on retrieval data with in-batch
-negatives plus curated hard negatives; stage 2 continues from stage 1 on a blend of
-retrieval and non-retrieval data with in-batch negatives switched off (items of the
-same class would otherwise be pushed apart as negatives).
-
-Run with no flags for the tiny default job: a tiny random Mistral (model.PRESETS["tiny"]),
-the byte tokenizer and data.py's built-in dataset, under 3 minutes on a 2-core CPU. It
-prints nDCG@10 on the built-in test queries before and after training:
-
-    torchrun --nproc_per_node=2 train.py --stage 1    # -> runs/stage1/model
+    torchrun --nproc_per_node=2 train.py --stage 1    # the tiny default job -> runs/stage1/model
     torchrun --nproc_per_node=2 train.py --stage 2    # continues from runs/stage1
-
-`python train.py ...` (no torchrun) is a plain single-process run without any process
-group. With a real decoder (`--model DIR` or `--model FILE.gguf`) the defaults are the
-paper's recipe: LoRA r 16 / alpha 32 / dropout 0.1, 128 queries per batch, 1 positive + 7
-hard negatives each, lr 2e-5 (stage 1) / 1.5e-5 (stage 2), 500 warm-up steps, max length
-512, bf16 on GPU, temperature 0.01.
-
     torchrun --nproc_per_node=8 train.py --stage 1 --model /ckpt/Mistral-7B-v0.1 --data train/*.jsonl
 
-The training step is `train()`'s inner loop: encode queries and documents, contrastive
-loss (`contrastive_loss`), backward, clip, AdamW, schedule. Parallelism is one short
-function (`parallelize`); only rank 0 reads the checkpoint and the tokenizer, and the
-other ranks receive them from it (`build_model_on_rank0`, `load_from_rank0`).
-Checkpoints (`save_checkpoint` / `load_checkpoint`) are sharded
-torch.distributed.checkpoint folders, written under a temporary name and renamed when
-complete; `--resume` continues exactly where the last one stopped.
-
-Outputs, in the run folder (`--out`, default runs/stage{1,2}):
-    config.json        the resolved configuration
-    log.jsonl          one JSON record per logged step, plus the evaluations
-    checkpoints/step_N sharded training state (model, optimizer, schedule, sampler, RNG)
-    model/             the final embedder, `NVEmbed.from_pretrained("runs/stage1/model")`
+No flags: a tiny random Mistral, the byte tokenizer and the built-in data, printing nDCG@10 before and after.
+With --model the defaults are the paper's recipe (RECIPES). `python train.py` runs one process, no process group.
+Reading order: `contrastive_loss` (InfoNCE with cross-rank negatives), `parallelize` (FSDP2),
+`build_model_on_rank0` (only rank 0 reads the checkpoint), `train_step`, `train`. Checkpoints and the run folder
+(--out: config.json, log.jsonl, checkpoints/step_N, model/) are written by checkpoints.py; --resume continues
+exactly where the last checkpoint stopped.
 """
 
 from __future__ import annotations
@@ -750,9 +729,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (paper 500)")
     g.add_argument("--decay", choices=("linear", "cosine"), default="linear",
                    help="learning-rate decay to 0 after the warm-up (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default %(default)s: the paper uses Adam)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and dropout (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW weight decay (default %(default)s: the paper uses Adam)")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="max gradient norm; 0 = no clipping (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the model init, data order and dropout (default %(default)s)")
+    _add_hardware_and_output_flags(p)
+    return p
+
+
+def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
@@ -774,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "spans --steps")
     g.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep, 0: all (default %(default)s)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="newest checkpoints to keep, 0: all (default %(default)s)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="nDCG@10 before and after training (built-in test split, or --eval-beir; default on)")
     g.add_argument("--eval-beir", default=None, help="BEIR folder to evaluate on")
@@ -782,10 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-instruction", default=None,
                    help="query instruction for --eval-beir (default: NV-Embed-v2's for a known BEIR folder name, "
                         "as evaluate.py picks it)")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="texts per batch when encoding (default %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=64,
+                   help="texts per batch when encoding (default %(default)s)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: when stderr is a terminal)")
-    return p
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
