@@ -14,7 +14,6 @@ Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ from checkpoints import (check_base, hf_decoder_fields, is_saved, load_checked, 
                          read_released, write_model_folder)
 from data import QUERY_TEMPLATE, ByteTokenizer, TextRule, encode_texts, load_tokenizer, tokenize
 from errors import MissingFileError, UsageError
+from lora import LoRALinear, apply_lora
 from pooling import POOLINGS
 
 
@@ -246,92 +246,6 @@ class Mistral(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021), as NV-Embed trains: rank 16, alpha 32, dropout 0.1
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class LoRADropout(nn.Dropout):
-    """nn.Dropout whose CPU mask is drawn 2-3x faster: PyTorch's CPU generator makes one draw per element, 42% of
-    a SmolLM2 LoRA step (bench/lora_dropout.py). Each 64-bit draw gives four 16-bit numbers, dropped below
-    p * 2^16 (p rounded to a multiple of 1/65536). On GPU, in place, or for p rounding to 0 or 1: nn.Dropout."""
-
-    def forward(self, x):
-        drop_below = round(self.p * 2**16)  # of the 2^16 values a 16-bit number can take
-        if not self.training or x.device.type != "cpu" or self.inplace or not 0 < drop_below < 2**16:
-            return super().forward(x)
-        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
-        numbers = draws.view(torch.int16)[:x.numel()].view(x.shape)  # uniform on [-2^15, 2^15)
-        keep = numbers >= drop_below - 2**15
-        return x * keep * (1 / (1 - drop_below / 2**16))  # (bool mask first: x keeps its dtype)
-
-
-class LoRALinear(nn.Linear):
-    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen. `weight` keeps its name, so the checkpoint's
-    names are unchanged and only lora_A / lora_B are added; B starts at zero, so a fresh adapter changes nothing."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.scaling = alpha / rank
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # down-projection
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # up-projection, zero
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = LoRADropout(dropout)
-
-    def forward(self, x):
-        base = F.linear(x, self.weight, self.bias)
-        # fp32 adapters over a bf16 base (train.py): the update in the adapters' dtype, the sum in the base's.
-        update = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return base + (self.scaling * update).to(base.dtype)
-
-
-def apply_lora(module: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1,
-               targets=LORA_TARGETS) -> nn.Module:
-    """Replace every nn.Linear whose attribute name is in `targets` by a LoRALinear."""
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if name in targets and type(child) is nn.Linear:
-                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
-                replaced += 1
-    if replaced == 0:
-        raise ValueError(f"apply_lora: no nn.Linear named one of {targets} found")
-    return module
-
-
-@torch.no_grad()
-def merge_lora(module: nn.Module) -> nn.Module:
-    """Fold each adapter into its weight (W += scaling * B A) and restore plain nn.Linear."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device="meta")
-                # Fold in fp32 so that a bf16 weight is rounded once, not twice.
-                update = child.scaling * (child.lora_B.float() @ child.lora_A.float())
-                weight = child.weight.float() + update
-                merged.weight = nn.Parameter(weight.to(child.weight.dtype), requires_grad=child.weight.requires_grad)
-                merged.bias = child.bias
-                setattr(parent, name, merged)
-    return module
-
-
-def mark_only_lora_trainable(module: nn.Module) -> nn.Module:
-    for name, param in module.named_parameters():
-        param.requires_grad = "lora_" in name
-    return module
-
-
-def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in module.state_dict().items() if "lora_" in k}
-
-
-# ----------------------------------------------------------------------------
 # NV-Embed: decoder + pooling + tokenizer
 
 
@@ -414,8 +328,7 @@ class NVEmbed(nn.Module):
     def from_base(cls, model: str = "tiny", pooling: str = "latent", causal: bool = False,
                   max_length: int = 512, dtype: torch.dtype = torch.float32, seed: int = 0,
                   pooling_kwargs: dict | None = None, **kwargs) -> "NVEmbed":
-        """A fresh embedder on a base decoder: a preset (random weights, byte tokenizer), an HF checkpoint
-        folder or a `.gguf` file (weights and tokenizer from it)."""
+        """A fresh embedder on a base decoder: a preset (random, byte tokenizer), an HF folder or a `.gguf`."""
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
         torch.manual_seed(seed)

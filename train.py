@@ -7,7 +7,7 @@ blended with classification, clustering and STS, in-batch negatives off (items o
     torchrun --nproc_per_node=8 train.py --stage 1 --model /ckpt/Mistral-7B-v0.1 --data train/*.jsonl
 
 No flags: a tiny random Mistral, the byte tokenizer and the built-in data, printing nDCG@10 before and after.
-With --model the defaults are the paper's recipe (RECIPES). `python train.py` runs one process, no process group.
+With --model the defaults are the paper's recipe (train_cli.RECIPES). `python train.py` runs one process, no process group.
 Reading order: `contrastive_loss` (InfoNCE with cross-rank negatives), `parallelize` (FSDP2),
 `build_model_on_rank0` (only rank 0 reads the checkpoint), `train_step`, `train`. Checkpoints and the run folder
 (--out: config.json, log.jsonl, checkpoints/step_N, model/) are written by checkpoints.py; --resume continues
@@ -16,9 +16,7 @@ exactly where the last checkpoint stopped.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -39,17 +37,15 @@ from tqdm.auto import tqdm
 import data
 import datafiles
 import evaluate
+import train_cli
 from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
                          save_checkpoint)
 from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
-from errors import DataError, MissingFileError, UsageError, UserError
-from model import PRESETS, MistralConfig, NVEmbed, apply_lora, mark_only_lora_trainable
+from errors import DataError, UsageError, UserError
+from lora import apply_lora, mark_only_lora_trainable
+from model import NVEmbed
 
 # ----------------------------------------------------------------------------
-# Distributed helpers: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them the
-# run is a plain single process and no process group exists at all.
-
-
 # ----------------------------------------------------------------------------
 # The loss (PAPER.md section 4): InfoNCE over cosine similarities / temperature.
 
@@ -541,7 +537,7 @@ def train_step(model, optimizer, scheduler, source, global_batch: list[int], con
 
 
 def train(config: dict) -> dict:
-    """Run one stage as `config` (see `resolve_config`) says; returns a summary dict."""
+    """Run one stage as `config` (train_cli.resolve_config) says; returns a summary dict."""
     device = init_distributed(config["device"])
     out = Path(config["out"])
     resume_from = open_run(config)
@@ -658,204 +654,11 @@ class StepLog:
 # ----------------------------------------------------------------------------
 # Command line
 
-# Defaults that depend on the run. "paper": a real decoder (PAPER.md section 4; the batch
-# size, steps, warm-up and learning rates are the values commonly quoted from the
-# appendix, temperature from NV-Retriever). "tiny": the tiny preset on the built-in data,
-# sized to finish in under 3 minutes on a 2-core CPU; its decoder starts from random
-# weights, so it trains all of them (LoRA would adapt a random matrix).
-RECIPES = {
-    "paper": dict(lr={1: 2e-5, 2: 1.5e-5}, steps={1: 20000, 2: 18000}, batch_size=128, hard_negatives=7,
-                  warmup_steps=500, max_length=512, temperature=0.01, lora_rank=16, num_latents=512,
-                  latent_head_dim=None, log_every=10, save_every=1000),
-    "tiny": dict(lr={1: 3e-3, 2: 1.5e-3}, steps={1: 200, 2: 100}, batch_size=32, hard_negatives=7,
-                 warmup_steps=20, max_length=192, temperature=0.01, lora_rank=0, num_latents=32,
-                 latent_head_dim=8, log_every=20, save_every=100),
-}
-DEFAULT_STAGE1_OUT = "runs/stage1"
-
-
-def _recipe_text(recipe: dict) -> str:
-    def text(value):
-        return "/".join(map(str, value.values())) if isinstance(value, dict) else str(value)
-
-    return ", ".join(f"{key.replace('_', '-')} {text(value)}" for key, value in recipe.items())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Two-stage contrastive instruction tuning of NV-Embed (PAPER.md section 4). "
-                    "Run under torchrun for several ranks; flags left out take the recipe's default "
-                    "(the paper's with --model, the tiny CPU job without).",
-        epilog="recipe defaults (stage 1 / stage 2 where two values): " + "; ".join(
-            f"{name}: {_recipe_text(recipe)}" for name, recipe in RECIPES.items()))
-    g = p.add_argument_group("what to train")
-    g.add_argument("--stage", type=int, choices=(1, 2), default=1,
-                   help="1: retrieval data, in-batch + hard negatives; 2: retrieval + non-retrieval blend, "
-                        "in-batch negatives off, from a stage-1 model (default %(default)s)")
-    g.add_argument("--model", default=None,
-                   help="base decoder: HF checkpoint folder, .gguf file or preset name (model.PRESETS); "
-                        "default: the 'tiny' preset with the byte tokenizer")
-    g.add_argument("--init-from", default=None,
-                   help="start from this saved model (a run folder or its model/); stage 2 without --model "
-                        f"defaults to {DEFAULT_STAGE1_OUT}")
-    g.add_argument("--data", nargs="+", default=None,
-                   help="training files (data.py schema, one task type per file, one dataset each); "
-                        "default: data.py's built-in dataset")
-    g.add_argument("--pooling", choices=("mean", "eos", "latent", "self-attention"), default=None,
-                   help="pooling (default latent; with --init-from, the saved model's)")
-    g.add_argument("--num-latents", type=int, default=None, help="latent pooling: latents (paper 512, tiny 32)")
-    g.add_argument("--latent-head-dim", type=int, default=None,
-                   help="latent pooling: head dim (paper: the hidden size, tiny 8)")
-    mask = g.add_mutually_exclusive_group()
-    mask.add_argument("--causal", dest="causal", action="store_true", default=None,
-                      help="keep the decoder's causal mask (the paper's ablation)")
-    mask.add_argument("--bidirectional", dest="causal", action="store_false",
-                      help="remove the causal mask (the paper's choice; default)")
-    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (paper 16)")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default %(default)s)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (paper ~20k / 18k)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch: queries per step, all ranks")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
-    g.add_argument("--hard-negatives", type=int, default=None, help="hard negatives per query (paper 7)")
-    g.add_argument("--in-batch-negatives", action=argparse.BooleanOptionalAction, default=None,
-                   help="use the other documents of the global batch as negatives, for retrieval data only "
-                        "(default: on in stage 1, off in stage 2)")
-    g.add_argument("--temperature", type=float, default=None, help="softmax temperature tau (0.01)")
-    g.add_argument("--max-length", type=int, default=None, help="max tokens per text (paper 512)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (paper 2e-5 / 1.5e-5)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (paper 500)")
-    g.add_argument("--decay", choices=("linear", "cosine"), default="linear",
-                   help="learning-rate decay to 0 after the warm-up (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW weight decay (default %(default)s: the paper uses Adam)")
-    g.add_argument("--grad-clip", type=float, default=1.0,
-                   help="max gradient norm; 0 = no clipping (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the model init, data order and dropout (default %(default)s)")
-    _add_hardware_and_output_flags(p)
-    return p
-
-
-def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
-
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--model-dtype", choices=("bf16", "fp32"), default=None,
-                   help="dtype the frozen base is stored in (default: bf16 for LoRA with bf16 compute, else fp32); "
-                        "trainable parameters are always fp32")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each decoder layer in the backward pass (less memory, ~30%% more compute)")
-
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="run folder (default runs/stage{1,2})")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
-                   help="replace an existing run in --out (default: yes for the tiny job, no otherwise)")
-    g.add_argument("--stop-after", type=int, default=None,
-                   help="stop (with a checkpoint) after this step, as if interrupted; the schedule still "
-                        "spans --steps")
-    g.add_argument("--log-every", type=int, default=None, help="steps between log lines")
-    g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
-    g.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="newest checkpoints to keep, 0: all (default %(default)s)")
-    g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="nDCG@10 before and after training (built-in test split, or --eval-beir; default on)")
-    g.add_argument("--eval-beir", default=None, help="BEIR folder to evaluate on")
-    g.add_argument("--eval-split", default="test", help="qrels split of --eval-beir (default %(default)s)")
-    g.add_argument("--eval-instruction", default=None,
-                   help="query instruction for --eval-beir (default: NV-Embed-v2's for a known BEIR folder name, "
-                        "as evaluate.py picks it)")
-    g.add_argument("--eval-batch-size", type=int, default=64,
-                   help="texts per batch when encoding (default %(default)s)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bar (default: when stderr is a terminal)")
-
-
-def resolve_config(args: argparse.Namespace) -> dict:
-    """Fill every flag left out from the recipe (and, with --init-from, from the saved model)."""
-
-    config = dict(vars(args))
-    stage = config["stage"]
-    if stage == 2 and config["init_from"] is None and config["model"] is None:
-        config["init_from"] = DEFAULT_STAGE1_OUT
-    if config["init_from"] is not None:
-        if config["model"] is not None:
-            raise UsageError("pass either --model (start from a base decoder) or --init-from (a saved model)")
-        saved = json.loads((model_folder(config["init_from"]) / "config.json").read_text())
-        recipe = "tiny" if saved["decoder"] == dataclasses.asdict(MistralConfig.preset("tiny")) else "paper"
-        saved_lora = (saved["lora"] or {}).get("rank", 0)
-        for key, value in (("pooling", saved["pooling"]), ("causal", saved["causal"])):
-            if config[key] is not None and config[key] != value:
-                raise UsageError(f"--{key}={config[key]!r} differs from the model in {config['init_from']} "
-                                 f"({key} {value!r})")
-            config[key] = value
-        if saved_lora and config["lora_rank"] not in (None, saved_lora):
-            raise UsageError(f"--lora-rank {config['lora_rank']}: {config['init_from']} carries rank-{saved_lora} "
-                             "adapters, which training continues")
-        config["lora_rank"] = saved_lora or config["lora_rank"] or 0
-        config["pooling_kwargs"] = saved["pooling_kwargs"]
-    else:
-        config["model"] = config["model"] or "tiny"
-        recipe = "tiny" if config["model"] == "tiny" else "paper"
-        if config["model"] not in PRESETS and not Path(config["model"]).exists():
-            raise MissingFileError(f"--model {config['model']}: no such checkpoint folder, .gguf file or preset "
-                                   f"({sorted(PRESETS)})")
-        config["pooling"] = config["pooling"] or "latent"
-        config["causal"] = bool(config["causal"])
-    defaults = RECIPES[recipe]
-    config["recipe"] = recipe
-    for key in ("batch_size", "hard_negatives", "warmup_steps", "max_length", "temperature", "lora_rank",
-                "log_every", "save_every"):
-        if config[key] is None:
-            config[key] = defaults[key]
-    for key in ("lr", "steps"):
-        if config[key] is None:
-            config[key] = defaults[key][stage]
-    if config["init_from"] is None:
-        latent = dict(num_latents=config["num_latents"] or defaults["num_latents"])
-        head_dim = config["latent_head_dim"] or defaults["latent_head_dim"]
-        if head_dim is not None:
-            latent["head_dim"] = head_dim
-        config["pooling_kwargs"] = latent if config["pooling"] == "latent" else {}
-    if config["pooling"] != "latent" and (config["num_latents"] or config["latent_head_dim"]):
-        raise UsageError(f"--num-latents / --latent-head-dim apply to latent pooling, not {config['pooling']!r}")
-    if config["init_from"] is not None and (config["num_latents"] or config["latent_head_dim"]):
-        raise UsageError("--num-latents / --latent-head-dim: the pooling of --init-from is kept as it was saved")
-    del config["num_latents"], config["latent_head_dim"]
-    if config["in_batch_negatives"] is None:
-        config["in_batch_negatives"] = stage == 1  # PAPER.md section 4
-    config["device"] = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    config["dtype"] = config["dtype"] or ("bf16" if config["device"] == "cuda" else "fp32")
-    if config["model_dtype"] is None:
-        config["model_dtype"] = "bf16" if config["dtype"] == "bf16" and config["lora_rank"] > 0 else "fp32"
-    if config["model_dtype"] == "bf16" and config["dtype"] != "bf16":
-        raise UsageError("--model-dtype bf16 needs --dtype bf16 (a bf16 base cannot compute in fp32)")
-    config["out"] = config["out"] or f"runs/stage{stage}"
-    if config["progress"] is None:
-        config["progress"] = sys.stderr.isatty()
-    if config["overwrite"] is None:
-        config["overwrite"] = recipe == "tiny"
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
-        if config[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
-    if config["hard_negatives"] < 0:
-        raise UsageError(f"--hard-negatives must be >= 0, got {config['hard_negatives']}")
-    if config["temperature"] <= 0:
-        raise UsageError(f"--temperature must be > 0, got {config['temperature']}")
-    if config["hard_negatives"] == 0 and not config["in_batch_negatives"]:
-        raise UsageError("--hard-negatives 0 without in-batch negatives leaves no negative: the loss would be 0")
-    return config
-
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
+    parser = train_cli.build_parser()
     try:
-        return train(resolve_config(parser.parse_args(argv)))
+        return train(train_cli.resolve_config(parser.parse_args(argv)))
     except UserError as error:
         # A mistake in the input ends the run as argparse's parser.error does: one line, exit status 2. Under
         # torchrun every rank stops here on the same mistake (each found it, or rank 0 sent it), and rank 0 says it.

@@ -36,6 +36,7 @@ import datafiles  # noqa: E402
 from errors import exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
+import train_cli  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
 from pooling import POOLINGS  # noqa: E402
@@ -179,7 +180,7 @@ def train_and_evaluate(args, setting, out, train_file, test, instruction, poolin
             "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
             "--save-every", str(10 ** 9), "--keep-checkpoints", "1"]
     start = time.perf_counter()
-    train.train(train.resolve_config(train.build_parser().parse_args(argv)))
+    train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(argv)))
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     model = NVEmbed.from_pretrained(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,

@@ -1,4 +1,4 @@
-"""LoRA's dropout on CPU: model.LoRADropout against nn.Dropout, in the same run.
+"""LoRA's dropout on CPU: lora.LoRADropout against nn.Dropout, in the same run.
 
 (a) the dropout alone, on the input of SmolLM2's up/gate projections in the quick
     ablation setting (32 documents x 64 tokens x 576), and of down_proj (x 1536);
@@ -19,7 +19,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train_step import ByteSizedTokenizer, random_batch  # noqa: E402
-from model import LoRADropout, Mistral, MistralConfig, NVEmbed, apply_lora, mark_only_lora_trainable  # noqa: E402
+from lora import LoRADropout, apply_lora, mark_only_lora_trainable  # noqa: E402
+from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import MeanPooling  # noqa: E402
 from train import contrastive_loss  # noqa: E402
 

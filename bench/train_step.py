@@ -24,7 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.model_vs_hf import saved_bytes  # noqa: E402
-from model import Mistral, MistralConfig, NVEmbed, apply_lora, mark_only_lora_trainable  # noqa: E402
+from lora import apply_lora, mark_only_lora_trainable  # noqa: E402
+from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import LatentAttentionPooling  # noqa: E402
 from train import contrastive_loss, peak_flops, step_flops  # noqa: E402
 

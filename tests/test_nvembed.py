@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from data import ByteTokenizer, load_tokenizer
-from model import Mistral, MistralConfig, NVEmbed, apply_lora
+from lora import apply_lora
+from model import Mistral, MistralConfig, NVEmbed
 from checkpoints import RELEASED_LATENT_NAMES
 from pooling import LatentAttentionPooling
 from tests.helpers import smollm2_gguf

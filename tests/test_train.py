@@ -18,6 +18,7 @@ import datafiles  # noqa: E402
 import checkpoints  # noqa: E402
 import distributed  # noqa: E402
 import train  # noqa: E402
+import train_cli  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -340,7 +341,7 @@ def two_rank_worker(rank, port, out_dir):
     # Sharded checkpoints: uninterrupted vs stopped after step 3 and resumed (train() keeps
     # the process group that is already up).
     def run(*extra):
-        train.train(train.resolve_config(train.build_parser().parse_args(SMALL_JOB + ["--steps", "6", *extra])))
+        train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(SMALL_JOB + ["--steps", "6", *extra])))
 
     def built_on_rank_1(config):
         raise AssertionError("rank 1 built the model: only rank 0 should (train.build_model_on_rank0)")
@@ -351,7 +352,7 @@ def two_rank_worker(rank, port, out_dir):
     run("--out", os.path.join(out_dir, "b"), "--stop-after", "3")
     run("--out", os.path.join(out_dir, "b"), "--resume")
     run("--out", os.path.join(out_dir, "c"), "--steps", "3", "--lora-dropout", "0")  # vs one rank, below
-    train.train(train.resolve_config(train.build_parser().parse_args(STAGE2_FROM + [os.path.join(out_dir, "c"),
+    train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(STAGE2_FROM + [os.path.join(out_dir, "c"),
                                                                                    "--out", os.path.join(out_dir, "e")])))
 
     def unreadable(config):
@@ -527,18 +528,18 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, single_process, mo
 def test_paper_recipe_with_a_real_model(tmp_path):
     checkpoint = tmp_path / "Mistral-7B"
     checkpoint.mkdir()
-    stage1 = train.resolve_config(train.build_parser().parse_args(["--model", str(checkpoint), "--device", "cpu"]))
+    stage1 = train_cli.resolve_config(train_cli.build_parser().parse_args(["--model", str(checkpoint), "--device", "cpu"]))
     # PAPER.md section 4.
     assert (stage1["lr"], stage1["batch_size"], stage1["hard_negatives"]) == (2e-5, 128, 7)
     assert (stage1["warmup_steps"], stage1["max_length"], stage1["temperature"]) == (500, 512, 0.01)
     assert (stage1["lora_rank"], stage1["lora_alpha"], stage1["lora_dropout"]) == (16, 32, 0.1)
     assert stage1["pooling"] == "latent" and stage1["pooling_kwargs"] == {"num_latents": 512}
     assert stage1["in_batch_negatives"] and not stage1["causal"] and stage1["out"] == "runs/stage1"
-    stage2 = train.resolve_config(train.build_parser().parse_args(
+    stage2 = train_cli.resolve_config(train_cli.build_parser().parse_args(
         ["--stage", "2", "--model", str(checkpoint), "--device", "cpu"]))
     assert stage2["lr"] == 1.5e-5 and not stage2["in_batch_negatives"]
     with pytest.raises(FileNotFoundError, match="no-such"):
-        train.resolve_config(train.build_parser().parse_args(["--model", str(tmp_path / "no-such")]))
+        train_cli.resolve_config(train_cli.build_parser().parse_args(["--model", str(tmp_path / "no-such")]))
 
 
 # ---------------------------------------------------------------- stage 2's model and data
@@ -547,7 +548,8 @@ def test_paper_recipe_with_a_real_model(tmp_path):
 def stage_1_like_save(folder, base="tiny"):
     """What stage 1 with LoRA and --model-dtype bf16 saves: a bf16 base, fp32 adapters and
     pooling holding trained values (not representable in bf16)."""
-    from model import NVEmbed, apply_lora
+    from lora import apply_lora
+    from model import NVEmbed
 
     model = NVEmbed.from_base(base, pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8),
                               dtype=torch.bfloat16)
@@ -629,7 +631,7 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
     assert not config["in_batch_negatives"] and config["init_from"] == str(stage1)
     assert NVEmbed.from_pretrained(summary["model"]).pooling_name == model.pooling_name
     with pytest.raises(ValueError, match="pooling"):
-        train.resolve_config(train.build_parser().parse_args(["--stage", "2", "--init-from", str(stage1),
+        train_cli.resolve_config(train_cli.build_parser().parse_args(["--stage", "2", "--init-from", str(stage1),
                                                               "--pooling", "mean"]))
 
 
