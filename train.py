@@ -132,12 +132,8 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: t
 
 
 def _repeated_columns(keys: torch.Tensor) -> torch.Tensor:
-    """keys (R, C) -> (R, C) bool, True where an earlier column of the same row holds the same key.
-
-    A stable sort puts equal keys side by side in column order, so every member of a run of
-    equal keys but the first is a repeat. O(C log C) time and O(C) memory per row, where
-    comparing every column with every other would take (C, C): a gigabyte at C = 32k.
-    """
+    """keys (R, C) -> (R, C) bool, True where an earlier column of the row holds the same key. A stable sort puts
+    equal keys side by side in column order: O(C) memory, where comparing all pairs takes (C, C), 1 GB at 32k."""
     order = keys.argsort(dim=1, stable=True)  # (R, C)
     sorted_keys = keys.gather(1, order)  # (R, C)
     repeat_in_order = torch.zeros_like(sorted_keys, dtype=torch.bool)  # (R, C)
@@ -146,13 +142,9 @@ def _repeated_columns(keys: torch.Tensor) -> torch.Tensor:
 
 
 class GatherWithGradient(torch.autograd.Function):
-    """all_gather of (N, D) rows from every rank -> (W*N, D), differentiable.
-
-    Each rank's loss sends gradients to every rank's rows; the backward sums them over
-    ranks (all_reduce) and hands each rank the slice of its own rows. An all_reduce
-    rather than a reduce_scatter because gloo (CPU) has no reduce_scatter; the tensor is
-    only the batch's embeddings, small next to the parameters' gradients.
-    """
+    """all_gather of (N, D) rows from every rank -> (W*N, D), differentiable: the backward sums over ranks the
+    gradients every rank's loss sends to the rows and hands each rank its own. An all_reduce, since gloo (CPU) has
+    no reduce_scatter; it moves only the batch's embeddings, small next to the parameters' gradients."""
 
     @staticmethod
     def forward(ctx, local):
@@ -190,14 +182,9 @@ def _all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(config: dict):
-    """A fresh NVEmbed on the base decoder, or the stage-1 model (`init_from`), set up to train.
-
-    LoRA (`lora_rank` > 0; PAPER.md section 4: r 16, alpha 32, dropout 0.1): only the
-    adapters and the pooling train. A model that already carries adapters (a LoRA stage-1
-    output) keeps training those. Trainable parameters are kept in fp32 for AdamW even when
-    the frozen base is bf16; FSDP's mixed-precision policy casts them for the compute.
-    """
-
+    """A fresh NVEmbed on the base decoder, or the stage-1 model (`init_from`), set up to train. With LoRA
+    (PAPER.md section 4) only the adapters and the pooling train; a stage-1 model's adapters keep training.
+    Trainable parameters are fp32 for AdamW even over a bf16 base (FSDP or autocast casts them to compute)."""
     if config["init_from"]:
         # What trains is loaded in fp32, exactly as stage 1 saved it (a trip through bf16
         # would round it): the adapters and the pooling, or the whole model without LoRA.
@@ -228,12 +215,9 @@ def build_model(config: dict):
 
 
 def build_model_on_rank0(config: dict):
-    """`build_model` on rank 0 only; every other rank gets the same modules on the meta
-    device (`NVEmbed.skeleton`) and, once sharded, its shards of rank 0's weights
-    (`load_from_rank0`). So one process, not each of 8, reads and holds a 7B checkpoint.
-    The architecture and the tokenizer travel by broadcast (pickled by rank 0 of this
-    job), and so does rank 0's error if it cannot build the model."""
-
+    """`build_model` on rank 0 only, so that one process, not each of 8, reads and holds a 7B checkpoint. The
+    others build the modules on the meta device (`NVEmbed.skeleton`) from rank 0's broadcast architecture and
+    tokenizer (pickled by rank 0 of this job), or stop on rank 0's error, and get their shards in load_from_rank0."""
     model, error = None, None
     message = [None, None, None, False]  # architecture, tokenizer, rank 0's error, whether it is the user's
     if rank() == 0:
@@ -254,7 +238,6 @@ def build_model_on_rank0(config: dict):
 
 def load_from_rank0(model, full_state: dict | None, device: torch.device):
     """After `parallelize`: every rank's shards from rank 0's full state dict (None elsewhere)."""
-
     if rank() != 0:
         model.to_empty(device=device)  # memory for the meta-device shards, filled just below
     set_model_state_dict(model, full_state if rank() == 0 else {},
@@ -262,13 +245,9 @@ def load_from_rank0(model, full_state: dict | None, device: torch.device):
 
 
 def parallelize(model, device: torch.device, activation_checkpointing: bool = False, compute_dtype: str = "bf16"):
-    """FSDP2 (torchtitan-style): shard each decoder layer, then the pooling, then the root.
-
-    Each `fully_shard` group is all-gathered just before its forward and freed after
-    it, so only one layer is whole at a time. On GPU the gathered parameters are bf16
-    and gradients are reduced in fp32 (the sharded master weights stay fp32). Without a
-    process group (plain single-process run) the model is only moved to the device.
-    """
+    """FSDP2 (torchtitan-style): shard each decoder layer, then the pooling, then the root. Each group is
+    gathered just before its forward and freed after it, so one layer is whole at a time. On GPU it computes in
+    bf16 and reduces gradients in fp32 (the master shards stay fp32). Without a process group: only moved."""
     model.decoder.activation_checkpointing = activation_checkpointing  # recompute each layer in backward
     if not is_distributed():
         return model.to(device)
@@ -288,8 +267,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "line
     """Linear warm-up from 0 over `warmup_steps`, then linear (or cosine) decay to 0 at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(1.0, progress)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -332,12 +310,8 @@ def builtin_sources(stage: int, hard_negatives: int, in_batch_negatives: bool, s
 
 
 def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:
-    """One TrainDataset per training file (datafiles.py's schema; a file holds one task type).
-
-    Stage 1 takes retrieval files only (PAPER.md section 4); stage 2 takes any. In-batch
-    negatives, when asked for, go to the retrieval files only (data.TrainDataset decides).
-    """
-
+    """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1 takes retrieval
+    files only (PAPER.md section 4); in-batch negatives go to retrieval data only (data.TrainDataset decides)."""
     sources = []
     for path in paths:
         examples = datafiles.read_training_file(path)
@@ -354,18 +328,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "truncated"}
 
 
-# ----------------------------------------------------------------------------
-# The training step's forward and backward
-
-
 def forward_backward(model, batch: dict, temperature: float, loss_scale: float, device: torch.device,
                      autocast=None) -> tuple[torch.Tensor, int]:
-    """Embed one micro-batch's queries and documents, compute the loss, backpropagate.
-
-    `batch` is this rank's share of the micro-batch (data.collate's dict; its
-    `in_batch_negatives` says whether the loss uses the other documents of the global
-    micro-batch). Returns the detached loss and the number of real (non-padding) tokens.
-    """
+    """Embed this rank's share of a micro-batch (data.collate's dict), compute the loss, backpropagate;
+    returns the detached loss and the number of real (non-padding) tokens."""
     queries, documents = to_device(batch["queries"], device), to_device(batch["documents"], device)
     with autocast or contextlib.nullcontext():
         query_emb = model(queries)  # (B, D)
@@ -378,21 +344,15 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float, 
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: torch.distributed.checkpoint (each rank writes its own shards)
-
-
-# ----------------------------------------------------------------------------
 # Evaluation (BEIR-style nDCG@10; evaluate.py)
 
 
 def evaluation_set(config: dict):
     """(corpus, queries, qrels, instruction) to evaluate on, or None."""
-
     if config["eval_beir"]:
         corpus, queries, qrels = datafiles.load_beir(config["eval_beir"], config["eval_split"])
         instruction = config["eval_instruction"]
         if instruction is None:
-
             instruction = evaluate.INSTRUCTIONS.get(Path(config["eval_beir"]).resolve().name.lower(), "")
         return corpus, queries, qrels, instruction
     if not config["data"]:  # the built-in dataset's held-out test queries
@@ -469,7 +429,6 @@ def step_flops(model_shape: dict, batch: dict) -> float:
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
