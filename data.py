@@ -1,19 +1,14 @@
 """NV-Embed's data side, in the order a batch flows: tokenization with the pool mask, stage-2 pairs, hard negatives
-and document keys, one-dataset batches, and a built-in dataset for the default run and the tests.
+and document keys, one-dataset batches. Files on disk live in datafiles.py, the built-in dataset in builtin.py.
 
-Paper (../shared/PAPER.md): section 3 (instruction template; instruction masked out of pooling, BOS as the model's
-`TextRule` says, EOS appended) and section 4 (two-stage contrastive instruction tuning: hard negatives, in-batch
-negatives on in stage 1 and off in stage 2, example-based classification/clustering pairs, STS pairs with score >= 4
-in both directions). Files on disk (BEIR folders, the training-file schema, `Example`) live in datafiles.py.
-
-How it differs from the released NV-Embed code: this project's models never pool BOS, and a text cut at max_length
-keeps its EOS; `TextRule` records which rule a model uses, and `NVEmbed.from_released` picks the released one.
-
-Run: `python data.py builtin OUT_DIR` writes the built-in dataset (BEIR folder plus train.jsonl);
-`python data.py check-beir FOLDER SPLIT [--skip-bad]` and `python data.py check-train FILE [--skip-bad]` validate
-files and print their counts. Tests: `python -m pytest -x -q tests/test_data.py`.
+Paper (../shared/PAPER.md): section 3 (instruction template, instruction masked out of pooling, EOS appended) and 4
+(two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in stage 1 and off in stage 2,
+example-based classification/clustering pairs, STS pairs with score >= 4 in both directions).
+Differs from the released NV-Embed code: BOS is never pooled and a text cut at max_length keeps its EOS; `TextRule`
+records a model's rule, and `NVEmbed.from_released` picks the released one.
+Run: `python data.py check-beir FOLDER SPLIT [--skip-bad]` or `python data.py check-train FILE [--skip-bad]` validates
+files and prints their counts. Tests: `python -m pytest -x -q tests/test_data.py`.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -29,8 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from datafiles import (Example, SkipReport, _Problems, check_beir, check_training_file, write_beir,
-                       write_training_file)
+from datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
 from errors import DataError, MissingFileError, exits_on_user_error
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
@@ -44,7 +38,7 @@ BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0..255 are the bytes, then pad, bos, eos. Needs no vocabulary file or download."""
 
-    pad_token_id, bos_token_id, eos_token_id = 256, 257, 258
+    pad_token_id, bos_token_id, eos_token_id, vocab_size = 256, 257, 258, 259
     specials = {256: "<pad>", 257: "<bos>", 258: "<eos>"}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -64,10 +58,6 @@ class ByteTokenizer:
                 out.append(self.specials[i])
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
-
-    @property
-    def vocab_size(self) -> int:
-        return 259
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -94,18 +84,14 @@ def load_tokenizer(path: str | Path):
     if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
         raise MissingFileError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf file)")
     from transformers import AutoTokenizer  # heavy, slow to import: needed only for HF tokenizers
-
     if path.is_file():
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoTokenizer.from_pretrained(str(path))
 
 
 def bos_ids(tokenizer) -> list[int]:
-    """[BOS] when the tokenizer itself starts inputs with it (Mistral's and Llama's <s>), else [].
-
-    Asking the tokenizer rather than reading `bos_token_id` matters: SmolLM2 declares <|im_start|> as its BOS,
-    a chat marker that its own encoding never prepends and that the model never saw at the start of plain text.
-    """
+    """[BOS] when the tokenizer itself starts inputs with it (Mistral's and Llama's <s>), else []. Not just
+    `bos_token_id`: SmolLM2's is <|im_start|>, a chat marker its encoding never prepends to plain text."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] else []
 
@@ -123,23 +109,16 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 @dataclass(frozen=True)
 class TextRule:
     """How a model turns (instruction, text) into ids and a pool mask. Each saved model records its rule, and
-    training and evaluation read it from the model, so the two always agree.
+    training and evaluation read it from the model, so the two always agree."""
 
-    template          the query template; a text with an instruction is read as template.format(...) + text
-    mask_instruction  leave the instruction's tokens out of the pool (PAPER section 3; the released
-                      `is_mask_instruction`)
-    pool_bos          "never": BOS is never pooled (this project's models). "without_instruction": BOS is pooled
-                      whenever no instruction is masked out, as the released NV-Embed code does: it zeroes the
-                      first len(tokenize(prefix)) positions of an instructed text and nothing of a bare one, so
-                      every retrieval document averages its BOS in.
-    truncation        "text": cut the text so that the row still ends in EOS (this project's models). "sequence":
-                      cut the whole row at max_length, as the released code's tokenizer call does (a long text
-                      then loses its EOS).
-    """
-
-    template: str = QUERY_TEMPLATE
-    mask_instruction: bool = True
+    template: str = QUERY_TEMPLATE  # a text with an instruction is read as template.format(instruction=...) + text
+    mask_instruction: bool = True  # instruction tokens out of the pool (PAPER section 3; released is_mask_instruction)
+    # "never": BOS is never pooled (this project). "without_instruction": pooled unless an instruction is masked out,
+    # as the released code zeroes the first len(tokenize(prefix)) positions of an instructed text and nothing of a
+    # bare one, so every retrieval document averages its BOS in.
     pool_bos: str = "never"
+    # "text": cut the text so that the row still ends in EOS (this project). "sequence": cut the row at max_length,
+    # as the released code's tokenizer call does (a long text then loses its EOS).
     truncation: str = "text"
 
     def __post_init__(self):
@@ -168,16 +147,11 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
     """(prefix ids, text ids) of each prefix + text, cut from the tokenizer's own encoding of the joined string.
 
-    Encoding prefix and text apart and joining the ids would give ids the model never read. With the standard
-    template the boundary is a space, and a BPE or SentencePiece tokenizer attaches that space to the text's first
-    word: "Query: vitamin" is ':' 'Ġvitamin' (byte-level BPE, SmolLM2) or ':' '▁vitamin' (SentencePiece, Mistral),
-    while "Query: " alone ends in a lone 'Ġ' / '▁' token. So the joined string is encoded once, and its leading
-    tokens that equal the prefix's own encoding are the prefix; the first token that differs (it holds a character
-    of the text, here the space-and-word token) and all after it are the text. A byte tokenizer keeps the space as
-    the prefix's own token. The ids are then exactly the tokenizer's encoding of the joined string, for any
-    tokenizer whose encoding of a string does not change before the boundary when text is appended (true at a
-    space for all three kinds; tests/test_data.py checks SmolLM2's BPE, a SentencePiece tokenizer and bytes).
-    """
+    Encoding the two apart would give ids the model never read: BPE and SentencePiece attach the boundary space to
+    the text's first word ("Query: vitamin" is ':' 'Ġvitamin' in SmolLM2, ':' '▁vitamin' in Mistral, while "Query: "
+    alone ends in a lone 'Ġ' / '▁'). So the joined encoding's leading tokens equal to the prefix's encoding are the
+    prefix, and the first token that differs and all after it are the text: exact wherever appending text does not
+    change the encoding before the boundary (true at a space; tests/test_data.py checks BPE, SentencePiece, bytes)."""
     prefix_ids = encode_texts(tokenizer, [prefix])[0]
     split = []
     for joined in encode_texts(tokenizer, [prefix + text for text in texts]):
@@ -188,14 +162,11 @@ def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[li
 
 def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "", max_length: int | None = 512,
              rule: TextRule = TextRule(), padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Row i = [BOS if the tokenizer adds one] + the tokenizer's encoding of prefix_i + text_i + [EOS], padded to
-    the longest row, where prefix_i = rule.template.format(instruction=instruction_i) when instruction_i is
-    non-empty, else nothing (`_split_prefix` says where the prefix ends).
-
-    pool_mask (PAPER section 3) is True on the text's tokens and EOS; on the prefix's too when the rule does not
-    mask instructions; on BOS only under the released rule (`TextRule.pool_bos`); never on padding. Truncation
-    follows `rule.truncation`; `truncated` says which rows were cut. Returns input_ids (B, T) long,
-    attention_mask (B, T) long, pool_mask (B, T) bool, truncated (B,) bool."""
+    """Row i = [BOS if the tokenizer adds one] + the encoding of prefix_i + text_i (`_split_prefix`) + [EOS], padded
+    to the longest row; prefix_i = rule.template.format(instruction=instruction_i), or nothing for no instruction.
+    pool_mask (PAPER section 3): the text's tokens and EOS; the prefix's too when the rule does not mask instructions;
+    BOS only under the released rule; never padding. Truncation follows `rule.truncation`. Returns input_ids (B, T)
+    long, attention_mask (B, T) long, pool_mask (B, T) bool, truncated (B,) bool (the rows that were cut)."""
     texts = list(texts)
     instructions = [instruction] * len(texts) if isinstance(instruction, str) else list(instruction)
     if len(instructions) != len(texts):
@@ -331,10 +302,9 @@ def _example_based_pairs(rows, instruction, num_negatives, seed, task_type, skip
 
 def classification_pairs(rows: Iterable, instruction: str, num_negatives: int = 7, seed: int = 0,
                          skip_bad: bool = False, report: SkipReport | None = None) -> list[Example]:
-    """Example-based classification pairs (NV-Embed-v2, PAPER section 4): for every row (text, label) -- a tuple or a
-    mapping with keys text, label -- the query is the text (with `instruction`), the positive another example of
-    the same label, the negatives `num_negatives` random examples of other labels. A label with a single example
-    is an error (skip_bad: its row is skipped and counted)."""
+    """Example-based classification pairs (NV-Embed-v2, PAPER section 4) from rows (text, label), tuples or mappings:
+    query = the text (with `instruction`), positive = another example of its label, negatives = `num_negatives`
+    random examples of other labels. A single-example label is an error (skip_bad: its row is skipped, counted)."""
     return _example_based_pairs(rows, instruction, num_negatives, seed, "classification", skip_bad, report)
 
 
@@ -346,11 +316,10 @@ def clustering_pairs(rows: Iterable, instruction: str, num_negatives: int = 7, s
 
 def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_negatives: int = 7, seed: int = 0,
               skip_bad: bool = False, report: SkipReport | None = None) -> list[Example]:
-    """STS pairs (PAPER section 4): rows (text1, text2, score) -- tuples or mappings with text1/sentence1,
-    text2/sentence2, score. Every pair with score >= threshold gives two examples, text1 -> text2 and text2 -> text1,
-    with task_type "sts" so the documents get the instruction too. Negatives: random other sentences of the rows,
-    never the query, its positive, or a sentence paired with the query at score >= threshold (in-batch negatives
-    are off in stage 2)."""
+    """STS pairs (PAPER section 4) from rows (text1|sentence1, text2|sentence2, score), tuples or mappings. A pair with
+    score >= threshold gives text1 -> text2 and text2 -> text1, task_type "sts" (documents get the instruction too).
+    Negatives: random other sentences, never the query, its positive or a sentence paired with it at score >=
+    threshold (in-batch negatives are off in stage 2)."""
     source = "sts rows"
     problems = _Problems(source, skip_bad, report)
     pairs = []
@@ -397,21 +366,15 @@ def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_nega
 
 
 def text_key(text: str) -> int:
-    """A document's key for the loss's masking: identical texts have identical keys, on every rank, so the loss can
-    tell that two columns hold the same document (an identical text gives an identical embedding, whatever its id).
-
-    An int64 (8 bytes of blake2b), so that batches carry keys as tensors the loss all-gathers and compares as they
-    are. Python's hash() of a str is salted per process, so it cannot be compared across ranks. A collision among
-    n keys has probability ~n^2 / 2^65 (it would mask one negative).
-    """
+    """A document's key for the loss's masking: identical texts (identical embeddings, whatever their ids) get equal
+    keys on every rank. An int64 (8 bytes of blake2b) so the loss all-gathers keys as tensors; hash() of a str is
+    salted per process. A collision among n keys has probability ~n^2 / 2^65 (it would mask one negative)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def query_positive_keys(examples: Iterable[Example]) -> dict[tuple[str, str], list[int]]:
-    """(instruction, query) -> the keys of every positive that `examples` give that query, in order, once each.
-
-    A query with several relevant documents has one example per positive (`beir_training_examples`), and the same
-    query text may come back in other examples; each of these documents is relevant to every one of them."""
+    """(instruction, query) -> the keys of every positive `examples` give that query, in order, once each: a query
+    with several relevant documents has one example per positive (`beir_training_examples`), all relevant to it."""
     positives: dict[tuple[str, str], dict[int, None]] = defaultdict(dict)
     for example in examples:
         positives[(example.instruction, example.query)][text_key(example.positive)] = None
@@ -420,9 +383,7 @@ def query_positive_keys(examples: Iterable[Example]) -> dict[tuple[str, str], li
 
 def hard_negatives(example: Example, num_hard_negatives: int) -> tuple[list[str], int]:
     """Exactly num_hard_negatives negatives (paper: 7): the first n (mined lists are ranked, hardest first), or the
-    list repeated cyclically when shorter. Returns (negatives, number of repeated slots), which
-    `TrainDataset.summary()` and `collate(...)["repeated_negatives"]` report. An example with no negative is
-    refused (there is nothing to repeat)."""
+    list repeated cyclically when shorter. Returns (negatives, repeated slots). An example with none is refused."""
     have = example.negatives
     if not have and num_hard_negatives > 0:
         where = f"{example.location}: " if example.location else ""
@@ -434,12 +395,9 @@ def hard_negatives(example: Example, num_hard_negatives: int) -> tuple[list[str]
 
 @dataclass
 class TrainDataset:
-    """One training source: every batch is drawn from a single TrainDataset.
-
-    in_batch_negatives: whether the loss may use other queries' documents as negatives (stage 1: yes; stage 2: no,
-    PAPER section 4). Only retrieval data may: a dataset of another task type sets it to False whatever is passed.
-    Documents get the instruction iff task_type is "sts". known_positives: (instruction, query) -> the keys of all
-    its positives in this dataset (`query_positive_keys`), which the loss masks out of the query's negatives."""
+    """One training source: every batch is drawn from a single TrainDataset. in_batch_negatives: whether the loss may
+    use other queries' documents as negatives (stage 1 yes, stage 2 no; retrieval data only). Documents get the
+    instruction iff task_type is "sts". known_positives: `query_positive_keys` of the dataset, masked by the loss."""
 
     name: str
     examples: list[Example]
@@ -491,12 +449,10 @@ def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512
             rule: TextRule = TextRule(), in_batch_negatives: bool = True, dataset: str = "",
             padding_side: str = "right",
             known_positives: Mapping[tuple[str, str], Sequence[int]] | None = None) -> dict[str, Any]:
-    """B examples -> the loss's batch. documents holds B * (1 + n) rows grouped per query as [pos, neg_1..neg_n], so
-    query i's positive is document row i * (1 + n). doc_keys (B * (1 + n),) int64: the documents' `text_key`s.
-    known_positive_keys (B, P) int64, row i: the keys of every positive of query i, from `known_positives`
-    (`query_positive_keys` of the whole dataset; default: of these examples only), padded by repeating its first
-    key. The loss masks these documents out of query i's negatives and counts each document once.
-    repeated_negatives counts the slots filled by the repeat policy."""
+    """B examples -> the loss's batch. documents: B * (1 + n) rows, [pos, neg_1..neg_n] per query (query i's positive
+    is row i * (1 + n)); doc_keys (B * (1 + n),) int64: their `text_key`s. known_positive_keys (B, P) int64, row i:
+    the keys of query i's positives from `known_positives` (default: of these examples only), padded with its first;
+    the loss masks them out of query i's negatives. repeated_negatives: the slots filled by `hard_negatives`."""
     known_positives = known_positives if known_positives is not None else query_positive_keys(examples)
     positive_keys = [list(known_positives[(e.instruction, e.query)]) for e in examples]
     width = max(len(keys) for keys in positive_keys)  # P
@@ -513,24 +469,18 @@ def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512
         "doc_keys": torch.tensor([text_key(d) for d in documents], dtype=torch.long),  # (B * (1 + n),)
         "known_positive_keys": torch.tensor([keys + keys[:1] * (width - len(keys)) for keys in positive_keys],
                                             dtype=torch.long),  # (B, P)
-        "in_batch_negatives": in_batch_negatives,
-        "dataset": dataset,
-        "num_hard_negatives": num_hard_negatives,
-        "repeated_negatives": repeated,
+        "in_batch_negatives": in_batch_negatives, "dataset": dataset,
+        "num_hard_negatives": num_hard_negatives, "repeated_negatives": repeated,
     }
 
 
 class BatchSampler:
-    """Which dataset and which examples make the global batch of step k: a pure function of (seed, k).
-
-    Step k picks dataset d with probability weights[d] (default: proportional to dataset size), independently per
-    step. Dataset d's batches, laid end to end, walk through its epochs: its j-th batch (j = how many earlier
-    steps picked d) is positions j*B .. (j+1)*B - 1 of its epoch orders written one after another (B the global
-    batch size), and each epoch's order is a permutation of d. So each epoch holds every example exactly once and
-    nothing is dropped. Where len(d) is not a multiple of B, one batch straddles two epochs; the next epoch's
-    first examples are then taken among those not in the previous epoch's last ones (`_epoch_order`), so no batch
-    holds an example twice. Nothing depends on the world size, so a run resumed at step k on any number of ranks
-    sees the same batches: the sampler's state is just the step."""
+    """Which dataset and examples make the global batch of step k: a pure function of (seed, k), not of the world
+    size, so a run resumed at step k on any number of ranks sees the same batches. Step k picks dataset d with
+    probability weights[d] (default: proportional to size). d's j-th batch (j = earlier steps that picked d) is
+    positions j*B .. (j+1)*B - 1 of its epoch orders laid end to end, each a permutation of d: every epoch holds
+    every example once, nothing is dropped. A batch straddling two epochs takes the next one's first examples among
+    those not in the previous one's tail (`_shuffle`), so no batch holds an example twice."""
 
     block = 1024  # dataset choices are drawn in blocks of steps, so reaching step k costs O(k / block)
 
@@ -568,10 +518,9 @@ class BatchSampler:
         return self._choices[b], self._counts[b]
 
     def _shuffle(self, d: int, epoch: int, previous: np.ndarray | None) -> np.ndarray:
-        """Epoch `epoch` of dataset d, (size,), given the previous epoch's order (None where this epoch starts
-        a batch). Its first batch holds `offset` examples from the previous epoch's end and B - offset from this
-        epoch's start: those are the first B - offset of a fresh permutation that are not among the `offset`;
-        every other example keeps the permutation's order."""
+        """Epoch `epoch` of dataset d, (size,), given the previous epoch's order (None where this epoch starts a
+        batch). Its first batch holds `offset` examples of the previous epoch's end and the first B - offset of a
+        fresh permutation that are not among them; every other example keeps the permutation's order."""
         size = self.sizes[d]
         order = np.random.default_rng([self.seed, 2, d, epoch]).permutation(size)  # (size,)
         offset = epoch * size % self.batch_size
@@ -626,172 +575,11 @@ def rank_slice(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
     return list(batch[rank * per_rank:(rank + 1) * per_rank])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The built-in dataset: made-up places described by four facets, asked about with synonyms.
-#
-# Every document states a place's type, region, a descriptive adjective and a type-specific trait, each written
-# with one of `num_forms` synonymous surface forms (the tables below hold four per facet); its queries name the
-# same four facets, each with the document's own form with probability `same_form_probability` and otherwise with
-# another synonym, and never the place's name. So string matching gets only partial help and a model has to learn
-# the synonym table; hard negatives are training places of the same type that differ in one facet (then two). All
-# 5 x 4 x 5 x 5 = 500 facet combinations exist, each once, so every query has exactly one relevant document. Test
-# queries ask about held-out places (their documents are never a training positive or negative) but use the same
-# vocabulary, so what is learned transfers.
-#
-# Difficulty, measured on the test split (nDCG@10) with defaults (2 forms, same form 1 in 2): untrained byte-level
-# model 0.04, TF-IDF 0.37; a 2-layer, 128-wide byte transformer trained from scratch (mean pooling, 16 queries x
-# (1 + 3) documents per step, 1 CPU thread) 0.16 after 1 minute, 0.36 after 2.5, 0.43 after 5. With 4 forms and
-# same form 1 in 4 it is much harder (TF-IDF 0.22; the same model 0.13 after 4 minutes).
-
-BUILTIN_INSTRUCTION = "Given a question, retrieve the passage that answers it"
-BUILTIN_TYPES = {
-    "river": ["river", "stream", "waterway", "creek"],
-    "mountain": ["mountain", "peak", "summit", "high crag"],
-    "town": ["town", "village", "settlement", "hamlet"],
-    "forest": ["forest", "woodland", "grove", "wildwood"],
-    "lake": ["lake", "pond", "mere", "tarn"],
-}
-BUILTIN_REGIONS = {
-    "north": ["in the north", "up north", "in the polar region", "near the arctic"],
-    "south": ["in the south", "down south", "in the tropics", "near the equator"],
-    "east": ["in the east", "toward sunrise", "in the orient lands", "by the dawn coast"],
-    "west": ["in the west", "toward sunset", "in the occident", "by the dusk coast"],
-}
-BUILTIN_ADJECTIVES = {
-    "big": ["huge", "vast", "enormous", "immense"],
-    "small": ["tiny", "small", "little", "petite"],
-    "old": ["ancient", "age-old", "primeval", "very old"],
-    "dark": ["dark", "gloomy", "shadowy", "dim"],
-    "famous": ["famous", "renowned", "celebrated", "well-known"],
-}
-BUILTIN_TRAITS = {  # clauses that read after "it" and after "that"
-    "river": {
-        "floods": ["floods in spring", "overflows after the thaw", "bursts its banks yearly", "swells when snow melts"],
-        "cold": ["has icy water", "runs freezing cold", "is bitterly chilly", "carries frigid water"],
-        "fish": ["teems with fish", "is full of trout", "is rich in fish", "holds many salmon"],
-        "fast": ["flows very fast", "has a rapid current", "rushes swiftly", "races downhill"],
-        "muddy": ["is muddy", "carries brown silt", "looks murky", "is thick with mud"],
-    },
-    "mountain": {
-        "snowy": ["is capped with snow", "has a white top", "wears a frosty crown", "is covered in snow"],
-        "volcano": ["is a volcano", "spits lava", "erupts now and then", "smokes and rumbles"],
-        "steep": ["is very steep", "has sheer cliffs", "rises almost vertically", "is hard to climb"],
-        "caves": ["hides many caves", "is riddled with tunnels", "has deep caverns", "is full of grottos"],
-        "windy": ["is always windy", "is battered by gales", "has howling winds", "is swept by storms"],
-    },
-    "town": {
-        "market": ["holds a weekly market", "has a busy bazaar", "lives from trading", "hosts a big fair"],
-        "bridge": ["has a stone bridge", "is proud of its bridge", "sits at an old crossing", "grew around a viaduct"],
-        "bread": ["is full of bakers", "smells of fresh bread", "bakes fine pastries", "sells the best loaves"],
-        "walls": ["has high walls", "is fortified", "sits behind ramparts", "is ringed by battlements"],
-        "fishing": ["lives from fishing", "has a fishing harbor", "is a port for boats", "sends boats to sea"],
-    },
-    "forest": {
-        "pines": ["is full of pines", "grows tall conifers", "is thick with fir trees", "smells of resin"],
-        "wolves": ["is home to wolves", "echoes with wolf howls", "shelters wolf packs", "hides a wolf den"],
-        "mushrooms": ["is rich in mushrooms", "grows many fungi", "is full of toadstools", "yields wild mushrooms"],
-        "burned": ["burned last summer", "was scorched by fire", "shows charred trunks", "survived a wildfire"],
-        "haunted": ["is said to be haunted", "is full of ghosts", "scares travelers at night", "is cursed by legend"],
-    },
-    "lake": {
-        "deep": ["is very deep", "has no known bottom", "plunges far down", "is bottomless"],
-        "salty": ["has salty water", "is briny", "tastes of salt", "is saline"],
-        "frozen": ["freezes every winter", "ices over in winter", "turns to ice when cold", "is frozen half the year"],
-        "clear": ["has clear water", "is crystal clear", "is transparent to the bed", "has see-through water"],
-        "swans": ["is home to swans", "hosts graceful waterbirds", "has nesting cygnets", "shelters many swans"],
-    },
-}
-_NAME_SYLLABLES = ["zor", "vath", "kel", "mir", "dun", "ash", "bel", "tor", "quin", "ral", "syl", "dra", "nok",
-                   "fen", "gar", "lo", "thi", "ur", "ven", "mo", "pel", "rin", "sa", "hul", "ix", "ere", "vo", "tam"]
-_DOC_TEMPLATES = ["{Name} is {a} {adjective} {type} {region}; it {trait}.",
-                  "{Name}, {a} {adjective} {type} {region}, {trait}.",
-                  "{Region}, the {adjective} {type} {Name} {trait}."]
-_QUERY_TEMPLATES = ["which {adjective} {type} {region} {trait}?", "what {adjective} {type} {region} {trait}?",
-                    "name the {adjective} {type} {region} that {trait}", "find the {adjective} {type} {region} "
-                    "that {trait}", "is there {a} {adjective} {type} {region} that {trait}?"]
-
-
-@dataclass
-class BuiltinDataset:
-    """The built-in data: BEIR-form corpus, queries (all splits) and qrels per split, plus training examples."""
-
-    corpus: dict[str, dict[str, str]]
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, dict[str, int]]]
-    train_examples: list[Example]
-    instruction: str = BUILTIN_INSTRUCTION
-
-    def split(self, name: str):
-        """What load_beir(folder, name) returns for this data written with write_beir."""
-        qrels = self.qrels[name]
-        return self.corpus, {q: self.queries[q] for q in qrels}, qrels
-
-
-def builtin_dataset(seed: int = 0, num_test: int = 100, queries_per_train_document: int = 4,
-                    num_hard_negatives: int = 7, num_forms: int = 2,
-                    same_form_probability: float = 0.5) -> BuiltinDataset:
-    """Generates the built-in dataset, see above: 500 documents, num_test test queries (one per held-out document)
-    and queries_per_train_document differently worded queries for each of the other documents. num_forms (2..4)
-    synonyms of each facet are used; fewer is easier."""
-    if not 2 <= num_forms <= 4:
-        raise ValueError(f"num_forms must be 2, 3 or 4, got {num_forms}")
-    rng = random.Random(seed)
-    combos = [(kind, region, adjective, trait) for kind in BUILTIN_TYPES for region in BUILTIN_REGIONS
-              for adjective in BUILTIN_ADJECTIVES for trait in BUILTIN_TRAITS[kind]]
-    rng.shuffle(combos)
-    test = set(range(len(combos) - num_test, len(combos)))  # the shuffle makes the last num_test a random sample
-
-    def words(combo, form_indices):
-        kind, region, adjective, trait = combo
-        tables = (BUILTIN_TYPES[kind], BUILTIN_REGIONS[region], BUILTIN_ADJECTIVES[adjective],
-                  BUILTIN_TRAITS[kind][trait])
-        type_, region_, adjective_, trait_ = (table[f] for table, f in zip(tables, form_indices))
-        return dict(type=type_, region=region_, Region=region_[0].upper() + region_[1:], adjective=adjective_,
-                    a="an" if adjective_[0] in "aeiou" else "a", trait=trait_)
-
-    names: set[str] = set()
-    corpus, queries, qrels = {}, {}, {"train": {}, "test": {}}
-    for i, combo in enumerate(combos):
-        while (name := "".join(rng.choice(_NAME_SYLLABLES) for _ in range(rng.choice((2, 3)))).title()) in names:
-            pass
-        names.add(name)
-        doc_id, split = f"doc{i:03d}", "test" if i in test else "train"
-        doc_forms = [rng.randrange(num_forms) for _ in range(4)]
-        corpus[doc_id] = {"title": "", "text": rng.choice(_DOC_TEMPLATES).format(Name=name,
-                                                                                 **words(combo, doc_forms))}
-        for k in range(1 if split == "test" else queries_per_train_document):
-            # Each facet: usually another synonym, sometimes the document's own word (partial lexical overlap).
-            query_forms = [f if rng.random() < same_form_probability
-                           else rng.choice([g for g in range(num_forms) if g != f]) for f in doc_forms]
-            query_id = f"q{i:03d}" if split == "test" else f"q{i:03d}-{k}"
-            queries[query_id] = rng.choice(_QUERY_TEMPLATES).format(**words(combo, query_forms))
-            qrels[split][query_id] = {doc_id: 1}
-
-    # Hard negatives: training places of the same type, fewest differing facets first (ties in random order).
-    train_ids = [i for i in range(len(combos)) if i not in test]
-    examples = []
-    for query_id, judged in qrels["train"].items():
-        (doc_id,) = judged
-        i = int(doc_id[3:])
-        same_type = [j for j in train_ids if j != i and combos[j][0] == combos[i][0]]
-        distance = {j: sum(a != b for a, b in zip(combos[i], combos[j])) for j in same_type}
-        ranked = [f"doc{j:03d}" for j in sorted(same_type, key=lambda j: (distance[j], rng.random()))]
-        ranked = ranked[:num_hard_negatives]
-        examples.append(Example(queries[query_id], BUILTIN_INSTRUCTION, corpus[doc_id]["text"],
-                                [corpus[j]["text"] for j in ranked], "retrieval", query_id, doc_id, ranked))
-    return BuiltinDataset(corpus, queries, qrels, examples)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="NV-Embed data: write the built-in dataset or check data files.")
+    parser = argparse.ArgumentParser(description="NV-Embed data: check data files (`python builtin.py OUT` writes "
+                                                 "the built-in dataset).")
     commands = parser.add_subparsers(dest="command", required=True)
-    builtin = commands.add_parser("builtin", help="write the built-in dataset: a BEIR folder plus train.jsonl")
-    builtin.add_argument("out", help="output folder")
-    builtin.add_argument("--seed", type=int, default=0, help="generation seed")
     check_beir_command = commands.add_parser("check-beir", help="read a BEIR folder's split and print its counts")
     check_beir_command.add_argument("folder")
     check_beir_command.add_argument("split")
@@ -801,14 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_train.add_argument("path")
     check_train.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
     args = parser.parse_args(argv)
-
-    if args.command == "builtin":
-        data = builtin_dataset(args.seed)
-        write_beir(args.out, data.corpus, data.queries, data.qrels)
-        write_training_file(Path(args.out) / "train.jsonl", data.train_examples)
-        print(f"wrote {len(data.corpus)} documents, {len(data.qrels['train'])} train and {len(data.qrels['test'])} "
-              f"test queries, {len(data.train_examples)} training examples to {args.out}")
-    elif args.command == "check-beir":
+    if args.command == "check-beir":
         check_beir(args.folder, args.split, skip_bad=args.skip_bad)
     else:
         check_training_file(args.path, skip_bad=args.skip_bad)

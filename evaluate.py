@@ -1,20 +1,14 @@
 """Retrieval evaluation the way BEIR does it: exact dense search, trec_eval metrics, and the evaluation command.
 
-NV-Embed's headline numbers are BEIR retrieval nDCG@10 (MTEB retrieval, paper Table 1; PAPER.md section 6), and
-every such number goes through `search` (exact inner-product top-k over the corpus, chunk by chunk) and `evaluate`
-(NDCG@k, MAP@k, Recall@k and P@k exactly as pytrec_eval (trec_eval 9) computes them, plus MRR@k as BEIR adds it,
-averaged over queries as BEIR's `EvaluateRetrieval.evaluate` does; every trec_eval rule is written out in a comment
-where it is applied). `run_evaluation` encodes, searches and scores an `NVEmbed` (train.py calls it too).
-
-How it differs from BEIR (beir/retrieval/evaluation.py, beir/retrieval/custom_metrics.py): plain Python + numpy,
-pytrec_eval being only the test oracle (tests/test_evaluate.py); metrics are returned unrounded (BEIR rounds each
-to 5 decimals); `run` is not modified (BEIR pops identical ids out of the caller's dict); MRR@k ranks and averages
-as the other metrics do (where BEIR's own differs, see `evaluate`).
-
+Paper: BEIR retrieval nDCG@10 (MTEB retrieval, Table 1; PAPER.md section 6). `search`: exact inner-product top-k,
+chunk by chunk; `evaluate`: NDCG/MAP/Recall/P@k as pytrec_eval (trec_eval 9) computes them plus BEIR's MRR@k, averaged
+as BEIR's `EvaluateRetrieval.evaluate` does; `run_evaluation` encodes, searches and scores an `NVEmbed` (train.py too).
+Differs from BEIR (beir/retrieval/evaluation.py, custom_metrics.py): plain Python + numpy, pytrec_eval only the test
+oracle; metrics unrounded (BEIR rounds to 5 decimals); `run` not modified (BEIR pops identical ids out of the caller's
+dict); MRR@k ranks and averages as the other metrics do (see `evaluate`). Run:
     python evaluate.py                      # built-in dataset; runs/stage{2,1}/model, else a fresh tiny model
     python evaluate.py --model runs/stage1/model --data ../shared/data/scifact --split test
     python evaluate.py --model SmolLM2.gguf --pooling mean --bidirectional --data DIR   # zero-shot baseline
-
 Tests: python -m pytest -q tests/test_evaluate.py tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py
 """
 
@@ -27,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data
+from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from checkpoints import is_saved
 from datafiles import doc_text, load_beir, write_trec
 from errors import exits_on_user_error
@@ -38,12 +32,8 @@ from model import PRESETS, NVEmbed
 
 
 def _chunk_top_k(scores, k):
-    """Top k of each row of scores (Q, n), ordered by score descending, column ascending.
-
-    torch.topk finds the right set unless columns outside it tie with the k-th best score: then which of the tied
-    columns it keeps is unspecified. Asking for k + 1 values shows those rows (the (k+1)-th best equals the k-th);
-    they are rare with real embeddings, so only they pay for a full stable sort.
-    """
+    """Top k of each row of scores (Q, n), ordered by score descending, column ascending. torch.topk keeps an
+    unspecified one of columns tied with the k-th best; k + 1 values show those rows (rare), which pay a stable sort."""
     n = scores.shape[1]
     k = min(k, n)
     values, columns = scores.topk(min(k + 1, n), dim=1)  # (Q, k+1) or (Q, n), descending
@@ -65,20 +55,11 @@ def _chunk_top_k(scores, k):
 
 
 def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_size=4096):
-    """Exact dot-product top-k of every query over the corpus.
-
-    query_emb (Q, D), corpus_emb (N, D) -> scores (Q, k), indices (Q, k) with k = min(top_k, N); row q lists
-    corpus rows by score descending. Embeddings from `NVEmbed.encode` are L2-normalised, so the dot product is the
-    cosine similarity BEIR's dense retriever uses. Equals a brute-force `(query_emb @ corpus_emb.T).topk(k)`, with
-    ties broken deterministically: among equal scores the lower corpus index ranks first (torch.topk leaves that
-    unspecified).
-
-    Scores are computed in float32 (float64 if either input is float64) whatever the input dtype, so bf16
-    embeddings do not collapse nearby scores into ties. The corpus is scored `chunk_size` documents at a time and
-    merged into a running top-k, queries `query_chunk_size` at a time, so memory stays (query_chunk_size,
-    chunk_size) however large the corpus is. Corpus chunks are moved to the queries' device, so a large corpus can
-    stay in CPU memory while the queries are on the GPU; results come back on the queries' device.
-    """
+    """Exact dot-product top-k: query_emb (Q, D), corpus_emb (N, D) -> scores (Q, k), indices (Q, k), k = min(top_k, N),
+    by score descending (BEIR's cosine: `NVEmbed.encode` L2-normalises). Equals `(query_emb @ corpus_emb.T).topk(k)`,
+    ties to the lower corpus index. Scores in float32 (float64 if an input is): bf16 would collapse near scores into
+    ties. Memory stays (query_chunk_size, chunk_size): corpus chunks, moved to the queries' device (the corpus can stay
+    in CPU memory), merge into a running top-k; results come back on the queries' device."""
     if query_emb.ndim != 2 or corpus_emb.ndim != 2:
         raise ValueError(f"search: query_emb and corpus_emb must be 2-D (Q, D) and (N, D), "
                          f"got {tuple(query_emb.shape)} and {tuple(corpus_emb.shape)}")
@@ -91,7 +72,6 @@ def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_siz
     for name, emb in (("query_emb", query_emb), ("corpus_emb", corpus_emb)):
         if not emb.is_floating_point():
             raise TypeError(f"search: {name} must be a floating-point tensor, got {emb.dtype}")
-
     num_queries, num_docs = query_emb.shape[0], corpus_emb.shape[0]
     k = min(top_k, num_docs)
     device = query_emb.device
@@ -108,16 +88,14 @@ def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_siz
             scores = queries[q0 : q0 + query_chunk_size] @ docs.T  # (Qc, n)
             chunk_scores, chunk_columns = _chunk_top_k(scores, k)  # (Qc, kc)
             best_scores, best_indices = best[slot]
-            # Both lists are ordered (score descending, index ascending) and every index in this chunk exceeds every
-            # earlier one, so in the concatenation equal scores already sit in ascending index order: a stable sort
-            # by score keeps the rule.
+            # Both lists are ordered (score desc., index asc.) and this chunk's indices exceed all earlier ones, so
+            # equal scores already sit in ascending index order: a stable sort by score keeps the rule.
             merged_scores, order = torch.cat([best_scores, chunk_scores], dim=1).sort(
                 dim=1, descending=True, stable=True)  # (Qc, k + kc)
             merged_indices = torch.cat([best_indices, chunk_columns + start], dim=1).gather(1, order)
             best[slot] = (merged_scores[:, :k], merged_indices[:, :k])
     if not best:  # no queries
-        return (torch.empty(0, k, dtype=score_dtype, device=device),
-                torch.empty(0, k, dtype=torch.long, device=device))
+        return torch.empty(0, k, dtype=score_dtype, device=device), torch.empty(0, k, dtype=torch.long, device=device)
     return torch.cat([s for s, _ in best]), torch.cat([i for _, i in best])
 
 
@@ -152,8 +130,7 @@ _PLAIN_SCORE_TYPES = {float, int, np.float32, np.float64}
 
 def _ranking(qid, doc_scores, ignore_identical_ids):
     """Doc ids of run[qid] in trec_eval's order."""
-    # The checks run per query, not per document, where they can: evaluate's time is mostly here (1,000 queries x
-    # 1,000 results).
+    # Checks per query, not per document, where they can: evaluate's time is mostly here (1,000 x 1,000 results).
     if {type(did) for did in doc_scores} - {str}:
         for did in doc_scores:
             if not isinstance(did, str):
@@ -168,36 +145,27 @@ def _ranking(qid, doc_scores, ignore_identical_ids):
     if np.isnan(scores).any():
         did = doc_ids[int(np.argmax(np.isnan(scores)))]
         raise ValueError(f"evaluate: run[{qid!r}][{did!r}] is NaN: a score must be a real number, not NaN")
-    # trec_eval stores each score as a C float (form_res_rels.c: `float sim`), so scores equal after rounding to
-    # float32 tie: 1.0 and 1.0 + 1e-12 rank as equals.
+    # trec_eval stores scores as C floats (form_res_rels.c: `float sim`): equal in float32 is a tie (1.0, 1.0 + 1e-12).
     with np.errstate(over="ignore"):
         scores32 = scores.astype(np.float32).tolist()
     # trec_eval ignores the order in the run and sorts by score descending, ties by doc id descending as strcmp
     # compares them (comp_sim_docno). Python compares str by code point, the same order as strcmp on UTF-8 bytes.
     ranked = sorted(zip(scores32, doc_ids), reverse=True)
-    # BEIR pops a retrieved doc whose id equals the query id (a corpus that contains the queries would otherwise
-    # retrieve each query as its own answer).
+    # BEIR pops a retrieved doc whose id is the query's: a corpus holding the queries would return each as its answer.
     if ignore_identical_ids and qid in doc_scores:
         return [did for _, did in ranked if did != qid]
     return [did for _, did in ranked]
 
 
 def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids=True):
-    """BEIR's NDCG@k, MAP@k, Recall@k, P@k and MRR@k of a run, averaged over queries.
-
-    qrels: {query_id: {doc_id: grade (int)}}; run: {query_id: {doc_id: score}}. Returns {"NDCG@k": float,
-    "MAP@k": ..., "Recall@k": ..., "P@k": ..., "MRR@k": ...} for every k, unrounded. The input dicts are not
-    modified.
-    """
+    """BEIR's NDCG@k, MAP@k, Recall@k, P@k and MRR@k of a run, averaged over queries: qrels {query_id: {doc_id: int
+    grade}}, run {query_id: {doc_id: score}} (neither modified) -> {"NDCG@k": float, ...} for every k, unrounded."""
     k_values = _check_k_values(k_values)
     k_max = k_values[-1]
-
     # Which queries count: pytrec_eval evaluates a query only if it is in the run (even with no retrieved docs: it
-    # scores 0) and has at least one judgment in the qrels (even if every grade is 0: it scores 0); BEIR averages
-    # over exactly the queries pytrec_eval returns. Run queries without qrels, and qrels queries not in the run, are
-    # ignored. MRR@k is averaged over the same queries: BEIR's own divides by len(qrels) and raises KeyError for a
-    # qrels query missing from the run, so whenever BEIR returns a number the two agree, except for a qrels entry
-    # with no judgments at all (which no qrels file can produce).
+    # scores 0) and has a judgment in the qrels (even if all grades are 0: it scores 0); BEIR averages over exactly
+    # those. MRR@k too: BEIR's own divides by len(qrels) and raises KeyError for a qrels query not in the run, so the
+    # two agree whenever BEIR returns a number, except for a qrels entry with no judgments (no qrels file has one).
     query_ids = [qid for qid in run if qrels.get(qid)]
     if not query_ids:
         raise ValueError("evaluate: no query id is in both the run and the qrels (with at least one judgment)")
@@ -213,21 +181,18 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
         num_retrieved = len(ranked)
         # A retrieved doc missing from the qrels is unjudged: not relevant, gain 0.
         ranked_grades = np.array([grades.get(did, 0) for did in ranked], dtype=np.float64)  # (n,)
-        # Relevant means grade >= 1 (trec_eval's default relevance_level 1; BEIR's MRR uses grade > 0, the same for
-        # integers). Grades 0 and negative are not relevant.
+        # Relevant: grade >= 1 (trec_eval's default relevance_level 1; BEIR's MRR uses > 0, the same for integers).
         relevant = ranked_grades >= 1  # (n,)
         num_relevant = sum(1 for grade in grades.values() if grade >= 1)  # from qrels, not the run
         hits = np.cumsum(relevant)  # (n,) relevant docs in the top r
-        # MAP: precision at the rank of each relevant retrieved doc, summed within the cutoff, divided by ALL
-        # relevant docs in the qrels (not min(k, num_relevant)).
+        # MAP: precision at each relevant retrieved doc's rank, summed within the cutoff, / ALL relevant docs in the
+        # qrels (not min(k, num_relevant)).
         precision_sum = np.cumsum(np.where(relevant, hits / np.arange(1, num_retrieved + 1), 0.0))  # (n,)
-        # nDCG: gain = grade, negative grades count 0; the ideal ranking sorts every positive grade in the qrels,
-        # retrieved or not.
+        # nDCG: gain = grade, negative grades count 0; the ideal ranking sorts every positive grade in the qrels.
         dcg = np.cumsum(np.maximum(ranked_grades, 0.0) * discount[:num_retrieved])  # (n,)
         ideal_grades = np.sort(np.array([g for g in grades.values() if g > 0], dtype=np.float64))[::-1]
         ideal_dcg = np.cumsum(ideal_grades[:k_max] * discount[: min(len(ideal_grades), k_max)])
         first_relevant = int(np.argmax(relevant)) + 1 if relevant.any() else None  # rank, 1-based
-
         for k in k_values:
             cut = min(k, num_retrieved)  # a run shorter than k is scored as if padded with non-relevant docs
             hits_k = float(hits[cut - 1]) if cut else 0.0
@@ -236,11 +201,9 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
             totals[f"MAP@{k}"] += float(precision_sum[cut - 1]) / num_relevant if cut and num_relevant else 0.0
             totals[f"Recall@{k}"] += hits_k / num_relevant if num_relevant else 0.0
             totals[f"P@{k}"] += hits_k / k  # divides by k even when fewer than k were retrieved
-            # MRR (BEIR custom_metrics.mrr): 1 / rank of the first relevant doc in the top k, else 0. The rank is
-            # trec_eval's, as for the other metrics; BEIR's own mrr sorts by the raw score with Python's stable sort
-            # (ties keep the run dict's insertion order): the two agree whenever the top-k scores are distinct float32.
+            # MRR (BEIR custom_metrics.mrr): 1 / rank of the first relevant doc in the top k, else 0, by trec_eval's
+            # rank; BEIR's sorts raw scores stably (ties in run order): the same when top-k float32 scores differ.
             totals[f"MRR@{k}"] += 1.0 / first_relevant if first_relevant is not None and first_relevant <= k else 0.0
-
     return {name: total / len(query_ids) for name, total in totals.items()}
 
 
@@ -261,21 +224,12 @@ INSTRUCTIONS = {
 
 def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32, max_length=None,
                    top_k=1000, k_values=DEFAULT_K_VALUES, ignore_identical_ids=True):
-    """Encode, search and score one BEIR split with an `NVEmbed`; returns (metrics, run).
-
-    corpus {doc_id: {"title", "text"}}, queries {query_id: text}, qrels {query_id: {doc_id: grade}}: what
-    `datafiles.load_beir` returns. Queries are encoded with `instruction` (the query template's task), documents
-    bare as `datafiles.doc_text` (title + " " + text), as PAPER.md sections 3 and 6 prescribe. Only the queries
-    judged in qrels are encoded. `max_length` None means the model's own. metrics: `evaluate(qrels, run, k_values,
-    ignore_identical_ids)`; run: {query_id: {doc_id: score}} with each query's `top_k` best documents. With
-    `ignore_identical_ids` (BEIR's default) a document whose id is the query's own is not one of them: as BEIR's
-    exact search does, top_k + 1 are searched and the self-match skipped, so such a query still gets top_k others
-    (ArguAna and Quora have queries that are corpus documents).
-    """
+    """Encode, search and score one BEIR split (what `datafiles.load_beir` returns) with an `NVEmbed`; returns
+    (metrics, run), run = {query_id: {doc_id: score}} of each query's `top_k` best. Only judged queries are encoded,
+    with `instruction`; documents bare as `doc_text` (PAPER.md sections 3, 6). max_length None: the model's own."""
     missing = [qid for qid in qrels if qid not in queries]
     if missing:
-        raise ValueError(f"run_evaluation: {len(missing)} qrels queries have no text in `queries`, "
-                         f"e.g. {missing[:3]}")
+        raise ValueError(f"run_evaluation: {len(missing)} qrels queries have no text in `queries`, e.g. {missing[:3]}")
     if not corpus:
         raise ValueError("run_evaluation: the corpus is empty")
     query_ids = [qid for qid in queries if qid in qrels]
@@ -286,13 +240,12 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
         for item_id, text in zip(ids, texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"run_evaluation: {kind} {item_id!r} has no text")
-
     query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size,
                              max_length=max_length)  # (Q, D), float32 on the CPU
     corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
-    # Score on the model's device; the corpus stays in CPU memory and search moves it chunk by chunk.
-    device = model.decoder.embed_tokens.weight.device
-    # One more result than kept, in case one of them is the query's own document.
+    device = model.decoder.embed_tokens.weight.device  # score there; search moves the CPU corpus chunk by chunk
+    # One more than kept, as BEIR's exact search: with ignore_identical_ids (BEIR's default) the query's own document
+    # is skipped, and such a query still gets top_k others (ArguAna and Quora have queries that are corpus documents).
     scores, indices = search(query_emb.to(device), corpus_emb,
                              top_k=top_k + 1 if ignore_identical_ids else top_k)  # (Q, k) each
     run = {}
@@ -400,7 +353,7 @@ def main(argv=None):
     if args.instruction is not None:
         instruction = args.instruction
     elif builtin:
-        instruction = data.BUILTIN_INSTRUCTION
+        instruction = BUILTIN_INSTRUCTION
     else:
         instruction = INSTRUCTIONS.get(dataset_name.lower(), "")
         if not instruction:
@@ -427,7 +380,7 @@ def main(argv=None):
                          dtype=dtype, device=device)
 
     if builtin:
-        corpus, queries, qrels = data.builtin_dataset().split(args.split)
+        corpus, queries, qrels = builtin_dataset().split(args.split)
     else:
         corpus, queries, qrels = load_beir(args.data, args.split)
     max_length = args.max_length or model.max_length

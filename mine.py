@@ -31,7 +31,7 @@ import bm25s
 import numpy as np
 import torch
 
-import data
+from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
 from errors import exits_on_user_error
 from evaluate import INSTRUCTIONS, search
@@ -217,8 +217,8 @@ def main(argv=None):
     if out.exists() and not args.overwrite:
         p.error(f"{out} already exists; pass --overwrite to replace it")
     if args.data == "builtin":
-        corpus, queries, qrels = data.builtin_dataset().split(args.split)
-        instruction = data.BUILTIN_INSTRUCTION
+        corpus, queries, qrels = builtin_dataset().split(args.split)
+        instruction = BUILTIN_INSTRUCTION
     else:
         corpus, queries, qrels = load_beir(args.data, args.split)
         instruction = INSTRUCTIONS.get(Path(args.data).resolve().name.lower(), "")

@@ -1,6 +1,6 @@
 """Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), stage-2 pairs, batching and the
-sampler, the built-in dataset; and for datafiles.py's readers and their errors. Run: python -m pytest -x -q
-tests/test_data.py"""
+sampler; for builtin.py's built-in dataset; and for datafiles.py's readers and their errors. Run: python -m pytest
+-x -q tests/test_data.py"""
 
 import hashlib
 import json
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import builtin  # noqa: E402
 import data  # noqa: E402
 import datafiles  # noqa: E402
 from errors import DataError  # noqa: E402
@@ -575,7 +576,7 @@ def test_rank_slices_partition_the_global_batch():
 
 
 def test_builtin_dataset(tmp_path):
-    built = data.builtin_dataset(seed=0)
+    built = builtin.builtin_dataset(seed=0)
     corpus, queries, qrels = built.corpus, built.queries, built.qrels
     sizes = len(corpus), len(qrels["train"]), len(qrels["test"]), len(built.train_examples)
     assert sizes == (500, 1600, 100, 1600)
@@ -585,7 +586,7 @@ def test_builtin_dataset(tmp_path):
     assert len(test_docs) == 100 and not test_docs & {d for judged in qrels["train"].values() for d in judged}
 
     def kind_of(text):
-        found = {k for k, forms in data.BUILTIN_TYPES.items() if any(re.search(rf"\b{f}\b", text) for f in forms)}
+        found = {k for k, forms in builtin.BUILTIN_TYPES.items() if any(re.search(rf"\b{f}\b", text) for f in forms)}
         assert len(found) == 1, text
         return found.pop()
 
@@ -600,7 +601,7 @@ def test_builtin_dataset(tmp_path):
                                                        "there", "a", "an"}
         overlap_all += words <= set(re.findall(r"[a-z]+", e.positive.lower()))
     assert overlap_all < 0.1 * len(built.train_examples)  # lexical overlap is only partial
-    assert data.builtin_dataset(seed=0) == built and data.builtin_dataset(seed=1) != built
+    assert builtin.builtin_dataset(seed=0) == built and builtin.builtin_dataset(seed=1) != built
     # Written as a BEIR folder, it reads back as what split() gives.
     datafiles.write_beir(tmp_path, corpus, queries, qrels)
     for split in ("train", "test"):
@@ -608,7 +609,7 @@ def test_builtin_dataset(tmp_path):
 
 
 def test_cli_builtin_and_check(tmp_path, capsys):
-    data.main(["builtin", str(tmp_path / "builtin")])
+    builtin.main([str(tmp_path / "builtin")])
     data.main(["check-beir", str(tmp_path / "builtin"), "test"])
     data.main(["check-train", str(tmp_path / "builtin" / "train.jsonl")])
     out = capsys.readouterr().out

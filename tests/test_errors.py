@@ -29,6 +29,7 @@ import datafiles  # noqa: E402
 import evaluate  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
+from builtin import builtin_dataset  # noqa: E402
 from model import Mistral, MistralConfig  # noqa: E402
 
 torch.set_num_threads(1)
@@ -38,7 +39,7 @@ COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": min
 
 @functools.lru_cache(maxsize=1)
 def builtin():
-    return data.builtin_dataset()
+    return builtin_dataset()
 
 
 # ---------------------------------------------------------------- broken inputs

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-import data
+from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from datafiles import load_beir, read_trec, write_beir, write_trec
 from evaluate import evaluate, main, run_evaluation
 from model import NVEmbed
@@ -47,12 +47,12 @@ def test_command_end_to_end_on_builtin_dataset(tmp_path):
     metrics = main(["--model", "tiny", "--data", "builtin", "--out", str(out), "--top-k", "50",
                     "--k-values", "10,1,3,50", "--batch-size", "64", "--run-name", "test-run"])
     saved, lines, run = read_outputs(out)
-    corpus, queries, qrels = data.builtin_dataset().split("test")
+    corpus, queries, qrels = builtin_dataset().split("test")
 
     # The JSON holds the returned metrics, with the resolved configuration.
     assert saved["metrics"] == metrics
     assert set(metrics) == {f"{m}@{k}" for m in ("NDCG", "MAP", "Recall", "P", "MRR") for k in k_values}
-    assert saved["config"]["instruction"] == data.BUILTIN_INSTRUCTION
+    assert saved["config"]["instruction"] == BUILTIN_INSTRUCTION
     assert saved["config"]["num_queries"] == len(qrels) and saved["config"]["num_documents"] == len(corpus)
 
     # TREC lines: qid Q0 docid rank score name; ranks 1..50 per query, scores non-increasing.
@@ -74,7 +74,7 @@ def test_command_end_to_end_on_builtin_dataset(tmp_path):
     # instruction, documents bare; every score in the file is the dot product.
     model = NVEmbed.from_base("tiny", pooling="mean")
     query_ids, doc_ids = list(qrels), list(corpus)
-    query_emb = model.encode([queries[q] for q in query_ids], instruction=data.BUILTIN_INSTRUCTION)
+    query_emb = model.encode([queries[q] for q in query_ids], instruction=BUILTIN_INSTRUCTION)
     doc_emb = model.encode([corpus[d]["text"] for d in doc_ids])
     full = query_emb @ doc_emb.T  # (Q, N)
     for row, qid in enumerate(query_ids):
@@ -110,8 +110,8 @@ def test_no_flags_prefers_the_model_train_py_wrote(tmp_path, monkeypatch, capsys
     assert "runs/stage1/model (trained by train.py)" in capsys.readouterr().out
     saved, _, run = read_outputs(tmp_path / "runs" / "stage1" / "model" / "eval")
     assert saved["config"]["pooling"] == "latent" and saved["metrics"] == metrics
-    corpus, queries, qrels = data.builtin_dataset().split("test")
-    expected, expected_run = run_evaluation(trained, corpus, queries, qrels, data.BUILTIN_INSTRUCTION,
+    corpus, queries, qrels = builtin_dataset().split("test")
+    expected, expected_run = run_evaluation(trained, corpus, queries, qrels, BUILTIN_INSTRUCTION,
                                             top_k=10, k_values=(1, 10))
     assert metrics == pytest.approx(expected, abs=1e-12)
     assert run.keys() == expected_run.keys()
@@ -181,7 +181,7 @@ def test_run_evaluation_keeps_top_k_results_besides_a_query_that_is_its_own_docu
     exact search asks for top_k + 1, skips the self-match and keeps top_k others; a naive
     reference: rank every document by brute force, drop the self-match, cut at top_k."""
     top_k = 5
-    full_corpus, _, _ = data.builtin_dataset().split("test")
+    full_corpus, _, _ = builtin_dataset().split("test")
     doc_ids = list(full_corpus)[:40]
     corpus = {did: full_corpus[did] for did in doc_ids}
     self_ids = doc_ids[:6]  # these queries are corpus documents, with the same id and text

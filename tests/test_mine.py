@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-import data
 import mine
+from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from datafiles import doc_text, read_training_file
 from model import NVEmbed
 
@@ -17,16 +17,16 @@ from model import NVEmbed
 def test_mining_rules_hold_for_every_kept_negative():
     torch.manual_seed(0)
     model = NVEmbed.from_base("tiny", pooling="mean").eval()
-    corpus, queries, qrels = data.builtin_dataset().split("train")
+    corpus, queries, qrels = builtin_dataset().split("train")
     qrels = dict(list(qrels.items())[:40])
-    negatives, stats = mine.mine(model, corpus, queries, qrels, data.BUILTIN_INSTRUCTION, top_k=10, margin=0.95,
+    negatives, stats = mine.mine(model, corpus, queries, qrels, BUILTIN_INSTRUCTION, top_k=10, margin=0.95,
                                  depth=len(corpus))
     assert set(negatives) == set(qrels)
     doc_ids = list(corpus)
     doc_emb = dict(zip(doc_ids, model.encode([doc_text(corpus[d]) for d in doc_ids])))
     kept_total = 0
     for query_id, negative_ids in negatives.items():
-        q = model.encode([queries[query_id]], instruction=data.BUILTIN_INSTRUCTION)[0]
+        q = model.encode([queries[query_id]], instruction=BUILTIN_INSTRUCTION)[0]
         positives = [d for d, g in qrels[query_id].items() if g > 0]
         positive_score = min(float(doc_emb[d] @ q) for d in positives)
         assert len(negative_ids) <= 10 and len(set(negative_ids)) == len(negative_ids)
