@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import data
 from datafiles import Example, write_beir, write_training_file
 from errors import exits_on_user_error
 
@@ -159,6 +161,37 @@ def builtin_dataset(seed: int = 0, num_test: int = 100, queries_per_train_docume
         examples.append(Example(queries[query_id], BUILTIN_INSTRUCTION, corpus[doc_id]["text"],
                                 [corpus[j]["text"] for j in ranked], "retrieval", query_id, doc_id, ranked))
     return BuiltinDataset(corpus, queries, qrels, examples)
+
+
+BUILTIN_TYPE_INSTRUCTION = "Classify the kind of place a passage describes"
+
+
+def builtin_sources(stage: int, hard_negatives: int, in_batch_negatives: bool, seed: int = 0) -> list:
+    """The built-in training data (`builtin_dataset`) for the tiny default job.
+
+    Stage 1: its retrieval examples. Stage 2: the same retrieval examples blended with a
+    non-retrieval task made from the training documents, example-based classification by
+    kind of place (river, town, ...; PAPER.md section 4, v2 pairs: the positive is another
+    place of the same kind, the negatives places of other kinds). Test documents are left
+    out, so nothing about the evaluation queries is trained on. In-batch negatives, when
+    asked for, go to the retrieval source only (data.TrainDataset decides).
+    """
+
+
+    builtin = builtin_dataset(seed=0, num_hard_negatives=max(hard_negatives, 1))
+    sources = [data.TrainDataset("builtin-retrieval", builtin.train_examples, in_batch_negatives=in_batch_negatives,
+                                 num_hard_negatives=hard_negatives)]
+    if stage == 2:
+        rows = []
+        for document in dict.fromkeys(example.positive for example in builtin.train_examples):  # unique, in order
+            kinds = [kind for kind, words in BUILTIN_TYPES.items()
+                     if any(re.search(rf"\b{re.escape(word)}\b", document) for word in words)]
+            if len(kinds) == 1:  # a trait clause may name another kind's word; skip those documents
+                rows.append((document, kinds[0]))
+        pairs = data.classification_pairs(rows, BUILTIN_TYPE_INSTRUCTION, num_negatives=hard_negatives, seed=seed)
+        sources.append(data.TrainDataset("builtin-kind-classification", pairs, in_batch_negatives=in_batch_negatives,
+                                         num_hard_negatives=hard_negatives))
+    return sources
 
 
 @exits_on_user_error

@@ -7,7 +7,7 @@ blended with classification, clustering and STS, in-batch negatives off (items o
     torchrun --nproc_per_node=8 train.py --stage 1 --model /ckpt/Mistral-7B-v0.1 --data train/*.jsonl
 
 No flags: a tiny random Mistral, the byte tokenizer and the built-in data, printing nDCG@10 before and after.
-With --model the defaults are the paper's recipe (train_cli.RECIPES). `python train.py` runs one process, no process group.
+With --model the defaults are the paper's recipe (train_cli.RECIPES); `python train.py` is one process, no group.
 Reading order: `contrastive_loss` (InfoNCE with cross-rank negatives), `parallelize` (FSDP2),
 `build_model_on_rank0` (only rank 0 reads the checkpoint), `train_step`, `train`. Checkpoints and the run folder
 (--out: config.json, log.jsonl, checkpoints/step_N, model/) are written by checkpoints.py; --resume continues
@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import resource
 import sys
 import time
@@ -38,6 +37,7 @@ import data
 import datafiles
 import evaluate
 import train_cli
+from builtin import builtin_dataset, builtin_sources
 from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
                          save_checkpoint)
 from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
@@ -45,7 +45,6 @@ from errors import DataError, UsageError, UserError
 from lora import apply_lora, mark_only_lora_trainable
 from model import NVEmbed
 
-# ----------------------------------------------------------------------------
 # ----------------------------------------------------------------------------
 # The loss (PAPER.md section 4): InfoNCE over cosine similarities / temperature.
 
@@ -278,36 +277,6 @@ def _dtype(name: str) -> torch.dtype:
 # ----------------------------------------------------------------------------
 # Data: one data.TrainDataset per source; every batch comes from a single source.
 
-BUILTIN_TYPE_INSTRUCTION = "Classify the kind of place a passage describes"
-
-
-def builtin_sources(stage: int, hard_negatives: int, in_batch_negatives: bool, seed: int = 0) -> list:
-    """The built-in training data (data.builtin_dataset) for the tiny default job.
-
-    Stage 1: its retrieval examples. Stage 2: the same retrieval examples blended with a
-    non-retrieval task made from the training documents, example-based classification by
-    kind of place (river, town, ...; PAPER.md section 4, v2 pairs: the positive is another
-    place of the same kind, the negatives places of other kinds). Test documents are left
-    out, so nothing about the evaluation queries is trained on. In-batch negatives, when
-    asked for, go to the retrieval source only (data.TrainDataset decides).
-    """
-
-
-    builtin = data.builtin_dataset(seed=0, num_hard_negatives=max(hard_negatives, 1))
-    sources = [data.TrainDataset("builtin-retrieval", builtin.train_examples, in_batch_negatives=in_batch_negatives,
-                                 num_hard_negatives=hard_negatives)]
-    if stage == 2:
-        rows = []
-        for document in dict.fromkeys(example.positive for example in builtin.train_examples):  # unique, in order
-            kinds = [kind for kind, words in data.BUILTIN_TYPES.items()
-                     if any(re.search(rf"\b{re.escape(word)}\b", document) for word in words)]
-            if len(kinds) == 1:  # a trait clause may name another kind's word; skip those documents
-                rows.append((document, kinds[0]))
-        pairs = data.classification_pairs(rows, BUILTIN_TYPE_INSTRUCTION, num_negatives=hard_negatives, seed=seed)
-        sources.append(data.TrainDataset("builtin-kind-classification", pairs, in_batch_negatives=in_batch_negatives,
-                                         num_hard_negatives=hard_negatives))
-    return sources
-
 
 def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:
     """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1 takes retrieval
@@ -356,7 +325,7 @@ def evaluation_set(config: dict):
             instruction = evaluate.INSTRUCTIONS.get(Path(config["eval_beir"]).resolve().name.lower(), "")
         return corpus, queries, qrels, instruction
     if not config["data"]:  # the built-in dataset's held-out test queries
-        builtin = data.builtin_dataset(seed=0)
+        builtin = builtin_dataset(seed=0)
         return (*builtin.split("test"), builtin.instruction)
     return None
 
@@ -386,7 +355,7 @@ def run_evaluation(model, config: dict, device: torch.device, when: str) -> floa
 
 
 class NonFiniteLossError(FloatingPointError):
-    pass
+    """A NaN or inf loss or gradient norm: the run stops before the optimizer step."""
 
 
 # Dense bf16 peak per GPU, matched as substrings of the device name in this order
@@ -433,8 +402,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def training_data(config: dict) -> tuple[list, data.BatchSampler]:
-    """The sources (one data.TrainDataset each) and the sampler: the global batch of step k is a pure function
-    of (seed, k), whatever the number of ranks."""
+    """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on (seed, k) alone."""
     if config["data"]:
         sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
                                config["in_batch_negatives"])
@@ -575,8 +543,7 @@ def train(config: dict) -> dict:
 
 
 class StepLog:
-    """One log line and one log.jsonl record per --log-every steps: step, loss, lr, grad norm, ms/step, tokens/s,
-    MFU (GPU only) and peak memory, averaged over the steps since the last line; a tqdm bar with --progress."""
+    """A log line and log.jsonl record per --log-every steps (loss, lr, grad norm, ms/step, tokens/s, MFU, memory)."""
 
     def __init__(self, config: dict, device: torch.device, initial_step: int):
         self.config, self.device, self.peak = config, device, peak_flops(device)
@@ -610,11 +577,8 @@ class StepLog:
         self.progress.close()
 
 
-# ----------------------------------------------------------------------------
-# Command line
-
-
 def main(argv: list[str] | None = None) -> dict:
+    """The command (flags: train_cli.py)."""
     parser = train_cli.build_parser()
     try:
         return train(train_cli.resolve_config(parser.parse_args(argv)))

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this saved model (a run folder or its model/); stage 2 without --model "
                         f"defaults to {DEFAULT_STAGE1_OUT}")
     g.add_argument("--data", nargs="+", default=None,
-                   help="training files (data.py schema, one task type per file, one dataset each); "
-                        "default: data.py's built-in dataset")
+                   help="training files (datafiles.py schema, one task type per file, one dataset each); "
+                        "default: builtin.py's built-in dataset")
     g.add_argument("--pooling", choices=("mean", "eos", "latent", "self-attention"), default=None,
                    help="pooling (default latent; with --init-from, the saved model's)")
     g.add_argument("--num-latents", type=int, default=None, help="latent pooling: latents (paper 512, tiny 32)")

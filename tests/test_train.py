@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import datafiles  # noqa: E402
+import builtin  # noqa: E402
 import checkpoints  # noqa: E402
 import distributed  # noqa: E402
 import train  # noqa: E402
@@ -289,9 +290,7 @@ def tiny_model(kind):
 
 def global_batch():
     """8 built-in examples; example 0 appears twice, once on each rank (a duplicate positive across ranks)."""
-    import data
-
-    examples = data.builtin_dataset(seed=0).train_examples
+    examples = builtin.builtin_dataset(seed=0).train_examples
     return [examples[i] for i in (0, 1, 2, 3, 0, 5, 6, 7)]
 
 
@@ -586,7 +585,7 @@ def test_stage_2_starts_from_stage_1s_trainable_weights_bit_for_bit(tmp_path, ba
 
 
 def test_builtin_stage_2_gives_in_batch_negatives_to_retrieval_only():
-    retrieval, classification = train.builtin_sources(stage=2, hard_negatives=2, in_batch_negatives=True)
+    retrieval, classification = builtin.builtin_sources(stage=2, hard_negatives=2, in_batch_negatives=True)
     assert retrieval.task_type == "retrieval" and retrieval.in_batch_negatives
     assert classification.task_type == "classification" and not classification.in_batch_negatives
     assert classification.collate([0, 1], data.ByteTokenizer(), max_length=None)["in_batch_negatives"] is False
