@@ -24,7 +24,7 @@ import pickle
 import shutil
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -35,7 +35,67 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from distributed import barrier, is_distributed, print0, rank, world_size
-from errors import CheckpointError, MissingFileError, UsageError
+from errors import CheckpointError, DataError, MissingFileError, UsageError
+
+# ----------------------------------------------------------------------------
+# Tokenizers: the byte tokenizer of the tiny runs, HF folders and .gguf files
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0..255 are the bytes, then pad, bos, eos. Needs no vocabulary file or download."""
+
+    pad_token_id, bos_token_id, eos_token_id, vocab_size = 256, 257, 258, 259
+    specials = {256: "<pad>", 257: "<bos>", 258: "<eos>"}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        # As an HF Llama tokenizer does: special tokens means a leading BOS. `tokenize` never asks for them.
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        out, pending = [], bytearray()
+        for i in (int(i) for i in ids):
+            if i < 256:
+                pending.append(i)
+                continue
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending = bytearray()
+            if not skip_special_tokens:
+                out.append(self.specials[i])
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"tokenizer_class": "ByteTokenizer", "vocab_size": self.vocab_size, "pad_token_id": 256,
+                  "bos_token_id": 257, "eos_token_id": 258}
+        (directory / BYTE_TOKENIZER_FILE).write_text(json.dumps(config, indent=1) + "\n")
+
+
+def load_tokenizer(path: str | Path):
+    """"bytes" -> ByteTokenizer; a folder saved by ByteTokenizer -> ByteTokenizer; any other folder -> HF
+    AutoTokenizer; a .gguf file -> AutoTokenizer.from_pretrained(its folder, gguf_file=its name)."""
+    if str(path) == "bytes":
+        return ByteTokenizer()
+    path = Path(path)
+    if path.is_dir() and (path / BYTE_TOKENIZER_FILE).is_file():
+        config = json.loads((path / BYTE_TOKENIZER_FILE).read_text())
+        if config.get("tokenizer_class") != "ByteTokenizer" or config.get("vocab_size") != 259:
+            raise DataError(f"{path / BYTE_TOKENIZER_FILE}: not a ByteTokenizer file: {config}")
+        return ByteTokenizer()
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
+        raise MissingFileError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf file)")
+    from transformers import AutoTokenizer  # heavy, slow to import: needed only for HF tokenizers
+    if path.is_file():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
 
 # ----------------------------------------------------------------------------
 # HF checkpoints

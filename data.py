@@ -5,7 +5,7 @@ Paper (../shared/PAPER.md): section 3 (instruction template, instruction masked 
 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in stage 1 and off in stage 2,
 example-based classification/clustering pairs, STS pairs with score >= 4 in both directions).
 Differs from the released NV-Embed code: BOS is never pooled and a text cut at max_length keeps its EOS; `TextRule`
-records a model's rule, and `NVEmbed.from_released` picks the released one.
+records a model's rule, and `NVEmbed.from_released` picks the released one. Tokenizers are read by checkpoints.py.
 Run: `python data.py check-beir FOLDER SPLIT [--skip-bad]` or `python data.py check-train FILE [--skip-bad]` validates
 files and prints their counts. Tests: `python -m pytest -x -q tests/test_data.py`.
 """
@@ -14,79 +14,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
-from errors import DataError, MissingFileError, exits_on_user_error
+from errors import DataError, exits_on_user_error
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
-BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenization (PAPER section 3): [BOS] + prefix + text + [EOS], pooled over text + EOS (the model's TextRule).
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: ids 0..255 are the bytes, then pad, bos, eos. Needs no vocabulary file or download."""
-
-    pad_token_id, bos_token_id, eos_token_id, vocab_size = 256, 257, 258, 259
-    specials = {256: "<pad>", 257: "<bos>", 258: "<eos>"}
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = list(text.encode("utf-8"))
-        # As an HF Llama tokenizer does: special tokens means a leading BOS. `tokenize` never asks for them.
-        return [self.bos_token_id] + ids if add_special_tokens else ids
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        out, pending = [], bytearray()
-        for i in (int(i) for i in ids):
-            if i < 256:
-                pending.append(i)
-                continue
-            out.append(pending.decode("utf-8", errors="replace"))
-            pending = bytearray()
-            if not skip_special_tokens:
-                out.append(self.specials[i])
-        out.append(pending.decode("utf-8", errors="replace"))
-        return "".join(out)
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"tokenizer_class": "ByteTokenizer", "vocab_size": self.vocab_size, "pad_token_id": 256,
-                  "bos_token_id": 257, "eos_token_id": 258}
-        (directory / BYTE_TOKENIZER_FILE).write_text(json.dumps(config, indent=1) + "\n")
-
-
-def load_tokenizer(path: str | Path):
-    """"bytes" -> ByteTokenizer; a folder saved by ByteTokenizer -> ByteTokenizer; any other folder -> HF
-    AutoTokenizer; a .gguf file -> AutoTokenizer.from_pretrained(its folder, gguf_file=its name)."""
-    if str(path) == "bytes":
-        return ByteTokenizer()
-    path = Path(path)
-    if path.is_dir() and (path / BYTE_TOKENIZER_FILE).is_file():
-        config = json.loads((path / BYTE_TOKENIZER_FILE).read_text())
-        if config.get("tokenizer_class") != "ByteTokenizer" or config.get("vocab_size") != 259:
-            raise DataError(f"{path / BYTE_TOKENIZER_FILE}: not a ByteTokenizer file: {config}")
-        return ByteTokenizer()
-    if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
-        raise MissingFileError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf file)")
-    from transformers import AutoTokenizer  # heavy, slow to import: needed only for HF tokenizers
-    if path.is_file():
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def bos_ids(tokenizer) -> list[int]:
@@ -100,7 +43,7 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """encode(text, add_special_tokens=False) for each text: ids without BOS or EOS."""
     if not texts:
         return []
-    if isinstance(tokenizer, ByteTokenizer) or not callable(tokenizer):
+    if not callable(tokenizer):  # checkpoints.ByteTokenizer
         return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     # HF tokenizers: one batched call (Rust, parallel) gives the same ids as encode() per text.
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]

@@ -496,3 +496,16 @@ def check_training_file(path: str | Path, skip_bad: bool = False) -> None:
     if without:  # allowed by the schema, refused by training unless it asks for no hard negative
         print(f"{len(without)} example{' has' if len(without) == 1 else 's have'} no hard negative "
               f"(first: {without[0].location}); training refuses them unless --hard-negatives is 0")
+
+
+# The metrics of BEIR's summary table, in its column order.
+METRIC_NAMES = ("NDCG", "MAP", "Recall", "P", "MRR")
+
+
+def format_table(metrics):
+    """BEIR's summary: one row per cutoff k, one column per metric, 5 decimals as BEIR rounds."""
+    k_values = sorted({int(name.split("@")[1]) for name in metrics})
+    lines = [f"{'k':>6}" + "".join(f"{name:>10}" for name in METRIC_NAMES)]
+    for k in k_values:
+        lines.append(f"{k:>6}" + "".join(f"{metrics[f'{name}@{k}']:>10.5f}" for name in METRIC_NAMES))
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ import torch
 
 from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from checkpoints import is_saved
-from datafiles import doc_text, load_beir, write_trec
+from datafiles import doc_text, format_table, load_beir, write_trec
 from errors import exits_on_user_error
 from model import PRESETS, NVEmbed
 
@@ -211,7 +211,6 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
 # Evaluating an embedder: encode, search, score (BEIR's dense retrieval, PAPER.md section 6)
 
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100, 1000)
-METRIC_NAMES = ("NDCG", "MAP", "Recall", "P", "MRR")
 
 # Query instructions of the released NV-Embed-v2 (PAPER.md section 3), by BEIR folder name.
 INSTRUCTIONS = {
@@ -257,15 +256,6 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
     return evaluate(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids), run
 
 
-def format_table(metrics):
-    """BEIR's summary: one row per cutoff k, one column per metric, 5 decimals as BEIR rounds."""
-    k_values = sorted({int(name.split("@")[1]) for name in metrics})
-    lines = [f"{'k':>6}" + "".join(f"{name:>10}" for name in METRIC_NAMES)]
-    for k in k_values:
-        lines.append(f"{k:>6}" + "".join(f"{metrics[f'{name}@{k}']:>10.5f}" for name in METRIC_NAMES))
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The command: prints a BEIR-style table, writes the metrics (JSON) and the run (TREC format).
 
@@ -283,10 +273,9 @@ def _parse_k_values(text):
 
 
 def _positive_int(text):
-    value = int(text)
-    if value < 1:
+    if int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+    return int(text)
 
 
 def build_parser():
@@ -305,8 +294,8 @@ def build_parser():
                              "dataset's, or NV-Embed-v2's for a known BEIR folder name "
                              f"({', '.join(sorted(INSTRUCTIONS))}), else none")
     parser.add_argument("--pooling", default=None, choices=("mean", "eos", "latent", "self-attention"),
-                        help="base checkpoints only (default mean). mean and eos "
-                             "have no weights, so an untrained baseline measures the decoder alone")
+                        help="base checkpoints only (default mean). mean and eos have no weights, so an untrained "
+                             "baseline measures the decoder alone")
     attention = parser.add_mutually_exclusive_group()
     attention.add_argument("--causal", dest="causal", action="store_const", const=True, default=None,
                            help="base checkpoints only: keep the decoder's causal mask")
@@ -334,7 +323,6 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-
     # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
     model_spec = args.model
     if model_spec is None:
@@ -346,7 +334,6 @@ def main(argv=None):
     saved = is_saved(model_spec)
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
-
     # Which data and instruction.
     builtin = args.data == "builtin"
     dataset_name = "builtin" if builtin else Path(args.data).resolve().name
@@ -358,7 +345,6 @@ def main(argv=None):
         instruction = INSTRUCTIONS.get(dataset_name.lower(), "")
         if not instruction:
             print(f"note: no --instruction given and none known for {dataset_name!r}: queries are encoded bare")
-
     # Where the results go; refuse to overwrite before any expensive work.
     model_name = Path(model_spec).name if model_spec not in PRESETS else model_spec
     if args.out is not None:
@@ -373,12 +359,10 @@ def main(argv=None):
     if existing and not args.overwrite:
         parser.error(f"{' and '.join(existing)} already exist; pass --overwrite to replace them or --out elsewhere")
     run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = NVEmbed.load(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                          dtype=dtype, device=device)
-
     if builtin:
         corpus, queries, qrels = builtin_dataset().split(args.split)
     else:
@@ -394,13 +378,11 @@ def main(argv=None):
     print("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
     if args.top_k < max(args.k_values):
         print(f"note: --top-k {args.top_k} < largest k {max(args.k_values)}: metrics beyond it see a truncated run")
-
     start = time.perf_counter()
     metrics, run = run_evaluation(model, corpus, queries, qrels, instruction=instruction,
                                   batch_size=args.batch_size, max_length=max_length, top_k=args.top_k,
                                   k_values=args.k_values)
     seconds = time.perf_counter() - start
-
     print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
           f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")
     print(format_table(metrics))

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from checkpoints import (check_base, hf_decoder_fields, is_saved, load_checked, read_hf_checkpoint, read_model_folder,
-                         read_released, write_model_folder)
-from data import QUERY_TEMPLATE, ByteTokenizer, TextRule, encode_texts, load_tokenizer, tokenize
+from checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
+                         read_hf_checkpoint, read_model_folder, read_released, write_model_folder)
+from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
 from errors import MissingFileError, UsageError
 from lora import LoRALinear, apply_lora
 from pooling import POOLINGS

@@ -18,8 +18,9 @@ import builtin  # noqa: E402
 import data  # noqa: E402
 import datafiles  # noqa: E402
 from errors import DataError  # noqa: E402
-from data import (BatchSampler, ByteTokenizer, TextRule, TrainDataset, classification_pairs,  # noqa: E402
-                  clustering_pairs, collate, load_tokenizer, rank_slice, sts_pairs, tokenize)
+from checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
+from data import (BatchSampler, TextRule, TrainDataset, classification_pairs, clustering_pairs, collate,  # noqa: E402
+                  rank_slice, sts_pairs, tokenize)
 from datafiles import (Example, SkipReport, beir_training_examples, load_beir, read_training_file,  # noqa: E402
                        write_training_file)
 

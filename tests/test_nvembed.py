@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from data import ByteTokenizer, load_tokenizer
+from checkpoints import ByteTokenizer, load_tokenizer
 from lora import apply_lora
 from model import Mistral, MistralConfig, NVEmbed
 from checkpoints import RELEASED_LATENT_NAMES

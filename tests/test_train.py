@@ -205,7 +205,7 @@ def known_positive_dataset(in_batch_negatives):
 def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperature, in_batch_negatives):
     """The loss of a batch of examples, every query's candidates built from the texts by hand."""
     def embed(text, instruction=""):
-        return model(data.tokenize(data.ByteTokenizer(), [text], instruction))[0].tolist()
+        return model(data.tokenize(checkpoints.ByteTokenizer(), [text], instruction))[0].tolist()
 
     groups = [[e.positive] + [e.negatives[k % len(e.negatives)] for k in range(num_hard_negatives)]
               for e in examples]
@@ -220,7 +220,7 @@ def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperat
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
 def test_batch_loss_masks_known_positives_and_counts_documents_once(in_batch_negatives):
     dataset, model = known_positive_dataset(in_batch_negatives), BagOfBytes()
-    batch = dataset.collate(range(8), data.ByteTokenizer(), max_length=64)
+    batch = dataset.collate(range(8), checkpoints.ByteTokenizer(), max_length=64)
     got, _ = train.forward_backward(model, batch, 0.05, 1.0, torch.device("cpu"))
     want = naive_batch_loss(model, known_positive_examples(), dataset.examples, 2, 0.05, in_batch_negatives)
     assert got.item() == pytest.approx(want, rel=1e-9)
@@ -329,7 +329,7 @@ def two_rank_worker(rank, port, out_dir):
     # The loss alone, through the data pipeline: cross-rank known positives and copies.
     losses = {}
     for in_batch in (False, True):
-        batch = known_positive_dataset(in_batch).collate(data.rank_slice(range(8), rank, 2), data.ByteTokenizer(),
+        batch = known_positive_dataset(in_batch).collate(data.rank_slice(range(8), rank, 2), checkpoints.ByteTokenizer(),
                                                          max_length=64)
         loss, _ = train.forward_backward(BagOfBytes(), batch, TEMPERATURE, 1.0, device)
         torch.distributed.all_reduce(loss)
@@ -572,7 +572,7 @@ def test_stage_2_starts_from_stage_1s_trainable_weights_bit_for_bit(tmp_path, ba
         config = MistralConfig.preset("tiny")
         transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **{k: v for k, v in config.__dict__.items() if k != "sliding_window"})).save_pretrained(tmp_path / "base")
-        data.ByteTokenizer().save_pretrained(str(tmp_path / "base"))
+        checkpoints.ByteTokenizer().save_pretrained(str(tmp_path / "base"))
     saved = stage_1_like_save(tmp_path / "stage1", "tiny" if base == "preset" else str(tmp_path / "base"))
     model = train.build_model(dict(init_from=str(tmp_path / "stage1"), model=None, max_length=96, model_dtype="bf16",
                                    seed=0, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0))
@@ -588,7 +588,7 @@ def test_builtin_stage_2_gives_in_batch_negatives_to_retrieval_only():
     retrieval, classification = builtin.builtin_sources(stage=2, hard_negatives=2, in_batch_negatives=True)
     assert retrieval.task_type == "retrieval" and retrieval.in_batch_negatives
     assert classification.task_type == "classification" and not classification.in_batch_negatives
-    assert classification.collate([0, 1], data.ByteTokenizer(), max_length=None)["in_batch_negatives"] is False
+    assert classification.collate([0, 1], checkpoints.ByteTokenizer(), max_length=None)["in_batch_negatives"] is False
     assert "in-batch negatives off (retrieval data only)" in classification.summary()
 
 
