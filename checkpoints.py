@@ -323,7 +323,8 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, 
     if config.get("format") != "nv-embed":
         raise CheckpointError(f"{config_file}: not an NV-Embed model saved by this project "
                               "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
-    # Saves from before the text rule was recorded hold only its template; the rest was the project's rule.
+    # Saves from before the text rule was recorded hold only its template; the rest was the project's rule (their
+    # queries were then tokenized prefix and text apart, which the rule's joined encoding no longer does).
     config.setdefault("text_rule", {"template": config.get("query_template")})
     config.setdefault("normalize", True)
     decoder_file = "adapters.safetensors" if config["base"] is not None else "decoder.safetensors"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
-from errors import DataError, exits_on_user_error
+from errors import CheckpointError, DataError, exits_on_user_error
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
@@ -56,28 +56,33 @@ class TextRule:
 
     template: str = QUERY_TEMPLATE  # a text with an instruction is read as template.format(instruction=...) + text
     mask_instruction: bool = True  # instruction tokens out of the pool (PAPER section 3; released is_mask_instruction)
-    # "never": BOS is never pooled (this project). "without_instruction": pooled unless an instruction is masked out,
-    # as the released code zeroes the first len(tokenize(prefix)) positions of an instructed text and nothing of a
-    # bare one, so every retrieval document averages its BOS in.
+    # "never": BOS is never pooled (this project). "without_instruction": pooled unless an instruction is masked out
+    # (released: it zeroes nothing of a bare text, so every retrieval document averages its BOS in).
     pool_bos: str = "never"
     # "text": cut the text so that the row still ends in EOS (this project). "sequence": cut the row at max_length,
     # as the released code's tokenizer call does (a long text then loses its EOS).
     truncation: str = "text"
+    # "split": an instruction's mask covers BOS and its tokens in the joined encoding. "tokenize": the first
+    # len(tokenize(prefix)) positions (released): one fewer when the text keeps the prefix's final '▁' alone.
+    instruction_positions: str = "split"
 
     def __post_init__(self):
-        if self.pool_bos not in ("never", "without_instruction"):
-            raise ValueError(f"TextRule.pool_bos must be 'never' or 'without_instruction', got {self.pool_bos!r}")
-        if self.truncation not in ("text", "sequence"):
-            raise ValueError(f"TextRule.truncation must be 'text' or 'sequence', got {self.truncation!r}")
-        if "{instruction}" not in self.template:
+        for name, allowed in (("pool_bos", ("never", "without_instruction")), ("truncation", ("text", "sequence")),
+                              ("instruction_positions", ("split", "tokenize"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TextRule.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.template, str) or "{instruction}" not in self.template:
             raise ValueError(f"TextRule.template must contain '{{instruction}}', got {self.template!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str) -> "TextRule":
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"{source}: unknown text_rule fields {unknown}")
-        return cls(**values)
+            raise CheckpointError(f"{source}: unknown text_rule fields {unknown}")
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise CheckpointError(f"{source}: {error}") from None
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -127,10 +132,13 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
 
     # (prefix ids, text ids) per row: bare texts are encoded in one batch, each instruction's rows in another.
     pieces: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
+    prefix_lengths = {"": 0}  # len(tokenize(prefix)) per instruction, for the "tokenize" rule
     for instr in dict.fromkeys(instructions):
         rows = [i for i, s in enumerate(instructions) if s == instr]
         if instr:
-            split = _split_prefix(tokenizer, rule.template.format(instruction=instr), [texts[i] for i in rows])
+            prefix = rule.template.format(instruction=instr)
+            split = _split_prefix(tokenizer, prefix, [texts[i] for i in rows])
+            prefix_lengths[instr] = len(encode_texts(tokenizer, [prefix])[0])
         else:
             split = [([], ids) for ids in encode_texts(tokenizer, [texts[i] for i in rows])]
         for i, piece in zip(rows, split):
@@ -141,8 +149,8 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
         if not text_ids:
             raise ValueError(f"text {i} encodes to no tokens: {texts[i]!r}")
         head = bos + prefix_ids
-        if instr and rule.mask_instruction:
-            unpooled = len(head)  # BOS and the instruction
+        if instr and rule.mask_instruction:  # BOS and the instruction
+            unpooled = len(head) if rule.instruction_positions == "split" else prefix_lengths[instr]
         else:
             unpooled = len(bos) if rule.pool_bos == "never" else 0
         if rule.truncation == "text":

@@ -369,10 +369,10 @@ class NVEmbed(nn.Module):
             if architecture["lora"]:
                 apply_lora(decoder, **architecture["lora"])
             pooling = POOLINGS[architecture["pooling"]](decoder.config.hidden_size, **architecture["pooling_kwargs"])
+        rule = TextRule.from_dict(architecture["text_rule"], "text_rule")
         model = cls(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
-                    causal=architecture["causal"], max_length=architecture["max_length"],
-                    text_rule=TextRule(**architecture["text_rule"]), normalize=architecture["normalize"],
-                    base=architecture["base"])
+                    causal=architecture["causal"], max_length=architecture["max_length"], text_rule=rule,
+                    normalize=architecture["normalize"], base=architecture["base"])
         for name, (dtype, trainable) in architecture.get("params", {}).items():
             param = model.get_parameter(name)
             param.data = param.data.to(getattr(torch, dtype))
@@ -428,14 +428,14 @@ class NVEmbed(nn.Module):
           - a row is the tokenizer's encoding of BOS + instruction + text + "</s>", cut at max_length (a long
             text loses its EOS): TextRule.truncation "sequence";
           - they zero the first len(tokenize(instruction)) positions of the pool mask (right padding,
-            `is_mask_instruction`, an instruction given): with Mistral's tokenizer exactly BOS and the prefix;
-            a bare text (every document) pools its BOS: TextRule.pool_bos "without_instruction";
+            `is_mask_instruction`, an instruction given): TextRule.instruction_positions "tokenize"; a bare
+            text (every document) pools its BOS: TextRule.pool_bos "without_instruction";
           - padding is EOS (`add_pad_token`); EOS is appended whatever `add_eos` says (always_add_eos=True);
           - the mean is L2-normalised when `output_normalize` is."""
         config, text_config, latent_config, tensors = read_released(folder, dtype)
         decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
         rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
-                        pool_bos="without_instruction", truncation="sequence")
+                        pool_bos="without_instruction", truncation="sequence", instruction_positions="tokenize")
         pooling_kwargs = dict(num_latents=latent_config.get("num_latents_value", 512),
                               num_heads=latent_config.get("num_cross_heads", 8),
                               head_dim=latent_config.get("cross_dim_head", decoder.hidden_size))

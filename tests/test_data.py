@@ -634,3 +634,15 @@ def test_tokenize_sentencepiece_style_boundary():
     ids = out["input_ids"][0].tolist()
     assert ids == tok.encode(prefix + "vitamin claim", add_special_tokens=False) + [2]
     assert out["input_ids"][0][out["pool_mask"][0]].tolist() == [vocab["▁vitamin"], vocab["▁claim"], 2]
+
+
+def test_text_rule_from_a_config_names_what_is_wrong():
+    from errors import CheckpointError
+
+    assert TextRule.from_dict({"template": "Q: {instruction} | "}, "x").template == "Q: {instruction} | "
+    with pytest.raises(CheckpointError, match=r"cfg: unknown text_rule fields \['bogus'\]"):
+        TextRule.from_dict({"bogus": 1}, "cfg")
+    with pytest.raises(CheckpointError, match="cfg: TextRule.template must contain"):
+        TextRule.from_dict({"template": None}, "cfg")
+    with pytest.raises(CheckpointError, match="cfg: TextRule.instruction_positions must be one of"):
+        TextRule.from_dict({"instruction_positions": "all"}, "cfg")

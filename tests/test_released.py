@@ -31,7 +31,9 @@ PREFIX = "Instruct: Given a claim, retrieve documents\nQuery: "  # what a user o
 CORPUS = ["Instruct: Given a claim, retrieve documents\nQuery: vitamin D lowers the risk of fractures",
           "Vitamin D is made in the skin. Fractures heal slowly in old age.",
           "The risk of disease falls with exercise and a good diet.", "Claims and documents about vitamins."]
-QUERIES = ["vitamin D lowers the risk of fractures", "exercise", "the risk of disease falls with a good diet " * 4]
+# "0 risk" and "xylophone": their first token does not absorb the prefix's final "▁", which the released code pools.
+QUERIES = ["vitamin D lowers the risk of fractures", "exercise", "the risk of disease falls with a good diet " * 4,
+           "0 risk of fractures", "xylophone risk"]
 DOCUMENTS = ["Vitamin D is made in the skin.", "Fractures heal slowly in old age. " * 5, "a good diet"]
 MAX_LENGTH = 24  # the third query and the second document are longer: the released truncation applies
 HIDDEN, LATENTS, HEADS, HEAD_DIM = 32, 8, 2, 16
@@ -180,10 +182,12 @@ def ours(model: NVEmbed, prompts, task: str):
 
 
 def test_the_checkpoint_is_mistral_like(checkpoint):
-    """The case that matters exists: the prefix alone ends in a lone "▁" that the joined text merges away."""
+    """The cases that matter exist: the prefix alone ends in a lone "▁" that the joined text merges away, or, for a
+    text whose first token cannot take it, keeps."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
     assert tokenizer.tokenize(PREFIX)[-1] == "▁"
     assert "▁" not in tokenizer.tokenize(PREFIX + QUERIES[0])
+    assert "▁" in tokenizer.tokenize(PREFIX + QUERIES[3]) and "▁" in tokenizer.tokenize(PREFIX + QUERIES[4])
     assert tokenizer.encode("a", add_special_tokens=True)[0] == tokenizer.bos_token_id
     assert len(json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]) > 0
 
