@@ -104,9 +104,12 @@ def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[li
 
 
 def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "", max_length: int | None = 512,
-             rule: TextRule = TextRule(), padding_side: str = "right") -> dict[str, torch.Tensor]:
+             rule: TextRule = TextRule(), padding_side: str = "right",
+             prompt: str | None = None) -> dict[str, torch.Tensor]:
     """Row i = [BOS if the tokenizer adds one] + the encoding of prefix_i + text_i (`_split_prefix`) + [EOS], padded
-    to the longest row; prefix_i = rule.template.format(instruction=instruction_i), or nothing for no instruction.
+    to the longest row; prefix_i = rule.template.format(instruction=instruction_i), nothing for no instruction, or
+    `prompt` as given (the whole prefix, sentence-transformers' `prompt=`). An empty text is a row of BOS, prefix and
+    EOS: a legitimate input at inference (training files refuse empty fields, with file and line, in datafiles.py).
     pool_mask (PAPER section 3): the text's tokens and EOS; the prefix's too when the rule does not mask instructions;
     BOS only under the released rule; never padding. Truncation follows `rule.truncation`. Returns input_ids (B, T)
     long, attention_mask (B, T) long, pool_mask (B, T) bool, truncated (B,) bool (the rows that were cut)."""
@@ -114,11 +117,15 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     instructions = [instruction] * len(texts) if isinstance(instruction, str) else list(instruction)
     if len(instructions) != len(texts):
         raise ValueError(f"got {len(instructions)} instructions for {len(texts)} texts")
+    if prompt is not None and any(instructions):
+        raise ValueError("pass a prompt (the whole prefix) or an instruction (formatted by the template), not both")
+    prefixes = [prompt] * len(texts) if prompt is not None else \
+        [rule.template.format(instruction=s) if s else "" for s in instructions]
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"text {i} is empty or not a string: {text!r}")
+        if not isinstance(text, str):
+            raise ValueError(f"text {i} is not a string: {text!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS (PAPER section 1)")
@@ -127,27 +134,25 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
 
     # (prefix ids, text ids) per row: bare texts are encoded in one batch, each instruction's rows in another.
     pieces: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
-    for instr in dict.fromkeys(instructions):
-        rows = [i for i, s in enumerate(instructions) if s == instr]
-        if instr:
-            split = _split_prefix(tokenizer, rule.template.format(instruction=instr), [texts[i] for i in rows])
+    for prefix in dict.fromkeys(prefixes):
+        rows = [i for i, s in enumerate(prefixes) if s == prefix]
+        if prefix:
+            split = _split_prefix(tokenizer, prefix, [texts[i] for i in rows])
         else:
             split = [([], ids) for ids in encode_texts(tokenizer, [texts[i] for i in rows])]
         for i, piece in zip(rows, split):
             pieces[i] = piece
 
     rows, masks, truncated = [], [], []
-    for i, ((prefix_ids, text_ids), instr) in enumerate(zip(pieces, instructions)):
-        if not text_ids:
-            raise ValueError(f"text {i} encodes to no tokens: {texts[i]!r}")
+    for i, ((prefix_ids, text_ids), prefix) in enumerate(zip(pieces, prefixes)):
         head = bos + prefix_ids
-        if instr and rule.mask_instruction:
+        if prefix and rule.mask_instruction:
             unpooled = len(head)  # BOS and the instruction
         else:
             unpooled = len(bos) if rule.pool_bos == "never" else 0
         if rule.truncation == "text":
             room = len(text_ids) if max_length is None else max_length - len(head) - 1
-            if room < 1:
+            if room < min(1, len(text_ids)):  # an empty text needs no room
                 raise ValueError(f"text {i}: max_length={max_length} leaves no room for text after "
                                  f"{len(head)} BOS/instruction tokens and EOS")
             row = head + text_ids[:room] + [eos]

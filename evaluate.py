@@ -239,9 +239,10 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
         for item_id, text in zip(ids, texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"run_evaluation: {kind} {item_id!r} has no text")
-    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size,
-                             max_length=max_length)  # (Q, D), float32 on the CPU
-    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
+    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                             convert_to_tensor=True)  # (Q, D), float32 on the CPU
+    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length,
+                              convert_to_tensor=True)  # (N, D)
     device = model.decoder.embed_tokens.weight.device  # score there; search moves the CPU corpus chunk by chunk
     # One more than kept, as BEIR's exact search: with ignore_identical_ids (BEIR's default) the query's own document
     # is skipped, and such a query still gets top_k others (ArguAna and Quora have queries that are corpus documents).

@@ -120,9 +120,10 @@ def _best_rows(scores: np.ndarray, k: int) -> np.ndarray:
 
 def _dense_rank(model, doc_texts, query_texts, positive_rows, k, instruction, batch_size, max_length):
     """`BM25Teacher.rank` for an embedder: cosine similarities of L2-normalised embeddings."""
-    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
-    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size,
-                             max_length=max_length)  # (Q, D)
+    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length,
+                              convert_to_tensor=True)  # (N, D)
+    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                             convert_to_tensor=True)  # (Q, D)
     scores, indices = search(query_emb, corpus_emb, top_k=k)  # (Q, k) each
     candidates = [list(zip(row_scores, row_indices))
                   for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]

@@ -14,7 +14,9 @@ Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
 from errors import MissingFileError, UsageError
 from lora import LoRALinear, apply_lora
 from pooling import POOLINGS
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------
@@ -282,45 +286,43 @@ class NVEmbed(nn.Module):
 
     # -- inference -------------------------------------------------------------
 
-    def tokenize(self, texts, instruction="", max_length=None, padding_side="right"):
+    def tokenize(self, texts, instruction="", max_length=None, padding_side="right", prompt=None):
         return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
-                        rule=self.text_rule, padding_side=padding_side)
+                        rule=self.text_rule, padding_side=padding_side, prompt=prompt)
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], instruction: str = "", batch_size: int = 32,
-               max_length: int | None = None, show_progress: bool | None = None) -> torch.Tensor:
-        """Embed `texts` (N,) -> float32 (N, D), unit length, in the input order. Queries pass their task
-        `instruction`, documents none. Batches hold texts of similar token count (sorting by characters still
-        left ~25% padding on SciFact, where a token spans 3 to 7 characters)."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("encode expects a list of strings")
-        for i, text in enumerate(texts):  # here, before batches are sorted, so that i is the caller's index
-            if not text:
-                raise ValueError(f"encode: text {i} is empty")
-        if not texts:
-            return torch.empty(0, self.decoder.config.hidden_size)
+    def encode(self, sentences: str | Sequence[str], prompt: str | None = None, instruction: str = "",
+               batch_size: int = 32, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, normalize_embeddings: bool = False, max_length: int | None = None):
+        """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D), float32, in the input order; numpy (the
+        default), a CPU tensor (convert_to_tensor) or a list of (D,) tensors (both False). Queries pass their task as
+        `instruction` (put in the model's template) or the whole prefix as `prompt` (NV-Embed-v2's card: "Instruct:
+        ...\nQuery: "); documents neither. An empty text is embedded (BOS, EOS). Unit length in fp32 when the model
+        normalises (NV-Embed does) or with normalize_embeddings. Batches hold texts of similar token count."""
+        texts = [sentences] if isinstance(sentences, str) else list(sentences)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode expects a string or a list of strings")
         was_training = self.training
         self.eval()
         device = self.decoder.embed_tokens.weight.device
         lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: memory peaks at once
-        out = None  # (N, pooled width), allocated at the first batch
+        out = torch.empty(len(texts), self.decoder.config.hidden_size)  # (N, D): every pooling keeps the width D
         truncated = 0
-        show = len(texts) > 8 * batch_size if show_progress is None else show_progress
+        show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show, leave=False):
             rows = order[start:start + batch_size]
-            batch = self.tokenize([texts[i] for i in rows], instruction, max_length)
+            batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
             truncated += int(batch.pop("truncated").sum())
-            batch = {k: v.to(device) for k, v in batch.items()}
-            embeddings = self(batch).float().cpu()  # (b, D)
-            if out is None:
-                out = torch.empty(len(texts), embeddings.shape[1])
-            out[rows] = embeddings
-        if truncated:
-            print(f"encode: {truncated} of {len(texts)} texts were longer than "
-                  f"{max_length or self.max_length} tokens and were truncated")
+            out[rows] = self({k: v.to(device) for k, v in batch.items()}).float().cpu()  # (b, D)
         self.train(was_training)
-        return out
+        if truncated:
+            log.warning("encode: %d of %d texts were longer than %d tokens and were truncated", truncated, len(texts),
+                     max_length or self.max_length)
+        out = F.normalize(out, dim=-1) if normalize_embeddings else out  # fp32, as forward's
+        if not convert_to_tensor:
+            out = out.numpy() if convert_to_numpy else list(out)
+        return out[0] if isinstance(sentences, str) else out
 
     # -- building, saving, loading ----------------------------------------------
 
@@ -424,14 +426,12 @@ class NVEmbed(nn.Module):
     def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                       max_length: int = 4096) -> "NVEmbed":
         """NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository), embedding exactly as their
-        `encode(prompts, instruction, max_length=4096)` does (tests/test_released.py):
-          - a row is the tokenizer's encoding of BOS + instruction + text + "</s>", cut at max_length (a long
-            text loses its EOS): TextRule.truncation "sequence";
-          - they zero the first len(tokenize(instruction)) positions of the pool mask (right padding,
-            `is_mask_instruction`, an instruction given): with Mistral's tokenizer exactly BOS and the prefix;
-            a bare text (every document) pools its BOS: TextRule.pool_bos "without_instruction";
-          - padding is EOS (`add_pad_token`); EOS is appended whatever `add_eos` says (always_add_eos=True);
-          - the mean is L2-normalised when `output_normalize` is."""
+        `encode(prompts, instruction, max_length=4096)` does (tests/test_released.py): a row is the tokenizer's encoding
+        of BOS + instruction + text + "</s>", cut at max_length (a long text loses its EOS: TextRule.truncation
+        "sequence"); they zero the first len(tokenize(instruction)) positions of the pool mask (right padding,
+        `is_mask_instruction`, an instruction given): with Mistral's tokenizer exactly BOS and the prefix, so a bare
+        text (every document) pools its BOS (TextRule.pool_bos "without_instruction"); padding is EOS (`add_pad_token`);
+        EOS is appended whatever `add_eos` says (always_add_eos); the mean is L2-normalised if `output_normalize`."""
         config, text_config, latent_config, tensors = read_released(folder, dtype)
         decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
         rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),

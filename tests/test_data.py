@@ -69,8 +69,17 @@ def test_tokenize_bytes_by_hand():
     assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 258], [257, 73, 58, 120, 124, 100, 258]]
     assert out["truncated"].tolist() == [True, False]
 
-    with pytest.raises(ValueError, match="text 1 is empty"):
-        tokenize(tok, ["a", "", "b"])
+    # An empty text (an inference input; training files refuse it) is BOS + prefix + EOS, pooling EOS alone. A prompt
+    # is the whole prefix as given: the template filled in gives the very same rows.
+    rule = TextRule(template="I:{instruction}|")
+    out = tokenize(tok, ["", "a"], "x", rule=rule)
+    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 258, 256], [257, 73, 58, 120, 124, 97, 258]]
+    assert out["pool_mask"].tolist() == [[0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 1]]
+    assert tokenize(tok, [""], max_length=2)["input_ids"].tolist() == [[257, 258]]
+    by_prompt = tokenize(tok, ["", "a"], prompt="I:x|", rule=rule)
+    assert all(torch.equal(by_prompt[k], out[k]) for k in out)
+    with pytest.raises(ValueError, match="not both"):
+        tokenize(tok, ["a"], "x", prompt="I:x|")
     with pytest.raises(ValueError, match="max_length=6 leaves no room"):
         tokenize(tok, ["a"], "x", max_length=6, rule=TextRule(template="I:{instruction}|"))
     with pytest.raises(ValueError, match="2 instructions for 1 texts"):
