@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
-from errors import DataError, exits_on_user_error
+from errors import DataError, add_verbosity_flags, configure_logging, exits_on_user_error
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
@@ -536,7 +536,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_train = commands.add_parser("check-train", help="read a training file and print its counts")
     check_train.add_argument("path")
     check_train.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
+    for command in (check_beir_command, check_train):
+        add_verbosity_flags(command)
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     if args.command == "check-beir":
         check_beir(args.folder, args.split, skip_bad=args.skip_bad)
     else:

@@ -33,7 +33,7 @@ import torch
 
 from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
-from errors import exits_on_user_error
+from errors import add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search
 from model import NVEmbed
 
@@ -212,7 +212,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_verbosity_flags(p)
     args = p.parse_args(argv)
+    configure_logging(args.log_level)
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -27,13 +27,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
-                         read_hf_checkpoint, read_model_folder, read_released, write_model_folder)
+                         read_hf_checkpoint, read_model_folder, read_released, weights_fingerprint,
+                         write_model_folder)
 from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
 from errors import MissingFileError, UsageError
-from lora import LoRALinear, apply_lora
+from lora import apply_lora, lora_config
 from pooling import POOLINGS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nvembed.model")  # notices: errors.py
 
 
 # ----------------------------------------------------------------------------
@@ -259,7 +260,7 @@ class NVEmbed(nn.Module):
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
-                 text_rule=None, base: str | None = None, normalize: bool = True):
+                 text_rule=None, base: str | None = None, normalize: bool = True, name: str | None = None):
         super().__init__()
         self.decoder = decoder
         self.pooling = pooling
@@ -271,6 +272,7 @@ class NVEmbed(nn.Module):
         self.text_rule = text_rule or TextRule()  # template, instruction mask, BOS rule, truncation
         self.normalize = normalize  # L2-normalise the output (the released `output_normalize`)
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
+        self.name = name  # what the model is called in results: a saved one's records it (train.py's --name)
         if len(tokenizer) > decoder.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocab_size is "
                              f"{decoder.config.vocab_size}")
@@ -341,23 +343,21 @@ class NVEmbed(nn.Module):
             base = str(Path(model).resolve())
         pool = POOLINGS[pooling](decoder.config.hidden_size, **(pooling_kwargs or {})).to(dtype)
         return cls(decoder, pool, tokenizer, pooling, pooling_kwargs, causal=causal, max_length=max_length,
-                   base=base, **kwargs)
+                   base=base, **{"name": Path(model).name, **kwargs})
 
     def lora_config(self) -> dict | None:
-        for module in self.decoder.modules():
-            if isinstance(module, LoRALinear):
-                targets = sorted({name.rsplit(".", 1)[-1] for name, m in self.decoder.named_modules()
-                                  if isinstance(m, LoRALinear)})
-                return dict(rank=module.lora_A.shape[0], alpha=module.scaling * module.lora_A.shape[0],
-                            dropout=module.lora_dropout.p, targets=targets)
-        return None
+        return lora_config(self.decoder)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights as they are now (checkpoints.weights_fingerprint): the model's revision."""
+        return weights_fingerprint(self.state_dict())
 
     def architecture(self) -> dict:
         """Everything but the weights and the tokenizer: what `skeleton` rebuilds from."""
         return dict(decoder=asdict(self.decoder.config), pooling=self.pooling_name,
                     pooling_kwargs=self.pooling_kwargs, lora=self.lora_config(), causal=self.causal,
                     max_length=self.max_length, text_rule=dataclasses.asdict(self.text_rule),
-                    normalize=self.normalize, base=self.base,
+                    normalize=self.normalize, base=self.base, name=self.name,
                     params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
                             for name, p in self.named_parameters()})
 
@@ -374,7 +374,7 @@ class NVEmbed(nn.Module):
         model = cls(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
                     causal=architecture["causal"], max_length=architecture["max_length"],
                     text_rule=TextRule(**architecture["text_rule"]), normalize=architecture["normalize"],
-                    base=architecture["base"])
+                    base=architecture["base"], name=architecture.get("name"))
         for name, (dtype, trainable) in architecture.get("params", {}).items():
             param = model.get_parameter(name)
             param.data = param.data.to(getattr(torch, dtype))
@@ -440,8 +440,8 @@ class NVEmbed(nn.Module):
                               num_heads=latent_config.get("num_cross_heads", 8),
                               head_dim=latent_config.get("cross_dim_head", decoder.hidden_size))
         architecture = dict(decoder=asdict(decoder), lora=None, pooling="latent", pooling_kwargs=pooling_kwargs,
-                            causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule),
-                            normalize=bool(latent_config.get("output_normalize", True)), base=None)
+                            causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule), base=None,
+                            normalize=bool(latent_config.get("output_normalize", True)), name=Path(folder).name)
         tokenizer = load_tokenizer(str(folder))
         if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
             tokenizer.pad_token = tokenizer.eos_token

@@ -1,6 +1,7 @@
 """NVEmbed: encode's masking, padding and order; save / reload; released-name loading."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -107,6 +108,15 @@ def test_sentence_transformers_style_script_runs_unchanged():
         model.encode(queries, prompt=query_prefix, instruction=task)
     with pytest.raises(TypeError, match="string or a list of strings"):
         model.encode(["a", None])
+
+
+def test_truncation_is_a_logged_warning(caplog):
+    model = tiny("mean")
+    with caplog.at_level(logging.WARNING, logger="nvembed"):
+        model.encode(["a" * 40, "b"], max_length=10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "encode: 1 of 2 texts were longer than 10 tokens and were truncated"]
+    assert caplog.records[0].name == "nvembed.model" and caplog.records[0].levelname == "WARNING"
 
 
 def test_normalize_embeddings_normalises_an_unnormalised_model():

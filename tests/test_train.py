@@ -622,6 +622,7 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
     embeddings = model.encode(["a small river in the north"])
     assert embeddings.shape == (1, model.decoder.config.hidden_size)
     assert json.loads((stage1 / "config.json").read_text())["stage"] == 1
+    assert json.loads((stage1 / "model" / "config.json").read_text())["name"] == "stage1"  # --out's folder
 
     # Stage 2 continues from stage 1 (single process here), in-batch negatives off.
     summary = train.main(["--stage", "2", "--init-from", str(stage1), "--steps", "3", "--batch-size", "8",
@@ -635,3 +636,10 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
 
 
 STAGE1_TEST_STEPS = "60"
+
+
+def test_the_saved_models_name_is_name_or_the_out_folders():
+    parser = train_cli.build_parser()
+    assert train_cli.resolve_config(parser.parse_args(["--out", "runs/my-run"]))["name"] == "my-run"
+    named = train_cli.resolve_config(parser.parse_args(["--out", "runs/x", "--name", "ablation-3"]))
+    assert named["name"] == "ablation-3"
