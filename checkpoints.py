@@ -279,9 +279,10 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -
 
 def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
                        tokenizer, overwrite: bool = False) -> None:
-    """What NVEmbed.save writes: config.json (the architecture, the weights' dtype), the decoder's weights (or,
-    for LoRA on a checkpoint's decoder, only the adapters plus a fingerprint of the base's weights), the
-    pooling's, and the tokenizer in tokenizer/.
+    """What NVEmbed.save writes: config.json (the architecture with the model's name, the weights' dtype and
+    fingerprint: the model's identity in results), the decoder's weights (or, for LoRA on a checkpoint's
+    decoder, only the adapters plus a fingerprint of the base's weights), the pooling's, and the tokenizer
+    in tokenizer/.
 
     Written whole into a temporary folder, then renamed: a crash never leaves a folder
     that looks saved, and no file of an older model survives beside the new.
@@ -299,7 +300,8 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict
         decoder_state = {k: v for k, v in decoder_state.items() if "lora_" in k}
     config = dict(format="nv-embed", **{k: v for k, v in architecture.items() if k not in ("params", "base")},
                   base=architecture["base"] if adapters_only else None, base_fingerprint=base_fingerprint,
-                  dtype=str(state["decoder.embed_tokens.weight"].dtype).removeprefix("torch."), tokenizer="tokenizer")
+                  dtype=str(state["decoder.embed_tokens.weight"].dtype).removeprefix("torch."), tokenizer="tokenizer",
+                  fingerprint=weights_fingerprint(state))  # all the weights, the base's too: NVEmbed.fingerprint
 
     temporary = final.with_name(final.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -327,6 +329,7 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, 
     # queries were then tokenized prefix and text apart, which the rule's joined encoding no longer does).
     config.setdefault("text_rule", {"template": config.get("query_template")})
     config.setdefault("normalize", True)
+    config.setdefault("name", None)  # saves from before models had names
     decoder_file = "adapters.safetensors" if config["base"] is not None else "decoder.safetensors"
     tensors = {f"decoder.{k}": v for k, v in load_safetensors(folder / decoder_file).items()}
     tensors |= {f"pooling.{k}": v for k, v in load_safetensors(folder / "pooling.safetensors").items()}

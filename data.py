@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
-from errors import CheckpointError, DataError, exits_on_user_error
+from errors import CheckpointError, DataError, add_verbosity_flags, configure_logging, exits_on_user_error
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
@@ -51,16 +51,15 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class TextRule:
-    """How a model turns (instruction, text) into ids and a pool mask. Each saved model records its rule, and
-    training and evaluation read it from the model, so the two always agree."""
+    """How a model turns (instruction, text) into ids and a pool mask; saved with the model, read by training and
+    evaluation alike."""
 
     template: str = QUERY_TEMPLATE  # a text with an instruction is read as template.format(instruction=...) + text
     mask_instruction: bool = True  # instruction tokens out of the pool (PAPER section 3; released is_mask_instruction)
     # "never": BOS is never pooled (this project). "without_instruction": pooled unless an instruction is masked out
     # (released: it zeroes nothing of a bare text, so every retrieval document averages its BOS in).
     pool_bos: str = "never"
-    # "text": cut the text so that the row still ends in EOS (this project). "sequence": cut the row at max_length,
-    # as the released code's tokenizer call does (a long text then loses its EOS).
+    # "text": cut the text, the row still ends in EOS (this project). "sequence": cut the row (released: EOS lost).
     truncation: str = "text"
     # "split": an instruction's mask covers BOS and its tokens in the joined encoding. "tokenize": the first
     # len(tokenize(prefix)) positions (released): one fewer when the text keeps the prefix's final '▁' alone.
@@ -68,7 +67,7 @@ class TextRule:
 
     def __post_init__(self):
         for name, allowed in (("pool_bos", ("never", "without_instruction")), ("truncation", ("text", "sequence")),
-                              ("instruction_positions", ("split", "tokenize"))):
+                              ("instruction_positions", ("split", "tokenize"))):  # each field's allowed values
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TextRule.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.template, str) or "{instruction}" not in self.template:
@@ -86,10 +85,7 @@ class TextRule:
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -109,9 +105,12 @@ def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[li
 
 
 def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "", max_length: int | None = 512,
-             rule: TextRule = TextRule(), padding_side: str = "right") -> dict[str, torch.Tensor]:
+             rule: TextRule = TextRule(), padding_side: str = "right",
+             prompt: str | None = None) -> dict[str, torch.Tensor]:
     """Row i = [BOS if the tokenizer adds one] + the encoding of prefix_i + text_i (`_split_prefix`) + [EOS], padded
-    to the longest row; prefix_i = rule.template.format(instruction=instruction_i), or nothing for no instruction.
+    to the longest row; prefix_i = rule.template.format(instruction=instruction_i), nothing for no instruction, or
+    `prompt` as given (the whole prefix, sentence-transformers' `prompt=`). An empty text is a row of BOS, prefix and
+    EOS: a legitimate input at inference (training files refuse empty fields, with file and line, in datafiles.py).
     pool_mask (PAPER section 3): the text's tokens and EOS; the prefix's too when the rule does not mask instructions;
     BOS only under the released rule; never padding. Truncation follows `rule.truncation`. Returns input_ids (B, T)
     long, attention_mask (B, T) long, pool_mask (B, T) bool, truncated (B,) bool (the rows that were cut)."""
@@ -119,43 +118,41 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     instructions = [instruction] * len(texts) if isinstance(instruction, str) else list(instruction)
     if len(instructions) != len(texts):
         raise ValueError(f"got {len(instructions)} instructions for {len(texts)} texts")
+    if prompt is not None and any(instructions):
+        raise ValueError("pass a prompt (the whole prefix) or an instruction (formatted by the template), not both")
+    prefixes = [prompt] * len(texts) if prompt is not None else \
+        [rule.template.format(instruction=s) if s else "" for s in instructions]
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"text {i} is empty or not a string: {text!r}")
+        if not isinstance(text, str):
+            raise ValueError(f"text {i} is not a string: {text!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS (PAPER section 1)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    bos = bos_ids(tokenizer)
-
+    pad, bos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos, bos_ids(tokenizer)
     # (prefix ids, text ids) per row: bare texts are encoded in one batch, each instruction's rows in another.
     pieces: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
-    prefix_lengths = {"": 0}  # len(tokenize(prefix)) per instruction, for the "tokenize" rule
-    for instr in dict.fromkeys(instructions):
-        rows = [i for i, s in enumerate(instructions) if s == instr]
-        if instr:
-            prefix = rule.template.format(instruction=instr)
+    prefix_lengths = {"": 0}  # len(tokenize(prefix)) per prefix, for the "tokenize" rule
+    for prefix in dict.fromkeys(prefixes):
+        rows = [i for i, s in enumerate(prefixes) if s == prefix]
+        if prefix:
             split = _split_prefix(tokenizer, prefix, [texts[i] for i in rows])
-            prefix_lengths[instr] = len(encode_texts(tokenizer, [prefix])[0])
+            prefix_lengths[prefix] = len(encode_texts(tokenizer, [prefix])[0])
         else:
             split = [([], ids) for ids in encode_texts(tokenizer, [texts[i] for i in rows])]
         for i, piece in zip(rows, split):
             pieces[i] = piece
-
     rows, masks, truncated = [], [], []
-    for i, ((prefix_ids, text_ids), instr) in enumerate(zip(pieces, instructions)):
-        if not text_ids:
-            raise ValueError(f"text {i} encodes to no tokens: {texts[i]!r}")
+    for i, ((prefix_ids, text_ids), prefix) in enumerate(zip(pieces, prefixes)):
         head = bos + prefix_ids
-        if instr and rule.mask_instruction:  # BOS and the instruction
-            unpooled = len(head) if rule.instruction_positions == "split" else prefix_lengths[instr]
+        if prefix and rule.mask_instruction:  # BOS and the instruction
+            unpooled = len(head) if rule.instruction_positions == "split" else prefix_lengths[prefix]
         else:
             unpooled = len(bos) if rule.pool_bos == "never" else 0
         if rule.truncation == "text":
             room = len(text_ids) if max_length is None else max_length - len(head) - 1
-            if room < 1:
+            if room < min(1, len(text_ids)):  # an empty text needs no room
                 raise ValueError(f"text {i}: max_length={max_length} leaves no room for text after "
                                  f"{len(head)} BOS/instruction tokens and EOS")
             row = head + text_ids[:room] + [eos]
@@ -169,7 +166,6 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
                                  f"({unpooled} BOS/instruction tokens)")
         rows.append(row)
         masks.append([False] * unpooled + [True] * (len(row) - unpooled))
-
     T = max(len(r) for r in rows)
 
     def padded(values: list, fill) -> list:
@@ -539,7 +535,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_train = commands.add_parser("check-train", help="read a training file and print its counts")
     check_train.add_argument("path")
     check_train.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
+    for command in (check_beir_command, check_train):
+        add_verbosity_flags(command)
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     if args.command == "check-beir":
         check_beir(args.folder, args.split, skip_bad=args.skip_bad)
     else:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from errors import DataError, MissingFileError
+
+log = logging.getLogger("nvembed.datafiles")  # notices: errors.py
 
 TASK_TYPES = ("retrieval", "classification", "clustering", "sts")
 
@@ -89,7 +92,7 @@ class _Problems:
 
     def finish(self) -> None:
         if self.local.total:
-            print(self.local)
+            log.warning("%s", self.local)
         if self.report is not None:
             self.report.merge(self.local)
 

@@ -5,11 +5,17 @@ in the code. Its message names the culprit: the file and line, the field, or the
 command stops on one as argparse stops on a bad flag: one line `<command>: error: <message>`
 on stderr and exit status 2, no traceback (`exits_on_user_error`; train.py's main does the
 same on rank 0 only). Any other exception is a bug and keeps its traceback.
+
+Notices (texts cut at max_length, records skipped) are logged as warnings under the logger "nvembed", so a library
+user routes or silences them with `logging`; the commands print them on stderr, `--quiet` hides them
+(`add_verbosity_flags`, `configure_logging`). Progress bars and results stay on the console.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import logging
 import os
 import sys
 
@@ -48,3 +54,27 @@ def exits_on_user_error(main):
             raise SystemExit(2) from None
 
     return main_ending_user_errors
+
+
+def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
+    """--quiet / --verbose, read by `configure_logging(args.log_level)`."""
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", dest="log_level", action="store_const", const=logging.ERROR,
+                           default=logging.INFO, help="no notices (texts truncated, records skipped), only errors")
+    verbosity.add_argument("--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
+                           help="debug messages too")
+
+
+def configure_logging(level: int) -> None:
+    """Print the "nvembed" logger's records at `level` and above on stderr: a fresh handler per command run, so that it
+    writes to the sys.stderr of the moment (pytest swaps it). The level is the handler's: records still reach the
+    root logger's handlers (a caller's logging setup, pytest's caplog) whatever a previous --quiet run asked."""
+    logger = logging.getLogger("nvembed")
+    for handler in [h for h in logger.handlers if getattr(h, "nvembed_command", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)
+    handler.nvembed_command = True
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logging.INFO))

@@ -12,8 +12,8 @@ dict); MRR@k ranks and averages as the other metrics do (see `evaluate`). Run:
 Tests: python -m pytest -q tests/test_evaluate.py tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py
 """
 
-import argparse
 import json
+import logging
 import numbers
 import time
 from pathlib import Path
@@ -21,11 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builtin import BUILTIN_INSTRUCTION, builtin_dataset
+from builtin import builtin_dataset
 from checkpoints import is_saved
 from datafiles import doc_text, format_table, load_beir, write_trec
-from errors import exits_on_user_error
+from errors import configure_logging, exits_on_user_error
+from evaluate_cli import DEFAULT_MODELS, build_parser, resolve_instruction
 from model import PRESETS, NVEmbed
+
+log = logging.getLogger("nvembed.evaluate")  # notices: errors.py
 
 # ----------------------------------------------------------------------------------------------------------------
 # Exact search. Shapes: Q queries, N corpus documents, D embedding size, n documents in a chunk, k = min(top_k, N).
@@ -239,9 +242,10 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
         for item_id, text in zip(ids, texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"run_evaluation: {kind} {item_id!r} has no text")
-    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size,
-                             max_length=max_length)  # (Q, D), float32 on the CPU
-    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
+    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                             convert_to_tensor=True)  # (Q, D), float32 on the CPU
+    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length,
+                              convert_to_tensor=True)  # (N, D)
     device = model.decoder.embed_tokens.weight.device  # score there; search moves the CPU corpus chunk by chunk
     # One more than kept, as BEIR's exact search: with ignore_identical_ids (BEIR's default) the query's own document
     # is skipped, and such a query still gets top_k others (ArguAna and Quora have queries that are corpus documents).
@@ -259,70 +263,11 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
 # ----------------------------------------------------------------------------------------------------------------
 # The command: prints a BEIR-style table, writes the metrics (JSON) and the run (TREC format).
 
-DEFAULT_MODELS = ("runs/stage2/model", "runs/stage1/model")  # what `train.py --stage 2 / 1` writes
-
-
-def _parse_k_values(text):
-    try:
-        k_values = [int(k) for k in text.split(",") if k.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not k_values or min(k_values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return tuple(sorted(set(k_values)))
-
-
-def _positive_int(text):
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return int(text)
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        description="Evaluate an NV-Embed model on a BEIR dataset the way BEIR does (exact search, trec_eval "
-                    "metrics). With no flags: the built-in dataset's test split with runs/stage{2,1}/model if "
-                    "train.py wrote one, else a fresh random tiny model.")
-    parser.add_argument("--model", help="a saved NV-Embed folder (train.py's runs/stageN/model), or for a zero-shot "
-                                        "baseline a base checkpoint: an HF folder, a .gguf file or a preset name "
-                                        "('tiny'). Default: runs/stage2/model, runs/stage1/model, else 'tiny'")
-    parser.add_argument("--data", default="builtin",
-                        help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) or 'builtin' (default)")
-    parser.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
-    parser.add_argument("--instruction", default=None,
-                        help="the task instruction for the queries (documents get none). Default: the built-in "
-                             "dataset's, or NV-Embed-v2's for a known BEIR folder name "
-                             f"({', '.join(sorted(INSTRUCTIONS))}), else none")
-    parser.add_argument("--pooling", default=None, choices=("mean", "eos", "latent", "self-attention"),
-                        help="base checkpoints only (default mean). mean and eos have no weights, so an untrained "
-                             "baseline measures the decoder alone")
-    attention = parser.add_mutually_exclusive_group()
-    attention.add_argument("--causal", dest="causal", action="store_const", const=True, default=None,
-                           help="base checkpoints only: keep the decoder's causal mask")
-    attention.add_argument("--bidirectional", dest="causal", action="store_const", const=False,
-                           help="base checkpoints only: remove the causal mask, as NV-Embed does (default)")
-    parser.add_argument("--max-length", type=_positive_int, default=None,
-                        help="tokens per text, truncating the text (default: the model's, 512 for a base)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default 32)")
-    parser.add_argument("--top-k", type=_positive_int, default=1000,
-                        help="documents kept per query (default 1000, BEIR's)")
-    parser.add_argument("--k-values", type=_parse_k_values, default=DEFAULT_K_VALUES,
-                        help="metric cutoffs, comma-separated (default 1,3,5,10,100,1000)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="weights' dtype (default: a saved model's own, float32 for a base)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--out", default=None,
-                        help="folder for DATASET-SPLIT.json (metrics) and DATASET-SPLIT.trec (the run). Default: "
-                             "MODEL/eval for a saved model, runs/eval/NAME-POOLING-ATTENTION for a base")
-    parser.add_argument("--run-name", default=None, help="the TREC run name column (default: nvembed-MODELNAME)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    return parser
-
-
 @exits_on_user_error
 def main(argv=None):
-    parser = build_parser()
+    parser = build_parser(INSTRUCTIONS, DEFAULT_K_VALUES)  # the flags: evaluate_cli.py
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
     model_spec = args.model
     if model_spec is None:
@@ -334,17 +279,7 @@ def main(argv=None):
     saved = is_saved(model_spec)
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
-    # Which data and instruction.
-    builtin = args.data == "builtin"
-    dataset_name = "builtin" if builtin else Path(args.data).resolve().name
-    if args.instruction is not None:
-        instruction = args.instruction
-    elif builtin:
-        instruction = BUILTIN_INSTRUCTION
-    else:
-        instruction = INSTRUCTIONS.get(dataset_name.lower(), "")
-        if not instruction:
-            print(f"note: no --instruction given and none known for {dataset_name!r}: queries are encoded bare")
+    dataset_name, instruction = resolve_instruction(args.data, args.instruction, INSTRUCTIONS)
     # Where the results go; refuse to overwrite before any expensive work.
     model_name = Path(model_spec).name if model_spec not in PRESETS else model_spec
     if args.out is not None:
@@ -363,25 +298,28 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = NVEmbed.load(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                          dtype=dtype, device=device)
-    if builtin:
+    if args.data == "builtin":
         corpus, queries, qrels = builtin_dataset().split(args.split)
     else:
         corpus, queries, qrels = load_beir(args.data, args.split)
     max_length = args.max_length or model.max_length
-    config = dict(
-        model=str(model_spec), model_kind="saved NV-Embed" if saved else "base (zero-shot)",
+    config = dict(  # the model's name and fingerprint say which weights scored (a folder's name alone may not)
+        model=str(model_spec), name=model.name, fingerprint=model.fingerprint(),
+        model_kind="saved NV-Embed" if saved else "base (zero-shot)",
         pooling=model.pooling_name, causal=model.causal, data=args.data, split=args.split,
         instruction=instruction, max_length=max_length, batch_size=args.batch_size, top_k=args.top_k,
         k_values=list(args.k_values), dtype=str(model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
         device=str(device), num_queries=len(qrels), num_documents=len(corpus), run_name=run_name,
+        ignore_identical_ids=args.ignore_identical_ids,
     )
     print("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
     if args.top_k < max(args.k_values):
-        print(f"note: --top-k {args.top_k} < largest k {max(args.k_values)}: metrics beyond it see a truncated run")
+        log.warning("note: --top-k %d < largest k %d: metrics beyond it see a truncated run", args.top_k,
+                    max(args.k_values))
     start = time.perf_counter()
     metrics, run = run_evaluation(model, corpus, queries, qrels, instruction=instruction,
                                   batch_size=args.batch_size, max_length=max_length, top_k=args.top_k,
-                                  k_values=args.k_values)
+                                  k_values=args.k_values, ignore_identical_ids=args.ignore_identical_ids)
     seconds = time.perf_counter() - start
     print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
           f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")

@@ -1,5 +1,6 @@
 """LoRA (Hu et al. 2021) in plain PyTorch, as NV-Embed trains it: rank 16, alpha 32, dropout 0.1 on every
-projection of the decoder (PAPER.md section 4), the base frozen. apply_lora / merge_lora / mark_only_lora_trainable.
+projection of the decoder (PAPER.md section 4), the base frozen. apply_lora / merge_lora / mark_only_lora_trainable /
+lora_config.
 """
 
 from __future__ import annotations
@@ -91,3 +92,13 @@ def mark_only_lora_trainable(module: nn.Module) -> nn.Module:
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if "lora_" in k}
+
+
+def lora_config(module: nn.Module) -> dict | None:
+    """apply_lora's arguments that made `module`'s adapters (what a saved model records), or None without any."""
+    adapted = {name.rsplit(".", 1)[-1]: m for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+    if not adapted:
+        return None
+    first = next(iter(adapted.values()))
+    rank = first.lora_A.shape[0]
+    return dict(rank=rank, alpha=first.scaling * rank, dropout=first.lora_dropout.p, targets=sorted(adapted))

@@ -33,7 +33,7 @@ import torch
 
 from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
-from errors import exits_on_user_error
+from errors import add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search
 from model import NVEmbed
 
@@ -120,9 +120,10 @@ def _best_rows(scores: np.ndarray, k: int) -> np.ndarray:
 
 def _dense_rank(model, doc_texts, query_texts, positive_rows, k, instruction, batch_size, max_length):
     """`BM25Teacher.rank` for an embedder: cosine similarities of L2-normalised embeddings."""
-    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length)  # (N, D)
-    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size,
-                             max_length=max_length)  # (Q, D)
+    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length,
+                              convert_to_tensor=True)  # (N, D)
+    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                             convert_to_tensor=True)  # (Q, D)
     scores, indices = search(query_emb, corpus_emb, top_k=k)  # (Q, k) each
     candidates = [list(zip(row_scores, row_indices))
                   for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
@@ -211,7 +212,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_verbosity_flags(p)
     args = p.parse_args(argv)
+    configure_logging(args.log_level)
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

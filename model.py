@@ -14,7 +14,9 @@ Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -25,11 +27,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
-                         read_hf_checkpoint, read_model_folder, read_released, write_model_folder)
+                         read_hf_checkpoint, read_model_folder, read_released, weights_fingerprint,
+                         write_model_folder)
 from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
 from errors import MissingFileError, UsageError
-from lora import LoRALinear, apply_lora
+from lora import apply_lora, lora_config
 from pooling import POOLINGS
+
+log = logging.getLogger("nvembed.model")  # notices: errors.py
 
 
 # ----------------------------------------------------------------------------
@@ -255,7 +260,7 @@ class NVEmbed(nn.Module):
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
-                 text_rule=None, base: str | None = None, normalize: bool = True):
+                 text_rule=None, base: str | None = None, normalize: bool = True, name: str | None = None):
         super().__init__()
         self.decoder = decoder
         self.pooling = pooling
@@ -267,6 +272,7 @@ class NVEmbed(nn.Module):
         self.text_rule = text_rule or TextRule()  # template, instruction mask, BOS rule, truncation
         self.normalize = normalize  # L2-normalise the output (the released `output_normalize`)
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
+        self.name = name  # what the model is called in results: a saved one's records it (train.py's --name)
         if len(tokenizer) > decoder.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocab_size is "
                              f"{decoder.config.vocab_size}")
@@ -282,45 +288,43 @@ class NVEmbed(nn.Module):
 
     # -- inference -------------------------------------------------------------
 
-    def tokenize(self, texts, instruction="", max_length=None, padding_side="right"):
+    def tokenize(self, texts, instruction="", max_length=None, padding_side="right", prompt=None):
         return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
-                        rule=self.text_rule, padding_side=padding_side)
+                        rule=self.text_rule, padding_side=padding_side, prompt=prompt)
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], instruction: str = "", batch_size: int = 32,
-               max_length: int | None = None, show_progress: bool | None = None) -> torch.Tensor:
-        """Embed `texts` (N,) -> float32 (N, D), unit length, in the input order. Queries pass their task
-        `instruction`, documents none. Batches hold texts of similar token count (sorting by characters still
-        left ~25% padding on SciFact, where a token spans 3 to 7 characters)."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("encode expects a list of strings")
-        for i, text in enumerate(texts):  # here, before batches are sorted, so that i is the caller's index
-            if not text:
-                raise ValueError(f"encode: text {i} is empty")
-        if not texts:
-            return torch.empty(0, self.decoder.config.hidden_size)
+    def encode(self, sentences: str | Sequence[str], prompt: str | None = None, instruction: str = "",
+               batch_size: int = 32, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, normalize_embeddings: bool = False, max_length: int | None = None):
+        """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D), float32, in the input order; numpy (the
+        default), a CPU tensor (convert_to_tensor) or a list of (D,) tensors (both False). Queries pass their task as
+        `instruction` (put in the model's template) or the whole prefix as `prompt` (NV-Embed-v2's card: "Instruct:
+        ...\nQuery: "); documents neither. An empty text is embedded (BOS, EOS). Unit length in fp32 when the model
+        normalises (NV-Embed does) or with normalize_embeddings. Batches hold texts of similar token count."""
+        texts = [sentences] if isinstance(sentences, str) else list(sentences)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode expects a string or a list of strings")
         was_training = self.training
         self.eval()
         device = self.decoder.embed_tokens.weight.device
         lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: memory peaks at once
-        out = None  # (N, pooled width), allocated at the first batch
+        out = torch.empty(len(texts), self.decoder.config.hidden_size)  # (N, D): every pooling keeps the width D
         truncated = 0
-        show = len(texts) > 8 * batch_size if show_progress is None else show_progress
+        show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show, leave=False):
             rows = order[start:start + batch_size]
-            batch = self.tokenize([texts[i] for i in rows], instruction, max_length)
+            batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
             truncated += int(batch.pop("truncated").sum())
-            batch = {k: v.to(device) for k, v in batch.items()}
-            embeddings = self(batch).float().cpu()  # (b, D)
-            if out is None:
-                out = torch.empty(len(texts), embeddings.shape[1])
-            out[rows] = embeddings
-        if truncated:
-            print(f"encode: {truncated} of {len(texts)} texts were longer than "
-                  f"{max_length or self.max_length} tokens and were truncated")
+            out[rows] = self({k: v.to(device) for k, v in batch.items()}).float().cpu()  # (b, D)
         self.train(was_training)
-        return out
+        if truncated:
+            log.warning("encode: %d of %d texts were longer than %d tokens and were truncated", truncated, len(texts),
+                     max_length or self.max_length)
+        out = F.normalize(out, dim=-1) if normalize_embeddings else out  # fp32, as forward's
+        if not convert_to_tensor:
+            out = out.numpy() if convert_to_numpy else list(out)
+        return out[0] if isinstance(sentences, str) else out
 
     # -- building, saving, loading ----------------------------------------------
 
@@ -339,23 +343,21 @@ class NVEmbed(nn.Module):
             base = str(Path(model).resolve())
         pool = POOLINGS[pooling](decoder.config.hidden_size, **(pooling_kwargs or {})).to(dtype)
         return cls(decoder, pool, tokenizer, pooling, pooling_kwargs, causal=causal, max_length=max_length,
-                   base=base, **kwargs)
+                   base=base, **{"name": Path(model).name, **kwargs})
 
     def lora_config(self) -> dict | None:
-        for module in self.decoder.modules():
-            if isinstance(module, LoRALinear):
-                targets = sorted({name.rsplit(".", 1)[-1] for name, m in self.decoder.named_modules()
-                                  if isinstance(m, LoRALinear)})
-                return dict(rank=module.lora_A.shape[0], alpha=module.scaling * module.lora_A.shape[0],
-                            dropout=module.lora_dropout.p, targets=targets)
-        return None
+        return lora_config(self.decoder)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights as they are now (checkpoints.weights_fingerprint): the model's revision."""
+        return weights_fingerprint(self.state_dict())
 
     def architecture(self) -> dict:
         """Everything but the weights and the tokenizer: what `skeleton` rebuilds from."""
         return dict(decoder=asdict(self.decoder.config), pooling=self.pooling_name,
                     pooling_kwargs=self.pooling_kwargs, lora=self.lora_config(), causal=self.causal,
                     max_length=self.max_length, text_rule=dataclasses.asdict(self.text_rule),
-                    normalize=self.normalize, base=self.base,
+                    normalize=self.normalize, base=self.base, name=self.name,
                     params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
                             for name, p in self.named_parameters()})
 
@@ -372,7 +374,7 @@ class NVEmbed(nn.Module):
         rule = TextRule.from_dict(architecture["text_rule"], "text_rule")
         model = cls(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
                     causal=architecture["causal"], max_length=architecture["max_length"], text_rule=rule,
-                    normalize=architecture["normalize"], base=architecture["base"])
+                    normalize=architecture["normalize"], base=architecture["base"], name=architecture.get("name"))
         for name, (dtype, trainable) in architecture.get("params", {}).items():
             param = model.get_parameter(name)
             param.data = param.data.to(getattr(torch, dtype))
@@ -424,14 +426,12 @@ class NVEmbed(nn.Module):
     def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                       max_length: int = 4096) -> "NVEmbed":
         """NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository), embedding exactly as their
-        `encode(prompts, instruction, max_length=4096)` does (tests/test_released.py):
-          - a row is the tokenizer's encoding of BOS + instruction + text + "</s>", cut at max_length (a long
-            text loses its EOS): TextRule.truncation "sequence";
-          - they zero the first len(tokenize(instruction)) positions of the pool mask (right padding,
-            `is_mask_instruction`, an instruction given): TextRule.instruction_positions "tokenize"; a bare
-            text (every document) pools its BOS: TextRule.pool_bos "without_instruction";
-          - padding is EOS (`add_pad_token`); EOS is appended whatever `add_eos` says (always_add_eos=True);
-          - the mean is L2-normalised when `output_normalize` is."""
+        `encode(prompts, instruction, max_length=4096)` does (tests/test_released.py): a row is the tokenizer's encoding
+        of BOS + instruction + text + "</s>", cut at max_length (a long text loses its EOS: TextRule.truncation
+        "sequence"); they zero the first len(tokenize(instruction)) positions of the pool mask (right padding,
+        `is_mask_instruction`, an instruction given: TextRule.instruction_positions "tokenize"), so a bare text
+        (every document) pools its BOS (TextRule.pool_bos "without_instruction"); padding is EOS (`add_pad_token`);
+        EOS is appended whatever `add_eos` says (always_add_eos); the mean is L2-normalised if `output_normalize`."""
         config, text_config, latent_config, tensors = read_released(folder, dtype)
         decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
         rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
@@ -440,8 +440,8 @@ class NVEmbed(nn.Module):
                               num_heads=latent_config.get("num_cross_heads", 8),
                               head_dim=latent_config.get("cross_dim_head", decoder.hidden_size))
         architecture = dict(decoder=asdict(decoder), lora=None, pooling="latent", pooling_kwargs=pooling_kwargs,
-                            causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule),
-                            normalize=bool(latent_config.get("output_normalize", True)), base=None)
+                            causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule), base=None,
+                            normalize=bool(latent_config.get("output_normalize", True)), name=Path(folder).name)
         tokenizer = load_tokenizer(str(folder))
         if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
             tokenizer.pad_token = tokenizer.eos_token

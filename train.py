@@ -195,7 +195,7 @@ def build_model(config: dict):
         model = NVEmbed.from_base(config["model"], pooling=config["pooling"], causal=config["causal"],
                                   max_length=config["max_length"], dtype=_dtype(config["model_dtype"]),
                                   seed=config["seed"], pooling_kwargs=config["pooling_kwargs"])
-    model.max_length = config["max_length"]
+    model.max_length, model.name = config["max_length"], config["name"]  # the name: --name, or --out's folder's
     if model.lora_config() is None and config["lora_rank"] > 0:
         torch.manual_seed(config["seed"])  # the adapters' init, reproducible from the seed
         apply_lora(model.decoder, rank=config["lora_rank"], alpha=config["lora_alpha"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import model_folder
-from errors import MissingFileError, UsageError
+from errors import MissingFileError, UsageError, add_verbosity_flags, configure_logging
 from model import PRESETS, MistralConfig
 
 
@@ -114,6 +114,9 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/stage{1,2})")
+    g.add_argument("--name", default=None,
+                   help="the saved model's name, which evaluate.py and the MTEB adapter report with its weights' "
+                        "fingerprint (default: --out's folder name)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
                    help="replace an existing run in --out (default: yes for the tiny job, no otherwise)")
@@ -135,6 +138,7 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
                    help="texts per batch when encoding (default %(default)s)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: when stderr is a terminal)")
+    add_verbosity_flags(p)
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -197,6 +201,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if config["model_dtype"] == "bf16" and config["dtype"] != "bf16":
         raise UsageError("--model-dtype bf16 needs --dtype bf16 (a bf16 base cannot compute in fp32)")
     config["out"] = config["out"] or f"runs/stage{stage}"
+    config["name"] = config["name"] or Path(config["out"]).resolve().name
+    configure_logging(config.pop("log_level"))  # the notices' level: how the run talks, not what it computes
     if config["progress"] is None:
         config["progress"] = sys.stderr.isatty()
     if config["overwrite"] is None:

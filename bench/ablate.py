@@ -88,9 +88,9 @@ def encode_split(model, corpus, queries, qrels, instruction, max_length, batch_s
     query_ids = [q for q in queries if q in qrels]
     doc_ids = list(corpus)
     query_emb = model.encode([queries[q] for q in query_ids], instruction=instruction, batch_size=batch_size,
-                             max_length=max_length)  # (Q, D)
+                             max_length=max_length, convert_to_tensor=True)  # (Q, D)
     corpus_emb = model.encode([datafiles.doc_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
-                              max_length=max_length)  # (N, D)
+                              max_length=max_length, convert_to_tensor=True)  # (N, D)
     return query_emb, corpus_emb, query_ids, doc_ids
 
 

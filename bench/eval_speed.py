@@ -165,7 +165,7 @@ def bench_encode(num_docs, batch_size, max_length, repeats):
                                                           batch_size, max_length),
         "sorted by characters": lambda: encode_in_order(model, texts, char_order, batch_size, max_length),
         "encode (sorted by tokens)": lambda: model.encode(texts, batch_size=batch_size, max_length=max_length,
-                                                          show_progress=False),
+                                                          show_progress_bar=False, convert_to_tensor=True),
     }, repeats)
     unsorted_s, reference = results["input order (unsorted)"]
     print(f"\n(b) encode: {len(texts)} {source}; {tokenizer_name}; random decoder D=128, 2 layers, mean pooling; "

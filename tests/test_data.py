@@ -69,8 +69,17 @@ def test_tokenize_bytes_by_hand():
     assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 258], [257, 73, 58, 120, 124, 100, 258]]
     assert out["truncated"].tolist() == [True, False]
 
-    with pytest.raises(ValueError, match="text 1 is empty"):
-        tokenize(tok, ["a", "", "b"])
+    # An empty text (an inference input; training files refuse it) is BOS + prefix + EOS, pooling EOS alone. A prompt
+    # is the whole prefix as given: the template filled in gives the very same rows.
+    rule = TextRule(template="I:{instruction}|")
+    out = tokenize(tok, ["", "a"], "x", rule=rule)
+    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 258, 256], [257, 73, 58, 120, 124, 97, 258]]
+    assert out["pool_mask"].tolist() == [[0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 1]]
+    assert tokenize(tok, [""], max_length=2)["input_ids"].tolist() == [[257, 258]]
+    by_prompt = tokenize(tok, ["", "a"], prompt="I:x|", rule=rule)
+    assert all(torch.equal(by_prompt[k], out[k]) for k in out)
+    with pytest.raises(ValueError, match="not both"):
+        tokenize(tok, ["a"], "x", prompt="I:x|")
     with pytest.raises(ValueError, match="max_length=6 leaves no room"):
         tokenize(tok, ["a"], "x", max_length=6, rule=TextRule(template="I:{instruction}|"))
     with pytest.raises(ValueError, match="2 instructions for 1 texts"):
@@ -231,17 +240,17 @@ BAD_BEIR = {  # name: (corpus, queries, qrels, expected message, records skipped
 
 
 @pytest.mark.parametrize("name", BAD_BEIR)
-def test_load_beir_bad_input(tmp_path, capsys, name):
+def test_load_beir_bad_input(tmp_path, caplog, name):
     corpus, queries, qrels, pattern, skipped = BAD_BEIR[name]
     folder = write_folder(tmp_path, corpus, queries, qrels)
     with pytest.raises(DataError, match=pattern):
         load_beir(folder, "test")
     # skip_bad: the bad record goes and is counted (a skipped document also takes its judgements along, counted
-    # too), and the counts are printed.
+    # too), and the counts are logged as a warning (errors.py: the "nvembed" logger).
     report = SkipReport()
     corpus, queries, qrels = load_beir(folder, "test", skip_bad=True, report=report)
     assert report.total == skipped and re.search(pattern, report.messages[0])
-    assert f"skipped {report.total}" in capsys.readouterr().out
+    assert f"skipped {report.total}" in caplog.text and caplog.records[-1].levelname == "WARNING"
     assert qrels and all(d in corpus for judged in qrels.values() for d in judged)
 
 
@@ -326,16 +335,16 @@ def small_beir():
     return corpus, queries, qrels
 
 
-def test_beir_training_examples(tmp_path, capsys):
+def test_beir_training_examples(tmp_path, caplog):
     corpus, queries, qrels = small_beir()
     negatives = {"q1": ["d5", "d2"], "q2": ["d3", "d4"], "q3": ["d0"]}
     examples = beir_training_examples(corpus, queries, qrels, negatives, "Find")
-    # One example per (query, positive); q3 has no positive and is dropped with a printed count.
+    # One example per (query, positive); q3 has no positive and is dropped with a logged count.
     assert [(e.query_id, e.positive_id, e.negative_ids) for e in examples] == [
         ("q1", "d0", ["d5", "d2"]), ("q1", "d1", ["d5", "d2"]), ("q2", "d2", ["d3", "d4"])]
     assert examples[0].positive == "T0 text 0" and examples[0].negatives == ["T5 text 5", "T2 text 2"]
     assert examples[0].task_type == "retrieval" and examples[0].instruction == "Find"
-    assert "1 no positive" in capsys.readouterr().out
+    assert "1 no positive" in caplog.text
     # The same through a negatives file.
     path = tmp_path / "negatives.jsonl"
     path.write_text("".join(json.dumps({"query_id": q, "negative_ids": ids}) + "\n" for q, ids in negatives.items()))
@@ -392,14 +401,14 @@ def test_example_based_pairs(make, task_type):
     assert sorted(len(e.negatives) for e in few) == [2, 2, 2, 3, 3]
 
 
-def test_example_based_pairs_errors(capsys):
+def test_example_based_pairs_errors(caplog):
     rows = LABELED + [("lonely text", "sports")]
     with pytest.raises(DataError, match=r"label 'sports' has a single example \('lonely text'\)"):
         classification_pairs(rows, "x")
     report = SkipReport()
     examples = classification_pairs(rows, "x", skip_bad=True, report=report)
     assert len(examples) == len(LABELED) and report.counts == {"single-example label": 1}
-    assert "skipped 1" in capsys.readouterr().out
+    assert "skipped 1" in caplog.text
     with pytest.raises(DataError, match="need at least two labels"):
         classification_pairs(LABELED[:3], "x")
     with pytest.raises(DataError, match=r"classification rows row 1: field label is missing"):

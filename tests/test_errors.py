@@ -137,8 +137,8 @@ def example_without_negatives(tmp_path):
 def qrels_unknown_id(tmp_path):
     folder = beir_folder(tmp_path)
     line = append_line(folder / "qrels" / "test.tsv", "q-unknown\tdoc000\t1")
-    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "eval")],
-            f"{folder / 'qrels' / 'test.tsv'}:{line}: query id 'q-unknown'")
+    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--instruction", "", "--out",
+                            str(tmp_path / "eval")], f"{folder / 'qrels' / 'test.tsv'}:{line}: query id 'q-unknown'")
 
 
 def qrels_non_integer_grade(tmp_path):
@@ -157,8 +157,16 @@ def duplicate_corpus_id(tmp_path):
 
 def missing_split(tmp_path):
     folder = beir_folder(tmp_path)
-    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--split", "dev", "--out", str(tmp_path)],
-            str(folder / "qrels" / "dev.tsv"))
+    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--instruction", "", "--split", "dev",
+                            "--out", str(tmp_path)], str(folder / "qrels" / "dev.tsv"))
+
+
+def unknown_dataset_without_instruction(tmp_path):
+    # A renamed SciFact would otherwise be encoded without its instruction, silently scoring lower.
+    folder = beir_folder(tmp_path)
+    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "eval")],
+            (f"no instruction known for a folder named {folder.name!r}", "known: arguana, fiqa, nfcorpus, scifact",
+             "--instruction ''"))
 
 
 def missing_model_path(tmp_path):
@@ -213,7 +221,8 @@ def mining_a_missing_folder(tmp_path):
         str(tmp_path / "no-such-folder")
 
 
-CASES = [malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
+CASES = [unknown_dataset_without_instruction,
+         malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
          empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
          duplicate_corpus_id, missing_split, missing_model_path, missing_model_path_to_evaluate,
          missing_model_path_to_mine, not_a_gguf_file, unsupported_architecture, truncated_safetensors,
@@ -300,3 +309,17 @@ def test_under_two_ranks_rank_0s_mistake_stops_both_and_is_said_once(tmp_path):
     last_line = ranks[0]["stderr"].strip().splitlines()[-1]
     assert last_line.startswith("train.py: error: ") and str(checkpoint / "model.safetensors") in last_line
     assert ": error: " not in ranks[1]["stderr"]  # said once, by rank 0
+
+
+def test_skipped_records_are_a_notice_on_stderr_that_quiet_silences(tmp_path, capsys):
+    # Notices go through logging (errors.configure_logging): on stderr by default, gone with --quiet, while the
+    # command's own output (the counts) stays on stdout.
+    folder = beir_folder(tmp_path)
+    append_line(folder / "queries.jsonl", '{"_id": "q-empty", "text": " "}')
+    data.main(["check-beir", str(folder), "test", "--skip-bad"])
+    said = capsys.readouterr()
+    assert "skipped 1 (1 missing or empty text)" in said.err and "skipped 1" not in said.out
+    assert "documents" in said.out
+    data.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
+    said = capsys.readouterr()
+    assert "skipped 1" not in said.err and "documents" in said.out

@@ -74,8 +74,8 @@ def test_command_end_to_end_on_builtin_dataset(tmp_path):
     # instruction, documents bare; every score in the file is the dot product.
     model = NVEmbed.from_base("tiny", pooling="mean")
     query_ids, doc_ids = list(qrels), list(corpus)
-    query_emb = model.encode([queries[q] for q in query_ids], instruction=BUILTIN_INSTRUCTION)
-    doc_emb = model.encode([corpus[d]["text"] for d in doc_ids])
+    query_emb = model.encode([queries[q] for q in query_ids], instruction=BUILTIN_INSTRUCTION, convert_to_tensor=True)
+    doc_emb = model.encode([corpus[d]["text"] for d in doc_ids], convert_to_tensor=True)
     full = query_emb @ doc_emb.T  # (Q, N)
     for row, qid in enumerate(query_ids):
         for did, score in run[qid].items():
@@ -137,9 +137,9 @@ def test_beir_folder_with_titles(tmp_path):
 
     model = NVEmbed.from_base("tiny", pooling="eos", causal=True)
     texts = ["Foxes The fox is quick.", "Dogs are lazy.", "Cats Cats sleep all day."]
-    doc_emb = model.encode(texts)
+    doc_emb = model.encode(texts, convert_to_tensor=True)
     for qid in ("q1", "q2"):
-        query_emb = model.encode([queries[qid]], instruction="Find the animal")
+        query_emb = model.encode([queries[qid]], instruction="Find the animal", convert_to_tensor=True)
         for j, did in enumerate(corpus):
             assert run[qid][did] == pytest.approx((query_emb[0] @ doc_emb[j]).item(), abs=1e-5)
     qrels = {"q1": {"d1": 1}, "q2": {"d3": 2, "d2": 0}}
@@ -187,8 +187,8 @@ def test_run_evaluation_keeps_top_k_results_besides_a_query_that_is_its_own_docu
     self_ids = doc_ids[:6]  # these queries are corpus documents, with the same id and text
     queries = {did: corpus[did]["text"] for did in self_ids}
     model = NVEmbed.from_base("tiny", pooling="mean")
-    query_emb = model.encode([queries[q] for q in self_ids])  # (6, D), no instruction
-    doc_emb = model.encode([corpus[d]["text"] for d in doc_ids])  # (40, D)
+    query_emb = model.encode([queries[q] for q in self_ids], convert_to_tensor=True)  # (6, D), no instruction
+    doc_emb = model.encode([corpus[d]["text"] for d in doc_ids], convert_to_tensor=True)  # (40, D)
     full = (query_emb @ doc_emb.T).tolist()  # (6, 40)
     expected_run = {}
     for row, qid in enumerate(self_ids):
@@ -207,3 +207,29 @@ def test_run_evaluation_keeps_top_k_results_besides_a_query_that_is_its_own_docu
         assert run[qid] == pytest.approx(expected_run[qid], abs=1e-5)
     assert metrics == pytest.approx(evaluate(qrels, expected_run, (1, top_k)), abs=1e-12)
     assert metrics[f"Recall@{top_k}"] == 1.0
+
+
+def test_results_name_the_model_and_its_weights_and_identical_ids_are_a_flag(tmp_path, capsys):
+    model = NVEmbed.from_base("tiny", pooling="mean", name="my-model")
+    model.save(tmp_path / "run" / "model")
+    saved_config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved_config["name"] == "my-model" and saved_config["fingerprint"] == model.fingerprint()
+    other = NVEmbed.from_base("tiny", pooling="mean", seed=1)
+    assert other.fingerprint() != model.fingerprint()  # other weights, another revision
+
+    # Query "d1" is also a corpus document, with the same text: BEIR drops it from its ranking, mteb's default keeps it.
+    corpus = {"d1": {"title": "", "text": "The fox is quick."}, "d2": {"title": "", "text": "Dogs are lazy."}}
+    folder = tmp_path / "selfmatch"
+    write_beir(folder, corpus, {"d1": "The fox is quick."}, {"test": {"d1": {"d2": 1}}})
+    common = ["--model", str(tmp_path / "run" / "model"), "--data", str(folder), "--instruction", "", "--k-values", "1"]
+    main(common + ["--out", str(tmp_path / "beir")])
+    printed = capsys.readouterr().out
+    assert "  name: my-model" in printed and f"  fingerprint: {model.fingerprint()}" in printed
+    beir, _, run = read_outputs(tmp_path / "beir", "selfmatch-test")
+    assert beir["config"]["name"] == "my-model" and beir["config"]["fingerprint"] == model.fingerprint()
+    assert beir["config"]["ignore_identical_ids"] is True and set(run["d1"]) == {"d2"}
+    assert beir["metrics"]["NDCG@1"] == 1
+    main(common + ["--out", str(tmp_path / "mteb"), "--keep-identical-ids"])
+    kept, _, run = read_outputs(tmp_path / "mteb", "selfmatch-test")
+    assert kept["config"]["ignore_identical_ids"] is False and set(run["d1"]) == {"d1", "d2"}
+    assert kept["metrics"]["NDCG@1"] == 0  # the self-match ranks first and is not relevant

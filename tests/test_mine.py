@@ -23,10 +23,10 @@ def test_mining_rules_hold_for_every_kept_negative():
                                  depth=len(corpus))
     assert set(negatives) == set(qrels)
     doc_ids = list(corpus)
-    doc_emb = dict(zip(doc_ids, model.encode([doc_text(corpus[d]) for d in doc_ids])))
+    doc_emb = dict(zip(doc_ids, model.encode([doc_text(corpus[d]) for d in doc_ids], convert_to_tensor=True)))
     kept_total = 0
     for query_id, negative_ids in negatives.items():
-        q = model.encode([queries[query_id]], instruction=BUILTIN_INSTRUCTION)[0]
+        q = model.encode([queries[query_id]], instruction=BUILTIN_INSTRUCTION, convert_to_tensor=True)[0]
         positives = [d for d, g in qrels[query_id].items() if g > 0]
         positive_score = min(float(doc_emb[d] @ q) for d in positives)
         assert len(negative_ids) <= 10 and len(set(negative_ids)) == len(negative_ids)

@@ -1,9 +1,12 @@
 """NVEmbed: encode's masking, padding and order; save / reload; released-name loading."""
 
 import json
+import logging
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from checkpoints import ByteTokenizer, load_tokenizer
@@ -25,8 +28,8 @@ def tiny(pooling="latent", causal=False, **kw):
 @pytest.mark.parametrize("pooling", ["latent", "mean", "eos", "self-attention"])
 def test_same_text_same_embedding_whatever_the_batch(pooling):
     model = tiny(pooling)
-    alone = torch.cat([model.encode([t]) for t in TEXTS])
-    batched = model.encode(TEXTS, batch_size=len(TEXTS))
+    alone = torch.cat([model.encode([t], convert_to_tensor=True) for t in TEXTS])
+    batched = model.encode(TEXTS, batch_size=len(TEXTS), convert_to_tensor=True)
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
     assert torch.allclose(batched.norm(dim=-1), torch.ones(len(TEXTS)))
     # Left padding gives the same embeddings as right padding.
@@ -39,16 +42,17 @@ def test_same_text_same_embedding_whatever_the_batch(pooling):
 
 def test_encode_keeps_input_order_and_batches_by_length():
     model = tiny("mean")
-    full = model.encode(TEXTS, batch_size=2)
+    full = model.encode(TEXTS, batch_size=2, convert_to_tensor=True)
     perm = [3, 0, 4, 2, 1]
-    torch.testing.assert_close(model.encode([TEXTS[i] for i in perm], batch_size=2), full[perm])
+    torch.testing.assert_close(model.encode([TEXTS[i] for i in perm], batch_size=2, convert_to_tensor=True), full[perm])
     assert not torch.allclose(full[0], full[1])
 
 
 def test_instruction_changes_query_but_is_not_pooled():
     model = tiny("mean")
-    with_instruction = model.encode(["what is a fox"], instruction="Given a question, find the answer")
-    without = model.encode(["what is a fox"])
+    with_instruction = model.encode(["what is a fox"], instruction="Given a question, find the answer",
+                                    convert_to_tensor=True)
+    without = model.encode(["what is a fox"], convert_to_tensor=True)
     assert not torch.allclose(with_instruction, without)  # attended to (bidirectional) ...
     batch = model.tokenize(["what is a fox"], instruction="Given a question, find the answer")
     pooled_ids = batch["input_ids"][batch["pool_mask"]].tolist()
@@ -69,15 +73,63 @@ def test_pool_mask_is_exactly_text_and_eos_with_real_bpe():
     model.encode([text, "ok"], instruction=instruction)  # runs end to end with the real tokenizer
 
 
-def test_encode_errors_name_the_callers_index():
-    # encode sorts texts by length before tokenizing; the error must still name the caller's position.
-    with pytest.raises(ValueError, match="text 0 is empty"):
-        tiny("mean").encode(["", "beta"])
+def test_sentence_transformers_style_script_runs_unchanged():
+    # As NV-Embed-v2's model card calls sentence-transformers: the whole query prefix as `prompt`, numpy out.
+    model = tiny("mean")
+    query_prefix = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
+    queries = ["are judo throws allowed in wrestling?", "how to become a radiology technician?"]
+    passages = ["Judo throws are allowed in freestyle wrestling.", "Radiology technicians need a degree.", ""]
+    query_embeddings = model.encode(queries, prompt=query_prefix, batch_size=1, normalize_embeddings=True)
+    passage_embeddings = model.encode(passages, batch_size=2, normalize_embeddings=True, show_progress_bar=False)
+    scores = (query_embeddings @ passage_embeddings.T) * 100
+    assert isinstance(scores, np.ndarray) and scores.shape == (2, 3) and query_embeddings.dtype == np.float32
+    one = model.encode(queries[0], prompt=query_prefix)  # a single string -> (D,)
+    assert isinstance(one, np.ndarray) and one.shape == (model.decoder.config.hidden_size,)
+    np.testing.assert_allclose(one, query_embeddings[0], atol=1e-6, rtol=0)
+
+    # prompt= is the template filled in: the same ids, so exactly the same vectors as instruction=.
+    task = "Given a question, retrieve passages that answer the question"
+    np.testing.assert_array_equal(model.encode(queries, instruction=task), model.encode(queries, prompt=query_prefix))
+    # Any other prefix is read as given and kept out of the pool like an instruction.
+    batch = model.tokenize(["ab"], prompt="query: ")
+    assert batch["input_ids"][0][batch["pool_mask"][0]].tolist() == [97, 98, model.tokenizer.eos_token_id]
+
+    # An empty text is embedded: by hand, the mean pooling of BOS EOS pools EOS alone.
+    bos, eos = model.tokenizer.bos_token_id, model.tokenizer.eos_token_id
+    hidden = model.decoder(torch.tensor([[bos, eos]]))  # (1, 2, D)
+    by_hand = F.normalize(hidden[0, 1], dim=-1)
+    torch.testing.assert_close(model.encode("", convert_to_tensor=True), by_hand.detach(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(passage_embeddings[2], by_hand.detach().numpy(), atol=1e-6, rtol=0)
+
+    # Neither numpy nor tensor: a list of (D,) tensors, as sentence-transformers gives.
+    as_list = model.encode(queries, convert_to_numpy=False)
+    assert isinstance(as_list, list) and len(as_list) == 2 and as_list[0].shape == one.shape
+    with pytest.raises(ValueError, match="not both"):
+        model.encode(queries, prompt=query_prefix, instruction=task)
+    with pytest.raises(TypeError, match="string or a list of strings"):
+        model.encode(["a", None])
+
+
+def test_truncation_is_a_logged_warning(caplog):
+    model = tiny("mean")
+    with caplog.at_level(logging.WARNING, logger="nvembed"):
+        model.encode(["a" * 40, "b"], max_length=10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "encode: 1 of 2 texts were longer than 10 tokens and were truncated"]
+    assert caplog.records[0].name == "nvembed.model" and caplog.records[0].levelname == "WARNING"
+
+
+def test_normalize_embeddings_normalises_an_unnormalised_model():
+    model = NVEmbed.from_base("tiny", pooling="mean", normalize=False).eval()
+    raw = model.encode(TEXTS, convert_to_tensor=True)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(TEXTS)))
+    unit = model.encode(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(unit, raw / raw.norm(dim=-1, keepdim=True))
 
 
 def test_embeddings_are_normalised_in_fp32():
     model = tiny("mean", dtype=torch.bfloat16)
-    embeddings = model.encode(TEXTS)
+    embeddings = model.encode(TEXTS, convert_to_tensor=True)
     assert embeddings.dtype == torch.float32
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-6, rtol=0)
 
@@ -85,11 +137,12 @@ def test_embeddings_are_normalised_in_fp32():
 @pytest.mark.parametrize("pooling", ["latent", "eos"])
 def test_save_and_reload_identical(tmp_path, pooling):
     model = tiny(pooling, causal=pooling == "eos")
-    before = model.encode(TEXTS, instruction="find it")
+    before = model.encode(TEXTS, instruction="find it", convert_to_tensor=True)
     model.save(tmp_path / "m")
     loaded = NVEmbed.from_pretrained(tmp_path / "m")
     assert loaded.causal == model.causal and loaded.pooling_name == pooling
-    torch.testing.assert_close(loaded.encode(TEXTS, instruction="find it"), before, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.encode(TEXTS, instruction="find it", convert_to_tensor=True), before,
+                               atol=0, rtol=0)
     with pytest.raises(FileExistsError, match="already exists and is not empty"):
         model.save(tmp_path / "m")
 
@@ -106,12 +159,12 @@ def test_lora_on_a_checkpoint_saves_adapters_only(tmp_path):
     for name, p in model.decoder.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    before = model.eval().encode(TEXTS)
+    before = model.eval().encode(TEXTS, convert_to_tensor=True)
     model.save(tmp_path / "m")
     assert (tmp_path / "m" / "adapters.safetensors").is_file()
     assert not (tmp_path / "m" / "decoder.safetensors").exists()
     loaded = NVEmbed.from_pretrained(tmp_path / "m")
-    torch.testing.assert_close(loaded.encode(TEXTS), before, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loaded.encode(TEXTS, convert_to_tensor=True), before, atol=1e-6, rtol=1e-6)
     # The same in bf16: the fingerprint of the base does not depend on the dtype it is loaded in.
     NVEmbed.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     # Another checkpoint of the same shape in the base's place is refused, not silently used.
@@ -161,7 +214,8 @@ def released_folder(tmp_path, drop=None, misshape=None):
 def test_released_names_load(tmp_path):
     reference = released_folder(tmp_path)
     loaded = NVEmbed.from_released(tmp_path)
-    torch.testing.assert_close(loaded.encode(TEXTS, instruction="q"), reference.encode(TEXTS, instruction="q"))
+    torch.testing.assert_close(loaded.encode(TEXTS, instruction="q", convert_to_tensor=True),
+                               reference.encode(TEXTS, instruction="q", convert_to_tensor=True))
 
 
 def test_released_names_refuse_missing_or_misshapen(tmp_path):
@@ -185,6 +239,6 @@ def test_bf16_base_with_fp32_adapters_and_pooling_encodes():
         if "lora_" in name or name.startswith("pooling."):
             param.data = param.data.float()
             torch.nn.init.normal_(param, std=0.05)
-    mixed = model.encode(TEXTS)
-    full = model.float().encode(TEXTS)
+    mixed = model.encode(TEXTS, convert_to_tensor=True)
+    full = model.float().encode(TEXTS, convert_to_tensor=True)
     torch.testing.assert_close(mixed, full, atol=3e-2, rtol=0)

@@ -204,7 +204,7 @@ def test_released_ids_masks_and_embeddings(checkpoint, side):
     assert expected[1].sum(1).max() == MAX_LENGTH  # a row was truncated (and lost its EOS), as released
     if side == "documents":
         assert (got[2][:, 0] == 1).all()  # the released rule: a text without instruction pools its BOS
-    torch.testing.assert_close(model.encode(prompts, instruction=instruction, batch_size=2),
+    torch.testing.assert_close(model.encode(prompts, instruction=instruction, batch_size=2, convert_to_tensor=True),
                                released_embed(checkpoint, prompts, prefix, MAX_LENGTH), atol=1e-5, rtol=1e-4)
 
 
@@ -220,7 +220,7 @@ def test_released_config_fields(tmp_path, fields):
     for prompts, prefix, instruction in ((QUERIES, PREFIX, task), (DOCUMENTS, "", "")):
         assert ours(model, prompts, instruction)[2].tolist() == \
             released_features(folder, prompts, prefix, MAX_LENGTH)[2].tolist()
-        torch.testing.assert_close(model.encode(prompts, instruction=instruction),
+        torch.testing.assert_close(model.encode(prompts, instruction=instruction, convert_to_tensor=True),
                                    released_embed(folder, prompts, prefix, MAX_LENGTH), atol=1e-5, rtol=1e-4)
 
 
@@ -237,4 +237,5 @@ def test_released_rule_is_saved_with_the_model(checkpoint, tmp_path):
     assert config["text_rule"]["pool_bos"] == "without_instruction" and config["text_rule"]["truncation"] == "sequence"
     again = NVEmbed.from_pretrained(tmp_path / "saved")
     assert again.text_rule == model.text_rule
-    torch.testing.assert_close(again.encode(DOCUMENTS), model.encode(DOCUMENTS))
+    torch.testing.assert_close(again.encode(DOCUMENTS, convert_to_tensor=True),
+                               model.encode(DOCUMENTS, convert_to_tensor=True))

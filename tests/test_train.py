@@ -283,7 +283,7 @@ TEMPERATURE = 0.05
 
 def tiny_model(kind):
     config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96, model_dtype="fp32",
-                  seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8),
+                  seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8), name=f"tiny-{kind}",
                   lora_rank=4 if kind == "lora" else 0, lora_alpha=8.0, lora_dropout=0.0)
     return train.build_model(config)
 
@@ -575,7 +575,7 @@ def test_stage_2_starts_from_stage_1s_trainable_weights_bit_for_bit(tmp_path, ba
         checkpoints.ByteTokenizer().save_pretrained(str(tmp_path / "base"))
     saved = stage_1_like_save(tmp_path / "stage1", "tiny" if base == "preset" else str(tmp_path / "base"))
     model = train.build_model(dict(init_from=str(tmp_path / "stage1"), model=None, max_length=96, model_dtype="bf16",
-                                   seed=0, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0))
+                                   seed=0, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, name="stage2"))
     loaded = dict(model.named_parameters())
     for name, weight in saved.items():
         assert loaded[name].dtype == torch.float32 and loaded[name].requires_grad, name
@@ -622,6 +622,7 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
     embeddings = model.encode(["a small river in the north"])
     assert embeddings.shape == (1, model.decoder.config.hidden_size)
     assert json.loads((stage1 / "config.json").read_text())["stage"] == 1
+    assert json.loads((stage1 / "model" / "config.json").read_text())["name"] == "stage1"  # --out's folder
 
     # Stage 2 continues from stage 1 (single process here), in-batch negatives off.
     summary = train.main(["--stage", "2", "--init-from", str(stage1), "--steps", "3", "--batch-size", "8",
@@ -635,3 +636,10 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
 
 
 STAGE1_TEST_STEPS = "60"
+
+
+def test_the_saved_models_name_is_name_or_the_out_folders():
+    parser = train_cli.build_parser()
+    assert train_cli.resolve_config(parser.parse_args(["--out", "runs/my-run"]))["name"] == "my-run"
+    named = train_cli.resolve_config(parser.parse_args(["--out", "runs/x", "--name", "ablation-3"]))
+    assert named["name"] == "ablation-3"
