@@ -243,9 +243,8 @@ class Mistral(nn.Module):
         """Load an HF Mistral / Llama checkpoint folder ((sharded) safetensors or .bin) or a `.gguf` file.
         Built on the meta device and assigned tensor by tensor: about the checkpoint's size in memory."""
         hf_config, source, state = read_hf_checkpoint(Path(path), dtype)
-        config = MistralConfig.from_hf(hf_config, source=source)
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(MistralConfig.from_hf(hf_config, source=source))
         load_checked(model, state, source=str(path))
         return model.to(device)
 
@@ -309,18 +308,19 @@ class NVEmbed(nn.Module):
         device = self.decoder.embed_tokens.weight.device
         lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: memory peaks at once
-        out = torch.empty(len(texts), self.decoder.config.hidden_size)  # (N, D): every pooling keeps the width D
-        truncated = 0
+        out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0  # (N, width): width D ...
         show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show, leave=False):
             rows = order[start:start + batch_size]
             batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
             truncated += int(batch.pop("truncated").sum())
-            out[rows] = self({k: v.to(device) for k, v in batch.items()}).float().cpu()  # (b, D)
+            embeddings = self({k: v.to(device) for k, v in batch.items()}).float().cpu()  # (b, width)
+            out = out if out.shape[1] == embeddings.shape[1] else torch.empty(len(texts), embeddings.shape[1])
+            out[rows] = embeddings  # ... unless a pooling changes it (bench/ablate.py concatenates four)
         self.train(was_training)
         if truncated:
-            log.warning("encode: %d of %d texts were longer than %d tokens and were truncated", truncated, len(texts),
-                     max_length or self.max_length)
+            log.warning("encode: %d of %d texts were longer than %d tokens and were truncated", truncated,
+                        len(texts), max_length or self.max_length)
         out = F.normalize(out, dim=-1) if normalize_embeddings else out  # fp32, as forward's
         if not convert_to_tensor:
             out = out.numpy() if convert_to_numpy else list(out)

@@ -214,6 +214,7 @@ def released_folder(tmp_path, drop=None, misshape=None):
 def test_released_names_load(tmp_path):
     reference = released_folder(tmp_path)
     loaded = NVEmbed.from_released(tmp_path)
+    reference.text_rule = loaded.text_rule  # the released input rule (tests/test_released.py); here: the names
     torch.testing.assert_close(loaded.encode(TEXTS, instruction="q", convert_to_tensor=True),
                                reference.encode(TEXTS, instruction="q", convert_to_tensor=True))
 
@@ -242,3 +243,16 @@ def test_bf16_base_with_fp32_adapters_and_pooling_encodes():
     mixed = model.encode(TEXTS, convert_to_tensor=True)
     full = model.float().encode(TEXTS, convert_to_tensor=True)
     torch.testing.assert_close(mixed, full, atol=3e-2, rtol=0)
+
+
+def test_encode_keeps_a_pooling_of_another_width():
+    """bench/ablate.py pools four ways at once and concatenates them: encode must keep that width."""
+    class TwoMeans(torch.nn.Module):
+        def forward(self, hidden, pool_mask):
+            mean = (hidden * pool_mask[..., None]).sum(1) / pool_mask.sum(1, keepdim=True)
+            return torch.cat([mean, -mean], dim=-1)  # (B, 2D)
+
+    model = tiny("mean")
+    model.pooling = TwoMeans()
+    embeddings = model.encode(TEXTS, batch_size=2, convert_to_tensor=True)
+    assert embeddings.shape == (len(TEXTS), 2 * model.decoder.config.hidden_size)
