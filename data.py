@@ -153,7 +153,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
         if rule.truncation == "text":
             room = len(text_ids) if max_length is None else max_length - len(head) - 1
             if room < min(1, len(text_ids)):  # an empty text needs no room
-                raise ValueError(f"text {i}: max_length={max_length} leaves no room for text after "
+                raise ValueError(f"max_length={max_length} leaves no room for text after "
                                  f"{len(head)} BOS/instruction tokens and EOS")
             row = head + text_ids[:room] + [eos]
             truncated.append(len(text_ids) > room)
@@ -162,7 +162,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
             truncated.append(max_length is not None and len(row) > max_length)
             row = row[:max_length]
             if len(row) <= unpooled:
-                raise ValueError(f"text {i}: max_length={max_length} cuts the row before any pooled token "
+                raise ValueError(f"max_length={max_length} cuts the row before any pooled token "
                                  f"({unpooled} BOS/instruction tokens)")
         rows.append(row)
         masks.append([False] * unpooled + [True] * (len(row) - unpooled))
