@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -36,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from distributed import barrier, is_distributed, print0, rank, world_size
 from errors import CheckpointError, DataError, MissingFileError, UsageError
+
+log = logging.getLogger("nvembed.checkpoints")  # notices: errors.py
 
 # ----------------------------------------------------------------------------
 # Tokenizers: the byte tokenizer of the tiny runs, HF folders and .gguf files
@@ -303,15 +306,61 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict
                   dtype=str(state["decoder.embed_tokens.weight"].dtype).removeprefix("torch."), tokenizer="tokenizer",
                   fingerprint=weights_fingerprint(state))  # all the weights, the base's too: NVEmbed.fingerprint
 
+    decoder_file = "adapters.safetensors" if adapters_only else "decoder.safetensors"
+    _write_folder(final, config, {decoder_file: decoder_state, "pooling.safetensors": pooling_state}, tokenizer,
+                  "tokenizer")
+
+
+def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str) -> None:
     temporary = final.with_name(final.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    save_file(decoder_state, temporary / ("adapters.safetensors" if adapters_only else "decoder.safetensors"))
-    save_file(pooling_state, temporary / "pooling.safetensors")
-    tokenizer.save_pretrained(str(temporary / "tokenizer"))
+    for file, tensors in weights.items():
+        save_file(tensors, temporary / file)
+    tokenizer.save_pretrained(str(temporary / tokenizer_folder))
     (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
+
+
+def write_released_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
+                          tokenizer, overwrite: bool = False) -> None:
+    """NVEmbed.save(layout="released"): NVIDIA's NV-Embed layout, which `read_released` (and the released code)
+    reads: config.json with `text_config` (bidir_mistral) and `latent_attention_config`, one model.safetensors of
+    `embedding_model.*` and `latent_attention_model.*` tensors (LoRA adapters folded into their weights in fp32),
+    and the tokenizer beside them. Latent pooling only. The released code reads inputs by its own rule (BOS of a
+    bare text pooled, rows cut at max_length): a model of another TextRule is saved with a warning."""
+    final = Path(folder)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise FileExistsError(f"{final} already exists and is not empty; pass overwrite=True to replace it")
+    if architecture["pooling"] != "latent":
+        raise UsageError(f"layout='released' holds latent-attention pooling only, not {architecture['pooling']!r}")
+    rule = architecture["text_rule"]
+    if (rule.get("pool_bos"), rule.get("truncation"), rule.get("instruction_positions")) != \
+            ("without_instruction", "sequence", "tokenize"):
+        log.warning("%s: the released layout's readers use the released input rule, not this model's %s: its "
+                    "documents' BOS will be pooled and long texts cut without EOS", final, rule)
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    for key in [k for k in state if k.endswith(".lora_A")]:  # W + (alpha / r) B A, rounded once
+        base, lora = key.removesuffix(".lora_A"), architecture["lora"]
+        update = (lora["alpha"] / lora["rank"]) * (state.pop(base + ".lora_B").float() @ state.pop(key).float())
+        state[base + ".weight"] = (state[base + ".weight"].float() + update).to(state[base + ".weight"].dtype)
+    released_of = {ours: released for released, ours in RELEASED_LATENT_NAMES.items()}
+    tensors = {"embedding_model." + k.removeprefix("decoder."): v.contiguous() for k, v in state.items()
+               if k.startswith("decoder.")}
+    tensors |= {RELEASED_LATENT_PREFIX + released_of[k.removeprefix("pooling.")]: v.contiguous()
+                for k, v in state.items() if k.startswith("pooling.")}
+    decoder, pooling = architecture["decoder"], architecture["pooling_kwargs"]
+    hidden = decoder["hidden_size"]
+    config = dict(model_type="nvembed", padding_side="right", add_pad_token=True, add_eos=True, mask_type="b",
+                  is_mask_instruction=bool(rule.get("mask_instruction", True)),
+                  text_config={**decoder, "model_type": "bidir_mistral"},
+                  latent_attention_config=dict(model_type="latent_attention",
+                                               num_latents_value=pooling.get("num_latents", 512),
+                                               num_cross_heads=pooling.get("num_heads", 8),
+                                               cross_dim_head=pooling.get("head_dim") or hidden, hidden_dim=hidden,
+                                               latent_dim=hidden, output_normalize=architecture["normalize"]))
+    _write_folder(final, config, {"model.safetensors": tensors}, tokenizer, ".")
 
 
 def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, torch.Tensor]]:

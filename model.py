@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
                          read_hf_checkpoint, read_model_folder, read_released, weights_fingerprint,
-                         write_model_folder)
+                         write_model_folder, write_released_folder)
 from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
 from errors import MissingFileError, UsageError
 from lora import apply_lora, lora_config
@@ -381,10 +381,10 @@ class NVEmbed(nn.Module):
             param.requires_grad = trainable
         return model
 
-    def save(self, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False):
-        """config.json (the architecture), the weights and the tokenizer (checkpoints.write_model_folder: for LoRA
-        on a checkpoint, only the adapters). `state_dict` may be passed in, e.g. gathered from FSDP shards."""
-        write_model_folder(folder, self.architecture(), state_dict or self.state_dict(), self.tokenizer, overwrite)
+    def save(self, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False, layout="own"):
+        """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's."""
+        write = {"own": write_model_folder, "released": write_released_folder}[layout]  # KeyError: no such layout
+        write(folder, self.architecture(), state_dict or self.state_dict(), self.tokenizer, overwrite)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,

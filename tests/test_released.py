@@ -239,3 +239,36 @@ def test_released_rule_is_saved_with_the_model(checkpoint, tmp_path):
     assert again.text_rule == model.text_rule
     torch.testing.assert_close(again.encode(DOCUMENTS, convert_to_tensor=True),
                                model.encode(DOCUMENTS, convert_to_tensor=True))
+
+
+def test_released_layout_round_trip(checkpoint, tmp_path):
+    """save(layout="released") writes what from_released, and the released code's computation, read back."""
+    model = NVEmbed.from_released(checkpoint, max_length=MAX_LENGTH)
+    model.save(tmp_path / "again", layout="released")
+    again = NVEmbed.from_released(tmp_path / "again", max_length=MAX_LENGTH)
+    task = "Given a claim, retrieve documents"
+    for prompts, prefix, instruction in ((QUERIES, PREFIX, task), (DOCUMENTS, "", "")):
+        expected = model.encode(prompts, instruction=instruction, convert_to_tensor=True)
+        assert torch.equal(again.encode(prompts, instruction=instruction, convert_to_tensor=True), expected)
+        torch.testing.assert_close(released_embed(tmp_path / "again", prompts, prefix, MAX_LENGTH), expected,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_released_layout_folds_lora_and_warns_of_the_input_rule(tmp_path, caplog):
+    from lora import apply_lora
+
+    model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8)).eval()
+    apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    with caplog.at_level("WARNING"):
+        model.save(tmp_path / "released", layout="released")
+    assert "released input rule" in caplog.text
+    loaded = NVEmbed.from_released(tmp_path / "released", max_length=model.max_length)
+    assert loaded.lora_config() is None
+    model.text_rule = loaded.text_rule  # the same inputs; the weights differ only by the fold's rounding
+    torch.testing.assert_close(loaded.encode(DOCUMENTS, convert_to_tensor=True),
+                               model.encode(DOCUMENTS, convert_to_tensor=True), atol=1e-5, rtol=1e-4)
+    with pytest.raises(Exception, match="latent-attention pooling only"):
+        NVEmbed.from_base("tiny", pooling="mean").save(tmp_path / "mean", layout="released")
