@@ -67,7 +67,7 @@ class TextRule:
 
     def __post_init__(self):
         for name, allowed in (("pool_bos", ("never", "without_instruction")), ("truncation", ("text", "sequence")),
-                              ("instruction_positions", ("split", "tokenize"))):  # each field's allowed values
+                              ("instruction_positions", ("split", "tokenize"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TextRule.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.template, str) or "{instruction}" not in self.template:
@@ -88,7 +88,7 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+def _split_prefix(tokenizer, prefix: str, prefix_ids: list[int], texts: Sequence[str]) -> list[tuple[list, list]]:
     """(prefix ids, text ids) of each prefix + text, cut from the tokenizer's own encoding of the joined string.
 
     Encoding the two apart would give ids the model never read: BPE and SentencePiece attach the boundary space to
@@ -96,7 +96,6 @@ def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[li
     alone ends in a lone 'Ġ' / '▁'). So the joined encoding's leading tokens equal to the prefix's encoding are the
     prefix, and the first token that differs and all after it are the text: exact wherever appending text does not
     change the encoding before the boundary (true at a space; tests/test_data.py checks BPE, SentencePiece, bytes)."""
-    prefix_ids = encode_texts(tokenizer, [prefix])[0]
     split = []
     for joined in encode_texts(tokenizer, [prefix + text for text in texts]):
         n = _common_prefix_length(joined, prefix_ids)
@@ -137,8 +136,9 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     for prefix in dict.fromkeys(prefixes):
         rows = [i for i, s in enumerate(prefixes) if s == prefix]
         if prefix:
-            split = _split_prefix(tokenizer, prefix, [texts[i] for i in rows])
-            prefix_lengths[prefix] = len(encode_texts(tokenizer, [prefix])[0])
+            prefix_ids = encode_texts(tokenizer, [prefix])[0]  # the prefix alone (len: the "tokenize" rule)
+            split = _split_prefix(tokenizer, prefix, prefix_ids, [texts[i] for i in rows])
+            prefix_lengths[prefix] = len(prefix_ids)
         else:
             split = [([], ids) for ids in encode_texts(tokenizer, [texts[i] for i in rows])]
         for i, piece in zip(rows, split):

@@ -400,7 +400,7 @@ class NVEmbed(nn.Module):
             check_base(config, config_file, asdict(base.config), base.state_dict())
             tensors |= {f"decoder.{k}": v for k, v in base.state_dict().items()}
         model = cls.skeleton(config, load_tokenizer(str(Path(folder) / config["tokenizer"])))
-        trainable = [k for k in tensors if "lora_" in k or k.startswith("pooling.")]
+        trainable = {k for k in tensors if "lora_" in k or k.startswith("pooling.")}  # what training updates
         load_checked(model, ((k, v.to(trainable_dtype if k in trainable else dtype)) for k, v in tensors.items()),
                      str(folder))
         return model.to(device).eval()
