@@ -313,6 +313,82 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float, 
 
 
 # ----------------------------------------------------------------------------
+# GradCache (Gao et al. 2021): the whole global batch in one softmax, at the memory of `chunk_size` texts.
+
+
+def forward_backward_cached(model, batch: dict, temperature: float, chunk_size: int, device: torch.device,
+                            autocast=None) -> tuple[torch.Tensor, int]:
+    """`forward_backward` in three passes, with the same loss and gradients (tests/test_grad_cache.py):
+    1. embed this rank's queries and documents `chunk_size` texts at a time, without a graph;
+    2. the loss of the global batch on those embeddings (cross-rank negatives and all), differentiated with
+       respect to the embeddings only: (B + B*G, D) numbers, however large the model;
+    3. embed each chunk again, with its graph and the random state of its first pass (the same dropout masks),
+       and backpropagate its slice of the embeddings' gradient into the parameters.
+    Only one chunk's activations are alive at a time; the cost is one more forward. Under FSDP each chunk's
+    forward gathers the layers again, and gradients are reduced once, in the last chunk's backward."""
+    queries, documents = to_device(batch["queries"], device), to_device(batch["documents"], device)
+    query_chunks, doc_chunks = text_chunks(queries, chunk_size), text_chunks(documents, chunk_size)
+    states, cached = [], []
+    with torch.no_grad(), autocast or contextlib.nullcontext():
+        for chunk in query_chunks + doc_chunks:
+            states.append(RandomState(device))
+            cached.append(model(chunk).detach().requires_grad_())  # (rows, D): leaves to take the gradient at
+    query_emb, doc_emb = torch.cat(cached[:len(query_chunks)]), torch.cat(cached[len(query_chunks):])
+    loss = contrastive_loss(query_emb, doc_emb, batch["doc_keys"], temperature,
+                            in_batch_negatives=batch["in_batch_negatives"],
+                            known_positive_keys=batch["known_positive_keys"])
+    loss.backward()  # fills each cached chunk's .grad (on several ranks, GatherWithGradient's all_reduce)
+    for i, (chunk, state, first) in enumerate(zip(query_chunks + doc_chunks, states, cached)):
+        if is_distributed():
+            model.set_requires_gradient_sync(i == len(cached) - 1)  # reduce-scatter once, after the last chunk
+        with state.replay(), autocast or contextlib.nullcontext():
+            embeddings = model(chunk)  # (rows, D), with its graph
+        check_replay(embeddings, first, i)
+        embeddings.backward(first.grad)
+    return loss.detach(), int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
+
+
+def text_chunks(inputs: dict, chunk_size: int) -> list[dict]:
+    """Rows [i, i + chunk_size) of a right-padded tokenized batch, each cut to its own longest row."""
+    chunks = []
+    for start in range(0, inputs["input_ids"].shape[0], chunk_size):
+        rows = {key: value[start:start + chunk_size] for key, value in inputs.items()}
+        width = int(rows["attention_mask"].sum(1).max())
+        chunks.append({key: value[:, :width] for key, value in rows.items()})
+    return chunks
+
+
+class RandomState:
+    """The CPU (and this GPU's) random state as a chunk is first embedded, to replay when it is embedded again:
+    dropout (LoRA's) then draws the same masks, so the graph computes the embeddings the loss saw."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        # fork_rng restores the state on exit: the random stream goes on from where the first pass left it.
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
+    """The second pass must compute what the loss was taken at: a random draw that is not replayed (dropout
+    outside torch's generators, say) would silently give another model's gradients. Same kernels on the same
+    inputs agree to the last bit or nearly (bf16 rounding); a different dropout mask moves embeddings by ~1e-1,
+    except LoRA's at initialisation (B = 0: no embedding moves, only B's gradient would be wrong)."""
+    error = (again.detach() - first.detach()).abs().max().item()
+    if error > 1e-3 * max(first.detach().abs().max().item(), 1e-6):
+        raise RuntimeError(f"GradCache: chunk {chunk} embedded differently the second time (max difference "
+                           f"{error:.2e}): something random in the forward is not replayed by RandomState")
+
+
+# ----------------------------------------------------------------------------
 # Evaluation (BEIR-style nDCG@10; evaluate.py)
 
 
@@ -429,14 +505,19 @@ def train_step(model, optimizer, scheduler, source, global_batch: list[int], con
     # Gradient accumulation: gradients are reduced across ranks only on the last
     # micro-batch. In-batch negatives are per micro-batch (the other documents of
     # the same micro-batch on all ranks), so accumulation trades memory for fewer
-    # negatives; 1 micro-batch is the paper's setting.
+    # negatives and another loss; 1 micro-batch is the paper's setting, and
+    # --grad-cache fits it in memory without changing the loss.
     for micro in range(micro_batches):
         if is_distributed():
             model.set_requires_gradient_sync(micro == micro_batches - 1)
         indices = data.rank_slice(global_batch[micro * micro_size:(micro + 1) * micro_size], rank(), world_size())
         batch = source.collate(indices, model.tokenizer, config["max_length"], model.text_rule)
-        loss, real_tokens = forward_backward(model, batch, config["temperature"], 1.0 / micro_batches, device,
-                                             autocast)
+        if config["grad_cache"]:  # one micro-batch (train_cli), its softmax whole, its memory one chunk's
+            loss, real_tokens = forward_backward_cached(model, batch, config["temperature"], config["grad_cache"],
+                                                        device, autocast)
+        else:
+            loss, real_tokens = forward_backward(model, batch, config["temperature"], 1.0 / micro_batches, device,
+                                                 autocast)
         loss_sum += loss / micro_batches
         tokens += real_tokens
         flops += step_flops(model_shape(model), batch)

@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (paper ~20k / 18k)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch: queries per step, all ranks")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step, each its own softmax: fewer negatives, another loss; "
+                        "--grad-cache keeps the loss (default %(default)s)")
+    g.add_argument("--grad-cache", type=int, default=0, metavar="CHUNK",
+                   help="GradCache: embed CHUNK texts per forward pass, the whole batch in one softmax, the "
+                        "paper's loss at any batch size for one more forward (default 0: off)")
     g.add_argument("--hard-negatives", type=int, default=None, help="hard negatives per query (paper 7)")
     g.add_argument("--in-batch-negatives", action=argparse.BooleanOptionalAction, default=None,
                    help="use the other documents of the global batch as negatives, for retrieval data only "
@@ -210,6 +215,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
     for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
         if config[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["grad_cache"] < 0:
+        raise UsageError(f"--grad-cache must be >= 1 text per chunk (0: off), got {config['grad_cache']}")
+    if config["grad_cache"] and config["grad_accum"] > 1:
+        raise UsageError("--grad-cache keeps the batch in one softmax, --grad-accum splits it: choose one")
     if config["hard_negatives"] < 0:
         raise UsageError(f"--hard-negatives must be >= 0, got {config['hard_negatives']}")
     if config["temperature"] <= 0:

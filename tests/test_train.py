@@ -278,6 +278,7 @@ def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_pa
 
 # (fine-tuning, in-batch negatives, activation checkpointing on the 2 ranks)
 CASES = [("full", True, False), ("full", False, False), ("lora", True, False), ("full", True, True)]
+GRAD_CACHE_CASES = [("lora", 3), ("full", 5)]
 TEMPERATURE = 0.05
 
 
@@ -323,6 +324,12 @@ def two_rank_worker(rank, port, out_dir):
         loss, _ = train.forward_backward(model, collate(model, mine, in_batch), TEMPERATURE, 1.0, device)
         torch.distributed.all_reduce(loss)
         results[(kind, in_batch, checkpointing)] = (loss.item() / 2, gradients(model))
+    for kind, chunk_size in GRAD_CACHE_CASES:  # GradCache under FSDP: chunks of 3 (divides 4 queries, not 12 docs)
+        model = train.parallelize(tiny_model(kind), device)
+        mine = [global_batch()[i] for i in data.rank_slice(range(8), rank, 2)]
+        loss, _ = train.forward_backward_cached(model, collate(model, mine, True), TEMPERATURE, chunk_size, device)
+        torch.distributed.all_reduce(loss)
+        results[("grad-cache", kind, chunk_size)] = (loss.item() / 2, gradients(model))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "gradients.pt"))
 
@@ -402,6 +409,21 @@ def test_two_ranks_give_the_gradients_of_one(two_ranks):
             assert all("lora_" in name or name.startswith("pooling.") for name in one)
         for name, grad in one.items():
             torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{kind} {in_batch} {name}")
+
+
+def test_grad_cache_on_two_ranks_gives_the_gradients_of_one_plain_step(two_ranks):
+    """Each rank embeds its half of the batch in chunks; the softmax spans both ranks' documents."""
+    two = torch.load(two_ranks / "gradients.pt")
+    for kind, chunk_size in GRAD_CACHE_CASES:
+        model = tiny_model(kind)
+        loss, _ = train.forward_backward(model, collate(model, global_batch(), True), TEMPERATURE, 1.0,
+                                         torch.device("cpu"))
+        one = gradients(model)
+        two_loss, two_grads = two[("grad-cache", kind, chunk_size)]
+        assert two_loss == pytest.approx(loss.item(), rel=1e-5)
+        assert set(two_grads) == set(one) and one
+        for name, grad in one.items():
+            torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
 
 
 def test_batch_loss_on_two_ranks_matches_the_naive_loop(two_ranks):
