@@ -24,6 +24,7 @@ import torch
 from builtin import builtin_dataset
 from checkpoints import is_saved
 from datafiles import doc_text, format_table, load_beir, write_trec
+from distributed import destroy_distributed, gather_rows_to_rank0, init_distributed, print0, rank, world_size
 from errors import configure_logging, exits_on_user_error
 from evaluate_cli import DEFAULT_MODELS, build_parser, resolve_instruction
 from model import PRESETS, NVEmbed
@@ -225,10 +226,12 @@ INSTRUCTIONS = {
 
 
 def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32, max_length=None,
-                   top_k=1000, k_values=DEFAULT_K_VALUES, ignore_identical_ids=True):
+                   top_k=1000, k_values=DEFAULT_K_VALUES, ignore_identical_ids=True, lockstep=False):
     """Encode, search and score one BEIR split (what `datafiles.load_beir` returns) with an `NVEmbed`; returns
     (metrics, run), run = {query_id: {doc_id: score}} of each query's `top_k` best. Only judged queries are encoded,
-    with `instruction`; documents bare as `doc_text` (PAPER.md sections 3, 6). max_length None: the model's own."""
+    with `instruction`; documents bare as `doc_text` (PAPER.md sections 3, 6). max_length None: the model's own.
+    Under torchrun every rank encodes a share (`encode_sharded`; lockstep for an FSDP model), rank 0 alone
+    searches and scores, and the other ranks get (None, None)."""
     missing = [qid for qid in qrels if qid not in queries]
     if missing:
         raise ValueError(f"run_evaluation: {len(missing)} qrels queries have no text in `queries`, e.g. {missing[:3]}")
@@ -242,10 +245,10 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
         for item_id, text in zip(ids, texts):
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"run_evaluation: {kind} {item_id!r} has no text")
-    query_emb = model.encode(query_texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
-                             convert_to_tensor=True)  # (Q, D), float32 on the CPU
-    corpus_emb = model.encode(doc_texts, batch_size=batch_size, max_length=max_length,
-                              convert_to_tensor=True)  # (N, D)
+    query_emb = encode_sharded(model, query_texts, instruction, batch_size, max_length, lockstep)  # (Q, D) CPU
+    corpus_emb = encode_sharded(model, doc_texts, "", batch_size, max_length, lockstep)  # (N, D)
+    if rank() != 0:
+        return None, None  # rank 0 searches and scores
     device = model.decoder.embed_tokens.weight.device  # score there; search moves the CPU corpus chunk by chunk
     # One more than kept, as BEIR's exact search: with ignore_identical_ids (BEIR's default) the query's own document
     # is skipped, and such a query still gets top_k others (ArguAna and Quora have queries that are corpus documents).
@@ -260,21 +263,50 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
     return evaluate(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids), run
 
 
+def encode_sharded(model, texts, instruction="", batch_size=32, max_length=None, lockstep=False):
+    """`model.encode(texts)` as a (N, D) CPU tensor on rank 0 (None on the others), torchrun's ranks sharing the
+    work: rank r embeds encode's batches r, r + W, r + 2W, ... (`NVEmbed.batches`). model.encode, given those
+    rows, makes exactly those batches again (they are full and in the stable sort's order), so every text is
+    embedded in the batch, and with the padding, that one process gives it: the same numbers, bit for bit.
+    lockstep: the model is FSDP-sharded, each forward gathers layers from every rank, so ranks with a batch
+    fewer run one more forward (an empty text) to keep the collectives in step."""
+    if world_size() == 1:
+        return model.encode(texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
+                            convert_to_tensor=True)
+    batches = model.batches(texts, batch_size)
+    rows_per_rank = [[i for batch in batches[r::world_size()] for i in batch] for r in range(world_size())]
+    mine = rows_per_rank[rank()]
+    local = model.encode([texts[i] for i in mine], instruction=instruction, batch_size=batch_size,
+                         max_length=max_length, convert_to_tensor=True) if mine else None  # (n_r, D)
+    if lockstep and len(batches[rank()::world_size()]) < -(-len(batches) // world_size()):
+        model.encode([""], batch_size=1, max_length=max_length)  # one forward, as many as the busiest rank's
+    return gather_rows_to_rank0(local, rows_per_rank, len(texts))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The command: prints a BEIR-style table, writes the metrics (JSON) and the run (TREC format).
 
 @exits_on_user_error
 def main(argv=None):
+    """The command. Under torchrun (`torchrun --nproc_per_node=8 evaluate.py ...`) every rank loads the model and
+    encodes a share; rank 0 alone searches, prints and writes."""
     parser = build_parser(INSTRUCTIONS, DEFAULT_K_VALUES)  # the flags: evaluate_cli.py
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    try:
+        return evaluate_command(args, parser)
+    finally:
+        destroy_distributed()
+
+
+def evaluate_command(args, parser):
     # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
     model_spec = args.model
     if model_spec is None:
         model_spec = next((path for path in DEFAULT_MODELS if is_saved(path)), "tiny")
-        print("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
-                           "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
-                           "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
+        print0("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
+                            "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
+                            "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
     # NVEmbed.load (below, after the cheap checks) refuses a --model not found, and base-only flags for a saved one.
     saved = is_saved(model_spec)
     pooling = args.pooling or "mean"
@@ -294,7 +326,7 @@ def main(argv=None):
     if existing and not args.overwrite:
         parser.error(f"{' and '.join(existing)} already exist; pass --overwrite to replace them or --out elsewhere")
     run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = init_distributed(args.device)  # this rank's device; a process group under torchrun
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = NVEmbed.load(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                          dtype=dtype, device=device)
@@ -309,17 +341,19 @@ def main(argv=None):
         pooling=model.pooling_name, causal=model.causal, data=args.data, split=args.split,
         instruction=instruction, max_length=max_length, batch_size=args.batch_size, top_k=args.top_k,
         k_values=list(args.k_values), dtype=str(model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
-        device=str(device), num_queries=len(qrels), num_documents=len(corpus), run_name=run_name,
-        ignore_identical_ids=args.ignore_identical_ids,
+        device=str(device), ranks=world_size(), num_queries=len(qrels), num_documents=len(corpus),
+        run_name=run_name, ignore_identical_ids=args.ignore_identical_ids,
     )
-    print("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
-    if args.top_k < max(args.k_values):
+    print0("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
+    if args.top_k < max(args.k_values) and rank() == 0:
         log.warning("note: --top-k %d < largest k %d: metrics beyond it see a truncated run", args.top_k,
                     max(args.k_values))
     start = time.perf_counter()
     metrics, run = run_evaluation(model, corpus, queries, qrels, instruction=instruction,
                                   batch_size=args.batch_size, max_length=max_length, top_k=args.top_k,
                                   k_values=args.k_values, ignore_identical_ids=args.ignore_identical_ids)
+    if rank() != 0:
+        return None  # rank 0 scores and writes, once
     seconds = time.perf_counter() - start
     print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
           f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")

@@ -291,7 +291,7 @@ class NVEmbed(nn.Module):
         return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
                         rule=self.text_rule, padding_side=padding_side, prompt=prompt)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 refills its gathered buffers in place, forward after forward
     def encode(self, sentences: str | Sequence[str], prompt: str | None = None, instruction: str = "",
                batch_size: int = 32, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
                convert_to_tensor: bool = False, normalize_embeddings: bool = False, max_length: int | None = None):
@@ -306,12 +306,9 @@ class NVEmbed(nn.Module):
         was_training = self.training
         self.eval()
         device = self.decoder.embed_tokens.weight.device
-        lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first: memory peaks at once
         out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0  # (N, width): width D ...
         show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
-        for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show, leave=False):
-            rows = order[start:start + batch_size]
+        for rows in tqdm(self.batches(texts, batch_size), desc="encode", disable=not show, leave=False):
             batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
             truncated += int(batch.pop("truncated").sum())
             embeddings = self({k: v.to(device) for k, v in batch.items()}).float().cpu()  # (b, width)
@@ -325,6 +322,13 @@ class NVEmbed(nn.Module):
         if not convert_to_tensor:
             out = out.numpy() if convert_to_numpy else list(out)
         return out[0] if isinstance(sentences, str) else out
+
+    def batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
+        """encode's batches (rows of `texts`): similar token counts together, longest first (memory peaks at once).
+        Every batch but the last is full, and the sort is stable (evaluate.encode_sharded relies on both)."""
+        lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        return [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
 
     # -- building, saving, loading ----------------------------------------------
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
 
 import data
@@ -406,24 +406,28 @@ def evaluation_set(config: dict):
     return None
 
 
-def run_evaluation(model, config: dict, device: torch.device, when: str) -> float | None:
-    """nDCG@10 on rank 0 (others wait); logged and returned (None on other ranks / no eval set)."""
-    result = None
-    if config["eval"] and rank() == 0:
-        evaluation = evaluation_set(config)
-        if evaluation is not None:
-            was_device = next(model.parameters()).device
-            corpus, queries, qrels, instruction = evaluation
-            metrics, _ = evaluate.run_evaluation(model.to(device), corpus, queries, qrels, instruction,
-                                                 batch_size=config["eval_batch_size"], top_k=100,
-                                                 k_values=(1, 10, 100))
-            model.to(was_device)
-            result = metrics["NDCG@10"]
-            print0(f"eval {when} training: nDCG@10 {result:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
-                   f"MRR@10 {metrics['MRR@10']:.4f}")
-            append_log(Path(config["out"]), {"event": "eval", "when": when, **metrics})
-    barrier()
-    return result
+def run_evaluation(model, config: dict, when: str, step: int, lockstep: bool) -> float | None:
+    """nDCG@10 of `model` on the evaluation set, every rank encoding a share (evaluate.encode_sharded; lockstep:
+    the model is FSDP-sharded), rank 0 scoring; logged (`when`: before, during or after training, at `step`) and
+    returned on rank 0 (else None)."""
+    evaluation = evaluation_set(config) if config["eval"] else None
+    if evaluation is None:
+        return None
+    corpus, queries, qrels, instruction = evaluation
+    metrics, _ = evaluate.run_evaluation(model, corpus, queries, qrels, instruction, top_k=100,
+                                         batch_size=config["eval_batch_size"], k_values=(1, 10, 100),
+                                         lockstep=lockstep)
+    if lockstep:  # FSDP2 keeps the root's weights gathered after a forward with no backward: shard them again
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+    barrier()  # the other ranks wait while rank 0 searches
+    if rank() != 0:
+        return None
+    print0(f"eval {when if when != 'during' else 'at step'} {'training' if when != 'during' else step}: nDCG@10 {metrics['NDCG@10']:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
+           f"MRR@10 {metrics['MRR@10']:.4f}")
+    append_log(Path(config["out"]), {"event": "eval", "when": when, "step": step, **metrics})
+    return metrics["NDCG@10"]
 
 
 # ----------------------------------------------------------------------------
@@ -558,15 +562,15 @@ def train(config: dict) -> dict:
     distributed = is_distributed() and world_size() > 1
     model = build_model_on_rank0(config) if distributed else build_model(config)
     print0(describe(model, device))
-    if resume_from is None:
-        ndcg_before = run_evaluation(model, config, device, "before")
-    else:
-        ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
     full_state = model.state_dict() if distributed and rank() == 0 else None  # what rank 0 broadcasts
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"])
     if distributed:
         load_from_rank0(model, full_state, device)
     del full_state
+    if resume_from is None:
+        ndcg_before = run_evaluation(model, config, "before", 0, lockstep=distributed)
+    else:
+        ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
     # bf16 compute: FSDP's MixedPrecisionPolicy casts on GPU ranks; otherwise autocast does
     # (on a CPU with AMX, bf16 matrix products are several times faster than fp32).
     fsdp_casts = device.type == "cuda" and is_distributed()
@@ -597,6 +601,8 @@ def train(config: dict) -> dict:
             raise NonFiniteLossError(f"step {step + 1}: {error}") from None
         step += 1
         step_log.add(step, stats, time.perf_counter() - start, sources[source_index].name, last_step)
+        if config["eval_every"] and step % config["eval_every"] == 0 and step < config["steps"]:
+            run_evaluation(model, config, "during", step, lockstep=distributed)  # eval mode: no dropout
         if step % config["save_every"] == 0 or (step == last_step < config["steps"]):
             path = save_checkpoint(out, model, optimizer, scheduler, step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
@@ -607,7 +613,8 @@ def train(config: dict) -> dict:
     if step < config["steps"]:
         print0(f"stopped after step {step} of {config['steps']} (--stop-after); continue with --resume")
         return summary
-    # The final model: gather the full weights to rank 0, save, and evaluate what was saved.
+    # The final model: evaluated as it is (sharded), then gathered to rank 0 and saved.
+    summary["ndcg_after"] = run_evaluation(model, config, "after", step, lockstep=distributed)
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() == 0:
         model.save(out / "model", state_dict=full_state, overwrite=True)
@@ -615,9 +622,6 @@ def train(config: dict) -> dict:
     del model, optimizer, full_state
     barrier()
     summary["model"] = str(out / "model")
-    if config["eval"]:  # as evaluate.py would load it
-        saved = NVEmbed.from_pretrained(out / "model") if rank() == 0 else None
-        summary["ndcg_after"] = run_evaluation(saved, config, device, "after")
     if ndcg_before is not None and summary["ndcg_after"] is not None:
         print0(f"nDCG@10 before {ndcg_before:.4f} -> after {summary['ndcg_after']:.4f}")
     return summary

@@ -134,6 +134,9 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
                    help="newest checkpoints to keep, 0: all (default %(default)s)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="nDCG@10 before and after training (built-in test split, or --eval-beir; default on)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate every N steps during training, logging nDCG@10 to log.jsonl (default 0: "
+                        "off); every rank encodes a share of the texts")
     g.add_argument("--eval-beir", default=None, help="BEIR folder to evaluate on")
     g.add_argument("--eval-split", default="test", help="qrels split of --eval-beir (default %(default)s)")
     g.add_argument("--eval-instruction", default=None,
@@ -215,6 +218,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
         if config[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    if config["eval_every"] < 0:
+        raise UsageError(f"--eval-every must be >= 1 step (0: off), got {config['eval_every']}")
     if config["grad_cache"] < 0:
         raise UsageError(f"--grad-cache must be >= 1 text per chunk (0: off), got {config['grad_cache']}")
     if config["grad_cache"] and config["grad_accum"] > 1:

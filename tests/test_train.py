@@ -358,6 +358,7 @@ def two_rank_worker(rank, port, out_dir):
     run("--out", os.path.join(out_dir, "b"), "--stop-after", "3")
     run("--out", os.path.join(out_dir, "b"), "--resume")
     run("--out", os.path.join(out_dir, "c"), "--steps", "3", "--lora-dropout", "0")  # vs one rank, below
+    run("--out", os.path.join(out_dir, "f"), *EVAL_EVERY)  # sharded evaluations of the FSDP model, in lockstep
     train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(STAGE2_FROM + [os.path.join(out_dir, "c"),
                                                                                    "--out", os.path.join(out_dir, "e")])))
 
@@ -458,6 +459,31 @@ def test_stage_2_from_a_saved_model_on_two_ranks_trains_as_one_process(two_ranks
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
+def logged_evals(folder):
+    import json
+
+    return [(r["when"], r["step"], r["NDCG@10"], r["Recall@100"])
+            for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
+
+
+def test_evaluations_during_training_on_two_ranks_are_one_process_evaluations(two_ranks, tmp_path):
+    """--eval-every on 2 ranks: each rank encodes a share with the FSDP-sharded model, rank 0 logs nDCG@10."""
+    train.main(SMALL_JOB + EVAL_EVERY + ["--out", str(tmp_path / "one")])
+    one, two = logged_evals(tmp_path / "one"), logged_evals(two_ranks / "f")
+    assert [(when, step) for when, step, *_ in one] == [("before", 0), ("during", 2), ("after", 4)]
+    assert len(two) == len(one)
+    for (when, step, *metrics), (_, _, *want) in zip(two, one):
+        assert metrics == pytest.approx(want, abs=1e-6), (when, step)
+    assert logged_losses(two_ranks / "f") == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5)
+
+
+def test_evaluating_during_training_leaves_the_training_unchanged(tmp_path, single_process):
+    train.main(SMALL_JOB + ["--steps", "4", "--out", str(tmp_path / "plain")])
+    train.main(SMALL_JOB + ["--steps", "4", "--eval", "--eval-every", "1", "--out", str(tmp_path / "evaluated")])
+    assert logged_losses(tmp_path / "evaluated") == logged_losses(tmp_path / "plain")  # dropout's stream untouched
+    assert len(logged_evals(tmp_path / "evaluated")) == 1 + 3 + 1  # before, steps 1-3, after
+
+
 def test_rank_0_failing_to_build_stops_every_rank_with_its_error(two_ranks):
     assert (two_ranks / "error0.txt").read_text() == "ValueError: checkpoint unreadable"
     assert (two_ranks / "error1.txt").read_text() == \
@@ -477,6 +503,9 @@ def test_two_rank_resume_gives_the_uninterrupted_result(two_ranks):
 # Stage 2 from a saved model (no dropout: its LoRA comes from run "c"), followed by that folder.
 STAGE2_FROM = ["--stage", "2", "--steps", "2", "--batch-size", "8", "--max-length", "96", "--no-eval", "--no-progress",
                "--log-every", "1", "--save-every", "100", "--init-from"]
+
+# Evaluations before, during (step 2) and after 4 steps, without dropout (so 2 ranks train as one process).
+EVAL_EVERY = ["--steps", "4", "--eval", "--eval-every", "2", "--lora-dropout", "0"]
 
 # A small job: LoRA with dropout, so resuming must restore the RNG states too.
 SMALL_JOB = ["--batch-size", "8", "--hard-negatives", "2", "--max-length", "96", "--lora-rank", "4",

@@ -1,0 +1,76 @@
+"""Encoding sharded over torchrun's ranks (evaluate.encode_sharded): the same embeddings, run and metrics as one
+process, written once. Training's sharded (FSDP, lockstep) evaluations: tests/test_train.py's two-rank worker."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import distributed
+import evaluate
+from model import NVEmbed
+from tests.test_train import free_port, single_process  # noqa: F401 (a fixture)
+
+# A fresh tiny model on the built-in data, 4 texts a batch: 100 queries and 400 documents make 25 and 100
+# batches, so both ranks embed many and, with 25, one rank embeds a batch more than the other.
+ARGS = ["--model", "tiny", "--data", "builtin", "--batch-size", "4", "--pooling", "latent", "--quiet"]
+
+
+def worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    written = []
+    write_trec = evaluate.write_trec
+    evaluate.write_trec = lambda *args: (written.append(rank), write_trec(*args))
+    distributed.init_distributed("cpu")
+    # encode_sharded alone, odd sizes: 7 texts in batches of 2 -> batches 0, 2 on rank 0 and 1, 3 on rank 1.
+    torch.manual_seed(0)
+    model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
+    texts = ["a", "bb b", "ccc cc c", "d", "eeeee", "ff", "g g g g g g"]
+    shared = evaluate.encode_sharded(model, texts, "an instruction", batch_size=2)
+    if rank == 0:
+        torch.save(shared, os.path.join(out_dir, "encoded.pt"))
+    else:
+        assert shared is None
+    result = evaluate.main(ARGS + ["--out", os.path.join(out_dir, "two")])  # destroys the process group
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(dict(written=written, returned=result), f)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("sharded_eval")
+    saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    try:
+        torch.multiprocessing.spawn(worker, args=(free_port(), str(out_dir)), nprocs=2, join=True)
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    return out_dir
+
+
+def test_two_ranks_write_the_run_of_one_process_once(two_ranks, tmp_path, single_process):  # noqa: F811
+    one = evaluate.main(ARGS + ["--out", str(tmp_path)])
+    ranks = [json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == dict(written=[0], returned=one) and ranks[1] == dict(written=[], returned=None)
+    assert (two_ranks / "two" / "builtin-test.trec").read_bytes() == (tmp_path / "builtin-test.trec").read_bytes()
+    two_metrics = json.loads((two_ranks / "two" / "builtin-test.json").read_text())
+    assert two_metrics["metrics"] == json.loads((tmp_path / "builtin-test.json").read_text())["metrics"]
+    assert two_metrics["config"]["ranks"] == 2
+
+
+def test_sharded_embeddings_are_one_process_embeddings_bit_for_bit(two_ranks):
+    torch.manual_seed(0)
+    model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
+    texts = ["a", "bb b", "ccc cc c", "d", "eeeee", "ff", "g g g g g g"]
+    one = model.encode(texts, instruction="an instruction", batch_size=2, convert_to_tensor=True)
+    assert torch.equal(torch.load(two_ranks / "encoded.pt"), one)
+
+
+def test_one_process_encode_sharded_is_encode():
+    torch.manual_seed(0)
+    model = NVEmbed.from_base("tiny", pooling="mean")
+    texts = ["x y z", "w", "a longer text than the others"]
+    assert torch.equal(evaluate.encode_sharded(model, texts, batch_size=2),
+                       model.encode(texts, batch_size=2, convert_to_tensor=True))
