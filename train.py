@@ -8,8 +8,9 @@ blended with classification, clustering and STS, in-batch negatives off (items o
 
 No flags: a tiny random Mistral, the byte tokenizer and the built-in data, printing nDCG@10 before and after.
 With --model the defaults are the paper's recipe (train_cli.RECIPES); `python train.py` is one process, no group.
-Reading order: `contrastive_loss` (InfoNCE with cross-rank negatives), `parallelize` (FSDP2),
-`build_model_on_rank0` (only rank 0 reads the checkpoint), `train_step`, `train`. Checkpoints and the run folder
+Reading order: loss.py's `contrastive_loss` (InfoNCE with cross-rank negatives), `parallelize` (FSDP2),
+`build_model_on_rank0` (only rank 0 reads the checkpoint), `forward_backward` and `forward_backward_cached`
+(GradCache: the paper's batch in one softmax on few GPUs), `train_step`, `train`. Checkpoints and the run folder
 (--out: config.json, log.jsonl, checkpoints/step_N, model/) are written by checkpoints.py; --resume continues
 exactly where the last checkpoint stopped.
 """
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -43,138 +43,8 @@ from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_
 from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
 from errors import DataError, UsageError, UserError
 from lora import apply_lora, mark_only_lora_trainable
+from loss import contrastive_loss
 from model import NVEmbed
-
-# ----------------------------------------------------------------------------
-# The loss (PAPER.md section 4): InfoNCE over cosine similarities / temperature.
-
-
-def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,
-                     temperature: float = 0.01, in_batch_negatives: bool = True,
-                     known_positive_keys: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE of this rank's B queries, averaged over them.
-
-    query_emb (B, D); doc_emb (B*G, D) grouped per query as [positive, hard neg 1..n]
-    (G = 1 + n); doc_keys (B*G,) int64: the documents' keys (`data.text_key`: identical
-    text, identical key); known_positive_keys (B, P) int64, optional: row i holds the key
-    of every document known to be relevant to query i (`data.collate` pads a row by
-    repeating a key); without it, each query's own positive is its only known positive.
-
-        loss_i = -log( exp(s(q_i, d_i+) / tau) / sum_{d in candidates_i} exp(s(q_i, d) / tau) )
-
-    with s the cosine similarity. The candidates of query i are its own group (positive
-    and hard negatives) and, with `in_batch_negatives`, every document of the GLOBAL
-    batch: the other queries' positives and hard negatives on every rank. Two rules
-    make them a set of distinct negatives plus the positive:
-    - a known positive of query i other than its positive column is not a negative
-      (a false negative: a copy of the positive, the positive of another example of the
-      same query, or a document relevant to query i that is another query's positive);
-    - each distinct document counts once: a copy of a document already among the
-      candidates (a hard negative repeated to fill the n slots, or a document that is a
-      hard negative of several queries) would weigh it twice in the denominator.
-    The known positives are needed only for this rank's queries, so they are not
-    gathered; the document keys, which say what every column is, are.
-
-    Cross-rank negatives and the world-size factor: the documents of all ranks are
-    gathered with an autograd-aware all_gather (`GatherWithGradient`): its backward
-    sums, into each rank's own documents, the gradients that every rank's loss sends
-    them. Rank r's parameter gradient is then the derivative of sum_r' loss_r' through
-    the embeddings rank r computed, and FSDP's (or DDP's) average over the W ranks adds
-    these up to d((1/W) sum_r' loss_r') / d(parameters): exactly the gradient of the
-    mean loss over all W*B queries that one rank computes on the whole global batch. So
-    no world-size factor is needed (tests/test_train.py checks 2 ranks against 1).
-    tevatron instead gathers WITHOUT gradient and lets every rank compute the loss of
-    all W*B queries; only the local documents then carry gradient, and it multiplies
-    its loss by W to undo the averaging.
-    """
-    B, D = query_emb.shape
-    if B == 0 or doc_emb.shape[0] % B:
-        raise ValueError(f"contrastive_loss: doc_emb has {doc_emb.shape[0]} rows, not a multiple of the "
-                         f"{B} queries (expected B*(1+n) documents grouped per query)")
-    G = doc_emb.shape[0] // B  # documents per query: 1 positive + n hard negatives
-    keys = _checked_keys(doc_keys, (B * G,), "doc_keys").to(query_emb.device)  # (B*G,)
-    if known_positive_keys is None:
-        known_positive_keys = keys[::G, None]  # (B, 1): each query's own positive
-    known = _checked_keys(known_positive_keys, (B, None), "known_positive_keys").to(query_emb.device)  # (B, P)
-
-    # fp32 logits: with tau = 0.01, bf16 similarities (3 significant digits) would be
-    # rounded by more than the gaps the loss has to learn.
-    dtype = torch.promote_types(query_emb.dtype, torch.float32)
-    query_emb = F.normalize(query_emb.to(dtype), dim=-1)  # (B, D)
-    doc_emb = F.normalize(doc_emb.to(dtype), dim=-1)  # (B*G, D)
-
-    if in_batch_negatives:
-        offset = 0  # index of this rank's first document in the global batch
-        if is_distributed() and world_size() > 1:
-            # Every rank must hold the same B (the sampler gives equal slices).
-            doc_emb = GatherWithGradient.apply(doc_emb)  # (W*B*G, D), gradients flow back to the owners
-            keys = _all_gather_ids(keys)  # (W*B*G,)
-            offset = rank() * B * G
-        scores = query_emb @ doc_emb.T / temperature  # (B, C), C = W*B*G: every query sees every document
-        # tevatron's trick: query i's positive is the first document of its group.
-        target = offset + torch.arange(B, device=scores.device) * G  # (B,)
-        candidate_keys = keys[None, :]  # (1, C), the same columns for every query
-    else:
-        scores = torch.einsum("bd,bgd->bg", query_emb, doc_emb.view(B, G, D)) / temperature  # (B, C), C = G
-        target = torch.zeros(B, dtype=torch.long, device=scores.device)  # the positive is column 0
-        candidate_keys = keys.view(B, G)  # (B, C): query i sees its own group
-
-    # Rule 1, false negatives: columns holding a known positive of the query.
-    known_positive = (candidate_keys[:, :, None] == known[:, None, :]).any(-1)  # (B, C)
-    # Rule 2, one copy per document: columns whose document an earlier column already holds.
-    repeated = _repeated_columns(candidate_keys)  # (1 or B, C)
-    # The positive column always stays, though rule 1 names it and an earlier column may
-    # hold the same document (another query's positive); every other copy of it goes.
-    is_target = F.one_hot(target, scores.shape[1]).bool()  # (B, C)
-    scores = scores.masked_fill((known_positive | repeated) & ~is_target, float("-inf"))
-    return F.cross_entropy(scores, target)
-
-
-def _repeated_columns(keys: torch.Tensor) -> torch.Tensor:
-    """keys (R, C) -> (R, C) bool, True where an earlier column of the row holds the same key. A stable sort puts
-    equal keys side by side in column order: O(C) memory, where comparing all pairs takes (C, C), 1 GB at 32k."""
-    order = keys.argsort(dim=1, stable=True)  # (R, C)
-    sorted_keys = keys.gather(1, order)  # (R, C)
-    repeat_in_order = torch.zeros_like(sorted_keys, dtype=torch.bool)  # (R, C)
-    repeat_in_order[:, 1:] = sorted_keys[:, 1:] == sorted_keys[:, :-1]
-    return torch.zeros_like(repeat_in_order).scatter(1, order, repeat_in_order)  # back to column order
-
-
-class GatherWithGradient(torch.autograd.Function):
-    """all_gather of (N, D) rows from every rank -> (W*N, D), differentiable: the backward sums over ranks the
-    gradients every rank's loss sends to the rows and hands each rank its own. An all_reduce, since gloo (CPU) has
-    no reduce_scatter; it moves only the batch's embeddings, small next to the parameters' gradients."""
-
-    @staticmethod
-    def forward(ctx, local):
-        gathered = [torch.empty_like(local) for _ in range(world_size())]
-        dist.all_gather(gathered, local.contiguous())
-        return torch.cat(gathered)  # (W*N, D)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)  # (W*N, D); never reduce autograd's buffer in place
-        dist.all_reduce(grad)  # sum over ranks of d(loss_r) / d(rows)
-        return grad.chunk(world_size())[rank()]  # (N, D): this rank's rows
-
-
-def _checked_keys(keys, shape: tuple, what: str) -> torch.Tensor:
-    """`keys` if it is an int64 tensor of `shape` (None: any size, at least 1), else a ValueError."""
-    fits = (isinstance(keys, torch.Tensor) and keys.dtype == torch.long and keys.dim() == len(shape)
-            and all(n == want if want is not None else n >= 1 for n, want in zip(keys.shape, shape)))
-    if not fits:
-        found = f"{keys.dtype} {tuple(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
-        wanted = str(tuple("P" if n is None else n for n in shape)).replace("'", "")  # e.g. (8,) or (2, P)
-        raise ValueError(f"contrastive_loss: {what} must be an int64 tensor {wanted} (data.text_key), got {found}")
-    return keys
-
-
-def _all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ids (no gradient: they are labels)."""
-    gathered = [torch.empty_like(ids) for _ in range(world_size())]
-    dist.all_gather(gathered, ids)
-    return torch.cat(gathered)
-
 
 # ----------------------------------------------------------------------------
 # Model, parallelism, optimizer
@@ -424,7 +294,8 @@ def run_evaluation(model, config: dict, when: str, step: int, lockstep: bool) ->
     barrier()  # the other ranks wait while rank 0 searches
     if rank() != 0:
         return None
-    print0(f"eval {when if when != 'during' else 'at step'} {'training' if when != 'during' else step}: nDCG@10 {metrics['NDCG@10']:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
+    moment = f"at step {step}" if when == "during" else f"{when} training"
+    print0(f"eval {moment}: nDCG@10 {metrics['NDCG@10']:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
            f"MRR@10 {metrics['MRR@10']:.4f}")
     append_log(Path(config["out"]), {"event": "eval", "when": when, "step": step, **metrics})
     return metrics["NDCG@10"]

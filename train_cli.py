@@ -215,6 +215,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["progress"] = sys.stderr.isatty()
     if config["overwrite"] is None:
         config["overwrite"] = recipe == "tiny"
+    check_numbers(config)
+    return config
+
+
+def check_numbers(config: dict):
+    """A UsageError for a count, size or rate out of range, or flags that cannot go together."""
     for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
         if config[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
@@ -230,4 +236,3 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise UsageError(f"--temperature must be > 0, got {config['temperature']}")
     if config["hard_negatives"] == 0 and not config["in_batch_negatives"]:
         raise UsageError("--hard-negatives 0 without in-batch negatives leaves no negative: the loss would be 0")
-    return config

@@ -9,9 +9,10 @@ import torch
 
 import builtin
 import data
+import loss as loss_module
 import train
 import train_cli
-from tests.test_train import SMALL_JOB, logged_losses, saved_weights, single_process  # noqa: F401 (a fixture)
+from tests.test_train import SMALL_JOB, logged_losses, saved_weights, single_process  # noqa: F401 (fixture)
 
 CPU = torch.device("cpu")
 TEMPERATURE = 0.05
@@ -52,7 +53,7 @@ def chunked_with_graphs(model, batch, chunk_size, seed=1):
     torch.manual_seed(seed)
     embed = [[model(chunk) for chunk in train.text_chunks(train.to_device(batch[part], CPU), chunk_size)]
              for part in ("queries", "documents")]
-    loss = train.contrastive_loss(torch.cat(embed[0]), torch.cat(embed[1]), batch["doc_keys"], TEMPERATURE,
+    loss = loss_module.contrastive_loss(torch.cat(embed[0]), torch.cat(embed[1]), batch["doc_keys"], TEMPERATURE,
                                   in_batch_negatives=batch["in_batch_negatives"],
                                   known_positive_keys=batch["known_positive_keys"])
     loss.backward()

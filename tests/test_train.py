@@ -18,6 +18,7 @@ import datafiles  # noqa: E402
 import builtin  # noqa: E402
 import checkpoints  # noqa: E402
 import distributed  # noqa: E402
+import loss as loss_module  # noqa: E402
 import train  # noqa: E402
 import train_cli  # noqa: E402
 
@@ -76,12 +77,12 @@ def copy_document(docs, keys, to, source):
 
 
 def loss(queries, docs, keys, temperature, in_batch_negatives, known_positives=None):
-    """train.contrastive_loss with the keys as tensors, known_positives as B sets (padded rows)."""
+    """loss.contrastive_loss with the keys as tensors, known_positives as B sets (padded rows)."""
     known = None
     if known_positives is not None:
         width = max(map(len, known_positives))
         known = torch.tensor([sorted(s) + [min(s)] * (width - len(s)) for s in known_positives])  # (B, P)
-    return train.contrastive_loss(queries, docs, torch.tensor(keys), temperature, in_batch_negatives, known).item()
+    return loss_module.contrastive_loss(queries, docs, torch.tensor(keys), temperature, in_batch_negatives, known).item()
 
 
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
@@ -146,13 +147,13 @@ def test_loss_masks_every_known_positive(in_batch_negatives):
 def test_loss_checks_keys_and_shapes():
     queries, docs, keys = random_batch(2, 2, 4, seed=3)
     with pytest.raises(ValueError, match="not a multiple"):
-        train.contrastive_loss(queries, docs[:3], torch.tensor(keys[:3]))
+        loss_module.contrastive_loss(queries, docs[:3], torch.tensor(keys[:3]))
     with pytest.raises(ValueError, match=r"doc_keys must be an int64 tensor \(4,\)"):
-        train.contrastive_loss(queries, docs, torch.tensor(keys[:3]))
+        loss_module.contrastive_loss(queries, docs, torch.tensor(keys[:3]))
     with pytest.raises(ValueError, match="doc_keys must be an int64 tensor"):
-        train.contrastive_loss(queries, docs, [str(k) for k in keys])
+        loss_module.contrastive_loss(queries, docs, [str(k) for k in keys])
     with pytest.raises(ValueError, match=r"known_positive_keys must be an int64 tensor \(2, P\)"):
-        train.contrastive_loss(queries, docs, torch.tensor(keys), known_positive_keys=torch.tensor(keys))
+        loss_module.contrastive_loss(queries, docs, torch.tensor(keys), known_positive_keys=torch.tensor(keys))
 
 
 # Through the data pipeline: data.TrainDataset -> collate -> train.forward_backward, with a
