@@ -1,10 +1,13 @@
 """Draw an ablation table (bench/ablate.py's JSON) as two PNG pictures.
 
     python bench/plot_ablation.py bench/ablation-full.json     # -> bench/ablation-full.png, bench/loss-full.png
+    python bench/plot_ablation.py --runs runs/stage1 runs/other  # -> curves.png: loss and nDCG@10 per step
 
 - ablation-SETTING.png: SciFact test nDCG@10 per pooling, causal beside bidirectional,
   trained (solid) over zero-shot (pale), with BM25's published 0.665 as a line.
 - loss-SETTING.png: each trained row's logged training loss against the step.
+- curves.png (--runs): for train.py run folders, the logged loss beside the nDCG@10 of the evaluations before,
+  during (train.py --eval-every N) and after training, against the step.
 
 Needs matplotlib, which nothing else in the project uses, so it is not a requirement:
 `pip install matplotlib` to redraw the committed pictures.
@@ -93,17 +96,67 @@ def loss_curves(table: dict, out: Path):
     plt.close(fig)
 
 
+def run_curves(folder: Path) -> dict:
+    """A train.py run's log.jsonl as {"loss": [(step, loss)], "ndcg": [(step, nDCG@10)]}."""
+    log_file = folder / "log.jsonl"
+    if not log_file.is_file():
+        raise ValueError(f"{log_file}: not found; is {folder} a train.py run folder (--out)?")
+    curves = dict(loss=[], ndcg=[])
+    for number, line in enumerate(log_file.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{log_file}:{number}: not JSON ({e})") from None
+        if record.get("event") == "eval":
+            curves["ndcg"].append((record["step"], record["NDCG@10"]))
+        elif "loss" in record:
+            curves["loss"].append((record["step"], record["loss"]))
+    if not curves["ndcg"]:
+        raise ValueError(f"{log_file}: no evaluation logged (train.py without --no-eval; --eval-every N for a curve)")
+    return curves
+
+
+def training_curves(folders: list[Path], out: Path):
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, ndcg_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for folder in folders:
+        curves = run_curves(folder)
+        for ax, key in ((loss_ax, "loss"), (ndcg_ax, "ndcg")):
+            if curves[key]:
+                ax.plot(*zip(*curves[key]), marker=".", label=folder.name)
+    loss_ax.set(xlabel="step", ylabel="InfoNCE loss (the logged step's batch)", yscale="log")
+    ndcg_ax.set(xlabel="step", ylabel="nDCG@10 (the run's evaluation set)")
+    for ax in (loss_ax, ndcg_ax):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("tables", nargs="+", type=Path, help="ablation JSON files written by bench/ablate.py")
-    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: each JSON's folder)")
+    p.add_argument("tables", nargs="*", type=Path, help="ablation JSON files written by bench/ablate.py")
+    p.add_argument("--runs", nargs="+", type=Path, default=[], help="train.py run folders: curves.png")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the PNGs (default: each JSON's folder; for --runs, the first run's)")
     args = p.parse_args(argv)
+    if not args.tables and not args.runs:
+        p.error("give ablation JSON files, or --runs with train.py run folders")
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only, no display
     except ImportError:
         p.error("needs matplotlib: pip install matplotlib")
+    if args.runs:
+        folder = args.out or args.runs[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            training_curves(args.runs, folder / "curves.png")
+        except ValueError as error:
+            p.error(str(error))
+        print(f"wrote {folder / 'curves.png'}")
     for path in args.tables:
         table = read_table(path)
         folder = args.out or path.parent

@@ -483,6 +483,14 @@ def test_evaluating_during_training_leaves_the_training_unchanged(tmp_path, sing
     train.main(SMALL_JOB + ["--steps", "4", "--eval", "--eval-every", "1", "--out", str(tmp_path / "evaluated")])
     assert logged_losses(tmp_path / "evaluated") == logged_losses(tmp_path / "plain")  # dropout's stream untouched
     assert len(logged_evals(tmp_path / "evaluated")) == 1 + 3 + 1  # before, steps 1-3, after
+    from bench import plot_ablation  # what draws the curves, bench/plot_ablation.py --runs
+
+    curves = plot_ablation.run_curves(tmp_path / "evaluated")
+    assert [step for step, _ in curves["ndcg"]] == [0, 1, 2, 3, 4] and len(curves["loss"]) == 4
+    with open(tmp_path / "evaluated" / "log.jsonl", "a") as log:
+        log.write("{not json\n")
+    with pytest.raises(ValueError, match=r"log.jsonl:10: not JSON"):
+        plot_ablation.run_curves(tmp_path / "evaluated")
 
 
 def test_rank_0_failing_to_build_stops_every_rank_with_its_error(two_ranks):
