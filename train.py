@@ -263,7 +263,10 @@ def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
 
 
 def evaluation_set(config: dict):
-    """(corpus, queries, qrels, instruction) to evaluate on, or None."""
+    """(corpus, queries, qrels, instruction) to evaluate on, or None (--no-eval, or training files without
+    --eval-beir). Every rank reads it, at the start: a wrong folder stops them all before the model is built."""
+    if not config["eval"]:
+        return None
     if config["eval_beir"]:
         corpus, queries, qrels = datafiles.load_beir(config["eval_beir"], config["eval_split"])
         instruction = config["eval_instruction"]
@@ -276,11 +279,10 @@ def evaluation_set(config: dict):
     return None
 
 
-def run_evaluation(model, config: dict, when: str, step: int, lockstep: bool) -> float | None:
-    """nDCG@10 of `model` on the evaluation set, every rank encoding a share (evaluate.encode_sharded; lockstep:
-    the model is FSDP-sharded), rank 0 scoring; logged (`when`: before, during or after training, at `step`) and
-    returned on rank 0 (else None)."""
-    evaluation = evaluation_set(config) if config["eval"] else None
+def run_evaluation(model, config: dict, evaluation, when: str, step: int, lockstep: bool) -> float | None:
+    """nDCG@10 of `model` on `evaluation` (evaluation_set's), every rank encoding a share (evaluate.encode_sharded;
+    lockstep: the model is FSDP-sharded), rank 0 scoring; logged (`when`: before, during or after training, at
+    `step`) and returned on rank 0 (else None)."""
     if evaluation is None:
         return None
     corpus, queries, qrels, instruction = evaluation
@@ -428,6 +430,7 @@ def train(config: dict) -> dict:
     if rank() == 0:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     sources, sampler = training_data(config)
+    evaluation = evaluation_set(config)
 
     # The model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
     distributed = is_distributed() and world_size() > 1
@@ -439,7 +442,7 @@ def train(config: dict) -> dict:
         load_from_rank0(model, full_state, device)
     del full_state
     if resume_from is None:
-        ndcg_before = run_evaluation(model, config, "before", 0, lockstep=distributed)
+        ndcg_before = run_evaluation(model, config, evaluation, "before", 0, lockstep=distributed)
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
     # bf16 compute: FSDP's MixedPrecisionPolicy casts on GPU ranks; otherwise autocast does
@@ -473,7 +476,7 @@ def train(config: dict) -> dict:
         step += 1
         step_log.add(step, stats, time.perf_counter() - start, sources[source_index].name, last_step)
         if config["eval_every"] and step % config["eval_every"] == 0 and step < config["steps"]:
-            run_evaluation(model, config, "during", step, lockstep=distributed)  # eval mode: no dropout
+            run_evaluation(model, config, evaluation, "during", step, lockstep=distributed)  # eval mode: no dropout
         if step % config["save_every"] == 0 or (step == last_step < config["steps"]):
             path = save_checkpoint(out, model, optimizer, scheduler, step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
@@ -485,7 +488,7 @@ def train(config: dict) -> dict:
         print0(f"stopped after step {step} of {config['steps']} (--stop-after); continue with --resume")
         return summary
     # The final model: evaluated as it is (sharded), then gathered to rank 0 and saved.
-    summary["ndcg_after"] = run_evaluation(model, config, "after", step, lockstep=distributed)
+    summary["ndcg_after"] = run_evaluation(model, config, evaluation, "after", step, lockstep=distributed)
     full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() == 0:
         model.save(out / "model", state_dict=full_state, overwrite=True)
