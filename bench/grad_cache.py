@@ -210,6 +210,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--find-max", action="store_true", help="GPU: the largest batch that fits, plain and GradCache")
     p.add_argument("--max-queries", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on a shared machine, threads waiting for a descheduled sibling at "
+                        "every op would make the many small ops of chunks look slower than they are)")
     p.add_argument("--json", default=None, help="also write the rows here")
     return p.parse_args(argv)
 
@@ -217,11 +220,12 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else None
     one_chunk = chunk_cost(model, args, device, autocast)
-    print(f"{device.type}, {model.decoder.config.num_hidden_layers} layers x hidden "
+    print(f"{device.type} ({torch.get_num_threads()} threads), {model.decoder.config.num_hidden_layers} layers x hidden "
           f"{model.decoder.config.hidden_size}, {args.dtype}, LoRA {args.lora_rank or 'off'}, queries "
           f"{args.query_length} tokens, {args.group} documents of {args.doc_length} tokens per query, chunk "
           f"{args.chunk}: one chunk's own cost {one_chunk / 2**20:.1f} MiB")
