@@ -40,6 +40,7 @@ import train_cli
 from builtin import builtin_dataset, builtin_sources
 from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
                          save_checkpoint)
+from compiled import compile_counts
 from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
 from errors import DataError, UsageError, UserError
 from lora import apply_lora, mark_only_lora_trainable
@@ -243,11 +244,15 @@ def load_from_rank0(model, full_state: dict | None, device: torch.device):
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def parallelize(model, device: torch.device, activation_checkpointing: bool = False, compute_dtype: str = "bf16"):
+def parallelize(model, device: torch.device, activation_checkpointing: bool = False, compute_dtype: str = "bf16",
+                compile: bool = False):
     """FSDP2 (torchtitan-style): shard each decoder layer, then the pooling, then the root. Each group is
     gathered just before its forward and freed after it, so one layer is whole at a time. On GPU it computes in
-    bf16 and reduces gradients in fp32 (the master shards stay fp32). Without a process group: only moved."""
+    bf16 and reduces gradients in fp32 (the master shards stay fp32). Without a process group: only moved.
+    `compile`: each layer and the pooling compiled first (torchtitan's order), so FSDP's hooks stay eager."""
     model.decoder.activation_checkpointing = activation_checkpointing  # recompute each layer in backward
+    if compile:
+        model.compile()
     if not is_distributed():
         return model.to(device)
     mesh = init_device_mesh(device.type, (world_size(),))
@@ -482,7 +487,7 @@ def train(config: dict) -> dict:
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
     full_state = model.state_dict() if distributed and rank() == 0 else None  # what rank 0 broadcasts
-    model = parallelize(model, device, config["activation_checkpointing"], config["dtype"])
+    model = parallelize(model, device, config["activation_checkpointing"], config["dtype"], config["compile"])
     if distributed:
         load_from_rank0(model, full_state, device)
     del full_state
@@ -565,12 +570,16 @@ class StepLog:
         record = dict(step=step, loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"], ms_per_step=ms,
                       tokens_per_s=tokens_per_s, mfu=mfu, peak_memory_mib=peak_memory_mib(self.device),
                       dataset=dataset)
+        # --compile: graphs compiled so far; growth after the first steps is recompilation (compiled.py's bound).
+        if self.config["compile"]:
+            record["compiled"] = compile_counts()
+        compiled = f" | graphs {record['compiled']['graphs']}" if "compiled" in record else ""
         append_log(Path(self.config["out"]), record)
         if rank() == 0:
             self.progress.write(f"step {step:5d}/{self.config['steps']} | loss {stats['loss']:.4f} | "
                                 f"lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | {ms:.0f} ms/step | "
                                 f"{tokens_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                                f"mem {record['peak_memory_mib']:,.0f} MiB | {dataset}")
+                                f"mem {record['peak_memory_mib']:,.0f} MiB | {dataset}{compiled}")
         self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
 
     def close(self):
