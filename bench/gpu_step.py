@@ -3,7 +3,7 @@ our encoding against an HF AutoModel loop. One command, at most 8 minutes on one
 bench/RESULTS.md as each is measured, so a run stopped early keeps what it had.
 
     python bench/gpu_step.py                  # one GPU: Mistral-7B layer shapes, bf16, sequence 512
-    python bench/gpu_step.py --dry-run        # the same code at tiny shapes on the CPU, in seconds (tests/test_bench.py)
+    python bench/gpu_step.py --dry-run        # the same code at tiny shapes on the CPU (tests/test_bench.py)
 
 (a) The training step as train.py runs it on one GPU (bf16 autocast, trainable weights fp32, AdamW, gradient
     clipping): Mistral-7B layers (32, or --layers), latent pooling of 512 latents x 8 heads x head dim 4096, queries
@@ -18,7 +18,7 @@ bench/RESULTS.md as each is measured, so a run stopped early keeps what it had.
     by token count, the same decoder weights, bidirectional both, random texts of 32 to --seq tokens.
 
 Every model is built on the meta device and materialised on the GPU (`to_empty`, then initialised there): nothing
-is built on the CPU first. The time budget (--budget, default 7 minutes) is checked before each measurement: what
+is built on the CPU first. The time budget (--budget, default 400 s) is checked before each measurement: what
 does not fit is written as "skipped: time budget".
 """
 
@@ -43,7 +43,6 @@ from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import MeanPooling  # noqa: E402
 from train import contrastive_loss, model_shape, peak_flops, step_flops  # noqa: E402
 
-START = time.monotonic()
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 COMMAND = "python bench/gpu_step.py"
 
@@ -97,8 +96,8 @@ class Results:
         self.path.write_text(self.before.rstrip("\n") + "\n\n" + "\n".join(self.lines) + "\n")
 
 
-def seconds_left(budget: float) -> float:
-    return budget - (time.monotonic() - START)
+def seconds_left(deadline: float) -> float:
+    return deadline - time.monotonic()
 
 
 def synchronize(device):
@@ -174,10 +173,10 @@ def fits(model, optimizer, s: Setting, queries: int, device) -> bool:
     return False
 
 
-def largest_batch(model, optimizer, s: Setting, device, budget: float) -> int:
+def largest_batch(model, optimizer, s: Setting, device, deadline: float) -> int:
     """The largest power of two of queries (up to s.max_queries) whose step fits in memory; 0 if none does."""
     queries = 0
-    while queries < s.max_queries and seconds_left(budget) > 60:
+    while queries < s.max_queries and seconds_left(deadline) > 60:
         start = time.perf_counter()
         if not fits(model, optimizer, s, max(1, 2 * queries), device):
             break
@@ -214,7 +213,7 @@ STEP_COLUMNS = ["fine-tuning", "layers", "compile", "activation checkpointing", 
                 "tokens/s", "MFU", "peak GiB", "s/step", "first step s"]
 
 
-def step_rows(results: Results, s: Setting, device, lora: bool, layers: int, budget: float) -> None:
+def step_rows(results: Results, s: Setting, device, lora: bool, layers: int, deadline: float) -> None:
     """(a) for one kind of fine-tuning: eager then compiled (the same model, compiled in place), each without and
     with activation checkpointing, each at its largest batch."""
     kind = f"LoRA r16, frozen {str(s.dtype).removeprefix('torch.')} base" if lora else "full (fp32 weights, AdamW)"
@@ -229,11 +228,11 @@ def step_rows(results: Results, s: Setting, device, lora: bool, layers: int, bud
             model.compile(backend=s.backend)
         for checkpointing in (False, True):
             cells = [kind, layers, "yes" if compiled else "no", "on" if checkpointing else "off"]
-            if seconds_left(budget) < (150 if compiled else 45):
+            if seconds_left(deadline) < (150 if compiled else 45):
                 results.row(title, STEP_COLUMNS, cells + ["skipped: time budget"] + [""] * 5)
                 continue
             model.decoder.activation_checkpointing = checkpointing
-            queries = batches.get(checkpointing) or largest_batch(model, optimizer, s, device, budget)
+            queries = batches.get(checkpointing) or largest_batch(model, optimizer, s, device, deadline)
             batches[checkpointing] = queries  # compiled runs take eager's batch (they use no more memory)
             if queries == 0:
                 results.row(title, STEP_COLUMNS, cells + ["out of memory at 1 query"] + [""] * 5)
@@ -325,7 +324,7 @@ def hf_encode(hf, tokenizer, texts: list[str], batch_size: int, device) -> torch
     return out
 
 
-def decoder_and_encoding_rows(results: Results, s: Setting, device, budget: float) -> None:
+def decoder_and_encoding_rows(results: Results, s: Setting, device, deadline: float) -> None:
     """(b) and (c), eager, then with our layers compiled in place."""
     hf, ours = build_decoders(s, device)
     ids = torch.randint(0, s.decoder.vocab_size, (s.hf_batch, s.seq), device=device)
@@ -337,7 +336,7 @@ def decoder_and_encoding_rows(results: Results, s: Setting, device, budget: floa
     encoder = NVEmbed(ours, MeanPooling(), ByteTokenizer(), "mean", max_length=s.seq + 2)  # + BOS and EOS
     texts, tokenizer, batch = random_texts(s.texts, s.seq), ByteTokenizer(), 64 if device.type == "cuda" else 8
     for compiled in (False, True):
-        if seconds_left(budget) < (150 if compiled else 40):
+        if seconds_left(deadline) < (150 if compiled else 40):
             results.row(title_b, ["ours", "ours tok/s", "HF tok/s", "ours / HF"],
                         ["compiled" if compiled else "eager", "skipped: time budget", "", ""])
             continue
@@ -367,7 +366,7 @@ def decoder_and_encoding_rows(results: Results, s: Setting, device, budget: floa
     gc.collect()
 
 
-def header(args, device) -> list[str]:
+def header(args, argv: list[str], device) -> list[str]:
     import transformers  # the version goes into the hardware line
 
     if device.type == "cuda":
@@ -375,7 +374,7 @@ def header(args, device) -> list[str]:
         hardware = f"{torch.cuda.get_device_name(device)} ({memory:.0f} GiB), CUDA {torch.version.cuda}"
     else:
         hardware = f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
-    command = " ".join([COMMAND] + sys.argv[1:])
+    command = " ".join([COMMAND] + argv)
     lines = [f"## {'DRY RUN, tiny shapes, not a measurement: ' if args.dry_run else ''}`{command}` "
              f"({time.strftime('%Y-%m-%d')})", "",
              f"Hardware: {hardware}; torch {torch.__version__}, transformers {transformers.__version__}. "
@@ -388,7 +387,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (a test of the script)")
     p.add_argument("--results", type=Path, default=RESULTS, help="the file the rows are appended to")
-    p.add_argument("--budget", type=float, default=400.0, help="seconds, from the start, to measure in")
+    p.add_argument("--budget", type=float, default=400.0,
+                   help="seconds to measure in (default %(default)s: with start-up and the last measurement's "
+                        "overrun, at most 8 minutes)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers of (a) (default %(default)s)")
     p.add_argument("--seq", type=int, default=512, help="document tokens (default %(default)s)")
     p.add_argument("--query-length", type=int, default=64, help="query tokens (default %(default)s)")
@@ -399,12 +400,14 @@ def main(argv=None):
         p.error("needs a CUDA device (or --dry-run)")
     device = torch.device("cpu" if args.dry_run else "cuda")
     s = setting(args)
+    start = time.monotonic()
+    deadline = start + args.budget  # each measurement starts only if its time is left
     torch.manual_seed(0)
-    results = Results(args.results, header(args, device))
-    step_rows(results, s, device, lora=True, layers=s.decoder.num_hidden_layers, budget=args.budget)
-    decoder_and_encoding_rows(results, s, device, args.budget)
-    step_rows(results, s, device, lora=False, layers=full_fine_tuning_layers(s, device), budget=args.budget)
-    print(f"wrote {args.results} in {time.monotonic() - START:.0f} s")
+    results = Results(args.results, header(args, sys.argv[1:] if argv is None else argv, device))
+    step_rows(results, s, device, lora=True, layers=s.decoder.num_hidden_layers, deadline=deadline)
+    decoder_and_encoding_rows(results, s, device, deadline)
+    step_rows(results, s, device, lora=False, layers=full_fine_tuning_layers(s, device), deadline=deadline)
+    print(f"wrote {args.results} in {time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":
