@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -87,12 +88,19 @@ class Results:
         self.path, self.before = path, path.read_text() if path.exists() else "# Benchmark results\n"
         self.lines, self.tables = list(header), set()
 
+    def note(self, text: str) -> None:
+        self.lines += ["", text]
+        self._write()
+
     def row(self, table: str, columns: list[str], cells: list) -> None:
         if table not in self.tables:  # a table's title and header before its first row
             self.tables.add(table)
             self.lines += ["", table, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         self.lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         print(self.lines[-1], flush=True)
+        self._write()
+
+    def _write(self) -> None:
         self.path.write_text(self.before.rstrip("\n") + "\n\n" + "\n".join(self.lines) + "\n")
 
 
@@ -219,7 +227,7 @@ def step_rows(results: Results, s: Setting, device, lora: bool, layers: int, dea
     kind = f"LoRA r16, frozen {str(s.dtype).removeprefix('torch.')} base" if lora else "full (fp32 weights, AdamW)"
     title = (f"(a) training step: Mistral-7B layer shapes, latent pooling {s.latent['num_latents']} x "
              f"{s.latent['num_heads']} x {s.latent['head_dim']}, queries {s.query_length} / documents {s.seq} "
-             "tokens, bf16 autocast")
+             f"tokens, {str(s.dtype).removeprefix('torch.')} autocast")
     model = build_embedder(s, device, lora, layers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     batches = {}
@@ -232,20 +240,38 @@ def step_rows(results: Results, s: Setting, device, lora: bool, layers: int, dea
                 results.row(title, STEP_COLUMNS, cells + ["skipped: time budget"] + [""] * 5)
                 continue
             model.decoder.activation_checkpointing = checkpointing
-            queries = batches.get(checkpointing) or largest_batch(model, optimizer, s, device, deadline)
-            batches[checkpointing] = queries  # compiled runs take eager's batch (they use no more memory)
-            if queries == 0:
-                results.row(title, STEP_COLUMNS, cells + ["out of memory at 1 query"] + [""] * 5)
-                continue
-            m = measure_step(model, optimizer, s, queries, device)
-            results.row(title, STEP_COLUMNS, cells + [
-                queries, f"{m['tokens_per_s']:,.0f}", "-" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%",
-                "-" if m["memory_gib"] is None else f"{m['memory_gib']:.1f}", f"{m['seconds']:.2f}",
-                f"{m['warmup']:.1f}"])
+            measured = measured_cells(model, optimizer, s, device, deadline, batches, checkpointing, compiled)
+            results.row(title, STEP_COLUMNS, cells + measured)
     del model, optimizer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measured_cells(model, optimizer, s: Setting, device, deadline: float, batches: dict, checkpointing: bool,
+                   compiled: bool) -> list:
+    """One (a) row's measured cells. The batch: the largest that fits, searched eagerly once per checkpointing
+    setting; the compiled model takes it too, halved if it runs out of memory. An error fills the row and the run
+    goes on to the next (its traceback on stderr)."""
+    try:
+        first_step = None
+        if checkpointing not in batches:
+            batches[checkpointing] = largest_batch(model, optimizer, s, device, deadline)
+        queries = batches[checkpointing]
+        if queries and compiled:
+            start = time.perf_counter()
+            while queries and not fits(model, optimizer, s, queries, device):  # the first step compiles
+                queries //= 2
+            first_step = time.perf_counter() - start
+        if queries == 0:
+            return ["out of memory at 1 query"] + [""] * 5
+        m = measure_step(model, optimizer, s, queries, device)
+        m["warmup"] = first_step or m["warmup"]
+    except Exception as error:  # noqa: BLE001 (one failed variant must not cost the others their GPU time)
+        traceback.print_exc()
+        return [f"failed: {type(error).__name__}: {str(error)[:120]}"] + [""] * 5
+    return [queries, f"{m['tokens_per_s']:,.0f}", "-" if m["mfu"] is None else f"{100 * m['mfu']:.1f}%",
+            "-" if m["memory_gib"] is None else f"{m['memory_gib']:.1f}", f"{m['seconds']:.2f}", f"{m['warmup']:.1f}"]
 
 
 def full_fine_tuning_layers(s: Setting, device) -> int:
@@ -404,9 +430,16 @@ def main(argv=None):
     deadline = start + args.budget  # each measurement starts only if its time is left
     torch.manual_seed(0)
     results = Results(args.results, header(args, sys.argv[1:] if argv is None else argv, device))
-    step_rows(results, s, device, lora=True, layers=s.decoder.num_hidden_layers, deadline=deadline)
-    decoder_and_encoding_rows(results, s, device, deadline)
-    step_rows(results, s, device, lora=False, layers=full_fine_tuning_layers(s, device), deadline=deadline)
+    parts = {"(a) LoRA": lambda: step_rows(results, s, device, True, s.decoder.num_hidden_layers, deadline),
+             "(b), (c)": lambda: decoder_and_encoding_rows(results, s, device, deadline),
+             "(a) full": lambda: step_rows(results, s, device, False, full_fine_tuning_layers(s, device), deadline)}
+    for name, part in parts.items():
+        try:
+            part()
+        except Exception as error:  # noqa: BLE001 (the next part still gets its GPU time)
+            traceback.print_exc()
+            results.note(f"{name} stopped: {type(error).__name__}: {str(error)[:200]}")
+            gc.collect()
     print(f"wrote {args.results} in {time.monotonic() - start:.0f} s")
 
 

@@ -6,9 +6,11 @@ decoder (the numerics it changes); the other tests use the "aot_eager" backend, 
 """
 
 import copy
+import json
 
 import torch
 
+import evaluate
 import train
 import train_cli
 from compiled import compile_counts
@@ -90,3 +92,26 @@ def test_train_compile_flag_compiles_each_layer_before_sharding():
         assert hasattr(module.forward, "_torchdynamo_orig_callable")  # what torch.compile returns
     plain = train.parallelize(tiny(), torch.device("cpu"))
     assert not hasattr(plain.decoder.layers[0].forward, "_torchdynamo_orig_callable")
+
+
+def test_evaluate_compile_flag_scores_as_eager(tmp_path, monkeypatch, capsys):
+    compile_for_tests = NVEmbed.compile
+    monkeypatch.setattr(NVEmbed, "compile", lambda self: compile_for_tests(self, backend="aot_eager"))
+    flags = ["--model", "tiny", "--top-k", "10", "--k-values", "1,10", "--batch-size", "64"]
+    eager = evaluate.main(flags + ["--out", str(tmp_path / "eager")])
+    assert "torch.compile" not in capsys.readouterr().out
+    compiled = evaluate.main(flags + ["--compile", "--out", str(tmp_path / "compiled")])
+    assert "torch.compile: graphs " in capsys.readouterr().out
+    assert compiled == eager
+    assert json.loads((tmp_path / "compiled" / "builtin-test.json").read_text())["config"]["compile"]
+
+
+def test_step_log_records_the_graphs_compiled(tmp_path):
+    flags = ["--device", "cpu", "--out", str(tmp_path), "--log-every", "1", "--no-progress"]
+    stats = dict(loss=1.0, lr=1e-3, grad_norm=1.0, tokens=10, flops=100.0)
+    for extra in ([], ["--compile"]):
+        config = train_cli.resolve_config(train_cli.build_parser().parse_args(flags + extra))
+        train.StepLog(config, torch.device("cpu"), initial_step=0).add(1, stats, 0.5, "data", last_step=1)
+    eager, compiled = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "compiled" not in eager
+    assert compiled["compiled"] == compile_counts()
