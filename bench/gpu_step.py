@@ -90,6 +90,7 @@ class Results:
 
     def note(self, text: str) -> None:
         self.lines += ["", text]
+        self.tables.clear()  # a table's later rows get its header again, below the note
         self._write()
 
     def row(self, table: str, columns: list[str], cells: list) -> None:
