@@ -11,6 +11,7 @@ import json
 import torch
 
 import evaluate
+from checkpoints import check_resume_config
 import train
 import train_cli
 from compiled import compile_counts
@@ -115,3 +116,11 @@ def test_step_log_records_the_graphs_compiled(tmp_path):
     eager, compiled = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert "compiled" not in eager
     assert compiled["compiled"] == compile_counts()
+
+
+def test_a_run_resumes_with_or_without_compile_and_from_before_the_flag(tmp_path):
+    config = train_cli.resolve_config(train_cli.build_parser().parse_args(["--device", "cpu", "--out", str(tmp_path)]))
+    before_the_flag = {k: v for k, v in config.items() if k != "compile"}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(dict(config=before_the_flag)))
+    for compile_ in (False, True):
+        check_resume_config(tmp_path, {**config, "compile": compile_})  # no error: the same step, compiled or not
