@@ -63,6 +63,7 @@ class Setting:
     backend: str  # torch.compile's
     dtype: torch.dtype  # the frozen base's and autocast's
     lora_dropout: float
+    repeats: int  # timed steps / rounds after the warm-up
 
 
 def setting(args) -> Setting:
@@ -73,36 +74,39 @@ def setting(args) -> Setting:
         # fp32: a CPU without bf16 instructions multiplies bf16 matrices ~8x slower. LoRA dropout 0 takes
         # nn.Dropout, as on the GPU, rather than lora.LoRADropout's CPU mask.
         return Setting(decoder, dict(num_latents=8, num_heads=2, head_dim=16), seq=32, query_length=8, documents=8,
-                       max_queries=2, hf_layers=2, hf_batch=2, texts=24, backend="eager", dtype=torch.float32,
-                       lora_dropout=0.0)
+                       max_queries=2, hf_layers=2, hf_batch=2, texts=16, backend="eager", dtype=torch.float32,
+                       lora_dropout=0.0, repeats=1)
     decoder = dataclasses.replace(MistralConfig.preset("mistral-7b"), num_hidden_layers=args.layers)
     return Setting(decoder, dict(num_latents=512, num_heads=8, head_dim=4096), seq=args.seq,
                    query_length=args.query_length, documents=8, max_queries=256, hf_layers=args.hf_layers,
-                   hf_batch=16, texts=args.texts, backend="inductor", dtype=torch.bfloat16, lora_dropout=0.1)
+                   hf_batch=16, texts=args.texts, backend="inductor", dtype=torch.bfloat16, lora_dropout=0.1,
+                   repeats=2)
 
 
 class Results:
-    """This run's section of RESULTS.md, rewritten whole after every row (a run cut short keeps its rows)."""
+    """This run's section of RESULTS.md: the header, then tables (each row goes to the end of its own table) and
+    notes in the order they first appear, rewritten whole after every row (a run cut short keeps its rows)."""
 
     def __init__(self, path: Path, header: list[str]):
         self.path, self.before = path, path.read_text() if path.exists() else "# Benchmark results\n"
-        self.lines, self.tables = list(header), set()
+        self.header, self.blocks = list(header), []  # blocks: [lines] each, a table or a note
 
     def note(self, text: str) -> None:
-        self.lines += ["", text]
-        self.tables.clear()  # a table's later rows get its header again, below the note
+        self.blocks.append([text])
         self._write()
 
     def row(self, table: str, columns: list[str], cells: list) -> None:
-        if table not in self.tables:  # a table's title and header before its first row
-            self.tables.add(table)
-            self.lines += ["", table, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        self.lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        print(self.lines[-1], flush=True)
+        block = next((b for b in self.blocks if b[0] == table), None)
+        if block is None:  # a table's title and header before its first row
+            block = [table, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            self.blocks.append(block)
+        block.append("| " + " | ".join(str(c) for c in cells) + " |")
+        print(block[-1], flush=True)
         self._write()
 
     def _write(self) -> None:
-        self.path.write_text(self.before.rstrip("\n") + "\n\n" + "\n".join(self.lines) + "\n")
+        lines = self.header + [line for block in self.blocks for line in ["", *block]]
+        self.path.write_text(self.before.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
 
 
 def seconds_left(deadline: float) -> float:
@@ -195,8 +199,8 @@ def largest_batch(model, optimizer, s: Setting, device, deadline: float) -> int:
     return queries
 
 
-def measure_step(model, optimizer, s: Setting, queries: int, device, steps: int = 2) -> dict:
-    """Warm-up (it compiles, under --compile), then `steps` timed steps: tokens/s, MFU, peak memory."""
+def measure_step(model, optimizer, s: Setting, queries: int, device) -> dict:
+    """A warm-up step, then s.repeats timed steps: tokens/s, MFU, peak memory."""
     batch = train_batch(s, queries, device)
     start = time.perf_counter()
     train_step(model, optimizer, batch, device, s.dtype == torch.bfloat16)  # warm-up
@@ -205,7 +209,7 @@ def measure_step(model, optimizer, s: Setting, queries: int, device, steps: int 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(steps):
+    for _ in range(s.repeats):
         start = time.perf_counter()
         train_step(model, optimizer, batch, device, s.dtype == torch.bfloat16)
         synchronize(device)
@@ -226,7 +230,9 @@ def step_rows(results: Results, s: Setting, device, lora: bool, layers: int, dea
     """(a) for one kind of fine-tuning: eager then compiled (the same model, compiled in place), each without and
     with activation checkpointing, each at its largest batch."""
     kind = f"LoRA r16, frozen {str(s.dtype).removeprefix('torch.')} base" if lora else "full (fp32 weights, AdamW)"
-    title = (f"(a) training step: Mistral-7B layer shapes, latent pooling {s.latent['num_latents']} x "
+    c = s.decoder
+    title = (f"(a) training step: layers of hidden {c.hidden_size}, MLP {c.intermediate_size}, {c.num_attention_heads} "
+             f"/ {c.num_key_value_heads} heads (Mistral-7B's on a GPU), latent pooling {s.latent['num_latents']} x "
              f"{s.latent['num_heads']} x {s.latent['head_dim']}, queries {s.query_length} / documents {s.seq} "
              f"tokens, {str(s.dtype).removeprefix('torch.')} autocast")
     model = build_embedder(s, device, lora, layers)
@@ -307,7 +313,7 @@ def build_decoders(s: Setting, device):
     return hf, ours
 
 
-def median_seconds(functions: dict, device, repeats: int = 3) -> dict:
+def median_seconds(functions: dict, device, repeats: int) -> dict:
     """{name: median seconds of fn()}, the functions alternating round by round; round 0 is a warm-up."""
     times = {name: [] for name in functions}
     for round_ in range(repeats + 1):
@@ -322,10 +328,10 @@ def median_seconds(functions: dict, device, repeats: int = 3) -> dict:
 
 
 def random_texts(count: int, longest: int) -> list[str]:
-    """ASCII texts of 32 to `longest` bytes (the byte tokenizer's tokens), in words of 2 to 9 letters."""
+    """ASCII texts of `longest` / 16 to `longest` bytes (the byte tokenizer's tokens), in words of a few letters."""
     g = torch.Generator().manual_seed(0)
     texts = []
-    for n in torch.randint(32, longest + 1, (count,), generator=g).tolist():
+    for n in torch.randint(max(2, longest // 16), longest + 1, (count,), generator=g).tolist():
         letters = "".join(chr(97 + c) for c in torch.randint(0, 26, (n,), generator=g).tolist())
         cuts = sorted(set(torch.randint(1, n, (n // 6,), generator=g).tolist()))
         texts.append(" ".join(letters[a:b] for a, b in zip([0] + cuts, cuts + [n]))[:n - 1])
@@ -356,16 +362,19 @@ def decoder_and_encoding_rows(results: Results, s: Setting, device, deadline: fl
     hf, ours = build_decoders(s, device)
     ids = torch.randint(0, s.decoder.vocab_size, (s.hf_batch, s.seq), device=device)
     tokens = ids.numel()
-    title_b = (f"(b) decoder forward + backward, Mistral-7B layer shapes, {s.hf_layers} layers, bf16, causal, "
+    dtype = str(s.dtype).removeprefix("torch.")
+    title_b = (f"(b) decoder forward + backward, {s.hf_layers} layers of the (a) shapes, {dtype}, causal, "
                f"{s.hf_batch} x {s.seq} tokens")
-    title_c = (f"(c) encoding {s.texts} random texts of 32-{s.seq} tokens, {s.hf_layers} layers, bf16, "
-               "bidirectional, mean pooling, batches of 64 sorted by token count")
+    batch = 64 if device.type == "cuda" else 8
+    title_c = (f"(c) encoding {s.texts} random texts of {max(2, s.seq // 16)}-{s.seq} tokens, {s.hf_layers} layers, "
+               f"{dtype}, bidirectional, mean pooling, batches of {batch} sorted by token count")
     encoder = NVEmbed(ours, MeanPooling(), ByteTokenizer(), "mean", max_length=s.seq + 2)  # + BOS and EOS
-    texts, tokenizer, batch = random_texts(s.texts, s.seq), ByteTokenizer(), 64 if device.type == "cuda" else 8
+    texts, tokenizer = random_texts(s.texts, s.seq), ByteTokenizer()
     for compiled in (False, True):
         if seconds_left(deadline) < (150 if compiled else 40):
-            results.row(title_b, ["ours", "ours tok/s", "HF tok/s", "ours / HF"],
-                        ["compiled" if compiled else "eager", "skipped: time budget", "", ""])
+            for title in (title_b, title_c):
+                results.row(title, ["ours", "speed ours", "speed HF", "ours / HF"],
+                            ["compiled" if compiled else "eager", "skipped: time budget", "", ""])
             continue
         if compiled:
             ours.compile(backend=s.backend)
@@ -374,21 +383,21 @@ def decoder_and_encoding_rows(results: Results, s: Setting, device, deadline: fl
             layer.self_attn.is_causal = True
         seconds = median_seconds({
             "ours": lambda: ours(ids, None, causal=True).float().pow(2).mean().backward(),
-            "hf": lambda: hf(input_ids=ids).last_hidden_state.float().pow(2).mean().backward()}, device)
+            "hf": lambda: hf(input_ids=ids).last_hidden_state.float().pow(2).mean().backward()}, device, s.repeats)
         ours.zero_grad(set_to_none=True)
         hf.zero_grad(set_to_none=True)
-        results.row(title_b, ["ours", "ours tok/s", "HF tok/s", "ours / HF"],
-                    ["compiled" if compiled else "eager", f"{tokens / seconds['ours']:,.0f}",
-                     f"{tokens / seconds['hf']:,.0f}", f"{seconds['hf'] / seconds['ours']:.2f}"])
+        results.row(title_b, ["ours", "speed ours", "speed HF", "ours / HF"],
+                    ["compiled" if compiled else "eager", f"{tokens / seconds['ours']:,.0f} tok/s",
+                     f"{tokens / seconds['hf']:,.0f} tok/s", f"{seconds['hf'] / seconds['ours']:.2f}"])
         hf.config.is_causal = False  # (c): bidirectional, as NV-Embed
         for layer in hf.layers:
             layer.self_attn.is_causal = False
         seconds = median_seconds({
             "ours": lambda: encoder.encode(texts, batch_size=batch),
-            "hf": lambda: hf_encode(hf, tokenizer, texts, batch, device)}, device, repeats=2)
-        results.row(title_c, ["ours", "ours texts/s", "HF texts/s", "ours / HF"],
-                    ["compiled" if compiled else "eager", f"{len(texts) / seconds['ours']:,.1f}",
-                     f"{len(texts) / seconds['hf']:,.1f}", f"{seconds['hf'] / seconds['ours']:.2f}"])
+            "hf": lambda: hf_encode(hf, tokenizer, texts, batch, device)}, device, s.repeats)
+        results.row(title_c, ["ours", "speed ours", "speed HF", "ours / HF"],
+                    ["compiled" if compiled else "eager", f"{len(texts) / seconds['ours']:,.1f} texts/s",
+                     f"{len(texts) / seconds['hf']:,.1f} texts/s", f"{seconds['hf'] / seconds['ours']:.2f}"])
     del hf, ours, encoder
     gc.collect()
 
