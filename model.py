@@ -294,8 +294,7 @@ class NVEmbed(nn.Module):
         return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled.float()
 
     def compile(self, dynamic: bool = True, backend: str = "inductor") -> "NVEmbed":
-        """Compile the decoder's layers (Mistral.compile) and a pooling with weights (latent, self-attention), in
-        place; parameter names are unchanged. Its pool-mask check runs eagerly between two graphs (a graph break)."""
+        """Mistral.compile, and a pooling with weights (its pool-mask check: a graph break); names unchanged."""
         self.decoder.compile(dynamic, backend)
         if any(True for _ in self.pooling.parameters()):  # mean and eos are a few cheap ops
             compile_forward(self.pooling, dynamic, backend)

@@ -381,15 +381,15 @@ def model_shape(model) -> dict:
     matmul: decoder weights used in matrix products (2-D, not the embedding, not the adapters); lora: the adapters';
     first_qkv: layer 0's q/k/v base weights and lora_A, whose input gradient a frozen base never computes."""
     decoder, pooling = model.decoder, model.pooling
-    frozen_base = model.lora_config() is not None and not decoder.layers[0].mlp.up_proj.weight.requires_grad
+    base = [(name, p) for name, p in decoder.named_parameters() if "lora_" not in name]
+    frozen_base = model.lora_config() is not None and not any(p.requires_grad for _, p in base)
     first_attn = decoder.layers[0].self_attn
     first_qkv = sum(p.numel() for m in (first_attn.q_proj, first_attn.k_proj, first_attn.v_proj)
                     for name, p in m.named_parameters() if name in ("weight", "lora_A"))
     return dict(params=sum(p.numel() for p in model.parameters()), layers=decoder.config.num_hidden_layers,
                 hidden=decoder.config.hidden_size,
                 attention_width=decoder.config.num_attention_heads * decoder.config.head_dim, causal=model.causal,
-                matmul=sum(p.numel() for name, p in decoder.named_parameters()
-                           if p.dim() == 2 and "lora_" not in name and not name.startswith("embed_tokens")),
+                matmul=sum(p.numel() for name, p in base if p.dim() == 2 and not name.startswith("embed_tokens")),
                 lora=sum(p.numel() for name, p in decoder.named_parameters() if "lora_" in name),
                 frozen_base=frozen_base, first_qkv=first_qkv if frozen_base else 0,
                 pooling=model.pooling_name, latents=getattr(pooling, "num_latents", 0),
