@@ -398,8 +398,6 @@ def decoder_and_encoding_rows(results: Results, s: Setting, device, deadline: fl
         results.row(title_c, ["ours", "speed ours", "speed HF", "ours / HF"],
                     ["compiled" if compiled else "eager", f"{len(texts) / seconds['ours']:,.1f} texts/s",
                      f"{len(texts) / seconds['hf']:,.1f} texts/s", f"{seconds['hf'] / seconds['ours']:.2f}"])
-    del hf, ours, encoder
-    gc.collect()
 
 
 def header(args, argv: list[str], device) -> list[str]:
