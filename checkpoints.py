@@ -686,7 +686,7 @@ def prepare_run_folder(config: dict):
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "stop_after", "eval",
-                     "eval_every", "eval_batch_size", "device", "progress"}
+                     "eval_every", "eval_batch_size", "device", "progress", "compile"}  # compile: same step, faster
 
 
 def check_resume_config(folder: Path, config: dict):

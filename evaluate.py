@@ -23,6 +23,7 @@ import torch
 
 from builtin import builtin_dataset
 from checkpoints import is_saved
+from compiled import compile_counts
 from datafiles import doc_text, format_table, load_beir, write_trec
 from distributed import destroy_distributed, gather_rows_to_rank0, init_distributed, print0, rank, world_size
 from errors import configure_logging, exits_on_user_error
@@ -330,6 +331,8 @@ def evaluate_command(args, parser):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = NVEmbed.load(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                          dtype=dtype, device=device)
+    if args.compile:
+        model.compile()
     if args.data == "builtin":
         corpus, queries, qrels = builtin_dataset().split(args.split)
     else:
@@ -342,7 +345,7 @@ def evaluate_command(args, parser):
         instruction=instruction, max_length=max_length, batch_size=args.batch_size, top_k=args.top_k,
         k_values=list(args.k_values), dtype=str(model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
         device=str(device), ranks=world_size(), num_queries=len(qrels), num_documents=len(corpus),
-        run_name=run_name, ignore_identical_ids=args.ignore_identical_ids,
+        run_name=run_name, ignore_identical_ids=args.ignore_identical_ids, compile=args.compile,
     )
     print0("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
     if args.top_k < max(args.k_values) and rank() == 0:
@@ -358,6 +361,8 @@ def evaluate_command(args, parser):
     print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
           f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")
     print(format_table(metrics))
+    if args.compile:
+        print("torch.compile: " + ", ".join(f"{key} {value}" for key, value in compile_counts().items()))
     out.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(dict(metrics=metrics, config=config, seconds=seconds), indent=2) + "\n")
     write_trec(run, run_file, run_name)

@@ -69,6 +69,9 @@ def build_parser(instructions: Mapping[str, str], default_k_values: tuple[int, .
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="weights' dtype (default: a saved model's own, float32 for a base)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder's layers and the pooling (NVEmbed.compile; dynamic shapes: "
+                             "batches of other lengths reuse the graphs)")
     parser.add_argument("--out", default=None,
                         help="folder for DATASET-SPLIT.json (metrics) and DATASET-SPLIT.trec (the run). Default: "
                              "MODEL/eval for a saved model, runs/eval/NAME-POOLING-ATTENTION for a base")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
                          read_hf_checkpoint, read_model_folder, read_released, weights_fingerprint,
                          write_model_folder, write_released_folder)
+from compiled import compile_forward
 from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
 from errors import MissingFileError, UsageError
 from lora import apply_lora, lora_config
@@ -237,6 +238,13 @@ class Mistral(nn.Module):
                 x = layer(x, cos, sin, attn_mask, is_causal)
         return self.norm(x)
 
+    def compile(self, dynamic: bool = True, backend: str = "inductor") -> "Mistral":
+        """torch.compile each decoder layer in place, as torchtitan does (before FSDP's fully_shard: train.py);
+        the glue between layers stays eager. dynamic: symbolic batch and sequence sizes (compiled.py's bound)."""
+        for layer in self.layers:
+            compile_forward(layer, dynamic, backend)
+        return self
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Mistral":
@@ -284,6 +292,13 @@ class NVEmbed(nn.Module):
         pooled = self.pooling(hidden.to(pooling_dtype), batch["pool_mask"])  # (B, D)
         # In fp32 as the released code does: a bf16 norm leaves vectors of length 1 +- 4e-3.
         return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled.float()
+
+    def compile(self, dynamic: bool = True, backend: str = "inductor") -> "NVEmbed":
+        """Mistral.compile, and a pooling with weights (its pool-mask check: a graph break); names unchanged."""
+        self.decoder.compile(dynamic, backend)
+        if any(True for _ in self.pooling.parameters()):  # mean and eos are a few cheap ops
+            compile_forward(self.pooling, dynamic, backend)
+        return self
 
     # -- inference -------------------------------------------------------------
 

@@ -40,6 +40,7 @@ import train_cli
 from builtin import builtin_dataset, builtin_sources
 from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
                          save_checkpoint)
+from compiled import compile_counts
 from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
 from errors import DataError, UsageError, UserError
 from lora import apply_lora, mark_only_lora_trainable
@@ -113,11 +114,15 @@ def load_from_rank0(model, full_state: dict | None, device: torch.device):
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def parallelize(model, device: torch.device, activation_checkpointing: bool = False, compute_dtype: str = "bf16"):
+def parallelize(model, device: torch.device, activation_checkpointing: bool = False, compute_dtype: str = "bf16",
+                compile: bool = False):
     """FSDP2 (torchtitan-style): shard each decoder layer, then the pooling, then the root. Each group is
     gathered just before its forward and freed after it, so one layer is whole at a time. On GPU it computes in
-    bf16 and reduces gradients in fp32 (the master shards stay fp32). Without a process group: only moved."""
+    bf16 and reduces gradients in fp32 (the master shards stay fp32). Without a process group: only moved.
+    `compile`: each layer and the pooling compiled first (torchtitan's order), so FSDP's hooks stay eager."""
     model.decoder.activation_checkpointing = activation_checkpointing  # recompute each layer in backward
+    if compile:
+        model.compile()
     if not is_distributed():
         return model.to(device)
     mesh = init_device_mesh(device.type, (world_size(),))
@@ -325,9 +330,24 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def model_shape(model) -> dict:
-    """What step_flops counts with: all parameters (under FSDP, the unsharded count), layers, hidden size."""
-    return dict(params=sum(p.numel() for p in model.parameters()), layers=model.decoder.config.num_hidden_layers,
-                hidden=model.decoder.config.hidden_size)
+    """The sizes step_flops counts with (parameter counts are global: a DTensor's numel under FSDP is unsharded).
+    matmul: decoder weights used in matrix products (2-D, not the embedding, not the adapters); lora: the adapters';
+    first_qkv: layer 0's q/k/v base weights and lora_A, whose input gradient a frozen base never computes."""
+    decoder, pooling = model.decoder, model.pooling
+    base = [(name, p) for name, p in decoder.named_parameters() if "lora_" not in name]
+    frozen_base = model.lora_config() is not None and not any(p.requires_grad for _, p in base)
+    first_attn = decoder.layers[0].self_attn
+    first_qkv = sum(p.numel() for m in (first_attn.q_proj, first_attn.k_proj, first_attn.v_proj)
+                    for name, p in m.named_parameters() if name in ("weight", "lora_A"))
+    return dict(params=sum(p.numel() for p in model.parameters()), layers=decoder.config.num_hidden_layers,
+                hidden=decoder.config.hidden_size,
+                attention_width=decoder.config.num_attention_heads * decoder.config.head_dim, causal=model.causal,
+                matmul=sum(p.numel() for name, p in base if p.dim() == 2 and not name.startswith("embed_tokens")),
+                lora=sum(p.numel() for name, p in decoder.named_parameters() if "lora_" in name),
+                frozen_base=frozen_base, first_qkv=first_qkv if frozen_base else 0,
+                pooling=model.pooling_name, latents=getattr(pooling, "num_latents", 0),
+                pooling_width=getattr(pooling, "num_heads", 0) * getattr(pooling, "head_dim", 0),
+                mlp_ratio=getattr(pooling, "mlp_ratio", 0))
 
 
 def describe(model, device: torch.device) -> str:
@@ -339,13 +359,44 @@ def describe(model, device: torch.device) -> str:
 
 
 def step_flops(model_shape: dict, batch: dict) -> float:
-    """Training FLOPs of one micro-batch, counted as torchtitan does: 6 x parameters per
-    token (forward 2, backward 4) plus 12 x layers x D x T per token for attention."""
+    """Useful training FLOPs of one micro-batch (data.collate's queries and documents): the matrix products of
+    forward and backward, counted once, over real tokens only (MFU, not HFU). The counting rule, per real token:
+
+    - decoder weights (N = model_shape["matmul"]): 2N forward, 2N for the input gradient, 2N for the weight
+      gradient: 6N with full fine-tuning. LoRA on a frozen base computes no weight gradient of the frozen
+      matrices, so 4N, less 2 x layer 0's q/k/v (their input is the frozen embedding: no gradient flows to it),
+      plus 6 x the adapters' parameters (each adapter is two small matmuls, trained);
+    - attention, per layer and row of L real tokens: QK^T and AV are 4 x L x L_keys x (H x Dh) forward and twice
+      that backward (12 in all), L_keys = L bidirectional, (L + 1) / 2 on average causal;
+    - the pooling, over the pooled tokens P of a row (pool_mask), forward x 3 (every weight trains, and the
+      gradient flows on into the decoder): latent attention's to_q, scores and values over the latents, to_out
+      and GEGLU MLP per token, plus to_kv on the latents once per forward; self-attention's projections and
+      P x P attention; mean and EOS nothing.
+
+    Not counted: padding (zero-padded positions are wasted work), activation-checkpoint recomputation and GradCache's
+    re-embedding (the same forward again: call this once per logical batch), norms, softmax and other elementwise
+    ops, and the loss's (B x C) similarity product. tests/test_flops.py checks this against FlopCounterMode."""
+    s = model_shape
+    per_token = (4 * s["matmul"] + 6 * s["lora"]) if s["frozen_base"] else 6 * s["matmul"]
     flops = 0.0
     for part in ("queries", "documents"):
-        rows, T = batch[part]["input_ids"].shape
-        flops += rows * T * (6 * model_shape["params"] + 12 * model_shape["layers"] * model_shape["hidden"] * T)
+        lengths = batch[part]["attention_mask"].sum(1).double()  # (rows,) real tokens
+        keys = (lengths + 1) / 2 if s["causal"] else lengths  # (rows,) keys a token attends to, on average
+        flops += float(lengths.sum()) * (per_token - 2 * s["first_qkv"])
+        flops += 12 * s["layers"] * s["attention_width"] * float((lengths * keys).sum())
+        flops += 3 * _pooling_forward_flops(s, batch[part]["pool_mask"].sum(1).double())
     return flops
+
+
+def _pooling_forward_flops(s: dict, pooled: torch.Tensor) -> float:
+    """Forward matmul FLOPs of the pooling on rows of `pooled` (rows,) pooled tokens (step_flops' rule)."""
+    D, width, L = s["hidden"], s["pooling_width"], s["latents"]
+    if s["pooling"] == "latent":  # to_q + scores + values + to_out + ff_in + ff_out per token; to_kv once
+        per_token = 2 * D * width + 4 * L * width + 2 * width * D + 6 * s["mlp_ratio"] * D * D
+        return float(pooled.sum()) * per_token + 2 * L * D * 2 * width
+    if s["pooling"] == "self-attention":  # qkv + out per token, then P x P scores and values of width D
+        return float(pooled.sum()) * 8 * D * D + 4 * D * float((pooled * pooled).sum())
+    return 0.0  # mean, eos: no matrix products
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -437,7 +488,7 @@ def train(config: dict) -> dict:
     model = build_model_on_rank0(config) if distributed else build_model(config)
     print0(describe(model, device))
     full_state = model.state_dict() if distributed and rank() == 0 else None  # what rank 0 broadcasts
-    model = parallelize(model, device, config["activation_checkpointing"], config["dtype"])
+    model = parallelize(model, device, config["activation_checkpointing"], config["dtype"], config["compile"])
     if distributed:
         load_from_rank0(model, full_state, device)
     del full_state
@@ -524,12 +575,16 @@ class StepLog:
         record = dict(step=step, loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"], ms_per_step=ms,
                       tokens_per_s=tokens_per_s, mfu=mfu, peak_memory_mib=peak_memory_mib(self.device),
                       dataset=dataset)
+        # --compile: graphs compiled so far; growth after the first steps is recompilation (compiled.py's bound).
+        if self.config["compile"]:
+            record["compiled"] = compile_counts()
+        compiled = f" | graphs {record['compiled']['graphs']}" if "compiled" in record else ""
         append_log(Path(self.config["out"]), record)
         if rank() == 0:
             self.progress.write(f"step {step:5d}/{self.config['steps']} | loss {stats['loss']:.4f} | "
                                 f"lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | {ms:.0f} ms/step | "
                                 f"{tokens_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                                f"mem {record['peak_memory_mib']:,.0f} MiB | {dataset}")
+                                f"mem {record['peak_memory_mib']:,.0f} MiB | {dataset}{compiled}")
         self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
 
     def close(self):

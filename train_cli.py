@@ -116,6 +116,9 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
                         "trainable parameters are always fp32")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward pass (less memory, ~30%% more compute)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer and the pooling (NVEmbed.compile; dynamic shapes, so other "
+                        "lengths do not recompile); the log counts the graphs compiled")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/stage{1,2})")

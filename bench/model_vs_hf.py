@@ -10,6 +10,7 @@ training-step memory of a transformer.
 
     python bench/model_vs_hf.py                      # 4 layers, hidden 512, 8 x 256 tokens
     python bench/model_vs_hf.py --layers 2 --repeats 3
+    python bench/model_vs_hf.py --compile --dtypes float32   # adds ours compiled (Mistral.compile), alternating too
 """
 
 import argparse
@@ -54,7 +55,7 @@ def step(model, ids, mask, is_ours):
     return memory
 
 
-def bench(args, dtype):
+def bench(args, dtype, compile_ours=False):
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,17 +67,22 @@ def bench(args, dtype):
     hf = transformers.MistralModel(hf_cfg).to(device, dtype)
     ours = Mistral(cfg).to(device, dtype)
     ours.load_state_dict(hf.state_dict())
+    models = {"ours": ours, "hf": hf}
+    if compile_ours:  # the same weights again, each layer compiled (the first round, a warm-up, compiles)
+        models["compiled"] = Mistral(cfg).to(device, dtype)
+        models["compiled"].load_state_dict(hf.state_dict())
+        models["compiled"].compile()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     mask = torch.ones_like(ids)
     tokens = ids.numel()
-    times = {"ours": [], "hf": []}
+    times = {name: [] for name in models}
     memory = {}
     for i in range(args.repeats + 1):  # first round is warm-up
-        for name, model in (("ours", ours), ("hf", hf)):
+        for name, model in models.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            memory[name] = step(model, ids, mask, name == "ours")
+            memory[name] = step(model, ids, mask, name != "hf")
             if device == "cuda":
                 torch.cuda.synchronize()
             if i:
@@ -92,15 +98,19 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time our decoder compiled (Mistral.compile)")
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"])
     args = p.parse_args()
     print(f"config: {args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq} tokens, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}")
-    print(f"{'dtype':<9}{'ours tok/s':>12}{'HF tok/s':>12}{'speed ratio':>13}{'ours MiB':>10}{'HF MiB':>9}{'mem ratio':>11}")
-    for dtype in (torch.float32, torch.bfloat16):
-        speed, memory = bench(args, dtype)
+    print(f"{'dtype':<9}{'ours tok/s':>12}{'HF tok/s':>12}{'speed ratio':>13}{'ours MiB':>10}{'HF MiB':>9}"
+          f"{'mem ratio':>11}" + (f"{'compiled tok/s':>16}{'compiled / HF':>15}" if args.compile else ""))
+    for dtype in (getattr(torch, name) for name in args.dtypes):
+        speed, memory = bench(args, dtype, args.compile)
+        compiled = f"{speed['compiled']:>16.0f}{speed['compiled'] / speed['hf']:>15.2f}" if args.compile else ""
         print(f"{str(dtype).removeprefix('torch.'):<9}{speed['ours']:>12.0f}{speed['hf']:>12.0f}"
               f"{speed['ours'] / speed['hf']:>13.2f}{memory['ours'] / 2**20:>10.1f}{memory['hf'] / 2**20:>9.1f}"
-              f"{memory['ours'] / memory['hf']:>11.2f}")
+              f"{memory['ours'] / memory['hf']:>11.2f}{compiled}")
 
 
 if __name__ == "__main__":

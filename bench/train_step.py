@@ -27,7 +27,7 @@ from bench.model_vs_hf import saved_bytes  # noqa: E402
 from lora import apply_lora, mark_only_lora_trainable  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import LatentAttentionPooling  # noqa: E402
-from train import contrastive_loss, peak_flops, step_flops  # noqa: E402
+from train import contrastive_loss, model_shape, peak_flops, step_flops  # noqa: E402
 
 
 class HFDecoder(nn.Module):
@@ -129,9 +129,7 @@ def compare(args, config, checkpointing, dtype, device, lora):
             if i:
                 times[name].append(seconds)
     seconds = {k: statistics.median(v) for k, v in times.items()}
-    params = sum(p.numel() for p in runs["ours"][0].parameters())
-    shape = dict(params=params, layers=config.num_hidden_layers, hidden=config.hidden_size)
-    flops = step_flops(shape, {"queries": queries, "documents": documents})
+    flops = step_flops(model_shape(runs["ours"][0]), {"queries": queries, "documents": documents})
     return tokens, seconds, memory, flops
 
 

@@ -57,3 +57,19 @@ def test_plot_writes_both_pictures(tmp_path):
 
 def test_plot_and_ablate_agree_on_the_pooling_order():
     assert plot_ablation.POOLING_ORDER == ablate.POOLING_ORDER  # plot_ablation.py does not import torch
+
+
+def test_gpu_benchmark_dry_run_writes_every_row(tmp_path):
+    """bench/gpu_step.py end to end at tiny shapes on the CPU, so that its first GPU run does not fail on a typo."""
+    from bench import gpu_step
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nan earlier section\n")
+    gpu_step.main(["--dry-run", "--results", str(results)])
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\nan earlier section\n\n## DRY RUN")  # appended, nothing lost
+    assert "`python bench/gpu_step.py --dry-run --results" in text and "Hardware: CPU" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| fine-tuning")
+            and not line.startswith("| ours |")]
+    assert len(rows) == 8 + 2 + 2  # (a) LoRA and full x eager/compiled x checkpointing off/on; (b); (c)
+    assert not [row for row in rows if "skipped" in row or "out of memory" in row]
