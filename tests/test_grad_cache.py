@@ -165,3 +165,24 @@ def test_grad_cache_flags_are_checked():
         train_cli.resolve_config(parser.parse_args(["--grad-cache", "4", "--grad-accum", "2"]))
     with pytest.raises(Exception, match="--grad-cache must be"):
         train_cli.resolve_config(parser.parse_args(["--grad-cache", "-1"]))
+
+
+def test_grad_cache_under_bf16_autocast():
+    """bf16 compute (the GPU recipe) over fp32 trainable weights: the plain step's gradients to bf16 round-off."""
+    model = tiny_model("lora")
+    batch = batch_for(model)
+    grads = []
+    for chunk_size in (None, 5):
+        model.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        if chunk_size is None:
+            train.forward_backward(model, batch, TEMPERATURE, 1.0, CPU, autocast)
+        else:
+            train.forward_backward_cached(model, batch, TEMPERATURE, chunk_size, CPU, autocast)
+        grads.append(gradients(model))
+    want, got = grads
+    assert set(got) == set(want) and want
+    for name in want:
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name], rtol=5e-2, atol=5e-2 * want[name].abs().max().item(),
+                                   msg=name)
