@@ -302,8 +302,8 @@ def main(argv=None):
     else:
         out = Path("runs") / "eval" / f"{Path(model_name).stem}-{pooling}-{'causal' if causal else 'bidirectional'}"
     stem = f"{dataset_name}-{args.split}"
-    metrics_file, run_file = out / f"{stem}.json", out / f"{stem}.trec"
-    existing = [str(p) for p in (metrics_file, run_file) if p.exists()]
+    metrics_file, run_file, per_query_file = out / f"{stem}.json", out / f"{stem}.trec", out / f"{stem}.per_query.json"
+    existing = [str(p) for p in (metrics_file, run_file, *([per_query_file] if args.per_query else [])) if p.exists()]
     if existing and not args.overwrite:
         parser.error(f"{' and '.join(existing)} already exist; pass --overwrite to replace them or --out elsewhere")
     run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
@@ -341,6 +341,10 @@ def main(argv=None):
     metrics_file.write_text(json.dumps(dict(metrics=metrics, config=config, seconds=seconds), indent=2) + "\n")
     write_trec(run, run_file, run_name)
     print(f"wrote {metrics_file} and {run_file}")
+    if args.per_query:  # the same metrics query by query (evaluate's are their means), for significance.py
+        per_query = evaluate_per_query(qrels, run, args.k_values, ignore_identical_ids=args.ignore_identical_ids)
+        per_query_file.write_text(json.dumps(dict(per_query=per_query, config=config), indent=1) + "\n")
+        print(f"wrote {per_query_file}")
     return metrics
 
 
