@@ -138,3 +138,20 @@ def test_minilm_matches_sentence_transformers():
     assert (teacher.pooling_modes, teacher.normalize, teacher.max_length) == (["mean"], True, 256)
     expected = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(teacher.encode(texts, batch_size=3), expected.cpu(), atol=2e-6, rtol=0)
+
+
+def test_mine_command_takes_a_sentence_transformers_folder(tmp_path):
+    """mine.py --model FOLDER (it has modules.json): the teacher embeds bare queries (sentence-transformers models
+    are trained on bare queries), the training file keeps the student's instruction; NV-Embed flags are refused."""
+    from builtin import BUILTIN_INSTRUCTION
+    from datafiles import read_training_file
+
+    folder = make_folder(tmp_path / "st", ["mean"], normalize=True)
+    out = tmp_path / "mined.jsonl"
+    _, stats = mine.main(["--model", str(folder), "--out", str(out), "--top-k", "3", "--margin", "10", "--quiet"])
+    assert stats["model"] == str(folder) and stats["teacher_instruction"] == "" and stats["queries_kept"] > 0
+    examples = read_training_file(out)
+    assert examples and all(e.instruction == BUILTIN_INSTRUCTION and len(e.negatives) <= 3 for e in examples)
+    with pytest.raises(SystemExit) as exit_:
+        mine.main(["--model", str(folder), "--pooling", "mean", "--out", str(tmp_path / "other.jsonl")])
+    assert exit_.value.code == 2
