@@ -150,7 +150,8 @@ def held_out(qrels, fraction, seed):
 def mined_file(teacher_model, name, corpus, queries, fit_qrels, instruction, setting, out, batch_size):
     """OUT/NAME.jsonl: negatives for the fit queries from one teacher (mine.py), its stats in NAME.stats.json."""
     negatives, stats = mine.mine(teacher_model, corpus, queries, fit_qrels, instruction,
-                                 top_k=setting["hard_negatives"], margin=setting["margin"], batch_size=batch_size)
+                                 top_k=setting["hard_negatives"], margin=setting["margin"], depth=setting["depth"],
+                                 batch_size=batch_size)
     examples = datafiles.beir_training_examples(corpus, queries, fit_qrels, negatives, instruction)
     path = out / f"{name}.jsonl"
     datafiles.write_training_file(path, examples)
@@ -213,7 +214,7 @@ def markdown(rows, bm25, config):
 
 def experiment(args):
     """The teacher x length table (see the docstring); OUT/teachers.md and OUT/teachers.json after every row."""
-    setting = dict(DRY_RUN if args.dry_run else SETTING, margin=args.margin)
+    setting = dict(DRY_RUN if args.dry_run else SETTING, margin=args.margin, depth=args.depth)
     instruction = INSTRUCTIONS["scifact"]
     corpus, train_queries, train_qrels = datafiles.load_beir(args.data, "train")
     fit_qrels, dev_qrels = held_out(train_qrels, args.dev_fraction, args.seed)
@@ -270,6 +271,7 @@ def build_parser():
     p.add_argument("--lengths", nargs="+", type=int, default=[256, 512], help="text lengths (tokens)")
     p.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=TEACHERS)
     p.add_argument("--margin", type=float, default=0.95, help="mining: drop candidates above margin x positive")
+    p.add_argument("--depth", type=int, default=100, help="mining: candidates searched per query (mine.py's 100)")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="train queries held out to choose a teacher")
     p.add_argument("--batch-size", type=int, default=64, help="texts per batch when encoding")
     p.add_argument("--seed", type=int, default=0)
