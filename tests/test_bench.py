@@ -106,11 +106,12 @@ def test_teachers_dry_run_runs_every_teacher_and_compares_with_bm25(tmp_path):
     corpus = [json.loads(line) for line in (data / "corpus.jsonl").open()]
     words = sorted({w for doc in corpus for w in re.findall(r"[a-z]+", (doc["title"] + " " + doc["text"]).lower())})
     minilm = make_folder(tmp_path / "minilm", ["mean"], normalize=True, words=words)  # knows the corpus's words
+    # --margin 10: the random teachers' scores are all alike, and 0.95 would drop every candidate.
     rows = teachers.main(["--dry-run", "--model", "tiny", "--data", str(data), "--minilm", str(minilm),
                           "--out", str(tmp_path / "out"), "--lengths", "128", "--device", "cpu", "--dev-fraction",
-                          "0.25", "--margin", "10"])  # the random teachers' scores are all alike: 0.95 would drop every candidate
+                          "0.25", "--margin", "10"])
     assert [r["teacher"] for r in rows] == ["bm25", "minilm", "self"]
-    saved = json.loads((tmp_path / "out" / "teachers.json").read_text())
+    saved = json.loads((tmp_path / "out" / "teachers-128.json").read_text())
     assert saved["config"]["dev_queries"] == 3 and saved["config"]["fit_queries"] == 9
     for r in rows:
         gap = r["vs_bm25"]["NDCG@10"]
@@ -119,4 +120,4 @@ def test_teachers_dry_run_runs_every_teacher_and_compares_with_bm25(tmp_path):
     # The held-out queries are never mined: every training file holds only the fit queries.
     mined_queries = {line["query"] for line in map(json.loads, (tmp_path / "out" / "bm25.jsonl").open())}
     assert len(mined_queries) <= 9
-    assert "| self | 128 |" in (tmp_path / "out" / "teachers.md").read_text()
+    assert "| self | 128 |" in (tmp_path / "out" / "teachers-128.md").read_text()
