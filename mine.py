@@ -181,7 +181,7 @@ class SentenceTransformerTeacher:
         self.folder = Path(folder)
         modules = _read_json(self.folder / "modules.json")
         kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-        if kinds[:2] != ["Transformer", "Pooling"] or not set(kinds) <= set(ST_MODULES) or len(kinds) > 3:
+        if kinds not in (list(ST_MODULES[:2]), list(ST_MODULES)):
             raise CheckpointError(f"{self.folder / 'modules.json'}: modules {kinds}: only Transformer, Pooling and "
                                   "an optional Normalize are implemented")
         transformer_folder = self.folder / modules[0].get("path", "")
@@ -198,7 +198,6 @@ class SentenceTransformerTeacher:
         model_limit = min(self.tokenizer.model_max_length,
                           getattr(self.encoder.config, "max_position_embeddings", 10 ** 9))
         self.max_length = max_length or st_config.get("max_seq_length") or model_limit
-        self.name = self.folder.name if self.folder.name != "model" else self.folder.parent.name
 
     @torch.no_grad()
     def encode(self, texts, instruction: str = "", batch_size: int = 32, max_length: int | None = None,

@@ -139,7 +139,7 @@ def baselines(args):
     for name, teacher in (("bm25", mine.BM25Teacher()), ("minilm", minilm)):
         start = time.perf_counter()
         _, stats = mine.mine(teacher, corpus, train_queries, train_qrels, instruction, top_k=SETTING["hard_negatives"],
-                             batch_size=args.batch_size)
+                             margin=args.margin, depth=args.depth, batch_size=args.batch_size)
         results[f"mining_{name}"] = stats | dict(seconds=time.perf_counter() - start)
         print(f"mining with {name}: {json.dumps(stats)}", flush=True)
     (out / "baselines.json").write_text(json.dumps(dict(results=results, config=config), indent=2) + "\n")

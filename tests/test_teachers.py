@@ -118,6 +118,9 @@ def test_refuses_what_it_does_not_implement(tmp_path):
     with pytest.raises(CheckpointError, match=r"modules.json: modules \['Transformer', 'Pooling', 'Normalize', "
                                               r"'Dense'\]: only Transformer, Pooling and an optional Normalize"):
         mine.SentenceTransformerTeacher(folder)
+    (folder / "modules.json").write_text(json.dumps(modules[:2] + modules[1:2]))  # a second Pooling
+    with pytest.raises(CheckpointError, match=r"modules \['Transformer', 'Pooling', 'Pooling'\]"):
+        mine.SentenceTransformerTeacher(folder)
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": False}))
     with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling modes \[\]"):
