@@ -37,6 +37,7 @@ import bm25s
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
 
 from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
@@ -176,8 +177,6 @@ class SentenceTransformerTeacher:
     prepended as sentence-transformers prepends a prompt; its models are used bare (the default here)."""
 
     def __init__(self, folder, device="cpu", max_length: int | None = None):
-        from transformers import AutoModel, AutoTokenizer  # (local: only this teacher needs an encoder model)
-
         self.folder = Path(folder)
         modules = _read_json(self.folder / "modules.json")
         kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
@@ -201,9 +200,11 @@ class SentenceTransformerTeacher:
 
     @torch.no_grad()
     def encode(self, texts, instruction: str = "", batch_size: int = 32, max_length: int | None = None,
-               convert_to_tensor: bool = True, normalize_embeddings: bool = False, show_progress_bar: bool = False):
+               convert_to_tensor: bool = True, normalize_embeddings: bool = False):
         """(N, D) float32 CPU tensor in the input order (numpy unless convert_to_tensor), unit length with
-        normalize_embeddings; batches of similar length (longest first), which changes nothing but the padding."""
+        normalize_embeddings. Batches hold texts of similar length (longest first, as sentence-transformers
+        batches): with right padding that changes nothing but the padding; a left-padding tokenizer shifts
+        absolute positions with the padding, in sentence-transformers as here."""
         texts = [instruction + t for t in texts]
         texts = [t.lower() for t in texts] if self.do_lower_case else texts
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
