@@ -95,14 +95,19 @@ def scored_run(run, qrels):
     return {"ndcg@10": means["NDCG@10"], "recall@100": means["Recall@100"], "per_query": per_query}
 
 
-def bm25_scores(data, split="test"):
-    """This project's BM25 (bm25s, mine.BM25Teacher) retrieving for the split: the reference for the p-values."""
-    corpus, queries, qrels = datafiles.load_beir(data, split)
+def bm25_run(corpus, queries, qrels, top_k=100):
+    """This project's BM25 (bm25s, mine.BM25Teacher) as a retriever: {query_id: {doc_id: score}}."""
     doc_ids = list(corpus)
     teacher = mine.BM25Teacher().index([datafiles.doc_text(corpus[d]) for d in doc_ids])
     query_ids = [q for q in queries if q in qrels]
-    ranked, _ = teacher.rank([queries[q] for q in query_ids], [[0]] * len(query_ids), k=100)
-    return scored_run({q: {doc_ids[j]: s for s, j in candidates} for q, candidates in zip(query_ids, ranked)}, qrels)
+    ranked, _ = teacher.rank([queries[q] for q in query_ids], [[0]] * len(query_ids), k=top_k)
+    return {q: {doc_ids[j]: score for score, j in candidates} for q, candidates in zip(query_ids, ranked)}
+
+
+def bm25_scores(data, split="test"):
+    """BM25's scored_run on the split: the reference for the p-values."""
+    corpus, queries, qrels = datafiles.load_beir(data, split)
+    return scored_run(bm25_run(corpus, queries, qrels), qrels)
 
 
 def versus(row, reference, metric="NDCG@10"):

