@@ -162,9 +162,10 @@ def _ranking(qid, doc_scores, ignore_identical_ids):
     return [did for _, did in ranked]
 
 
-def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids=True):
-    """BEIR's NDCG@k, MAP@k, Recall@k, P@k and MRR@k of a run, averaged over queries: qrels {query_id: {doc_id: int
-    grade}}, run {query_id: {doc_id: score}} (neither modified) -> {"NDCG@k": float, ...} for every k, unrounded."""
+def evaluate_per_query(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids=True):
+    """BEIR's NDCG@k, MAP@k, Recall@k, P@k and MRR@k of each query of a run: qrels {query_id: {doc_id: int grade}},
+    run {query_id: {doc_id: score}} (neither modified) -> {query_id: {"NDCG@k": float, ...}}, in the run's order,
+    unrounded. `evaluate` averages them; paired significance tests (significance.py) compare them."""
     k_values = _check_k_values(k_values)
     k_max = k_values[-1]
     # Which queries count: pytrec_eval evaluates a query only if it is in the run (even with no retrieved docs: it
@@ -177,7 +178,8 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
 
     # trec_eval's rank-r discount for nDCG is log2(r + 1), r = 1, 2, ...
     discount = 1.0 / np.log2(np.arange(2, k_max + 2, dtype=np.float64))  # (k_max,)
-    totals = {f"{name}@{k}": 0.0 for name in ("NDCG", "MAP", "Recall", "P", "MRR") for k in k_values}
+    names = [f"{name}@{k}" for name in ("NDCG", "MAP", "Recall", "P", "MRR") for k in k_values]
+    per_query = {}
     for qid in query_ids:
         if not isinstance(qid, str):
             raise TypeError(f"evaluate: query id {qid!r} is not a string")
@@ -198,18 +200,29 @@ def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids
         ideal_grades = np.sort(np.array([g for g in grades.values() if g > 0], dtype=np.float64))[::-1]
         ideal_dcg = np.cumsum(ideal_grades[:k_max] * discount[: min(len(ideal_grades), k_max)])
         first_relevant = int(np.argmax(relevant)) + 1 if relevant.any() else None  # rank, 1-based
+        values = {}
         for k in k_values:
             cut = min(k, num_retrieved)  # a run shorter than k is scored as if padded with non-relevant docs
             hits_k = float(hits[cut - 1]) if cut else 0.0
             ideal_k = float(ideal_dcg[min(k, len(ideal_dcg)) - 1]) if len(ideal_dcg) else 0.0
-            totals[f"NDCG@{k}"] += float(dcg[cut - 1]) / ideal_k if cut and ideal_k > 0 else 0.0
-            totals[f"MAP@{k}"] += float(precision_sum[cut - 1]) / num_relevant if cut and num_relevant else 0.0
-            totals[f"Recall@{k}"] += hits_k / num_relevant if num_relevant else 0.0
-            totals[f"P@{k}"] += hits_k / k  # divides by k even when fewer than k were retrieved
+            values[f"NDCG@{k}"] = float(dcg[cut - 1]) / ideal_k if cut and ideal_k > 0 else 0.0
+            values[f"MAP@{k}"] = float(precision_sum[cut - 1]) / num_relevant if cut and num_relevant else 0.0
+            values[f"Recall@{k}"] = hits_k / num_relevant if num_relevant else 0.0
+            values[f"P@{k}"] = hits_k / k  # divides by k even when fewer than k were retrieved
             # MRR (BEIR custom_metrics.mrr): 1 / rank of the first relevant doc in the top k, else 0, by trec_eval's
             # rank; BEIR's sorts raw scores stably (ties in run order): the same when top-k float32 scores differ.
-            totals[f"MRR@{k}"] += 1.0 / first_relevant if first_relevant is not None and first_relevant <= k else 0.0
-    return {name: total / len(query_ids) for name, total in totals.items()}
+            values[f"MRR@{k}"] = 1.0 / first_relevant if first_relevant is not None and first_relevant <= k else 0.0
+        per_query[qid] = {name: values[name] for name in names}  # NDCG@k for every k, then MAP@k, ...
+    return per_query
+
+
+def evaluate(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_identical_ids=True):
+    """BEIR's NDCG@k, MAP@k, Recall@k, P@k and MRR@k of a run, averaged over queries: qrels {query_id: {doc_id: int
+    grade}}, run {query_id: {doc_id: score}} (neither modified) -> {"NDCG@k": float, ...} for every k, unrounded:
+    the mean of `evaluate_per_query`'s values (summed in the run's order, as BEIR does)."""
+    per_query = evaluate_per_query(qrels, run, k_values, ignore_identical_ids)
+    names = next(iter(per_query.values()))
+    return {name: sum(values[name] for values in per_query.values()) / len(per_query) for name in names}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,8 +335,8 @@ def evaluate_command(args, parser):
     else:
         out = Path("runs") / "eval" / f"{Path(model_name).stem}-{pooling}-{'causal' if causal else 'bidirectional'}"
     stem = f"{dataset_name}-{args.split}"
-    metrics_file, run_file = out / f"{stem}.json", out / f"{stem}.trec"
-    existing = [str(p) for p in (metrics_file, run_file) if p.exists()]
+    metrics_file, run_file, per_query_file = out / f"{stem}.json", out / f"{stem}.trec", out / f"{stem}.per_query.json"
+    existing = [str(p) for p in (metrics_file, run_file, *([per_query_file] if args.per_query else [])) if p.exists()]
     if existing and not args.overwrite:
         parser.error(f"{' and '.join(existing)} already exist; pass --overwrite to replace them or --out elsewhere")
     run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
@@ -367,6 +380,10 @@ def evaluate_command(args, parser):
     metrics_file.write_text(json.dumps(dict(metrics=metrics, config=config, seconds=seconds), indent=2) + "\n")
     write_trec(run, run_file, run_name)
     print(f"wrote {metrics_file} and {run_file}")
+    if args.per_query:  # the same metrics query by query (evaluate's are their means), for significance.py
+        per_query = evaluate_per_query(qrels, run, args.k_values, ignore_identical_ids=args.ignore_identical_ids)
+        per_query_file.write_text(json.dumps(dict(per_query=per_query, config=config), indent=1) + "\n")
+        print(f"wrote {per_query_file}")
     return metrics
 
 

@@ -76,6 +76,9 @@ def build_parser(instructions: Mapping[str, str], default_k_values: tuple[int, .
                         help="folder for DATASET-SPLIT.json (metrics) and DATASET-SPLIT.trec (the run). Default: "
                              "MODEL/eval for a saved model, runs/eval/NAME-POOLING-ATTENTION for a base")
     parser.add_argument("--run-name", default=None, help="the TREC run name column (default: nvembed-MODELNAME)")
+    parser.add_argument("--per-query", action="store_true",
+                        help="also write each query's metrics, OUT/DATASET-SPLIT.per_query.json (significance.py "
+                             "compares two such files)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_verbosity_flags(parser)
     return parser

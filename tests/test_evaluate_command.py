@@ -146,6 +146,33 @@ def test_beir_folder_with_titles(tmp_path):
     assert metrics == pytest.approx(evaluate(qrels, run, (1, 2, 3)), abs=1e-12)
 
 
+def test_per_query_file_holds_each_querys_metrics(tmp_path):
+    """--per-query: OUT/DATASET-SPLIT.per_query.json, each query's metrics as pytrec_eval computes them on the
+    written run; their means are the metrics file's. An existing one is not overwritten."""
+    corpus = {f"d{i}": {"title": "", "text": text} for i, text in enumerate(
+        ["The fox is quick.", "Dogs are lazy.", "Cats sleep all day.", "Birds sing at dawn.", "Fish swim."])}
+    queries = {"q1": "which animal is quick", "q2": "who sleeps", "q3": "who sings"}
+    qrels = {"q1": {"d0": 1}, "q2": {"d2": 2, "d1": 0}, "q3": {"d3": 1, "d4": 1}}
+    write_beir(tmp_path / "toy", corpus, queries, {"test": qrels})
+    out = tmp_path / "out"
+    argv = ["--model", "tiny", "--data", str(tmp_path / "toy"), "--instruction", "", "--out", str(out),
+            "--k-values", "1,3", "--per-query"]
+    metrics = main(argv)
+    saved, _, run = read_outputs(out, "toy-test")
+    per_query = json.loads((out / "toy-test.per_query.json").read_text())["per_query"]
+    oracle = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.1,3", "recall.1,3"}).evaluate(run)
+    assert set(per_query) == set(oracle) == set(qrels)
+    for qid, values in oracle.items():
+        assert per_query[qid]["NDCG@3"] == pytest.approx(values["ndcg_cut_3"], abs=1e-6)
+        assert per_query[qid]["Recall@1"] == pytest.approx(values["recall_1"], abs=1e-6)
+    assert {name: sum(v[name] for v in per_query.values()) / 3 for name in metrics} == pytest.approx(metrics,
+                                                                                                     abs=1e-12)
+    (out / "toy-test.json").unlink()
+    (out / "toy-test.trec").unlink()
+    with pytest.raises(SystemExit):  # only the per-query file is left, and it is not replaced
+        main(argv)
+
+
 def test_trec_format_errors(tmp_path):
     run = {"q1": {"d1": 0.5, "d2": 0.5, "d3": 0.25}}
     write_trec(run, tmp_path / "run.trec", "r")

@@ -12,6 +12,7 @@ import mine
 from builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from datafiles import doc_text, read_training_file
 from model import NVEmbed
+from tests.test_teachers import make_folder
 
 
 def test_mining_rules_hold_for_every_kept_negative():
@@ -159,3 +160,71 @@ def test_command_writes_a_readable_training_file(tmp_path):
         assert exit_.code == 2  # refuses to overwrite
     else:
         raise AssertionError("mine.py overwrote an existing file")
+
+
+class LookupEmbedder:
+    """An adversarial dense teacher: each distinct text is a basis vector, each query a vector of chosen scores,
+    so query . document is exactly the score chosen for that document's text (the same for duplicate texts)."""
+
+    def __init__(self, doc_scores_by_query):
+        self.doc_scores_by_query = doc_scores_by_query  # {query text: {doc text: score}}
+        self.texts = sorted({t for scores in doc_scores_by_query.values() for t in scores})
+
+    def encode(self, texts, instruction="", convert_to_tensor=True, **kwargs):
+        if texts and texts[0] in self.doc_scores_by_query:  # the queries
+            return torch.tensor([[self.doc_scores_by_query[q].get(t, 0.0) for t in self.texts] for q in texts])
+        return torch.eye(len(self.texts))[[self.texts.index(t) for t in texts]]  # (N, D) the documents
+
+
+ADVERSARIAL_CORPUS = {"p0": "positive scoring highest", "dup": "positive scoring highest",  # dup: same text
+                      "p1": "second positive scoring lowest", "n1": "negative a", "n2": "negative b",
+                      "n3": "negative c", "p2": "positive of q1 only"}
+ADVERSARIAL_SCORES = {  # by query text, by document text
+    "q zero": {"positive scoring highest": 1.0, "second positive scoring lowest": 0.2, "negative a": 0.15,
+               "negative b": 0.1, "negative c": -0.3, "positive of q1 only": 0.9},
+    "q one": {"positive scoring highest": 0.8, "positive of q1 only": -0.1, "negative a": 0.5, "negative b": -0.2,
+              "negative c": -0.05, "second positive scoring lowest": -0.5},
+}
+
+
+def test_no_judged_positive_is_mined_adversarial_dense():
+    """A positive scoring highest, an unjudged exact duplicate of it, a second positive scoring below most
+    negatives, the other query's positive, a negative positive score: the positives never come back."""
+    corpus = {d: {"title": "", "text": t} for d, t in ADVERSARIAL_CORPUS.items()}
+    queries = {"q0": "q zero", "q1": "q one"}
+    qrels = {"q0": {"p0": 2, "p1": 1, "n3": 0}, "q1": {"p2": 1}}
+    negatives, stats = mine.mine(LookupEmbedder(ADVERSARIAL_SCORES), corpus, queries, qrels, "", top_k=10, depth=10)
+    # q0: threshold 0.95 x 0.2 (its lowest positive); dup (1.0) and p2 (0.9) are above it; n3 is judged 0: a
+    # negative. q1: its positive scores -0.1, so the threshold is -0.095 and only what scores below it is kept.
+    assert negatives == {"q0": ["n1", "n2", "n3"], "q1": ["n2", "p1"]}
+    assert stats["dropped_as_positive"] == 3 and stats["dropped_by_margin"] == 2 + 4  # q1: p0, dup, n1, n3
+    assert stats["queries_with_nonpositive_positive_score"] == 1
+    assert stats["queries_kept"] == 2 and stats["negatives_per_query"]["histogram"] == {"2": 1, "3": 1}
+
+
+@pytest.mark.parametrize("teacher", ["bm25", "saved NV-Embed", "sentence-transformers"])
+def test_no_judged_positive_is_mined_by_any_teacher(tmp_path, teacher):
+    """Every kind of teacher on the built-in data (30 train queries, their positives and 70 other documents): no
+    judged positive among a query's negatives, no negative twice. The saved NV-Embed stands for a stage-1 model
+    mining round 2; the sentence-transformers folder is a tiny hand-made one (tests/test_teachers.py)."""
+    torch.manual_seed(0)
+    corpus, queries, qrels = builtin_dataset().split("train")
+    qrels = dict(list(qrels.items())[:30])
+    judged = {d for judgments in qrels.values() for d in judgments}
+    corpus = {d: doc for i, (d, doc) in enumerate(corpus.items()) if d in judged or i < 70}
+    if teacher == "bm25":
+        model = mine.BM25Teacher()
+    elif teacher == "saved NV-Embed":
+        NVEmbed.from_base("tiny", pooling="latent").save(tmp_path / "model")
+        model = NVEmbed.load(str(tmp_path / "model"))
+    else:
+        model = mine.SentenceTransformerTeacher(make_folder(tmp_path / "st", ["mean"], normalize=True))
+    # margin 10: nearly no candidate is dropped by the margin rule (the hand-made folder's texts are mostly [UNK]:
+    # its scores are all alike), so only the positives' own rule stands between a positive and the negatives.
+    negatives, stats = mine.mine(model, corpus, queries, qrels, BUILTIN_INSTRUCTION, top_k=8, margin=10.0,
+                                 max_length=96 if teacher == "saved NV-Embed" else None)  # the teacher's own
+    for query_id, negative_ids in negatives.items():
+        assert not set(negative_ids) & {d for d, g in qrels[query_id].items() if g > 0}
+        assert len(set(negative_ids)) == len(negative_ids)
+    assert stats["negatives"] == sum(len(n) for n in negatives.values()) > 0
+    assert stats["queries_kept"] + stats["queries_with_no_negative"] == stats["queries"] == len(qrels)
