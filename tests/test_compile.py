@@ -57,6 +57,9 @@ def test_inductor_outputs_and_gradients_equal_eager_and_another_length_does_not_
 def test_graphs_are_shared_by_the_layers_and_reused_for_other_sizes():
     """The bound compiled.py documents: one graph per (gradients on/off, padding mask or none, size 1 or not);
     other lengths and batch sizes reuse it, and the two decoder layers share it (mean pooling: not compiled)."""
+    # Dynamo keeps its graphs per code object (DecoderLayer.forward) for the whole process, and stops compiling a
+    # frame after config.recompile_limit (8) of them: the other tests' graphs would leave this one none to count.
+    torch._dynamo.reset()
     model = tiny("mean").compile(backend="aot_eager")
     start = compile_counts()["graphs"]
     embed_and_backward(model, TEXTS_A)
@@ -124,3 +127,23 @@ def test_a_run_resumes_with_or_without_compile_and_from_before_the_flag(tmp_path
     (tmp_path / "trainer_state.json").write_text(json.dumps(dict(config=before_the_flag)))
     for compile_ in (False, True):
         check_resume_config(tmp_path, {**config, "compile": compile_})  # no error: the same step, compiled or not
+
+
+def test_compiling_raises_dynamos_recompile_limit_and_counts_its_hits(monkeypatch):
+    """Past the limit dynamo runs a frame eagerly with only a warning: compile_forward raises the limit (several
+    models in one process share DecoderLayer.forward's graphs), and compile_counts says when it was hit anyway."""
+    from compiled import RECOMPILE_LIMIT, compile_forward
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    compile_forward(torch.nn.Linear(2, 2), backend="eager")
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 32
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+    def double(x):
+        return 2 * x
+
+    before = compile_counts()["recompile_limit_hits"]
+    compiled = torch.compile(double, backend="eager", dynamic=False)
+    for n in (1, 2, 3):  # a new static shape each call: the second needs a second graph, past the limit of 1
+        assert torch.equal(compiled(torch.ones(n)), 2 * torch.ones(n))
+    assert compile_counts()["recompile_limit_hits"] - before == 1
