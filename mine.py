@@ -187,8 +187,7 @@ class SentenceTransformerTeacher:
         pooling_config = self.folder / modules[1]["path"] / "config.json"
         self.pooling_modes = st_pooling_modes(_read_json(pooling_config), pooling_config)
         self.normalize = kinds[-1] == "Normalize"
-        st_config_file = transformer_folder / "sentence_bert_config.json"
-        st_config = _read_json(st_config_file) if st_config_file.is_file() else {}
+        st_config = _supported_settings(self.folder, transformer_folder, self.normalize)
         self.tokenizer = AutoTokenizer.from_pretrained(transformer_folder)
         self.encoder = AutoModel.from_pretrained(transformer_folder, trust_remote_code=False,
                                                  dtype=torch.float32).to(device).eval()
@@ -222,6 +221,32 @@ class SentenceTransformerTeacher:
         out = torch.empty(0, 0) if out is None else out
         out = F.normalize(out, dim=-1) if normalize_embeddings else out
         return out if convert_to_tensor else out.numpy()
+
+
+# sentence-transformers' Transformer module reads the first of these it finds (older models: the architecture's).
+ST_CONFIG_NAMES = [f"sentence_{name}_config.json"
+                   for name in ("bert", "roberta", "distilbert", "camembert", "albert", "xlm-roberta", "xlnet")]
+
+
+def _supported_settings(folder: Path, transformer_folder: Path, normalize: bool) -> dict:
+    """The Transformer module's settings (max_seq_length, do_lower_case), after refusing, with the file and field,
+    every setting that sentence-transformers would apply and this reader does not: tokenizer or model arguments,
+    a default prompt, a similarity other than cosine. Mining ranks by cosine with bare texts."""
+    found = [transformer_folder / name for name in ST_CONFIG_NAMES if (transformer_folder / name).is_file()]
+    settings = _read_json(found[0]) if found else {}
+    unread = sorted(key for key, value in settings.items() if key not in ("max_seq_length", "do_lower_case") and value)
+    if unread:
+        raise CheckpointError(f"{found[0]}: {', '.join(unread)}: not implemented by mine.SentenceTransformerTeacher "
+                              "(it reads max_seq_length and do_lower_case)")
+    model_file = folder / "config_sentence_transformers.json"
+    model_settings = _read_json(model_file) if model_file.is_file() else {}
+    if model_settings.get("default_prompt_name"):
+        raise CheckpointError(f"{model_file}: default_prompt_name {model_settings['default_prompt_name']!r}: give "
+                              "the prompt as mine.py's --teacher-instruction instead (the folder's is not applied)")
+    similarity = model_settings.get("similarity_fn_name") or "cosine"
+    if similarity != "cosine" and not (similarity == "dot" and normalize):  # unit vectors: dot is cosine
+        raise CheckpointError(f"{model_file}: similarity_fn_name {similarity!r}: mining ranks by cosine similarity")
+    return settings
 
 
 def _best_rows(scores: np.ndarray, k: int) -> np.ndarray:
@@ -291,13 +316,13 @@ def mine(model, corpus, queries, qrels, instruction: str, top_k: int = 30, margi
     negatives, dropped_as_positive, dropped_by_margin, short, nonpositive = {}, 0, 0, 0, 0
     for query_id, ranked, positive_score in zip(query_ids, candidates, positive_scores):
         positives = {d for d, grade in qrels[query_id].items() if grade > 0}
-        # With a negative positive score, margin x score would lie above it; such a
-        # teacher cannot tell relevant documents apart, so those queries are counted.
+        # Such a teacher cannot tell relevant documents apart, so those queries are counted.
         # (BM25 scores 0 a positive that shares no word with its query.)
         nonpositive += positive_score <= 0
         # positive_score is the lowest of the query's positives, so a kept negative scores at most
-        # margin x every one of its positives.
-        threshold = margin * positive_score
+        # margin x every one of its positives. Below 0, margin x the score would lie above it
+        # (0.95 x -0.2 = -0.19): there a kept negative scores at most the positive's score.
+        threshold = margin * positive_score if positive_score >= 0 else positive_score
         kept = []
         for score, j in ranked:
             if len(kept) == top_k:

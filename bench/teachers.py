@@ -223,7 +223,7 @@ def experiment(args):
     args.model = ablate.dequantised_base(args.model, args.out) if str(args.model) not in PRESETS else args.model
     mined = {}  # teacher -> (training file, stats); bm25's and MiniLM's do not depend on the text length
     for name, make in (("bm25", mine.BM25Teacher), ("minilm", lambda: mine.SentenceTransformerTeacher(
-            args.minilm, device=args.device))):
+            args.minilm, device=args.device, max_length=args.minilm_max_length))):
         if name in args.teachers or (name == "bm25" and "self" in args.teachers):
             mined[name] = mined_file(make(), name, corpus, train_queries, fit_qrels, instruction, setting,
                                      args.out, args.batch_size)

@@ -28,7 +28,9 @@ def make_folder(path, modes, normalize, padding_side="right", do_lower_case=Fals
     """A sentence-transformers folder as it saves one: the Transformer at the root, 1_Pooling, 2_Normalize."""
     path.mkdir(parents=True)
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True, padding_side=padding_side)
+    # A cased tokenizer (words of other case are [UNK]): lowercasing is sentence_bert_config.json's do_lower_case.
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=False, padding_side=padding_side)
+    assert len(tokenizer) == len(words) + 5  # the vocabulary was read (transformers 5 ignores `vocab_file`)
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -128,6 +130,28 @@ def test_refuses_what_it_does_not_implement(tmp_path):
     (folder / "1_Pooling" / "config.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: not JSON"):
         mine.SentenceTransformerTeacher(folder)
+
+
+@pytest.mark.parametrize("file, settings, refused", [
+    ("sentence_bert_config.json", dict(max_seq_length=12, tokenizer_args=dict(model_max_length=5)),
+     r"sentence_bert_config.json: tokenizer_args: not implemented"),
+    ("config_sentence_transformers.json", dict(prompts=dict(query="query: "), default_prompt_name="query"),
+     r"config_sentence_transformers.json: default_prompt_name 'query'"),
+    ("config_sentence_transformers.json", dict(similarity_fn_name="dot"),
+     r"config_sentence_transformers.json: similarity_fn_name 'dot': mining ranks by cosine"),
+])
+def test_refuses_settings_sentence_transformers_would_apply(tmp_path, file, settings, refused):
+    folder = make_folder(tmp_path / "st", ["mean"], normalize=False)
+    (folder / file).write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match=refused):
+        mine.SentenceTransformerTeacher(folder)
+
+
+def test_reads_an_older_models_config_name_and_accepts_dot_on_unit_vectors(tmp_path):
+    folder = make_folder(tmp_path / "st", ["mean"], normalize=True)
+    (folder / "sentence_bert_config.json").rename(folder / "sentence_roberta_config.json")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(dict(similarity_fn_name="dot")))
+    assert mine.SentenceTransformerTeacher(folder).max_length == MAX_SEQ_LENGTH  # not the model's 64
 
 
 @pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (not a requirement of the project)")
