@@ -284,7 +284,9 @@ def encode_sharded(model, texts, instruction="", batch_size=32, max_length=None,
     embedded in the batch, and with the padding, that one process gives it: the same numbers, bit for bit.
     lockstep: the model is FSDP-sharded, each forward gathers layers from every rank, so ranks with a batch
     fewer run one more forward (an empty text) to keep the collectives in step."""
-    if world_size() == 1:
+    if world_size() == 1 or not texts:  # no texts: no forward on any rank, nothing to gather
+        if rank() != 0:
+            return None
         return model.encode(texts, instruction=instruction, batch_size=batch_size, max_length=max_length,
                             convert_to_tensor=True)
     batches = model.batches(texts, batch_size)

@@ -200,7 +200,9 @@ def forward_backward_cached(model, batch: dict, temperature: float, chunk_size: 
     3. embed each chunk again, with its graph and the random state of its first pass (the same dropout masks),
        and backpropagate its slice of the embeddings' gradient into the parameters.
     Only one chunk's activations are alive at a time; the cost is one more forward. Under FSDP each chunk's
-    forward gathers the layers again, and gradients are reduced once, in the last chunk's backward."""
+    forward gathers the layers again, and gradients are reduced once, in the last chunk's backward: until then
+    each rank accumulates the unsharded gradients of what trains (LoRA's: a few MB; full fine-tuning of a 7B
+    model: 28 GB of fp32 per GPU)."""
     queries, documents = to_device(batch["queries"], device), to_device(batch["documents"], device)
     query_chunks, doc_chunks = text_chunks(queries, chunk_size), text_chunks(documents, chunk_size)
     states, cached = [], []
@@ -255,10 +257,11 @@ class RandomState:
 def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
     """The second pass must compute what the loss was taken at: a random draw that is not replayed (dropout
     outside torch's generators, say) would silently give another model's gradients. Same kernels on the same
-    inputs agree to the last bit or nearly (bf16 rounding); a different dropout mask moves embeddings by ~1e-1,
-    except LoRA's at initialisation (B = 0: no embedding moves, only B's gradient would be wrong)."""
+    inputs agree to the last bit or nearly (a bf16 rounding step, ~4e-3 relative, should another kernel run);
+    a different dropout mask moves embeddings by ~1e-1 of their size, except LoRA's at initialisation (B = 0: no
+    embedding moves, only B's gradient would be wrong). The bound lies between the two."""
     error = (again.detach() - first.detach()).abs().max().item()
-    if error > 1e-3 * max(first.detach().abs().max().item(), 1e-6):
+    if error > 2e-2 * max(first.detach().abs().max().item(), 1e-6):
         raise RuntimeError(f"GradCache: chunk {chunk} embedded differently the second time (max difference "
                            f"{error:.2e}): something random in the forward is not replayed by RandomState")
 

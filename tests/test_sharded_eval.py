@@ -30,10 +30,15 @@ def worker(rank, port, out_dir):
     model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
     texts = ["a", "bb b", "ccc cc c", "d", "eeeee", "ff", "g g g g g g"]
     shared = evaluate.encode_sharded(model, texts, "an instruction", batch_size=2)
+    # Rows gathered 2 at a time (the block), rank 0 owning rows 0, 2, 4, 6, 8 and rank 1 rows 1, 3: row i is i.
+    rows_per_rank = [[0, 2, 4, 6, 8], [1, 3]]
+    local = torch.tensor(rows_per_rank[rank], dtype=torch.float32)[:, None].repeat(1, 3)  # (n_r, 3)
+    gathered = distributed.gather_rows_to_rank0(local, rows_per_rank, 9, block=2)
+    none = evaluate.encode_sharded(model, [], batch_size=2)  # no texts: (0, D) on rank 0, nothing gathered
     if rank == 0:
-        torch.save(shared, os.path.join(out_dir, "encoded.pt"))
+        torch.save(dict(encoded=shared, gathered=gathered, none=none), os.path.join(out_dir, "encoded.pt"))
     else:
-        assert shared is None
+        assert shared is None and gathered is None and none is None
     result = evaluate.main(ARGS + ["--out", os.path.join(out_dir, "two")])  # destroys the process group
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(written=written, returned=result), f)
@@ -65,7 +70,11 @@ def test_sharded_embeddings_are_one_process_embeddings_bit_for_bit(two_ranks):
     model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
     texts = ["a", "bb b", "ccc cc c", "d", "eeeee", "ff", "g g g g g g"]
     one = model.encode(texts, instruction="an instruction", batch_size=2, convert_to_tensor=True)
-    assert torch.equal(torch.load(two_ranks / "encoded.pt"), one)
+    saved = torch.load(two_ranks / "encoded.pt")
+    assert torch.equal(saved["encoded"], one)
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8], dtype=torch.float32)
+    assert torch.equal(saved["gathered"][[0, 1, 2, 3, 4, 6, 8]], rows[[0, 1, 2, 3, 4, 6, 8], None].repeat(1, 3))
+    assert saved["none"].shape == (0, model.decoder.config.hidden_size)
 
 
 def test_one_process_encode_sharded_is_encode():

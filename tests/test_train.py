@@ -514,7 +514,8 @@ STAGE2_FROM = ["--stage", "2", "--steps", "2", "--batch-size", "8", "--max-lengt
                "--log-every", "1", "--save-every", "100", "--init-from"]
 
 # Evaluations before, during (step 2) and after 4 steps, without dropout (so 2 ranks train as one process).
-EVAL_EVERY = ["--steps", "4", "--eval", "--eval-every", "2", "--lora-dropout", "0"]
+# 48 texts a batch: 100 queries and 500 documents make 3 and 11 batches, so one rank runs encode's lockstep forward.
+EVAL_EVERY = ["--steps", "4", "--eval", "--eval-every", "2", "--lora-dropout", "0", "--eval-batch-size", "48"]
 
 # A small job: LoRA with dropout, so resuming must restore the RNG states too.
 SMALL_JOB = ["--batch-size", "8", "--hard-negatives", "2", "--max-length", "96", "--lora-rank", "4",
