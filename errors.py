@@ -49,8 +49,10 @@ def exits_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            # argparse's name for the command (parser.prog), so both kinds of error read alike.
-            print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+            # argparse's name for the command (parser.prog), so both kinds of error read alike. Under torchrun
+            # every rank finds the same mistake; rank 0 says it.
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return main_ending_user_errors

@@ -83,3 +83,16 @@ def test_one_process_encode_sharded_is_encode():
     texts = ["x y z", "w", "a longer text than the others"]
     assert torch.equal(evaluate.encode_sharded(model, texts, batch_size=2),
                        model.encode(texts, batch_size=2, convert_to_tensor=True))
+
+
+def test_a_mistake_under_torchrun_is_said_once(tmp_path):
+    """Every rank finds the same bad flag value; rank 0 alone prints the one line (torchrun then adds its own)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "evaluate.py",
+                             "--data", str(tmp_path / "missing"), "--instruction", ""], capture_output=True,
+                            text=True, cwd=evaluate.__file__.rsplit("/", 1)[0], timeout=300)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("evaluate.py: error:")]
+    assert len(said) == 1 and "missing" in said[0], result.stderr[-2000:]
