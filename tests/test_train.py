@@ -21,6 +21,7 @@ import distributed  # noqa: E402
 import loss as loss_module  # noqa: E402
 import train  # noqa: E402
 import train_cli  # noqa: E402
+from tests.helpers import free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -309,13 +310,10 @@ def gradients(model):
             for name, p in model.named_parameters() if p.grad is not None}
 
 
-def two_rank_worker(rank, port, out_dir):
+def two_rank_worker(rank, out_dir):
     """Rank `rank` of 2 (gloo): one step's gradients for each case, then a 2-rank resume."""
     import data
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     device = distributed.init_distributed("cpu")
     results = {}
     for kind, in_batch, checkpointing in CASES:
@@ -375,23 +373,11 @@ def two_rank_worker(rank, port, out_dir):
     distributed.destroy_distributed()
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Run two_rank_worker on 2 spawned processes once; its output folder."""
     out_dir = tmp_path_factory.mktemp("two_ranks")
-    saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    try:
-        torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(out_dir)), nprocs=2, join=True)
-    finally:
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
+    spawn_two_ranks(two_rank_worker, str(out_dir))
     return out_dir
 
 
