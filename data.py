@@ -22,8 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
-from errors import CheckpointError, DataError, add_verbosity_flags, configure_logging, exits_on_user_error
+from plumbing.datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
+from plumbing.errors import CheckpointError, DataError, add_verbosity_flags, configure_logging, exits_on_user_error
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
@@ -524,7 +524,7 @@ def rank_slice(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 @exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="NV-Embed data: check data files (`python builtin.py OUT` writes "
+    parser = argparse.ArgumentParser(description="NV-Embed data: check data files (`python -m plumbing.builtin OUT` writes "
                                                  "the built-in dataset).")
     commands = parser.add_subparsers(dest="command", required=True)
     check_beir_command = commands.add_parser("check-beir", help="read a BEIR folder's split and print its counts")

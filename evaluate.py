@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builtin import builtin_dataset
-from checkpoints import is_saved
-from compiled import compile_counts
-from datafiles import doc_text, format_table, load_beir, write_trec
-from distributed import destroy_distributed, gather_rows_to_rank0, init_distributed, print0, rank, world_size
-from errors import configure_logging, exits_on_user_error
-from evaluate_cli import DEFAULT_MODELS, build_parser, resolve_instruction
+from plumbing.builtin import builtin_dataset
+from plumbing.checkpoints import is_saved
+from plumbing.compiled import compile_counts
+from plumbing.datafiles import doc_text, format_table, load_beir, write_trec
+from plumbing.distributed import destroy_distributed, gather_rows_to_rank0, init_distributed, print0, rank, world_size
+from plumbing.errors import configure_logging, exits_on_user_error
+from plumbing.evaluate_cli import DEFAULT_MODELS, build_parser, resolve_instruction
 from model import PRESETS, NVEmbed
 
 log = logging.getLogger("nvembed.evaluate")  # notices: errors.py

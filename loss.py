@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distributed import is_distributed, rank, world_size
+from plumbing.distributed import is_distributed, rank, world_size
 
 
 def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
+from plumbing.checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
                          read_hf_checkpoint, read_model_folder, read_released, weights_fingerprint,
                          write_model_folder, write_released_folder)
-from compiled import compile_forward
+from plumbing.compiled import compile_forward
 from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
-from errors import MissingFileError, UsageError
+from plumbing.errors import MissingFileError, UsageError
 from lora import apply_lora, lora_config
 from pooling import POOLINGS
 

@@ -34,15 +34,15 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
 
 import data
-import datafiles
+from plumbing import datafiles
 import evaluate
-import train_cli
-from builtin import builtin_dataset, builtin_sources
-from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
+from plumbing import train_cli
+from plumbing.builtin import builtin_dataset, builtin_sources
+from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder, open_run,
                          save_checkpoint)
-from compiled import compile_counts
-from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
-from errors import DataError, UsageError, UserError
+from plumbing.compiled import compile_counts
+from plumbing.distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
+from plumbing.errors import DataError, UsageError, UserError
 from lora import apply_lora, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed

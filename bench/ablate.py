@@ -34,12 +34,12 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import datafiles  # noqa: E402
-from errors import exits_on_user_error  # noqa: E402
+from plumbing import datafiles  # noqa: E402
+from plumbing.errors import exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
-import train_cli  # noqa: E402
-import significance  # noqa: E402
+from plumbing import train_cli  # noqa: E402
+from plumbing import significance  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
 from pooling import POOLINGS  # noqa: E402

@@ -28,9 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import checkpoints  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
 import data  # noqa: E402
-import datafiles  # noqa: E402
+from plumbing import datafiles  # noqa: E402
 from evaluate import evaluate, search  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import POOLINGS  # noqa: E402

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from checkpoints import ByteTokenizer  # noqa: E402
+from plumbing.checkpoints import ByteTokenizer  # noqa: E402
 from data import TextRule  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import MeanPooling  # noqa: E402

@@ -50,7 +50,7 @@ def old_mine_module(folder: Path):
 
 
 def case_scifact(teacher: str) -> dict:
-    import datafiles
+    from plumbing import datafiles
     import mine
     from evaluate import INSTRUCTIONS
 
@@ -79,7 +79,7 @@ def case_scifact(teacher: str) -> dict:
 
 def bm25_test_ndcg(corpus) -> float:
     """nDCG@10 of the BM25 teacher on SciFact test (after the measurement: it does not count in the peak)."""
-    import datafiles
+    from plumbing import datafiles
     import mine
     from evaluate import evaluate
 

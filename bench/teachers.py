@@ -40,11 +40,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import datafiles  # noqa: E402
+from plumbing import datafiles  # noqa: E402
 import mine  # noqa: E402
-import significance  # noqa: E402
+from plumbing import significance  # noqa: E402
 from bench import ablate  # noqa: E402
-from errors import exits_on_user_error  # noqa: E402
+from plumbing.errors import exits_on_user_error  # noqa: E402
 from evaluate import INSTRUCTIONS, search  # noqa: E402
 from model import PRESETS, NVEmbed  # noqa: E402
 

@@ -95,8 +95,8 @@ def test_gpu_benchmark_dry_run_writes_every_row(tmp_path):
 
 def small_beir(folder):
     """The built-in dataset cut down to a BEIR folder: 12 train and 8 test queries, their documents and 20 others."""
-    from builtin import builtin_dataset
-    from datafiles import write_beir
+    from plumbing.builtin import builtin_dataset
+    from plumbing.datafiles import write_beir
 
     data = builtin_dataset()
     splits = {}

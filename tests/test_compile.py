@@ -11,10 +11,10 @@ import json
 import torch
 
 import evaluate
-from checkpoints import check_resume_config
+from plumbing.checkpoints import check_resume_config
 import train
-import train_cli
-from compiled import compile_counts
+from plumbing import train_cli
+from plumbing.compiled import compile_counts
 from model import NVEmbed
 
 TEXTS_A = ["a short one", "a rather longer text about rivers and hills", "mid length words"]
@@ -132,7 +132,7 @@ def test_a_run_resumes_with_or_without_compile_and_from_before_the_flag(tmp_path
 def test_compiling_raises_dynamos_recompile_limit_and_counts_its_hits(monkeypatch):
     """Past the limit dynamo runs a frame eagerly with only a warning: compile_forward raises the limit (several
     models in one process share DecoderLayer.forward's graphs), and compile_counts says when it was hit anyway."""
-    from compiled import RECOMPILE_LIMIT, compile_forward
+    from plumbing.compiled import RECOMPILE_LIMIT, compile_forward
 
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     compile_forward(torch.nn.Linear(2, 2), backend="eager")

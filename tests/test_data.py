@@ -14,14 +14,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import builtin  # noqa: E402
+from plumbing import builtin  # noqa: E402
 import data  # noqa: E402
-import datafiles  # noqa: E402
-from errors import DataError  # noqa: E402
-from checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
+from plumbing import datafiles  # noqa: E402
+from plumbing.errors import DataError  # noqa: E402
+from plumbing.checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
 from data import (BatchSampler, TextRule, TrainDataset, classification_pairs, clustering_pairs, collate,  # noqa: E402
                   rank_slice, sts_pairs, tokenize)
-from datafiles import (Example, SkipReport, beir_training_examples, load_beir, read_training_file,  # noqa: E402
+from plumbing.datafiles import (Example, SkipReport, beir_training_examples, load_beir, read_training_file,  # noqa: E402
                        write_training_file)
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
@@ -646,7 +646,7 @@ def test_tokenize_sentencepiece_style_boundary():
 
 
 def test_text_rule_from_a_config_names_what_is_wrong():
-    from errors import CheckpointError
+    from plumbing.errors import CheckpointError
 
     assert TextRule.from_dict({"template": "Q: {instruction} | "}, "x").template == "Q: {instruction} | "
     with pytest.raises(CheckpointError, match=r"cfg: unknown text_rule fields \['bogus'\]"):

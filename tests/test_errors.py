@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-import datafiles  # noqa: E402
+from plumbing import datafiles  # noqa: E402
 import evaluate  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
-from builtin import builtin_dataset  # noqa: E402
+from plumbing.builtin import builtin_dataset  # noqa: E402
 from model import Mistral, MistralConfig  # noqa: E402
 from tests.helpers import spawn_two_ranks  # noqa: E402
 

@@ -13,8 +13,8 @@ import random
 import pytest
 import torch
 
-from builtin import BUILTIN_INSTRUCTION, builtin_dataset
-from datafiles import load_beir, read_trec, write_beir, write_trec
+from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
+from plumbing.datafiles import load_beir, read_trec, write_beir, write_trec
 from evaluate import evaluate, main, run_evaluation
 from model import NVEmbed
 from tests.helpers import scifact

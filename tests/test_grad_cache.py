@@ -7,11 +7,11 @@ process: tests/test_train.py (its spawned workers)."""
 import pytest
 import torch
 
-import builtin
+from plumbing import builtin
 import data
 import loss as loss_module
 import train
-import train_cli
+from plumbing import train_cli
 from tests.test_train import SMALL_JOB, logged_losses, saved_weights, single_process  # noqa: F401 (fixture)
 
 CPU = torch.device("cpu")

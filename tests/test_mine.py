@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mine
-from builtin import BUILTIN_INSTRUCTION, builtin_dataset
-from datafiles import doc_text, read_training_file
+from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
+from plumbing.datafiles import doc_text, read_training_file
 from model import NVEmbed
 from tests.test_teachers import make_folder
 

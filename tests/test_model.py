@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from checkpoints import load_checked
+from plumbing.checkpoints import load_checked
 from lora import LoRADropout, apply_lora, lora_state_dict, mark_only_lora_trainable, merge_lora
 from model import Mistral, MistralConfig
 from tests.helpers import smollm2_gguf

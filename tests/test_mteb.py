@@ -14,11 +14,11 @@ from mteb.cache import ResultCache  # noqa: E402
 from mteb.models.model_meta import ScoringFunction  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
-from builtin import BUILTIN_INSTRUCTION, builtin_dataset  # noqa: E402
-from datafiles import load_beir, write_beir  # noqa: E402
+from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset  # noqa: E402
+from plumbing.datafiles import load_beir, write_beir  # noqa: E402
 from evaluate import run_evaluation  # noqa: E402
 from model import NVEmbed  # noqa: E402
-from mteb_model import task_instruction, to_mteb  # noqa: E402
+from plumbing.mteb_model import task_instruction, to_mteb  # noqa: E402
 
 
 def local_metadata(name, prompt=None, task_type="Retrieval"):

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoints import RELEASED_LATENT_PREFIX, latent_attention_state_dict_from_released  # noqa: E402
+from plumbing.checkpoints import RELEASED_LATENT_PREFIX, latent_attention_state_dict_from_released  # noqa: E402
 from pooling import POOLINGS, LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling  # noqa: E402
 
 torch.set_num_threads(1)

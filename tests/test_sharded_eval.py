@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import distributed
+from plumbing import distributed
 import evaluate
 from model import NVEmbed
 from tests.helpers import spawn_two_ranks

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-import significance
+from plumbing import significance
 from tests.helpers import REPO
 
 
@@ -74,7 +74,7 @@ def write(path, per_query):
 
 
 def run_command(*args):
-    return subprocess.run([sys.executable, str(REPO / "significance.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "plumbing.significance", *args], capture_output=True, text=True,
                           cwd=REPO)
 
 

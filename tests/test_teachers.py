@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 import mine
-from errors import CheckpointError
+from plumbing.errors import CheckpointError
 from tests.helpers import minilm_folder, scifact
 
 WORDS = ["the", "cell", "protein", "binds", "to", "dna", "in", "mice", "cancer", "risk", "is", "low", "high", "gene"]
@@ -170,8 +170,8 @@ def test_minilm_matches_sentence_transformers():
 def test_mine_command_takes_a_sentence_transformers_folder(tmp_path):
     """mine.py --model FOLDER (it has modules.json): the teacher embeds bare queries (sentence-transformers models
     are trained on bare queries), the training file keeps the student's instruction; NV-Embed flags are refused."""
-    from builtin import BUILTIN_INSTRUCTION
-    from datafiles import read_training_file
+    from plumbing.builtin import BUILTIN_INSTRUCTION
+    from plumbing.datafiles import read_training_file
 
     folder = make_folder(tmp_path / "st", ["mean"], normalize=True)
     out = tmp_path / "mined.jsonl"

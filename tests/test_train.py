@@ -14,13 +14,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-import datafiles  # noqa: E402
-import builtin  # noqa: E402
-import checkpoints  # noqa: E402
-import distributed  # noqa: E402
+from plumbing import datafiles  # noqa: E402
+from plumbing import builtin  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
+from plumbing import distributed  # noqa: E402
 import loss as loss_module  # noqa: E402
 import train  # noqa: E402
-import train_cli  # noqa: E402
+from plumbing import train_cli  # noqa: E402
 from tests.helpers import free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)

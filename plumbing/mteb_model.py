@@ -12,7 +12,7 @@ vectors in fp32, so this is the cosine that evaluate.py's search ranks by). mteb
 Test: python -m pytest -q tests/test_mteb.py (skips without mteb).
 """
 
-from builtin import BUILTIN_INSTRUCTION
+from plumbing.builtin import BUILTIN_INSTRUCTION
 from evaluate import INSTRUCTIONS
 
 # Instructions of this project, by task name in lower case, for tasks whose metadata gives none.

@@ -11,7 +11,7 @@ query, d_i = A_i - B_i; their mean is the gap between the two averages the table
 Both are seeded, so a table's p-values are reproducible. (Smucker, Allan & Carterette 2007 compare these tests on
 IR metrics: the randomization test is the one they recommend.)
 
-    python significance.py A.per_query.json B.per_query.json [--metric NDCG@10] [--resamples 10000] [--seed 0]
+    python -m plumbing.significance A.per_query.json B.per_query.json [--metric NDCG@10] [--resamples 10000] [--seed 0]
 
 prints the mean difference A - B, its 95% CI and the p-value. Files whose query sets differ, or malformed ones,
 are refused: one line `significance.py: error: ...`, exit status 2.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import DataError, MissingFileError, exits_on_user_error
+from plumbing.errors import DataError, MissingFileError, exits_on_user_error
 
 EXACT_UP_TO = 16  # 2^16 sign patterns enumerated at most (a (65536, 16) matrix)
 

@@ -35,8 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from distributed import barrier, is_distributed, print0, rank, world_size
-from errors import CheckpointError, DataError, MissingFileError, UsageError
+from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
+from plumbing.errors import CheckpointError, DataError, MissingFileError, UsageError
 
 log = logging.getLogger("nvembed.checkpoints")  # notices: errors.py
 

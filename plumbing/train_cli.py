@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import model_folder
-from errors import MissingFileError, UsageError, add_verbosity_flags, configure_logging
+from plumbing.checkpoints import model_folder
+from plumbing.errors import MissingFileError, UsageError, add_verbosity_flags, configure_logging
 from model import PRESETS, MistralConfig
 
 

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from errors import DataError, MissingFileError
+from plumbing.errors import DataError, MissingFileError
 
 log = logging.getLogger("nvembed.datafiles")  # notices: errors.py
 

@@ -7,8 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Mapping
 
-from builtin import BUILTIN_INSTRUCTION
-from errors import UsageError, add_verbosity_flags
+from plumbing.builtin import BUILTIN_INSTRUCTION
+from plumbing.errors import UsageError, add_verbosity_flags
 
 DEFAULT_MODELS = ("runs/stage2/model", "runs/stage1/model")  # what `train.py --stage 2 / 1` writes
 

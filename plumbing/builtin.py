@@ -12,7 +12,7 @@ Difficulty, test nDCG@10, defaults (2 forms, same form 1 in 2): untrained byte m
 128-wide byte transformer from scratch (mean pooling, 16 queries x (1 + 3) documents per step, 1 CPU thread) 0.16
 after 1 minute, 0.36 after 2.5, 0.43 after 5. 4 forms, same form 1 in 4: TF-IDF 0.22, the same model 0.13 after 4 min.
 
-Run: `python builtin.py OUT_DIR [--seed N]` writes it (BEIR folder plus train.jsonl). Tests: tests/test_data.py.
+Run: `python -m plumbing.builtin OUT_DIR [--seed N]` writes it (BEIR folder plus train.jsonl). Tests: tests/test_data.py.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 import data
-from datafiles import Example, write_beir, write_training_file
-from errors import exits_on_user_error
+from plumbing.datafiles import Example, write_beir, write_training_file
+from plumbing.errors import exits_on_user_error
 
 BUILTIN_INSTRUCTION = "Given a question, retrieve the passage that answers it"
 BUILTIN_TYPES = {
