@@ -11,7 +11,6 @@ files and prints their counts. Tests: `python -m pytest -x -q tests/test_data.py
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import random
@@ -19,11 +18,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from plumbing.datafiles import Example, SkipReport, _Problems, check_beir, check_training_file
-from plumbing.errors import CheckpointError, DataError, add_verbosity_flags, configure_logging, exits_on_user_error
+from plumbing.datafiles import Example, SkipReport, _Problems
+from plumbing.errors import CheckpointError, DataError
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
@@ -73,6 +71,11 @@ class TextRule:
         if not isinstance(self.template, str) or "{instruction}" not in self.template:
             raise ValueError(f"TextRule.template must contain '{{instruction}}', got {self.template!r}")
 
+    @property
+    def released(self) -> bool:
+        """Whether a released variant is in the rule (tokenized by `released_row`)."""
+        return (self.pool_bos, self.truncation, self.instruction_positions) != ("never", "text", "split")
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str) -> "TextRule":
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
@@ -88,14 +91,15 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _split_prefix(tokenizer, prefix: str, prefix_ids: list[int], texts: Sequence[str]) -> list[tuple[list, list]]:
-    """(prefix ids, text ids) of each prefix + text, cut from the tokenizer's own encoding of the joined string.
-
-    Encoding the two apart would give ids the model never read: BPE and SentencePiece attach the boundary space to
-    the text's first word ("Query: vitamin" is ':' 'Ġvitamin' in SmolLM2, ':' '▁vitamin' in Mistral, while "Query: "
-    alone ends in a lone 'Ġ' / '▁'). So the joined encoding's leading tokens equal to the prefix's encoding are the
-    prefix, and the first token that differs and all after it are the text: exact wherever appending text does not
-    change the encoding before the boundary (true at a space; tests/test_data.py checks BPE, SentencePiece, bytes)."""
+def _split_prefix(tokenizer, prefix: str, texts: Sequence[str]) -> list[tuple[list, list]]:
+    """(prefix ids, text ids) of each prefix + text, cut from the tokenizer's encoding of the joined string."""
+    # Encoding the two apart would give ids the model never read: BPE and SentencePiece attach the boundary
+    # space to the text's first word ("Query: vitamin" is ':' 'Ġvitamin' in SmolLM2, ':' '▁vitamin' in
+    # Mistral, while "Query: " alone ends in a lone 'Ġ' / '▁'). So the joined encoding's leading tokens equal
+    # to the prefix's encoding are the prefix; the first token that differs, and all after it, are the text.
+    # Exact wherever appending text does not change the encoding before the boundary (true at a space;
+    # tests/test_data.py checks BPE, SentencePiece and bytes).
+    prefix_ids = encode_texts(tokenizer, [prefix])[0]
     split = []
     for joined in encode_texts(tokenizer, [prefix + text for text in texts]):
         n = _common_prefix_length(joined, prefix_ids)
@@ -103,79 +107,110 @@ def _split_prefix(tokenizer, prefix: str, prefix_ids: list[int], texts: Sequence
     return split
 
 
-def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "", max_length: int | None = 512,
-             rule: TextRule = TextRule(), padding_side: str = "right",
+def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "",
+             max_length: int | None = 512, rule: TextRule = TextRule(), padding_side: str = "right",
              prompt: str | None = None) -> dict[str, torch.Tensor]:
-    """Row i = [BOS if the tokenizer adds one] + the encoding of prefix_i + text_i (`_split_prefix`) + [EOS], padded
-    to the longest row; prefix_i = rule.template.format(instruction=instruction_i), nothing for no instruction, or
-    `prompt` as given (the whole prefix, sentence-transformers' `prompt=`). An empty text is a row of BOS, prefix and
-    EOS: a legitimate input at inference (training files refuse empty fields, with file and line, in datafiles.py).
-    pool_mask (PAPER section 3): the text's tokens and EOS; the prefix's too when the rule does not mask instructions;
-    BOS only under the released rule; never padding. Truncation follows `rule.truncation`. Returns input_ids (B, T)
-    long, attention_mask (B, T) long, pool_mask (B, T) bool, truncated (B,) bool (the rows that were cut)."""
+    """Row i = [BOS] + prefix_i + text_i + [EOS]. Returns input_ids (B, T) long, attention_mask (B, T)
+    long, pool_mask (B, T) bool and truncated (B,) bool (the rows that were cut), right- or left-padded."""
+    texts, prefixes = _prefixes(texts, instruction, rule, prompt, padding_side)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS (PAPER section 1)")
+    bos = bos_ids(tokenizer)  # [BOS] where the tokenizer starts inputs with it (Mistral, Llama)
+    rows, masks, truncated = [], [], []
+    for prefix, prefix_ids, text_ids in _encode(tokenizer, prefixes, texts):
+        head = bos + prefix_ids
+        if rule.released:
+            row, unpooled, cut = released_row(tokenizer, rule, bos, prefix, prefix_ids, text_ids, max_length)
+        else:
+            # PAPER section 3: the instruction is masked out of the pool; BOS is never pooled.
+            unpooled = len(head) if prefix and rule.mask_instruction else len(bos)
+            row, cut = _cut_text(head, text_ids, eos, max_length)
+        rows.append(row)
+        masks.append([False] * unpooled + [True] * (len(row) - unpooled))  # the text and EOS
+        truncated.append(cut)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return _padded(rows, masks, truncated, pad, padding_side)
+
+
+def _prefixes(texts, instruction, rule: TextRule, prompt: str | None, padding_side: str):
+    """(texts, prefix per text): the rule's template filled with the instruction, "" for none, or `prompt`
+    as given (sentence-transformers' `prompt=`, the whole prefix). Refuses arguments that cannot work."""
     texts = list(texts)
     instructions = [instruction] * len(texts) if isinstance(instruction, str) else list(instruction)
     if len(instructions) != len(texts):
         raise ValueError(f"got {len(instructions)} instructions for {len(texts)} texts")
     if prompt is not None and any(instructions):
         raise ValueError("pass a prompt (the whole prefix) or an instruction (formatted by the template), not both")
-    prefixes = [prompt] * len(texts) if prompt is not None else \
-        [rule.template.format(instruction=s) if s else "" for s in instructions]
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"text {i} is not a string: {text!r}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS (PAPER section 1)")
-    pad, bos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos, bos_ids(tokenizer)
-    # (prefix ids, text ids) per row: bare texts are encoded in one batch, each instruction's rows in another.
-    pieces: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
-    prefix_lengths = {"": 0}  # len(tokenize(prefix)) per prefix, for the "tokenize" rule
+    if prompt is not None:
+        return texts, [prompt] * len(texts)
+    return texts, [rule.template.format(instruction=s) if s else "" for s in instructions]
+
+
+def _encode(tokenizer, prefixes: list[str], texts: list[str]) -> list[tuple[str, list, list]]:
+    """(prefix, prefix ids, text ids) per row: bare texts in one batch, each prefix's rows in another."""
+    pieces: list = [None] * len(texts)
     for prefix in dict.fromkeys(prefixes):
         rows = [i for i, s in enumerate(prefixes) if s == prefix]
-        if prefix:
-            prefix_ids = encode_texts(tokenizer, [prefix])[0]  # the prefix alone (len: the "tokenize" rule)
-            split = _split_prefix(tokenizer, prefix, prefix_ids, [texts[i] for i in rows])
-            prefix_lengths[prefix] = len(prefix_ids)
-        else:
-            split = [([], ids) for ids in encode_texts(tokenizer, [texts[i] for i in rows])]
-        for i, piece in zip(rows, split):
-            pieces[i] = piece
-    rows, masks, truncated = [], [], []
-    for i, ((prefix_ids, text_ids), prefix) in enumerate(zip(pieces, prefixes)):
-        head = bos + prefix_ids
-        if prefix and rule.mask_instruction:  # BOS and the instruction
-            unpooled = len(head) if rule.instruction_positions == "split" else prefix_lengths[prefix]
-        else:
-            unpooled = len(bos) if rule.pool_bos == "never" else 0
-        if rule.truncation == "text":
-            room = len(text_ids) if max_length is None else max_length - len(head) - 1
-            if room < min(1, len(text_ids)):  # an empty text needs no room
-                raise ValueError(f"max_length={max_length} leaves no room for text after "
-                                 f"{len(head)} BOS/instruction tokens and EOS")
-            row = head + text_ids[:room] + [eos]
-            truncated.append(len(text_ids) > room)
-        else:
-            row = head + text_ids + [eos]
-            truncated.append(max_length is not None and len(row) > max_length)
-            row = row[:max_length]
-            if len(row) <= unpooled:
-                raise ValueError(f"max_length={max_length} cuts the row before any pooled token "
-                                 f"({unpooled} BOS/instruction tokens)")
-        rows.append(row)
-        masks.append([False] * unpooled + [True] * (len(row) - unpooled))
+        row_texts = [texts[i] for i in rows]
+        split = _split_prefix(tokenizer, prefix, row_texts) if prefix else \
+            [([], ids) for ids in encode_texts(tokenizer, row_texts)]
+        for i, (prefix_ids, text_ids) in zip(rows, split):
+            pieces[i] = (prefix, prefix_ids, text_ids)
+    return pieces
+
+
+def _cut_text(head: list[int], text_ids: list[int], eos: int, max_length: int | None):
+    """(head + text + [EOS] in max_length tokens, whether the text was cut). A long text is cut, never EOS:
+    it is the last pooled token (and the one EOS pooling reads)."""
+    room = len(text_ids) if max_length is None else max_length - len(head) - 1
+    if room < min(1, len(text_ids)):  # an empty text needs no room
+        raise ValueError(f"max_length={max_length} leaves no room for text after "
+                         f"{len(head)} BOS/instruction tokens and EOS")
+    return head + text_ids[:room] + [eos], len(text_ids) > room
+
+
+def released_row(tokenizer, rule: TextRule, bos: list[int], prefix: str, prefix_ids: list[int],
+                 text_ids: list[int], max_length: int | None) -> tuple[list[int], int, bool]:
+    """(row, unpooled leading positions, truncated) under a rule with NVIDIA's released variants: used only
+    by `NVEmbed.from_released` (its TextRule; tests/test_released.py checks it against their code)."""
+    head = bos + prefix_ids
+    if prefix and rule.mask_instruction:
+        # "tokenize": they mask as many positions as the prefix encoded alone has tokens (TextRule).
+        alone = len(encode_texts(tokenizer, [prefix])[0])
+        unpooled = len(head) if rule.instruction_positions == "split" else alone
+    else:
+        # "without_instruction": nothing of a bare text is masked, so every document averages its BOS in.
+        unpooled = len(bos) if rule.pool_bos == "never" else 0
+    if rule.truncation == "text":
+        row, cut = _cut_text(head, text_ids, tokenizer.eos_token_id, max_length)
+        return row, unpooled, cut
+    # "sequence": the whole row is cut at max_length, so a long text loses its EOS.
+    row = head + text_ids + [tokenizer.eos_token_id]
+    cut = max_length is not None and len(row) > max_length
+    row = row[:max_length]
+    if len(row) <= unpooled:
+        raise ValueError(f"max_length={max_length} cuts the row before any pooled token "
+                         f"({unpooled} BOS/instruction tokens)")
+    return row, unpooled, cut
+
+
+def _padded(rows, masks, truncated, pad: int, padding_side: str) -> dict[str, torch.Tensor]:
     T = max(len(r) for r in rows)
 
     def padded(values: list, fill) -> list:
-        return values + [fill] * (T - len(values)) if padding_side == "right" else [fill] * (T - len(values)) + values
+        padding = [fill] * (T - len(values))
+        return values + padding if padding_side == "right" else padding + values
 
-    input_ids = torch.tensor([padded(row, pad) for row in rows], dtype=torch.long)  # (B, T)
-    attention_mask = torch.tensor([padded([1] * len(row), 0) for row in rows], dtype=torch.long)  # (B, T)
-    pool_mask = torch.tensor([padded(mask, False) for mask in masks], dtype=torch.bool)  # (B, T)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_mask": pool_mask,
-            "truncated": torch.tensor(truncated, dtype=torch.bool)}
+    return {"input_ids": torch.tensor([padded(row, pad) for row in rows], dtype=torch.long),  # (B, T)
+            "attention_mask": torch.tensor([padded([1] * len(row), 0) for row in rows]),  # (B, T) long
+            "pool_mask": torch.tensor([padded(mask, False) for mask in masks], dtype=torch.bool),  # (B, T)
+            "truncated": torch.tensor(truncated, dtype=torch.bool)}  # (B,)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,129 +456,11 @@ def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512
     }
 
 
-class BatchSampler:
-    """Which dataset and examples make the global batch of step k: a pure function of (seed, k), not of the world
-    size, so a run resumed at step k on any number of ranks sees the same batches. Step k picks dataset d with
-    probability weights[d] (default: proportional to size). d's j-th batch (j = earlier steps that picked d) is
-    positions j*B .. (j+1)*B - 1 of its epoch orders laid end to end, each a permutation of d: every epoch holds
-    every example once, nothing is dropped. A batch straddling two epochs takes the next one's first examples among
-    those not in the previous one's tail (`_shuffle`), so no batch holds an example twice."""
-
-    block = 1024  # dataset choices are drawn in blocks of steps, so reaching step k costs O(k / block)
-
-    def __init__(self, datasets: Sequence[Any], global_batch_size: int, seed: int = 0,
-                 weights: Sequence[float] | None = None):
-        self.sizes = [len(d) if hasattr(d, "__len__") else int(d) for d in datasets]
-        self.batch_size, self.seed = global_batch_size, seed
-        if not self.sizes or global_batch_size < 1:
-            raise ValueError(f"need at least one dataset and a positive batch size, got {self.sizes}, "
-                             f"{global_batch_size}")
-        for d, size in enumerate(self.sizes):
-            if size < global_batch_size:
-                raise ValueError(f"dataset {d} has {size} examples, fewer than the global batch size "
-                                 f"{global_batch_size}")
-        weights = np.asarray(self.sizes if weights is None else weights, dtype=np.float64)
-        if weights.shape != (len(self.sizes),) or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"weights must be {len(self.sizes)} non-negative numbers, not all zero: {weights}")
-        self.weights = weights / weights.sum()
-        self._choices: list[np.ndarray] = []  # per block of steps: the dataset each step picks
-        self._counts: list[np.ndarray] = []  # per block of steps: how many earlier steps picked the same dataset
-        self._picked = np.zeros(len(self.sizes), dtype=np.int64)  # picks per dataset in the blocks drawn so far
-        self._orders: dict[int, dict[int, np.ndarray]] = {}  # dataset -> {epoch: its order}, the last two built
-
-    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        while len(self._choices) <= b:
-            rng = np.random.default_rng([self.seed, 1, len(self._choices)])
-            choices = rng.choice(len(self.sizes), size=self.block, p=self.weights)  # (block,)
-            counts = np.empty(self.block, dtype=np.int64)  # (block,)
-            for d in range(len(self.sizes)):
-                picks = choices == d
-                counts[picks] = self._picked[d] + np.arange(picks.sum())
-                self._picked[d] += picks.sum()
-            self._choices.append(choices)
-            self._counts.append(counts)
-        return self._choices[b], self._counts[b]
-
-    def _shuffle(self, d: int, epoch: int, previous: np.ndarray | None) -> np.ndarray:
-        """Epoch `epoch` of dataset d, (size,), given the previous epoch's order (None where this epoch starts a
-        batch). Its first batch holds `offset` examples of the previous epoch's end and the first B - offset of a
-        fresh permutation that are not among them; every other example keeps the permutation's order."""
-        size = self.sizes[d]
-        order = np.random.default_rng([self.seed, 2, d, epoch]).permutation(size)  # (size,)
-        offset = epoch * size % self.batch_size
-        if offset == 0:
-            return order
-        in_tail = np.zeros(size, dtype=bool)
-        in_tail[previous[size - offset:]] = True
-        head = order[~in_tail[order]][:self.batch_size - offset]  # size - offset >= B - offset candidates
-        in_head = np.zeros(size, dtype=bool)
-        in_head[head] = True
-        return np.concatenate([head, order[~in_head[order]]])
-
-    def _epoch_order(self, d: int, epoch: int) -> np.ndarray:
-        """Dataset d's order in this epoch. It depends on the previous epoch's tail, and so on back to the last
-        epoch that began on a batch boundary: epoch * size is a multiple of B every B / gcd(size, B) epochs. So
-        reaching an epoch costs at most that many shuffles; running through, one per epoch (the last two are kept)."""
-        built = self._orders.setdefault(d, {})
-        if epoch not in built:
-            cycle = self.batch_size // int(np.gcd(self.sizes[d], self.batch_size))
-            first = epoch - epoch % cycle  # starts on a batch boundary: needs no previous epoch
-            if epoch > first and epoch - 1 in built:
-                e, order = epoch - 1, built[epoch - 1]  # running through: continue from the previous epoch
-            else:
-                e, order = first - 1, None  # random access (a resumed run): rebuild from the cycle's start
-            while e < epoch:
-                e, previous = e + 1, order
-                order = self._shuffle(d, e, previous)
-            self._orders[d] = {epoch: order} if previous is None else {epoch - 1: previous, epoch: order}
-        return self._orders[d][epoch]
-
-    def batch_for_step(self, step: int) -> tuple[int, list[int]]:
-        """(dataset index, the global batch's example indices) for this step."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        b, offset = divmod(step, self.block)
-        choices, counts = self._block(b)
-        d, j = int(choices[offset]), int(counts[offset])  # step is dataset d's j-th batch
-        epoch, within = divmod(j * self.batch_size, self.sizes[d])  # where the batch starts in d's epochs
-        batch = self._epoch_order(d, epoch)[within:within + self.batch_size]
-        if len(batch) < self.batch_size:  # it straddles two epochs (B <= size: never more)
-            batch = np.concatenate([batch, self._epoch_order(d, epoch + 1)[:self.batch_size - len(batch)]])
-        return d, batch.tolist()
+# Sampling (plumbing/sampler.py): step k's global batch comes from one dataset, drawn with probability
+# proportional to its size, and holds its next B examples in a shuffled epoch order (every example once an
+# epoch), a pure function of (seed, k); rank r embeds the r-th contiguous slice of it.
 
 
-def rank_slice(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """Rank r's contiguous share of a global batch: the shares are disjoint and their union is the batch."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    if len(batch) % world_size:
-        raise ValueError(f"global batch size {len(batch)} is not divisible by world size {world_size}")
-    per_rank = len(batch) // world_size
-    return list(batch[rank * per_rank:(rank + 1) * per_rank])
-
-
-@exits_on_user_error
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="NV-Embed data: check data files (`python -m plumbing.builtin OUT` writes "
-                                                 "the built-in dataset).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    check_beir_command = commands.add_parser("check-beir", help="read a BEIR folder's split and print its counts")
-    check_beir_command.add_argument("folder")
-    check_beir_command.add_argument("split")
-    check_beir_command.add_argument("--skip-bad", action="store_true",
-                                    help="skip bad records (counted) instead of failing")
-    check_train = commands.add_parser("check-train", help="read a training file and print its counts")
-    check_train.add_argument("path")
-    check_train.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
-    for command in (check_beir_command, check_train):
-        add_verbosity_flags(command)
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    if args.command == "check-beir":
-        check_beir(args.folder, args.split, skip_bad=args.skip_bad)
-    else:
-        check_training_file(args.path, skip_bad=args.skip_bad)
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python data.py check-beir FOLDER SPLIT | check-train FILE [--skip-bad]
+    from plumbing.datafiles import main
     main()

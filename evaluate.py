@@ -28,7 +28,8 @@ from plumbing.datafiles import doc_text, format_table, load_beir, write_trec
 from plumbing.distributed import destroy_distributed, gather_rows_to_rank0, init_distributed, print0, rank, world_size
 from plumbing.errors import configure_logging, exits_on_user_error
 from plumbing.evaluate_cli import DEFAULT_MODELS, build_parser, resolve_instruction
-from model import PRESETS, NVEmbed
+from model import PRESETS
+from plumbing.loading import load_for_command
 
 log = logging.getLogger("nvembed.evaluate")  # notices: errors.py
 
@@ -323,7 +324,7 @@ def evaluate_command(args, parser):
         print0("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
                             "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
                             "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
-    # NVEmbed.load (below, after the cheap checks) refuses a --model not found, and base-only flags for a saved one.
+    # load_for_command (below, after the cheap checks) refuses a --model not found, and base-only flags for a saved one.
     saved = is_saved(model_spec)
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
@@ -344,7 +345,7 @@ def evaluate_command(args, parser):
     run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
     device = init_distributed(args.device)  # this rank's device; a process group under torchrun
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = NVEmbed.load(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
+    model = load_for_command(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                          dtype=dtype, device=device)
     if args.compile:
         model.compile()

@@ -43,7 +43,7 @@ from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from plumbing.datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
 from plumbing.errors import CheckpointError, MissingFileError, add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search
-from model import NVEmbed
+from plumbing.loading import load_for_command
 
 
 class BM25Teacher:
@@ -398,7 +398,7 @@ def main(argv=None):
             p.error("--pooling, --causal and --dtype are for NV-Embed base models, not a sentence-transformers folder")
         model = SentenceTransformerTeacher(args.model, device=device, max_length=args.max_length)
     else:
-        model = NVEmbed.load(args.model, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
+        model = load_for_command(args.model, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
 
     negatives, stats = mine(model, corpus, queries, qrels, instruction, top_k=args.top_k, margin=args.margin,

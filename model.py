@@ -1,4 +1,4 @@
-"""The Mistral decoder in plain PyTorch, made bidirectional, plus LoRA and the NV-Embed model.
+"""The Mistral decoder in plain PyTorch, made bidirectional, and the NV-Embed model around it.
 
 NV-Embed (arXiv 2405.17428, section 3.1; PAPER.md sections 1-3) removes Mistral-7B's causal
 mask: every token attends to every real token, only padding is masked (`causal=False`).
@@ -13,11 +13,10 @@ Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,14 +25,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from plumbing.checkpoints import (ByteTokenizer, check_base, hf_decoder_fields, is_saved, load_checked, load_tokenizer,
-                         read_hf_checkpoint, read_model_folder, read_released, weights_fingerprint,
-                         write_model_folder, write_released_folder)
+from data import TextRule, encode_texts, tokenize
+from plumbing.checkpoints import hf_decoder_fields, load_checked, read_hf_checkpoint, weights_fingerprint
 from plumbing.compiled import compile_forward
-from data import QUERY_TEMPLATE, TextRule, encode_texts, tokenize
-from plumbing.errors import MissingFileError, UsageError
-from lora import apply_lora, lora_config
-from pooling import POOLINGS
+from pooling import check_pool_mask
 
 log = logging.getLogger("nvembed.model")  # notices: errors.py
 
@@ -250,6 +245,8 @@ class Mistral(nn.Module):
                         device: str | torch.device = "cpu") -> "Mistral":
         """Load an HF Mistral / Llama checkpoint folder ((sharded) safetensors or .bin) or a `.gguf` file.
         Built on the meta device and assigned tensor by tensor: about the checkpoint's size in memory."""
+        # The name rule: HF's tensor names less the "model." prefix are this module's own, e.g.
+        # model.layers.3.self_attn.q_proj.weight -> layers.3.self_attn.q_proj.weight (lm_head dropped).
         hf_config, source, state = read_hf_checkpoint(Path(path), dtype)
         with torch.device("meta"):
             model = cls(MistralConfig.from_hf(hf_config, source=source))
@@ -262,8 +259,8 @@ class Mistral(nn.Module):
 
 
 class NVEmbed(nn.Module):
-    """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise. Training (train.py) and
-    `encode` share `forward` and tokenize with the model's own `text_rule`, so their pool masks are the same."""
+    """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise. Training (train.py)
+    and `encode` share `forward` and tokenize with the model's own `text_rule`: the same pool masks."""
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
@@ -279,7 +276,7 @@ class NVEmbed(nn.Module):
         self.text_rule = text_rule or TextRule()  # template, instruction mask, BOS rule, truncation
         self.normalize = normalize  # L2-normalise the output (the released `output_normalize`)
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
-        self.name = name  # what the model is called in results: a saved one's records it (train.py's --name)
+        self.name = name  # what the model is called in results (train.py's --name)
         if len(tokenizer) > decoder.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocab_size is "
                              f"{decoder.config.vocab_size}")
@@ -287,14 +284,16 @@ class NVEmbed(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """batch: `data.tokenize`'s dict. Returns (B, D) unit vectors (fp32)."""
         hidden = self.decoder(batch["input_ids"], batch["attention_mask"], causal=self.causal)  # (B, T, D)
-        # A trained pooling is fp32 over a bf16 decoder (train.py): it reads the hidden states in its own dtype.
+        # Every pooling's precondition, checked once here (pooling.py): a pooled token in every row.
+        pool_mask = check_pool_mask(hidden, batch["pool_mask"])  # (B, T) bool
+        # A trained pooling is fp32 over a bf16 decoder (train.py): it reads the hidden states in its dtype.
         pooling_dtype = next((p.dtype for p in self.pooling.parameters()), hidden.dtype)
-        pooled = self.pooling(hidden.to(pooling_dtype), batch["pool_mask"])  # (B, D)
+        pooled = self.pooling(hidden.to(pooling_dtype), pool_mask)  # (B, D)
         # In fp32 as the released code does: a bf16 norm leaves vectors of length 1 +- 4e-3.
         return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled.float()
 
     def compile(self, dynamic: bool = True, backend: str = "inductor") -> "NVEmbed":
-        """Mistral.compile, and a pooling with weights (its pool-mask check: a graph break); names unchanged."""
+        """Mistral.compile, and a pooling with weights; parameter names unchanged."""
         self.decoder.compile(dynamic, backend)
         if any(True for _ in self.pooling.parameters()):  # mean and eos are a few cheap ops
             compile_forward(self.pooling, dynamic, backend)
@@ -309,161 +308,72 @@ class NVEmbed(nn.Module):
     @torch.no_grad()  # not inference_mode: FSDP2 refills its gathered buffers in place, forward after forward
     def encode(self, sentences: str | Sequence[str], prompt: str | None = None, instruction: str = "",
                batch_size: int = 32, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
-               convert_to_tensor: bool = False, normalize_embeddings: bool = False, max_length: int | None = None):
-        """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D), float32, in the input order; numpy (the
-        default), a CPU tensor (convert_to_tensor) or a list of (D,) tensors (both False). Queries pass their task as
-        `instruction` (put in the model's template) or the whole prefix as `prompt` (NV-Embed-v2's card: "Instruct:
-        ...\nQuery: "); documents neither. An empty text is embedded (BOS, EOS). Unit length in fp32 when the model
-        normalises (NV-Embed does) or with normalize_embeddings. Batches hold texts of similar token count."""
+               convert_to_tensor: bool = False, normalize_embeddings: bool = False,
+               max_length: int | None = None):
+        """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D) float32 in input order; numpy,
+        a CPU tensor (convert_to_tensor) or a list of (D,) tensors (both False). Queries pass their task as
+        `instruction` (put in the model's template) or the whole prefix as `prompt`; documents neither."""
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a string or a list of strings")
         was_training = self.training
         self.eval()
         device = self.decoder.embed_tokens.weight.device
-        out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0  # (N, width): width D ...
+        # (N, width): width D, unless a pooling changes it (bench/ablate.py concatenates four)
+        out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0
         show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
         for rows in tqdm(self.batches(texts, batch_size), desc="encode", disable=not show, leave=False):
+            # An empty text is embedded too: its row is BOS, the prefix and EOS.
             batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
             truncated += int(batch.pop("truncated").sum())
             embeddings = self({k: v.to(device) for k, v in batch.items()}).float().cpu()  # (b, width)
-            out = out if out.shape[1] == embeddings.shape[1] else torch.empty(len(texts), embeddings.shape[1])
-            out[rows] = embeddings  # ... unless a pooling changes it (bench/ablate.py concatenates four)
+            if out.shape[1] != embeddings.shape[1]:
+                out = torch.empty(len(texts), embeddings.shape[1])
+            out[rows] = embeddings
         self.train(was_training)
         if truncated:
             log.warning("encode: %d of %d texts were longer than %d tokens and were truncated", truncated,
                         len(texts), max_length or self.max_length)
-        out = F.normalize(out, dim=-1) if normalize_embeddings else out  # fp32, as forward's
+        # Unit length in fp32 when the model normalises (NV-Embed does), or asked to here.
+        out = F.normalize(out, dim=-1) if normalize_embeddings else out
         if not convert_to_tensor:
             out = out.numpy() if convert_to_numpy else list(out)
         return out[0] if isinstance(sentences, str) else out
 
     def batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
-        """encode's batches (rows of `texts`): similar token counts together, longest first (memory peaks at once).
-        Every batch but the last is full, and the sort is stable (evaluate.encode_sharded relies on both)."""
+        """encode's batches (rows of `texts`): similar token counts together, longest first (memory peaks at
+        once). Every batch but the last is full, and the sort is stable (evaluate.encode_sharded needs both)."""
         lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         return [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
-
-    # -- building, saving, loading ----------------------------------------------
-
-    @classmethod
-    def from_base(cls, model: str = "tiny", pooling: str = "latent", causal: bool = False,
-                  max_length: int = 512, dtype: torch.dtype = torch.float32, seed: int = 0,
-                  pooling_kwargs: dict | None = None, **kwargs) -> "NVEmbed":
-        """A fresh embedder on a base decoder: a preset (random, byte tokenizer), an HF folder or a `.gguf`."""
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
-        torch.manual_seed(seed)
-        if model in PRESETS:
-            decoder, tokenizer, base = Mistral(MistralConfig.preset(model)).to(dtype), ByteTokenizer(), None
-        else:
-            decoder, tokenizer = Mistral.from_pretrained(model, dtype=dtype), load_tokenizer(model)
-            base = str(Path(model).resolve())
-        pool = POOLINGS[pooling](decoder.config.hidden_size, **(pooling_kwargs or {})).to(dtype)
-        return cls(decoder, pool, tokenizer, pooling, pooling_kwargs, causal=causal, max_length=max_length,
-                   base=base, **{"name": Path(model).name, **kwargs})
-
-    def lora_config(self) -> dict | None:
-        return lora_config(self.decoder)
 
     def fingerprint(self) -> str:
         """A hash of the weights as they are now (checkpoints.weights_fingerprint): the model's revision."""
         return weights_fingerprint(self.state_dict())
 
-    def architecture(self) -> dict:
-        """Everything but the weights and the tokenizer: what `skeleton` rebuilds from."""
-        return dict(decoder=asdict(self.decoder.config), pooling=self.pooling_name,
-                    pooling_kwargs=self.pooling_kwargs, lora=self.lora_config(), causal=self.causal,
-                    max_length=self.max_length, text_rule=dataclasses.asdict(self.text_rule),
-                    normalize=self.normalize, base=self.base, name=self.name,
-                    params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
-                            for name, p in self.named_parameters()})
+    # -- building, saving, loading: one name per format, in plumbing/loading.py ---------------------
+    # (imported when called: the loaders build NVEmbeds, so they import this file)
 
     @classmethod
-    def skeleton(cls, architecture: dict, tokenizer) -> "NVEmbed":
-        """The modules of `architecture()` (or a saved config.json) on the meta device, with each parameter's
-        dtype and trainable flag where recorded: loaders assign the weights to it (`load_checked`), and FSDP
-        ranks other than 0 receive their shards of rank 0's (train.py)."""
-        with torch.device("meta"):
-            decoder = Mistral(MistralConfig(**architecture["decoder"]))
-            if architecture["lora"]:
-                apply_lora(decoder, **architecture["lora"])
-            pooling = POOLINGS[architecture["pooling"]](decoder.config.hidden_size, **architecture["pooling_kwargs"])
-        rule = TextRule.from_dict(architecture["text_rule"], "text_rule")
-        model = cls(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
-                    causal=architecture["causal"], max_length=architecture["max_length"], text_rule=rule,
-                    normalize=architecture["normalize"], base=architecture["base"], name=architecture.get("name"))
-        for name, (dtype, trainable) in architecture.get("params", {}).items():
-            param = model.get_parameter(name)
-            param.data = param.data.to(getattr(torch, dtype))
-            param.requires_grad = trainable
-        return model
-
-    def save(self, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False, layout="own"):
-        """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's."""
-        write = {"own": write_model_folder, "released": write_released_folder}[layout]  # KeyError: no such layout
-        write(folder, self.architecture(), state_dict or self.state_dict(), self.tokenizer, overwrite)
+    def from_base(cls, model: str = "tiny", **kwargs) -> "NVEmbed":
+        """A fresh embedder on a base decoder (preset, HF folder, .gguf); kwargs: pooling, causal,
+        max_length, dtype, seed, pooling_kwargs, name."""
+        from plumbing.loading import from_base
+        return from_base(model, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu",
-                        trainable_dtype: torch.dtype | None = None) -> "NVEmbed":
-        """Load what `save` wrote. dtype: the decoder's (default: as saved); trainable_dtype: the adapters' and
-        pooling's (default: dtype). Stage 2 asks for fp32: stage 1's fp32 weights then arrive bit for bit."""
-        config, config_file, tensors = read_model_folder(folder)  # {"decoder.*", "pooling.*": tensor}
-        dtype = dtype or getattr(torch, config["dtype"])
-        trainable_dtype = trainable_dtype or dtype
-        if config["base"] is not None:  # an adapters-only save: the frozen weights come from the base
-            base = Mistral.from_pretrained(config["base"], dtype=dtype)
-            check_base(config, config_file, asdict(base.config), base.state_dict())
-            tensors |= {f"decoder.{k}": v for k, v in base.state_dict().items()}
-        model = cls.skeleton(config, load_tokenizer(str(Path(folder) / config["tokenizer"])))
-        trainable = {k for k in tensors if "lora_" in k or k.startswith("pooling.")}  # what training updates
-        load_checked(model, ((k, v.to(trainable_dtype if k in trainable else dtype)) for k, v in tensors.items()),
-                     str(folder))
-        return model.to(device).eval()
+    def load(cls, folder: str | os.PathLike, **kwargs) -> "NVEmbed":
+        """What `save` wrote; kwargs: dtype, device, trainable_dtype."""
+        from plumbing.loading import load
+        return load(folder, **kwargs)
 
     @classmethod
-    def load(cls, spec: str, pooling: str | None = None, causal: bool | None = None, max_length: int = 512,
-             dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "NVEmbed":
-        """What the commands take as --model: a folder `save` wrote (its pooling and attention are kept), or a
-        base decoder (preset, HF folder, .gguf) with a fresh `pooling` (default mean) for zero-shot use."""
-        if is_saved(spec):
-            if pooling is not None or causal is not None:
-                raise UsageError(f"--model {spec} is a saved NV-Embed model: it keeps the pooling and attention it "
-                                 "was trained with, so --pooling / --causal / --bidirectional do not apply")
-            return cls.from_pretrained(spec, dtype=dtype, device=device)
-        if spec not in PRESETS and not Path(spec).exists():
-            raise MissingFileError(f"--model {spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
-                                   f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
-        model = cls.from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length,
-                              dtype=dtype or torch.float32)
-        return model.to(device).eval()
+    def from_released(cls, folder: str | os.PathLike, **kwargs) -> "NVEmbed":
+        """NVIDIA's released NV-Embed-v1/v2 with their text rule; kwargs: dtype, max_length."""
+        from plumbing.loading import from_released
+        return from_released(folder, **kwargs)
 
-    @classmethod
-    def from_released(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                      max_length: int = 4096) -> "NVEmbed":
-        """NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository), embedding exactly as their
-        `encode(prompts, instruction, max_length=4096)` does (tests/test_released.py): a row is the tokenizer's encoding
-        of BOS + instruction + text + "</s>", cut at max_length (a long text loses its EOS: TextRule.truncation
-        "sequence"); they zero the first len(tokenize(instruction)) positions of the pool mask (right padding,
-        `is_mask_instruction`, an instruction given: TextRule.instruction_positions "tokenize"), so a bare text
-        (every document) pools its BOS (TextRule.pool_bos "without_instruction"); padding is EOS (`add_pad_token`);
-        EOS is appended whatever `add_eos` says (always_add_eos); the mean is L2-normalised if `output_normalize`."""
-        config, text_config, latent_config, tensors = read_released(folder, dtype)
-        decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
-        rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
-                        pool_bos="without_instruction", truncation="sequence", instruction_positions="tokenize")
-        pooling_kwargs = dict(num_latents=latent_config.get("num_latents_value", 512),
-                              num_heads=latent_config.get("num_cross_heads", 8),
-                              head_dim=latent_config.get("cross_dim_head", decoder.hidden_size))
-        architecture = dict(decoder=asdict(decoder), lora=None, pooling="latent", pooling_kwargs=pooling_kwargs,
-                            causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule), base=None,
-                            normalize=bool(latent_config.get("output_normalize", True)), name=Path(folder).name)
-        tokenizer = load_tokenizer(str(folder))
-        if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
-            tokenizer.pad_token = tokenizer.eos_token
-        model = cls.skeleton(architecture, tokenizer)
-        load_checked(model, tensors.items(), str(folder))
-        return model.eval()
+    def save(self, folder: str | os.PathLike, **kwargs) -> None:
+        """This project's layout, or NVIDIA's (layout="released"); kwargs: state_dict, overwrite, layout."""
+        from plumbing.loading import save
+        save(self, folder, **kwargs)

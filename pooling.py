@@ -10,13 +10,16 @@ All four live here, with one interface:
 `pool_mask` is True exactly on the tokens to pool (the text tokens and EOS; never
 BOS, the instruction or padding). Positions outside it have no influence on the
 output of any pooling, whatever values they hold. A row with no True position is an
-error (the released code divides by zero there and returns NaN).
+error (the released code divides by zero there and returns NaN): `check_pool_mask`
+refuses it once per `NVEmbed.forward`, and the poolings assume it.
 
 Shape legend: B batch, T tokens, D hidden, H heads, Dh head dim, L latents.
 
-`POOLINGS` maps the `--pooling` names to constructors taking D as their one
-positional argument. The released NV-Embed-v1/v2 weights load onto
-`LatentAttentionPooling` through the name map in checkpoints.py.
+`POOLINGS`, the one registry, maps the `--pooling` names to constructors taking D as
+their one positional argument; every command's parser reads its names, and each
+pooling counts its own FLOPs (`forward_flops`, for train.py's MFU). The released
+NV-Embed-v1/v2 weights load onto `LatentAttentionPooling` through the name map in
+plumbing/checkpoints.py.
 
 Run the tests with `python -m pytest -q tests/test_pooling.py`.
 """
@@ -29,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def check_pool_inputs(hidden: Tensor, pool_mask: Tensor) -> Tensor:
-    """Validate shapes and return pool_mask as bool (B, T); refuse rows that pool nothing."""
+def check_pool_mask(hidden: Tensor, pool_mask: Tensor) -> Tensor:
+    """pool_mask (B, T) as bool, refused unless it matches hidden (B, T, D) and pools a token per row."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, D), got shape {tuple(hidden.shape)}")
     if pool_mask.shape != hidden.shape[:2]:
@@ -38,8 +41,13 @@ def check_pool_inputs(hidden: Tensor, pool_mask: Tensor) -> Tensor:
             f"pool_mask must be (B, T) = {tuple(hidden.shape[:2])} to match hidden, "
             f"got shape {tuple(pool_mask.shape)}"
         )
-    pool_mask = pool_mask if pool_mask.dtype == torch.bool else pool_mask != 0
-    empty_rows = (~pool_mask.any(dim=1)).nonzero().flatten().tolist()
+    pool_mask = pool_mask.bool()
+    pools_something = pool_mask.any(dim=1)  # (B,)
+    if pool_mask.device.type != "cpu":
+        # No host read-back on an accelerator: a device-side assert, raised when the stream reaches it.
+        torch._assert_async(pools_something.all(), "pool_mask selects no token in some row")
+        return pool_mask
+    empty_rows = (~pools_something).nonzero().flatten().tolist()
     if empty_rows:
         raise ValueError(
             f"pool_mask selects no token in row(s) {empty_rows[:10]}"
@@ -50,7 +58,8 @@ def check_pool_inputs(hidden: Tensor, pool_mask: Tensor) -> Tensor:
 
 
 def masked_mean(hidden: Tensor, pool_mask: Tensor) -> Tensor:
-    """Mean over the positions where pool_mask (B, T) bool is True: (B, T, D) -> (B, D)."""
+    """Mean over the positions where pool_mask (B, T) is true: (B, T, D) -> (B, D)."""
+    pool_mask = pool_mask.bool()
     # where(), not hidden * mask: a NaN or inf at a padded position must not leak in.
     kept = torch.where(pool_mask[..., None], hidden, 0)  # (B, T, D)
     counts = pool_mask.sum(dim=1, keepdim=True).to(hidden.dtype)  # (B, 1)
@@ -61,7 +70,10 @@ class MeanPooling(nn.Module):
     """Average of the pooled tokens (the paper's "mean" ablation)."""
 
     def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
-        return masked_mean(hidden, check_pool_inputs(hidden, pool_mask))
+        return masked_mean(hidden, pool_mask)
+
+    def forward_flops(self, pooled: Tensor) -> float:
+        return 0.0  # no matrix products
 
 
 class LastTokenPooling(nn.Module):
@@ -72,11 +84,13 @@ class LastTokenPooling(nn.Module):
     """
 
     def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
-        pool_mask = check_pool_inputs(hidden, pool_mask)
         positions = torch.arange(pool_mask.shape[1], device=pool_mask.device)  # (T,)
-        last = torch.where(pool_mask, positions, -1).amax(dim=1)  # (B,)
+        last = torch.where(pool_mask.bool(), positions, -1).amax(dim=1)  # (B,)
         rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
         return hidden[rows, last]  # (B, D)
+
+    def forward_flops(self, pooled: Tensor) -> float:
+        return 0.0  # no matrix products
 
 
 class LatentAttentionPooling(nn.Module):
@@ -136,7 +150,6 @@ class LatentAttentionPooling(nn.Module):
             module.reset_parameters()
 
     def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
-        pool_mask = check_pool_inputs(hidden, pool_mask)
         B, T, _ = hidden.shape
         H, Dh, L = self.num_heads, self.head_dim, self.num_latents
 
@@ -156,6 +169,13 @@ class LatentAttentionPooling(nn.Module):
         x, gate = self.ff_in(self.ff_norm(hidden)).chunk(2, dim=-1)  # 2 x (B, T, mlp_ratio*D)
         hidden = hidden + self.ff_out(x * F.gelu(gate))
         return masked_mean(hidden, pool_mask)
+
+    def forward_flops(self, pooled: Tensor) -> float:
+        """Forward matmul FLOPs on rows of `pooled` (rows,) pooled tokens (train.py's MFU)."""
+        D, width, L = self.hidden_size, self.num_heads * self.head_dim, self.num_latents
+        # Per pooled token: to_q, the scores and values over the latents, to_out, ff_in and ff_out.
+        per_token = 2 * D * width + 4 * L * width + 2 * width * D + 6 * self.mlp_ratio * D * D
+        return float(pooled.sum()) * per_token + 2 * L * D * 2 * width  # + to_kv, once per forward
 
 
 class SelfAttentionPooling(nn.Module):
@@ -178,7 +198,7 @@ class SelfAttentionPooling(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
-        pool_mask = check_pool_inputs(hidden, pool_mask)
+        pool_mask = pool_mask.bool()
         B, T, D = hidden.shape
         H = self.num_heads
         # Zero the unpooled positions first: a masked key gets weight exactly 0, but
@@ -191,9 +211,15 @@ class SelfAttentionPooling(nn.Module):
         attended = attended.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return masked_mean(hidden + self.out(attended), pool_mask)
 
+    def forward_flops(self, pooled: Tensor) -> float:
+        """Forward matmul FLOPs on rows of `pooled` (rows,) pooled tokens (train.py's MFU)."""
+        # qkv and out per token, then each row's P x P scores and values of width D.
+        D = self.hidden_size
+        return float(pooled.sum()) * 8 * D * D + 4 * D * float((pooled * pooled).sum())
 
-# The `--pooling` choices. Each takes D as its one positional argument; other sizes
-# are keywords (mean and eos have none and ignore them).
+
+# The `--pooling` choices, the one registry. Each takes D as its one positional argument;
+# latent and self-attention take their other sizes as keywords (mean and eos take none).
 POOLINGS = {
     "mean": lambda hidden_size: MeanPooling(),  # no sizes: it has no weights
     "eos": lambda hidden_size: LastTokenPooling(),

@@ -43,9 +43,11 @@ from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint
 from plumbing.compiled import compile_counts
 from plumbing.distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
 from plumbing.errors import DataError, UsageError, UserError
-from lora import apply_lora, mark_only_lora_trainable
+from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed
+from plumbing.loading import architecture, skeleton
+from plumbing.sampler import BatchSampler, rank_slice
 
 # ----------------------------------------------------------------------------
 # Model, parallelism, optimizer
@@ -60,18 +62,18 @@ def build_model(config: dict):
         # would round it): the adapters and the pooling, or the whole model without LoRA.
         # Only a frozen base takes --model-dtype.
         frozen_dtype = _dtype(config["model_dtype"]) if config["lora_rank"] > 0 else torch.float32
-        model = NVEmbed.from_pretrained(model_folder(config["init_from"]), dtype=frozen_dtype,
+        model = NVEmbed.load(model_folder(config["init_from"]), dtype=frozen_dtype,
                                         trainable_dtype=torch.float32)
     else:
         model = NVEmbed.from_base(config["model"], pooling=config["pooling"], causal=config["causal"],
                                   max_length=config["max_length"], dtype=_dtype(config["model_dtype"]),
                                   seed=config["seed"], pooling_kwargs=config["pooling_kwargs"])
     model.max_length, model.name = config["max_length"], config["name"]  # the name: --name, or --out's folder's
-    if model.lora_config() is None and config["lora_rank"] > 0:
+    if lora_config(model.decoder) is None and config["lora_rank"] > 0:
         torch.manual_seed(config["seed"])  # the adapters' init, reproducible from the seed
         apply_lora(model.decoder, rank=config["lora_rank"], alpha=config["lora_alpha"],
                    dropout=config["lora_dropout"])
-    if model.lora_config() is not None:
+    if lora_config(model.decoder) is not None:
         mark_only_lora_trainable(model.decoder)
         for param in model.pooling.parameters():
             param.requires_grad = True
@@ -86,14 +88,14 @@ def build_model(config: dict):
 
 def build_model_on_rank0(config: dict):
     """`build_model` on rank 0 only, so that one process, not each of 8, reads and holds a 7B checkpoint. The
-    others build the modules on the meta device (`NVEmbed.skeleton`) from rank 0's broadcast architecture and
+    others build the modules on the meta device (`plumbing.loading.skeleton`) from rank 0's broadcast architecture and
     tokenizer (pickled by rank 0 of this job), or stop on rank 0's error, and get their shards in load_from_rank0."""
     model, error = None, None
     message = [None, None, None, False]  # architecture, tokenizer, rank 0's error, whether it is the user's
     if rank() == 0:
         try:
             model = build_model(config)
-            message[:2] = model.architecture(), model.tokenizer
+            message[:2] = architecture(model), model.tokenizer
         except Exception as e:
             error, message[2], message[3] = e, f"{type(e).__name__}: {e}", isinstance(e, UserError)
     dist.broadcast_object_list(message, src=0)
@@ -103,7 +105,7 @@ def build_model_on_rank0(config: dict):
         raise UserError(f"rank 0 could not build the model: {message[2]}")
     if message[2] is not None:
         raise RuntimeError(f"rank 0 could not build the model: {message[2]}")
-    return model if model is not None else NVEmbed.skeleton(*message[:2]).train()
+    return model if model is not None else skeleton(*message[:2]).train()
 
 
 def load_from_rank0(model, full_state: dict | None, device: torch.device):
@@ -338,7 +340,7 @@ def model_shape(model) -> dict:
     first_qkv: layer 0's q/k/v base weights and lora_A, whose input gradient a frozen base never computes."""
     decoder, pooling = model.decoder, model.pooling
     base = [(name, p) for name, p in decoder.named_parameters() if "lora_" not in name]
-    frozen_base = model.lora_config() is not None and not any(p.requires_grad for _, p in base)
+    frozen_base = lora_config(model.decoder) is not None and not any(p.requires_grad for _, p in base)
     first_attn = decoder.layers[0].self_attn
     first_qkv = sum(p.numel() for m in (first_attn.q_proj, first_attn.k_proj, first_attn.v_proj)
                     for name, p in m.named_parameters() if name in ("weight", "lora_A"))
@@ -354,7 +356,7 @@ def model_shape(model) -> dict:
 
 
 def describe(model, device: torch.device) -> str:
-    shape, lora = model_shape(model), model.lora_config()
+    shape, lora = model_shape(model), lora_config(model.decoder)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"model: {shape['params'] / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
             f"({'LoRA ' + json.dumps(lora) if lora else 'full fine-tuning'}), pooling {model.pooling_name}, "
@@ -408,7 +410,7 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
 
 
-def training_data(config: dict) -> tuple[list, data.BatchSampler]:
+def training_data(config: dict) -> tuple[list, BatchSampler]:
     """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on (seed, k) alone."""
     if config["data"]:
         sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
@@ -423,7 +425,7 @@ def training_data(config: dict) -> tuple[list, data.BatchSampler]:
     if config["batch_size"] % (config["grad_accum"] * world_size()):
         raise UsageError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
                          f"{config['grad_accum']} x {world_size()} ranks")
-    return sources, data.BatchSampler(sources, config["batch_size"], seed=config["seed"])
+    return sources, BatchSampler(sources, config["batch_size"], seed=config["seed"])
 
 
 def train_step(model, optimizer, scheduler, source, global_batch: list[int], config: dict, device: torch.device,
@@ -441,7 +443,7 @@ def train_step(model, optimizer, scheduler, source, global_batch: list[int], con
     for micro in range(micro_batches):
         if is_distributed():
             model.set_requires_gradient_sync(micro == micro_batches - 1)
-        indices = data.rank_slice(global_batch[micro * micro_size:(micro + 1) * micro_size], rank(), world_size())
+        indices = rank_slice(global_batch[micro * micro_size:(micro + 1) * micro_size], rank(), world_size())
         batch = source.collate(indices, model.tokenizer, config["max_length"], model.text_rule)
         if config["grad_cache"]:  # one micro-batch (train_cli), its softmax whole, its memory one chunk's
             loss, real_tokens = forward_backward_cached(model, batch, config["temperature"], config["grad_cache"],

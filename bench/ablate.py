@@ -212,7 +212,7 @@ def load_teacher(teacher, device):
         return mine.BM25Teacher()
     if (Path(teacher) / "modules.json").is_file():
         return mine.SentenceTransformerTeacher(teacher, device=device)
-    return NVEmbed.from_pretrained(teacher, device=device)
+    return NVEmbed.load(teacher, device=device)
 
 
 def train_run(args, setting, run, train_file, pooling, attention):
@@ -238,7 +238,7 @@ def train_and_evaluate(args, setting, out, train_file, test, instruction, poolin
     run = out / f"{pooling}-{attention}"
     train_seconds, loss_curve = train_run(args, setting, run, train_file, pooling, attention)
     start = time.perf_counter()
-    model = NVEmbed.from_pretrained(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
+    model = NVEmbed.load(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
                                     device=args.device)
     metrics = score(*encode_split(model, *test, instruction, setting["max_length"], args.batch_size), test[2])
     eval_seconds = time.perf_counter() - start

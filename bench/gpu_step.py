@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plumbing.checkpoints import ByteTokenizer  # noqa: E402
 from data import TextRule  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
+from plumbing.loading import skeleton  # noqa: E402
 from pooling import MeanPooling  # noqa: E402
 from train import contrastive_loss, model_shape, peak_flops, step_flops  # noqa: E402
 
@@ -132,14 +133,14 @@ def init_on_device(module: torch.nn.Module) -> None:
 
 
 def build_embedder(s: Setting, device, lora: bool, layers: int | None = None, pooling: str = "latent"):
-    """An NVEmbed materialised on `device` from the meta device (NVEmbed.skeleton), set up as train.build_model does:
+    """An NVEmbed materialised on `device` from the meta device (plumbing.loading.skeleton), set up as train.build_model does:
     with LoRA (r16, alpha 32, dropout 0.1) the base is bf16 and frozen, else everything trains; trainable in fp32."""
     decoder = dataclasses.replace(s.decoder, num_hidden_layers=layers or s.decoder.num_hidden_layers)
     architecture = dict(decoder=dataclasses.asdict(decoder), pooling=pooling,
                         pooling_kwargs=s.latent if pooling == "latent" else {},
                         lora=dict(rank=16, alpha=32.0, dropout=s.lora_dropout) if lora else None, causal=False,
                         max_length=s.seq, text_rule=dataclasses.asdict(TextRule()), normalize=True, base=None)
-    model = NVEmbed.skeleton(architecture, ByteTokenizer())  # every parameter on the meta device
+    model = skeleton(architecture, ByteTokenizer())  # every parameter on the meta device
     for name, param in model.named_parameters():
         param.requires_grad = not lora or "lora_" in name or name.startswith("pooling.")
         param.data = param.data.to(torch.float32 if param.requires_grad else s.dtype)

@@ -159,7 +159,7 @@ def mined_file(teacher_model, name, corpus, queries, fit_qrels, instruction, set
 
 def scored_model(model_dir, splits, instruction, setting, args):
     """Each split's (means, per_query) for a trained model; the corpus (shared by the splits) embedded once."""
-    model = NVEmbed.from_pretrained(model_dir, dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
+    model = NVEmbed.load(model_dir, dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
                                     device=args.device)
     corpus = splits[0][0]
     doc_ids = list(corpus)
@@ -237,7 +237,7 @@ def experiment(args):
             if teacher not in args.teachers and not (teacher == "bm25" and "self" in args.teachers):
                 continue
             if teacher == "self":
-                mined["self"] = mined_file(NVEmbed.from_pretrained(round_one, device=args.device), f"self-{length}",
+                mined["self"] = mined_file(NVEmbed.load(round_one, device=args.device), f"self-{length}",
                                            corpus, train_queries, fit_qrels, instruction, setting, args.out,
                                            args.batch_size)
             row, model_dir = one_row(args, setting, teacher, *mined[teacher], splits, instruction,

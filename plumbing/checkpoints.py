@@ -526,7 +526,7 @@ def model_folder(path: str | os.PathLike) -> Path:
 
 def _rng_state() -> dict:
     """The RNG states training draws from: torch's (dropout). The data order needs none:
-    data.BatchSampler is a pure function of (seed, step), and nothing here uses Python's
+    plumbing.sampler.BatchSampler is a pure function of (seed, step), and nothing here uses Python's
     or numpy's global generators. Tensors only, as everything dcp saves (`_training_state`)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -546,7 +546,7 @@ def _state_dict_options(model):
     # --model / --init-from and seed (the config check at resume makes sure of that).
     # Loading is then not strict about the frozen keys; dcp.load still fails on any
     # trainable key the checkpoint lacks.
-    lora = model.lora_config() is not None
+    lora = any("lora_" in name for name, _ in model.named_parameters())
     return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
@@ -601,7 +601,7 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
     step_N. A rename is atomic, so a crash mid-save leaves a .tmp folder that nothing
     mistakes for a checkpoint (it is deleted by the next save). The dcp files hold tensors
     only (model, optimizer moments, RNG); step_N/trainer_state.json holds the rest: the
-    step (also the sampler's position: data.BatchSampler is a pure function of (seed,
+    step (also the sampler's position: plumbing.sampler.BatchSampler is a pure function of (seed,
     step)), the schedule's state_dict, the optimizer's param groups, the configuration.
     """
 

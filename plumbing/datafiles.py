@@ -28,6 +28,7 @@ Run: `python data.py check-beir FOLDER SPLIT [--skip-bad]` and `python data.py c
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -38,7 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from plumbing.errors import DataError, MissingFileError
+from plumbing.errors import (DataError, MissingFileError, add_verbosity_flags, configure_logging,
+                             exits_on_user_error)
 
 log = logging.getLogger("nvembed.datafiles")  # notices: errors.py
 
@@ -512,3 +514,31 @@ def format_table(metrics):
     for k in k_values:
         lines.append(f"{k:>6}" + "".join(f"{metrics[f'{name}@{k}']:>10.5f}" for name in METRIC_NAMES))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data-checking command: `python data.py check-beir FOLDER SPLIT` / `check-train FILE` (data.py calls it).
+
+
+@exits_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="NV-Embed data: check data files (`python -m plumbing.builtin OUT` "
+                                                 "writes the built-in dataset).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check_beir_command = commands.add_parser("check-beir", help="read a BEIR folder's split and print its counts")
+    check_beir_command.add_argument("folder")
+    check_beir_command.add_argument("split")
+    check_beir_command.add_argument("--skip-bad", action="store_true",
+                                    help="skip bad records (counted) instead of failing")
+    check_train = commands.add_parser("check-train", help="read a training file and print its counts")
+    check_train.add_argument("path")
+    check_train.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
+    for command in (check_beir_command, check_train):
+        add_verbosity_flags(command)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    if args.command == "check-beir":
+        check_beir(args.folder, args.split, skip_bad=args.skip_bad)
+    else:
+        check_training_file(args.path, skip_bad=args.skip_bad)
+

@@ -19,8 +19,9 @@ import data  # noqa: E402
 from plumbing import datafiles  # noqa: E402
 from plumbing.errors import DataError  # noqa: E402
 from plumbing.checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
-from data import (BatchSampler, TextRule, TrainDataset, classification_pairs, clustering_pairs, collate,  # noqa: E402
-                  rank_slice, sts_pairs, tokenize)
+from data import (TextRule, TrainDataset, classification_pairs, clustering_pairs, collate, sts_pairs,  # noqa: E402
+                  tokenize)
+from plumbing.sampler import BatchSampler, rank_slice  # noqa: E402
 from plumbing.datafiles import (Example, SkipReport, beir_training_examples, load_beir, read_training_file,  # noqa: E402
                        write_training_file)
 
@@ -620,8 +621,8 @@ def test_builtin_dataset(tmp_path):
 
 def test_cli_builtin_and_check(tmp_path, capsys):
     builtin.main([str(tmp_path / "builtin")])
-    data.main(["check-beir", str(tmp_path / "builtin"), "test"])
-    data.main(["check-train", str(tmp_path / "builtin" / "train.jsonl")])
+    datafiles.main(["check-beir", str(tmp_path / "builtin"), "test"])
+    datafiles.main(["check-train", str(tmp_path / "builtin" / "train.jsonl")])
     out = capsys.readouterr().out
     assert "500 documents, 100 queries, 100 judgements" in out and "1600 examples" in out
 

@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
 from plumbing import datafiles  # noqa: E402
 import evaluate  # noqa: E402
 import mine  # noqa: E402
@@ -35,7 +34,7 @@ from tests.helpers import spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
-COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": data.main}
+COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": datafiles.main}
 
 
 @functools.lru_cache(maxsize=1)
@@ -253,7 +252,7 @@ def test_no_negatives_names_the_example_and_check_train_counts_it(tmp_path, caps
     """The example with no negative is refused by training (naming its line, above); checking the file
     passes (with --hard-negatives 0 it can train on in-batch negatives) and says how many have none."""
     path = training_file(tmp_path, training_row(negatives=[], negative_ids=[]))
-    data.main(["check-train", str(path)])
+    datafiles.main(["check-train", str(path)])
     assert f"1 example has no hard negative (first: {path}:2)" in capsys.readouterr().out
 
 
@@ -264,7 +263,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datafiles, "read_training_file", broken)
     with pytest.raises(ValueError, match="a bug in the code"):
-        data.main(["check-train", str(training_file(tmp_path))])
+        datafiles.main(["check-train", str(training_file(tmp_path))])
 
 
 # ---------------------------------------------------------------- two ranks
@@ -301,10 +300,10 @@ def test_skipped_records_are_a_notice_on_stderr_that_quiet_silences(tmp_path, ca
     # command's own output (the counts) stays on stdout.
     folder = beir_folder(tmp_path)
     append_line(folder / "queries.jsonl", '{"_id": "q-empty", "text": " "}')
-    data.main(["check-beir", str(folder), "test", "--skip-bad"])
+    datafiles.main(["check-beir", str(folder), "test", "--skip-bad"])
     said = capsys.readouterr()
     assert "skipped 1 (1 missing or empty text)" in said.err and "skipped 1" not in said.out
     assert "documents" in said.out
-    data.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
+    datafiles.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
     said = capsys.readouterr()
     assert "skipped 1" not in said.err and "documents" in said.out

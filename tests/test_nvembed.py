@@ -139,7 +139,7 @@ def test_save_and_reload_identical(tmp_path, pooling):
     model = tiny(pooling, causal=pooling == "eos")
     before = model.encode(TEXTS, instruction="find it", convert_to_tensor=True)
     model.save(tmp_path / "m")
-    loaded = NVEmbed.from_pretrained(tmp_path / "m")
+    loaded = NVEmbed.load(tmp_path / "m")
     assert loaded.causal == model.causal and loaded.pooling_name == pooling
     torch.testing.assert_close(loaded.encode(TEXTS, instruction="find it", convert_to_tensor=True), before,
                                atol=0, rtol=0)
@@ -163,23 +163,23 @@ def test_lora_on_a_checkpoint_saves_adapters_only(tmp_path):
     model.save(tmp_path / "m")
     assert (tmp_path / "m" / "adapters.safetensors").is_file()
     assert not (tmp_path / "m" / "decoder.safetensors").exists()
-    loaded = NVEmbed.from_pretrained(tmp_path / "m")
+    loaded = NVEmbed.load(tmp_path / "m")
     torch.testing.assert_close(loaded.encode(TEXTS, convert_to_tensor=True), before, atol=1e-6, rtol=1e-6)
     # The same in bf16: the fingerprint of the base does not depend on the dtype it is loaded in.
-    NVEmbed.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    NVEmbed.load(tmp_path / "m", dtype=torch.bfloat16)
     # Another checkpoint of the same shape in the base's place is refused, not silently used.
     torch.manual_seed(1)
     transformers.LlamaForCausalLM(hf.config).save_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match="holds other weights than the ones these adapters were trained on"):
-        NVEmbed.from_pretrained(tmp_path / "m")
+        NVEmbed.load(tmp_path / "m")
 
 
 def test_from_pretrained_refuses_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        NVEmbed.from_pretrained(tmp_path)
+        NVEmbed.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     with pytest.raises(ValueError, match="not an NV-Embed model"):
-        NVEmbed.from_pretrained(tmp_path)
+        NVEmbed.load(tmp_path)
 
 
 # --- released NV-Embed-v1/v2 names ------------------------------------------------

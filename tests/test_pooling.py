@@ -16,7 +16,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from plumbing.checkpoints import RELEASED_LATENT_PREFIX, latent_attention_state_dict_from_released  # noqa: E402
-from pooling import POOLINGS, LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling  # noqa: E402
+from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
+from plumbing.checkpoints import ByteTokenizer  # noqa: E402
+from pooling import (POOLINGS, LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling,  # noqa: E402
+                     check_pool_mask)
 
 torch.set_num_threads(1)
 DTYPE = torch.float64
@@ -239,15 +242,20 @@ def test_masked_positions_have_no_influence(name, filler):
 
 @pytest.mark.parametrize("name", ["mean", "eos", "latent", "self-attention"])
 def test_empty_row_is_an_error(name):
+    # Checked once, where every pooling is called: NVEmbed.forward (check_pool_mask).
     mask = example_mask()
     mask[1] = False
+    decoder = Mistral(MistralConfig(vocab_size=259, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, sliding_window=None))
+    model = NVEmbed(decoder.to(DTYPE), build(name), ByteTokenizer(), name)
+    batch = dict(input_ids=torch.ones(3, 6, dtype=torch.long), attention_mask=torch.ones(3, 6), pool_mask=mask)
     with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
-        build(name)(torch.randn(3, 6, 8, dtype=DTYPE), mask)
+        model(batch)
 
 
 def test_mismatched_mask_shape_is_an_error():
     with pytest.raises(ValueError, match="pool_mask must be"):
-        MeanPooling()(torch.randn(2, 5, 4), torch.ones(2, 4, dtype=torch.bool))
+        check_pool_mask(torch.randn(2, 5, 4), torch.ones(2, 4, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("name", ["mean", "eos", "latent", "self-attention"])

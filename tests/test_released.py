@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora import lora_config  # noqa: E402
 from model import NVEmbed  # noqa: E402
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -235,7 +236,7 @@ def test_released_rule_is_saved_with_the_model(checkpoint, tmp_path):
     model.save(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["text_rule"]["pool_bos"] == "without_instruction" and config["text_rule"]["truncation"] == "sequence"
-    again = NVEmbed.from_pretrained(tmp_path / "saved")
+    again = NVEmbed.load(tmp_path / "saved")
     assert again.text_rule == model.text_rule
     torch.testing.assert_close(again.encode(DOCUMENTS, convert_to_tensor=True),
                                model.encode(DOCUMENTS, convert_to_tensor=True))
@@ -266,7 +267,7 @@ def test_released_layout_folds_lora_and_warns_of_the_input_rule(tmp_path, caplog
         model.save(tmp_path / "released", layout="released")
     assert "released input rule" in caplog.text
     loaded = NVEmbed.from_released(tmp_path / "released", max_length=model.max_length)
-    assert loaded.lora_config() is None
+    assert lora_config(loaded.decoder) is None
     model.text_rule = loaded.text_rule  # the same inputs; the weights differ only by the fold's rounding
     torch.testing.assert_close(loaded.encode(DOCUMENTS, convert_to_tensor=True),
                                model.encode(DOCUMENTS, convert_to_tensor=True), atol=1e-5, rtol=1e-4)

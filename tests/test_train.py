@@ -21,6 +21,7 @@ from plumbing import distributed  # noqa: E402
 import loss as loss_module  # noqa: E402
 import train  # noqa: E402
 from plumbing import train_cli  # noqa: E402
+from plumbing.sampler import rank_slice  # noqa: E402
 from tests.helpers import free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
@@ -312,20 +313,19 @@ def gradients(model):
 
 def two_rank_worker(rank, out_dir):
     """Rank `rank` of 2 (gloo): one step's gradients for each case, then a 2-rank resume."""
-    import data
 
     device = distributed.init_distributed("cpu")
     results = {}
     for kind, in_batch, checkpointing in CASES:
         model = train.parallelize(tiny_model(kind), device, activation_checkpointing=checkpointing)
         examples = global_batch()
-        mine = [examples[i] for i in data.rank_slice(range(len(examples)), rank, 2)]
+        mine = [examples[i] for i in rank_slice(range(len(examples)), rank, 2)]
         loss, _ = train.forward_backward(model, collate(model, mine, in_batch), TEMPERATURE, 1.0, device)
         torch.distributed.all_reduce(loss)
         results[(kind, in_batch, checkpointing)] = (loss.item() / 2, gradients(model))
     for kind, chunk_size in GRAD_CACHE_CASES:  # GradCache under FSDP: chunks of 3 (divides 4 queries, not 12 docs)
         model = train.parallelize(tiny_model(kind), device)
-        mine = [global_batch()[i] for i in data.rank_slice(range(8), rank, 2)]
+        mine = [global_batch()[i] for i in rank_slice(range(8), rank, 2)]
         loss, _ = train.forward_backward_cached(model, collate(model, mine, True), TEMPERATURE, chunk_size, device)
         torch.distributed.all_reduce(loss)
         results[("grad-cache", kind, chunk_size)] = (loss.item() / 2, gradients(model))
@@ -335,7 +335,7 @@ def two_rank_worker(rank, out_dir):
     # The loss alone, through the data pipeline: cross-rank known positives and copies.
     losses = {}
     for in_batch in (False, True):
-        batch = known_positive_dataset(in_batch).collate(data.rank_slice(range(8), rank, 2), checkpoints.ByteTokenizer(),
+        batch = known_positive_dataset(in_batch).collate(rank_slice(range(8), rank, 2), checkpoints.ByteTokenizer(),
                                                          max_length=64)
         loss, _ = train.forward_backward(BagOfBytes(), batch, TEMPERATURE, 1.0, device)
         torch.distributed.all_reduce(loss)
@@ -665,7 +665,7 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
              if r.get("event") == "eval"}
     assert evals["after"] > evals["before"] + 0.02, evals
     assert f"nDCG@10 before {evals['before']:.4f} -> after {evals['after']:.4f}" in result.stdout
-    model = NVEmbed.from_pretrained(stage1 / "model")
+    model = NVEmbed.load(stage1 / "model")
     embeddings = model.encode(["a small river in the north"])
     assert embeddings.shape == (1, model.decoder.config.hidden_size)
     assert json.loads((stage1 / "config.json").read_text())["stage"] == 1
@@ -676,7 +676,7 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
                           "--out", str(tmp_path / "stage2"), "--no-eval", "--no-progress"])
     config = json.loads((tmp_path / "stage2" / "config.json").read_text())
     assert not config["in_batch_negatives"] and config["init_from"] == str(stage1)
-    assert NVEmbed.from_pretrained(summary["model"]).pooling_name == model.pooling_name
+    assert NVEmbed.load(summary["model"]).pooling_name == model.pooling_name
     with pytest.raises(ValueError, match="pooling"):
         train_cli.resolve_config(train_cli.build_parser().parse_args(["--stage", "2", "--init-from", str(stage1),
                                                               "--pooling", "mean"]))

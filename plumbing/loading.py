@@ -1,0 +1,145 @@
+"""Building, saving and loading an NVEmbed: one function per format, behind NVEmbed's thin
+classmethods (model.py).
+
+- `from_base`: a fresh embedder on a base decoder: a preset (random weights, byte tokenizer),
+  an HF checkpoint folder or a `.gguf` file (`Mistral.from_pretrained`).
+- `load` / `save`: this project's own folders (checkpoints.py writes and reads the files).
+- `from_released`: NVIDIA's released NV-Embed-v1/v2, with their text rule.
+- `skeleton`: the modules of a saved architecture on the meta device (loaders and FSDP ranks).
+- `load_for_command`: what the commands take as --model (a saved folder, or a base decoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from data import QUERY_TEMPLATE, TextRule
+from lora import apply_lora, lora_config
+from model import PRESETS, Mistral, MistralConfig, NVEmbed
+from plumbing.checkpoints import (ByteTokenizer, check_base, is_saved, load_checked, load_tokenizer,
+                                  read_model_folder, read_released, write_model_folder,
+                                  write_released_folder)
+from plumbing.errors import MissingFileError, UsageError
+from pooling import POOLINGS
+
+
+def from_base(model: str = "tiny", pooling: str = "latent", causal: bool = False,
+              max_length: int = 512, dtype: torch.dtype = torch.float32, seed: int = 0,
+              pooling_kwargs: dict | None = None, **kwargs) -> NVEmbed:
+    """A fresh embedder on a base decoder: a preset (random, byte tokenizer), an HF folder or a `.gguf`."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
+    torch.manual_seed(seed)
+    if model in PRESETS:
+        decoder, tokenizer, base = Mistral(MistralConfig.preset(model)).to(dtype), ByteTokenizer(), None
+    else:
+        decoder, tokenizer = Mistral.from_pretrained(model, dtype=dtype), load_tokenizer(model)
+        base = str(Path(model).resolve())
+    pool = POOLINGS[pooling](decoder.config.hidden_size, **(pooling_kwargs or {})).to(dtype)
+    return NVEmbed(decoder, pool, tokenizer, pooling, pooling_kwargs, causal=causal, max_length=max_length,
+                   base=base, **{"name": Path(model).name, **kwargs})
+
+
+def architecture(model: NVEmbed) -> dict:
+    """Everything but the weights and the tokenizer: what `skeleton` rebuilds from."""
+    return dict(decoder=dataclasses.asdict(model.decoder.config), pooling=model.pooling_name,
+                pooling_kwargs=model.pooling_kwargs, lora=lora_config(model.decoder), causal=model.causal,
+                max_length=model.max_length, text_rule=dataclasses.asdict(model.text_rule),
+                normalize=model.normalize, base=model.base, name=model.name,
+                params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
+                        for name, p in model.named_parameters()})
+
+
+def skeleton(architecture: dict, tokenizer) -> NVEmbed:
+    """The modules of `architecture()` (or a saved config.json) on the meta device, with each parameter's
+    dtype and trainable flag where recorded: loaders assign the weights to it (`load_checked`), and FSDP
+    ranks other than 0 receive their shards of rank 0's (train.py)."""
+    with torch.device("meta"):
+        decoder = Mistral(MistralConfig(**architecture["decoder"]))
+        if architecture["lora"]:
+            apply_lora(decoder, **architecture["lora"])
+        pooling = POOLINGS[architecture["pooling"]](decoder.config.hidden_size, **architecture["pooling_kwargs"])
+    rule = TextRule.from_dict(architecture["text_rule"], "text_rule")
+    model = NVEmbed(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
+                    causal=architecture["causal"], max_length=architecture["max_length"], text_rule=rule,
+                    normalize=architecture["normalize"], base=architecture["base"], name=architecture.get("name"))
+    for name, (dtype, trainable) in architecture.get("params", {}).items():
+        param = model.get_parameter(name)
+        param.data = param.data.to(getattr(torch, dtype))
+        param.requires_grad = trainable
+    return model
+
+
+def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False,
+         layout: str = "own") -> None:
+    """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's."""
+    write = {"own": write_model_folder, "released": write_released_folder}[layout]  # KeyError: no such layout
+    write(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer, overwrite)
+
+
+def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         trainable_dtype: torch.dtype | None = None) -> NVEmbed:
+    """Load what `save` wrote. dtype: the decoder's (default: as saved); trainable_dtype: the adapters' and
+    pooling's (default: dtype). Stage 2 asks for fp32: stage 1's fp32 weights then arrive bit for bit."""
+    config, config_file, tensors = read_model_folder(folder)  # {"decoder.*", "pooling.*": tensor}
+    dtype = dtype or getattr(torch, config["dtype"])
+    trainable_dtype = trainable_dtype or dtype
+    if config["base"] is not None:  # an adapters-only save: the frozen weights come from the base
+        base = Mistral.from_pretrained(config["base"], dtype=dtype)
+        check_base(config, config_file, dataclasses.asdict(base.config), base.state_dict())
+        tensors |= {f"decoder.{k}": v for k, v in base.state_dict().items()}
+    model = skeleton(config, load_tokenizer(str(Path(folder) / config["tokenizer"])))
+    trainable = {k for k in tensors if "lora_" in k or k.startswith("pooling.")}  # what training updates
+    load_checked(model, ((k, v.to(trainable_dtype if k in trainable else dtype)) for k, v in tensors.items()),
+                 str(folder))
+    return model.to(device).eval()
+
+
+def from_released(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  max_length: int = 4096) -> NVEmbed:
+    """NVIDIA's released NV-Embed-v1/v2 (a local copy of the HF repository), embedding exactly as their
+    `encode(prompts, instruction, max_length=4096)` does (tests/test_released.py): a row is the tokenizer's
+    encoding of BOS + instruction + text + "</s>", cut at max_length (a long text loses its EOS:
+    TextRule.truncation "sequence"); they zero the first len(tokenize(instruction)) positions of the pool
+    mask (right padding, `is_mask_instruction`, an instruction given: TextRule.instruction_positions
+    "tokenize"), so a bare text (every document) pools its BOS (TextRule.pool_bos "without_instruction");
+    padding is EOS (`add_pad_token`); EOS is appended whatever `add_eos` says (always_add_eos); the mean is
+    L2-normalised if `output_normalize`."""
+    config, text_config, latent_config, tensors = read_released(folder, dtype)
+    decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
+    rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
+                    pool_bos="without_instruction", truncation="sequence", instruction_positions="tokenize")
+    pooling_kwargs = dict(num_latents=latent_config.get("num_latents_value", 512),
+                          num_heads=latent_config.get("num_cross_heads", 8),
+                          head_dim=latent_config.get("cross_dim_head", decoder.hidden_size))
+    arch = dict(decoder=dataclasses.asdict(decoder), lora=None, pooling="latent", pooling_kwargs=pooling_kwargs,
+                causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule), base=None,
+                normalize=bool(latent_config.get("output_normalize", True)), name=Path(folder).name)
+    tokenizer = load_tokenizer(str(folder))
+    if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
+        tokenizer.pad_token = tokenizer.eos_token
+    model = skeleton(arch, tokenizer)
+    load_checked(model, tensors.items(), str(folder))
+    return model.eval()
+
+
+def load_for_command(spec: str, pooling: str | None = None, causal: bool | None = None,
+                     max_length: int = 512, dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu") -> NVEmbed:
+    """What the commands take as --model: a folder `save` wrote (its pooling and attention are kept), or a
+    base decoder (preset, HF folder, .gguf) with a fresh `pooling` (default mean) for zero-shot use."""
+    if is_saved(spec):
+        if pooling is not None or causal is not None:
+            raise UsageError(f"--model {spec} is a saved NV-Embed model: it keeps the pooling and attention it "
+                             "was trained with, so --pooling / --causal / --bidirectional do not apply")
+        return load(spec, dtype=dtype, device=device)
+    if spec not in PRESETS and not Path(spec).exists():
+        raise MissingFileError(f"--model {spec}: not found (want a saved NV-Embed folder, an HF checkpoint "
+                               f"folder, a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
+    model = from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length,
+                      dtype=dtype or torch.float32)
+    return model.to(device).eval()
