@@ -1,4 +1,4 @@
-"""Retrieval evaluation the way BEIR does it: exact dense search, trec_eval metrics, and the evaluation command.
+"""Retrieval evaluation the way BEIR does it: exact dense search, trec_eval metrics, an embedder scored.
 
 Paper: BEIR retrieval nDCG@10 (MTEB retrieval, Table 1; PAPER.md section 6). `search`: exact inner-product top-k,
 chunk by chunk; `evaluate`: NDCG/MAP/Recall/P@k as pytrec_eval (trec_eval 9) computes them plus BEIR's MRR@k, averaged
@@ -12,26 +12,13 @@ dict); MRR@k ranks and averages as the other metrics do (see `evaluate`). Run:
 Tests: python -m pytest -q tests/test_evaluate.py tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py
 """
 
-import json
-import logging
-import numbers
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from plumbing.builtin import builtin_dataset
-from plumbing.checkpoints import is_saved
-from plumbing.compiled import compile_counts
-from plumbing.datafiles import doc_text, format_table, load_beir, write_trec
-from plumbing.distributed import destroy_distributed, gather_rows_to_rank0, init_distributed, print0, rank, world_size
-from plumbing.errors import configure_logging, exits_on_user_error
-from plumbing.evaluate_cli import DEFAULT_MODELS, build_parser, resolve_instruction
-from model import PRESETS
-from plumbing.loading import load_for_command
-
-log = logging.getLogger("nvembed.evaluate")  # notices: errors.py
+from plumbing.datafiles import doc_text
+from plumbing.distributed import gather_rows_to_rank0, rank, world_size
+from plumbing.eval_checks import (check_grades, check_k_values, check_search_inputs, check_split, check_texts,
+                                  checked_scores)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Exact search. Shapes: Q queries, N corpus documents, D embedding size, n documents in a chunk, k = min(top_k, N).
@@ -66,18 +53,7 @@ def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_siz
     ties to the lower corpus index. Scores in float32 (float64 if an input is): bf16 would collapse near scores into
     ties. Memory stays (query_chunk_size, chunk_size): corpus chunks, moved to the queries' device (the corpus can stay
     in CPU memory), merge into a running top-k; results come back on the queries' device."""
-    if query_emb.ndim != 2 or corpus_emb.ndim != 2:
-        raise ValueError(f"search: query_emb and corpus_emb must be 2-D (Q, D) and (N, D), "
-                         f"got {tuple(query_emb.shape)} and {tuple(corpus_emb.shape)}")
-    if query_emb.shape[1] != corpus_emb.shape[1]:
-        raise ValueError(f"search: embedding sizes differ: queries D={query_emb.shape[1]}, "
-                         f"corpus D={corpus_emb.shape[1]}")
-    for name, value in (("top_k", top_k), ("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
-        if not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"search: {name} must be a positive integer, got {value!r}")
-    for name, emb in (("query_emb", query_emb), ("corpus_emb", corpus_emb)):
-        if not emb.is_floating_point():
-            raise TypeError(f"search: {name} must be a floating-point tensor, got {emb.dtype}")
+    check_search_inputs(query_emb, corpus_emb, top_k, chunk_size, query_chunk_size)
     num_queries, num_docs = query_emb.shape[0], corpus_emb.shape[0]
     k = min(top_k, num_docs)
     device = query_emb.device
@@ -109,48 +85,9 @@ def search(query_emb, corpus_emb, top_k=1000, chunk_size=50_000, query_chunk_siz
 # Metrics (trec_eval 9 via pytrec_eval, as BEIR calls it)
 
 
-def _check_k_values(k_values):
-    k_values = list(k_values)
-    if not k_values:
-        raise ValueError("evaluate: k_values is empty")
-    for k in k_values:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"evaluate: every k in k_values must be a positive integer, got {k!r}")
-    return sorted(set(int(k) for k in k_values))
-
-
-def _check_grades(qid, judgments):
-    """qrels[qid] -> {doc_id: int grade}; pytrec_eval only accepts int grades."""
-    grades = {}
-    for did, grade in judgments.items():
-        if not isinstance(did, str):
-            raise TypeError(f"evaluate: qrels[{qid!r}] has a non-string doc id {did!r}")
-        if not isinstance(grade, numbers.Integral):
-            raise TypeError(f"evaluate: qrels[{qid!r}][{did!r}] = {grade!r}: a grade must be an integer")
-        grades[did] = int(grade)
-    return grades
-
-
-_PLAIN_SCORE_TYPES = {float, int, np.float32, np.float64}
-
-
 def _ranking(qid, doc_scores, ignore_identical_ids):
     """Doc ids of run[qid] in trec_eval's order."""
-    # Checks per query, not per document, where they can: evaluate's time is mostly here (1,000 x 1,000 results).
-    if {type(did) for did in doc_scores} - {str}:
-        for did in doc_scores:
-            if not isinstance(did, str):
-                raise TypeError(f"evaluate: run[{qid!r}] has a non-string doc id {did!r}")
-    doc_ids, values = list(doc_scores), list(doc_scores.values())
-    if not {type(score) for score in values} <= _PLAIN_SCORE_TYPES:
-        for did, score in doc_scores.items():
-            if not isinstance(score, numbers.Real):
-                raise ValueError(f"evaluate: run[{qid!r}][{did!r}] = {score!r}: a score must be a real number")
-        values = [float(score) for score in values]
-    scores = np.array(values, dtype=np.float64)  # (n,)
-    if np.isnan(scores).any():
-        did = doc_ids[int(np.argmax(np.isnan(scores)))]
-        raise ValueError(f"evaluate: run[{qid!r}][{did!r}] is NaN: a score must be a real number, not NaN")
+    doc_ids, scores = checked_scores(qid, doc_scores)  # (n,) float64
     # trec_eval stores scores as C floats (form_res_rels.c: `float sim`): equal in float32 is a tie (1.0, 1.0 + 1e-12).
     with np.errstate(over="ignore"):
         scores32 = scores.astype(np.float32).tolist()
@@ -167,7 +104,7 @@ def evaluate_per_query(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_ide
     """BEIR's NDCG@k, MAP@k, Recall@k, P@k and MRR@k of each query of a run: qrels {query_id: {doc_id: int grade}},
     run {query_id: {doc_id: score}} (neither modified) -> {query_id: {"NDCG@k": float, ...}}, in the run's order,
     unrounded. `evaluate` averages them; paired significance tests (significance.py) compare them."""
-    k_values = _check_k_values(k_values)
+    k_values = check_k_values(k_values)
     k_max = k_values[-1]
     # Which queries count: pytrec_eval evaluates a query only if it is in the run (even with no retrieved docs: it
     # scores 0) and has a judgment in the qrels (even if all grades are 0: it scores 0); BEIR averages over exactly
@@ -184,7 +121,7 @@ def evaluate_per_query(qrels, run, k_values=(1, 3, 5, 10, 100, 1000), ignore_ide
     for qid in query_ids:
         if not isinstance(qid, str):
             raise TypeError(f"evaluate: query id {qid!r} is not a string")
-        grades = _check_grades(qid, qrels[qid])
+        grades = check_grades(qid, qrels[qid])
         ranked = _ranking(qid, run[qid], ignore_identical_ids)[:k_max]
         num_retrieved = len(ranked)
         # A retrieved doc missing from the qrels is unjudged: not relevant, gain 0.
@@ -247,19 +184,13 @@ def run_evaluation(model, corpus, queries, qrels, instruction="", batch_size=32,
     with `instruction`; documents bare as `doc_text` (PAPER.md sections 3, 6). max_length None: the model's own.
     Under torchrun every rank encodes a share (`encode_sharded`; lockstep for an FSDP model), rank 0 alone
     searches and scores, and the other ranks get (None, None)."""
-    missing = [qid for qid in qrels if qid not in queries]
-    if missing:
-        raise ValueError(f"run_evaluation: {len(missing)} qrels queries have no text in `queries`, e.g. {missing[:3]}")
-    if not corpus:
-        raise ValueError("run_evaluation: the corpus is empty")
+    check_split(corpus, queries, qrels)
     query_ids = [qid for qid in queries if qid in qrels]
     doc_ids = list(corpus)
     query_texts = [queries[qid] for qid in query_ids]
     doc_texts = [doc_text(corpus[did]) for did in doc_ids]
-    for kind, ids, texts in (("query", query_ids, query_texts), ("document", doc_ids, doc_texts)):
-        for item_id, text in zip(ids, texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"run_evaluation: {kind} {item_id!r} has no text")
+    check_texts("query", query_ids, query_texts)
+    check_texts("document", doc_ids, doc_texts)
     query_emb = encode_sharded(model, query_texts, instruction, batch_size, max_length, lockstep)  # (Q, D) CPU
     corpus_emb = encode_sharded(model, doc_texts, "", batch_size, max_length, lockstep)  # (N, D)
     if rank() != 0:
@@ -300,95 +231,6 @@ def encode_sharded(model, texts, instruction="", batch_size=32, max_length=None,
     return gather_rows_to_rank0(local, rows_per_rank, len(texts))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The command: prints a BEIR-style table, writes the metrics (JSON) and the run (TREC format).
-
-@exits_on_user_error
-def main(argv=None):
-    """The command. Under torchrun (`torchrun --nproc_per_node=8 evaluate.py ...`) every rank loads the model and
-    encodes a share; rank 0 alone searches, prints and writes."""
-    parser = build_parser(INSTRUCTIONS, DEFAULT_K_VALUES)  # the flags: evaluate_cli.py
-    args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        return evaluate_command(args, parser)
-    finally:
-        destroy_distributed()
-
-
-def evaluate_command(args, parser):
-    # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
-    model_spec = args.model
-    if model_spec is None:
-        model_spec = next((path for path in DEFAULT_MODELS if is_saved(path)), "tiny")
-        print0("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
-                            "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
-                            "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
-    # load_for_command (below, after the cheap checks) refuses a --model not found, and base-only flags for a saved one.
-    saved = is_saved(model_spec)
-    pooling = args.pooling or "mean"
-    causal = bool(args.causal)
-    dataset_name, instruction = resolve_instruction(args.data, args.instruction, INSTRUCTIONS)
-    # Where the results go; refuse to overwrite before any expensive work.
-    model_name = Path(model_spec).name if model_spec not in PRESETS else model_spec
-    if args.out is not None:
-        out = Path(args.out)
-    elif saved:
-        out = Path(model_spec) / "eval"
-    else:
-        out = Path("runs") / "eval" / f"{Path(model_name).stem}-{pooling}-{'causal' if causal else 'bidirectional'}"
-    stem = f"{dataset_name}-{args.split}"
-    metrics_file, run_file, per_query_file = out / f"{stem}.json", out / f"{stem}.trec", out / f"{stem}.per_query.json"
-    existing = [str(p) for p in (metrics_file, run_file, *([per_query_file] if args.per_query else [])) if p.exists()]
-    if existing and not args.overwrite:
-        parser.error(f"{' and '.join(existing)} already exist; pass --overwrite to replace them or --out elsewhere")
-    run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
-    device = init_distributed(args.device)  # this rank's device; a process group under torchrun
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_for_command(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
-                         dtype=dtype, device=device)
-    if args.compile:
-        model.compile()
-    if args.data == "builtin":
-        corpus, queries, qrels = builtin_dataset().split(args.split)
-    else:
-        corpus, queries, qrels = load_beir(args.data, args.split)
-    max_length = args.max_length or model.max_length
-    config = dict(  # the model's name and fingerprint say which weights scored (a folder's name alone may not)
-        model=str(model_spec), name=model.name, fingerprint=model.fingerprint(),
-        model_kind="saved NV-Embed" if saved else "base (zero-shot)",
-        pooling=model.pooling_name, causal=model.causal, data=args.data, split=args.split,
-        instruction=instruction, max_length=max_length, batch_size=args.batch_size, top_k=args.top_k,
-        k_values=list(args.k_values), dtype=str(model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
-        device=str(device), ranks=world_size(), num_queries=len(qrels), num_documents=len(corpus),
-        run_name=run_name, ignore_identical_ids=args.ignore_identical_ids, compile=args.compile,
-    )
-    print0("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
-    if args.top_k < max(args.k_values) and rank() == 0:
-        log.warning("note: --top-k %d < largest k %d: metrics beyond it see a truncated run", args.top_k,
-                    max(args.k_values))
-    start = time.perf_counter()
-    metrics, run = run_evaluation(model, corpus, queries, qrels, instruction=instruction,
-                                  batch_size=args.batch_size, max_length=max_length, top_k=args.top_k,
-                                  k_values=args.k_values, ignore_identical_ids=args.ignore_identical_ids)
-    if rank() != 0:
-        return None  # rank 0 scores and writes, once
-    seconds = time.perf_counter() - start
-    print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
-          f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")
-    print(format_table(metrics))
-    if args.compile:
-        print("torch.compile: " + ", ".join(f"{key} {value}" for key, value in compile_counts().items()))
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(dict(metrics=metrics, config=config, seconds=seconds), indent=2) + "\n")
-    write_trec(run, run_file, run_name)
-    print(f"wrote {metrics_file} and {run_file}")
-    if args.per_query:  # the same metrics query by query (evaluate's are their means), for significance.py
-        per_query = evaluate_per_query(qrels, run, args.k_values, ignore_identical_ids=args.ignore_identical_ids)
-        per_query_file.write_text(json.dumps(dict(per_query=per_query, config=config), indent=1) + "\n")
-        print(f"wrote {per_query_file}")
-    return metrics
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command and its flags: plumbing/evaluate_cli.py
+    from plumbing.evaluate_cli import main
     main()

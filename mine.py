@@ -44,6 +44,7 @@ from plumbing.datafiles import SkipReport, beir_training_examples, doc_text, loa
 from plumbing.errors import CheckpointError, MissingFileError, add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search
 from plumbing.loading import load_for_command
+from pooling import POOLINGS
 
 
 class BM25Teacher:
@@ -355,7 +356,7 @@ def main(argv=None):
     p.add_argument("--model", default="tiny",
                    help="teacher: 'bm25' (lexical), a sentence-transformers folder (with modules.json), a saved "
                         "NV-Embed folder (e.g. runs/stage1/model, mining a second round), HF folder, .gguf or preset")
-    p.add_argument("--pooling", default=None, choices=("mean", "eos", "latent", "self-attention"),
+    p.add_argument("--pooling", default=None, choices=tuple(POOLINGS),
                    help="base models only (default mean)")
     p.add_argument("--causal", action="store_true", default=None, help="base models only: keep the causal mask")
     p.add_argument("--data", default="builtin", help="a BEIR folder, or 'builtin' (default)")

@@ -11,7 +11,7 @@ bench/RESULTS.md as each is measured, so a run stopped early keeps what it had.
     LoRA r16 on a frozen bf16 base, then full fine-tuning on as many layers as leave room for the fp32 weights,
     gradients and AdamW state (the row says how many). Each: eager and --compile (NVEmbed.compile), without and with
     activation checkpointing, at the largest batch that fits (doubling the queries until out of memory). Tokens/s,
-    MFU (train.step_flops: useful work only) and the allocator's peak memory.
+    MFU (plumbing.mfu.step_flops: useful work only) and the allocator's peak memory.
 (b) Decoder forward + backward, model.Mistral (eager and compiled) against transformers' MistralModel (sdpa), same
     weights, bf16, causal, --hf-layers layers.
 (c) Corpus encoding: NVEmbed.encode (mean pooling) against an HF AutoModel + mean pooling loop over batches sorted
@@ -43,7 +43,8 @@ from data import TextRule  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from plumbing.loading import skeleton  # noqa: E402
 from pooling import MeanPooling  # noqa: E402
-from train import contrastive_loss, model_shape, peak_flops, step_flops  # noqa: E402
+from loss import contrastive_loss  # noqa: E402
+from plumbing.mfu import model_shape, peak_flops, step_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 COMMAND = "python bench/gpu_step.py"
@@ -413,8 +414,8 @@ def header(args, argv: list[str], device) -> list[str]:
     lines = [f"## {'DRY RUN, tiny shapes, not a measurement: ' if args.dry_run else ''}`{command}` "
              f"({time.strftime('%Y-%m-%d')})", "",
              f"Hardware: {hardware}; torch {torch.__version__}, transformers {transformers.__version__}. "
-             f"Time budget {args.budget:.0f} s. MFU: train.step_flops (useful matrix products of real tokens, no "
-             "recomputation) against the GPU's dense bf16 peak (train.PEAK_BF16_FLOPS)."]
+             f"Time budget {args.budget:.0f} s. MFU: plumbing.mfu.step_flops (useful matrix products of real tokens, no "
+             "recomputation) against the GPU's dense bf16 peak (plumbing.mfu.PEAK_BF16_FLOPS)."]
     return lines
 
 

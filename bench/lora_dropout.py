@@ -22,7 +22,7 @@ from bench.train_step import ByteSizedTokenizer, random_batch  # noqa: E402
 from lora import LoRADropout, apply_lora, mark_only_lora_trainable  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import MeanPooling  # noqa: E402
-from train import contrastive_loss  # noqa: E402
+from loss import contrastive_loss  # noqa: E402
 
 
 def median_ms(fn, repeats):

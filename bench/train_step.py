@@ -27,7 +27,8 @@ from bench.model_vs_hf import saved_bytes  # noqa: E402
 from lora import apply_lora, mark_only_lora_trainable  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import LatentAttentionPooling  # noqa: E402
-from train import contrastive_loss, model_shape, peak_flops, step_flops  # noqa: E402
+from loss import contrastive_loss  # noqa: E402
+from plumbing.mfu import model_shape, peak_flops, step_flops  # noqa: E402
 
 
 class HFDecoder(nn.Module):

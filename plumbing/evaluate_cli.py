@@ -4,11 +4,28 @@ dataset (the built-in one's, NV-Embed-v2's for a known BEIR folder, or the user'
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import time
 from pathlib import Path
 from typing import Mapping
 
+import torch
+
+from evaluate import DEFAULT_K_VALUES, INSTRUCTIONS, evaluate_per_query, run_evaluation
+from model import PRESETS
+from plumbing.builtin import builtin_dataset
+from plumbing.checkpoints import is_saved
+from plumbing.compiled import compile_counts
+from plumbing.datafiles import format_table, load_beir, write_trec
+from plumbing.distributed import destroy_distributed, init_distributed, print0, rank, world_size
+from plumbing.loading import load_for_command
+
 from plumbing.builtin import BUILTIN_INSTRUCTION
-from plumbing.errors import UsageError, add_verbosity_flags
+from plumbing.errors import UsageError, add_verbosity_flags, configure_logging, exits_on_user_error
+from pooling import POOLINGS
+
+log = logging.getLogger("nvembed.evaluate")  # notices: errors.py
 
 DEFAULT_MODELS = ("runs/stage2/model", "runs/stage1/model")  # what `train.py --stage 2 / 1` writes
 
@@ -44,7 +61,7 @@ def build_parser(instructions: Mapping[str, str], default_k_values: tuple[int, .
                         help="the task instruction for the queries (documents get none). Default: the built-in "
                              "dataset's, or NV-Embed-v2's for a known BEIR folder name "
                              f"({', '.join(sorted(instructions))}); any other folder needs one ('' for none)")
-    parser.add_argument("--pooling", default=None, choices=("mean", "eos", "latent", "self-attention"),
+    parser.add_argument("--pooling", default=None, choices=tuple(POOLINGS),
                         help="base checkpoints only (default mean). mean and eos have no weights, so an untrained "
                              "baseline measures the decoder alone")
     attention = parser.add_mutually_exclusive_group()
@@ -96,3 +113,93 @@ def resolve_instruction(data: str, given: str | None, instructions: Mapping[str,
         raise UsageError(f"--data {data}: no instruction known for a folder named {name!r} (known: "
                          f"{', '.join(sorted(instructions))}); pass --instruction TEXT, or --instruction '' for none")
     return name, instructions[name.lower()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command (`python evaluate.py`): prints a BEIR-style table, writes the metrics (JSON) and the run (TREC format).
+
+@exits_on_user_error
+def main(argv=None):
+    """The command. Under torchrun (`torchrun --nproc_per_node=8 evaluate.py ...`) every rank loads the model and
+    encodes a share; rank 0 alone searches, prints and writes."""
+    parser = build_parser(INSTRUCTIONS, DEFAULT_K_VALUES)  # the flags: above
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return evaluate_command(args, parser)
+    finally:
+        destroy_distributed()
+
+
+def evaluate_command(args, parser):
+    # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
+    model_spec = args.model
+    if model_spec is None:
+        model_spec = next((path for path in DEFAULT_MODELS if is_saved(path)), "tiny")
+        print0("model: " + (f"{model_spec} (trained by train.py)" if model_spec != "tiny" else
+                            "a fresh tiny model with random weights (no runs/stage{1,2}/model found: "
+                            "run `torchrun train.py --stage 1` to train one); expect scores near chance"))
+    # load_for_command (below, after the cheap checks) refuses a --model not found, and base-only flags for a saved one.
+    saved = is_saved(model_spec)
+    pooling = args.pooling or "mean"
+    causal = bool(args.causal)
+    dataset_name, instruction = resolve_instruction(args.data, args.instruction, INSTRUCTIONS)
+    # Where the results go; refuse to overwrite before any expensive work.
+    model_name = Path(model_spec).name if model_spec not in PRESETS else model_spec
+    if args.out is not None:
+        out = Path(args.out)
+    elif saved:
+        out = Path(model_spec) / "eval"
+    else:
+        out = Path("runs") / "eval" / f"{Path(model_name).stem}-{pooling}-{'causal' if causal else 'bidirectional'}"
+    stem = f"{dataset_name}-{args.split}"
+    metrics_file, run_file, per_query_file = out / f"{stem}.json", out / f"{stem}.trec", out / f"{stem}.per_query.json"
+    existing = [str(p) for p in (metrics_file, run_file, *([per_query_file] if args.per_query else [])) if p.exists()]
+    if existing and not args.overwrite:
+        parser.error(f"{' and '.join(existing)} already exist; pass --overwrite to replace them or --out elsewhere")
+    run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
+    device = init_distributed(args.device)  # this rank's device; a process group under torchrun
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_for_command(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
+                         dtype=dtype, device=device)
+    if args.compile:
+        model.compile()
+    if args.data == "builtin":
+        corpus, queries, qrels = builtin_dataset().split(args.split)
+    else:
+        corpus, queries, qrels = load_beir(args.data, args.split)
+    max_length = args.max_length or model.max_length
+    config = dict(  # the model's name and fingerprint say which weights scored (a folder's name alone may not)
+        model=str(model_spec), name=model.name, fingerprint=model.fingerprint(),
+        model_kind="saved NV-Embed" if saved else "base (zero-shot)",
+        pooling=model.pooling_name, causal=model.causal, data=args.data, split=args.split,
+        instruction=instruction, max_length=max_length, batch_size=args.batch_size, top_k=args.top_k,
+        k_values=list(args.k_values), dtype=str(model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),
+        device=str(device), ranks=world_size(), num_queries=len(qrels), num_documents=len(corpus),
+        run_name=run_name, ignore_identical_ids=args.ignore_identical_ids, compile=args.compile,
+    )
+    print0("configuration:\n" + "\n".join(f"  {key}: {value}" for key, value in config.items()))
+    if args.top_k < max(args.k_values) and rank() == 0:
+        log.warning("note: --top-k %d < largest k %d: metrics beyond it see a truncated run", args.top_k,
+                    max(args.k_values))
+    start = time.perf_counter()
+    metrics, run = run_evaluation(model, corpus, queries, qrels, instruction=instruction,
+                                  batch_size=args.batch_size, max_length=max_length, top_k=args.top_k,
+                                  k_values=args.k_values, ignore_identical_ids=args.ignore_identical_ids)
+    if rank() != 0:
+        return None  # rank 0 scores and writes, once
+    seconds = time.perf_counter() - start
+    print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
+          f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")
+    print(format_table(metrics))
+    if args.compile:
+        print("torch.compile: " + ", ".join(f"{key} {value}" for key, value in compile_counts().items()))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(dict(metrics=metrics, config=config, seconds=seconds), indent=2) + "\n")
+    write_trec(run, run_file, run_name)
+    print(f"wrote {metrics_file} and {run_file}")
+    if args.per_query:  # the same metrics query by query (evaluate's are their means), for significance.py
+        per_query = evaluate_per_query(qrels, run, args.k_values, ignore_identical_ids=args.ignore_identical_ids)
+        per_query_file.write_text(json.dumps(dict(per_query=per_query, config=config), indent=1) + "\n")
+        print(f"wrote {per_query_file}")
+    return metrics

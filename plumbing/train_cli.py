@@ -1,6 +1,7 @@
 """train.py's command line, read when you need it: the two recipes (the paper's, the tiny CPU job), the flags,
 and how a run's configuration is resolved from them (flags left out take the recipe's value, or with --init-from
-the saved model's) and checked, every mistake named by its flag."""
+the saved model's) and checked, every mistake named by its flag; then what the flags name: the training data
+and the sampler, and the evaluation set."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ from pathlib import Path
 
 import torch
 
-from plumbing.checkpoints import model_folder
-from plumbing.errors import MissingFileError, UsageError, add_verbosity_flags, configure_logging
+import evaluate
+from data import TrainDataset
 from model import PRESETS, MistralConfig
+from plumbing import datafiles
+from plumbing.builtin import builtin_dataset, builtin_sources
+from plumbing.checkpoints import model_folder
+from plumbing.distributed import print0, world_size
+from plumbing.errors import DataError, MissingFileError, UsageError, add_verbosity_flags, configure_logging
+from plumbing.sampler import BatchSampler
+from pooling import POOLINGS
 
 
 # Defaults that depend on the run. "paper": a real decoder (PAPER.md section 4; the batch
@@ -62,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", default=None,
                    help="training files (datafiles.py schema, one task type per file, one dataset each); "
                         "default: builtin.py's built-in dataset")
-    g.add_argument("--pooling", choices=("mean", "eos", "latent", "self-attention"), default=None,
+    g.add_argument("--pooling", choices=tuple(POOLINGS), default=None,
                    help="pooling (default latent; with --init-from, the saved model's)")
     g.add_argument("--num-latents", type=int, default=None, help="latent pooling: latents (paper 512, tiny 32)")
     g.add_argument("--latent-head-dim", type=int, default=None,
@@ -239,3 +247,57 @@ def check_numbers(config: dict):
         raise UsageError(f"--temperature must be > 0, got {config['temperature']}")
     if config["hard_negatives"] == 0 and not config["in_batch_negatives"]:
         raise UsageError("--hard-negatives 0 without in-batch negatives leaves no negative: the loss would be 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the flags name: the training data (--data, else the built-in set) and the evaluation set (--eval-beir)
+
+
+def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:
+    """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1 takes retrieval
+    files only (PAPER.md section 4); in-batch negatives go to retrieval data only (data.TrainDataset decides)."""
+    sources = []
+    for path in paths:
+        examples = datafiles.read_training_file(path)
+        kinds = sorted({e.task_type for e in examples})
+        if stage == 1 and kinds != ["retrieval"]:
+            raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
+                            f"this file has task types {kinds}; use it in --stage 2")
+        sources.append(TrainDataset(Path(path).stem, examples, in_batch_negatives=in_batch_negatives,
+                                         num_hard_negatives=hard_negatives))
+    return sources
+
+
+def training_data(config: dict) -> tuple[list, BatchSampler]:
+    """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on (seed, k) alone."""
+    if config["data"]:
+        sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
+                               config["in_batch_negatives"])
+    else:
+        sources = builtin_sources(config["stage"], config["hard_negatives"], config["in_batch_negatives"],
+                                  config["seed"])
+    for source in sources:
+        print0(source.summary())
+        if len(source) < config["batch_size"]:
+            raise UsageError(f"--batch-size {config['batch_size']}: {source.name} has only {len(source)} examples")
+    if config["batch_size"] % (config["grad_accum"] * world_size()):
+        raise UsageError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
+                         f"{config['grad_accum']} x {world_size()} ranks")
+    return sources, BatchSampler(sources, config["batch_size"], seed=config["seed"])
+
+
+def evaluation_set(config: dict):
+    """(corpus, queries, qrels, instruction) to evaluate on, or None (--no-eval, or training files without
+    --eval-beir). Every rank reads it, at the start: a wrong folder stops them all before the model is built."""
+    if not config["eval"]:
+        return None
+    if config["eval_beir"]:
+        corpus, queries, qrels = datafiles.load_beir(config["eval_beir"], config["eval_split"])
+        instruction = config["eval_instruction"]
+        if instruction is None:
+            instruction = evaluate.INSTRUCTIONS.get(Path(config["eval_beir"]).resolve().name.lower(), "")
+        return corpus, queries, qrels, instruction
+    if not config["data"]:  # the built-in dataset's held-out test queries
+        builtin = builtin_dataset(seed=0)
+        return (*builtin.split("test"), builtin.instruction)
+    return None

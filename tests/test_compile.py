@@ -10,10 +10,11 @@ import json
 
 import torch
 
-import evaluate
+from plumbing import evaluate_cli
 from plumbing.checkpoints import check_resume_config
 import train
 from plumbing import train_cli
+from plumbing import mfu
 from plumbing.compiled import compile_counts
 from model import NVEmbed
 
@@ -102,9 +103,9 @@ def test_evaluate_compile_flag_scores_as_eager(tmp_path, monkeypatch, capsys):
     compile_for_tests = NVEmbed.compile
     monkeypatch.setattr(NVEmbed, "compile", lambda self: compile_for_tests(self, backend="aot_eager"))
     flags = ["--model", "tiny", "--top-k", "10", "--k-values", "1,10", "--batch-size", "64"]
-    eager = evaluate.main(flags + ["--out", str(tmp_path / "eager")])
+    eager = evaluate_cli.main(flags + ["--out", str(tmp_path / "eager")])
     assert "torch.compile" not in capsys.readouterr().out
-    compiled = evaluate.main(flags + ["--compile", "--out", str(tmp_path / "compiled")])
+    compiled = evaluate_cli.main(flags + ["--compile", "--out", str(tmp_path / "compiled")])
     assert "torch.compile: graphs " in capsys.readouterr().out
     assert compiled == eager
     assert json.loads((tmp_path / "compiled" / "builtin-test.json").read_text())["config"]["compile"]
@@ -115,7 +116,7 @@ def test_step_log_records_the_graphs_compiled(tmp_path):
     stats = dict(loss=1.0, lr=1e-3, grad_norm=1.0, tokens=10, flops=100.0)
     for extra in ([], ["--compile"]):
         config = train_cli.resolve_config(train_cli.build_parser().parse_args(flags + extra))
-        train.StepLog(config, torch.device("cpu"), initial_step=0).add(1, stats, 0.5, "data", last_step=1)
+        mfu.StepLog(config, torch.device("cpu"), initial_step=0).add(1, stats, 0.5, "data", last_step=1)
     eager, compiled = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert "compiled" not in eager
     assert compiled["compiled"] == compile_counts()

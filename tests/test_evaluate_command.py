@@ -15,7 +15,8 @@ import torch
 
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from plumbing.datafiles import load_beir, read_trec, write_beir, write_trec
-from evaluate import evaluate, main, run_evaluation
+from evaluate import evaluate, run_evaluation
+from plumbing.evaluate_cli import main
 from model import NVEmbed
 from tests.helpers import scifact
 

@@ -1,4 +1,4 @@
-"""train.step_flops (the MFU numerator) against a hand count and against torch's FlopCounterMode, an independent
+"""mfu.step_flops (the MFU numerator) against a hand count and against torch's FlopCounterMode, an independent
 count of every matrix product a forward + backward actually runs."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import train
+from plumbing import mfu
 from data import TextRule
 from lora import apply_lora, mark_only_lora_trainable
 from model import Mistral, MistralConfig, NVEmbed
@@ -54,18 +54,18 @@ def test_hand_count_of_a_tiny_config():
     (padded to 5). N = q 64 + k 32 + v 32 + o 64 + gate 96 + up 96 + down 96 = 480 matmul weights."""
     N, tokens, pairs = 480, 5 + 3, 5 * 5 + 3 * 3
     parts = dict(queries=batch([5]), documents=batch([3], T=5))
-    full = train.step_flops(train.model_shape(small_model("mean")), parts)
+    full = mfu.step_flops(mfu.model_shape(small_model("mean")), parts)
     assert full == 6 * N * tokens + 12 * 1 * 8 * pairs
-    causal = train.step_flops(train.model_shape(small_model("mean", causal=True)), parts)
+    causal = mfu.step_flops(mfu.model_shape(small_model("mean", causal=True)), parts)
     assert causal == 6 * N * tokens + 12 * 8 * (5 * 6 / 2 + 3 * 4 / 2)
     # LoRA r 2 on all 7 projections: A is r x in, B is out x r. Layer 0's q/k/v (the only layer here) get no input
     # gradient: 2 x (their 128 weights + their lora_A's 3 x 2 x 8).
     adapters = 2 * (8 + 8) + 2 * (8 + 4) * 2 + 2 * (8 + 8) + 2 * (8 + 12) * 2 + 2 * (12 + 8)
-    lora = train.step_flops(train.model_shape(small_model("mean", lora=True)), parts)
+    lora = mfu.step_flops(mfu.model_shape(small_model("mean", lora=True)), parts)
     assert lora == (4 * N + 6 * adapters - 2 * (128 + 3 * 16)) * tokens + 12 * 8 * pairs
     # Latent pooling, 3 latents x 2 heads x dim 4 (width 8), MLP ratio 1: per pooled token to_q 2*8*8, scores and
     # values 4*3*8, to_out 2*8*8, GEGLU 6*8*8; to_kv 2*3*8*16 once per part; all of it x 3.
-    latent = train.step_flops(train.model_shape(small_model("latent")), parts)
+    latent = mfu.step_flops(mfu.model_shape(small_model("latent")), parts)
     assert latent == full + 3 * ((128 + 96 + 128 + 384) * tokens + 2 * 768)
 
 
@@ -74,7 +74,7 @@ def test_hand_count_of_a_tiny_config():
 def test_equals_flop_counter_on_unpadded_batches(pooling, lora):
     model = small_model(pooling, lora=lora, layers=2)
     parts = dict(queries=batch([4, 4]), documents=batch([6, 6, 6, 6]))
-    assert train.step_flops(train.model_shape(model), parts) == counted(model, parts.values())
+    assert mfu.step_flops(mfu.model_shape(model), parts) == counted(model, parts.values())
 
 
 def test_padding_is_not_counted():
@@ -83,5 +83,5 @@ def test_padding_is_not_counted():
     lengths = dict(queries=[2, 5], documents=[7, 3, 1, 4])
     parts = {name: batch(rows) for name, rows in lengths.items()}
     one_by_one = sum(counted(model, [batch([n])]) for rows in lengths.values() for n in rows)
-    assert train.step_flops(train.model_shape(model), parts) == one_by_one
+    assert mfu.step_flops(mfu.model_shape(model), parts) == one_by_one
     assert counted(model, parts.values()) > one_by_one  # what the padded batch really runs

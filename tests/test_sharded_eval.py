@@ -9,6 +9,7 @@ import torch
 
 from plumbing import distributed
 import evaluate
+from plumbing import evaluate_cli
 from model import NVEmbed
 from tests.helpers import spawn_two_ranks
 from tests.test_train import single_process  # noqa: F401 (a fixture)
@@ -20,8 +21,8 @@ ARGS = ["--model", "tiny", "--data", "builtin", "--batch-size", "4", "--pooling"
 
 def worker(rank, out_dir):
     written = []
-    write_trec = evaluate.write_trec
-    evaluate.write_trec = lambda *args: (written.append(rank), write_trec(*args))
+    write_trec = evaluate_cli.write_trec
+    evaluate_cli.write_trec = lambda *args: (written.append(rank), write_trec(*args))
     distributed.init_distributed("cpu")
     # encode_sharded alone, odd sizes: 7 texts in batches of 2 -> batches 0, 2 on rank 0 and 1, 3 on rank 1.
     torch.manual_seed(0)
@@ -37,7 +38,7 @@ def worker(rank, out_dir):
         torch.save(dict(encoded=shared, gathered=gathered, none=none), os.path.join(out_dir, "encoded.pt"))
     else:
         assert shared is None and gathered is None and none is None
-    result = evaluate.main(ARGS + ["--out", os.path.join(out_dir, "two")])  # destroys the process group
+    result = evaluate_cli.main(ARGS + ["--out", os.path.join(out_dir, "two")])  # destroys the process group
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(written=written, returned=result), f)
 
@@ -50,7 +51,7 @@ def two_ranks(tmp_path_factory):
 
 
 def test_two_ranks_write_the_run_of_one_process_once(two_ranks, tmp_path, single_process):  # noqa: F811
-    one = evaluate.main(ARGS + ["--out", str(tmp_path)])
+    one = evaluate_cli.main(ARGS + ["--out", str(tmp_path)])
     ranks = [json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == dict(written=[0], returned=one) and ranks[1] == dict(written=[], returned=None)
     assert (two_ranks / "two" / "builtin-test.trec").read_bytes() == (tmp_path / "builtin-test.trec").read_bytes()
