@@ -1,6 +1,6 @@
-"""LoRA (Hu et al. 2021) in plain PyTorch, as NV-Embed trains it: rank 16, alpha 32, dropout 0.1 on every
-projection of the decoder (PAPER.md section 4), the base frozen. apply_lora / merge_lora / mark_only_lora_trainable /
-lora_config.
+"""LoRA (Hu et al. 2021) in plain PyTorch, as NV-Embed trains it: rank 16, alpha 32, dropout 0.1 on
+every projection of the decoder (PAPER.md section 4), the base frozen. apply_lora / merge_lora /
+mark_only_lora_trainable / lora_config. Tests: tests/test_lora.py.
 """
 
 from __future__ import annotations
@@ -16,23 +16,27 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRADropout(nn.Dropout):
-    """nn.Dropout whose CPU mask is drawn 2-3x faster: PyTorch's CPU generator makes one draw per element, 42% of
-    a SmolLM2 LoRA step (bench/lora_dropout.py). Each 64-bit draw gives four 16-bit numbers, dropped below
-    p * 2^16 (p rounded to a multiple of 1/65536). On GPU, in place, or for p rounding to 0 or 1: nn.Dropout."""
+    """nn.Dropout whose CPU mask is drawn 2-3x faster: PyTorch's CPU generator makes one draw per
+    element, 42% of a SmolLM2 LoRA step (bench/lora_dropout.py). Each 64-bit draw gives four 16-bit
+    numbers, dropped below p * 2^16 (p rounded to a multiple of 1/65536). On GPU, in place, or for p
+    rounding to 0 or 1: nn.Dropout."""
 
     def forward(self, x):
         drop_below = round(self.p * 2**16)  # of the 2^16 values a 16-bit number can take
-        if not self.training or x.device.type != "cpu" or self.inplace or not 0 < drop_below < 2**16:
+        drawn_here = x.device.type == "cpu" and not self.inplace and 0 < drop_below < 2**16
+        if not self.training or not drawn_here:
             return super().forward(x)
-        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits random
+        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
+        draws = draws.random_(-2**63, None)  # all 64 bits random
         numbers = draws.view(torch.int16)[:x.numel()].view(x.shape)  # uniform on [-2^15, 2^15)
         keep = numbers >= drop_below - 2**15
         return x * keep * (1 / (1 - drop_below / 2**16))  # (bool mask first: x keeps its dtype)
 
 
 class LoRALinear(nn.Linear):
-    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen. `weight` keeps its name, so the checkpoint's
-    names are unchanged and only lora_A / lora_B are added; B starts at zero, so a fresh adapter changes nothing."""
+    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen. `weight` keeps its name, so the
+    checkpoint's names are unchanged and only lora_A / lora_B are added; B starts at zero, so a
+    fresh adapter changes nothing."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         nn.Module.__init__(self)
@@ -41,15 +45,17 @@ class LoRALinear(nn.Linear):
         self.bias = base.bias
         self.scaling = alpha / rank
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # down-projection
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # up-projection, zero
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # down: (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # up: (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = LoRADropout(dropout)
 
     def forward(self, x):
         base = F.linear(x, self.weight, self.bias)
-        # fp32 adapters over a bf16 base (train.py): the update in the adapters' dtype, the sum in the base's.
-        update = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        # fp32 adapters over a bf16 base (train.py): the update in the adapters' dtype, the sum in
+        # the base's.
+        down = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        update = F.linear(down, self.lora_B)  # (..., out)
         return base + (self.scaling * update).to(base.dtype)
 
 
@@ -73,12 +79,13 @@ def merge_lora(module: nn.Module) -> nn.Module:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                merged = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                   device="meta")
+                merged = nn.Linear(child.in_features, child.out_features,
+                                   bias=child.bias is not None, device="meta")
                 # Fold in fp32 so that a bf16 weight is rounded once, not twice.
                 update = child.scaling * (child.lora_B.float() @ child.lora_A.float())
                 weight = child.weight.float() + update
-                merged.weight = nn.Parameter(weight.to(child.weight.dtype), requires_grad=child.weight.requires_grad)
+                merged.weight = nn.Parameter(weight.to(child.weight.dtype),
+                                             requires_grad=child.weight.requires_grad)
                 merged.bias = child.bias
                 setattr(parent, name, merged)
     return module
@@ -95,10 +102,13 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_config(module: nn.Module) -> dict | None:
-    """apply_lora's arguments that made `module`'s adapters (what a saved model records), or None without any."""
-    adapted = {name.rsplit(".", 1)[-1]: m for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+    """apply_lora's arguments that made `module`'s adapters (what a saved model records), or None
+    without any."""
+    adapted = {name.rsplit(".", 1)[-1]: m for name, m in module.named_modules()
+               if isinstance(m, LoRALinear)}
     if not adapted:
         return None
     first = next(iter(adapted.values()))
     rank = first.lora_A.shape[0]
-    return dict(rank=rank, alpha=first.scaling * rank, dropout=first.lora_dropout.p, targets=sorted(adapted))
+    return dict(rank=rank, alpha=first.scaling * rank, dropout=first.lora_dropout.p,
+                targets=sorted(adapted))

@@ -1,7 +1,8 @@
-"""The loss of NV-Embed's contrastive instruction tuning (PAPER.md section 4): InfoNCE over cosine similarities
-divided by a temperature, each query against its positive, its hard negatives and, for retrieval data in stage 1,
-every other document of the global batch on every rank (in-batch negatives). train.py calls `contrastive_loss` on
-the embeddings of a whole batch (plainly, or GradCache's way). Tests: tests/test_train.py (a naive loop, 2 ranks).
+"""The loss of NV-Embed's contrastive instruction tuning (PAPER.md section 4): InfoNCE over cosine
+similarities divided by a temperature, each query against its positive, its hard negatives and, for
+retrieval data in stage 1, every other document of the global batch on every rank (in-batch
+negatives). train.py calls `contrastive_loss` on the embeddings of a whole batch (plainly, or
+GradCache's way). Tests: tests/test_loss.py (a naive loop), tests/test_train.py (2 ranks).
 """
 
 from __future__ import annotations
@@ -16,76 +17,57 @@ from plumbing.distributed import is_distributed, rank, world_size
 def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,
                      temperature: float = 0.01, in_batch_negatives: bool = True,
                      known_positive_keys: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE of this rank's B queries, averaged over them.
-
-    query_emb (B, D); doc_emb (B*G, D) grouped per query as [positive, hard neg 1..n]
-    (G = 1 + n); doc_keys (B*G,) int64: the documents' keys (`data.text_key`: identical
-    text, identical key); known_positive_keys (B, P) int64, optional: row i holds the key
-    of every document known to be relevant to query i (`data.collate` pads a row by
-    repeating a key); without it, each query's own positive is its only known positive.
+    """InfoNCE of this rank's B queries, averaged over them. query_emb (B, D); doc_emb (B*G, D)
+    grouped per query as [positive, hard neg 1..n] (G = 1 + n); doc_keys (B*G,) int64
+    (`data.text_key`: identical text, identical key); known_positive_keys (B, P) int64, optional:
+    row i holds the key of every document known to be relevant to query i (default: its own
+    positive).
 
         loss_i = -log( exp(s(q_i, d_i+) / tau) / sum_{d in candidates_i} exp(s(q_i, d) / tau) )
-
-    with s the cosine similarity. The candidates of query i are its own group (positive
-    and hard negatives) and, with `in_batch_negatives`, every document of the GLOBAL
-    batch: the other queries' positives and hard negatives on every rank. Two rules
-    make them a set of distinct negatives plus the positive:
-    - a known positive of query i other than its positive column is not a negative
-      (a false negative: a copy of the positive, the positive of another example of the
-      same query, or a document relevant to query i that is another query's positive);
-    - each distinct document counts once: a copy of a document already among the
-      candidates (a hard negative repeated to fill the n slots, or a document that is a
-      hard negative of several queries) would weigh it twice in the denominator.
-    The known positives are needed only for this rank's queries, so they are not
-    gathered; the document keys, which say what every column is, are.
-
-    Cross-rank negatives and the world-size factor: the documents of all ranks are
-    gathered with an autograd-aware all_gather (`GatherWithGradient`): its backward
-    sums, into each rank's own documents, the gradients that every rank's loss sends
-    them. Rank r's parameter gradient is then the derivative of sum_r' loss_r' through
-    the embeddings rank r computed, and FSDP's (or DDP's) average over the W ranks adds
-    these up to d((1/W) sum_r' loss_r') / d(parameters): exactly the gradient of the
-    mean loss over all W*B queries that one rank computes on the whole global batch. So
-    no world-size factor is needed (tests/test_train.py checks 2 ranks against 1).
-    tevatron instead gathers WITHOUT gradient and lets every rank compute the loss of
-    all W*B queries; only the local documents then carry gradient, and it multiplies
-    its loss by W to undo the averaging.
     """
     B, D = query_emb.shape
     if B == 0 or doc_emb.shape[0] % B:
-        raise ValueError(f"contrastive_loss: doc_emb has {doc_emb.shape[0]} rows, not a multiple of the "
-                         f"{B} queries (expected B*(1+n) documents grouped per query)")
+        raise ValueError(f"contrastive_loss: doc_emb has {doc_emb.shape[0]} rows, not a multiple "
+                         f"of the {B} queries (expected B*(1+n) documents grouped per query)")
     G = doc_emb.shape[0] // B  # documents per query: 1 positive + n hard negatives
     keys = _checked_keys(doc_keys, (B * G,), "doc_keys").to(query_emb.device)  # (B*G,)
     if known_positive_keys is None:
         known_positive_keys = keys[::G, None]  # (B, 1): each query's own positive
-    known = _checked_keys(known_positive_keys, (B, None), "known_positive_keys").to(query_emb.device)  # (B, P)
+    # The known positives are needed only for this rank's queries, so they are not gathered.
+    known = _checked_keys(known_positive_keys, (B, None), "known_positive_keys")
+    known = known.to(query_emb.device)  # (B, P)
 
-    # fp32 logits: with tau = 0.01, bf16 similarities (3 significant digits) would be
-    # rounded by more than the gaps the loss has to learn.
+    # s is the cosine similarity, in fp32: with tau = 0.01, bf16 similarities (3 significant digits)
+    # would be rounded by more than the gaps the loss has to learn.
     dtype = torch.promote_types(query_emb.dtype, torch.float32)
     query_emb = F.normalize(query_emb.to(dtype), dim=-1)  # (B, D)
     doc_emb = F.normalize(doc_emb.to(dtype), dim=-1)  # (B*G, D)
 
+    # The candidates of query i: its own group (positive and hard negatives) and, with in-batch
+    # negatives, every document of the GLOBAL batch, the other queries' groups on every rank.
     if in_batch_negatives:
         offset = 0  # index of this rank's first document in the global batch
         if is_distributed() and world_size() > 1:
             # Every rank must hold the same B (the sampler gives equal slices).
-            doc_emb = GatherWithGradient.apply(doc_emb)  # (W*B*G, D), gradients flow back to the owners
-            keys = _all_gather_ids(keys)  # (W*B*G,)
+            doc_emb = GatherWithGradient.apply(doc_emb)  # (W*B*G, D), gradients flow to the owners
+            keys = _all_gather_ids(keys)  # (W*B*G,): the keys say what every column is
             offset = rank() * B * G
-        scores = query_emb @ doc_emb.T / temperature  # (B, C), C = W*B*G: every query sees every document
+        scores = query_emb @ doc_emb.T / temperature  # (B, C), C = W*B*G: every document
         # tevatron's trick: query i's positive is the first document of its group.
         target = offset + torch.arange(B, device=scores.device) * G  # (B,)
         candidate_keys = keys[None, :]  # (1, C), the same columns for every query
     else:
-        scores = torch.einsum("bd,bgd->bg", query_emb, doc_emb.view(B, G, D)) / temperature  # (B, C), C = G
+        groups = doc_emb.view(B, G, D)  # (B, G, D)
+        scores = torch.einsum("bd,bgd->bg", query_emb, groups) / temperature  # (B, C), C = G
         target = torch.zeros(B, dtype=torch.long, device=scores.device)  # the positive is column 0
         candidate_keys = keys.view(B, G)  # (B, C): query i sees its own group
 
-    # Rule 1, false negatives: columns holding a known positive of the query.
+    # Two rules make the candidates a set of distinct negatives plus the positive. Rule 1, false
+    # negatives: a known positive of query i is not a negative (a copy of the positive, the positive
+    # of another example of the same query, a relevant document that is another query's positive).
     known_positive = (candidate_keys[:, :, None] == known[:, None, :]).any(-1)  # (B, C)
-    # Rule 2, one copy per document: columns whose document an earlier column already holds.
+    # Rule 2, one copy per document: a copy of a document already among the candidates (a hard
+    # negative repeated to fill the n slots, or shared by several queries) would weigh it twice.
     repeated = _repeated_columns(candidate_keys)  # (1 or B, C)
     # The positive column always stays, though rule 1 names it and an earlier column may
     # hold the same document (another query's positive); every other copy of it goes.
@@ -95,19 +77,28 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: t
 
 
 def _repeated_columns(keys: torch.Tensor) -> torch.Tensor:
-    """keys (R, C) -> (R, C) bool, True where an earlier column of the row holds the same key. A stable sort puts
-    equal keys side by side in column order: O(C) memory, where comparing all pairs takes (C, C), 1 GB at 32k."""
+    """keys (R, C) -> (R, C) bool, True where an earlier column of the row holds the same key. A
+    stable sort puts equal keys side by side in column order: O(C) memory, where comparing all pairs
+    takes (C, C), 1 GB at 32k."""
     order = keys.argsort(dim=1, stable=True)  # (R, C)
     sorted_keys = keys.gather(1, order)  # (R, C)
     repeat_in_order = torch.zeros_like(sorted_keys, dtype=torch.bool)  # (R, C)
     repeat_in_order[:, 1:] = sorted_keys[:, 1:] == sorted_keys[:, :-1]
-    return torch.zeros_like(repeat_in_order).scatter(1, order, repeat_in_order)  # back to column order
+    # back to column order
+    return torch.zeros_like(repeat_in_order).scatter(1, order, repeat_in_order)
 
 
 class GatherWithGradient(torch.autograd.Function):
-    """all_gather of (N, D) rows from every rank -> (W*N, D), differentiable: the backward sums over ranks the
-    gradients every rank's loss sends to the rows and hands each rank its own. An all_reduce, since gloo (CPU) has
-    no reduce_scatter; it moves only the batch's embeddings, small next to the parameters' gradients."""
+    """all_gather of (N, D) rows from every rank -> (W*N, D), differentiable: the backward sums over
+    ranks the gradients every rank's loss sends to the rows and hands each rank its own.
+
+    No world-size factor is needed: rank r's parameter gradient is the derivative of sum_r' loss_r'
+    through the embeddings rank r computed, and FSDP's (or DDP's) average over the W ranks adds
+    these up to d((1/W) sum_r' loss_r') / d(parameters), exactly the gradient of the mean loss over
+    all W*B queries that one rank computes on the whole global batch (tests/test_train.py checks 2
+    ranks against 1). tevatron instead gathers WITHOUT gradient and lets every rank compute the loss
+    of all W*B queries; only the local documents then carry gradient, and it multiplies its loss by
+    W to undo the averaging."""
 
     @staticmethod
     def forward(ctx, local):
@@ -117,19 +108,25 @@ class GatherWithGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)  # (W*N, D); never reduce autograd's buffer in place
+        # (W*N, D), a copy: never reduce autograd's buffer in place
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)  # sum over ranks of d(loss_r) / d(rows)
         return grad.chunk(world_size())[rank()]  # (N, D): this rank's rows
 
 
 def _checked_keys(keys, shape: tuple, what: str) -> torch.Tensor:
-    """`keys` if it is an int64 tensor of `shape` (None: any size, at least 1), else a ValueError."""
+    """`keys` if it is an int64 tensor of `shape` (None: any size, at least 1), else a
+    ValueError."""
     fits = (isinstance(keys, torch.Tensor) and keys.dtype == torch.long and keys.dim() == len(shape)
-            and all(n == want if want is not None else n >= 1 for n, want in zip(keys.shape, shape)))
+            and all(n == want if want is not None else n >= 1
+                    for n, want in zip(keys.shape, shape)))
     if not fits:
-        found = f"{keys.dtype} {tuple(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys).__name__
-        wanted = str(tuple("P" if n is None else n for n in shape)).replace("'", "")  # e.g. (8,) or (2, P)
-        raise ValueError(f"contrastive_loss: {what} must be an int64 tensor {wanted} (data.text_key), got {found}")
+        is_tensor = isinstance(keys, torch.Tensor)
+        found = f"{keys.dtype} {tuple(keys.shape)}" if is_tensor else type(keys).__name__
+        # e.g. (8,) or (2, P)
+        wanted = str(tuple("P" if n is None else n for n in shape)).replace("'", "")
+        raise ValueError(f"contrastive_loss: {what} must be an int64 tensor {wanted} "
+                         f"(data.text_key), got {found}")
     return keys
 
 

@@ -6,7 +6,7 @@ NVEmbed = decoder + pooling (pooling.py) + tokenizer and pool mask (data.py). Di
 from transformers' MistralModel / LlamaModel: positions count from each row's first real
 token (HF's hidden states under left padding depend on the padding); no KV cache, no LM
 head; parameter names are HF's without "model.", so checkpoints load as they are
-(checkpoints.py reads the files). Parity tests: `python -m pytest tests/test_model.py`.
+(plumbing/checkpoints.py reads them). Parity tests: `python -m pytest tests/test_model.py`.
 
 Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head dim, F MLP width.
 """
@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from data import TextRule, encode_texts, tokenize
-from plumbing.checkpoints import hf_decoder_fields, load_checked, read_hf_checkpoint, weights_fingerprint
+from plumbing.checkpoints import (hf_decoder_fields, load_checked, read_hf_checkpoint,
+                                  weights_fingerprint)
 from plumbing.compiled import compile_forward
 from pooling import check_pool_mask
 
@@ -56,7 +57,8 @@ class MistralConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention needs it)")
+                             f"num_key_value_heads={self.num_key_value_heads} "
+                             "(grouped-query attention needs it)")
 
     @classmethod
     def preset(cls, name: str) -> "MistralConfig":
@@ -66,8 +68,8 @@ class MistralConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config") -> "MistralConfig":
-        """Read an HF `config.json` dict of a Mistral or Llama-family model (checkpoints.hf_decoder_fields
-        refuses by name anything that would change the computation and that this file does not implement)."""
+        """An HF `config.json` dict of a Mistral or Llama-family model (hf_decoder_fields refuses by
+        name anything that would change the computation and that this file does not implement)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in hf_decoder_fields(hf, source).items() if k in known})
 
@@ -76,12 +78,13 @@ PRESETS = {
     # Mistral-7B-v0.1, the backbone of NV-Embed (PAPER.md section 1).
     "mistral-7b": dict(),
     # A tiny model for the default CPU run and the tests (fits the byte tokenizer).
-    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None),
+    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 sliding_window=None),
     # SmolLM2-135M, the real Llama-family model used for the CPU experiments.
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, sliding_window=None),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, sliding_window=None),
 }
 
 # ----------------------------------------------------------------------------
@@ -104,10 +107,11 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of the rotary angles position * theta^(-2i/Dh), each (B, T, Dh), in HF's "rotate half" layout
-    (the halves of the head dimension pair up; HF's q_proj / k_proj are permuted for it, so an interleaved RoPE
-    would silently mismatch)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    """cos and sin of the rotary angles position * theta^(-2i/Dh), each (B, T, Dh), in HF's "rotate
+    half" layout (the halves of the head dimension pair up; HF's q_proj / k_proj are permuted for
+    it, so an interleaved RoPE would silently mismatch)."""
+    even = torch.arange(0, head_dim, 2, device=positions.device).float()  # (Dh/2,): 2i
+    inv_freq = 1.0 / theta ** (even / head_dim)  # (Dh/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -125,7 +129,8 @@ class Attention(nn.Module):
 
     def __init__(self, config: MistralConfig):
         super().__init__()
-        D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, H, Dh = config.hidden_size, config.num_attention_heads, config.head_dim
+        Hkv = config.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, Dh
         self.q_proj = nn.Linear(D, H * Dh, bias=False)
         self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
@@ -134,18 +139,24 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, is_causal):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        # (B, H, T, Dh)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        # (B, Hkv, T, Dh)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
         if gqa and attn_mask is not None:
-            # SDPA's fused GPU kernels take a mask (memory-efficient) or GQA (flash), not both: with a
-            # mask, repeat each key/value head for its group of query heads, or it falls back to math.
+            # SDPA's fused GPU kernels take a mask (memory-efficient) or GQA (flash), not both: with
+            # a mask, repeat each key/value head for its group of query heads, or it falls back to
+            # math.
             groups = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T, Dh)
+            # (B, H, T, Dh)
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = False
-        # enable_gqa: each group of H / Hkv query heads reads one key/value head, no repeated copies.
+        # enable_gqa: each group of H / Hkv query heads reads one key/value head, no repeated
+        # copies.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*Dh)
@@ -182,9 +193,10 @@ class DecoderLayer(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, sliding_window: int | None):
-    """Boolean (B, 1, T, T), True where query i may attend to key j: every real key when bidirectional (the
-    paper's encoder sees the whole text, no window); causal adds j <= i and, with a window W, i - j < W (HF's
-    Mistral). Every position sees itself, or a left-padded row would see nothing and SDPA would give NaN."""
+    """Boolean (B, 1, T, T), True where query i may attend to key j: every real key when
+    bidirectional (the paper's encoder sees the whole text, no window); causal adds j <= i and, with
+    a window W, i - j < W (HF's Mistral). Every position sees itself, or a left-padded row would see
+    nothing and SDPA would give NaN."""
     B, T = attention_mask.shape
     real = attention_mask.bool()
     mask = real[:, None, None, :].expand(B, 1, T, T)  # keys: (B, 1, T, T)
@@ -213,17 +225,20 @@ class Mistral(nn.Module):
         cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Positions count from each row's first real token, so left padding does not shift the rotary
-        # angles: (pad, a, b, c) -> (0, 0, 1, 2); leading pads are clamped to 0 (never attended to or pooled).
+        # Positions count from each row's first real token, so left padding does not shift the
+        # rotary angles: (pad, a, b, c) -> (0, 0, 1, 2); leading pads are clamped to 0 (unused).
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, self.embed_tokens.weight.dtype)
+        dtype = self.embed_tokens.weight.dtype
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)  # (B, T, Dh) each
 
         window_active = causal and cfg.sliding_window is not None and T > cfg.sliding_window
         if bool(attention_mask.all()) and not window_active:
-            # No padding: SDPA builds the (causal or empty) mask itself, which allows its fused kernels.
+            # No padding: SDPA builds the (causal or empty) mask itself, allowing its fused kernels.
             attn_mask, is_causal = None, causal
         else:
-            attn_mask, is_causal = attention_mask_4d(attention_mask, causal, cfg.sliding_window), False
+            # (B, 1, T, T): padding masked, and causal (with a window) if asked
+            attn_mask = attention_mask_4d(attention_mask, causal, cfg.sliding_window)
+            is_causal = False
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
@@ -234,8 +249,8 @@ class Mistral(nn.Module):
         return self.norm(x)
 
     def compile(self, dynamic: bool = True, backend: str = "inductor") -> "Mistral":
-        """torch.compile each decoder layer in place, as torchtitan does (before FSDP's fully_shard: train.py);
-        the glue between layers stays eager. dynamic: symbolic batch and sequence sizes (compiled.py's bound)."""
+        """torch.compile each decoder layer in place, as torchtitan does (before FSDP's
+        fully_shard), the glue between them eager. dynamic: symbolic batch and sequence sizes."""
         for layer in self.layers:
             compile_forward(layer, dynamic, backend)
         return self
@@ -243,10 +258,10 @@ class Mistral(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Mistral":
-        """Load an HF Mistral / Llama checkpoint folder ((sharded) safetensors or .bin) or a `.gguf` file.
-        Built on the meta device and assigned tensor by tensor: about the checkpoint's size in memory."""
-        # The name rule: HF's tensor names less the "model." prefix are this module's own, e.g.
-        # model.layers.3.self_attn.q_proj.weight -> layers.3.self_attn.q_proj.weight (lm_head dropped).
+        """An HF Mistral / Llama checkpoint folder ((sharded) safetensors, .bin) or a .gguf file."""
+        # The name rule: HF's names less "model." are this module's own (lm_head is dropped), e.g.
+        # model.layers.3.self_attn.q_proj.weight -> layers.3.self_attn.q_proj.weight. Built on the
+        # meta device and assigned tensor by tensor: about the checkpoint's size in memory.
         hf_config, source, state = read_hf_checkpoint(Path(path), dtype)
         with torch.device("meta"):
             model = cls(MistralConfig.from_hf(hf_config, source=source))
@@ -259,12 +274,13 @@ class Mistral(nn.Module):
 
 
 class NVEmbed(nn.Module):
-    """Texts -> L2-normalised embeddings: tokenize, run the decoder, pool, normalise. Training (train.py)
-    and `encode` share `forward` and tokenize with the model's own `text_rule`: the same pool masks."""
+    """Texts -> L2-normalised embeddings: tokenize, decoder, pooling, normalise. Training and
+    `encode` share `forward` and the model's own `text_rule`: their pool masks are the same."""
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
-                 text_rule=None, base: str | None = None, normalize: bool = True, name: str | None = None):
+                 text_rule=None, base: str | None = None, normalize: bool = True,
+                 name: str | None = None):
         super().__init__()
         self.decoder = decoder
         self.pooling = pooling
@@ -283,10 +299,10 @@ class NVEmbed(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """batch: `data.tokenize`'s dict. Returns (B, D) unit vectors (fp32)."""
-        hidden = self.decoder(batch["input_ids"], batch["attention_mask"], causal=self.causal)  # (B, T, D)
+        hidden = self.decoder(batch["input_ids"], batch["attention_mask"], self.causal)  # (B, T, D)
         # Every pooling's precondition, checked once here (pooling.py): a pooled token in every row.
         pool_mask = check_pool_mask(hidden, batch["pool_mask"])  # (B, T) bool
-        # A trained pooling is fp32 over a bf16 decoder (train.py): it reads the hidden states in its dtype.
+        # A trained pooling is fp32 over a bf16 decoder (train.py): it reads hidden in its dtype.
         pooling_dtype = next((p.dtype for p in self.pooling.parameters()), hidden.dtype)
         pooled = self.pooling(hidden.to(pooling_dtype), pool_mask)  # (B, D)
         # In fp32 as the released code does: a bf16 norm leaves vectors of length 1 +- 4e-3.
@@ -299,20 +315,18 @@ class NVEmbed(nn.Module):
             compile_forward(self.pooling, dynamic, backend)
         return self
 
-    # -- inference -------------------------------------------------------------
-
     def tokenize(self, texts, instruction="", max_length=None, padding_side="right", prompt=None):
-        return tokenize(self.tokenizer, texts, instruction, max_length=max_length or self.max_length,
-                        rule=self.text_rule, padding_side=padding_side, prompt=prompt)
+        return tokenize(self.tokenizer, texts, instruction, max_length or self.max_length,
+                        self.text_rule, padding_side, prompt)
 
-    @torch.no_grad()  # not inference_mode: FSDP2 refills its gathered buffers in place, forward after forward
-    def encode(self, sentences: str | Sequence[str], prompt: str | None = None, instruction: str = "",
-               batch_size: int = 32, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
-               convert_to_tensor: bool = False, normalize_embeddings: bool = False,
-               max_length: int | None = None):
-        """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D) float32 in input order; numpy,
-        a CPU tensor (convert_to_tensor) or a list of (D,) tensors (both False). Queries pass their task as
-        `instruction` (put in the model's template) or the whole prefix as `prompt`; documents neither."""
+    @torch.no_grad()  # not inference_mode: FSDP2 refills its gathered buffers in place
+    def encode(self, sentences: str | Sequence[str], prompt: str | None = None,
+               instruction: str = "", batch_size: int = 32, show_progress_bar: bool | None = None,
+               convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, max_length: int | None = None):
+        """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D) float32 in input
+        order: numpy, a CPU tensor (convert_to_tensor) or a list of (D,) tensors. Queries pass their
+        task as `instruction` (put in the model's template) or the whole prefix as `prompt`."""
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a string or a list of strings")
@@ -322,18 +336,18 @@ class NVEmbed(nn.Module):
         # (N, width): width D, unless a pooling changes it (bench/ablate.py concatenates four)
         out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0
         show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
-        for rows in tqdm(self.batches(texts, batch_size), desc="encode", disable=not show, leave=False):
+        for rows in tqdm(self.batches(texts, batch_size), "encode", disable=not show, leave=False):
             # An empty text is embedded too: its row is BOS, the prefix and EOS.
             batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
             truncated += int(batch.pop("truncated").sum())
-            embeddings = self({k: v.to(device) for k, v in batch.items()}).float().cpu()  # (b, width)
+            embeddings = self({k: v.to(device) for k, v in batch.items()}).cpu()  # (b, width) fp32
             if out.shape[1] != embeddings.shape[1]:
                 out = torch.empty(len(texts), embeddings.shape[1])
             out[rows] = embeddings
         self.train(was_training)
         if truncated:
-            log.warning("encode: %d of %d texts were longer than %d tokens and were truncated", truncated,
-                        len(texts), max_length or self.max_length)
+            log.warning("encode: %d of %d texts were longer than %d tokens and were truncated",
+                        truncated, len(texts), max_length or self.max_length)
         # Unit length in fp32 when the model normalises (NV-Embed does), or asked to here.
         out = F.normalize(out, dim=-1) if normalize_embeddings else out
         if not convert_to_tensor:
@@ -341,25 +355,18 @@ class NVEmbed(nn.Module):
         return out[0] if isinstance(sentences, str) else out
 
     def batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
-        """encode's batches (rows of `texts`): similar token counts together, longest first (memory peaks at
-        once). Every batch but the last is full, and the sort is stable (evaluate.encode_sharded needs both)."""
+        """encode's batches (rows of `texts`): similar token counts together, longest first (memory
+        peaks at once). All full but the last, sorted stably: evaluate.encode_sharded needs both."""
         lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         return [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
 
     def fingerprint(self) -> str:
-        """A hash of the weights as they are now (checkpoints.weights_fingerprint): the model's revision."""
-        return weights_fingerprint(self.state_dict())
+        return weights_fingerprint(self.state_dict())  # the weights' revision, recorded by results
 
-    # -- building, saving, loading: one name per format, in plumbing/loading.py ---------------------
-    # (imported when called: the loaders build NVEmbeds, so they import this file)
-
-    @classmethod
-    def from_base(cls, model: str = "tiny", **kwargs) -> "NVEmbed":
-        """A fresh embedder on a base decoder (preset, HF folder, .gguf); kwargs: pooling, causal,
-        max_length, dtype, seed, pooling_kwargs, name."""
-        from plumbing.loading import from_base
-        return from_base(model, **kwargs)
+    # Loading and saving: this project's own folders, in plumbing/loading.py with the other formats
+    # (a base decoder: from_base; NVIDIA's released model: from_released). Imported when called:
+    # plumbing/loading.py builds NVEmbeds, so it imports this file.
 
     @classmethod
     def load(cls, folder: str | os.PathLike, **kwargs) -> "NVEmbed":
@@ -367,13 +374,7 @@ class NVEmbed(nn.Module):
         from plumbing.loading import load
         return load(folder, **kwargs)
 
-    @classmethod
-    def from_released(cls, folder: str | os.PathLike, **kwargs) -> "NVEmbed":
-        """NVIDIA's released NV-Embed-v1/v2 with their text rule; kwargs: dtype, max_length."""
-        from plumbing.loading import from_released
-        return from_released(folder, **kwargs)
-
     def save(self, folder: str | os.PathLike, **kwargs) -> None:
-        """This project's layout, or NVIDIA's (layout="released"); kwargs: state_dict, overwrite, layout."""
+        """This project's layout, or NVIDIA's (layout="released"); kwargs: state_dict, overwrite."""
         from plumbing.loading import save
         save(self, folder, **kwargs)

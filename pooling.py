@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 
 def check_pool_mask(hidden: Tensor, pool_mask: Tensor) -> Tensor:
-    """pool_mask (B, T) as bool, refused unless it matches hidden (B, T, D) and pools a token per row."""
+    """pool_mask (B, T) as bool, refused unless it matches hidden (B, T, D) and pools a token per
+    row."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, D), got shape {tuple(hidden.shape)}")
     if pool_mask.shape != hidden.shape[:2]:
@@ -44,7 +45,7 @@ def check_pool_mask(hidden: Tensor, pool_mask: Tensor) -> Tensor:
     pool_mask = pool_mask.bool()
     pools_something = pool_mask.any(dim=1)  # (B,)
     if pool_mask.device.type != "cpu":
-        # No host read-back on an accelerator: a device-side assert, raised when the stream reaches it.
+        # No host read-back on an accelerator: a device-side assert, raised when the stream runs it.
         torch._assert_async(pools_something.all(), "pool_mask selects no token in some row")
         return pool_mask
     empty_rows = (~pools_something).nonzero().flatten().tolist()
@@ -107,10 +108,10 @@ class LatentAttentionPooling(nn.Module):
 
     Where the paper's text and the released code differ, this follows the code
     (the code produced the published numbers and its weights must load here):
-    - the paper writes O = softmax(Q K^T) V followed by an MLP of two linear layers
-      with a GELU between them; the code wraps both in pre-LayerNorms (on the tokens and, separately,
-      on the latents) with residual connections, and its MLP is a GEGLU whose first
-      linear is D -> 2 * mlp_ratio * D;
+    - the paper writes O = softmax(Q K^T) V followed by an MLP of two linear layers with a GELU
+      between them; the code wraps both in pre-LayerNorms (on the tokens and, separately, on the
+      latents) with residual connections, and its MLP is a GEGLU whose first linear is D -> 2 *
+      mlp_ratio * D;
     - the paper shows no scale; the code's SDPA call applies the default Dh^-0.5;
     - 8 heads each of head dim D (inner width 8 * D = 32768 at D = 4096), not D / 8,
       which is why the block has about 0.74B parameters at D = 4096;

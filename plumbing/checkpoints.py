@@ -3,10 +3,10 @@
 - HF checkpoints (`Mistral.from_pretrained`): a folder of config.json and (sharded)
   safetensors or `pytorch_model*.bin` (read with weights_only=True), or a `.gguf` file
   dequantised by transformers. Tensors are read one at a time and assigned, never copied.
-- NV-Embed folders (`NVEmbed.save` / `NVEmbed.from_pretrained`): config.json, the decoder
+- NV-Embed folders (`NVEmbed.save` / `NVEmbed.load`): config.json, the decoder
   (or only its LoRA adapters plus a fingerprint of their base), the pooling, the tokenizer;
   written into a temporary folder and renamed, so a crash never leaves a half-saved model.
-- NVIDIA's released NV-Embed-v1/v2 folders (`NVEmbed.from_released`): only their weights
+- NVIDIA's released NV-Embed-v1/v2 folders (`plumbing.loading.from_released`): only their weights
   and configs are read; their Python code is never run.
 - Training state (train.py): torch.distributed.checkpoint folders holding tensors only,
   the rest as JSON beside them; the run folder and its log.
@@ -277,7 +277,7 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -
 
 
 # ----------------------------------------------------------------------------
-# NV-Embed folders: what NVEmbed.save writes and NVEmbed.from_pretrained reads
+# NV-Embed folders: what NVEmbed.save writes and NVEmbed.load reads
 
 
 def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
@@ -373,7 +373,7 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, 
     config = read_json(config_file)
     if config.get("format") != "nv-embed":
         raise CheckpointError(f"{config_file}: not an NV-Embed model saved by this project "
-                              "(for a base checkpoint use NVEmbed.from_base, for released weights from_released)")
+                              "(for a base checkpoint use plumbing.loading.from_base, for released weights from_released)")
     # Saves from before the text rule was recorded hold only its template; the rest was the project's rule (their
     # queries were then tokenized prefix and text apart, which the rule's joined encoding no longer does).
     config.setdefault("text_rule", {"template": config.get("query_template")})

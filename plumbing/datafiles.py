@@ -517,6 +517,60 @@ def format_table(metrics):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Stage-2 source rows (data.py pairs them): classification / clustering (text, label), STS (text1, text2, score)
+
+
+def _row_fields(row: Any, names: Sequence[Sequence[str]], where: str, problems: _Problems) -> tuple | None:
+    """(a, b, ...) from a tuple/list row or a mapping row with one of the accepted key names per field."""
+    if isinstance(row, Mapping):
+        keys = [next((k for k in alternatives if row.get(k) is not None), None) for alternatives in names]
+        if None in keys:
+            missing = names[keys.index(None)]
+            return problems("missing field", f"{where}: field {' / '.join(missing)} is missing (got {row!r})")
+        return tuple(row[k] for k in keys)
+    if isinstance(row, (tuple, list)) and len(row) == len(names) and None not in row:
+        return tuple(row)
+    return problems("missing field", f"{where}: expected {len(names)} fields "
+                                     f"({', '.join(n[0] for n in names)}), got {row!r}")
+
+
+def labelled_rows(rows: Iterable, source: str, problems: _Problems) -> tuple[list[str], list]:
+    """(texts, labels) of rows (text, label), tuples or mappings; a bad row is refused (or skipped)."""
+    texts, labels = [], []
+    for i, row in enumerate(rows):
+        fields = _row_fields(row, (("text",), ("label",)), f"{source} row {i}", problems)
+        if fields is None:
+            continue
+        text, label = fields
+        if not isinstance(text, str) or not text.strip():
+            problems("empty text", f"{source} row {i}: text is empty or not a string ({text!r})")
+            continue
+        texts.append(text)
+        labels.append(label)
+    return texts, labels
+
+
+def scored_rows(rows: Iterable, source: str, problems: _Problems) -> list[tuple[str, str, float]]:
+    """(text1, text2, score) of rows (text1|sentence1, text2|sentence2, score), tuples or mappings."""
+    pairs = []
+    for i, row in enumerate(rows):
+        fields = _row_fields(row, (("text1", "sentence1"), ("text2", "sentence2"), ("score",)), f"{source} row {i}",
+                             problems)
+        if fields is None:
+            continue
+        a, b, score = fields
+        if not all(isinstance(t, str) and t.strip() for t in (a, b)):
+            problems("empty text", f"{source} row {i}: a text is empty or not a string ({a!r}, {b!r})")
+            continue
+        try:
+            score = float(score)
+        except (TypeError, ValueError):
+            problems("bad score", f"{source} row {i}: score {score!r} is not a number")
+            continue
+        pairs.append((a, b, score))
+    return pairs
+
+# ----------------------------------------------------------------------------------------------------------------
 # The data-checking command: `python data.py check-beir FOLDER SPLIT` / `check-train FILE` (data.py calls it).
 
 

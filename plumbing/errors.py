@@ -3,8 +3,8 @@
 A `UserError` is a mistake in what a user gave a command (a file, a flag, a checkpoint), not
 in the code. Its message names the culprit: the file and line, the field, or the flag. A
 command stops on one as argparse stops on a bad flag: one line `<command>: error: <message>`
-on stderr and exit status 2, no traceback (`exits_on_user_error`; train.py's main does the
-same on rank 0 only). Any other exception is a bug and keeps its traceback.
+on stderr and exit status 2, no traceback (`exits_on_user_error`; under torchrun
+rank 0 alone says it). Any other exception is a bug and keeps its traceback.
 
 Notices (texts cut at max_length, records skipped) are logged as warnings under the logger "nvembed", so a library
 user routes or silences them with `logging`; the commands print them on stderr, `--quiet` hides them

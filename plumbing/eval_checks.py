@@ -38,6 +38,8 @@ def check_k_values(k_values) -> list[int]:
 
 def check_grades(qid, judgments) -> dict[str, int]:
     """qrels[qid] -> {doc_id: int grade}; pytrec_eval only accepts int grades."""
+    if not isinstance(qid, str):
+        raise TypeError(f"evaluate: query id {qid!r} is not a string")
     grades = {}
     for did, grade in judgments.items():
         if not isinstance(did, str):

@@ -7,6 +7,7 @@ classmethods (model.py).
 - `from_released`: NVIDIA's released NV-Embed-v1/v2, with their text rule.
 - `skeleton`: the modules of a saved architecture on the meta device (loaders and FSDP ranks).
 - `load_for_command`: what the commands take as --model (a saved folder, or a base decoder).
+- `build_on_rank0`, `load_from_rank0`: under torchrun only rank 0 reads a checkpoint (train.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from data import QUERY_TEMPLATE, TextRule
 from lora import apply_lora, lora_config
@@ -23,7 +26,8 @@ from model import PRESETS, Mistral, MistralConfig, NVEmbed
 from plumbing.checkpoints import (ByteTokenizer, check_base, is_saved, load_checked, load_tokenizer,
                                   read_model_folder, read_released, write_model_folder,
                                   write_released_folder)
-from plumbing.errors import MissingFileError, UsageError
+from plumbing.distributed import rank
+from plumbing.errors import MissingFileError, UsageError, UserError
 from pooling import POOLINGS
 
 
@@ -143,3 +147,38 @@ def load_for_command(spec: str, pooling: str | None = None, causal: bool | None 
     model = from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length,
                       dtype=dtype or torch.float32)
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------
+# Under torchrun (train.py): one process reads the checkpoint, every rank gets its shards
+
+
+def build_on_rank0(build, config: dict) -> NVEmbed:
+    """`build(config)` on rank 0 only, so that one process, not each of 8, reads and holds a 7B
+    checkpoint. The others build the modules on the meta device (`skeleton`) from rank 0's broadcast
+    architecture and tokenizer (pickled by rank 0 of this job), or stop on rank 0's error, and get
+    their shards in `load_from_rank0`."""
+    model, error = None, None
+    message = [None, None, None, False]  # architecture, tokenizer, rank 0's error, whether it is the user's
+    if rank() == 0:
+        try:
+            model = build(config)
+            message[:2] = architecture(model), model.tokenizer
+        except Exception as e:
+            error, message[2], message[3] = e, f"{type(e).__name__}: {e}", isinstance(e, UserError)
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[3]:  # a mistake in the user's input, which rank 0 reports (train.main)
+        raise UserError(f"rank 0 could not build the model: {message[2]}")
+    if message[2] is not None:
+        raise RuntimeError(f"rank 0 could not build the model: {message[2]}")
+    return model if model is not None else skeleton(*message[:2]).train()
+
+
+def load_from_rank0(model, full_state: dict | None, device: torch.device) -> None:
+    """After train.parallelize: every rank's shards from rank 0's full state dict (None elsewhere)."""
+    if rank() != 0:
+        model.to_empty(device=device)  # memory for the meta-device shards, filled just below
+    set_model_state_dict(model, full_state if rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

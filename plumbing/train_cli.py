@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"defaults to {DEFAULT_STAGE1_OUT}")
     g.add_argument("--data", nargs="+", default=None,
                    help="training files (datafiles.py schema, one task type per file, one dataset each); "
-                        "default: builtin.py's built-in dataset")
+                        "default: plumbing/builtin.py's built-in dataset")
     g.add_argument("--pooling", choices=tuple(POOLINGS), default=None,
                    help="pooling (default latent; with --init-from, the saved model's)")
     g.add_argument("--num-latents", type=int, default=None, help="latent pooling: latents (paper 512, tiny 32)")

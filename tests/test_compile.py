@@ -17,14 +17,15 @@ from plumbing import train_cli
 from plumbing import mfu
 from plumbing.compiled import compile_counts
 from model import NVEmbed
+from plumbing.loading import from_base
 
 TEXTS_A = ["a short one", "a rather longer text about rivers and hills", "mid length words"]
 TEXTS_B = ["x", "another batch, with more rows and other lengths than the first", "two", "three four", "fifth"]
 
 
 def tiny(pooling="latent"):
-    model = NVEmbed.from_base("tiny", pooling=pooling, seed=0,
-                              pooling_kwargs=dict(num_latents=8, head_dim=8) if pooling == "latent" else None)
+    model = from_base("tiny", pooling=pooling, seed=0,
+                      pooling_kwargs=dict(num_latents=8, head_dim=8) if pooling == "latent" else None)
     return model.train()
 
 

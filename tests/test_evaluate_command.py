@@ -17,7 +17,7 @@ from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from plumbing.datafiles import load_beir, read_trec, write_beir, write_trec
 from evaluate import evaluate, run_evaluation
 from plumbing.evaluate_cli import main
-from model import NVEmbed
+from plumbing.loading import from_base
 from tests.helpers import scifact
 
 pytrec_eval = pytest.importorskip("pytrec_eval", reason="pytrec_eval (pip install pytrec-eval-terrier) parses the run")
@@ -73,7 +73,7 @@ def test_command_end_to_end_on_builtin_dataset(tmp_path):
 
     # Brute force: the same fresh tiny model (from_base is seeded), queries with the
     # instruction, documents bare; every score in the file is the dot product.
-    model = NVEmbed.from_base("tiny", pooling="mean")
+    model = from_base("tiny", pooling="mean")
     query_ids, doc_ids = list(qrels), list(corpus)
     query_emb = model.encode([queries[q] for q in query_ids], instruction=BUILTIN_INSTRUCTION, convert_to_tensor=True)
     doc_emb = model.encode([corpus[d]["text"] for d in doc_ids], convert_to_tensor=True)
@@ -105,7 +105,7 @@ def test_no_flags_uses_builtin_data_and_refuses_to_overwrite(tmp_path, monkeypat
 
 def test_no_flags_prefers_the_model_train_py_wrote(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    trained = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8), seed=3)
+    trained = from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8), seed=3)
     trained.save(tmp_path / "runs" / "stage1" / "model")
     metrics = main(["--k-values", "1,10", "--top-k", "10"])
     assert "runs/stage1/model (trained by train.py)" in capsys.readouterr().out
@@ -136,7 +136,7 @@ def test_beir_folder_with_titles(tmp_path):
     assert saved["config"]["causal"] is True and saved["config"]["pooling"] == "eos"
     assert set(run) == {"q1", "q2"}  # only judged queries are encoded
 
-    model = NVEmbed.from_base("tiny", pooling="eos", causal=True)
+    model = from_base("tiny", pooling="eos", causal=True)
     texts = ["Foxes The fox is quick.", "Dogs are lazy.", "Cats Cats sleep all day."]
     doc_emb = model.encode(texts, convert_to_tensor=True)
     for qid in ("q1", "q2"):
@@ -195,7 +195,7 @@ def test_run_evaluation_on_a_scifact_subset():
     others = rng.sample(sorted(set(corpus) - relevant), 60)
     sub_corpus = {did: corpus[did] for did in sorted(relevant) + others}
     sub_qrels = {qid: qrels[qid] for qid in qids}
-    model = NVEmbed.from_base("tiny", pooling="mean")
+    model = from_base("tiny", pooling="mean")
     metrics, run = run_evaluation(model, sub_corpus, queries, sub_qrels,
                                   "Given a scientific claim, retrieve documents that support or refute the claim",
                                   batch_size=16, max_length=160, top_k=20, k_values=(1, 10, 20))
@@ -214,7 +214,7 @@ def test_run_evaluation_keeps_top_k_results_besides_a_query_that_is_its_own_docu
     corpus = {did: full_corpus[did] for did in doc_ids}
     self_ids = doc_ids[:6]  # these queries are corpus documents, with the same id and text
     queries = {did: corpus[did]["text"] for did in self_ids}
-    model = NVEmbed.from_base("tiny", pooling="mean")
+    model = from_base("tiny", pooling="mean")
     query_emb = model.encode([queries[q] for q in self_ids], convert_to_tensor=True)  # (6, D), no instruction
     doc_emb = model.encode([corpus[d]["text"] for d in doc_ids], convert_to_tensor=True)  # (40, D)
     full = (query_emb @ doc_emb.T).tolist()  # (6, 40)
@@ -238,11 +238,11 @@ def test_run_evaluation_keeps_top_k_results_besides_a_query_that_is_its_own_docu
 
 
 def test_results_name_the_model_and_its_weights_and_identical_ids_are_a_flag(tmp_path, capsys):
-    model = NVEmbed.from_base("tiny", pooling="mean", name="my-model")
+    model = from_base("tiny", pooling="mean", name="my-model")
     model.save(tmp_path / "run" / "model")
     saved_config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert saved_config["name"] == "my-model" and saved_config["fingerprint"] == model.fingerprint()
-    other = NVEmbed.from_base("tiny", pooling="mean", seed=1)
+    other = from_base("tiny", pooling="mean", seed=1)
     assert other.fingerprint() != model.fingerprint()  # other weights, another revision
 
     # Query "d1" is also a corpus document, with the same text: BEIR drops it from its ranking, mteb's default keeps it.

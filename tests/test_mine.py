@@ -13,11 +13,12 @@ from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from plumbing.datafiles import doc_text, read_training_file
 from model import NVEmbed
 from tests.test_teachers import make_folder
+from plumbing.loading import from_base
 
 
 def test_mining_rules_hold_for_every_kept_negative():
     torch.manual_seed(0)
-    model = NVEmbed.from_base("tiny", pooling="mean").eval()
+    model = from_base("tiny", pooling="mean").eval()
     corpus, queries, qrels = builtin_dataset().split("train")
     qrels = dict(list(qrels.items())[:40])
     negatives, stats = mine.mine(model, corpus, queries, qrels, BUILTIN_INSTRUCTION, top_k=10, margin=0.95,
@@ -215,7 +216,7 @@ def test_no_judged_positive_is_mined_by_any_teacher(tmp_path, teacher):
     if teacher == "bm25":
         model = mine.BM25Teacher()
     elif teacher == "saved NV-Embed":
-        NVEmbed.from_base("tiny", pooling="latent").save(tmp_path / "model")
+        from_base("tiny", pooling="latent").save(tmp_path / "model")
         model = NVEmbed.load(str(tmp_path / "model"))
     else:
         model = mine.SentenceTransformerTeacher(make_folder(tmp_path / "st", ["mean"], normalize=True))

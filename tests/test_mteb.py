@@ -17,8 +17,8 @@ from mteb.types import PromptType  # noqa: E402
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset  # noqa: E402
 from plumbing.datafiles import load_beir, write_beir  # noqa: E402
 from evaluate import run_evaluation  # noqa: E402
-from model import NVEmbed  # noqa: E402
 from plumbing.mteb_model import task_instruction, to_mteb  # noqa: E402
+from plumbing.loading import from_base  # noqa: E402
 
 
 def local_metadata(name, prompt=None, task_type="Retrieval"):
@@ -71,7 +71,7 @@ def test_mteb_scores_a_local_beir_task_as_evaluate_does(tmp_path, offline):
             title, text = doc["text"].split(" ", 1)
             corpus[doc_id] = {"title": title, "text": text}
     write_beir(tmp_path / "builtin", corpus, queries, {"test": qrels})
-    model = NVEmbed.from_base("tiny", pooling="mean")  # random weights: low but not degenerate scores
+    model = from_base("tiny", pooling="mean")  # random weights: low but not degenerate scores
     task = beir_task(tmp_path / "builtin", "test", name="builtin")  # instruction: the project's for "builtin"
 
     result = mteb.evaluate(to_mteb(model), task, cache=ResultCache(tmp_path / "results"), show_progress_bar=False,
@@ -94,14 +94,14 @@ def test_mteb_scores_a_local_beir_task_as_evaluate_does(tmp_path, offline):
 
 
 def test_metadata_names_the_weights_and_dot_product():
-    model = NVEmbed.from_base("tiny", pooling="mean")
+    model = from_base("tiny", pooling="mean")
     meta = to_mteb(model).mteb_model_meta
     assert meta.name == "nv-embed/tiny"
     assert meta.revision == model.fingerprint()
     assert meta.similarity_fn_name is ScoringFunction.DOT_PRODUCT
     assert meta.embed_dim == model.decoder.config.hidden_size
     assert to_mteb(model, name="me/run7").mteb_model_meta.name == "me/run7"
-    other = NVEmbed.from_base("tiny", pooling="mean", seed=1)
+    other = from_base("tiny", pooling="mean", seed=1)
     assert to_mteb(other).mteb_model_meta.revision != meta.revision  # other weights, other cache entry
 
 

@@ -15,6 +15,7 @@ from model import Mistral, MistralConfig, NVEmbed
 from plumbing.checkpoints import RELEASED_LATENT_NAMES
 from pooling import LatentAttentionPooling
 from tests.helpers import smollm2_gguf
+from plumbing.loading import from_base, from_released
 
 TEXTS = ["a short one", "a much longer text that needs padding in the batch", "mid-sized text",
          "x", "the quick brown fox jumps over the lazy dog " * 3]
@@ -22,7 +23,7 @@ TEXTS = ["a short one", "a much longer text that needs padding in the batch", "m
 
 def tiny(pooling="latent", causal=False, **kw):
     kwargs = dict(num_latents=16) if pooling == "latent" else {}
-    return NVEmbed.from_base("tiny", pooling=pooling, causal=causal, pooling_kwargs=kwargs, **kw).eval()
+    return from_base("tiny", pooling=pooling, causal=causal, pooling_kwargs=kwargs, **kw).eval()
 
 
 @pytest.mark.parametrize("pooling", ["latent", "mean", "eos", "self-attention"])
@@ -120,7 +121,7 @@ def test_truncation_is_a_logged_warning(caplog):
 
 
 def test_normalize_embeddings_normalises_an_unnormalised_model():
-    model = NVEmbed.from_base("tiny", pooling="mean", normalize=False).eval()
+    model = from_base("tiny", pooling="mean", normalize=False).eval()
     raw = model.encode(TEXTS, convert_to_tensor=True)
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(len(TEXTS)))
     unit = model.encode(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
@@ -154,7 +155,7 @@ def test_lora_on_a_checkpoint_saves_adapters_only(tmp_path):
         **{k: v for k, v in cfg.__dict__.items() if k != "sliding_window"}))
     hf.save_pretrained(tmp_path / "base")
     ByteTokenizer().save_pretrained(str(tmp_path / "base"))
-    model = NVEmbed.from_base(str(tmp_path / "base"), pooling="mean")
+    model = from_base(str(tmp_path / "base"), pooling="mean")
     apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
     for name, p in model.decoder.named_parameters():
         if "lora_B" in name:
@@ -213,7 +214,7 @@ def released_folder(tmp_path, drop=None, misshape=None):
 
 def test_released_names_load(tmp_path):
     reference = released_folder(tmp_path)
-    loaded = NVEmbed.from_released(tmp_path)
+    loaded = from_released(tmp_path)
     reference.text_rule = loaded.text_rule  # the released input rule (tests/test_released.py); here: the names
     torch.testing.assert_close(loaded.encode(TEXTS, instruction="q", convert_to_tensor=True),
                                reference.encode(TEXTS, instruction="q", convert_to_tensor=True))
@@ -222,13 +223,13 @@ def test_released_names_load(tmp_path):
 def test_released_names_refuse_missing_or_misshapen(tmp_path):
     released_folder(tmp_path, drop="latent_attention_model.cross_attend_blocks.0.fn.to_kv.weight")
     with pytest.raises(KeyError, match="to_kv.weight"):
-        NVEmbed.from_released(tmp_path)
+        from_released(tmp_path)
     released_folder(tmp_path, misshape="latent_attention_model.latents")
     with pytest.raises(ValueError, match="latents"):
-        NVEmbed.from_released(tmp_path)
+        from_released(tmp_path)
     released_folder(tmp_path, misshape="embedding_model.layers.1.mlp.up_proj.weight")
     with pytest.raises(ValueError, match=r"wrongly shaped tensors.*layers.1.mlp.up_proj.weight"):
-        NVEmbed.from_released(tmp_path)
+        from_released(tmp_path)
 
 
 def test_bf16_base_with_fp32_adapters_and_pooling_encodes():

@@ -1,4 +1,4 @@
-"""NVEmbed.from_released against an independent re-implementation of NVIDIA's released inference code.
+"""plumbing.loading.from_released against an independent re-implementation of NVIDIA's released inference code.
 
 The reference below is written from reading `modeling_nvembed.py` of nvidia/NV-Embed-v2 (its `encode`,
 `input_transform_func`, `prepare_kwargs_from_batch` and `LatentAttentionModel.forward`): the tokenizer is called
@@ -27,6 +27,7 @@ from model import NVEmbed  # noqa: E402
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
+from plumbing.loading import from_base, from_released  # noqa: E402
 
 PREFIX = "Instruct: Given a claim, retrieve documents\nQuery: "  # what a user of the released model passes
 CORPUS = ["Instruct: Given a claim, retrieve documents\nQuery: vitamin D lowers the risk of fractures",
@@ -195,7 +196,7 @@ def test_the_checkpoint_is_mistral_like(checkpoint):
 
 @pytest.mark.parametrize("side", ["queries", "documents"])
 def test_released_ids_masks_and_embeddings(checkpoint, side):
-    model = NVEmbed.from_released(checkpoint, max_length=MAX_LENGTH)
+    model = from_released(checkpoint, max_length=MAX_LENGTH)
     task = "Given a claim, retrieve documents"
     prompts, prefix, instruction = (QUERIES, PREFIX, task) if side == "queries" else (DOCUMENTS, "", "")
     expected = released_features(checkpoint, prompts, prefix, MAX_LENGTH)
@@ -210,13 +211,13 @@ def test_released_ids_masks_and_embeddings(checkpoint, side):
 
 
 def test_released_default_max_length_is_their_encodes(checkpoint):
-    assert NVEmbed.from_released(checkpoint).max_length == 4096
+    assert from_released(checkpoint).max_length == 4096
 
 
 @pytest.mark.parametrize("fields", [dict(is_mask_instruction=False), dict(output_normalize=False)])
 def test_released_config_fields(tmp_path, fields):
     folder = released_checkpoint(tmp_path / "ckpt", **dict(fields))
-    model = NVEmbed.from_released(folder, max_length=MAX_LENGTH)
+    model = from_released(folder, max_length=MAX_LENGTH)
     task = "Given a claim, retrieve documents"
     for prompts, prefix, instruction in ((QUERIES, PREFIX, task), (DOCUMENTS, "", "")):
         assert ours(model, prompts, instruction)[2].tolist() == \
@@ -228,11 +229,11 @@ def test_released_config_fields(tmp_path, fields):
 def test_released_left_padding_is_refused(tmp_path):
     folder = released_checkpoint(tmp_path / "ckpt", padding_side="left")
     with pytest.raises(ValueError, match="padding_side 'left' is not supported"):
-        NVEmbed.from_released(folder)
+        from_released(folder)
 
 
 def test_released_rule_is_saved_with_the_model(checkpoint, tmp_path):
-    model = NVEmbed.from_released(checkpoint, max_length=MAX_LENGTH)
+    model = from_released(checkpoint, max_length=MAX_LENGTH)
     model.save(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["text_rule"]["pool_bos"] == "without_instruction" and config["text_rule"]["truncation"] == "sequence"
@@ -244,9 +245,9 @@ def test_released_rule_is_saved_with_the_model(checkpoint, tmp_path):
 
 def test_released_layout_round_trip(checkpoint, tmp_path):
     """save(layout="released") writes what from_released, and the released code's computation, read back."""
-    model = NVEmbed.from_released(checkpoint, max_length=MAX_LENGTH)
+    model = from_released(checkpoint, max_length=MAX_LENGTH)
     model.save(tmp_path / "again", layout="released")
-    again = NVEmbed.from_released(tmp_path / "again", max_length=MAX_LENGTH)
+    again = from_released(tmp_path / "again", max_length=MAX_LENGTH)
     task = "Given a claim, retrieve documents"
     for prompts, prefix, instruction in ((QUERIES, PREFIX, task), (DOCUMENTS, "", "")):
         expected = model.encode(prompts, instruction=instruction, convert_to_tensor=True)
@@ -258,7 +259,7 @@ def test_released_layout_round_trip(checkpoint, tmp_path):
 def test_released_layout_folds_lora_and_warns_of_the_input_rule(tmp_path, caplog):
     from lora import apply_lora
 
-    model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8)).eval()
+    model = from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8)).eval()
     apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -266,10 +267,10 @@ def test_released_layout_folds_lora_and_warns_of_the_input_rule(tmp_path, caplog
     with caplog.at_level("WARNING"):
         model.save(tmp_path / "released", layout="released")
     assert "released input rule" in caplog.text
-    loaded = NVEmbed.from_released(tmp_path / "released", max_length=model.max_length)
+    loaded = from_released(tmp_path / "released", max_length=model.max_length)
     assert lora_config(loaded.decoder) is None
     model.text_rule = loaded.text_rule  # the same inputs; the weights differ only by the fold's rounding
     torch.testing.assert_close(loaded.encode(DOCUMENTS, convert_to_tensor=True),
                                model.encode(DOCUMENTS, convert_to_tensor=True), atol=1e-5, rtol=1e-4)
     with pytest.raises(Exception, match="latent-attention pooling only"):
-        NVEmbed.from_base("tiny", pooling="mean").save(tmp_path / "mean", layout="released")
+        from_base("tiny", pooling="mean").save(tmp_path / "mean", layout="released")

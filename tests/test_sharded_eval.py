@@ -10,8 +10,8 @@ import torch
 from plumbing import distributed
 import evaluate
 from plumbing import evaluate_cli
-from model import NVEmbed
 from tests.helpers import spawn_two_ranks
+from plumbing.loading import from_base
 from tests.test_train import single_process  # noqa: F401 (a fixture)
 
 # A fresh tiny model on the built-in data, 4 texts a batch: 100 queries and 400 documents make 25 and 100
@@ -26,7 +26,7 @@ def worker(rank, out_dir):
     distributed.init_distributed("cpu")
     # encode_sharded alone, odd sizes: 7 texts in batches of 2 -> batches 0, 2 on rank 0 and 1, 3 on rank 1.
     torch.manual_seed(0)
-    model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
+    model = from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
     texts = ["a", "bb b", "ccc cc c", "d", "eeeee", "ff", "g g g g g g"]
     shared = evaluate.encode_sharded(model, texts, "an instruction", batch_size=2)
     # Rows gathered 2 at a time (the block), rank 0 owning rows 0, 2, 4, 6, 8 and rank 1 rows 1, 3: row i is i.
@@ -62,7 +62,7 @@ def test_two_ranks_write_the_run_of_one_process_once(two_ranks, tmp_path, single
 
 def test_sharded_embeddings_are_one_process_embeddings_bit_for_bit(two_ranks):
     torch.manual_seed(0)
-    model = NVEmbed.from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
+    model = from_base("tiny", pooling="latent", pooling_kwargs=dict(num_latents=8, head_dim=8))
     texts = ["a", "bb b", "ccc cc c", "d", "eeeee", "ff", "g g g g g g"]
     one = model.encode(texts, instruction="an instruction", batch_size=2, convert_to_tensor=True)
     saved = torch.load(two_ranks / "encoded.pt")
@@ -74,7 +74,7 @@ def test_sharded_embeddings_are_one_process_embeddings_bit_for_bit(two_ranks):
 
 def test_one_process_encode_sharded_is_encode():
     torch.manual_seed(0)
-    model = NVEmbed.from_base("tiny", pooling="mean")
+    model = from_base("tiny", pooling="mean")
     texts = ["x y z", "w", "a longer text than the others"]
     assert torch.equal(evaluate.encode_sharded(model, texts, batch_size=2),
                        model.encode(texts, batch_size=2, convert_to_tensor=True))
