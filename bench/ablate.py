@@ -78,6 +78,10 @@ SETTINGS = {
                   num_latents=64, depth=1000),
     "full": dict(max_length=256, steps=60, batch_size=32, hard_negatives=7, lr=2e-4, warmup_steps=6,
                  num_latents=512, depth=1000),
+    # recipe: towards BM25 on SciFact, what a CPU can afford: 128 tokens, all 7 hard negatives
+    # from the stronger teacher, 120 steps of 16 queries (about 2.4 epochs of SciFact train).
+    "recipe": dict(max_length=128, steps=120, batch_size=16, hard_negatives=7, lr=2e-4,
+                   warmup_steps=12, num_latents=512, depth=1000),
     "dry-run": dict(max_length=160, steps=2, batch_size=2, hard_negatives=1, lr=1e-3, warmup_steps=1,
                     num_latents=4, depth=1000, margin=10.0),
 }
@@ -94,6 +98,8 @@ def plan(parts=("a", "b", "c"), seeds=3):
         rows += [("b", p, a, "bm25", 0) for p in ("eos", "self-attention") for a in ATTENTIONS]
     if "c" in parts:
         rows += [("c", "latent", "bidirectional", t, s) for s in range(min(seeds, 2)) for t in TEACHERS]
+    if "r" in parts:  # the recipe setting's one row
+        rows += [("r", "latent", "bidirectional", "minilm", s) for s in range(seeds)]
     unique = []  # (c)'s BM25 rows are (a)'s
     for row in rows:
         if row[1:] not in [u[1:] for u in unique]:
@@ -523,6 +529,8 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the CPU setting")
+    which.add_argument("--recipe", action="store_true",
+                       help="the strongest CPU recipe tried against BM25 (part r: one row per seed)")
     which.add_argument("--dry-run", action="store_true", help="tiny shapes, for the test")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base decoder (.gguf, HF folder)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact in BEIR format")
@@ -530,8 +538,10 @@ def parse_args(argv):
     p.add_argument("--results", type=Path, default=None,
                    help="the results file (default bench/ablation-SETTING.json); rows there are kept")
     p.add_argument("--out", type=Path, default=None, help="run folders (default runs/ablate-SETTING)")
-    p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
-    p.add_argument("--seeds", type=int, default=3, help="seeds of part (a) (part (c): up to 2)")
+    p.add_argument("--parts", nargs="+", default=None, choices=["a", "b", "c", "r"],
+                   help="default: a b c, or r with --recipe")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds of part (a) (part (c): up to 2; default 3, or 1 with --recipe)")
     p.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS),
                    help="(zero-shot rows only)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
@@ -540,29 +550,31 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cuda", "cpu"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.parts = args.parts or (["r"] if args.recipe else ["a", "b", "c"])
+    args.seeds = args.seeds or (1 if args.recipe else 3)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     if not (str(args.model) in ("tiny",) or args.model.exists()):
         p.error(f"--model: {args.model} not found (see the docstring)")
     if not (args.data / "corpus.jsonl").is_file():
         p.error(f"--data: {args.data / 'corpus.jsonl'} not found")
-    if "c" in args.parts and not (args.minilm / "modules.json").is_file():
-        p.error(f"--minilm: {args.minilm} is not a sentence-transformers folder (part c needs it)")
+    if {"c", "r"} & set(args.parts) and not (args.minilm / "modules.json").is_file():
+        p.error(f"--minilm: {args.minilm} is not a sentence-transformers folder (parts c and r need it)")
     return args
 
 
 @exits_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    setting_name = "dry-run" if args.dry_run else "quick" if args.quick else "full"
+    setting_name = ("dry-run" if args.dry_run else "quick" if args.quick else "recipe" if args.recipe
+                    else "full")
     setting = SETTINGS[setting_name]
     results_path = args.results or REPO / "bench" / f"ablation-{setting_name}.json"
     out = args.out or REPO / "runs" / f"ablate-{setting_name}"
     out.mkdir(parents=True, exist_ok=True)
     model_name = args.model.name
     header = dict(setting=setting_name, config=setting, model=model_name, data=args.data.name,
-                  command="python bench/ablate.py" + {"quick": " --quick", "full": "",
-                                                      "dry-run": " --dry-run"}[setting_name])
+                  command="python bench/ablate.py" + ("" if setting_name == "full" else f" --{setting_name}"))
     results = read_results(results_path, header)
     dtype_name, why = choose_dtype(args.dtype, args.device)
     results["dtype_choice"] = dict(why, dtype=dtype_name)
