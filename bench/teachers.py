@@ -54,7 +54,7 @@ TEACHERS = ("bm25", "minilm", "self")
 
 # The experiment's training: ablate.py's full setting (60 steps of 32 queries, 7 hard negatives, 512 latents),
 # at each text length. --dry-run: the same path at tiny shapes on the CPU.
-SETTING = dict(ablate.SETTINGS["full"])
+SETTING = dict(ablate.SETTINGS["full"], dtype="bf16")
 DRY_RUN = dict(max_length=16, steps=2, batch_size=2, hard_negatives=1, lr=1e-3, warmup_steps=1, num_latents=4,
                dtype="fp32")
 
@@ -179,7 +179,8 @@ def scored_model(model_dir, splits, instruction, setting, args):
 def one_row(args, setting, teacher, train_file, stats, splits, instruction, bm25_test):
     """Train latent / bidirectional stage 1 on one teacher's negatives, score dev and test, compare to BM25."""
     run = args.out / f"{teacher}-{setting['max_length']}"
-    train_seconds, loss_curve = ablate.train_run(args, setting, run, train_file, "latent", "bidirectional")
+    train_seconds, loss_curve = ablate.train_run(args, setting, setting["dtype"], run, train_file, "latent",
+                                                 "bidirectional", args.seed)
     (dev, _), (test, test_per_query) = scored_model(run / "model", splits, instruction, setting, args)
     write_per_query(run / "scifact-test.per_query.json", test_per_query, dict(teacher=teacher, **setting))
     row = dict(teacher=teacher, max_length=setting["max_length"], dev_ndcg10=dev["NDCG@10"],

@@ -15,30 +15,75 @@ def row(pooling, attention, trained, ndcg):
                 **({"loss_curve": [[5, 4.0], [10, 2.0]]} if trained else {}))
 
 
-def test_markdown_lists_only_the_rows_that_ran_in_the_papers_order():
-    rows = [row("latent", "bidirectional", False, 0.09), row("eos", "causal", False, 0.001),
-            row("latent", "bidirectional", True, 0.56)]  # eos causal's training has not run yet
-    table = ablate.markdown(rows, "full", {"steps": 60}, 120.0, "test")
-    lines = [line for line in table.splitlines() if line.startswith("| eos") or line.startswith("| latent")]
-    assert lines == ["| eos | causal | 0.0010 | - | - | - | - | - |",
-                     "| latent | bidirectional | 0.0900 | 0.5600 | 0.8600 | 1.0 min | best | - |"]
+def trained_row(pooling, attention, teacher, seed, values):
+    """A measured row as bench/ablate.py writes it, with per-query nDCG@10 `values`."""
+    per_query = {f"q{i}": {"NDCG@10": v, "Recall@100": v} for i, v in enumerate(values)}
+    return dict(key=ablate.row_key(pooling, attention, teacher, seed), pooling=pooling,
+                attention=attention, teacher=teacher, seed=seed, trained=True, dtype="bf16",
+                commit="abc", cpu="cpu", gpu=None, threads=2, wall_seconds=60.0,
+                per_query=per_query, **{"ndcg@10": sum(values) / len(values), "recall@100": 0.5})
 
 
-def with_per_query(r, values):
-    return r | dict(per_query={f"q{i}": {"NDCG@10": v, "Recall@100": v} for i, v in enumerate(values)})
+def test_lessons_average_seeds_per_query_then_pair_the_queries():
+    """latent bidirectional (two seeds) against latent causal (two seeds): the difference is the mean over queries
+    of (seed mean A - seed mean B); every query better by 0.1 gives the exact sign-flip p = 2 / 2^5."""
+    a = [[0.6, 0.7, 0.5, 0.6, 0.6], [0.8, 0.7, 0.7, 0.6, 0.8]]
+    b = [[0.5, 0.6, 0.4, 0.5, 0.5], [0.7, 0.6, 0.6, 0.5, 0.7]]
+    rows = ([trained_row("latent", "bidirectional", "bm25", s, v) for s, v in enumerate(a)]
+            + [trained_row("latent", "causal", "bm25", s, v) for s, v in enumerate(b)])
+    [found] = ablate.lessons(dict(rows=rows))
+    assert found["claim"].startswith("bidirectional > causal (latent")
+    assert found["difference"] == pytest.approx(0.1) and found["p_value"] == pytest.approx(2 / 32)
+    assert found["seeds_a"] == [0, 1] and found["verdict"] == "within noise"  # 5 queries: p 0.0625
+    # The teacher lesson pairs only the seeds both sides have.
+    rows.append(trained_row("latent", "bidirectional", "minilm", 1, [0.9] * 5))
+    teacher = [f for f in ablate.lessons(dict(rows=rows)) if "teacher" in f["claim"]][0]
+    assert teacher["seeds_b"] == [1] and teacher["difference"] == pytest.approx(0.9 - 0.72)
 
 
-def test_markdown_gives_each_trained_row_its_gap_and_p_value():
-    """Against the best trained row and BM25, over the same queries: the hand-computable sign-flip case (every
-    query better by 0.1: p = 2 / 2^5) and identical rows (p 1)."""
-    best = with_per_query(row("latent", "bidirectional", True, 0.6), [0.6, 0.7, 0.5, 0.6, 0.6])
-    worse = with_per_query(row("mean", "bidirectional", True, 0.5), [0.5, 0.6, 0.4, 0.5, 0.5])
-    bm25 = with_per_query({"ndcg@10": 0.5, "recall@100": 0.5}, [0.5, 0.6, 0.4, 0.5, 0.5])
-    table = ablate.markdown([worse, best], "full", {}, 60.0, "test", bm25)
-    lines = [line for line in table.splitlines() if line.startswith("| mean") or line.startswith("| latent")]
-    assert lines == ["| mean | bidirectional | - | 0.5000 | 0.8000 | 1.0 min | -0.1000 (p 0.062) "
-                     "| +0.0000 (p 1.000) |",
-                     "| latent | bidirectional | - | 0.6000 | 0.9000 | 1.0 min | best | +0.1000 (p 0.062) |"]
+def test_plan_puts_every_main_configuration_at_seed_0_first():
+    rows = ablate.plan(("a", "b", "c"), seeds=3)
+    assert len(rows) == 12 + 4 + 2  # (c)'s BM25 rows are (a)'s
+    assert {r[1:3] for r in rows[:4]} == {("latent", "bidirectional"), ("latent", "causal"),
+                                          ("mean", "bidirectional"), ("mean", "causal")}
+    assert all(r[4] == 0 for r in rows[:4]) and rows[-1] == ("c", "latent", "bidirectional", "minilm", 1)
+
+
+def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
+    """bench/ablate.py end to end at tiny shapes (parts a and c, one seed), then again: the second call finds
+    every row in the results file and measures nothing; a results file of another setting is refused."""
+    from tests.test_teachers import make_folder
+
+    data = small_beir(tmp_path / "data")
+    corpus = [json.loads(line) for line in (data / "corpus.jsonl").open()]
+    words = sorted({w for doc in corpus for w in re.findall(r"[a-z]+", (doc["title"] + " " + doc["text"]).lower())})
+    minilm = make_folder(tmp_path / "minilm", ["mean"], normalize=True, words=words)
+    results = tmp_path / "ablation.json"
+    argv = ["--dry-run", "--model", "tiny", "--data", str(data), "--minilm", str(minilm), "--results",
+            str(results), "--out", str(tmp_path / "runs"), "--parts", "a", "c", "--seeds", "1",
+            "--device", "cpu", "--dtype", "fp32"]
+    first = ablate.main(argv)
+    keys = [r["key"] for r in first["rows"]]
+    assert len(keys) == 5 and len(set(keys)) == 5
+    for r in first["rows"]:
+        assert len(r["per_query"]) == 8 and r["dtype"] == "fp32" and r["cpu"] and r["threads"] >= 1
+        assert r["commit"] and r["wall_seconds"] > 0
+    assert {(r["pooling"], r["attention"]) for r in first["zero_shot"]} == {
+        (p, a) for p in ("eos", "mean") for a in ablate.ATTENTIONS}
+    assert "| latent | bidirectional | minilm | 1 |" in results.with_suffix(".md").read_text()
+
+    def measure_row(*args, **kwargs):
+        raise AssertionError("a row already in the results file was measured again")
+
+    monkeypatch.setattr(ablate, "measure_row", measure_row)
+    again = ablate.main(argv)
+    assert [r["key"] for r in again["rows"]] == keys
+    assert [r["key"] for r in json.loads(results.read_text())["rows"]] == keys
+    other = json.loads(results.read_text()) | dict(setting="quick")
+    results.write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as exit_info:
+        ablate.main(argv)
+    assert exit_info.value.code == 2
 
 
 def test_read_table_names_the_missing_field(tmp_path):
