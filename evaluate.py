@@ -7,7 +7,7 @@ Differs from BEIR (beir/retrieval/evaluation.py, custom_metrics.py): plain Pytho
 oracle; metrics unrounded (BEIR rounds to 5 decimals); `run` not modified (BEIR pops identical ids out of the caller's
 dict); MRR@k ranks and averages as the other metrics do (see `evaluate`). Run:
     python evaluate.py                      # built-in dataset; runs/stage{2,1}/model, else a fresh tiny model
-    python evaluate.py --model runs/stage1/model --data ../shared/data/scifact --split test
+    python evaluate.py --model runs/stage1/model --data path/to/scifact --split test
     python evaluate.py --model SmolLM2.gguf --pooling mean --bidirectional --data DIR   # zero-shot baseline
 Tests: python -m pytest -q tests/test_evaluate.py tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py
 """
@@ -316,6 +316,7 @@ def main(argv=None):
 
 
 def evaluate_command(args, parser):
+    dataset_name, instruction = resolve_instruction(args.data, args.instruction, INSTRUCTIONS)  # a missing folder first
     # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
     model_spec = args.model
     if model_spec is None:
@@ -327,7 +328,6 @@ def evaluate_command(args, parser):
     saved = is_saved(model_spec)
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
-    dataset_name, instruction = resolve_instruction(args.data, args.instruction, INSTRUCTIONS)
     # Where the results go; refuse to overwrite before any expensive work.
     model_name = Path(model_spec).name if model_spec not in PRESETS else model_spec
     if args.out is not None:

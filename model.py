@@ -434,6 +434,9 @@ class NVEmbed(nn.Module):
                 raise UsageError(f"--model {spec} is a saved NV-Embed model: it keeps the pooling and attention it "
                                  "was trained with, so --pooling / --causal / --bidirectional do not apply")
             return cls.from_pretrained(spec, dtype=dtype, device=device)
+        if is_saved(Path(spec) / "model"):  # a run folder of train.py: config.json there is the run's
+            raise UsageError(f"--model {spec} is a train.py run folder, not a model: did you mean "
+                             f"{Path(spec) / 'model'}?")
         if spec not in PRESETS and not Path(spec).exists():
             raise MissingFileError(f"--model {spec}: not found (want a saved NV-Embed folder, an HF checkpoint folder, "
                                    f"a .gguf file or a preset: {', '.join(sorted(PRESETS))})")

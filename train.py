@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -42,7 +41,7 @@ from checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_
                          save_checkpoint)
 from compiled import compile_counts
 from distributed import barrier, destroy_distributed, init_distributed, is_distributed, print0, rank, world_size
-from errors import DataError, UsageError, UserError
+from errors import DataError, UsageError, UserError, stop_on_user_error
 from lora import apply_lora, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed
@@ -602,9 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
     except UserError as error:
         # A mistake in the input ends the run as argparse's parser.error does: one line, exit status 2. Under
         # torchrun every rank stops here on the same mistake (each found it, or rank 0 sent it), and rank 0 says it.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        stop_on_user_error(parser.prog, error)
     except NonFiniteLossError as error:
         print(f"[rank {rank()}] {error}", file=sys.stderr, flush=True)
         raise SystemExit(1)
