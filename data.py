@@ -1,7 +1,7 @@
 """NV-Embed's data side, in the order a batch flows: tokenization with the pool mask, stage-2 pairs, hard negatives
 and document keys, one-dataset batches. Files on disk live in datafiles.py, the built-in dataset in builtin.py.
 
-Paper (../shared/PAPER.md): section 3 (instruction template, instruction masked out of pooling, EOS appended) and 4
+PAPER.md section 3 (instruction template, instruction masked out of pooling, EOS appended) and 4
 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in stage 1 and off in stage 2,
 example-based classification/clustering pairs, STS pairs with score >= 4 in both directions).
 Differs from the released NV-Embed code: BOS is never pooled and a text cut at max_length keeps its EOS; `TextRule`
@@ -29,7 +29,7 @@ QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenization (PAPER section 3): [BOS] + prefix + text + [EOS], pooled over text + EOS (the model's TextRule).
+# Tokenization (PAPER.md section 3): [BOS] + prefix + text + [EOS], pooled over text + EOS (the model's TextRule).
 
 
 def bos_ids(tokenizer) -> list[int]:
@@ -55,7 +55,7 @@ class TextRule:
     evaluation alike."""
 
     template: str = QUERY_TEMPLATE  # a text with an instruction is read as template.format(instruction=...) + text
-    mask_instruction: bool = True  # instruction tokens out of the pool (PAPER section 3; released is_mask_instruction)
+    mask_instruction: bool = True  # instruction tokens out of the pool (PAPER.md section 3; is_mask_instruction)
     # "never": BOS is never pooled (this project). "without_instruction": pooled unless an instruction is masked out
     # (released: it zeroes nothing of a bare text, so every retrieval document averages its BOS in).
     pool_bos: str = "never"
@@ -110,7 +110,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     to the longest row; prefix_i = rule.template.format(instruction=instruction_i), nothing for no instruction, or
     `prompt` as given (the whole prefix, sentence-transformers' `prompt=`). An empty text is a row of BOS, prefix and
     EOS: a legitimate input at inference (training files refuse empty fields, with file and line, in datafiles.py).
-    pool_mask (PAPER section 3): the text's tokens and EOS; the prefix's too when the rule does not mask instructions;
+    pool_mask (PAPER.md section 3): the text's tokens and EOS; the prefix's too if the rule does not mask instructions;
     BOS only under the released rule; never padding. Truncation follows `rule.truncation`. Returns input_ids (B, T)
     long, attention_mask (B, T) long, pool_mask (B, T) bool, truncated (B,) bool (the rows that were cut)."""
     texts = list(texts)
@@ -128,7 +128,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
             raise ValueError(f"text {i} is not a string: {text!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS (PAPER section 1)")
+        raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS (PAPER.md section 1)")
     pad, bos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos, bos_ids(tokenizer)
     # (prefix ids, text ids) per row: bare texts are encoded in one batch, each instruction's rows in another.
     pieces: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
@@ -179,7 +179,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage-2 sources (PAPER section 4): non-retrieval data as example-based pairs.
+# Stage-2 sources (PAPER.md section 4): non-retrieval data as example-based pairs.
 
 
 def _row_fields(row: Any, names: Sequence[Sequence[str]], where: str, problems: _Problems) -> tuple | None:
@@ -249,7 +249,7 @@ def _example_based_pairs(rows, instruction, num_negatives, seed, task_type, skip
 
 def classification_pairs(rows: Iterable, instruction: str, num_negatives: int = 7, seed: int = 0,
                          skip_bad: bool = False, report: SkipReport | None = None) -> list[Example]:
-    """Example-based classification pairs (NV-Embed-v2, PAPER section 4) from rows (text, label), tuples or mappings:
+    """Example-based classification pairs (NV-Embed-v2, PAPER.md section 4) from rows (text, label), tuples or mappings:
     query = the text (with `instruction`), positive = another example of its label, negatives = `num_negatives`
     random examples of other labels. A single-example label is an error (skip_bad: its row is skipped, counted)."""
     return _example_based_pairs(rows, instruction, num_negatives, seed, "classification", skip_bad, report)
@@ -263,7 +263,7 @@ def clustering_pairs(rows: Iterable, instruction: str, num_negatives: int = 7, s
 
 def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_negatives: int = 7, seed: int = 0,
               skip_bad: bool = False, report: SkipReport | None = None) -> list[Example]:
-    """STS pairs (PAPER section 4) from rows (text1|sentence1, text2|sentence2, score), tuples or mappings. A pair with
+    """STS pairs (PAPER.md section 4) from rows (text1|sentence1, text2|sentence2, score), tuples, mappings. A pair with
     score >= threshold gives text1 -> text2 and text2 -> text1, task_type "sts" (documents get the instruction too).
     Negatives: random other sentences, never the query, its positive or a sentence paired with it at score >=
     threshold (in-batch negatives are off in stage 2)."""
@@ -309,7 +309,7 @@ def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_nega
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batching (PAPER section 4): one dataset per batch, exactly n hard negatives per query, document keys.
+# Batching (PAPER.md section 4): one dataset per batch, exactly n hard negatives per query, document keys.
 
 
 def text_key(text: str) -> int:
@@ -357,7 +357,7 @@ class TrainDataset:
         kinds = Counter(e.task_type for e in self.examples)
         if len(kinds) != 1:
             raise DataError(f"dataset {self.name!r} mixes task types {dict(kinds)}; make one dataset per task")
-        # The one place this rule lives (PAPER section 4): in classification, clustering or STS data another item of
+        # The one place this rule lives (PAPER.md section 4): in classification, clustering or STS data another item of
         # the batch may share the query's class or meaning, and would be pushed away as its negative.
         self.in_batch_negatives = self.in_batch_negatives and self.task_type == "retrieval"
         self.known_positives = query_positive_keys(self.examples)
