@@ -7,7 +7,7 @@
 #
 # torch: with an NVIDIA GPU (nvidia-smi found) or off Linux, PyPI's build (CUDA on Linux, CPU/MPS on a Mac); on
 # Linux without one, PyTorch's CPU-only build from its CPU index (PyPI's Linux build brings GBs of CUDA
-# libraries), taken from PyPI if that index cannot be reached. TORCH pins the version the project was tested
+# libraries), or PyPI's if that index cannot be reached. TORCH pins the version the project was tested
 # with; `make run TORCH=torch` takes the newest.
 
 PYTHON ?= python3
@@ -40,7 +40,8 @@ $(BIN)/python:
 
 $(VENV)/.torch: | $(BIN)/python
 	if [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi > /dev/null 2>&1; then \
-		$(PIP) install "$(TORCH)" --extra-index-url $(TORCH_CPU_INDEX) --retries 1 --timeout 15; \
+		$(PIP) install "$(TORCH)" --index-url $(TORCH_CPU_INDEX) --retries 0 --timeout 15 2> /dev/null || { \
+			echo "$(TORCH_CPU_INDEX) could not be used: $(TORCH) from PyPI"; $(PIP) install "$(TORCH)"; }; \
 	else \
 		$(PIP) install "$(TORCH)"; \
 	fi
