@@ -55,22 +55,24 @@ def on_rank0() -> bool:
 RANK0_FIRST_S = 10.0
 
 
-def let_rank0_stop_first() -> None:
+def let_rank0_stop_first() -> bool:
     """Under torchrun, wait a little on ranks other than 0 before stopping on a user's mistake. torchrun ends
     every rank (SIGTERM) as soon as one exits with a failure and names that one the root cause: a rank 1 that
     stopped first could cut rank 0 off before it printed the mistake, and would be blamed for it. Waiting lets
-    rank 0 say it and exit first. Spawned ranks without torchrun (the tests) do not wait."""
-    if not on_rank0() and "TORCHELASTIC_RUN_ID" in os.environ:
-        time.sleep(RANK0_FIRST_S)
+    rank 0 say it and exit first. Returns whether this rank waited and is still alive: then rank 0 did not stop
+    on the mistake, and this rank must say it. Spawned ranks without torchrun (the tests) do not wait."""
+    if on_rank0() or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    time.sleep(RANK0_FIRST_S)
+    return True
 
 
 def stop_on_user_error(command: str, error: UserError):
     """End the command on a user's mistake: `<command>: error: <error>` on stderr (rank 0 only), exit status 2."""
-    if on_rank0():
+    if on_rank0() or let_rank0_stop_first():
         sys.stdout.flush()
-        print(f"{command}: error: {error}", file=sys.stderr, flush=True)
-    else:
-        let_rank0_stop_first()
+        where = "" if on_rank0() else f"(rank {os.environ['RANK']}) "
+        print(f"{command}: error: {where}{error}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
 
 
@@ -102,10 +104,8 @@ class ArgumentParser(argparse.ArgumentParser):
             super().print_help(file)
 
     def exit(self, status=0, message=None):
-        if not on_rank0():
+        if not on_rank0() and not (status and let_rank0_stop_first()):
             message = None
-            if status:
-                let_rank0_stop_first()
         super().exit(status, message)
 
 

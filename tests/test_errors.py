@@ -399,3 +399,18 @@ def test_a_bad_flag_under_torchrun_is_said_once_by_rank_0(tmp_path):
     assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause, root_cause
     # After our line: torchrun's own lines only (its logger's, then its traceback and report).
     assert all("usage:" not in line and ": error: " not in line for line in lines[said[0] + 1:])
+
+
+def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monkeypatch, capsys):
+    """Under torchrun a rank other than 0 waits for rank 0 to stop (torchrun then ends it); if it is still alive,
+    rank 0 never met the mistake, so this rank says it, naming itself. Spawned ranks (no torchrun) stay silent."""
+    import errors
+
+    monkeypatch.setattr(errors, "RANK0_FIRST_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    for under_torchrun, said in ((False, ""), (True, "train.py: error: (rank 1) --out x: a mistake\n")):
+        if under_torchrun:
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+        with pytest.raises(SystemExit) as exit_:
+            errors.stop_on_user_error("train.py", errors.UsageError("--out x: a mistake"))
+        assert exit_.value.code == 2 and capsys.readouterr().err == said
