@@ -1,7 +1,7 @@
 """NV-Embed's data side, in the order a batch flows: tokenization with the pool mask, stage-2 pairs,
 hard negatives and document keys, one-dataset batches. Files on disk: plumbing/datafiles.py.
 
-Paper (../shared/PAPER.md): section 3 (instruction template, instruction masked out of pooling, EOS
+PAPER.md section 3 (instruction template, instruction masked out of pooling, EOS
 appended) and 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in
 stage 1 and off in stage 2, example-based classification/clustering pairs, STS pairs with score >= 4
 in both directions). Differs from the released NV-Embed code: BOS is never pooled and a text cut at
@@ -27,7 +27,7 @@ QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
 
 # ----------------------------------------------------------------------------
-# Tokenization (PAPER section 3): [BOS] + prefix + text + [EOS], pooled over text + EOS.
+# Tokenization (PAPER.md section 3): [BOS] + prefix + text + [EOS], pooled over text + EOS.
 
 
 def bos_ids(tokenizer) -> list[int]:
@@ -56,7 +56,7 @@ class TextRule:
 
     # a text with an instruction is read as template.format(instruction=...) + text
     template: str = QUERY_TEMPLATE
-    # instruction tokens out of the pool (PAPER section 3; released is_mask_instruction)
+    # instruction tokens out of the pool (PAPER.md section 3; released is_mask_instruction)
     mask_instruction: bool = True
     # "never": BOS is never pooled (this project). "without_instruction": pooled unless an
     # instruction is masked out (released: it zeroes nothing of a bare text, so every retrieval
@@ -130,7 +130,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS "
-                         "(PAPER section 1)")
+                         "(PAPER.md section 1)")
     bos = bos_ids(tokenizer)  # [BOS] where the tokenizer starts inputs with it (Mistral, Llama)
     rows, masks, truncated = [], [], []
     for prefix, prefix_ids, text_ids in _encode(tokenizer, prefixes, texts):
@@ -139,7 +139,7 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
             row, unpooled, cut = released_row(tokenizer, rule, bos, prefix, prefix_ids, text_ids,
                                               max_length)
         else:
-            # PAPER section 3: the instruction is masked out of the pool; BOS is never pooled.
+            # PAPER.md section 3: the instruction is masked out of the pool; BOS is never pooled.
             unpooled = len(head) if prefix and rule.mask_instruction else len(bos)
             row, cut = _cut_text(head, text_ids, eos, max_length)
         rows.append(row)
@@ -234,7 +234,7 @@ def _padded(rows, masks, truncated, pad: int, padding_side: str) -> dict[str, to
 
 
 # ----------------------------------------------------------------------------
-# Stage-2 sources (PAPER section 4): non-retrieval data as example-based pairs.
+# Stage-2 sources (PAPER.md section 4): non-retrieval data as example-based pairs.
 
 
 def _sample_others(rng: random.Random, pool: Sequence[int], count: int, reject) -> list[int]:
@@ -286,7 +286,7 @@ def _example_based_pairs(rows, instruction, num_negatives, seed, task_type, skip
 
 def classification_pairs(rows: Iterable, instruction: str, num_negatives: int = 7, seed: int = 0,
                          skip_bad: bool = False, report: SkipReport | None = None) -> list[Example]:
-    """Example-based classification pairs (NV-Embed-v2, PAPER section 4) from rows (text, label),
+    """Example-based classification pairs (NV-Embed-v2, PAPER.md section 4) from rows (text, label),
     tuples or mappings: query = the text (with `instruction`), positive = another example of its
     label, negatives = `num_negatives` random examples of other labels. A single-example label is an
     error (skip_bad: its row is skipped, counted)."""
@@ -305,7 +305,7 @@ def clustering_pairs(rows: Iterable, instruction: str, num_negatives: int = 7, s
 def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_negatives: int = 7,
               seed: int = 0, skip_bad: bool = False,
               report: SkipReport | None = None) -> list[Example]:
-    """STS pairs (PAPER section 4) from rows (text1|sentence1, text2|sentence2, score), tuples or
+    """STS pairs (PAPER.md section 4) from rows (text1|sentence1, text2|sentence2, score), tuples or
     mappings. A pair with score >= threshold gives text1 -> text2 and text2 -> text1, task_type
     "sts" (documents get the instruction too). Negatives: random other sentences, never the query,
     its positive or a sentence paired with it at score >= threshold (in-batch negatives are off in
@@ -339,7 +339,7 @@ def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_nega
 
 
 # ----------------------------------------------------------------------------
-# Batching (PAPER section 4): one dataset per batch, exactly n hard negatives per query, document
+# Batching (PAPER.md section 4): one dataset per batch, exactly n hard negatives per query, document
 # keys.
 
 
@@ -395,7 +395,7 @@ class TrainDataset:
         if len(kinds) != 1:
             raise DataError(f"dataset {self.name!r} mixes task types {dict(kinds)}; "
                             "make one dataset per task")
-        # The one place this rule lives (PAPER section 4): in classification, clustering or STS data
+        # The one place this rule lives (PAPER.md section 4): in classification, clustering or STS data
         # another item of the batch may share the query's class or meaning, and would be pushed away
         # as its negative.
         self.in_batch_negatives = self.in_batch_negatives and self.task_type == "retrieval"

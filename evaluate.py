@@ -9,7 +9,7 @@ computes them plus BEIR's MRR@k, averaged as BEIR's `EvaluateRetrieval.evaluate`
 oracle; metrics unrounded (BEIR rounds to 5 decimals); `run` not modified (BEIR pops identical ids
 out of the caller's dict); MRR@k ranks and averages as the other metrics do (see `evaluate`). Run:
     python evaluate.py          # built-in dataset; runs/stage{2,1}/model, else a fresh tiny model
-    python evaluate.py --model runs/stage1/model --data ../shared/data/scifact --split test
+    python evaluate.py --model runs/stage1/model --data path/to/scifact --split test
     python evaluate.py --model SmolLM2.gguf --pooling mean --bidirectional --data DIR  # zero-shot
 The command's flags and its checks: plumbing/evaluate_cli.py. Tests: tests/test_evaluate.py,
 tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py

@@ -1,7 +1,7 @@
 """Poolings: turn the decoder's last hidden states into one vector per input.
 
 NV-Embed (Lee et al. 2024, arXiv 2405.17428) section 3.2 introduces latent-attention
-pooling; the paper's pooling ablation (../shared/PAPER.md section 5) compares it with
+pooling; the paper's pooling ablation (PAPER.md section 5) compares it with
 mean pooling, last-token (EOS) pooling and one self-attention layer before a mean.
 All four live here, with one interface:
 

@@ -1,6 +1,6 @@
 """Data files on disk, with their located errors: BEIR folders, the training file, negatives files, TREC runs.
 
-Plumbing for data.py and evaluate.py (it imports neither). Paper (../shared/PAPER.md) section 6: the BEIR format
+Plumbing for data.py and evaluate.py (it imports neither). PAPER.md section 6: the BEIR format
 (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv; a document is encoded as title + " " + text).
 
 Training-file schema (one JSON object per line in a .jsonl file; any other format or hub name that
@@ -14,7 +14,7 @@ Training-file schema (one JSON object per line in a .jsonl file; any other forma
     positive_id   str, optional
     negative_ids  list[str], optional, same length as `negatives`
 Extra columns are ignored. Documents get the instruction only for symmetric tasks: task_type "sts" means the
-positive and the negatives are tokenized with the same instruction and template as the query (PAPER section 3);
+positive and the negatives are tokenized with the same instruction and template as the query (PAPER.md section 3);
 every other task type tokenizes documents bare.
 
 Bad input raises `DataError` (a missing file `MissingFileError`) naming file and line (or row / field); the
@@ -101,7 +101,7 @@ class _Problems:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# BEIR folders (PAPER section 6).
+# BEIR folders (PAPER.md section 6).
 
 
 def _jsonl_records(path: Path, problems: _Problems):
@@ -145,7 +145,7 @@ def _text_field(record: Mapping, key: str, where: str, problems: _Problems, opti
 
 
 def doc_text(doc: Mapping[str, str]) -> str:
-    """A BEIR document as encoded: title + " " + text, stripped (PAPER section 6)."""
+    """A BEIR document as encoded: title + " " + text, stripped (PAPER.md section 6)."""
     return (doc.get("title", "") + " " + doc.get("text", "")).strip()
 
 
@@ -283,7 +283,7 @@ class Example:
 
     @property
     def document_instruction(self) -> str:
-        """Symmetric tasks (STS) put the instruction on documents too (PAPER section 3); others leave them bare."""
+        """Symmetric tasks (STS) put the instruction on documents too (PAPER.md section 3); others leave them bare."""
         return self.instruction if self.task_type == "sts" else ""
 
     def to_json(self) -> dict[str, Any]:

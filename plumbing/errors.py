@@ -3,8 +3,12 @@
 A `UserError` is a mistake in what a user gave a command (a file, a flag, a checkpoint), not
 in the code. Its message names the culprit: the file and line, the field, or the flag. A
 command stops on one as argparse stops on a bad flag: one line `<command>: error: <message>`
-on stderr and exit status 2, no traceback (`exits_on_user_error`; under torchrun
-rank 0 alone says it). Any other exception is a bug and keeps its traceback.
+on stderr and exit status 2, no traceback (`exits_on_user_error`, every command uses it).
+Any other exception is a bug and keeps its traceback.
+
+Under torchrun every rank meets the same mistake; rank 0 alone says it (the usage of a bad flag
+too: `ArgumentParser`), and exits first (`stop_on_user_error`). torchrun then prints its own
+report of the failed ranks after our line and exits with status 1, whatever status ours had.
 
 Notices (texts cut at max_length, records skipped) are logged as warnings under the logger "nvembed", so a library
 user routes or silences them with `logging`; the commands print them on stderr, `--quiet` hides them
@@ -18,6 +22,7 @@ import functools
 import logging
 import os
 import sys
+import time
 
 
 class UserError(Exception):
@@ -40,6 +45,37 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or holds a model this project does not implement; names its file."""
 
 
+def on_rank0() -> bool:
+    """Whether this process is rank 0 of torchrun's ranks, or runs alone. Read from torchrun's environment, so
+    that it holds before the process group is up (a bad flag is found before that)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+# How long a rank other than 0 waits before it stops on a user's mistake under torchrun (see stop_on_user_error).
+RANK0_FIRST_S = 10.0
+
+
+def let_rank0_stop_first() -> bool:
+    """Under torchrun, wait a little on ranks other than 0 before stopping on a user's mistake. torchrun ends
+    every rank (SIGTERM) as soon as one exits with a failure and names that one the root cause: a rank 1 that
+    stopped first could cut rank 0 off before it printed the mistake, and would be blamed for it. Waiting lets
+    rank 0 say it and exit first. Returns whether this rank waited and is still alive: then rank 0 did not stop
+    on the mistake, and this rank must say it. Spawned ranks without torchrun (the tests) do not wait."""
+    if on_rank0() or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    time.sleep(RANK0_FIRST_S)
+    return True
+
+
+def stop_on_user_error(command: str, error: UserError):
+    """End the command on a user's mistake: `<command>: error: <error>` on stderr (rank 0 only), exit status 2."""
+    if on_rank0() or let_rank0_stop_first():
+        sys.stdout.flush()
+        where = "" if on_rank0() else f"(rank {os.environ['RANK']}) "
+        print(f"{command}: error: {where}{error}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 def exits_on_user_error(main):
     """Wraps a command's main(): a UserError ends it as argparse's `parser.error` does, with the one line
     `<command>: error: <message>` on stderr and exit status 2. Other exceptions pass through untouched."""
@@ -49,13 +85,28 @@ def exits_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            # argparse's name for the command (parser.prog), so both kinds of error read alike. Under torchrun
-            # every rank finds the same mistake; rank 0 says it.
-            if os.environ.get("RANK", "0") == "0":
-                print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            # argparse's name for the command (parser.prog), so both kinds of error read alike.
+            stop_on_user_error(os.path.basename(sys.argv[0]), error)
 
     return main_ending_user_errors
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for the commands torchrun starts: on ranks other than 0 it prints nothing (usage, error,
+    --help), so that a bad flag is said once, and it stops after rank 0 (`let_rank0_stop_first`)."""
+
+    def print_usage(self, file=None):
+        if on_rank0():
+            super().print_usage(file)
+
+    def print_help(self, file=None):
+        if on_rank0():
+            super().print_help(file)
+
+    def exit(self, status=0, message=None):
+        if not on_rank0() and not (status and let_rank0_stop_first()):
+            message = None
+        super().exit(status, message)
 
 
 def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:

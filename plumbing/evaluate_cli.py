@@ -22,7 +22,8 @@ from plumbing.distributed import destroy_distributed, init_distributed, print0, 
 from plumbing.loading import load_for_command
 
 from plumbing.builtin import BUILTIN_INSTRUCTION
-from plumbing.errors import UsageError, add_verbosity_flags, configure_logging, exits_on_user_error
+from plumbing.errors import (ArgumentParser, MissingFileError, UsageError, add_verbosity_flags,
+                             configure_logging, exits_on_user_error)
 from pooling import POOLINGS
 
 log = logging.getLogger("nvembed.evaluate")  # notices: errors.py
@@ -47,7 +48,7 @@ def _positive_int(text):
 
 
 def build_parser(instructions: Mapping[str, str], default_k_values: tuple[int, ...]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # said once under torchrun (errors.py)
         description="Evaluate an NV-Embed model on a BEIR dataset the way BEIR does (exact search, trec_eval "
                     "metrics). With no flags: the built-in dataset's test split with runs/stage{2,1}/model if "
                     "train.py wrote one, else a fresh random tiny model.")
@@ -106,6 +107,9 @@ def resolve_instruction(data: str, given: str | None, instructions: Mapping[str,
     needs --instruction: a renamed copy of SciFact would otherwise be encoded bare and score low with no error."""
     if data == "builtin":
         return "builtin", BUILTIN_INSTRUCTION if given is None else given
+    if not Path(data).is_dir():  # before any word on its name's instruction
+        raise MissingFileError(f"--data {data}: no such folder (want a BEIR folder: corpus.jsonl, queries.jsonl, "
+                               "qrels/SPLIT.tsv, or 'builtin')")
     name = Path(data).resolve().name
     if given is not None:
         return name, given

@@ -141,6 +141,9 @@ def load_for_command(spec: str, pooling: str | None = None, causal: bool | None 
             raise UsageError(f"--model {spec} is a saved NV-Embed model: it keeps the pooling and attention it "
                              "was trained with, so --pooling / --causal / --bidirectional do not apply")
         return load(spec, dtype=dtype, device=device)
+    if is_saved(Path(spec) / "model"):  # a run folder of train.py: config.json there is the run's
+        raise UsageError(f"--model {spec} is a train.py run folder, not a model: did you mean "
+                         f"{Path(spec) / 'model'}?")
     if spec not in PRESETS and not Path(spec).exists():
         raise MissingFileError(f"--model {spec}: not found (want a saved NV-Embed folder, an HF checkpoint "
                                f"folder, a .gguf file or a preset: {', '.join(sorted(PRESETS))})")

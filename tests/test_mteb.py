@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-mteb = pytest.importorskip("mteb", reason="mteb is an optional dependency (pip install mteb) that this test checks "
-                                          "the adapter against; not in requirements-dev.txt")
+mteb = pytest.importorskip("mteb", reason="mteb is an optional dependency (pip install -e '.[mteb]') that this "
+                                          "test checks the adapter against; not in the dev extra")
 from datasets import Dataset  # noqa: E402  (after the skip: mteb brings datasets' use here)
 from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402

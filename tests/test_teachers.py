@@ -98,7 +98,7 @@ def test_hand_made_folder_matches_naive_pooling(tmp_path, modes, normalize, padd
     assert got.shape == (len(TEXTS), 16 * len(modes))
 
 
-@pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (not a requirement of the project)")
+@pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (the st extra: pip install -e '.[st]')")
 @pytest.mark.parametrize("modes, normalize, padding_side", CASES[:6])
 def test_hand_made_folder_matches_sentence_transformers(tmp_path, modes, normalize, padding_side):
     from sentence_transformers import SentenceTransformer
@@ -154,7 +154,7 @@ def test_reads_an_older_models_config_name_and_accepts_dot_on_unit_vectors(tmp_p
     assert mine.SentenceTransformerTeacher(folder).max_length == MAX_SEQ_LENGTH  # not the model's 64
 
 
-@pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (not a requirement of the project)")
+@pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (the st extra: pip install -e '.[st]')")
 def test_minilm_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
 
