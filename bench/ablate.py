@@ -523,6 +523,28 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- the tiny table: every pooling x attention on the built-in data, in minutes --------------------
+
+def tiny_table(out: Path, steps: int, seed: int) -> str:
+    """train.py's default job (the tiny preset, the built-in data) for each pooling x attention,
+    `steps` steps each, scored by its own evaluation on the built-in test split. Writes
+    OUT/ablation.md; nothing outside OUT."""
+    lines = [f"Tiny preset, built-in data, {steps} steps, seed {seed} (`python bench/ablate.py --tiny`)."
+             f" {cpu_model()}, {torch.get_num_threads()} threads; commit {commit()}.", "",
+             "| pooling | attention | nDCG@10 before | nDCG@10 after | seconds |", "|---|---|---|---|---|"]
+    for pooling in POOLING_ORDER:
+        for attention in ATTENTIONS:
+            argv = ["--stage", "1", "--pooling", pooling, f"--{attention}", "--steps", str(steps),
+                    "--seed", str(seed), "--out", str(out / f"{pooling}-{attention}"), "--overwrite",
+                    "--no-progress", "--log-every", str(steps), "--save-every", str(10 ** 9)]
+            start = time.perf_counter()
+            summary = train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(argv)))
+            lines.append(f"| {pooling} | {attention} | {summary['ndcg_before']:.4f} | "
+                         f"{summary['ndcg_after']:.4f} | {time.perf_counter() - start:.0f} |")
+            (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
 # -- the command ------------------------------------------------------------------------------------
 
 def parse_args(argv):
@@ -533,6 +555,10 @@ def parse_args(argv):
     which.add_argument("--recipe", action="store_true",
                        help="the strongest CPU recipe tried against BM25 (part r: one row per seed)")
     which.add_argument("--dry-run", action="store_true", help="tiny shapes, for the test")
+    which.add_argument("--tiny", action="store_true",
+                       help="every pooling x attention on the tiny preset and the built-in data (minutes; "
+                            "writes runs/ablate-tiny only)")
+    p.add_argument("--steps", type=int, default=60, help="--tiny: training steps per row")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base decoder (.gguf, HF folder)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact in BEIR format")
     p.add_argument("--minilm", type=Path, default=DEFAULT_MINILM, help="all-MiniLM-L6-v2 folder")
@@ -553,6 +579,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.parts = args.parts or (["r"] if args.recipe else ["a", "b", "c"])
     args.seeds = args.seeds or (1 if args.recipe else 3)
+    if args.tiny:
+        if args.steps < 1:
+            p.error("--steps must be >= 1")
+        return args
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     if not (str(args.model) in ("tiny",) or args.model.exists()):
@@ -567,6 +597,12 @@ def parse_args(argv):
 @exits_on_user_error
 def main(argv=None):
     args = parse_args(argv)
+    if args.tiny:
+        out = args.out or REPO / "runs" / "ablate-tiny"
+        out.mkdir(parents=True, exist_ok=True)
+        table = tiny_table(out, args.steps, seed=0)
+        print(table)
+        return table
     setting_name = ("dry-run" if args.dry_run else "quick" if args.quick else "recipe" if args.recipe
                     else "full")
     setting = SETTINGS[setting_name]
