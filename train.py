@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -37,8 +38,9 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed
-from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg,
-                                  model_folder, open_run, save_checkpoint)
+from plumbing.checkpoints import (append_log, discard_previous_run, latest_checkpoint,
+                                  load_checkpoint, logged_ndcg, model_folder, open_run,
+                                  save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error
@@ -236,7 +238,40 @@ def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A NaN or inf loss or gradient norm: the run stops before the optimizer step."""
+    """A NaN or inf loss, gradient norm or trainable weight: the run stops, saving nothing of it."""
+
+
+log = logging.getLogger("nvembed.train")
+
+# A model whose embeddings have all become the same (too high an lr, say) scores every candidate
+# alike: its loss is ln(candidates) whatever it is shown, and it learns nothing from then on.
+COLLAPSE_STEPS = 10  # steps in a row at that loss before the warning
+# Relative: the uniform loss is ln of the candidates left after duplicates are masked (loss.py), a
+# little below ln of the softmax's width, never above it.
+COLLAPSE_BAND = (0.9, 1.01)
+
+
+def check_finite_weights(model):
+    """Raise NonFiniteLossError if a trainable weight holds a NaN or inf. One host sync: run before
+    a checkpoint or the model is saved, so nothing non-finite is ever written."""
+    trainable = [p.to_local() if hasattr(p, "to_local") else p  # FSDP: this rank's shard
+                 for p in model.parameters() if p.requires_grad]
+    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in trainable]).sum().float()
+    if is_distributed():
+        dist.all_reduce(bad)
+    if bad.item():
+        raise NonFiniteLossError(f"{int(bad.item())} trainable weight tensor(s) hold NaN or inf")
+
+
+def non_finite_stop(config: dict, step: int, what: str) -> NonFiniteLossError:
+    """The one line a non-finite value ends the run with: where, the flags that cause it most
+    often, and what is left on disk to continue from."""
+    out = Path(config["out"])
+    last = latest_checkpoint(out)
+    kept = "; the previous model/ is kept" if (out / "model").exists() else ""
+    return NonFiniteLossError(
+        f"step {step}: {what} (--lr {config['lr']:g}, --grad-clip {config['grad_clip']:g}); nothing "
+        f"from this step is saved; last good checkpoint: {last or 'none'}{kept}")
 
 
 # ----------------------------------------------------------------------------
@@ -295,9 +330,7 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
         stats[0] /= world_size()
     loss_value = stats[0].item()
     if not math.isfinite(loss_value):
-        last = latest_checkpoint(config["out"]) or "none"
-        raise NonFiniteLossError(f"the loss is {loss_value}; stopping without an optimizer step or "
-                                 f"a checkpoint from this step (last checkpoint: {last})")
+        raise NonFiniteLossError(f"the loss is {loss_value}")
     max_norm = config["grad_clip"] if config["grad_clip"] > 0 else float("inf")
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
@@ -305,15 +338,16 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     grad_norm = grad_norm.item()
     if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(f"the gradient norm is {grad_norm} (loss {loss_value:.4f}); "
-                                 "stopping without an optimizer step or a checkpoint from this "
-                                 "step")
+        raise NonFiniteLossError(f"the gradient norm is {grad_norm} (loss {loss_value:.4f})")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    # The softmax's width (before duplicates are masked): a collapsed model's loss is its log.
+    group = batch["documents"]["input_ids"].shape[0] // batch["queries"]["input_ids"].shape[0]
+    candidates = group * micro_size if batch["in_batch_negatives"] else group
     return dict(loss=loss_value, grad_norm=grad_norm, lr=lr, tokens=int(stats[1].item()),
-                flops=flops)
+                flops=flops, candidates=candidates)
 
 
 def setup(config: dict) -> Run:
@@ -370,7 +404,7 @@ def loop(run: Run) -> float | None:
     config = run.config
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
     step_log = StepLog(config, run.device, initial_step=run.step)
-    stats = dict(loss=None)
+    stats, collapsed_steps = dict(loss=None), 0
     while run.step < last_step:
         start = time.perf_counter()
         source_index, global_batch = run.sampler.batch_for_step(run.step)
@@ -378,13 +412,25 @@ def loop(run: Run) -> float | None:
         try:
             stats = train_step(run, source, global_batch)
         except NonFiniteLossError as error:
-            raise NonFiniteLossError(f"step {run.step + 1}: {error}") from None
+            raise non_finite_stop(config, run.step + 1, str(error)) from None
         run.step += 1
+        uniform = math.log(stats["candidates"])
+        at_uniform = COLLAPSE_BAND[0] * uniform <= stats["loss"] <= COLLAPSE_BAND[1] * uniform
+        collapsed_steps = collapsed_steps + 1 if at_uniform else 0
+        if collapsed_steps == COLLAPSE_STEPS and rank() == 0:
+            log.warning("warning: step %d: the loss has been ln(%d candidates) = %.4f for %d steps: "
+                        "the model scores every document alike (collapsed); a lower --lr (now %g) "
+                        "or --grad-clip (now %g) may avoid it", run.step, stats["candidates"],
+                        uniform, COLLAPSE_STEPS, config["lr"], config["grad_clip"])
         step_log.add(run.step, stats, time.perf_counter() - start, source.name, last_step)
         evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
         if evaluate_now and run.step < config["steps"]:  # eval mode: no dropout
             run_evaluation(run.model, config, run.evaluation, "during", run.step, run.lockstep)
         if run.step % config["save_every"] == 0 or (run.step == last_step < config["steps"]):
+            try:
+                check_finite_weights(run.model)
+            except NonFiniteLossError as error:
+                raise non_finite_stop(config, run.step, str(error)) from None
             path = save_checkpoint(Path(config["out"]), run.model, run.optimizer, run.scheduler,
                                    run.step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
@@ -402,6 +448,10 @@ def finish(run: Run, loss: float | None) -> dict:
         print0(f"stopped after step {run.step} of {config['steps']} (--stop-after); "
                "continue with --resume")
         return summary
+    try:  # before the evaluation too: a NaN model would only score 0
+        check_finite_weights(run.model)
+    except NonFiniteLossError as error:
+        raise non_finite_stop(config, run.step, str(error)) from None
     summary["ndcg_after"] = run_evaluation(run.model, config, run.evaluation, "after", run.step,
                                            lockstep=run.lockstep)
     full_state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True,
@@ -409,6 +459,7 @@ def finish(run: Run, loss: float | None) -> dict:
     if rank() == 0:
         run.model.save(out / "model", state_dict=full_state, overwrite=True)
         print0(f"saved model to {out / 'model'}")
+        discard_previous_run(out)  # --overwrite's set-aside run: replaced now
     run.model = run.optimizer = full_state = None
     barrier()
     summary["model"] = str(out / "model")
@@ -454,7 +505,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return train(resolve_config(build_parser().parse_args(argv)))
     except NonFiniteLossError as error:
-        print(f"[rank {rank()}] {error}", file=sys.stderr, flush=True)
+        # Every rank holds the same all-reduced values and stops alike; rank 0 says it once. Exit
+        # status 1: the input was well-formed, the training diverged.
+        if rank() == 0:
+            sys.stdout.flush()
+            print(f"train.py: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     finally:
         destroy_distributed()

@@ -676,12 +676,32 @@ def prepare_run_folder(config: dict):
         if old and not config["overwrite"]:
             raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); pass --resume "
                              "to continue it, --overwrite to replace it, or another --out")
-        if rank() == 0:
-            for path in old:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if rank() == 0 and old:
+            set_aside_previous_run(out)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     barrier()
+
+
+PREVIOUS_RUN = "previous"  # --overwrite: the replaced run's log, config and checkpoints, until done
+
+
+def set_aside_previous_run(out: Path):
+    """--overwrite deletes nothing before its replacement exists: the old run's checkpoints, log and
+    config move to out/previous/ (the new run must not count them as its own), and its model/ stays
+    where it is until the new model/ is renamed over it (`_write_folder`). `discard_previous_run`
+    deletes out/previous/ once the new model is saved; a run that fails leaves both behind."""
+    previous = out / PREVIOUS_RUN
+    shutil.rmtree(previous, ignore_errors=True)  # an older generation's, still beside a model/
+    previous.mkdir()
+    for name in ("checkpoints", "log.jsonl", "config.json"):
+        if (out / name).exists():
+            os.replace(out / name, previous / name)
+
+
+def discard_previous_run(out: Path):
+    if rank() == 0:
+        shutil.rmtree(Path(out) / PREVIOUS_RUN, ignore_errors=True)
 
 
 # Config keys that may change between a run and its resumption.

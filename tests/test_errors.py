@@ -414,3 +414,65 @@ def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monk
         with pytest.raises(SystemExit) as exit_:
             errors.stop_on_user_error("train.py", errors.UsageError("--out x: a mistake"))
         assert exit_.value.code == 2 and capsys.readouterr().err == said
+
+
+# ---------------------------------------------------------------- a run never ends in a broken or lost model
+
+TINY_JOB = ["--batch-size", "4", "--hard-negatives", "1", "--max-length", "96", "--no-eval", "--no-progress",
+            "--device", "cpu", "--log-every", "1"]
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+def files_of(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_an_infinite_lr_stops_and_keeps_the_previous_model(tmp_path, single_process, capsys):
+    """--lr inf: step 1's update fills the weights with inf, step 2's loss is NaN. The run stops with exit
+    status 1 and one line naming the step, --lr, --grad-clip and the last good checkpoint; --overwrite has
+    deleted nothing, so the previous model/ is byte for byte what it was."""
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    before = files_of(out / "model")
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "3", "--lr", "inf", "--overwrite",
+                                                       "--out", str(out)], capsys)
+    assert code == 1 and "Traceback" not in stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train.py: error: step 2: the loss is nan (--lr inf, --grad-clip 1)"), last_line
+    assert "last good checkpoint: none" in last_line and "previous model/ is kept" in last_line
+    assert files_of(out / "model") == before
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, single_process, monkeypatch, capsys):
+    """The last step's update breaks the weights: no loss after it would tell, the check before saving does."""
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def step_that_breaks(self, *args, **kwargs):
+        steps.append(1)
+        result = real_step(self, *args, **kwargs)
+        if len(steps) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_that_breaks)
+    out = tmp_path / "run"
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "2", "--out", str(out)], capsys)
+    assert code == 1
+    assert "step 2: 1 trainable weight tensor(s) hold NaN or inf" in stderr.strip().splitlines()[-1]
+    assert not (out / "model").exists()
+
+
+def test_a_collapsed_loss_is_warned_about(tmp_path, single_process, monkeypatch, capsys):
+    """--lr 1e4 without warm-up: after one step every embedding is the same and the loss sits at ln(8
+    candidates) (4 queries x (1 positive + 1 hard negative), in-batch negatives on) with a zero gradient."""
+    monkeypatch.setattr(train, "COLLAPSE_STEPS", 3)
+    train.main(TINY_JOB + ["--steps", "5", "--lr", "1e4", "--warmup-steps", "0", "--out", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert "the loss has been ln(8 candidates) = 2.0794 for 3 steps" in stderr and "collapsed" in stderr
