@@ -17,6 +17,7 @@ Every unreadable or mismatched file raises `errors.CheckpointError` naming it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
-from plumbing.errors import CheckpointError, DataError, MissingFileError, UsageError
+from plumbing.errors import CheckpointError, DataError, DiskFullError, MissingFileError, UsageError
 
 log = logging.getLogger("nvembed.checkpoints")  # notices: errors.py
 
@@ -314,13 +315,76 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict
 def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str) -> None:
     temporary = final.with_name(final.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    for file, tensors in weights.items():
-        save_file(tensors, temporary / file)
-    tokenizer.save_pretrained(str(temporary / tokenizer_folder))
-    (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
+    with written_whole(temporary, final):
+        temporary.mkdir(parents=True)
+        for file, tensors in weights.items():
+            save_file(tensors, temporary / file)
+        tokenizer.save_pretrained(str(temporary / tokenizer_folder))
+        (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    replace_folder(temporary, final)
+
+
+# ----------------------------------------------------------------------------
+# Writing whole or not at all: a folder is written under NAME.tmp, flushed to disk, and renamed over
+# NAME only then. Whatever fails on the way (a full disk, Ctrl-C) leaves NAME as it was.
+
+
+@contextlib.contextmanager
+def written_whole(temporary: Path, final: Path):
+    """Around the writing of `temporary`: on any failure it is removed (on rank 0), and a full disk is
+    said as such (DiskFullError) instead of the writer's own words (torch's zip writer says
+    "unexpected pos 704 vs 598")."""
+    try:
+        yield
+    except BaseException as error:
+        if rank() == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if _disk_full(error):
+            kept = f"; the previous {final} is kept" if final.exists() else ""
+            free = shutil.disk_usage(final.parent if final.parent.exists() else ".").free
+            raise DiskFullError(f"{final}: no space left on device while writing it ({free / 2**20:,.0f} MiB "
+                                f"free; the partial {temporary.name} was removed{kept})") from error
+        raise
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain, or the message of a writer that swallowed it (torch's zip
+    writer, dcp's wrapped exceptions from the ranks)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if any(words in str(error) for words in ("No space left on device", "unexpected pos",
+                                                  "file write failed")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _fsync(path: Path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_folder(temporary: Path, final: Path):
+    """Rename the complete `temporary` over `final`. Its files are flushed to disk first (a rename
+    that reaches the disk before the data would leave a complete-looking folder of empty files after
+    a power cut); an older `final` is renamed aside, then deleted only once the new one is in place."""
+    for path in temporary.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(temporary)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
     os.replace(temporary, final)
+    _fsync(final.parent)  # the rename itself
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_released_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
@@ -612,17 +676,17 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
         temporary.mkdir(parents=True)
     barrier()
     tensors, param_groups = _training_state(model, optimizer)
-    with _single_process_dcp():
-        dcp.save(tensors, checkpoint_id=temporary, no_dist=not is_distributed())
+    with written_whole(temporary, final):
+        with _single_process_dcp():
+            dcp.save(tensors, checkpoint_id=temporary, no_dist=not is_distributed())
+        if rank() == 0:
+            # Param groups name their parameters by FQN and are the same on every rank; so is the
+            # schedule. JSON writes floats exactly (shortest repr that reads back the same).
+            trainer_state = {"step": step, "world_size": world_size(), "config": config,
+                             "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
+            (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     if rank() == 0:
-        # Param groups name their parameters by FQN and are the same on every rank; so is the schedule.
-        # JSON writes floats exactly (shortest repr that reads back the same).
-        trainer_state = {"step": step, "world_size": world_size(), "config": config,
-                         "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
-        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        replace_folder(temporary, final)
         older = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
                        key=lambda p: int(p.name[len("step_"):]))
         for stale in older[:-keep] if keep > 0 else []:

@@ -12,6 +12,7 @@ Run: python -m pytest -q tests/test_errors.py
 """
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -476,3 +477,54 @@ def test_a_collapsed_loss_is_warned_about(tmp_path, single_process, monkeypatch,
     train.main(TINY_JOB + ["--steps", "5", "--lr", "1e4", "--warmup-steps", "0", "--out", str(tmp_path / "run")])
     stderr = capsys.readouterr().err
     assert "the loss has been ln(8 candidates) = 2.0794 for 3 steps" in stderr and "collapsed" in stderr
+
+
+def no_space_left(path, *args, **kwargs):
+    """A writer on a full disk: it gets part of the way, then the OS refuses."""
+    with open(path, "wb") as f:
+        f.write(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, single_process, monkeypatch, capsys):
+    from plumbing import checkpoints
+
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    before = files_of(out / "model")
+    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path: no_space_left(path))
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)], capsys)
+    last_line = stderr.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in stderr
+    assert last_line.startswith(f"train.py: error: {out / 'model'}: no space left on device"), last_line
+    assert f"the previous {out / 'model'} is kept" in last_line
+    assert files_of(out / "model") == before and not (out / "model.tmp").exists()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_process, monkeypatch, capsys):
+    from plumbing import checkpoints
+
+    def dcp_save_on_a_full_disk(state, checkpoint_id, **kwargs):
+        no_space_left(checkpoint_id / "__0_0.distcp")
+
+    monkeypatch.setattr(checkpoints.dcp, "save", dcp_save_on_a_full_disk)
+    out = tmp_path / "run"
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)],
+                               capsys)
+    last_line = stderr.strip().splitlines()[-1]
+    step_1 = out / "checkpoints" / "step_00000001"
+    assert code == 2 and last_line.startswith(f"train.py: error: {step_1}: no space left on device"), last_line
+    assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path, single_process, capsys):
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--out", str(out)])
+    old_checkpoint = files_of(out / "checkpoints")
+    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--overwrite", "--out",
+                           str(out)])
+    # Not finished: the old run's checkpoints are in previous/, not mistaken for the new run's.
+    assert {p.relative_to(out / "previous"): b for p, b in files_of(out / "previous" / "checkpoints").items()} \
+        == {p.relative_to(out): b for p, b in old_checkpoint.items()}
+    train.main(TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)])
+    assert (out / "model" / "config.json").is_file() and not (out / "previous").exists()
