@@ -47,7 +47,8 @@ from plumbing.errors import exits_on_user_error
 from plumbing.loading import build_on_rank0, from_base, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
-from plumbing.train_cli import build_parser, evaluation_set, resolve_config, training_data
+from plumbing.train_cli import (build_parser, check_max_length, evaluation_set, resolve_config,
+                                 training_data)
 
 # ----------------------------------------------------------------------------
 # Model, parallelism, schedule
@@ -367,6 +368,7 @@ def setup(config: dict) -> Run:
     # (under torchrun only rank 0 reads the checkpoint; the others get their shards)
     model = build_on_rank0(build_model, config) if lockstep else build_model(config)
     print0(describe(model, device))
+    check_max_length(config, sources, model.tokenizer, model.text_rule)
     full_state = model.state_dict() if lockstep and rank() == 0 else None  # what rank 0 broadcasts
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"],
                         config["compile"])

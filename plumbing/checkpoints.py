@@ -734,6 +734,16 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
 def prepare_run_folder(config: dict):
     """Create --out; refuse to mix a fresh run into an old one unless --overwrite."""
     out = Path(config["out"])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file, not a folder (the run folder is made there)")
+    if rank() == 0:
+        try:  # a read-only file system or a folder of someone else's: said before anything runs
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
     if not config["resume"]:
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]

@@ -253,7 +253,65 @@ def beir_folder_given_as_training_data(tmp_path):
         (f"--data {folder}: a BEIR folder", f"python mine.py --data {folder}")
 
 
-CASES = [unknown_dataset_without_instruction, data_folder_misspelt, training_file_missing, run_folder_given_as_model,
+def lr_not_a_number(tmp_path):
+    return "train.py", ["--lr", "nan", "--out", str(tmp_path / "run")], "--lr must be a finite number > 0, got nan"
+
+
+def lr_negative(tmp_path):
+    return "train.py", ["--lr", "-1", "--out", str(tmp_path / "run")], "--lr must be a finite number > 0, got -1.0"
+
+
+def warmup_negative(tmp_path):
+    return "train.py", ["--warmup-steps", "-5", "--out", str(tmp_path / "run")], "--warmup-steps must be >= 0, got -5"
+
+
+def grad_clip_not_a_number(tmp_path):
+    return "train.py", ["--grad-clip", "nan", "--out", str(tmp_path / "run")], \
+        "--grad-clip must be a finite number >= 0 (0: no clipping), got nan"
+
+
+def max_length_shorter_than_the_instruction(tmp_path):
+    # The built-in queries' instruction in its template is 73 byte tokens (the byte tokenizer adds no
+    # BOS); with EOS and one token of text, 75 is the least that works.
+    return "train.py", ["--max-length", "32", "--out", str(tmp_path / "run"), "--device", "cpu"], \
+        ("--max-length 32 leaves no room for text: the instruction", "takes 73 tokens", "--max-length >= 75")
+
+
+def training_line_not_utf8(tmp_path):
+    path = training_file(tmp_path)
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b'{"query": "caf\xe9"' + lines[1][1:]
+    path.write_bytes(b"\n".join(lines))
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        f"{path}:2: not UTF-8 (byte 0xe9 at column 15)"
+
+
+def out_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("notes\n")
+    return "train.py", ["--out", str(tmp_path / "run")], f"--out {tmp_path / 'run'}: a file, not a folder"
+
+
+def out_not_writable(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder: this case needs an ordinary user")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    return "train.py", ["--out", str(folder / "run")], f"--out {folder / 'run'}: cannot write there (Permission denied)"
+
+
+def empty_corpus(tmp_path):
+    folder = beir_folder(tmp_path)
+    (folder / "corpus.jsonl").write_text("\n\n  \n")
+    return "evaluate.py", ["--model", "tiny", "--data", str(folder), "--instruction", "", "--out",
+                           str(tmp_path / "eval")], f"{folder / 'corpus.jsonl'}: no documents (the corpus is empty)"
+
+
+VALUE_CASES = [lr_not_a_number, lr_negative, warmup_negative, grad_clip_not_a_number,
+               max_length_shorter_than_the_instruction, training_line_not_utf8, out_is_a_file, out_not_writable,
+               empty_corpus]
+
+
+CASES = VALUE_CASES + [unknown_dataset_without_instruction, data_folder_misspelt, training_file_missing, run_folder_given_as_model,
          run_folder_given_as_teacher, beir_folder_given_as_training_data,
          malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
          empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
@@ -528,3 +586,24 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path,
         == {p.relative_to(out): b for p, b in old_checkpoint.items()}
     train.main(TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)])
     assert (out / "model" / "config.json").is_file() and not (out / "previous").exists()
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_encode_refuses_a_batch_size_below_1(batch_size):
+    model = from_base("tiny", pooling="mean")
+    with pytest.raises(ValueError, match=f"encode: batch_size must be an integer >= 1, got {batch_size}"):
+        model.encode(["a text"], batch_size=batch_size)
+
+
+def test_an_out_on_a_read_only_file_system_is_one_line(tmp_path, single_process, monkeypatch, capsys):
+    """The read-only file system, injected (root writes anywhere on a writable one)."""
+    import pathlib
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "touch", read_only)
+    code, stderr = run_command("train.py", TINY_JOB + ["--out", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == \
+        f"train.py: error: --out {tmp_path / 'run'}: cannot write there (Read-only file system)"
