@@ -304,7 +304,7 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
     config, model, device = run.config, run.model, run.device
     micro_batches = config["grad_accum"]
     micro_size = config["batch_size"] // micro_batches
-    loss_sum, tokens, flops = torch.zeros((), device=device), 0, 0.0
+    loss_sum, tokens, flops, truncated = torch.zeros((), device=device), 0, 0.0, 0
     # Gradient accumulation: gradients are reduced across ranks only on the last micro-batch.
     # In-batch negatives are per micro-batch (the other documents of the same micro-batch on all
     # ranks), so accumulation trades memory for fewer negatives and another loss; 1 micro-batch is
@@ -315,6 +315,8 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
         micro_batch = global_batch[micro * micro_size:(micro + 1) * micro_size]
         indices = rank_slice(micro_batch, rank(), world_size())
         batch = source.collate(indices, model.tokenizer, config["max_length"], model.text_rule)
+        # texts cut at --max-length (CPU flags: no device sync); the log counts them
+        truncated += int(batch["queries"]["truncated"].sum() + batch["documents"]["truncated"].sum())
         if config["grad_cache"]:  # one micro-batch (train_cli): a whole softmax, one chunk's memory
             loss, real_tokens = forward_backward_cached(model, batch, config["temperature"],
                                                         config["grad_cache"], device, run.autocast)
@@ -325,7 +327,8 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
         tokens += real_tokens
         flops += step_flops(run.shape, batch)
     # The logged loss is the global batch's mean (the ranks hold equal shares).
-    stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
+    stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
+                         torch.tensor(float(truncated), device=device)])
     if is_distributed():
         dist.all_reduce(stats)
         stats[0] /= world_size()
@@ -348,7 +351,7 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
     group = batch["documents"]["input_ids"].shape[0] // batch["queries"]["input_ids"].shape[0]
     candidates = group * micro_size if batch["in_batch_negatives"] else group
     return dict(loss=loss_value, grad_norm=grad_norm, lr=lr, tokens=int(stats[1].item()),
-                flops=flops, candidates=candidates)
+                truncated=int(stats[2].item()), flops=flops, candidates=candidates)
 
 
 def setup(config: dict) -> Run:

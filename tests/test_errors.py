@@ -607,3 +607,15 @@ def test_an_out_on_a_read_only_file_system_is_one_line(tmp_path, single_process,
     assert code == 2
     assert stderr.strip().splitlines()[-1] == \
         f"train.py: error: --out {tmp_path / 'run'}: cannot write there (Read-only file system)"
+
+
+def test_training_counts_what_it_truncates(tmp_path, single_process, capsys):
+    """--max-length 80 leaves the built-in texts 7 tokens after their 73-token instruction: most are cut. Each
+    log line and record counts them since the last one, and the end says the total."""
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "2", "--max-length", "80", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    counts = [r["truncated"] for r in records if "loss" in r]
+    assert len(counts) == 2 and all(count > 0 for count in counts)
+    stderr = capsys.readouterr().err
+    assert f"training truncated {sum(counts)} texts longer than --max-length 80" in stderr
