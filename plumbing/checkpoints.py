@@ -657,6 +657,30 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: int(p.name[len("step_"):])) if found else None
 
 
+MANIFEST = "manifest.json"  # a checkpoint's files and their sizes at save time
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint `folder` cannot be resumed from, or None when its files are all there at the
+    sizes they were saved with and its trainer_state.json reads."""
+    manifest = folder / MANIFEST
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        return f"{manifest} is unreadable ({error})"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} when saved"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"{folder / 'trainer_state.json'} is unreadable ({error})"
+    return None
+
+
 def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, keep: int = 2) -> Path:
     """Write the training state after `step` optimizer steps to out/checkpoints/step_N.
 
@@ -685,6 +709,11 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
             trainer_state = {"step": step, "world_size": world_size(), "config": config,
                              "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
             (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            # Every file's size, written last: --resume checks them before it loads (a cut or
+            # lost shard is found by name, and the checkpoint before it is used instead).
+            sizes = {str(path.relative_to(temporary)): path.stat().st_size
+                     for path in sorted(temporary.rglob("*")) if path.is_file()}
+            (temporary / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
     if rank() == 0:
         replace_folder(temporary, final)
         older = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
@@ -807,9 +836,21 @@ def open_run(config: dict) -> Path | None:
     prepare_run_folder(config)
     if not config["resume"]:
         return None
-    resume_from = latest_checkpoint(out)
-    if resume_from is None:
+    found = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
+                   key=lambda p: int(p.name[len("step_"):]), reverse=True)
+    if not found:
         raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
+    resume_from, skipped = None, []
+    for folder in found:  # the newest complete one; a corrupt newer one is named and passed over
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            resume_from = folder
+            break
+        skipped.append(problem)
+        print0(f"notice: --resume skips {folder.name}: {problem}")
+    if resume_from is None:
+        raise CheckpointError(f"--resume: no complete checkpoint in {checkpoint_folder(out)} "
+                              f"({'; '.join(skipped)})")
     check_resume_config(resume_from, config)
     if rank() == 0:
         resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]

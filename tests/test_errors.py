@@ -619,3 +619,56 @@ def test_training_counts_what_it_truncates(tmp_path, single_process, capsys):
     assert len(counts) == 2 and all(count > 0 for count in counts)
     stderr = capsys.readouterr().err
     assert f"training truncated {sum(counts)} texts longer than --max-length 80" in stderr
+
+
+def cut_a_shard_in_half(step):
+    shard = next(step.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    return shard
+
+
+def truncate_the_metadata(step):
+    (step / ".metadata").write_bytes((step / ".metadata").read_bytes()[:20])
+    return step / ".metadata"
+
+
+def garble_the_trainer_state(step):
+    (step / "trainer_state.json").write_text("{garbage")
+    return step / "trainer_state.json"
+
+
+def delete_a_shard(step):
+    shard = next(step.glob("*.distcp"))
+    shard.unlink()
+    return shard
+
+
+CORRUPTIONS = [cut_a_shard_in_half, truncate_the_metadata, garble_the_trainer_state, delete_a_shard]
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__ for c in CORRUPTIONS])
+def test_resume_skips_a_corrupt_newest_checkpoint(corrupt, tmp_path, single_process, capsys):
+    """The newest checkpoint is damaged after it was saved: --resume names the file, passes over it and
+    continues from the one before; with that one damaged too, it stops with one line."""
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)]
+    train.main(job + ["--stop-after", "2"])
+    damaged = corrupt(out / "checkpoints" / "step_00000002")
+    capsys.readouterr()
+    summary = train.main(job + ["--resume"])
+    said = capsys.readouterr().out
+    assert f"notice: --resume skips step_00000002: {damaged}" in said
+    assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1" in said
+    assert summary["step"] == 3 and (out / "model" / "config.json").is_file()
+
+
+def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, single_process, capsys):
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)]
+    train.main(job + ["--stop-after", "1"])
+    damaged = delete_a_shard(out / "checkpoints" / "step_00000001")
+    capsys.readouterr()
+    code, stderr = run_command("train.py", job + ["--resume"], capsys)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (f"train.py: error: --resume: no complete checkpoint in "
+                                               f"{out / 'checkpoints'} ({damaged} is missing)")
