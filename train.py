@@ -271,8 +271,8 @@ def non_finite_stop(config: dict, step: int, what: str) -> NonFiniteLossError:
     last = latest_checkpoint(out)
     kept = "; the previous model/ is kept" if (out / "model").exists() else ""
     return NonFiniteLossError(
-        f"step {step}: {what} (--lr {config['lr']:g}, --grad-clip {config['grad_clip']:g}); nothing "
-        f"from this step is saved; last good checkpoint: {last or 'none'}{kept}")
+        f"step {step}: {what} (--lr {config['lr']:g}, --grad-clip {config['grad_clip']:g}); "
+        f"nothing from this step is saved; last good checkpoint: {last or 'none'}{kept}")
 
 
 # ----------------------------------------------------------------------------
@@ -316,7 +316,8 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
         indices = rank_slice(micro_batch, rank(), world_size())
         batch = source.collate(indices, model.tokenizer, config["max_length"], model.text_rule)
         # texts cut at --max-length (CPU flags: no device sync); the log counts them
-        truncated += int(batch["queries"]["truncated"].sum() + batch["documents"]["truncated"].sum())
+        truncated += int(batch["queries"]["truncated"].sum())
+        truncated += int(batch["documents"]["truncated"].sum())
         if config["grad_cache"]:  # one micro-batch (train_cli): a whole softmax, one chunk's memory
             loss, real_tokens = forward_backward_cached(model, batch, config["temperature"],
                                                         config["grad_cache"], device, run.autocast)
@@ -423,9 +424,9 @@ def loop(run: Run) -> float | None:
         at_uniform = COLLAPSE_BAND[0] * uniform <= stats["loss"] <= COLLAPSE_BAND[1] * uniform
         collapsed_steps = collapsed_steps + 1 if at_uniform else 0
         if collapsed_steps == COLLAPSE_STEPS and rank() == 0:
-            log.warning("warning: step %d: the loss has been ln(%d candidates) = %.4f for %d steps: "
-                        "the model scores every document alike (collapsed); a lower --lr (now %g) "
-                        "or --grad-clip (now %g) may avoid it", run.step, stats["candidates"],
+            log.warning("warning: step %d: the loss has been ln(%d candidates) = %.4f for %d "
+                        "steps: the model scores every document alike (collapsed); a lower --lr "
+                        "(now %g) or --grad-clip (now %g) may avoid it", run.step, stats["candidates"],
                         uniform, COLLAPSE_STEPS, config["lr"], config["grad_clip"])
         step_log.add(run.step, stats, time.perf_counter() - start, source.name, last_step)
         evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
