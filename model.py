@@ -330,6 +330,8 @@ class NVEmbed(nn.Module):
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a string or a list of strings")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"encode: batch_size must be an integer >= 1, got {batch_size!r}")
         was_training = self.training
         self.eval()
         device = self.decoder.embed_tokens.weight.device

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -37,15 +38,17 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed
-from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg,
-                                  model_folder, open_run, save_checkpoint)
+from plumbing.checkpoints import (append_log, discard_previous_run, latest_checkpoint,
+                                  load_checkpoint, logged_ndcg, model_folder, open_run,
+                                  save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error
 from plumbing.loading import build_on_rank0, from_base, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
-from plumbing.train_cli import build_parser, evaluation_set, resolve_config, training_data
+from plumbing.train_cli import (build_parser, check_max_length, evaluation_set, resolve_config,
+                                 training_data)
 
 # ----------------------------------------------------------------------------
 # Model, parallelism, schedule
@@ -236,7 +239,40 @@ def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A NaN or inf loss or gradient norm: the run stops before the optimizer step."""
+    """A NaN or inf loss, gradient norm or trainable weight: the run stops, saving nothing of it."""
+
+
+log = logging.getLogger("nvembed.train")
+
+# A model whose embeddings have all become the same (too high an lr, say) scores every candidate
+# alike: its loss is ln(candidates) whatever it is shown, and it learns nothing from then on.
+COLLAPSE_STEPS = 10  # steps in a row at that loss before the warning
+# Relative: the uniform loss is ln of the candidates left after duplicates are masked (loss.py), a
+# little below ln of the softmax's width, never above it.
+COLLAPSE_BAND = (0.9, 1.01)
+
+
+def check_finite_weights(model):
+    """Raise NonFiniteLossError if a trainable weight holds a NaN or inf. One host sync: run before
+    a checkpoint or the model is saved, so nothing non-finite is ever written."""
+    trainable = [p.to_local() if hasattr(p, "to_local") else p  # FSDP: this rank's shard
+                 for p in model.parameters() if p.requires_grad]
+    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in trainable]).sum().float()
+    if is_distributed():
+        dist.all_reduce(bad)
+    if bad.item():
+        raise NonFiniteLossError(f"{int(bad.item())} trainable weight tensor(s) hold NaN or inf")
+
+
+def non_finite_stop(config: dict, step: int, what: str) -> NonFiniteLossError:
+    """The one line a non-finite value ends the run with: where, the flags that cause it most
+    often, and what is left on disk to continue from."""
+    out = Path(config["out"])
+    last = latest_checkpoint(out)
+    kept = "; the previous model/ is kept" if (out / "model").exists() else ""
+    return NonFiniteLossError(
+        f"step {step}: {what} (--lr {config['lr']:g}, --grad-clip {config['grad_clip']:g}); "
+        f"nothing from this step is saved; last good checkpoint: {last or 'none'}{kept}")
 
 
 # ----------------------------------------------------------------------------
@@ -268,7 +304,7 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
     config, model, device = run.config, run.model, run.device
     micro_batches = config["grad_accum"]
     micro_size = config["batch_size"] // micro_batches
-    loss_sum, tokens, flops = torch.zeros((), device=device), 0, 0.0
+    loss_sum, tokens, flops, truncated = torch.zeros((), device=device), 0, 0.0, 0
     # Gradient accumulation: gradients are reduced across ranks only on the last micro-batch.
     # In-batch negatives are per micro-batch (the other documents of the same micro-batch on all
     # ranks), so accumulation trades memory for fewer negatives and another loss; 1 micro-batch is
@@ -279,6 +315,9 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
         micro_batch = global_batch[micro * micro_size:(micro + 1) * micro_size]
         indices = rank_slice(micro_batch, rank(), world_size())
         batch = source.collate(indices, model.tokenizer, config["max_length"], model.text_rule)
+        # texts cut at --max-length (CPU flags: no device sync); the log counts them
+        truncated += int(batch["queries"]["truncated"].sum())
+        truncated += int(batch["documents"]["truncated"].sum())
         if config["grad_cache"]:  # one micro-batch (train_cli): a whole softmax, one chunk's memory
             loss, real_tokens = forward_backward_cached(model, batch, config["temperature"],
                                                         config["grad_cache"], device, run.autocast)
@@ -289,15 +328,14 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
         tokens += real_tokens
         flops += step_flops(run.shape, batch)
     # The logged loss is the global batch's mean (the ranks hold equal shares).
-    stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
+    stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
+                         torch.tensor(float(truncated), device=device)])
     if is_distributed():
         dist.all_reduce(stats)
         stats[0] /= world_size()
     loss_value = stats[0].item()
     if not math.isfinite(loss_value):
-        last = latest_checkpoint(config["out"]) or "none"
-        raise NonFiniteLossError(f"the loss is {loss_value}; stopping without an optimizer step or "
-                                 f"a checkpoint from this step (last checkpoint: {last})")
+        raise NonFiniteLossError(f"the loss is {loss_value}")
     max_norm = config["grad_clip"] if config["grad_clip"] > 0 else float("inf")
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
@@ -305,15 +343,16 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     grad_norm = grad_norm.item()
     if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(f"the gradient norm is {grad_norm} (loss {loss_value:.4f}); "
-                                 "stopping without an optimizer step or a checkpoint from this "
-                                 "step")
+        raise NonFiniteLossError(f"the gradient norm is {grad_norm} (loss {loss_value:.4f})")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    # The softmax's width (before duplicates are masked): a collapsed model's loss is its log.
+    group = batch["documents"]["input_ids"].shape[0] // batch["queries"]["input_ids"].shape[0]
+    candidates = group * micro_size if batch["in_batch_negatives"] else group
     return dict(loss=loss_value, grad_norm=grad_norm, lr=lr, tokens=int(stats[1].item()),
-                flops=flops)
+                truncated=int(stats[2].item()), flops=flops, candidates=candidates)
 
 
 def setup(config: dict) -> Run:
@@ -333,6 +372,7 @@ def setup(config: dict) -> Run:
     # (under torchrun only rank 0 reads the checkpoint; the others get their shards)
     model = build_on_rank0(build_model, config) if lockstep else build_model(config)
     print0(describe(model, device))
+    check_max_length(config, sources, model.tokenizer, model.text_rule)
     full_state = model.state_dict() if lockstep and rank() == 0 else None  # what rank 0 broadcasts
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"],
                         config["compile"])
@@ -370,7 +410,7 @@ def loop(run: Run) -> float | None:
     config = run.config
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
     step_log = StepLog(config, run.device, initial_step=run.step)
-    stats = dict(loss=None)
+    stats, collapsed_steps = dict(loss=None), 0
     while run.step < last_step:
         start = time.perf_counter()
         source_index, global_batch = run.sampler.batch_for_step(run.step)
@@ -378,13 +418,25 @@ def loop(run: Run) -> float | None:
         try:
             stats = train_step(run, source, global_batch)
         except NonFiniteLossError as error:
-            raise NonFiniteLossError(f"step {run.step + 1}: {error}") from None
+            raise non_finite_stop(config, run.step + 1, str(error)) from None
         run.step += 1
+        uniform = math.log(stats["candidates"])
+        at_uniform = COLLAPSE_BAND[0] * uniform <= stats["loss"] <= COLLAPSE_BAND[1] * uniform
+        collapsed_steps = collapsed_steps + 1 if at_uniform else 0
+        if collapsed_steps == COLLAPSE_STEPS and rank() == 0:
+            log.warning("warning: step %d: the loss has been ln(%d candidates) = %.4f for %d "
+                        "steps: the model scores every document alike (collapsed); a lower --lr "
+                        "(now %g) or --grad-clip (now %g) may avoid it", run.step, stats["candidates"],
+                        uniform, COLLAPSE_STEPS, config["lr"], config["grad_clip"])
         step_log.add(run.step, stats, time.perf_counter() - start, source.name, last_step)
         evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
         if evaluate_now and run.step < config["steps"]:  # eval mode: no dropout
             run_evaluation(run.model, config, run.evaluation, "during", run.step, run.lockstep)
         if run.step % config["save_every"] == 0 or (run.step == last_step < config["steps"]):
+            try:
+                check_finite_weights(run.model)
+            except NonFiniteLossError as error:
+                raise non_finite_stop(config, run.step, str(error)) from None
             path = save_checkpoint(Path(config["out"]), run.model, run.optimizer, run.scheduler,
                                    run.step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
@@ -402,6 +454,10 @@ def finish(run: Run, loss: float | None) -> dict:
         print0(f"stopped after step {run.step} of {config['steps']} (--stop-after); "
                "continue with --resume")
         return summary
+    try:  # before the evaluation too: a NaN model would only score 0
+        check_finite_weights(run.model)
+    except NonFiniteLossError as error:
+        raise non_finite_stop(config, run.step, str(error)) from None
     summary["ndcg_after"] = run_evaluation(run.model, config, run.evaluation, "after", run.step,
                                            lockstep=run.lockstep)
     full_state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True,
@@ -409,6 +465,7 @@ def finish(run: Run, loss: float | None) -> dict:
     if rank() == 0:
         run.model.save(out / "model", state_dict=full_state, overwrite=True)
         print0(f"saved model to {out / 'model'}")
+        discard_previous_run(out)  # --overwrite's set-aside run: replaced now
     run.model = run.optimizer = full_state = None
     barrier()
     summary["model"] = str(out / "model")
@@ -454,7 +511,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return train(resolve_config(build_parser().parse_args(argv)))
     except NonFiniteLossError as error:
-        print(f"[rank {rank()}] {error}", file=sys.stderr, flush=True)
+        # Every rank holds the same all-reduced values and stops alike; rank 0 says it once. Exit
+        # status 1: the input was well-formed, the training diverged.
+        if rank() == 0:
+            sys.stdout.flush()
+            print(f"train.py: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     finally:
         destroy_distributed()

@@ -17,6 +17,7 @@ Every unreadable or mismatched file raises `errors.CheckpointError` naming it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
-from plumbing.errors import CheckpointError, DataError, MissingFileError, UsageError
+from plumbing.errors import CheckpointError, DataError, DiskFullError, MissingFileError, UsageError
 
 log = logging.getLogger("nvembed.checkpoints")  # notices: errors.py
 
@@ -314,13 +315,76 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict
 def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str) -> None:
     temporary = final.with_name(final.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    for file, tensors in weights.items():
-        save_file(tensors, temporary / file)
-    tokenizer.save_pretrained(str(temporary / tokenizer_folder))
-    (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
+    with written_whole(temporary, final):
+        temporary.mkdir(parents=True)
+        for file, tensors in weights.items():
+            save_file(tensors, temporary / file)
+        tokenizer.save_pretrained(str(temporary / tokenizer_folder))
+        (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    replace_folder(temporary, final)
+
+
+# ----------------------------------------------------------------------------
+# Writing whole or not at all: a folder is written under NAME.tmp, flushed to disk, and renamed over
+# NAME only then. Whatever fails on the way (a full disk, Ctrl-C) leaves NAME as it was.
+
+
+@contextlib.contextmanager
+def written_whole(temporary: Path, final: Path):
+    """Around the writing of `temporary`: on any failure it is removed (on rank 0), and a full disk is
+    said as such (DiskFullError) instead of the writer's own words (torch's zip writer says
+    "unexpected pos 704 vs 598")."""
+    try:
+        yield
+    except BaseException as error:
+        if rank() == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if _disk_full(error):
+            kept = f"; the previous {final} is kept" if final.exists() else ""
+            free = shutil.disk_usage(final.parent if final.parent.exists() else ".").free
+            raise DiskFullError(f"{final}: no space left on device while writing it ({free / 2**20:,.0f} MiB "
+                                f"free; the partial {temporary.name} was removed{kept})") from error
+        raise
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain, or the message of a writer that swallowed it (torch's zip
+    writer, dcp's wrapped exceptions from the ranks)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if any(words in str(error) for words in ("No space left on device", "unexpected pos",
+                                                  "file write failed")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _fsync(path: Path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_folder(temporary: Path, final: Path):
+    """Rename the complete `temporary` over `final`. Its files are flushed to disk first (a rename
+    that reaches the disk before the data would leave a complete-looking folder of empty files after
+    a power cut); an older `final` is renamed aside, then deleted only once the new one is in place."""
+    for path in temporary.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(temporary)
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
     os.replace(temporary, final)
+    _fsync(final.parent)  # the rename itself
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_released_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
@@ -593,6 +657,30 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: int(p.name[len("step_"):])) if found else None
 
 
+MANIFEST = "manifest.json"  # a checkpoint's files and their sizes at save time
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint `folder` cannot be resumed from, or None when its files are all there at the
+    sizes they were saved with and its trainer_state.json reads."""
+    manifest = folder / MANIFEST
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        return f"{manifest} is unreadable ({error})"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} when saved"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"{folder / 'trainer_state.json'} is unreadable ({error})"
+    return None
+
+
 def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, keep: int = 2) -> Path:
     """Write the training state after `step` optimizer steps to out/checkpoints/step_N.
 
@@ -612,17 +700,22 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
         temporary.mkdir(parents=True)
     barrier()
     tensors, param_groups = _training_state(model, optimizer)
-    with _single_process_dcp():
-        dcp.save(tensors, checkpoint_id=temporary, no_dist=not is_distributed())
+    with written_whole(temporary, final):
+        with _single_process_dcp():
+            dcp.save(tensors, checkpoint_id=temporary, no_dist=not is_distributed())
+        if rank() == 0:
+            # Param groups name their parameters by FQN and are the same on every rank; so is the
+            # schedule. JSON writes floats exactly (shortest repr that reads back the same).
+            trainer_state = {"step": step, "world_size": world_size(), "config": config,
+                             "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
+            (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            # Every file's size, written last: --resume checks them before it loads (a cut or
+            # lost shard is found by name, and the checkpoint before it is used instead).
+            sizes = {str(path.relative_to(temporary)): path.stat().st_size
+                     for path in sorted(temporary.rglob("*")) if path.is_file()}
+            (temporary / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
     if rank() == 0:
-        # Param groups name their parameters by FQN and are the same on every rank; so is the schedule.
-        # JSON writes floats exactly (shortest repr that reads back the same).
-        trainer_state = {"step": step, "world_size": world_size(), "config": config,
-                         "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
-        (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        replace_folder(temporary, final)
         older = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
                        key=lambda p: int(p.name[len("step_"):]))
         for stale in older[:-keep] if keep > 0 else []:
@@ -670,18 +763,48 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
 def prepare_run_folder(config: dict):
     """Create --out; refuse to mix a fresh run into an old one unless --overwrite."""
     out = Path(config["out"])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file, not a folder (the run folder is made there)")
+    if rank() == 0:
+        try:  # a read-only file system or a folder of someone else's: said before anything runs
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
     if not config["resume"]:
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]
         if old and not config["overwrite"]:
             raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); pass --resume "
                              "to continue it, --overwrite to replace it, or another --out")
-        if rank() == 0:
-            for path in old:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if rank() == 0 and old:
+            set_aside_previous_run(out)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     barrier()
+
+
+PREVIOUS_RUN = "previous"  # --overwrite: the replaced run's log, config and checkpoints, until done
+
+
+def set_aside_previous_run(out: Path):
+    """--overwrite deletes nothing before its replacement exists: the old run's checkpoints, log and
+    config move to out/previous/ (the new run must not count them as its own), and its model/ stays
+    where it is until the new model/ is renamed over it (`_write_folder`). `discard_previous_run`
+    deletes out/previous/ once the new model is saved; a run that fails leaves both behind."""
+    previous = out / PREVIOUS_RUN
+    shutil.rmtree(previous, ignore_errors=True)  # an older generation's, still beside a model/
+    previous.mkdir()
+    for name in ("checkpoints", "log.jsonl", "config.json"):
+        if (out / name).exists():
+            os.replace(out / name, previous / name)
+
+
+def discard_previous_run(out: Path):
+    if rank() == 0:
+        shutil.rmtree(Path(out) / PREVIOUS_RUN, ignore_errors=True)
 
 
 # Config keys that may change between a run and its resumption.
@@ -713,9 +836,21 @@ def open_run(config: dict) -> Path | None:
     prepare_run_folder(config)
     if not config["resume"]:
         return None
-    resume_from = latest_checkpoint(out)
-    if resume_from is None:
+    found = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
+                   key=lambda p: int(p.name[len("step_"):]), reverse=True)
+    if not found:
         raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
+    resume_from, skipped = None, []
+    for folder in found:  # the newest complete one; a corrupt newer one is named and passed over
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            resume_from = folder
+            break
+        skipped.append(problem)
+        print0(f"notice: --resume skips {folder.name}: {problem}")
+    if resume_from is None:
+        raise CheckpointError(f"--resume: no complete checkpoint in {checkpoint_folder(out)} "
+                              f"({'; '.join(skipped)})")
     check_resume_config(resume_from, config)
     if rank() == 0:
         resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]

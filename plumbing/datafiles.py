@@ -104,23 +104,34 @@ class _Problems:
 # BEIR folders (PAPER.md section 6).
 
 
+def text_lines(path: Path):
+    """Yields (line_number, line) of a UTF-8 text file; bytes that are not UTF-8 are a DataError
+    naming the file, line, byte and column (Python's own error names neither file nor line)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                                f"{error.start + 1})") from None
+
+
 def _jsonl_records(path: Path, problems: _Problems):
     """Yields (line_number, dict) for each non-blank line; a malformed line is a problem naming file and line."""
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines hold no record
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems("malformed JSON", f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(record, dict):
-                problems("malformed JSON", f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-                continue
-            yield number, record
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue  # blank lines hold no record
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems("malformed JSON", f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            problems("malformed JSON", f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            continue
+        yield number, record
 
 
 def _id_field(record: Mapping, key: str, where: str, problems: _Problems) -> str | None:
@@ -168,6 +179,8 @@ def _read_corpus(path: Path, problems: _Problems) -> dict[str, dict[str, str]]:
             problems("duplicate id", f"{where}: duplicate document id {doc_id!r} (first at line {seen_at[doc_id]})")
             continue
         corpus[doc_id], seen_at[doc_id] = {"title": title, "text": text}, number
+    if not corpus:
+        raise DataError(f"{path}: no documents (the corpus is empty)")
     return corpus
 
 
@@ -188,33 +201,32 @@ def _read_queries(path: Path, problems: _Problems) -> dict[str, str]:
 
 def _read_qrels(path: Path, corpus: Mapping, all_queries: Mapping, problems: _Problems) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip() or (number == 1 and line.split("\t")[0] == "query-id"):
-                continue  # blank line, or BEIR's header "query-id corpus-id score"
-            where = f"{path}:{number}"
-            fields = line.split("\t")
-            if len(fields) != 3:
-                problems("bad qrels row", f"{where}: expected 3 tab-separated fields "
-                                          f"(query-id, corpus-id, score), got {len(fields)}: {line!r}")
-                continue
-            query_id, doc_id, grade = fields
-            try:
-                grade = int(grade)
-            except ValueError:
-                problems("bad qrels row", f"{where}: score {grade!r} is not an integer")
-                continue
-            if query_id not in all_queries:
-                problems("unknown id", f"{where}: query id {query_id!r} is not in queries.jsonl")
-                continue
-            if doc_id not in corpus:
-                problems("unknown id", f"{where}: corpus id {doc_id!r} is not in corpus.jsonl")
-                continue
-            if doc_id in qrels.get(query_id, {}):
-                problems("duplicate judgement", f"{where}: query {query_id!r} judges document {doc_id!r} twice")
-                continue
-            qrels.setdefault(query_id, {})[doc_id] = grade
+    for number, line in text_lines(path):
+        line = line.rstrip("\r\n")
+        if not line.strip() or (number == 1 and line.split("\t")[0] == "query-id"):
+            continue  # blank line, or BEIR's header "query-id corpus-id score"
+        where = f"{path}:{number}"
+        fields = line.split("\t")
+        if len(fields) != 3:
+            problems("bad qrels row", f"{where}: expected 3 tab-separated fields "
+                                      f"(query-id, corpus-id, score), got {len(fields)}: {line!r}")
+            continue
+        query_id, doc_id, grade = fields
+        try:
+            grade = int(grade)
+        except ValueError:
+            problems("bad qrels row", f"{where}: score {grade!r} is not an integer")
+            continue
+        if query_id not in all_queries:
+            problems("unknown id", f"{where}: query id {query_id!r} is not in queries.jsonl")
+            continue
+        if doc_id not in corpus:
+            problems("unknown id", f"{where}: corpus id {doc_id!r} is not in corpus.jsonl")
+            continue
+        if doc_id in qrels.get(query_id, {}):
+            problems("duplicate judgement", f"{where}: query {query_id!r} judges document {doc_id!r} twice")
+            continue
+        qrels.setdefault(query_id, {})[doc_id] = grade
     return qrels
 
 

@@ -41,6 +41,10 @@ class UsageError(UserError, ValueError):
     """A flag's value that cannot work, alone or with the others (the message names the flags)."""
 
 
+class DiskFullError(UserError, OSError):
+    """The disk filled while a model or checkpoint was written; names the path (what was there is kept)."""
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or holds a model this project does not implement; names its file."""
 

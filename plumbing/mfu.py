@@ -5,6 +5,7 @@ computed once per run), the GPU's peak, and `StepLog`, the log line and log.json
 from __future__ import annotations
 
 import json
+import logging
 import resource
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from plumbing.distributed import rank, world_size
 # ("H20" is inside "H200", "L4" inside "L40S").
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12,
                    "A10G": 125e12, "L4": 121e12}
+
+
+log = logging.getLogger("nvembed.train")
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -102,12 +106,15 @@ class StepLog:
             torch.cuda.reset_peak_memory_stats(device)  # this run's peak, even after others in the same process
         self.progress = tqdm(total=config["steps"], initial=initial_step, desc=f"stage {config['stage']}",
                              dynamic_ncols=True, disable=rank() != 0 or not config["progress"])
-        self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
+        self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0, truncated=0)
+        self.truncated = 0  # texts cut at --max-length, all steps of this process's run
 
     def add(self, step: int, stats: dict, seconds: float, dataset: str, last_step: int):
         self.progress.update(1)
-        for key, value in (("time", seconds), ("steps", 1), ("tokens", stats["tokens"]), ("flops", stats["flops"])):
+        for key, value in (("time", seconds), ("steps", 1), ("tokens", stats["tokens"]), ("flops", stats["flops"]),
+                           ("truncated", stats.get("truncated", 0))):
             self.window[key] += value
+        self.truncated += stats.get("truncated", 0)
         if step % self.config["log_every"] and step != last_step:
             return
         window = self.window
@@ -115,18 +122,23 @@ class StepLog:
         mfu = window["flops"] / window["time"] / self.peak if self.peak else None  # this rank's share of the work
         record = dict(step=step, loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"], ms_per_step=ms,
                       tokens_per_s=tokens_per_s, mfu=mfu, peak_memory_mib=peak_memory_mib(self.device),
-                      dataset=dataset)
+                      dataset=dataset, truncated=window["truncated"])
         # --compile: graphs compiled so far; growth after the first steps is recompilation (compiled.py's bound).
         if self.config["compile"]:
             record["compiled"] = compile_counts()
         compiled = f" | graphs {record['compiled']['graphs']}" if "compiled" in record else ""
+        # Texts longer than --max-length, cut since the last line (evaluate warns of the same)
+        compiled += f" | truncated {window['truncated']}" if window["truncated"] else ""
         append_log(Path(self.config["out"]), record)
         if rank() == 0:
             self.progress.write(f"step {step:5d}/{self.config['steps']} | loss {stats['loss']:.4f} | "
                                 f"lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | {ms:.0f} ms/step | "
                                 f"{tokens_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
                                 f"mem {record['peak_memory_mib']:,.0f} MiB | {dataset}{compiled}")
-        self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0)
+        self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0, truncated=0)
 
     def close(self):
         self.progress.close()
+        if self.truncated and rank() == 0:
+            log.warning("training truncated %d texts longer than --max-length %d", self.truncated,
+                        self.config["max_length"])

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 import evaluate
-from data import TrainDataset
+from data import TrainDataset, encode_texts, tokenize
 from model import PRESETS, MistralConfig
 from plumbing import datafiles
 from plumbing.builtin import builtin_dataset, builtin_sources
@@ -262,6 +263,12 @@ def check_numbers(config: dict):
         raise UsageError(f"--grad-cache must be >= 1 text per chunk (0: off), got {config['grad_cache']}")
     if config["grad_cache"] and config["grad_accum"] > 1:
         raise UsageError("--grad-cache keeps the batch in one softmax, --grad-accum splits it: choose one")
+    if not (math.isfinite(config["lr"]) and config["lr"] > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {config['lr']}")
+    if config["warmup_steps"] < 0:
+        raise UsageError(f"--warmup-steps must be >= 0, got {config['warmup_steps']}")
+    if not (math.isfinite(config["grad_clip"]) and config["grad_clip"] >= 0):
+        raise UsageError(f"--grad-clip must be a finite number >= 0 (0: no clipping), got {config['grad_clip']}")
     if config["hard_negatives"] < 0:
         raise UsageError(f"--hard-negatives must be >= 0, got {config['hard_negatives']}")
     if config["temperature"] <= 0:
@@ -272,6 +279,23 @@ def check_numbers(config: dict):
 
 # ----------------------------------------------------------------------------------------------------------------
 # What the flags name: the training data (--data, else the built-in set) and the evaluation set (--eval-beir)
+
+
+def check_max_length(config: dict, sources: list, tokenizer, rule) -> None:
+    """A UsageError when --max-length leaves no room for a text after an instruction's tokens (BOS, the
+    template filled with it) and EOS: found here, before the first step, not as a ValueError mid-batch."""
+    instructions = {instruction for source in sources for example in source.examples
+                    for instruction in (example.instruction, example.document_instruction) if instruction}
+    one_token = "x"  # a text of one token: the shortest that still leaves room for some text
+    for instruction in sorted(instructions):
+        row = tokenize(tokenizer, [one_token], instruction, None, rule)["attention_mask"][0]
+        head = int(row.sum()) - len(encode_texts(tokenizer, [one_token])[0]) - 1  # BOS + instruction
+        if config["max_length"] < head + 2:
+            shown = instruction if len(instruction) <= 40 else instruction[:37] + "..."
+            raise UsageError(f"--max-length {config['max_length']} leaves no room for text: the instruction "
+                             f"{shown!r} takes {head} tokens in its template (BOS included, where the tokenizer adds "
+                             f"one), EOS 1 more; want "
+                             f"--max-length >= {head + 2}")
 
 
 def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:

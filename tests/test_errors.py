@@ -12,6 +12,7 @@ Run: python -m pytest -q tests/test_errors.py
 """
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -252,7 +253,65 @@ def beir_folder_given_as_training_data(tmp_path):
         (f"--data {folder}: a BEIR folder", f"python mine.py --data {folder}")
 
 
-CASES = [unknown_dataset_without_instruction, data_folder_misspelt, training_file_missing, run_folder_given_as_model,
+def lr_not_a_number(tmp_path):
+    return "train.py", ["--lr", "nan", "--out", str(tmp_path / "run")], "--lr must be a finite number > 0, got nan"
+
+
+def lr_negative(tmp_path):
+    return "train.py", ["--lr", "-1", "--out", str(tmp_path / "run")], "--lr must be a finite number > 0, got -1.0"
+
+
+def warmup_negative(tmp_path):
+    return "train.py", ["--warmup-steps", "-5", "--out", str(tmp_path / "run")], "--warmup-steps must be >= 0, got -5"
+
+
+def grad_clip_not_a_number(tmp_path):
+    return "train.py", ["--grad-clip", "nan", "--out", str(tmp_path / "run")], \
+        "--grad-clip must be a finite number >= 0 (0: no clipping), got nan"
+
+
+def max_length_shorter_than_the_instruction(tmp_path):
+    # The built-in queries' instruction in its template is 73 byte tokens (the byte tokenizer adds no
+    # BOS); with EOS and one token of text, 75 is the least that works.
+    return "train.py", ["--max-length", "32", "--out", str(tmp_path / "run"), "--device", "cpu"], \
+        ("--max-length 32 leaves no room for text: the instruction", "takes 73 tokens", "--max-length >= 75")
+
+
+def training_line_not_utf8(tmp_path):
+    path = training_file(tmp_path)
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b'{"query": "caf\xe9"' + lines[1][1:]
+    path.write_bytes(b"\n".join(lines))
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        f"{path}:2: not UTF-8 (byte 0xe9 at column 15)"
+
+
+def out_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("notes\n")
+    return "train.py", ["--out", str(tmp_path / "run")], f"--out {tmp_path / 'run'}: a file, not a folder"
+
+
+def out_not_writable(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder: this case needs an ordinary user")
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    return "train.py", ["--out", str(folder / "run")], f"--out {folder / 'run'}: cannot write there (Permission denied)"
+
+
+def empty_corpus(tmp_path):
+    folder = beir_folder(tmp_path)
+    (folder / "corpus.jsonl").write_text("\n\n  \n")
+    return "evaluate.py", ["--model", "tiny", "--data", str(folder), "--instruction", "", "--out",
+                           str(tmp_path / "eval")], f"{folder / 'corpus.jsonl'}: no documents (the corpus is empty)"
+
+
+VALUE_CASES = [lr_not_a_number, lr_negative, warmup_negative, grad_clip_not_a_number,
+               max_length_shorter_than_the_instruction, training_line_not_utf8, out_is_a_file, out_not_writable,
+               empty_corpus]
+
+
+CASES = VALUE_CASES + [unknown_dataset_without_instruction, data_folder_misspelt, training_file_missing, run_folder_given_as_model,
          run_folder_given_as_teacher, beir_folder_given_as_training_data,
          malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
          empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
@@ -414,3 +473,205 @@ def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monk
         with pytest.raises(SystemExit) as exit_:
             errors.stop_on_user_error("train.py", errors.UsageError("--out x: a mistake"))
         assert exit_.value.code == 2 and capsys.readouterr().err == said
+
+
+# ---------------------------------------------------------------- a run never ends in a broken or lost model
+
+TINY_JOB = ["--batch-size", "4", "--hard-negatives", "1", "--max-length", "96", "--no-eval", "--no-progress",
+            "--device", "cpu", "--log-every", "1"]
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+def files_of(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("lr, code, said", [
+    ("inf", 2, "train.py: error: --lr must be a finite number > 0, got inf"),
+    ("1e30", 1, "train.py: error: step 2: the loss is nan (--lr 1e+30, --grad-clip 1); nothing from this step "
+                "is saved; last good checkpoint: none; the previous model/ is kept")])
+def test_a_diverging_lr_stops_and_keeps_the_previous_model(lr, code, said, tmp_path, single_process, capsys):
+    """--lr inf is refused as a flag. --lr 1e30 (no warm-up): step 1's update overflows the weights, step 2's
+    loss is NaN; the run stops with exit status 1 and one line naming the step, --lr, --grad-clip and the last
+    good checkpoint. Either way --overwrite has deleted nothing: the previous model/ is byte for byte what it
+    was."""
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    before = files_of(out / "model")
+    stopped, stderr = run_command("train.py", TINY_JOB + ["--steps", "3", "--lr", lr, "--warmup-steps", "0",
+                                                          "--overwrite", "--out", str(out)], capsys)
+    assert stopped == code and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == said
+    assert files_of(out / "model") == before
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, single_process, monkeypatch, capsys):
+    """The last step's update breaks the weights: no loss after it would tell, the check before saving does."""
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def step_that_breaks(self, *args, **kwargs):
+        steps.append(1)
+        result = real_step(self, *args, **kwargs)
+        if len(steps) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_that_breaks)
+    out = tmp_path / "run"
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "2", "--out", str(out)], capsys)
+    assert code == 1
+    assert "step 2: 1 trainable weight tensor(s) hold NaN or inf" in stderr.strip().splitlines()[-1]
+    assert not (out / "model").exists()
+
+
+def test_a_collapsed_loss_is_warned_about(tmp_path, single_process, monkeypatch, capsys):
+    """--lr 1e4 without warm-up: after one step every embedding is the same and the loss sits at ln(8
+    candidates) (4 queries x (1 positive + 1 hard negative), in-batch negatives on) with a zero gradient."""
+    monkeypatch.setattr(train, "COLLAPSE_STEPS", 3)
+    train.main(TINY_JOB + ["--steps", "5", "--lr", "1e4", "--warmup-steps", "0", "--out", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert "the loss has been ln(8 candidates) = 2.0794 for 3 steps" in stderr and "collapsed" in stderr
+
+
+def no_space_left(path, *args, **kwargs):
+    """A writer on a full disk: it gets part of the way, then the OS refuses."""
+    with open(path, "wb") as f:
+        f.write(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, single_process, monkeypatch, capsys):
+    from plumbing import checkpoints
+
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    before = files_of(out / "model")
+    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path: no_space_left(path))
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)], capsys)
+    last_line = stderr.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in stderr
+    assert last_line.startswith(f"train.py: error: {out / 'model'}: no space left on device"), last_line
+    assert f"the previous {out / 'model'} is kept" in last_line
+    assert files_of(out / "model") == before and not (out / "model.tmp").exists()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_process, monkeypatch, capsys):
+    from plumbing import checkpoints
+
+    def dcp_save_on_a_full_disk(state, checkpoint_id, **kwargs):
+        no_space_left(checkpoint_id / "__0_0.distcp")
+
+    monkeypatch.setattr(checkpoints.dcp, "save", dcp_save_on_a_full_disk)
+    out = tmp_path / "run"
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)],
+                               capsys)
+    last_line = stderr.strip().splitlines()[-1]
+    step_1 = out / "checkpoints" / "step_00000001"
+    assert code == 2 and last_line.startswith(f"train.py: error: {step_1}: no space left on device"), last_line
+    assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path, single_process, capsys):
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--out", str(out)])
+    old_checkpoint = files_of(out / "checkpoints")
+    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--overwrite", "--out",
+                           str(out)])
+    # Not finished: the old run's checkpoints are in previous/, not mistaken for the new run's.
+    assert {p.relative_to(out / "previous"): b for p, b in files_of(out / "previous" / "checkpoints").items()} \
+        == {p.relative_to(out): b for p, b in old_checkpoint.items()}
+    train.main(TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)])
+    assert (out / "model" / "config.json").is_file() and not (out / "previous").exists()
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_encode_refuses_a_batch_size_below_1(batch_size):
+    model = from_base("tiny", pooling="mean")
+    with pytest.raises(ValueError, match=f"encode: batch_size must be an integer >= 1, got {batch_size}"):
+        model.encode(["a text"], batch_size=batch_size)
+
+
+def test_an_out_on_a_read_only_file_system_is_one_line(tmp_path, single_process, monkeypatch, capsys):
+    """The read-only file system, injected (root writes anywhere on a writable one)."""
+    import pathlib
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "touch", read_only)
+    code, stderr = run_command("train.py", TINY_JOB + ["--out", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == \
+        f"train.py: error: --out {tmp_path / 'run'}: cannot write there (Read-only file system)"
+
+
+def test_training_counts_what_it_truncates(tmp_path, single_process, capsys):
+    """--max-length 80 leaves the built-in texts 7 tokens after their 73-token instruction: most are cut. Each
+    log line and record counts them since the last one, and the end says the total."""
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "2", "--max-length", "80", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    counts = [r["truncated"] for r in records if "loss" in r]
+    assert len(counts) == 2 and all(count > 0 for count in counts)
+    stderr = capsys.readouterr().err
+    assert f"training truncated {sum(counts)} texts longer than --max-length 80" in stderr
+
+
+def cut_a_shard_in_half(step):
+    shard = next(step.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    return shard
+
+
+def truncate_the_metadata(step):
+    (step / ".metadata").write_bytes((step / ".metadata").read_bytes()[:20])
+    return step / ".metadata"
+
+
+def garble_the_trainer_state(step):
+    (step / "trainer_state.json").write_text("{garbage")
+    return step / "trainer_state.json"
+
+
+def delete_a_shard(step):
+    shard = next(step.glob("*.distcp"))
+    shard.unlink()
+    return shard
+
+
+CORRUPTIONS = [cut_a_shard_in_half, truncate_the_metadata, garble_the_trainer_state, delete_a_shard]
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__ for c in CORRUPTIONS])
+def test_resume_skips_a_corrupt_newest_checkpoint(corrupt, tmp_path, single_process, capsys):
+    """The newest checkpoint is damaged after it was saved: --resume names the file, passes over it and
+    continues from the one before; with that one damaged too, it stops with one line."""
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)]
+    train.main(job + ["--stop-after", "2"])
+    damaged = corrupt(out / "checkpoints" / "step_00000002")
+    capsys.readouterr()
+    summary = train.main(job + ["--resume"])
+    said = capsys.readouterr().out
+    assert f"notice: --resume skips step_00000002: {damaged}" in said
+    assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1" in said
+    assert summary["step"] == 3 and (out / "model" / "config.json").is_file()
+
+
+def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, single_process, capsys):
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)]
+    train.main(job + ["--stop-after", "1"])
+    damaged = delete_a_shard(out / "checkpoints" / "step_00000001")
+    capsys.readouterr()
+    code, stderr = run_command("train.py", job + ["--resume"], capsys)
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (f"train.py: error: --resume: no complete checkpoint in "
+                                               f"{out / 'checkpoints'} ({damaged} is missing)")
