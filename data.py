@@ -395,9 +395,9 @@ class TrainDataset:
         if len(kinds) != 1:
             raise DataError(f"dataset {self.name!r} mixes task types {dict(kinds)}; "
                             "make one dataset per task")
-        # The one place this rule lives (PAPER.md section 4): in classification, clustering or STS data
-        # another item of the batch may share the query's class or meaning, and would be pushed away
-        # as its negative.
+        # The one place this rule lives (PAPER.md section 4): in classification, clustering or
+        # STS data another item of the batch may share the query's class or meaning, and would be
+        # pushed away as its negative.
         self.in_batch_negatives = self.in_batch_negatives and self.task_type == "retrieval"
         self.known_positives = query_positive_keys(self.examples)
         self.short_examples = self.repeated_slots = 0

@@ -330,12 +330,10 @@ class NVEmbed(nn.Module):
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a string or a list of strings")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or batch_size < 1:  # range() would say it obscurely
             raise ValueError(f"encode: batch_size must be an integer >= 1, got {batch_size!r}")
-        was_training = self.training
-        self.eval()
-        device = self.decoder.embed_tokens.weight.device
-        # (N, width): width D, unless a pooling changes it (bench/ablate.py concatenates four)
+        was_training, device = self.training, self.decoder.embed_tokens.weight.device
+        self.eval()  # (below: out is (N, width), width D unless a pooling changes it)
         out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0
         show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
         for rows in tqdm(self.batches(texts, batch_size), "encode", disable=not show, leave=False):

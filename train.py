@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import sys
 import time
@@ -38,12 +37,12 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed
-from plumbing.checkpoints import (append_log, discard_previous_run, latest_checkpoint,
-                                  load_checkpoint, logged_ndcg, model_folder, open_run,
-                                  save_checkpoint)
+from plumbing.checkpoints import (append_log, discard_previous_run, load_checkpoint, logged_ndcg,
+                                  model_folder, open_run, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error
+from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
 from plumbing.loading import build_on_rank0, from_base, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
@@ -238,43 +237,6 @@ def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
                            "replayed by RandomState")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A NaN or inf loss, gradient norm or trainable weight: the run stops, saving nothing of it."""
-
-
-log = logging.getLogger("nvembed.train")
-
-# A model whose embeddings have all become the same (too high an lr, say) scores every candidate
-# alike: its loss is ln(candidates) whatever it is shown, and it learns nothing from then on.
-COLLAPSE_STEPS = 10  # steps in a row at that loss before the warning
-# Relative: the uniform loss is ln of the candidates left after duplicates are masked (loss.py), a
-# little below ln of the softmax's width, never above it.
-COLLAPSE_BAND = (0.9, 1.01)
-
-
-def check_finite_weights(model):
-    """Raise NonFiniteLossError if a trainable weight holds a NaN or inf. One host sync: run before
-    a checkpoint or the model is saved, so nothing non-finite is ever written."""
-    trainable = [p.to_local() if hasattr(p, "to_local") else p  # FSDP: this rank's shard
-                 for p in model.parameters() if p.requires_grad]
-    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in trainable]).sum().float()
-    if is_distributed():
-        dist.all_reduce(bad)
-    if bad.item():
-        raise NonFiniteLossError(f"{int(bad.item())} trainable weight tensor(s) hold NaN or inf")
-
-
-def non_finite_stop(config: dict, step: int, what: str) -> NonFiniteLossError:
-    """The one line a non-finite value ends the run with: where, the flags that cause it most
-    often, and what is left on disk to continue from."""
-    out = Path(config["out"])
-    last = latest_checkpoint(out)
-    kept = "; the previous model/ is kept" if (out / "model").exists() else ""
-    return NonFiniteLossError(
-        f"step {step}: {what} (--lr {config['lr']:g}, --grad-clip {config['grad_clip']:g}); "
-        f"nothing from this step is saved; last good checkpoint: {last or 'none'}{kept}")
-
-
 # ----------------------------------------------------------------------------
 # The loop: setup, steps, finish
 
@@ -410,7 +372,7 @@ def loop(run: Run) -> float | None:
     config = run.config
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
     step_log = StepLog(config, run.device, initial_step=run.step)
-    stats, collapsed_steps = dict(loss=None), 0
+    stats, collapse = dict(loss=None), CollapseWatch(config)
     while run.step < last_step:
         start = time.perf_counter()
         source_index, global_batch = run.sampler.batch_for_step(run.step)
@@ -420,14 +382,7 @@ def loop(run: Run) -> float | None:
         except NonFiniteLossError as error:
             raise non_finite_stop(config, run.step + 1, str(error)) from None
         run.step += 1
-        uniform = math.log(stats["candidates"])
-        at_uniform = COLLAPSE_BAND[0] * uniform <= stats["loss"] <= COLLAPSE_BAND[1] * uniform
-        collapsed_steps = collapsed_steps + 1 if at_uniform else 0
-        if collapsed_steps == COLLAPSE_STEPS and rank() == 0:
-            log.warning("warning: step %d: the loss has been ln(%d candidates) = %.4f for %d "
-                        "steps: the model scores every document alike (collapsed); a lower --lr "
-                        "(now %g) or --grad-clip (now %g) may avoid it", run.step, stats["candidates"],
-                        uniform, COLLAPSE_STEPS, config["lr"], config["grad_clip"])
+        collapse.see(run.step, stats["loss"], stats["candidates"])  # warns once stuck at ln(C)
         step_log.add(run.step, stats, time.perf_counter() - start, source.name, last_step)
         evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
         if evaluate_now and run.step < config["steps"]:  # eval mode: no dropout

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from plumbing import datafiles  # noqa: E402
 from plumbing import evaluate_cli  # noqa: E402
+from plumbing import guards  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
 from plumbing.builtin import builtin_dataset  # noqa: E402
@@ -534,7 +535,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, single_process, monkeypatc
 def test_a_collapsed_loss_is_warned_about(tmp_path, single_process, monkeypatch, capsys):
     """--lr 1e4 without warm-up: after one step every embedding is the same and the loss sits at ln(8
     candidates) (4 queries x (1 positive + 1 hard negative), in-batch negatives on) with a zero gradient."""
-    monkeypatch.setattr(train, "COLLAPSE_STEPS", 3)
+    monkeypatch.setattr(guards, "COLLAPSE_STEPS", 3)
     train.main(TINY_JOB + ["--steps", "5", "--lr", "1e4", "--warmup-steps", "0", "--out", str(tmp_path / "run")])
     stderr = capsys.readouterr().err
     assert "the loss has been ln(8 candidates) = 2.0794 for 3 steps" in stderr and "collapsed" in stderr
