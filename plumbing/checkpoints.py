@@ -117,10 +117,7 @@ def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
             f"{source}: unsupported architecture model_type={model_type!r} "
             f"(architectures={archs}); supported: {sorted(SUPPORTED_MODEL_TYPES)}"
         )
-    rope_scaling = hf.get("rope_scaling") or {}
-    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported")
+    rope_scaling = _rope_scaling(hf, source)
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"{source}: attention_bias / mlp_bias are not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -130,12 +127,33 @@ def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
     rope_parameters = hf.get("rope_parameters") or {}
     if "rope_theta" not in fields and "rope_theta" in rope_parameters:
         fields["rope_theta"] = rope_parameters["rope_theta"]
+    fields["rope_scaling"] = rope_scaling
     fields.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
     if model_type == "llama":
         fields["sliding_window"] = None  # Llama has full causal attention
     return fields
 
 
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_scaling(hf: dict, source: str) -> dict | None:
+    """model.py's `rope_scaling` (None or Llama 3's) from an HF config. transformers < 5 writes the
+    scaling as `rope_scaling`, 5.x as `rope_parameters` (beside rope_theta): both are read, and any
+    type but default and llama3, under either key, is refused by name (it would run plain RoPE)."""
+    scaling = None
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key) or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "llama3":
+            missing = [name for name in LLAMA3_ROPE_KEYS if name not in params]
+            if missing:
+                raise CheckpointError(f"{source}: {key} of type 'llama3' lacks {missing}")
+            scaling = {"rope_type": "llama3", **{name: params[name] for name in LLAMA3_ROPE_KEYS}}
+        elif rope_type != "default":
+            raise CheckpointError(f"{source}: {key} type {rope_type!r} is not supported "
+                                  "(supported: default, llama3)")
+    return scaling
 
 def read_json(file: Path) -> dict:
     """A checkpoint's JSON file (config, index) as a dict; a malformed one is named with its line."""
@@ -379,6 +397,7 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, 
     config.setdefault("text_rule", {"template": config.get("query_template")})
     config.setdefault("normalize", True)
     config.setdefault("name", None)  # saves from before models had names
+    config["decoder"].setdefault("rope_scaling", None)  # saves from before Llama 3's RoPE
     decoder_file = "adapters.safetensors" if config["base"] is not None else "decoder.safetensors"
     tensors = {f"decoder.{k}": v for k, v in load_safetensors(folder / decoder_file).items()}
     tensors |= {f"pooling.{k}": v for k, v in load_safetensors(folder / "pooling.safetensors").items()}
