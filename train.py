@@ -37,8 +37,8 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
 from model import NVEmbed
-from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_ndcg,
-                                  model_folder, open_run, save_checkpoint)
+from plumbing.checkpoints import (append_log, latest_checkpoint, load_checkpoint, logged_eval,
+                                  logged_ndcg, model_folder, open_run, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error
@@ -407,7 +407,9 @@ def finish(run: Run, loss: float | None) -> dict:
     full_state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=True))
     if rank() == 0:
-        run.model.save(out / "model", state_dict=full_state, overwrite=True)
+        training = dict(data=config["data"] or "built-in", steps=run.step,
+                        metrics=logged_eval(out, "after"))  # for the model card
+        run.model.save(out / "model", state_dict=full_state, overwrite=True, training=training)
         print0(f"saved model to {out / 'model'}")
     run.model = run.optimizer = full_state = None
     barrier()

@@ -299,7 +299,7 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -
 
 
 def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
-                       tokenizer, overwrite: bool = False) -> None:
+                       tokenizer, overwrite: bool = False, training: dict | None = None) -> None:
     """What NVEmbed.save writes: config.json (the architecture with the model's name, the weights' dtype and
     fingerprint: the model's identity in results), the decoder's weights (or, for LoRA on a checkpoint's
     decoder, only the adapters plus a fingerprint of the base's weights), the pooling's, and the tokenizer
@@ -320,16 +320,63 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict
         base_fingerprint = weights_fingerprint({k: v for k, v in decoder_state.items() if "lora_" not in k})
         decoder_state = {k: v for k, v in decoder_state.items() if "lora_" in k}
     config = dict(format="nv-embed", **{k: v for k, v in architecture.items() if k not in ("params", "base")},
-                  base=architecture["base"] if adapters_only else None, base_fingerprint=base_fingerprint,
+                  base=recorded_base(architecture["base"], final) if adapters_only else None,
+                  base_relative=adapters_only and is_inside(architecture["base"], final.parent),
+                  base_fingerprint=base_fingerprint,
                   dtype=str(state["decoder.embed_tokens.weight"].dtype).removeprefix("torch."), tokenizer="tokenizer",
                   fingerprint=weights_fingerprint(state))  # all the weights, the base's too: NVEmbed.fingerprint
 
     decoder_file = "adapters.safetensors" if adapters_only else "decoder.safetensors"
     _write_folder(final, config, {decoder_file: decoder_state, "pooling.safetensors": pooling_state}, tokenizer,
-                  "tokenizer")
+                  "tokenizer", model_card(config, architecture["base"], training or {}))
 
 
-def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str) -> None:
+def is_inside(path: str | None, folder: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def recorded_base(base: str, model_folder: Path) -> str:
+    """How an adapters-only save names its base: relative to the model folder when the base lies in the run
+    folder around it (the run folder then moves and is shared whole), else as it was given."""
+    if is_inside(base, model_folder.parent):
+        return os.path.relpath(Path(base).resolve(), model_folder.resolve())
+    return base
+
+
+def resolve_base(config: dict, config_file: Path) -> str:
+    """The base checkpoint an adapters-only save names, found from where the save now lies."""
+    recorded = config["base"]
+    path = config_file.parent / recorded if config.get("base_relative") else Path(recorded)
+    if not path.exists():
+        where = f" (relative to {config_file.parent})" if config.get("base_relative") else ""
+        raise MissingFileError(f"{config_file}: its base checkpoint {recorded!r}{where} is not found: these are "
+                               "LoRA adapters only; put the base there or edit `base` in the file")
+    return os.path.normpath(path)
+
+
+def model_card(config: dict, base: str | None, training: dict) -> str:
+    """README.md of a saved model: what it is, where it came from, how well it did, how to load it."""
+    metrics = training.get("metrics") or {}
+    data = training.get("data")
+    rows = [("name", config.get("name")), ("base", base or "random init (a preset)"),
+            ("pooling", f"{config['pooling']} {config['pooling_kwargs'] or ''}".strip()),
+            ("attention", "causal" if config["causal"] else "bidirectional (NV-Embed, section 3.1)"),
+            ("LoRA", config["lora"] or "none (all weights)"),
+            ("training data", ", ".join(map(str, data)) if isinstance(data, list) else data),
+            ("steps", training.get("steps")),
+            ("final metrics", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                        if isinstance(v, float)) or None),
+            ("fingerprint", config["fingerprint"]), ("dtype", config["dtype"])]
+    table = "\n".join(f"| {key} | {value if value is not None else 'not recorded'} |" for key, value in rows)
+    return (f"# {config.get('name') or 'NV-Embed model'}\n\nAn NV-Embed-style embedder (arXiv 2405.17428) saved "
+            f"by this project.\n\n| | |\n|---|---|\n{table}\n\n## Load it\n\n```python\nfrom model import "
+            "NVEmbed\n\nmodel = NVEmbed.load(\"path/to/this/folder\")\nvectors = model.encode([\"a text\"], "
+            "instruction=\"Given a question, retrieve passages that answer it\")\n```\n\nor on the command "
+            "line: `python evaluate.py --model path/to/this/folder ...`.\n")
+
+
+def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str,
+                  card: str | None = None) -> None:
     temporary = final.with_name(final.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -337,6 +384,8 @@ def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer
         save_file(tensors, temporary / file)
     tokenizer.save_pretrained(str(temporary / tokenizer_folder))
     (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if card is not None:
+        (temporary / "README.md").write_text(card)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
 
@@ -717,11 +766,17 @@ def check_resume_config(folder: Path, config: dict):
         raise UsageError(f"--resume: {folder} was written with another configuration ({details})")
 
 
-def logged_ndcg(out: Path, when: str) -> float | None:
-    """nDCG@10 of an evaluation already recorded in out/log.jsonl."""
+def logged_eval(out: Path, when: str) -> dict | None:
+    """The record of an evaluation already written to out/log.jsonl."""
     log_file = out / "log.jsonl"
     records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-    return next((r["NDCG@10"] for r in records if r.get("event") == "eval" and r["when"] == when), None)
+    return next((r for r in records if r.get("event") == "eval" and r["when"] == when), None)
+
+
+def logged_ndcg(out: Path, when: str) -> float | None:
+    """nDCG@10 of an evaluation already recorded in out/log.jsonl."""
+    record = logged_eval(out, when)
+    return None if record is None else record["NDCG@10"]
 
 
 def open_run(config: dict) -> Path | None:

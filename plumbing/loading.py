@@ -24,7 +24,7 @@ from data import QUERY_TEMPLATE, TextRule
 from lora import apply_lora, lora_config
 from model import PRESETS, Mistral, MistralConfig, NVEmbed
 from plumbing.checkpoints import (ByteTokenizer, check_base, is_saved, load_checked, load_tokenizer,
-                                  read_model_folder, read_released, write_model_folder,
+                                  read_model_folder, read_released, resolve_base, write_model_folder,
                                   write_released_folder)
 from plumbing.distributed import rank
 from plumbing.errors import MissingFileError, UsageError, UserError
@@ -42,7 +42,7 @@ def from_base(model: str = "tiny", pooling: str = "latent", causal: bool = False
         decoder, tokenizer, base = Mistral(MistralConfig.preset(model)).to(dtype), ByteTokenizer(), None
     else:
         decoder, tokenizer = Mistral.from_pretrained(model, dtype=dtype), load_tokenizer(model)
-        base = str(Path(model).resolve())
+        base = str(model)  # as given: write_model_folder records it relative to a run folder around it
     pool = POOLINGS[pooling](decoder.config.hidden_size, **(pooling_kwargs or {})).to(dtype)
     return NVEmbed(decoder, pool, tokenizer, pooling, pooling_kwargs, causal=causal, max_length=max_length,
                    base=base, **{"name": Path(model).name, **kwargs})
@@ -79,10 +79,17 @@ def skeleton(architecture: dict, tokenizer) -> NVEmbed:
 
 
 def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False,
-         layout: str = "own") -> None:
-    """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's."""
-    write = {"own": write_model_folder, "released": write_released_folder}[layout]  # KeyError: no such layout
-    write(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer, overwrite)
+         layout: str = "own", training: dict | None = None) -> None:
+    """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's;
+    `training`: data, steps and metrics for the model card (README.md) of the project's layout."""
+    if layout == "own":
+        write_model_folder(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer,
+                           overwrite, training)
+    elif layout == "released":
+        write_released_folder(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer,
+                              overwrite)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; choose own or released")
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -92,11 +99,14 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: st
     config, config_file, tensors = read_model_folder(folder)  # {"decoder.*", "pooling.*": tensor}
     dtype = dtype or getattr(torch, config["dtype"])
     trainable_dtype = trainable_dtype or dtype
+    base_path = None
     if config["base"] is not None:  # an adapters-only save: the frozen weights come from the base
-        base = Mistral.from_pretrained(config["base"], dtype=dtype)
+        base_path = resolve_base(config, config_file)
+        base = Mistral.from_pretrained(base_path, dtype=dtype)
         check_base(config, config_file, dataclasses.asdict(base.config), base.state_dict())
         tensors |= {f"decoder.{k}": v for k, v in base.state_dict().items()}
     model = skeleton(config, load_tokenizer(str(Path(folder) / config["tokenizer"])))
+    model.base = base_path or model.base  # where the base is from here, for a save of this model elsewhere
     trainable = {k for k in tensors if "lora_" in k or k.startswith("pooling.")}  # what training updates
     load_checked(model, ((k, v.to(trainable_dtype if k in trainable else dtype)) for k, v in tensors.items()),
                  str(folder))
