@@ -555,6 +555,28 @@ def read_released(folder: str | os.PathLike, dtype: torch.dtype) -> tuple[dict, 
     counts positions from the first column, which this project's decoder does not.
     """
     folder = Path(folder)
+    config, text_config, latent_config = read_released_config(folder)
+    released = dict(read_checkpoint_tensors_raw(folder, dtype))
+    unknown = sorted(k for k in released if not k.startswith(("embedding_model.", RELEASED_LATENT_PREFIX)))
+    if unknown:
+        raise CheckpointError(f"{folder}: unexpected tensors {unknown[:10]}")
+    tensors = {"decoder." + k.removeprefix("embedding_model."): v for k, v in released.items()
+               if k.startswith("embedding_model.")}
+    tensors |= {"pooling." + k: v for k, v in latent_attention_state_dict_from_released(released).items()}
+    return config, text_config, latent_config, tensors
+
+
+def is_released(path: str | os.PathLike) -> bool:
+    """Whether `path` is a released NV-Embed folder (NVIDIA's layout: text_config and latent_attention_config)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "text_config" in config and "latent_attention_config" in config
+
+
+def read_released_config(folder: Path) -> tuple[dict, dict, dict]:
+    """(config, text_config, latent_attention_config) of a released NV-Embed folder, without its weights."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise MissingFileError(f"{folder}: no config.json (not a released NV-Embed checkpoint)")
@@ -567,14 +589,7 @@ def read_released(folder: str | os.PathLike, dtype: torch.dtype) -> tuple[dict, 
     if config.get("padding_side", "right") != "right":
         raise CheckpointError(f"{config_file}: padding_side {config['padding_side']!r} is not supported (the "
                               "released code then shifts rotary positions by the padding and masks no instruction)")
-    released = dict(read_checkpoint_tensors_raw(folder, dtype))
-    unknown = sorted(k for k in released if not k.startswith(("embedding_model.", RELEASED_LATENT_PREFIX)))
-    if unknown:
-        raise CheckpointError(f"{folder}: unexpected tensors {unknown[:10]}")
-    tensors = {"decoder." + k.removeprefix("embedding_model."): v for k, v in released.items()
-               if k.startswith("embedding_model.")}
-    tensors |= {"pooling." + k: v for k, v in latent_attention_state_dict_from_released(released).items()}
-    return config, text_config, config.get("latent_attention_config") or {}, tensors
+    return config, text_config, config.get("latent_attention_config") or {}
 
 
 # ----------------------------------------------------------------------------
@@ -588,7 +603,9 @@ def model_folder(path: str | os.PathLike) -> Path:
         return path / "model"
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == "nv-embed":
         return path
-    raise MissingFileError(f"{path}: neither a run folder with model/ nor a saved NV-Embed model "
+    if is_released(path):
+        return path
+    raise MissingFileError(f"{path}: neither a run folder with model/, a saved NV-Embed model nor a released one "
                            "(run stage 1 first, or pass --init-from a stage-1 output)")
 
 

@@ -18,10 +18,10 @@ from data import TrainDataset
 from model import PRESETS, MistralConfig
 from plumbing import datafiles
 from plumbing.builtin import builtin_dataset, builtin_sources
-from plumbing.checkpoints import model_folder
 from plumbing.distributed import print0, world_size
 from plumbing.errors import (ArgumentParser, DataError, MissingFileError, UsageError,
                              add_verbosity_flags, configure_logging)
+from plumbing.loading import saved_architecture
 from plumbing.sampler import BatchSampler
 from pooling import POOLINGS
 
@@ -171,8 +171,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if config["init_from"] is not None:
         if config["model"] is not None:
             raise UsageError("pass either --model (start from a base decoder) or --init-from (a saved model)")
-        saved = json.loads((model_folder(config["init_from"]) / "config.json").read_text())
-        recipe = "tiny" if saved["decoder"] == dataclasses.asdict(MistralConfig.preset("tiny")) else "paper"
+        saved = saved_architecture(config["init_from"])  # a saved model's, or a released one's
+        tiny = dataclasses.asdict(MistralConfig.preset("tiny"))
+        recipe = "tiny" if {"rope_scaling": None, **saved["decoder"]} == tiny else "paper"
         saved_lora = (saved["lora"] or {}).get("rank", 0)
         for key, value in (("pooling", saved["pooling"]), ("causal", saved["causal"])):
             if config[key] is not None and config[key] != value:
