@@ -69,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this saved model (a run folder or its model/); stage 2 without --model "
                         f"defaults to {DEFAULT_STAGE1_OUT}")
     g.add_argument("--data", nargs="+", default=None,
-                   help="training files (datafiles.py schema, one task type per file, one dataset each); "
+                   help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, folders "
+                        "datasets' save_to_disk wrote, or hub names; columns in datafiles.py's schema or "
+                        "the sentence-transformers, FlagEmbedding or tevatron layout (mapped by name); "
                         "default: plumbing/builtin.py's built-in dataset")
+    g.add_argument("--data-split", default="train",
+                   help="the split of --data datasets that have several (default %(default)s)")
+    g.add_argument("--data-weights", nargs="+", type=float, default=None,
+                   help="sampling weight of each --data dataset, in order (default: its size)")
     g.add_argument("--pooling", choices=tuple(POOLINGS), default=None,
                    help="pooling (default latent; with --init-from, the saved model's)")
     g.add_argument("--num-latents", type=int, default=None, help="latent pooling: latents (paper 512, tiny 32)")
@@ -242,10 +248,17 @@ def check_paths(config: dict):
         if (local / "corpus.jsonl").is_file():
             raise UsageError(f"--data {path}: a BEIR folder (corpus, queries, qrels), not a training file; mine "
                              f"one with hard negatives: python mine.py --data {path} --out {local.name}-train.jsonl")
-        if local.is_dir():
-            raise UsageError(f"--data {path}: a folder, not a training file ({', '.join(TRAINING_FILE_SUFFIXES)})")
+        if local.is_dir() and not datafiles.is_dataset_folder(local):
+            raise UsageError(f"--data {path}: a folder, neither a training file "
+                             f"({', '.join(TRAINING_FILE_SUFFIXES)}) nor a dataset save_to_disk wrote")
         if not local.exists() and local.suffix in TRAINING_FILE_SUFFIXES:
             raise MissingFileError(f"--data {path}: no such file")
+    weights = config.get("data_weights")
+    if weights is not None and len(weights) != len(config["data"] or ()):
+        raise UsageError(f"--data-weights: {len(weights)} weights for {len(config['data'] or ())} --data datasets "
+                         "(one each, in order)")
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        raise UsageError(f"--data-weights {weights}: want non-negative weights, not all zero")
     beir = config["eval_beir"]
     if beir is not None and not Path(beir).is_dir():
         raise MissingFileError(f"--eval-beir {beir}: no such folder (want a BEIR folder: corpus.jsonl, "
@@ -275,12 +288,13 @@ def check_numbers(config: dict):
 # What the flags name: the training data (--data, else the built-in set) and the evaluation set (--eval-beir)
 
 
-def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:
+def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool,
+                 split: str = "train") -> list:
     """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1 takes retrieval
     files only (PAPER.md section 4); in-batch negatives go to retrieval data only (data.TrainDataset decides)."""
     sources = []
     for path in paths:
-        examples = datafiles.read_training_file(path)
+        examples = datafiles.read_training_file(path, split=split)
         kinds = sorted({e.task_type for e in examples})
         if stage == 1 and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
@@ -294,7 +308,7 @@ def training_data(config: dict) -> tuple[list, BatchSampler]:
     """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on (seed, k) alone."""
     if config["data"]:
         sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
-                               config["in_batch_negatives"])
+                               config["in_batch_negatives"], config.get("data_split", "train"))
     else:
         sources = builtin_sources(config["stage"], config["hard_negatives"], config["in_batch_negatives"],
                                   config["seed"])
@@ -305,7 +319,8 @@ def training_data(config: dict) -> tuple[list, BatchSampler]:
     if config["batch_size"] % (config["grad_accum"] * world_size()):
         raise UsageError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
                          f"{config['grad_accum']} x {world_size()} ranks")
-    return sources, BatchSampler(sources, config["batch_size"], seed=config["seed"])
+    return sources, BatchSampler(sources, config["batch_size"], seed=config["seed"],
+                                 weights=config.get("data_weights"))
 
 
 def evaluation_set(config: dict):
