@@ -396,12 +396,13 @@ def main(argv=None):
     if args.model == "bm25":
         model = BM25Teacher()
     elif (Path(args.model) / "modules.json").is_file() and not is_released(args.model):
-        # A sentence-transformers folder (NV-Embed-v2 ships a modules.json too: load_for_command reads it)
+        # A sentence-transformers folder (NV-Embed-v2 ships a modules.json too: read below)
         if args.pooling is not None or args.causal is not None or args.dtype is not None:
             p.error("--pooling, --causal and --dtype are for NV-Embed base models, not a sentence-transformers folder")
         model = SentenceTransformerTeacher(args.model, device=device, max_length=args.max_length)
     else:
-        model = load_for_command(args.model, pooling=args.pooling, causal=args.causal, max_length=args.max_length,
+        model = load_for_command(args.model, pooling=args.pooling, causal=args.causal,
+                                 max_length=args.max_length,
                              dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
 
     negatives, stats = mine(model, corpus, queries, qrels, instruction, top_k=args.top_k, margin=args.margin,
