@@ -403,7 +403,7 @@ def main(argv=None):
     else:
         model = load_for_command(args.model, pooling=args.pooling, causal=args.causal,
                                  max_length=args.max_length,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
+                                 dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
 
     negatives, stats = mine(model, corpus, queries, qrels, instruction, top_k=args.top_k, margin=args.margin,
                             batch_size=args.batch_size, max_length=args.max_length, depth=args.depth,
