@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
+from plumbing.checkpoints import is_released
 from plumbing.datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
 from plumbing.errors import CheckpointError, MissingFileError, add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search
@@ -394,13 +395,15 @@ def main(argv=None):
         p.error("--model tfidf is gone: the lexical teacher is now --model bm25")
     if args.model == "bm25":
         model = BM25Teacher()
-    elif (Path(args.model) / "modules.json").is_file():  # a sentence-transformers folder
+    elif (Path(args.model) / "modules.json").is_file() and not is_released(args.model):
+        # A sentence-transformers folder (NV-Embed-v2 ships a modules.json too: read below)
         if args.pooling is not None or args.causal is not None or args.dtype is not None:
             p.error("--pooling, --causal and --dtype are for NV-Embed base models, not a sentence-transformers folder")
         model = SentenceTransformerTeacher(args.model, device=device, max_length=args.max_length)
     else:
-        model = load_for_command(args.model, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
-                             dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
+        model = load_for_command(args.model, pooling=args.pooling, causal=args.causal,
+                                 max_length=args.max_length,
+                                 dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
 
     negatives, stats = mine(model, corpus, queries, qrels, instruction, top_k=args.top_k, margin=args.margin,
                             batch_size=args.batch_size, max_length=args.max_length, depth=args.depth,

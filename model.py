@@ -14,6 +14,7 @@ Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -51,6 +52,9 @@ class MistralConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     sliding_window: int | None = 4096  # Mistral-7B-v0.1; None for Llama-family models
+    # Llama 3.1+'s RoPE scaling, as HF writes it: {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain RoPE.
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -106,12 +110,30 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of the rotary angles position * theta^(-2i/Dh), each (B, T, Dh), in HF's "rotate
+def rotary_frequencies(config: MistralConfig, device=None) -> torch.Tensor:
+    """The rotary frequencies theta^(-2i/Dh), (Dh/2,), with Llama 3's scaling when configured."""
+    even = torch.arange(0, config.head_dim, 2, device=device).float()  # (Dh/2,): 2i
+    inv_freq = 1.0 / config.rope_theta ** (even / config.head_dim)  # (Dh/2,)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1 stretches its context by `factor` without retraining every frequency: a frequency
+    # whose wavelength fits many times into the original context ("high" frequencies: local
+    # order) is kept, one whose wavelength exceeds the original context ("low": positions never
+    # seen in pretraining) is divided by `factor`, and the band between is interpolated linearly
+    # in original_context / wavelength, from low_freq_factor (all scaled) to high_freq_factor
+    # (none scaled). No sequence-length dependence and no attention factor (it is 1 for llama3).
+    original = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    periods_in_context = original * inv_freq / (2 * math.pi)  # (Dh/2,): original / wavelength
+    kept = ((periods_in_context - low) / (high - low)).clamp(0, 1)  # (Dh/2,): 1 = unscaled
+    return kept * inv_freq + (1 - kept) * inv_freq / scaling["factor"]
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of the rotary angles position * inv_freq, each (B, T, Dh), in HF's "rotate
     half" layout (the halves of the head dimension pair up; HF's q_proj / k_proj are permuted for
     it, so an interleaved RoPE would silently mismatch)."""
-    even = torch.arange(0, head_dim, 2, device=positions.device).float()  # (Dh/2,): 2i
-    inv_freq = 1.0 / theta ** (even / head_dim)  # (Dh/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -229,7 +251,8 @@ class Mistral(nn.Module):
         # rotary angles: (pad, a, b, c) -> (0, 0, 1, 2); leading pads are clamped to 0 (unused).
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         dtype = self.embed_tokens.weight.dtype
-        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)  # (B, T, Dh) each
+        inv_freq = rotary_frequencies(cfg, input_ids.device)  # (Dh/2,)
+        cos, sin = rotary_cos_sin(positions, inv_freq, dtype)  # (B, T, Dh) each
 
         window_active = causal and cfg.sliding_window is not None and T > cfg.sliding_window
         if bool(attention_mask.all()) and not window_active:
@@ -375,6 +398,7 @@ class NVEmbed(nn.Module):
         return load(folder, **kwargs)
 
     def save(self, folder: str | os.PathLike, **kwargs) -> None:
-        """This project's layout, or NVIDIA's (layout="released"); kwargs: state_dict, overwrite."""
+        """This project's layout (with a README.md model card), or NVIDIA's (layout="released");
+        kwargs: state_dict, overwrite, training (data, steps, metrics: for the card)."""
         from plumbing.loading import save
         save(self, folder, **kwargs)

@@ -36,14 +36,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
-from model import NVEmbed
-from plumbing.checkpoints import (append_log, discard_previous_run, load_checkpoint, logged_ndcg,
-                                  model_folder, open_run, save_checkpoint)
+from plumbing.checkpoints import (append_log, discard_previous_run, load_checkpoint, logged_eval,
+                                  logged_ndcg, open_run, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error
 from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
-from plumbing.loading import build_on_rank0, from_base, load_from_rank0
+from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
 from plumbing.train_cli import (build_parser, check_max_length, evaluation_set, resolve_config,
@@ -60,8 +59,8 @@ def build_model(config: dict):
         # would round it): the adapters and the pooling, or the whole model without LoRA.
         # Only a frozen base takes --model-dtype.
         frozen_dtype = _dtype(config["model_dtype"]) if config["lora_rank"] > 0 else torch.float32
-        model = NVEmbed.load(model_folder(config["init_from"]), dtype=frozen_dtype,
-                             trainable_dtype=torch.float32)
+        # A run folder, its model/, or a released NV-Embed folder.
+        model = load_any(config["init_from"], dtype=frozen_dtype, trainable_dtype=torch.float32)
     else:
         model = from_base(config["model"], pooling=config["pooling"], causal=config["causal"],
                           max_length=config["max_length"], dtype=_dtype(config["model_dtype"]),
@@ -418,7 +417,9 @@ def finish(run: Run, loss: float | None) -> dict:
     full_state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=True))
     if rank() == 0:
-        run.model.save(out / "model", state_dict=full_state, overwrite=True)
+        training = dict(data=config["data"] or "built-in", steps=run.step,
+                        metrics=logged_eval(out, "after"))  # for the model card
+        run.model.save(out / "model", state_dict=full_state, overwrite=True, training=training)
         print0(f"saved model to {out / 'model'}")
         discard_previous_run(out)  # --overwrite's set-aside run: replaced now
     run.model = run.optimizer = full_state = None

@@ -118,10 +118,7 @@ def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
             f"{source}: unsupported architecture model_type={model_type!r} "
             f"(architectures={archs}); supported: {sorted(SUPPORTED_MODEL_TYPES)}"
         )
-    rope_scaling = hf.get("rope_scaling") or {}
-    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported")
+    rope_scaling = _rope_scaling(hf, source)
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"{source}: attention_bias / mlp_bias are not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -131,12 +128,33 @@ def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
     rope_parameters = hf.get("rope_parameters") or {}
     if "rope_theta" not in fields and "rope_theta" in rope_parameters:
         fields["rope_theta"] = rope_parameters["rope_theta"]
+    fields["rope_scaling"] = rope_scaling
     fields.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
     if model_type == "llama":
         fields["sliding_window"] = None  # Llama has full causal attention
     return fields
 
 
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_scaling(hf: dict, source: str) -> dict | None:
+    """model.py's `rope_scaling` (None or Llama 3's) from an HF config. transformers < 5 writes the
+    scaling as `rope_scaling`, 5.x as `rope_parameters` (beside rope_theta): both are read, and any
+    type but default and llama3, under either key, is refused by name (it would run plain RoPE)."""
+    scaling = None
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key) or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "llama3":
+            missing = [name for name in LLAMA3_ROPE_KEYS if name not in params]
+            if missing:
+                raise CheckpointError(f"{source}: {key} of type 'llama3' lacks {missing}")
+            scaling = {"rope_type": "llama3", **{name: params[name] for name in LLAMA3_ROPE_KEYS}}
+        elif rope_type != "default":
+            raise CheckpointError(f"{source}: {key} type {rope_type!r} is not supported "
+                                  "(supported: default, llama3)")
+    return scaling
 
 def read_json(file: Path) -> dict:
     """A checkpoint's JSON file (config, index) as a dict; a malformed one is named with its line."""
@@ -282,7 +300,7 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -
 
 
 def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
-                       tokenizer, overwrite: bool = False) -> None:
+                       tokenizer, overwrite: bool = False, training: dict | None = None) -> None:
     """What NVEmbed.save writes: config.json (the architecture with the model's name, the weights' dtype and
     fingerprint: the model's identity in results), the decoder's weights (or, for LoRA on a checkpoint's
     decoder, only the adapters plus a fingerprint of the base's weights), the pooling's, and the tokenizer
@@ -303,16 +321,63 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict
         base_fingerprint = weights_fingerprint({k: v for k, v in decoder_state.items() if "lora_" not in k})
         decoder_state = {k: v for k, v in decoder_state.items() if "lora_" in k}
     config = dict(format="nv-embed", **{k: v for k, v in architecture.items() if k not in ("params", "base")},
-                  base=architecture["base"] if adapters_only else None, base_fingerprint=base_fingerprint,
+                  base=recorded_base(architecture["base"], final) if adapters_only else None,
+                  base_relative=adapters_only and is_inside(architecture["base"], final.parent),
+                  base_fingerprint=base_fingerprint,
                   dtype=str(state["decoder.embed_tokens.weight"].dtype).removeprefix("torch."), tokenizer="tokenizer",
                   fingerprint=weights_fingerprint(state))  # all the weights, the base's too: NVEmbed.fingerprint
 
     decoder_file = "adapters.safetensors" if adapters_only else "decoder.safetensors"
     _write_folder(final, config, {decoder_file: decoder_state, "pooling.safetensors": pooling_state}, tokenizer,
-                  "tokenizer")
+                  "tokenizer", model_card(config, architecture["base"], training or {}))
 
 
-def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str) -> None:
+def is_inside(path: str | None, folder: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def recorded_base(base: str, model_folder: Path) -> str:
+    """How an adapters-only save names its base: relative to the model folder when the base lies in the run
+    folder around it (the run folder then moves and is shared whole), else as it was given."""
+    if is_inside(base, model_folder.parent):
+        return os.path.relpath(Path(base).resolve(), model_folder.resolve())
+    return base
+
+
+def resolve_base(config: dict, config_file: Path) -> str:
+    """The base checkpoint an adapters-only save names, found from where the save now lies."""
+    recorded = config["base"]
+    path = config_file.parent / recorded if config.get("base_relative") else Path(recorded)
+    if not path.exists():
+        where = f" (relative to {config_file.parent})" if config.get("base_relative") else ""
+        raise MissingFileError(f"{config_file}: its base checkpoint {recorded!r}{where} is not found: these are "
+                               "LoRA adapters only; put the base there or edit `base` in the file")
+    return os.path.normpath(path)
+
+
+def model_card(config: dict, base: str | None, training: dict) -> str:
+    """README.md of a saved model: what it is, where it came from, how well it did, how to load it."""
+    metrics = training.get("metrics") or {}
+    data = training.get("data")
+    rows = [("name", config.get("name")), ("base", base or "random init (a preset)"),
+            ("pooling", f"{config['pooling']} {config['pooling_kwargs'] or ''}".strip()),
+            ("attention", "causal" if config["causal"] else "bidirectional (NV-Embed, section 3.1)"),
+            ("LoRA", config["lora"] or "none (all weights)"),
+            ("training data", ", ".join(map(str, data)) if isinstance(data, list) else data),
+            ("steps", training.get("steps")),
+            ("final metrics", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                        if isinstance(v, float)) or None),
+            ("fingerprint", config["fingerprint"]), ("dtype", config["dtype"])]
+    table = "\n".join(f"| {key} | {value if value is not None else 'not recorded'} |" for key, value in rows)
+    return (f"# {config.get('name') or 'NV-Embed model'}\n\nAn NV-Embed-style embedder (arXiv 2405.17428) saved "
+            f"by this project.\n\n| | |\n|---|---|\n{table}\n\n## Load it\n\n```python\nfrom model import "
+            "NVEmbed\n\nmodel = NVEmbed.load(\"path/to/this/folder\")\nvectors = model.encode([\"a text\"], "
+            "instruction=\"Given a question, retrieve passages that answer it\")\n```\n\nor on the command "
+            "line: `python evaluate.py --model path/to/this/folder ...`.\n")
+
+
+def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str,
+                  card: str | None = None) -> None:
     temporary = final.with_name(final.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     with written_whole(temporary, final):
@@ -321,6 +386,8 @@ def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer
             save_file(tensors, temporary / file)
         tokenizer.save_pretrained(str(temporary / tokenizer_folder))
         (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if card is not None:
+            (temporary / "README.md").write_text(card)
     replace_folder(temporary, final)
 
 
@@ -443,6 +510,7 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, 
     config.setdefault("text_rule", {"template": config.get("query_template")})
     config.setdefault("normalize", True)
     config.setdefault("name", None)  # saves from before models had names
+    config["decoder"].setdefault("rope_scaling", None)  # saves from before Llama 3's RoPE
     decoder_file = "adapters.safetensors" if config["base"] is not None else "decoder.safetensors"
     tensors = {f"decoder.{k}": v for k, v in load_safetensors(folder / decoder_file).items()}
     tensors |= {f"pooling.{k}": v for k, v in load_safetensors(folder / "pooling.safetensors").items()}
@@ -551,6 +619,28 @@ def read_released(folder: str | os.PathLike, dtype: torch.dtype) -> tuple[dict, 
     counts positions from the first column, which this project's decoder does not.
     """
     folder = Path(folder)
+    config, text_config, latent_config = read_released_config(folder)
+    released = dict(read_checkpoint_tensors_raw(folder, dtype))
+    unknown = sorted(k for k in released if not k.startswith(("embedding_model.", RELEASED_LATENT_PREFIX)))
+    if unknown:
+        raise CheckpointError(f"{folder}: unexpected tensors {unknown[:10]}")
+    tensors = {"decoder." + k.removeprefix("embedding_model."): v for k, v in released.items()
+               if k.startswith("embedding_model.")}
+    tensors |= {"pooling." + k: v for k, v in latent_attention_state_dict_from_released(released).items()}
+    return config, text_config, latent_config, tensors
+
+
+def is_released(path: str | os.PathLike) -> bool:
+    """Whether `path` is a released NV-Embed folder (NVIDIA's layout: text_config and latent_attention_config)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "text_config" in config and "latent_attention_config" in config
+
+
+def read_released_config(folder: Path) -> tuple[dict, dict, dict]:
+    """(config, text_config, latent_attention_config) of a released NV-Embed folder, without its weights."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise MissingFileError(f"{folder}: no config.json (not a released NV-Embed checkpoint)")
@@ -563,14 +653,7 @@ def read_released(folder: str | os.PathLike, dtype: torch.dtype) -> tuple[dict, 
     if config.get("padding_side", "right") != "right":
         raise CheckpointError(f"{config_file}: padding_side {config['padding_side']!r} is not supported (the "
                               "released code then shifts rotary positions by the padding and masks no instruction)")
-    released = dict(read_checkpoint_tensors_raw(folder, dtype))
-    unknown = sorted(k for k in released if not k.startswith(("embedding_model.", RELEASED_LATENT_PREFIX)))
-    if unknown:
-        raise CheckpointError(f"{folder}: unexpected tensors {unknown[:10]}")
-    tensors = {"decoder." + k.removeprefix("embedding_model."): v for k, v in released.items()
-               if k.startswith("embedding_model.")}
-    tensors |= {"pooling." + k: v for k, v in latent_attention_state_dict_from_released(released).items()}
-    return config, text_config, config.get("latent_attention_config") or {}, tensors
+    return config, text_config, config.get("latent_attention_config") or {}
 
 
 # ----------------------------------------------------------------------------
@@ -584,7 +667,9 @@ def model_folder(path: str | os.PathLike) -> Path:
         return path / "model"
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == "nv-embed":
         return path
-    raise MissingFileError(f"{path}: neither a run folder with model/ nor a saved NV-Embed model "
+    if is_released(path):
+        return path
+    raise MissingFileError(f"{path}: neither a run folder with model/, a saved NV-Embed model nor a released one "
                            "(run stage 1 first, or pass --init-from a stage-1 output)")
 
 
@@ -812,8 +897,12 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_che
                      "eval_every", "eval_batch_size", "device", "progress", "compile"}  # compile: same step, faster
 
 
+# Config keys added since runs were first saved, and the value an older run had without them.
+ADDED_KEYS = {"data_split": "train", "data_weights": None}
+
+
 def check_resume_config(folder: Path, config: dict):
-    saved = json.loads((folder / "trainer_state.json").read_text())["config"]
+    saved = ADDED_KEYS | json.loads((folder / "trainer_state.json").read_text())["config"]
     differ = sorted(k for k in set(saved) | set(config)
                     if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
     if differ:
@@ -821,11 +910,17 @@ def check_resume_config(folder: Path, config: dict):
         raise UsageError(f"--resume: {folder} was written with another configuration ({details})")
 
 
-def logged_ndcg(out: Path, when: str) -> float | None:
-    """nDCG@10 of an evaluation already recorded in out/log.jsonl."""
+def logged_eval(out: Path, when: str) -> dict | None:
+    """The record of an evaluation already written to out/log.jsonl."""
     log_file = out / "log.jsonl"
     records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-    return next((r["NDCG@10"] for r in records if r.get("event") == "eval" and r["when"] == when), None)
+    return next((r for r in records if r.get("event") == "eval" and r["when"] == when), None)
+
+
+def logged_ndcg(out: Path, when: str) -> float | None:
+    """nDCG@10 of an evaluation already recorded in out/log.jsonl."""
+    record = logged_eval(out, when)
+    return None if record is None else record["NDCG@10"]
 
 
 def open_run(config: dict) -> Path | None:

@@ -338,18 +338,85 @@ def _example_from_row(row: Mapping[str, Any], where: str, problems: _Problems) -
                    ids["query_id"], ids["positive_id"], negative_ids, location=where)
 
 
+# Other projects' training layouts, recognised by a column only they have. Their rows are retrieval pairs without
+# an instruction: each becomes one example per positive, instruction "", task_type "retrieval".
+LAYOUTS = {
+    "sentence-transformers": "anchor -> query, positive -> positive, negative / negative_1..n -> negatives",
+    "FlagEmbedding": "query -> query, each of pos -> positive, neg -> negatives, prompt -> instruction",
+    "tevatron": "query -> query, each of positive_passages -> positive, negative_passages -> negatives "
+                "(a passage: title + ' ' + text)",
+}
+
+
+def training_layout(columns: Sequence[str]) -> str:
+    """Which layout a training table's columns are in: "nv-embed" (the schema above) or one of LAYOUTS."""
+    if "anchor" in columns:
+        return "sentence-transformers"
+    if "positive_passages" in columns:
+        return "tevatron"
+    if "pos" in columns and "positive" not in columns:
+        return "FlagEmbedding"
+    return "nv-embed"
+
+
+def _negative_columns(row: Mapping) -> list[str]:
+    """sentence-transformers' negative columns in order: negative, negative_1, negative_2, ..."""
+    numbered = [c for c in row if c.startswith("negative_") and c.removeprefix("negative_").isdigit()]
+    return (["negative"] if "negative" in row else []) + sorted(numbered, key=lambda c: int(c.split("_")[1]))
+
+
+def _passage_text(passage: Any) -> Any:
+    return doc_text(passage) if isinstance(passage, Mapping) else passage
+
+
+def rows_as_schema(layout: str, row: Mapping) -> list[Mapping]:
+    """One row of `layout` as rows of this project's schema (missing values stay missing: the row check names
+    them at the row's location)."""
+    if layout == "nv-embed":
+        return [row]
+    if layout == "sentence-transformers":
+        positives = [row.get("positive")]
+        negatives = [row.get(c) for c in _negative_columns(row)]
+        query, instruction = row.get("anchor"), ""
+    elif layout == "FlagEmbedding":
+        positives, negatives = row.get("pos") or [None], row.get("neg") or []
+        query, instruction = row.get("query"), row.get("prompt") or ""
+    else:  # tevatron
+        positives = [_passage_text(p) for p in row.get("positive_passages") or [None]]
+        negatives = [_passage_text(p) for p in row.get("negative_passages") or []]
+        query, instruction = row.get("query"), ""
+    return [dict(query=query, positive=positive, negatives=list(negatives), instruction=instruction,
+                 task_type="retrieval") for positive in positives]
+
+
+def is_dataset_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder `datasets`' save_to_disk wrote (a Dataset or a DatasetDict)."""
+    return any((Path(path) / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
 def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipReport | None = None,
                        split: str = "train") -> list[Example]:
     """Reads and validates a training file, row by row (errors name file and line/row).
 
     A local .jsonl file is parsed line by line here, so that a malformed line is named (datasets' JSON reader
-    reports only "An error occurred while generating the dataset") and can be skipped under skip_bad. Any other
-    local file (.json, .csv, .parquet, ...) or a hub dataset name goes through datasets.load_dataset."""
+    reports only "An error occurred while generating the dataset") and can be skipped under skip_bad. A folder
+    `save_to_disk` wrote goes through datasets.load_from_disk; any other local file (.json, .csv, .parquet, ...)
+    or a hub dataset name through datasets.load_dataset. `split`: the split of a dataset that has several.
+    The columns may be this project's schema or a layout of LAYOUTS; the mapping used is printed."""
     problems = _Problems(str(path), skip_bad, report)
     local = Path(path)
     builders = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
     if local.suffix == ".jsonl":
         rows = ((f"{local}:{number}", record) for number, record in _jsonl_records(local, problems))
+    elif local.is_dir() and is_dataset_folder(local):
+        import datasets  # optional and slow to import
+
+        table = datasets.load_from_disk(str(local))
+        if isinstance(table, datasets.DatasetDict):
+            if split not in table:
+                raise DataError(f"{local}: no split {split!r} (its splits: {', '.join(table)}); pass --data-split")
+            table = table[split]
+        rows = ((f"{path} row {i + 1}", record) for i, record in enumerate(table))
     else:
         if local.suffix in builders and not local.is_file():
             raise MissingFileError(f"{local}: no such file")
@@ -359,14 +426,24 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
         import datasets  # optional and slow to import: needed only for files other than .jsonl
 
         if local.exists():
-            table = datasets.load_dataset(builders[local.suffix], data_files=str(local), split=split)
+            # One file is one split, which datasets names "train": `split` is for folders and hub names.
+            table = datasets.load_dataset(builders[local.suffix], data_files=str(local), split="train")
         else:  # a dataset name on the hub, where one is reachable
             try:
                 table = datasets.load_dataset(str(path), split=split)
             except FileNotFoundError as error:  # datasets' DatasetNotFoundError is one too
                 raise MissingFileError(f"{path}: no such file, nor a dataset of that name ({error})") from error
         rows = ((f"{path} row {i + 1}", record) for i, record in enumerate(table))
-    examples = [e for where, record in rows if (e := _example_from_row(record, where, problems)) is not None]
+    examples, layout = [], None
+    for where, record in rows:
+        if layout is None:  # the first row's columns say the layout (a table's columns are every row's)
+            layout = training_layout(list(record))
+            if layout != "nv-embed":
+                log.info("%s: %s layout: %s; instruction \"\", task_type retrieval", path, layout,
+                            LAYOUTS[layout])
+        for row in rows_as_schema(layout, record):
+            if (example := _example_from_row(row, where, problems)) is not None:
+                examples.append(example)
     problems.finish()
     if not examples:
         raise DataError(f"{path}: no training examples")

@@ -15,7 +15,7 @@ import torch
 from evaluate import DEFAULT_K_VALUES, INSTRUCTIONS, evaluate_per_query, run_evaluation
 from model import PRESETS
 from plumbing.builtin import builtin_dataset
-from plumbing.checkpoints import is_saved
+from plumbing.checkpoints import is_released, is_saved
 from plumbing.compiled import compile_counts
 from plumbing.datafiles import format_table, load_beir, write_trec
 from plumbing.distributed import destroy_distributed, init_distributed, print0, rank, world_size
@@ -154,6 +154,8 @@ def evaluate_command(args, parser):
         out = Path(args.out)
     elif saved:
         out = Path(model_spec) / "eval"
+    elif is_released(model_spec):  # not inside NVIDIA's folder: it is a copy of their repository
+        out = Path("runs") / "eval" / Path(model_name).stem
     else:
         out = Path("runs") / "eval" / f"{Path(model_name).stem}-{pooling}-{'causal' if causal else 'bidirectional'}"
     stem = f"{dataset_name}-{args.split}"
@@ -164,7 +166,7 @@ def evaluate_command(args, parser):
     run_name = args.run_name or "nvembed-" + "_".join(Path(model_name).stem.split())
     device = init_distributed(args.device)  # this rank's device; a process group under torchrun
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_for_command(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length or 512,
+    model = load_for_command(model_spec, pooling=args.pooling, causal=args.causal, max_length=args.max_length,
                          dtype=dtype, device=device)
     if args.compile:
         model.compile()
@@ -175,7 +177,7 @@ def evaluate_command(args, parser):
     max_length = args.max_length or model.max_length
     config = dict(  # the model's name and fingerprint say which weights scored (a folder's name alone may not)
         model=str(model_spec), name=model.name, fingerprint=model.fingerprint(),
-        model_kind="saved NV-Embed" if saved else "base (zero-shot)",
+        model_kind="saved NV-Embed" if saved else "released NV-Embed" if is_released(model_spec) else "base (zero-shot)",
         pooling=model.pooling_name, causal=model.causal, data=args.data, split=args.split,
         instruction=instruction, max_length=max_length, batch_size=args.batch_size, top_k=args.top_k,
         k_values=list(args.k_values), dtype=str(model.decoder.embed_tokens.weight.dtype).removeprefix("torch."),

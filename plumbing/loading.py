@@ -23,8 +23,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from data import QUERY_TEMPLATE, TextRule
 from lora import apply_lora, lora_config
 from model import PRESETS, Mistral, MistralConfig, NVEmbed
-from plumbing.checkpoints import (ByteTokenizer, check_base, is_saved, load_checked, load_tokenizer,
-                                  read_model_folder, read_released, write_model_folder,
+from plumbing.checkpoints import (ByteTokenizer, check_base, is_released, is_saved, load_checked,
+                                  load_tokenizer, model_folder, read_json, read_model_folder,
+                                  read_released, read_released_config, resolve_base, write_model_folder,
                                   write_released_folder)
 from plumbing.distributed import rank
 from plumbing.errors import MissingFileError, UsageError, UserError
@@ -42,7 +43,7 @@ def from_base(model: str = "tiny", pooling: str = "latent", causal: bool = False
         decoder, tokenizer, base = Mistral(MistralConfig.preset(model)).to(dtype), ByteTokenizer(), None
     else:
         decoder, tokenizer = Mistral.from_pretrained(model, dtype=dtype), load_tokenizer(model)
-        base = str(Path(model).resolve())
+        base = str(model)  # as given: write_model_folder records it relative to a run folder around it
     pool = POOLINGS[pooling](decoder.config.hidden_size, **(pooling_kwargs or {})).to(dtype)
     return NVEmbed(decoder, pool, tokenizer, pooling, pooling_kwargs, causal=causal, max_length=max_length,
                    base=base, **{"name": Path(model).name, **kwargs})
@@ -79,10 +80,17 @@ def skeleton(architecture: dict, tokenizer) -> NVEmbed:
 
 
 def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False,
-         layout: str = "own") -> None:
-    """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's."""
-    write = {"own": write_model_folder, "released": write_released_folder}[layout]  # KeyError: no such layout
-    write(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer, overwrite)
+         layout: str = "own", training: dict | None = None) -> None:
+    """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's;
+    `training`: data, steps and metrics for the model card (README.md) of the project's layout."""
+    if layout == "own":
+        write_model_folder(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer,
+                           overwrite, training)
+    elif layout == "released":
+        write_released_folder(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer,
+                              overwrite)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; choose own or released")
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -92,11 +100,14 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: st
     config, config_file, tensors = read_model_folder(folder)  # {"decoder.*", "pooling.*": tensor}
     dtype = dtype or getattr(torch, config["dtype"])
     trainable_dtype = trainable_dtype or dtype
+    base_path = None
     if config["base"] is not None:  # an adapters-only save: the frozen weights come from the base
-        base = Mistral.from_pretrained(config["base"], dtype=dtype)
+        base_path = resolve_base(config, config_file)
+        base = Mistral.from_pretrained(base_path, dtype=dtype)
         check_base(config, config_file, dataclasses.asdict(base.config), base.state_dict())
         tensors |= {f"decoder.{k}": v for k, v in base.state_dict().items()}
     model = skeleton(config, load_tokenizer(str(Path(folder) / config["tokenizer"])))
+    model.base = base_path or model.base  # where the base is from here, for a save of this model elsewhere
     trainable = {k for k in tensors if "lora_" in k or k.startswith("pooling.")}  # what training updates
     load_checked(model, ((k, v.to(trainable_dtype if k in trainable else dtype)) for k, v in tensors.items()),
                  str(folder))
@@ -114,6 +125,18 @@ def from_released(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     padding is EOS (`add_pad_token`); EOS is appended whatever `add_eos` says (always_add_eos); the mean is
     L2-normalised if `output_normalize`."""
     config, text_config, latent_config, tensors = read_released(folder, dtype)
+    arch = released_architecture(folder, config, text_config, latent_config, max_length)
+    tokenizer = load_tokenizer(str(folder))
+    if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
+        tokenizer.pad_token = tokenizer.eos_token
+    model = skeleton(arch, tokenizer)
+    load_checked(model, tensors.items(), str(folder))
+    return model.eval()
+
+
+def released_architecture(folder: str | os.PathLike, config: dict, text_config: dict, latent_config: dict,
+                          max_length: int = 4096) -> dict:
+    """`architecture()` of a released NV-Embed folder, from its configs (read_released_config)."""
     decoder = MistralConfig.from_hf(text_config, source=str(Path(folder) / "config.json"))
     rule = TextRule(template=QUERY_TEMPLATE, mask_instruction=bool(config.get("is_mask_instruction", True)),
                     pool_bos="without_instruction", truncation="sequence", instruction_positions="tokenize")
@@ -123,31 +146,49 @@ def from_released(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     arch = dict(decoder=dataclasses.asdict(decoder), lora=None, pooling="latent", pooling_kwargs=pooling_kwargs,
                 causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule), base=None,
                 normalize=bool(latent_config.get("output_normalize", True)), name=Path(folder).name)
-    tokenizer = load_tokenizer(str(folder))
-    if config.get("add_pad_token", True) and hasattr(tokenizer, "eos_token"):  # an HF tokenizer
-        tokenizer.pad_token = tokenizer.eos_token
-    model = skeleton(arch, tokenizer)
-    load_checked(model, tensors.items(), str(folder))
-    return model.eval()
+    return arch
+
+
+def saved_architecture(path: str | os.PathLike) -> dict:
+    """The architecture of what --init-from names: a run folder, its model/, or a released NV-Embed folder."""
+    folder = model_folder(path)
+    if is_released(folder):
+        return released_architecture(folder, *read_released_config(Path(folder)))
+    return read_json(Path(folder) / "config.json")
+
+
+def load_any(path: str | os.PathLike, dtype: torch.dtype | None = None, trainable_dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> NVEmbed:
+    """A run folder, a saved model or a released NV-Embed folder (train.py's --init-from)."""
+    folder = model_folder(path)
+    if is_released(folder):
+        return from_released(folder, dtype=dtype or torch.float32).to(device)
+    return load(folder, dtype=dtype, device=device, trainable_dtype=trainable_dtype)
 
 
 def load_for_command(spec: str, pooling: str | None = None, causal: bool | None = None,
-                     max_length: int = 512, dtype: torch.dtype | None = None,
+                     max_length: int | None = None, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> NVEmbed:
-    """What the commands take as --model: a folder `save` wrote (its pooling and attention are kept), or a
-    base decoder (preset, HF folder, .gguf) with a fresh `pooling` (default mean) for zero-shot use."""
+    """What the commands take as --model: a folder `save` wrote (its pooling and attention are kept), a
+    released NV-Embed folder (from_released; max_length default 4096, theirs), or a base decoder (preset,
+    HF folder, .gguf) with a fresh `pooling` (default mean) and max_length (default 512) for zero-shot use."""
     if is_saved(spec):
         if pooling is not None or causal is not None:
             raise UsageError(f"--model {spec} is a saved NV-Embed model: it keeps the pooling and attention it "
                              "was trained with, so --pooling / --causal / --bidirectional do not apply")
         return load(spec, dtype=dtype, device=device)
+    if is_released(spec):  # NVIDIA's layout: latent pooling, bidirectional, its own text rule
+        if pooling is not None or causal is not None:
+            raise UsageError(f"--model {spec} is a released NV-Embed model: it keeps its latent pooling and "
+                             "bidirectional attention, so --pooling / --causal / --bidirectional do not apply")
+        return from_released(spec, dtype=dtype or torch.float32, max_length=max_length or 4096).to(device)
     if is_saved(Path(spec) / "model"):  # a run folder of train.py: config.json there is the run's
         raise UsageError(f"--model {spec} is a train.py run folder, not a model: did you mean "
                          f"{Path(spec) / 'model'}?")
     if spec not in PRESETS and not Path(spec).exists():
         raise MissingFileError(f"--model {spec}: not found (want a saved NV-Embed folder, an HF checkpoint "
                                f"folder, a .gguf file or a preset: {', '.join(sorted(PRESETS))})")
-    model = from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length,
+    model = from_base(spec, pooling=pooling or "mean", causal=bool(causal), max_length=max_length or 512,
                       dtype=dtype or torch.float32)
     return model.to(device).eval()
 

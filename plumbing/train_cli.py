@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ from data import TrainDataset, encode_texts, tokenize
 from model import PRESETS, MistralConfig
 from plumbing import datafiles
 from plumbing.builtin import builtin_dataset, builtin_sources
-from plumbing.checkpoints import model_folder
 from plumbing.distributed import print0, world_size
 from plumbing.errors import (ArgumentParser, DataError, MissingFileError, UsageError,
                              add_verbosity_flags, configure_logging)
+from plumbing.loading import saved_architecture
 from plumbing.sampler import BatchSampler
 from pooling import POOLINGS
 
@@ -70,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this saved model (a run folder or its model/); stage 2 without --model "
                         f"defaults to {DEFAULT_STAGE1_OUT}")
     g.add_argument("--data", nargs="+", default=None,
-                   help="training files (datafiles.py schema, one task type per file, one dataset each); "
+                   help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, folders "
+                        "datasets' save_to_disk wrote, or hub names; columns in datafiles.py's schema or "
+                        "the sentence-transformers, FlagEmbedding or tevatron layout (mapped by name); "
                         "default: plumbing/builtin.py's built-in dataset")
+    g.add_argument("--data-split", default="train",
+                   help="the split of --data datasets that have several (default %(default)s)")
+    g.add_argument("--data-weights", nargs="+", type=float, default=None,
+                   help="sampling weight of each --data dataset, in order (default: its size)")
     g.add_argument("--pooling", choices=tuple(POOLINGS), default=None,
                    help="pooling (default latent; with --init-from, the saved model's)")
     g.add_argument("--num-latents", type=int, default=None, help="latent pooling: latents (paper 512, tiny 32)")
@@ -172,8 +177,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if config["init_from"] is not None:
         if config["model"] is not None:
             raise UsageError("pass either --model (start from a base decoder) or --init-from (a saved model)")
-        saved = json.loads((model_folder(config["init_from"]) / "config.json").read_text())
-        recipe = "tiny" if saved["decoder"] == dataclasses.asdict(MistralConfig.preset("tiny")) else "paper"
+        saved = saved_architecture(config["init_from"])  # a saved model's, or a released one's
+        tiny = dataclasses.asdict(MistralConfig.preset("tiny"))
+        recipe = "tiny" if {"rope_scaling": None, **saved["decoder"]} == tiny else "paper"
         saved_lora = (saved["lora"] or {}).get("rank", 0)
         for key, value in (("pooling", saved["pooling"]), ("causal", saved["causal"])):
             if config[key] is not None and config[key] != value:
@@ -242,10 +248,17 @@ def check_paths(config: dict):
         if (local / "corpus.jsonl").is_file():
             raise UsageError(f"--data {path}: a BEIR folder (corpus, queries, qrels), not a training file; mine "
                              f"one with hard negatives: python mine.py --data {path} --out {local.name}-train.jsonl")
-        if local.is_dir():
-            raise UsageError(f"--data {path}: a folder, not a training file ({', '.join(TRAINING_FILE_SUFFIXES)})")
+        if local.is_dir() and not datafiles.is_dataset_folder(local):
+            raise UsageError(f"--data {path}: a folder, neither a training file "
+                             f"({', '.join(TRAINING_FILE_SUFFIXES)}) nor a dataset save_to_disk wrote")
         if not local.exists() and local.suffix in TRAINING_FILE_SUFFIXES:
             raise MissingFileError(f"--data {path}: no such file")
+    weights = config.get("data_weights")
+    if weights is not None and len(weights) != len(config["data"] or ()):
+        raise UsageError(f"--data-weights: {len(weights)} weights for {len(config['data'] or ())} --data datasets "
+                         "(one each, in order)")
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        raise UsageError(f"--data-weights {weights}: want non-negative weights, not all zero")
     beir = config["eval_beir"]
     if beir is not None and not Path(beir).is_dir():
         raise MissingFileError(f"--eval-beir {beir}: no such folder (want a BEIR folder: corpus.jsonl, "
@@ -298,12 +311,13 @@ def check_max_length(config: dict, sources: list, tokenizer, rule) -> None:
                              f"--max-length >= {head + 2}")
 
 
-def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool) -> list:
+def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool,
+                 split: str = "train") -> list:
     """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1 takes retrieval
     files only (PAPER.md section 4); in-batch negatives go to retrieval data only (data.TrainDataset decides)."""
     sources = []
     for path in paths:
-        examples = datafiles.read_training_file(path)
+        examples = datafiles.read_training_file(path, split=split)
         kinds = sorted({e.task_type for e in examples})
         if stage == 1 and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
@@ -317,7 +331,7 @@ def training_data(config: dict) -> tuple[list, BatchSampler]:
     """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on (seed, k) alone."""
     if config["data"]:
         sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
-                               config["in_batch_negatives"])
+                               config["in_batch_negatives"], config.get("data_split", "train"))
     else:
         sources = builtin_sources(config["stage"], config["hard_negatives"], config["in_batch_negatives"],
                                   config["seed"])
@@ -328,7 +342,8 @@ def training_data(config: dict) -> tuple[list, BatchSampler]:
     if config["batch_size"] % (config["grad_accum"] * world_size()):
         raise UsageError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
                          f"{config['grad_accum']} x {world_size()} ranks")
-    return sources, BatchSampler(sources, config["batch_size"], seed=config["seed"])
+    return sources, BatchSampler(sources, config["batch_size"], seed=config["seed"],
+                                 weights=config.get("data_weights"))
 
 
 def evaluation_set(config: dict):

@@ -590,3 +590,66 @@ def test_text_rule_from_a_config_names_what_is_wrong():
         TextRule.from_dict({"template": None}, "cfg")
     with pytest.raises(CheckpointError, match="cfg: TextRule.instruction_positions must be one of"):
         TextRule.from_dict({"instruction_positions": "all"}, "cfg")
+
+
+# --- other projects' layouts, datasets' folders and files --------------------------------------------------------
+
+
+def layout_rows(examples, layout):
+    """Built-in retrieval examples as rows of another project's training layout."""
+    if layout == "sentence-transformers":
+        return [{"anchor": e.query, "positive": e.positive,
+                 **{f"negative_{k + 1}": n for k, n in enumerate(e.negatives[:2])}} for e in examples]
+    if layout == "FlagEmbedding":
+        return [{"query": e.query, "pos": [e.positive], "neg": e.negatives[:2]} for e in examples]
+    return [{"query_id": e.query_id, "query": e.query,  # tevatron: passages with title and text
+             "positive_passages": [{"docid": "p", "title": "", "text": e.positive}],
+             "negative_passages": [{"docid": "n", "title": "", "text": n} for n in e.negatives[:2]]}
+            for e in examples]
+
+
+@pytest.mark.parametrize("layout", ["sentence-transformers", "FlagEmbedding", "tevatron"])
+def test_other_layouts_are_mapped_by_column_name(tmp_path, layout, caplog):
+    datasets = pytest.importorskip("datasets")
+    examples = [e for e in builtin.builtin_dataset().train_examples if len(e.negatives) >= 2][:6]
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(layout_rows(examples, layout)).to_parquet(str(path))
+    with caplog.at_level("INFO"):
+        read = read_training_file(path)
+    assert f"{layout} layout" in caplog.text  # the mapping is printed
+    assert [(e.query, e.positive, e.negatives, e.task_type, e.instruction) for e in read] == \
+        [(e.query, e.positive, e.negatives[:2], "retrieval", "") for e in examples]
+
+
+def test_a_missing_column_in_another_layout_is_located(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    examples = builtin.builtin_dataset().train_examples[:3]
+    rows = layout_rows(examples, "sentence-transformers")
+    rows[1]["positive"] = None
+    path = tmp_path / "st.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    with pytest.raises(DataError, match=f"{path} row 2: field 'positive' is missing"):
+        read_training_file(path)
+
+
+def test_training_from_a_dataset_folder_and_a_sentence_transformers_parquet(tmp_path):
+    """train.py --data on what users have: a folder save_to_disk wrote (a DatasetDict, split chosen with
+    --data-split) and a parquet file in the sentence-transformers layout, weighted with --data-weights."""
+    datasets = pytest.importorskip("datasets")
+    import train
+
+    examples = [e for e in builtin.builtin_dataset().train_examples if len(e.negatives) >= 2]
+    folder = tmp_path / "hf-dataset"
+    ours = datasets.Dataset.from_list([e.to_json() for e in examples[:40]])
+    datasets.DatasetDict({"mined": ours}).save_to_disk(str(folder))
+    parquet = tmp_path / "st.parquet"
+    datasets.Dataset.from_list(layout_rows(examples[40:80], "sentence-transformers")).to_parquet(str(parquet))
+    summary = train.main(["--data", str(folder), str(parquet), "--data-split", "mined", "--data-weights", "1", "3",
+                          "--steps", "2", "--batch-size", "4", "--hard-negatives", "1", "--no-eval",
+                          "--no-progress", "--out", str(tmp_path / "run")])
+    assert summary["step"] == 2 and Path(summary["model"]).is_dir()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_split"] == "mined" and config["data_weights"] == [1.0, 3.0]
+    with pytest.raises(SystemExit):  # another split than the folder has: a one-line error
+        train.main(["--data", str(folder), "--steps", "1", "--batch-size", "4", "--no-eval", "--no-progress",
+                    "--out", str(tmp_path / "run2")])

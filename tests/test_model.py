@@ -100,6 +100,45 @@ def test_bidirectional_matches_hf_is_causal_false(family, pad_side):
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+# Llama 3.1's RoPE: head_dim 8 and theta 500 give wavelengths of about 6, 30, 140 and 660
+# positions; against an original context of 16 with low / high factors 0.25 / 2, the first
+# frequency is kept, the second interpolated and the last two divided by `factor`: every branch.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0.25,
+               "high_freq_factor": 2.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])  # transformers 5.x, 4.x
+@pytest.mark.parametrize("causal", [True, False])
+def test_llama3_rope_matches_hf(key, causal):
+    cfg = tiny_config("llama", 1)  # rope_theta 500
+    plain = ours_from(hf_model("llama", cfg, causal=causal))
+    fields = {k: v for k, v in cfg.__dict__.items()
+              if k not in ("sliding_window", "rope_scaling", "rope_theta")}
+    hf = transformers.LlamaModel(transformers.LlamaConfig(
+        **fields, rope_parameters={**LLAMA3_ROPE, "rope_theta": 500.0}, attn_implementation="sdpa"))
+    hf.load_state_dict(plain.state_dict())
+    if not causal:
+        hf.config.is_causal = False
+        for layer in hf.layers:
+            layer.self_attn.is_causal = False
+    # The config.json either era writes: the scaling beside rope_theta, or under its own key.
+    if key == "rope_parameters":
+        config = {**fields, "model_type": "llama", key: {**LLAMA3_ROPE, "rope_theta": 500.0}}
+    else:
+        config = {**fields, "model_type": "llama", "rope_theta": 500.0, key: LLAMA3_ROPE}
+    ours = Mistral(MistralConfig.from_hf(config)).eval()
+    assert ours.config.rope_scaling == LLAMA3_ROPE and ours.config.rope_theta == 500.0
+    ours.load_state_dict(plain.state_dict())
+    ids, mask = batch("right", T=60)  # positions up to 59: well past the original 16
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf.eval()(input_ids=ids, attention_mask=mask, position_ids=positions)
+        got, unscaled = ours(ids, mask, causal=causal), plain(ids, mask, causal=causal)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    assert (got[real] - unscaled[real]).abs().max() > 1e-2  # plain RoPE: a different model
+
+
 def test_bidirectional_is_real():
     torch.manual_seed(0)
     model = Mistral(MistralConfig.preset("tiny")).eval()
@@ -217,8 +256,18 @@ def test_from_pretrained_refuses_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture model_type='gpt2'"):
         Mistral.from_pretrained(tmp_path)
 
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "llama3"}}))
-    with pytest.raises(ValueError, match="rope_scaling type 'llama3' is not supported"):
+    # Every RoPE scaling but llama3 is refused by name, under the key of either transformers era.
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+        (tmp_path / "config.json").write_text(json.dumps({**config, key: scaling}))
+        with pytest.raises(ValueError, match=f"{key} type 'yarn' is not supported"):
+            Mistral.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear"}}))
+    with pytest.raises(ValueError, match="rope_scaling type 'linear' is not supported"):
+        Mistral.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**config, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}))
+    with pytest.raises(ValueError, match="lacks.*low_freq_factor"):
         Mistral.from_pretrained(tmp_path)
 
 

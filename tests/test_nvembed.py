@@ -175,6 +175,41 @@ def test_lora_on_a_checkpoint_saves_adapters_only(tmp_path):
         NVEmbed.load(tmp_path / "m")
 
 
+def test_run_folder_with_its_base_moves_whole(tmp_path):
+    """A base inside the run folder is recorded relative to the model: the whole run folder can move.
+    A base outside it is recorded as given; a missing base is one error naming the recorded path."""
+    transformers = pytest.importorskip("transformers")
+    cfg = MistralConfig.preset("tiny")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{k: v for k, v in cfg.__dict__.items() if k not in ("sliding_window", "rope_scaling")}))
+    run = tmp_path / "run"
+    hf.save_pretrained(run / "base")
+    ByteTokenizer().save_pretrained(str(run / "base"))
+    model = from_base(str(run / "base"), pooling="mean")
+    apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
+    before = model.eval().encode(TEXTS, convert_to_tensor=True)
+    model.save(run / "model", training=dict(data=["train.jsonl"], steps=7, metrics={"NDCG@10": 0.5}))
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert (config["base"], config["base_relative"]) == ("../base", True)
+    card = (run / "model" / "README.md").read_text()
+    for expected in ("| base |", "| pooling | mean", "bidirectional", "train.jsonl", "| steps | 7 |",
+                     "NDCG@10 0.5000", config["fingerprint"], "NVEmbed.load("):
+        assert expected in card, expected
+    (run).rename(tmp_path / "moved")
+    loaded = NVEmbed.load(tmp_path / "moved" / "model")
+    torch.testing.assert_close(loaded.encode(TEXTS, convert_to_tensor=True), before)
+
+    # A base outside the run folder: recorded as given; once gone, named in a one-line error.
+    outside = tmp_path / "moved" / "base"
+    model = from_base(str(outside), pooling="mean")
+    apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
+    model.save(tmp_path / "other" / "model")
+    assert json.loads((tmp_path / "other" / "model" / "config.json").read_text())["base"] == str(outside)
+    outside.rename(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match=f"base checkpoint '{outside}' is not found"):
+        NVEmbed.load(tmp_path / "other" / "model")
+
+
 def test_from_pretrained_refuses_other_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         NVEmbed.load(tmp_path)

@@ -274,3 +274,32 @@ def test_released_layout_folds_lora_and_warns_of_the_input_rule(tmp_path, caplog
                                model.encode(DOCUMENTS, convert_to_tensor=True), atol=1e-5, rtol=1e-4)
     with pytest.raises(Exception, match="latent-attention pooling only"):
         from_base("tiny", pooling="mean").save(tmp_path / "mean", layout="released")
+
+
+def test_every_command_takes_a_released_folder(checkpoint, tmp_path):
+    """evaluate.py --model, mine.py --model (also on a copy with NV-Embed-v2's modules.json) and
+    train.py --init-from read NVIDIA's layout as from_released does."""
+    import shutil
+
+    import mine
+    import train
+    from plumbing import evaluate_cli
+
+    metrics = evaluate_cli.main(["--model", str(checkpoint), "--out", str(tmp_path / "eval"), "--max-length", "96"])
+    assert 0.0 <= metrics["NDCG@10"] <= 1.0
+    copy = tmp_path / "NV-Embed-v2"
+    shutil.copytree(checkpoint, copy)
+    (copy / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "",
+                                                    "type": "sentence_transformers.models.Transformer"}]))
+    for model in (checkpoint, copy):
+        out = tmp_path / f"mined-{model.name}.jsonl"
+        _, stats = mine.main(["--model", str(model), "--out", str(out), "--top-k", "3", "--max-length", "96"])
+        assert stats["model"] == str(model) and out.is_file()  # a random teacher may keep no negative
+    summary = train.main(["--stage", "2", "--init-from", str(checkpoint), "--steps", "2", "--batch-size", "4",
+                          "--warmup-steps", "1", "--lora-rank", "4", "--max-length", "96", "--hard-negatives", "1",
+                          "--out", str(tmp_path / "stage2"), "--no-eval", "--no-progress"])
+    trained = NVEmbed.load(summary["model"])
+    assert trained.pooling_name == "latent" and not trained.causal
+    assert lora_config(trained.decoder)["rank"] == 4
+    with pytest.raises(SystemExit):  # a released model keeps its pooling
+        evaluate_cli.main(["--model", str(checkpoint), "--pooling", "mean", "--out", str(tmp_path / "e2")])
