@@ -1,6 +1,6 @@
 """Draw an ablation table (bench/ablate.py's JSON) as two PNG pictures.
 
-    python bench/plot_ablation.py bench/ablation-full.json     # -> bench/ablation-full.png, bench/loss-full.png
+    python bench/plot_ablation.py bench/history/ablation-full.json   # -> bench/history/ablation-full.png, ...
     python bench/plot_ablation.py --runs runs/stage1 runs/other  # -> curves.png: loss and nDCG@10 per step
 
 - ablation-SETTING.png: SciFact test nDCG@10 per pooling, causal beside bidirectional,
