@@ -44,6 +44,7 @@ from plumbing.errors import exits_on_user_error
 from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
 from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
+from plumbing.runlock import release_run_lock
 from plumbing.sampler import BatchSampler, rank_slice
 from plumbing.train_cli import (build_parser, check_max_length, evaluation_set, resolve_config,
                                  training_data)
@@ -474,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"train.py: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1)
     finally:
+        release_run_lock()  # --out's lock (plumbing/runlock.py)
         destroy_distributed()
 
 

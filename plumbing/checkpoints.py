@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
 from plumbing.errors import CheckpointError, DataError, DiskFullError, MissingFileError, UsageError
+from plumbing.runlock import take_run_lock
 
 log = logging.getLogger("nvembed.checkpoints")  # notices: errors.py
 
@@ -846,7 +847,8 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
 
 
 def prepare_run_folder(config: dict):
-    """Create --out; refuse to mix a fresh run into an old one unless --overwrite."""
+    """Create --out and take its lock (runlock.py; released as the command ends); refuse to mix a fresh
+    run into an old one unless --overwrite."""
     out = Path(config["out"])
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: a file, not a folder (the run folder is made there)")
@@ -858,6 +860,7 @@ def prepare_run_folder(config: dict):
             probe.unlink()
         except OSError as error:
             raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
+        take_run_lock(out)  # one run per --out: refused while another live process holds it (runlock.py)
     if not config["resume"]:
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]

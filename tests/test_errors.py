@@ -676,3 +676,64 @@ def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, single_process
     assert code == 2
     assert stderr.strip().splitlines()[-1] == (f"train.py: error: --resume: no complete checkpoint in "
                                                f"{out / 'checkpoints'} ({damaged} is missing)")
+
+
+# ---------------------------------------------------------------- one run per --out at a time
+
+
+def lock_naming(out, pid):
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}) + "\n")
+
+
+def test_a_run_folder_in_use_by_a_live_process_is_refused(tmp_path, single_process, capsys):
+    """The lock names this very process (alive): the run is refused before it touches the folder, and the
+    lock is left as it was."""
+    out = tmp_path / "run"
+    lock_naming(out, os.getpid())
+    before = (out / "train.lock").read_text()
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)], capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == \
+        f"train.py: error: --out {out} is in use by process {os.getpid()} (lock file {out / 'train.lock'})"
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"] and (out / "train.lock").read_text() == before
+
+
+def test_a_run_holding_the_lock_refuses_another_until_it_dies(tmp_path, single_process, capsys):
+    """A real holder, another process, takes the lock and sleeps: a run on its --out is refused; once it is
+    killed its lock is stale, taken over with a notice, and the run's own lock is gone when it ends."""
+    import subprocess
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing.runlock import take_run_lock; "
+                               "take_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)], capsys)
+        assert code == 2 and stderr.strip().splitlines()[-1] == \
+            f"train.py: error: --out {out} is in use by process {holder.pid} (lock file {out / 'train.lock'})"
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    assert summary["step"] == 1
+    assert (f"notice: --out {out}: taking over the lock of process {holder.pid}, which is no longer running "
+            f"(lock file {out / 'train.lock'})") in capsys.readouterr().out
+    assert not (out / "train.lock").exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, single_process, capsys):
+    """The lock names a process that does not exist (a PID above the kernel's pid_max)."""
+    out = tmp_path / "run"
+    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1 if os.path.exists("/proc/sys/kernel/pid_max") \
+        else 2**22 + 1
+    lock_naming(out, dead)
+    summary = train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    assert summary["step"] == 1 and (out / "model" / "config.json").is_file()
+    assert (f"notice: --out {out}: taking over the lock of process {dead}, which is no longer running "
+            f"(lock file {out / 'train.lock'})") in capsys.readouterr().out
+    assert not (out / "train.lock").exists()  # released at exit
