@@ -95,6 +95,11 @@ def take_run_lock(out: str | os.PathLike) -> Path:
         return lock
 
 
+def held_folder() -> Path | None:
+    """The run folder whose lock this process holds."""
+    return _held["path"].parent if _held else None
+
+
 def release_run_lock():
     """Remove and release the lock this process holds, if any (at the command's end, however it ends)."""
     if not _held:
