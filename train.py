@@ -42,6 +42,7 @@ from plumbing.distributed import (barrier, destroy_distributed, init_distributed
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error
 from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
+from plumbing.interrupts import stops_cleanly, watch
 from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
@@ -433,6 +434,7 @@ def finish(run: Run, loss: float | None) -> dict:
 def train(config: dict) -> dict:
     """Run one stage as `config` (train_cli.resolve_config) says; returns a summary dict."""
     run = setup(config)
+    watch(run)  # its step, for the line an interruption prints
     return finish(run, loop(run))
 
 
@@ -462,6 +464,7 @@ def run_evaluation(model, config: dict, evaluation, when: str, step: int,
 
 
 @exits_on_user_error  # a mistake in the input: one line, exit status 2, said by rank 0 (errors.py)
+@stops_cleanly  # Ctrl-C, SIGTERM: one line, exit 130 / 143; --out's lock released (interrupts.py)
 def main(argv: list[str] | None = None) -> dict:
     """The command (flags: plumbing/train_cli.py)."""
     try:

@@ -38,6 +38,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
 from plumbing.errors import CheckpointError, DataError, DiskFullError, MissingFileError, UsageError
+from plumbing.interrupts import deferred_signals
+from plumbing.runlock import take_run_lock
 
 log = logging.getLogger("nvembed.checkpoints")  # notices: errors.py
 
@@ -446,12 +448,13 @@ def replace_folder(temporary: Path, final: Path):
             _fsync(path)
     _fsync(temporary)
     old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(temporary, final)
-    _fsync(final.parent)  # the rename itself
-    shutil.rmtree(old, ignore_errors=True)
+    with deferred_signals():  # Ctrl-C or SIGTERM here: acted on once the new folder is in place
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(temporary, final)
+        _fsync(final.parent)  # the rename itself
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_released_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
@@ -800,11 +803,12 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
                      for path in sorted(temporary.rglob("*")) if path.is_file()}
             (temporary / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
     if rank() == 0:
-        replace_folder(temporary, final)
-        older = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
-                       key=lambda p: int(p.name[len("step_"):]))
-        for stale in older[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale)
+        with deferred_signals():  # the new checkpoint in place and the old ones gone, or neither
+            replace_folder(temporary, final)
+            older = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
+                           key=lambda p: int(p.name[len("step_"):]))
+            for stale in older[:-keep] if keep > 0 else []:
+                shutil.rmtree(stale)
     barrier()
     return final
 
@@ -846,7 +850,8 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
 
 
 def prepare_run_folder(config: dict):
-    """Create --out; refuse to mix a fresh run into an old one unless --overwrite."""
+    """Create --out and take its lock (runlock.py; released as the command ends); refuse to mix a fresh
+    run into an old one unless --overwrite."""
     out = Path(config["out"])
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: a file, not a folder (the run folder is made there)")
@@ -858,6 +863,7 @@ def prepare_run_folder(config: dict):
             probe.unlink()
         except OSError as error:
             raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
+        take_run_lock(out)  # one run per --out: refused while another live process holds it (runlock.py)
     if not config["resume"]:
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]

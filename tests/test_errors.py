@@ -676,3 +676,133 @@ def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, single_process
     assert code == 2
     assert stderr.strip().splitlines()[-1] == (f"train.py: error: --resume: no complete checkpoint in "
                                                f"{out / 'checkpoints'} ({damaged} is missing)")
+
+
+# ---------------------------------------------------------------- one run per --out at a time
+
+
+def lock_naming(out, pid):
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}) + "\n")
+
+
+def test_a_run_folder_in_use_by_a_live_process_is_refused(tmp_path, single_process, capsys):
+    """The lock names this very process (alive): the run is refused before it touches the folder, and the
+    lock is left as it was."""
+    out = tmp_path / "run"
+    lock_naming(out, os.getpid())
+    before = (out / "train.lock").read_text()
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)], capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == \
+        f"train.py: error: --out {out} is in use by process {os.getpid()} (lock file {out / 'train.lock'})"
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"] and (out / "train.lock").read_text() == before
+
+
+def test_a_run_holding_the_lock_refuses_another_until_it_dies(tmp_path, single_process, capsys):
+    """A real holder, another process, takes the lock and sleeps: a run on its --out is refused; once it is
+    killed its lock is stale, taken over with a notice, and the run's own lock is gone when it ends."""
+    import subprocess
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing.runlock import take_run_lock; "
+                               "take_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)], capsys)
+        assert code == 2 and stderr.strip().splitlines()[-1] == \
+            f"train.py: error: --out {out} is in use by process {holder.pid} (lock file {out / 'train.lock'})"
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    assert summary["step"] == 1
+    assert (f"notice: --out {out}: taking over the lock of process {holder.pid}, which is no longer running "
+            f"(lock file {out / 'train.lock'})") in capsys.readouterr().out
+    assert not (out / "train.lock").exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, single_process, capsys):
+    """The lock names a process that does not exist (a PID above the kernel's pid_max)."""
+    out = tmp_path / "run"
+    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1 if os.path.exists("/proc/sys/kernel/pid_max") \
+        else 2**22 + 1
+    lock_naming(out, dead)
+    summary = train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
+    assert summary["step"] == 1 and (out / "model" / "config.json").is_file()
+    assert (f"notice: --out {out}: taking over the lock of process {dead}, which is no longer running "
+            f"(lock file {out / 'train.lock'})") in capsys.readouterr().out
+    assert not (out / "train.lock").exists()  # released at exit
+
+
+# ---------------------------------------------------------------- interrupted cleanly
+
+
+def temporaries(out):
+    return [path for path in out.rglob("*") if path.name.endswith((".tmp", ".old"))]
+
+
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_run_stops_in_one_line_and_resume_completes(signum, code, tmp_path, single_process, capsys):
+    """train.py in its own process gets Ctrl-C (SIGINT) or SIGTERM once its first checkpoint is saved: one line
+    saying where --resume continues, no traceback, no .tmp, the lock released, the shell's exit status for the
+    signal; --resume then finishes the run."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "6", "--save-every", "2", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    process = subprocess.Popen([sys.executable, "train.py", *job], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    first = out / "checkpoints" / "step_00000002"
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signum)
+    stderr = process.communicate(timeout=300)[1]
+    assert process.returncode == code and "Traceback" not in stderr, stderr
+    name = signal.Signals(signum).name
+    last_line = stderr.strip().splitlines()[-1]
+    said = re.fullmatch(rf"train\.py: interrupted at step (\d+) \({name}\); continue with --resume \(last "
+                        rf"checkpoint: {re.escape(str(out))}/checkpoints/step_(\d+), step (\d+)\)", last_line)
+    assert said, last_line
+    assert int(said.group(3)) == int(said.group(2)) >= 2 and int(said.group(1)) >= int(said.group(3))
+    assert temporaries(out) == [] and not (out / "train.lock").exists() and not (out / "model").exists()
+    summary = train.main(job + ["--resume"])
+    assert summary["step"] == 6 and (out / "model" / "config.json").is_file()
+    assert f"resumed from {out / 'checkpoints' / f'step_{int(said.group(2)):08d}'}" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_process, monkeypatch, capsys):
+    """Ctrl-C arrives midway through writing step 2's checkpoint: the partial step_00000002.tmp is removed,
+    step 1's checkpoint is the one --resume will use, and the line says so."""
+    import signal
+    from plumbing import checkpoints
+
+    real_save, saves = checkpoints.dcp.save, []
+
+    def save_cut_by_ctrl_c(state, checkpoint_id, **kwargs):
+        saves.append(checkpoint_id)
+        if len(saves) == 2:
+            (checkpoint_id / "__0_0.distcp").write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    monkeypatch.setattr(checkpoints.dcp, "save", save_cut_by_ctrl_c)
+    out = tmp_path / "run"
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)],
+                               capsys)
+    step_1 = out / "checkpoints" / "step_00000001"
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (f"train.py: interrupted at step 2 (SIGINT); continue with --resume "
+                                               f"(last checkpoint: {step_1}, step 1)")
+    assert sorted((out / "checkpoints").iterdir()) == [step_1] and temporaries(out) == []
+    assert not (out / "train.lock").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back

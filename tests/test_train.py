@@ -339,6 +339,36 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, single_process):
     assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
 
 
+def test_resume_past_a_corrupt_newest_checkpoint_gives_the_uninterrupted_result(tmp_path, single_process, capsys):
+    """Issue 25's acceptance: of two checkpoints the newest is cut in half; --resume names it, continues from the
+    one before, and ends bit-identical to a run never interrupted (weights, embeddings and logged losses)."""
+    uninterrupted = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "a")])
+    job = SMALL_JOB + ["--steps", "6", "--save-every", "2", "--out", str(tmp_path / "b")]
+    stopped = train.main(job + ["--stop-after", "4"])
+    assert stopped["step"] == 4
+    steps = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert steps == ["step_00000002", "step_00000004"]
+    shard = next((tmp_path / "b" / "checkpoints" / "step_00000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = train.main(job + ["--resume"])
+    said = capsys.readouterr().out
+    assert f"notice: --resume skips step_00000004: {shard}" in said
+    assert f"resumed from {tmp_path / 'b' / 'checkpoints' / 'step_00000002'} at step 2" in said
+    assert resumed["step"] == uninterrupted["step"] == 6
+    a, b = saved_weights(tmp_path / "a"), saved_weights(tmp_path / "b")
+    assert set(a) == set(b) and any("lora_A" in k for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
+    from plumbing.loading import load
+
+    texts = ["a red fox in the northern hills", "which bird sings at night", "a quiet harbour town"]
+    embeddings = [load(tmp_path / run / "model").encode(texts, batch_size=2, convert_to_tensor=True)
+                  for run in ("a", "b")]
+    assert torch.equal(embeddings[0], embeddings[1])
+
+
 def test_resume_refuses_another_configuration(tmp_path, single_process, capsys):
     train.main(SMALL_JOB + ["--steps", "4", "--stop-after", "2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as refused:
