@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from plumbing import tracking
 from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
 from plumbing.errors import CheckpointError, DataError, DiskFullError, MissingFileError, UsageError
 
@@ -926,7 +927,7 @@ def discard_previous_run(out: Path):
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "stop_after", "eval",
-                     "eval_every", "eval_batch_size", "device", "progress", "compile"}  # compile: same step, faster
+                     "eval_every", "eval_batch_size", "device", "progress", "compile", "report_to"}  # compile: same step, faster
 
 
 # Config keys added since runs were first saved, and the value an older run had without them.
@@ -993,3 +994,4 @@ def append_log(out: Path, record: dict) -> None:
     if rank() == 0:
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.record(out, record)  # --report-to tensorboard: the same record as scalars
