@@ -398,7 +398,7 @@ class NVEmbed(nn.Module):
         return load(folder, **kwargs)
 
     def save(self, folder: str | os.PathLike, **kwargs) -> None:
-        """This project's layout (with a README.md model card), or NVIDIA's (layout="released");
-        kwargs: state_dict, overwrite, training (data, steps, metrics: for the card)."""
+        """This project's layout (with a README.md model card); kwargs: layout ("released", "hf", "peft":
+        plumbing/loading.save), state_dict, overwrite, training (data, steps, metrics: for the card)."""
         from plumbing.loading import save
         save(self, folder, **kwargs)

@@ -36,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
+from plumbing import tracking
 from plumbing.checkpoints import (append_log, discard_previous_run, load_checkpoint, logged_eval,
                                   logged_ndcg, open_run, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
@@ -326,6 +327,7 @@ def setup(config: dict) -> Run:
     print0("config " + json.dumps(config, indent=2))
     if rank() == 0:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tracking.start(config.get("report_to"), out)  # --report-to tensorboard; stopped by train()
     sources, sampler = training_data(config)
     evaluation = evaluation_set(config)
 
@@ -433,9 +435,12 @@ def finish(run: Run, loss: float | None) -> dict:
 
 def train(config: dict) -> dict:
     """Run one stage as `config` (train_cli.resolve_config) says; returns a summary dict."""
-    run = setup(config)
-    watch(run)  # its step, for the line an interruption prints
-    return finish(run, loop(run))
+    try:
+        run = setup(config)
+        watch(run)  # its step, for the line an interruption prints
+        return finish(run, loop(run))
+    finally:
+        tracking.stop(config["out"])
 
 
 def run_evaluation(model, config: dict, evaluation, when: str, step: int,

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from plumbing import tracking
 from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
 from plumbing.errors import CheckpointError, DataError, DiskFullError, MissingFileError, UsageError
 from plumbing.interrupts import deferred_signals
@@ -302,7 +303,8 @@ def weights_fingerprint(tensors: dict[str, torch.Tensor], samples: int = 4096) -
 
 
 def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
-                       tokenizer, overwrite: bool = False, training: dict | None = None) -> None:
+                       tokenizer, overwrite: bool = False, training: dict | None = None,
+                       extra_files: tuple[dict, dict] | None = None) -> None:
     """What NVEmbed.save writes: config.json (the architecture with the model's name, the weights' dtype and
     fingerprint: the model's identity in results), the decoder's weights (or, for LoRA on a checkpoint's
     decoder, only the adapters plus a fingerprint of the base's weights), the pooling's, and the tokenizer
@@ -330,8 +332,9 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict, state_dict
                   fingerprint=weights_fingerprint(state))  # all the weights, the base's too: NVEmbed.fingerprint
 
     decoder_file = "adapters.safetensors" if adapters_only else "decoder.safetensors"
-    _write_folder(final, config, {decoder_file: decoder_state, "pooling.safetensors": pooling_state}, tokenizer,
-                  "tokenizer", model_card(config, architecture["base"], training or {}))
+    extra_weights, json_files = extra_files or ({}, {})  # e.g. PEFT's files (export.peft_files)
+    _write_folder(final, config, {decoder_file: decoder_state, "pooling.safetensors": pooling_state, **extra_weights},
+                  tokenizer, "tokenizer", model_card(config, architecture["base"], training or {}), json_files)
 
 
 def is_inside(path: str | None, folder: Path) -> bool:
@@ -379,15 +382,20 @@ def model_card(config: dict, base: str | None, training: dict) -> str:
 
 
 def _write_folder(final: Path, config: dict, weights: dict[str, dict], tokenizer, tokenizer_folder: str,
-                  card: str | None = None) -> None:
+                  card: str | None = None, json_files: dict[str, dict] | None = None) -> None:
+    """config.json, the `weights` ({file: tensors}, with transformers' {"format": "pt"} metadata), the
+    tokenizer, README.md and further `json_files` ({file: dict}); file names may hold a subfolder."""
     temporary = final.with_name(final.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     with written_whole(temporary, final):
         temporary.mkdir(parents=True)
         for file, tensors in weights.items():
-            save_file(tensors, temporary / file)
+            (temporary / file).parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, temporary / file, metadata={"format": "pt"})
         tokenizer.save_pretrained(str(temporary / tokenizer_folder))
-        (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for file, content in {"config.json": config, **(json_files or {})}.items():
+            (temporary / file).parent.mkdir(parents=True, exist_ok=True)
+            (temporary / file).write_text(json.dumps(content, indent=2) + "\n")
         if card is not None:
             (temporary / "README.md").write_text(card)
     replace_folder(temporary, final)
@@ -457,6 +465,17 @@ def replace_folder(temporary: Path, final: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def fold_lora(state_dict: dict[str, torch.Tensor], lora: dict | None) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU with each LoRA adapter folded into its weight: W + (alpha / r) B A, computed
+    in fp32 and rounded once to W's dtype; no `lora_` tensor is left. The released and HF layouts save this."""
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    for key in [k for k in state if k.endswith(".lora_A")]:
+        base = key.removesuffix(".lora_A")
+        update = (lora["alpha"] / lora["rank"]) * (state.pop(base + ".lora_B").float() @ state.pop(key).float())
+        state[base + ".weight"] = (state[base + ".weight"].float() + update).to(state[base + ".weight"].dtype)
+    return state
+
+
 def write_released_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
                           tokenizer, overwrite: bool = False) -> None:
     """NVEmbed.save(layout="released"): NVIDIA's NV-Embed layout, which `read_released` (and the released code)
@@ -474,11 +493,7 @@ def write_released_folder(folder: str | os.PathLike, architecture: dict, state_d
             ("without_instruction", "sequence", "tokenize"):
         log.warning("%s: the released layout's readers use the released input rule, not this model's %s: its "
                     "documents' BOS will be pooled and long texts cut without EOS", final, rule)
-    state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    for key in [k for k in state if k.endswith(".lora_A")]:  # W + (alpha / r) B A, rounded once
-        base, lora = key.removesuffix(".lora_A"), architecture["lora"]
-        update = (lora["alpha"] / lora["rank"]) * (state.pop(base + ".lora_B").float() @ state.pop(key).float())
-        state[base + ".weight"] = (state[base + ".weight"].float() + update).to(state[base + ".weight"].dtype)
+    state = fold_lora(state_dict, architecture["lora"])
     released_of = {ours: released for released, ours in RELEASED_LATENT_NAMES.items()}
     tensors = {"embedding_model." + k.removeprefix("decoder."): v.contiguous() for k, v in state.items()
                if k.startswith("decoder.")}
@@ -501,7 +516,7 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, 
     """(config, its file, {"decoder.*" / "pooling.*": tensor}) of a folder NVEmbed.save wrote, the tensors as
     saved (an adapters-only save holds only the adapters of its decoder). Any other folder is refused by name."""
     folder = Path(folder)
-    config_file = folder / "config.json"
+    config_file = saved_config_file(folder) or folder / "config.json"
     if not config_file.is_file():
         raise MissingFileError(f"{folder}: no config.json (not a saved NV-Embed model)")
     config = read_json(config_file)
@@ -514,9 +529,13 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict, Path, dict[str, 
     config.setdefault("normalize", True)
     config.setdefault("name", None)  # saves from before models had names
     config["decoder"].setdefault("rope_scaling", None)  # saves from before Llama 3's RoPE
-    decoder_file = "adapters.safetensors" if config["base"] is not None else "decoder.safetensors"
+    if config.get("layout") == "hf":  # NVEmbed.save(layout="hf"): HF's decoder file, the pooling in nvembed/
+        decoder_file, pooling_file = HF_DECODER_FILE, HF_LAYOUT_POOLING
+    else:
+        decoder_file = "adapters.safetensors" if config["base"] is not None else "decoder.safetensors"
+        pooling_file = "pooling.safetensors"
     tensors = {f"decoder.{k}": v for k, v in load_safetensors(folder / decoder_file).items()}
-    tensors |= {f"pooling.{k}": v for k, v in load_safetensors(folder / "pooling.safetensors").items()}
+    tensors |= {f"pooling.{k}": v for k, v in load_safetensors(folder / pooling_file).items()}
     return config, config_file, tensors
 
 
@@ -534,13 +553,27 @@ def check_base(config: dict, config_file: Path, decoder_config: dict, base_state
                               f"expected {expected})")
 
 
+# NVEmbed.save(layout="hf"): a transformers folder (config.json, model.safetensors, the tokenizer) with this
+# project's config and the pooling in a subfolder, where transformers and HF checkpoint readers do not look.
+HF_DECODER_FILE = "model.safetensors"
+HF_LAYOUT_CONFIG = "nvembed/config.json"
+HF_LAYOUT_POOLING = "nvembed/pooling.safetensors"
+
+
+def saved_config_file(path: str | os.PathLike) -> Path | None:
+    """The NV-Embed config.json of a folder `NVEmbed.save` wrote (in either layout), or None."""
+    for config_file in (Path(path) / "config.json", Path(path) / HF_LAYOUT_CONFIG):
+        try:
+            if json.loads(config_file.read_text()).get("format") == "nv-embed":
+                return config_file
+        except (OSError, ValueError, AttributeError):
+            pass
+    return None
+
+
 def is_saved(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder written by `NVEmbed.save`."""
-    config_file = Path(path) / "config.json"
-    try:
-        return json.loads(config_file.read_text()).get("format") == "nv-embed"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return saved_config_file(path) is not None
 
 
 # Released name (after the `latent_attention_model.` prefix) -> our name. The released
@@ -668,7 +701,7 @@ def model_folder(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / "model" / "config.json").is_file():
         return path / "model"
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == "nv-embed":
+    if is_saved(path):
         return path
     if is_released(path):
         return path
@@ -900,7 +933,7 @@ def discard_previous_run(out: Path):
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "stop_after", "eval",
-                     "eval_every", "eval_batch_size", "device", "progress", "compile"}  # compile: same step, faster
+                     "eval_every", "eval_batch_size", "device", "progress", "compile", "report_to"}  # compile: same step, faster
 
 
 # Config keys added since runs were first saved, and the value an older run had without them.
@@ -967,3 +1000,4 @@ def append_log(out: Path, record: dict) -> None:
     if rank() == 0:
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.record(out, record)  # --report-to tensorboard: the same record as scalars

@@ -25,7 +25,8 @@ from lora import apply_lora, lora_config
 from model import PRESETS, Mistral, MistralConfig, NVEmbed
 from plumbing.checkpoints import (ByteTokenizer, check_base, is_released, is_saved, load_checked,
                                   load_tokenizer, model_folder, read_json, read_model_folder,
-                                  read_released, read_released_config, resolve_base, write_model_folder,
+                                  read_released, read_released_config, resolve_base, saved_config_file,
+                                  write_model_folder,
                                   write_released_folder)
 from plumbing.distributed import rank
 from plumbing.errors import MissingFileError, UsageError, UserError
@@ -81,16 +82,22 @@ def skeleton(architecture: dict, tokenizer) -> NVEmbed:
 
 def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False,
          layout: str = "own", training: dict | None = None) -> None:
-    """In this project's layout (checkpoints.py), or NVIDIA's (layout="released"); `state_dict`: e.g. FSDP's;
-    `training`: data, steps and metrics for the model card (README.md) of the project's layout."""
+    """In this project's layout (checkpoints.py), NVIDIA's (layout="released"), transformers' (layout="hf": the
+    decoder with LoRA folded in, AutoModel reads it) or this project's with PEFT's adapter files beside
+    (layout="peft"; export.py); `state_dict`: e.g. FSDP's; `training`: data, steps and metrics for the model card
+    (README.md). NVEmbed.load reads every layout but "released" (from_released reads that)."""
+    from plumbing.export import write_hf_folder, write_peft_folder
+    state_dict = state_dict or model.state_dict()
     if layout == "own":
-        write_model_folder(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer,
-                           overwrite, training)
+        write_model_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
     elif layout == "released":
-        write_released_folder(folder, architecture(model), state_dict or model.state_dict(), model.tokenizer,
-                              overwrite)
+        write_released_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite)
+    elif layout == "hf":
+        write_hf_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
+    elif layout == "peft":
+        write_peft_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
     else:
-        raise ValueError(f"unknown layout {layout!r}; choose own or released")
+        raise ValueError(f"unknown layout {layout!r}; choose own, released, hf or peft")
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -154,7 +161,7 @@ def saved_architecture(path: str | os.PathLike) -> dict:
     folder = model_folder(path)
     if is_released(folder):
         return released_architecture(folder, *read_released_config(Path(folder)))
-    return read_json(Path(folder) / "config.json")
+    return read_json(saved_config_file(folder))
 
 
 def load_any(path: str | os.PathLike, dtype: torch.dtype | None = None, trainable_dtype: torch.dtype | None = None,

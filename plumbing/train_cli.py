@@ -16,7 +16,7 @@ import torch
 import evaluate
 from data import TrainDataset, encode_texts, tokenize
 from model import PRESETS, MistralConfig
-from plumbing import datafiles
+from plumbing import datafiles, tracking
 from plumbing.builtin import builtin_dataset, builtin_sources
 from plumbing.distributed import print0, world_size
 from plumbing.errors import (ArgumentParser, DataError, MissingFileError, UsageError,
@@ -162,6 +162,9 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
                         "as evaluate.py picks it)")
     g.add_argument("--eval-batch-size", type=int, default=64,
                    help="texts per batch when encoding (default %(default)s)")
+    g.add_argument("--report-to", choices=tracking.REPORT_TO, default="none",
+                   help="also log what log.jsonl logs to TensorBoard, in --out's tensorboard/ (needs the "
+                        "tensorboard package; default %(default)s)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: when stderr is a terminal)")
     add_verbosity_flags(p)
@@ -234,6 +237,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["progress"] = sys.stderr.isatty()
     check_numbers(config)
     check_paths(config)
+    if config["report_to"] == "tensorboard":
+        tracking.summary_writer_class()  # a missing package is said before the run folder is made
     return config
 
 
