@@ -450,6 +450,10 @@ LESSONS = [  # (the paper's claim, configuration A, configuration B): A should b
 ]
 
 
+def p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"  # 10,000 resamples: p >= 1 / 10,001
+
+
 def verdict(result: dict, alpha: float = 0.05) -> str:
     if result["p_value"] >= alpha:
         return "within noise"
@@ -499,7 +503,8 @@ def markdown(results: dict) -> str:
         if bm25:
             c = significance.compare(*significance.paired_values(seed_mean(group), bm25["per_query"],
                                                                  "NDCG@10"))
-            gap = f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] p {c['p_value']:.3f}"
+            gap = (f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
+                   f"p {p_text(c['p_value'])}")
         lines.append(f"| {pooling} | {attention} | {teacher} | {len(group)} | {np.mean(ndcg):.4f} ± "
                      f"{np.std(ndcg, ddof=1) if len(ndcg) > 1 else 0:.4f} | "
                      f"{' '.join(f'{v:.4f}' for v in ndcg)} | "
@@ -512,7 +517,7 @@ def markdown(results: dict) -> str:
         lines += ["", "| the paper's lesson | A - B nDCG@10 | 95% CI | p | seeds A / B | verdict |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {f['claim']} | {f['difference']:+.4f} | [{f['ci_low']:+.4f}, {f['ci_high']:+.4f}] | "
-                  f"{f['p_value']:.3f} | {len(f['seeds_a'])} / {len(f['seeds_b'])} | {f['verdict']} |"
+                  f"{p_text(f['p_value'])} | {len(f['seeds_a'])} / {len(f['seeds_b'])} | {f['verdict']} |"
                   for f in found]
     lines += ["", "Per query, each configuration's seeds averaged; p: the paired sign-flip test, CI: "
               "the bootstrap (10,000 resamples each, significance.py); 'within noise': p >= 0.05."]

@@ -554,7 +554,7 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, sin
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
     before = files_of(out / "model")
-    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path: no_space_left(path))
+    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path, **kwargs: no_space_left(path))
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)], capsys)
     last_line = stderr.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in stderr
