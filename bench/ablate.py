@@ -8,18 +8,27 @@ documents, NV-Embed-v2's SciFact instruction). The plan, most important rows fir
   a) latent and mean x bidirectional and causal, BM25 negatives, seeds 0, 1, 2 (the two main lessons);
   b) eos and self-attention x both attentions, seed 0;
   c) latent bidirectional with all-MiniLM-L6-v2 negatives (mined at depth 1,000), seeds 0, 1
-     (against (a)'s BM25 rows of the same seeds).
+     (against (a)'s BM25 rows of the same seeds);
+  lr) why bidirectional loses at 30 steps, the learning rate: latent, both attentions, lr 1e-4
+     and 1e-3, seed 0;
+  seeds) seeds 3 and 4 of latent x both attentions, so the key comparison has 5 seeds;
+  curve) the other explanation, too few steps: latent, both attentions, 120 steps (seeds 0-2)
+     and 480 steps (seeds 0, 1), warm-up kept at the setting's share of the steps.
+A row's own steps, lr and warm-up are in it; rows off the setting's steps or lr have keys of their
+own (".../steps120", ".../lr0.001").
 
 Each row is appended to the results file (default bench/ablation-SETTING.json) as soon as it is
 measured, with its 300 per-query values, the commit, the CPU, the dtype, the threads and the wall
 time; a rerun skips the rows already there, so one table can be built over several sessions and
 machines. The lessons are compared per query (each configuration's seeds averaged) with the
-paired sign-flip test and a bootstrap CI (significance.py); the table is written beside the file
-as .md. Zero-shot rows are measured once, for the poolings without weights (mean, EOS): latent and
+paired sign-flip test and a bootstrap CI, and by the two-level bootstrap that draws the seeds as
+well as the queries (significance.py), whose CI gives each lesson its verdict; the table is
+written beside the file as .md. Zero-shot rows are measured once, for the poolings without weights (mean, EOS): latent and
 self-attention pooling are untrained random layers before training.
 
     python bench/ablate.py --quick              # the CPU setting: 64 tokens, 30 steps of 8 queries
     python bench/ablate.py --quick --parts a    # only the 12 rows of (a)
+    python bench/ablate.py --quick --parts lr seeds curve   # the why: learning rate, seeds, steps
     python bench/ablate.py                      # the full setting (256 tokens, 60 steps of 32): a GPU
     python bench/ablate.py --dry-run --model tiny --data DIR --minilm FOLDER --results X.json
 
@@ -41,6 +50,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -88,28 +98,63 @@ SETTINGS = {
 }
 
 
-def plan(parts=("a", "b", "c"), seeds=3):
-    """The rows, most important first: [(part, pooling, attention, teacher, seed)]. (a) goes seed by
-    seed, so a run stopped early still holds every configuration at seed 0."""
-    rows = []
-    if "a" in parts:
-        rows += [("a", p, a, "bm25", s) for s in range(seeds) for p in ("latent", "mean")
-                 for a in ("bidirectional", "causal")]
-    if "b" in parts:
-        rows += [("b", p, a, "bm25", 0) for p in ("eos", "self-attention") for a in ATTENTIONS]
-    if "c" in parts:
-        rows += [("c", "latent", "bidirectional", t, s) for s in range(min(seeds, 2)) for t in TEACHERS]
-    if "r" in parts:  # the recipe setting's one row
-        rows += [("r", "latent", "bidirectional", "minilm", s) for s in range(seeds)]
+PARTS = ("a", "lr", "seeds", "curve", "b", "c", "r")  # the default order: the most telling first
+
+
+class Planned(NamedTuple):
+    """One row to measure; steps and lr None: the setting's."""
+    part: str
+    pooling: str
+    attention: str
+    teacher: str
+    seed: int
+    steps: int | None = None
+    lr: float | None = None
+
+
+def plan(parts=("a", "b", "c"), seeds=3, attention="bidirectional") -> list[Planned]:
+    """The rows of `parts`, in PARTS' order, most important first. (a) goes seed by seed, so a run
+    stopped early still holds every configuration at seed 0; the curve goes by length. `attention`
+    is the recipe's (part r)."""
+    both = ("bidirectional", "causal")
+    rows = dict(
+        a=[Planned("a", p, a, "bm25", s) for s in range(seeds) for p in ("latent", "mean")
+           for a in both],
+        lr=[Planned("lr", "latent", a, "bm25", 0, lr=lr) for lr in (1e-4, 1e-3) for a in both],
+        seeds=[Planned("seeds", "latent", a, "bm25", s) for s in (3, 4) for a in both],
+        curve=[Planned("curve", "latent", a, "bm25", s, steps=steps)
+               for steps, n in ((120, 3), (480, 2)) for s in range(n) for a in both],
+        b=[Planned("b", p, a, "bm25", 0) for p in ("eos", "self-attention") for a in both],
+        c=[Planned("c", "latent", "bidirectional", t, s) for s in range(min(seeds, 2))
+           for t in TEACHERS],
+        r=[Planned("r", "latent", attention, "minilm", s) for s in range(seeds)])
     unique = []  # (c)'s BM25 rows are (a)'s
-    for row in rows:
+    for row in (row for part in PARTS if part in parts for row in rows[part]):
         if row[1:] not in [u[1:] for u in unique]:
             unique.append(row)
     return unique
 
 
-def row_key(pooling, attention, teacher, seed):
-    return f"{pooling}/{attention}/{teacher}/seed{seed}"
+def row_key(pooling, attention, teacher, seed, steps=None, lr=None):
+    """'latent/causal/bm25/seed0', with '/steps120' or '/lr0.001' where the row leaves the
+    setting's steps or lr (None: the setting's)."""
+    return (f"{pooling}/{attention}/{teacher}/seed{seed}" + (f"/steps{steps}" if steps else "")
+            + (f"/lr{lr:g}" if lr else ""))
+
+
+def row_schedule(planned: Planned, setting: dict) -> dict:
+    """The row's steps, lr and warm-up: the setting's unless the row sets its own; the warm-up
+    keeps the setting's share of the steps (3 of 30 -> 12 of 120)."""
+    steps = planned.steps or setting["steps"]
+    return dict(steps=steps, lr=planned.lr or setting["lr"],
+                warmup_steps=round(setting["warmup_steps"] * steps / setting["steps"]))
+
+
+def planned_key(planned: Planned, setting: dict) -> str:
+    """The row's key: the setting's steps and lr are left out of it."""
+    own = {k: v for k, v in (("steps", planned.steps), ("lr", planned.lr))
+           if v is not None and v != setting[k]}
+    return row_key(*planned[1:5], **own)
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -298,8 +343,10 @@ def dequantised_base(model_path: Path, out: Path) -> Path:
     return folder
 
 
-def zero_shot(args, test: TestSet, dtype: torch.dtype) -> list[dict]:
-    """Rows of the untrained model, EOS and mean pooling, each attention once through the decoder."""
+def zero_shot(args, test: TestSet, dtype_name: str, dtype_choice: dict) -> list[dict]:
+    """Rows of the untrained model, EOS and mean pooling, each attention once through the decoder;
+    with what and where they were measured, as the trained rows."""
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     rows = []
     for attention in args.attentions:
         start = time.perf_counter()
@@ -314,8 +361,10 @@ def zero_shot(args, test: TestSet, dtype: torch.dtype) -> list[dict]:
             metrics = score(nn.functional.normalize(emb["queries"][:, part], dim=-1),
                             nn.functional.normalize(emb["corpus"][:, part], dim=-1),
                             test.query_ids, test.doc_ids, test.qrels)
-            rows.append(dict(pooling=pooling, attention=attention, trained=False,
-                             eval_seconds=seconds, **metrics))
+            rows.append(dict(pooling=pooling, attention=attention, trained=False, steps=0,
+                             lr=None, dtype=dtype_name, dtype_choice=dtype_choice,
+                             commit=commit(), **machine(args.device), eval_seconds=seconds,
+                             wall_seconds=seconds, **metrics))
             print(f"zero-shot {pooling:>14} {attention:>13}: nDCG@10 {metrics['ndcg@10']:.4f}",
                   flush=True)
     return rows
@@ -349,15 +398,17 @@ def mined_negatives(args, setting: dict, teacher: str, out: Path, instruction: s
     return train_file
 
 
-def train_run(args, setting, dtype_name, run, train_file, pooling, attention, seed):
-    """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, losses)."""
+def train_run(args, setting, dtype_name, run, train_file, pooling, attention, seed, schedule=None):
+    """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, losses).
+    `schedule` holds the row's steps, lr and warmup_steps (row_schedule; None: the setting's)."""
+    schedule = schedule or {k: setting[k] for k in ("steps", "lr", "warmup_steps")}
     argv = ["--stage", "1", "--model", str(args.model), "--data", str(train_file),
             "--pooling", pooling, "--causal" if ATTENTIONS[attention] else "--bidirectional",
-            "--lora-rank", "16", "--steps", str(setting["steps"]),
+            "--lora-rank", "16", "--steps", str(schedule["steps"]),
             "--batch-size", str(setting["batch_size"]),
             "--hard-negatives", str(setting["hard_negatives"]),
-            "--max-length", str(setting["max_length"]), "--lr", str(setting["lr"]),
-            "--warmup-steps", str(setting["warmup_steps"]),
+            "--max-length", str(setting["max_length"]), "--lr", str(schedule["lr"]),
+            "--warmup-steps", str(schedule["warmup_steps"]),
             *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
             "--dtype", dtype_name, "--seed", str(seed), "--device", args.device,
             "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
@@ -370,23 +421,26 @@ def train_run(args, setting, dtype_name, run, train_file, pooling, attention, se
     return seconds, [[r["step"], r["loss"]] for r in records if "loss" in r]
 
 
-def measure_row(args, setting, dtype_name, out, test, instruction, pooling, attention, teacher, seed):
+def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
+                planned: Planned):
     """One trained row: mine (cached), train, score; with what and where it was measured."""
     start = time.perf_counter()
+    _, pooling, attention, teacher, seed = planned[:5]
+    key = planned_key(planned, setting)
+    schedule = row_schedule(planned, setting)
     train_file = mined_negatives(args, setting, teacher, out, instruction)
-    run = out / f"{pooling}-{attention}-{teacher}-seed{seed}"
+    run = out / key.replace("/", "-")
     train_seconds, losses = train_run(args, setting, dtype_name, run, train_file, pooling,
-                                      attention, seed)
+                                      attention, seed, schedule)
     eval_start = time.perf_counter()
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     model = NVEmbed.load(run / "model", dtype=dtype, device=args.device)
     metrics = test.score(model)
     now = time.perf_counter()
-    print(f"trained {pooling:>14} {attention:>13} {teacher:>6} seed {seed}: nDCG@10 "
-          f"{metrics['ndcg@10']:.4f} ({train_seconds:.0f} s training, {now - eval_start:.0f} s "
-          f"evaluating)", flush=True)
-    return dict(key=row_key(pooling, attention, teacher, seed), pooling=pooling,
-                attention=attention, teacher=teacher, seed=seed, trained=True, dtype=dtype_name,
+    print(f"trained {key}: nDCG@10 {metrics['ndcg@10']:.4f} ({train_seconds:.0f} s training, "
+          f"{now - eval_start:.0f} s evaluating)", flush=True)
+    return dict(key=key, pooling=pooling, attention=attention, teacher=teacher, seed=seed,
+                trained=True, **schedule, dtype=dtype_name, dtype_choice=dtype_choice,
                 commit=commit(), **machine(args.device), train_seconds=train_seconds,
                 eval_seconds=now - eval_start, wall_seconds=now - start, **metrics,
                 loss_curve=losses)
@@ -398,7 +452,7 @@ def read_results(path: Path, header: dict) -> dict:
     """The results so far, or a new file's header. Rows measured under another setting, model or
     data cannot share a table: that is refused, naming the field."""
     if not path.is_file():
-        return dict(header, zero_shot=[], rows=[])
+        return dict(header, zero_shot=[], rows=[], dtype_choices=[])
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -407,6 +461,14 @@ def read_results(path: Path, header: dict) -> dict:
         if results.get(field) != header[field]:
             raise UsageError(f"{path}: its {field} is {results.get(field)!r}, this run's "
                              f"{header[field]!r}; pass --results FILE for another table")
+    config = results["config"]
+    for row in results["rows"]:  # rows written before rows held their own schedule ran the setting's
+        for field in ("steps", "lr", "warmup_steps"):
+            row.setdefault(field, config[field])
+    if "dtype_choice" in results:  # one choice, overwritten by each run, before they were all kept
+        results.setdefault("dtype_choices", []).insert(0, dict(
+            results.pop("dtype_choice"), note="the last run's before each run's choice was kept"))
+    results.setdefault("dtype_choices", [])
     return results
 
 
@@ -421,10 +483,11 @@ def write_results(path: Path, results: dict):
 # -- the tables -------------------------------------------------------------------------------------
 
 def configurations(rows) -> dict:
-    """{(pooling, attention, teacher): [rows, by seed]}."""
+    """{(pooling, attention, teacher, steps, lr): [rows, by seed]}."""
     groups = {}
     for row in sorted(rows, key=lambda r: r["seed"]):
-        groups.setdefault((row["pooling"], row["attention"], row["teacher"]), []).append(row)
+        key = (row["pooling"], row["attention"], row["teacher"], row["steps"], row["lr"])
+        groups.setdefault(key, []).append(row)
     return groups
 
 
@@ -432,6 +495,11 @@ def seed_mean(rows, metric="NDCG@10") -> dict:
     """{query_id: {metric: the value averaged over the rows' seeds}}."""
     return {q: {metric: float(np.mean([r["per_query"][q][metric] for r in rows]))}
             for q in rows[0]["per_query"]}
+
+
+def seed_matrix(rows, query_ids, metric="NDCG@10") -> np.ndarray:
+    """(seeds, queries): each row's per-query values, in query_ids' order."""
+    return np.array([[r["per_query"][q][metric] for q in query_ids] for r in rows])
 
 
 LESSONS = [  # (the paper's claim, configuration A, configuration B): A should beat B
@@ -445,6 +513,10 @@ LESSONS = [  # (the paper's claim, configuration A, configuration B): A should b
     ("mean > EOS (bidirectional)", ("mean", "bidirectional", "bm25"),
      ("eos", "bidirectional", "bm25")),
     ("mean > EOS (causal)", ("mean", "causal", "bm25"), ("eos", "causal", "bm25")),
+    ("latent >= self-attention (bidirectional)", ("latent", "bidirectional", "bm25"),
+     ("self-attention", "bidirectional", "bm25")),
+    ("latent >= self-attention (causal)", ("latent", "causal", "bm25"),
+     ("self-attention", "causal", "bm25")),
     ("a stronger teacher helps (MiniLM > BM25 negatives)", ("latent", "bidirectional", "minilm"),
      ("latent", "bidirectional", "bm25")),
 ]
@@ -454,29 +526,47 @@ def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"  # 10,000 resamples: p >= 1 / 10,001
 
 
-def verdict(result: dict, alpha: float = 0.05) -> str:
-    if result["p_value"] >= alpha:
-        return "within noise"
-    return "holds" if result["difference"] > 0 else "reversed"
+def verdict(low: float, high: float) -> str:
+    """From the two-level CI: a lesson holds or is reversed only when its interval excludes 0."""
+    return "holds" if low > 0 else "reversed" if high < 0 else "within noise"
+
+
+def compare_groups(rows_a, rows_b) -> dict:
+    """A - B nDCG@10 over the same queries: per query (each side's seeds averaged) the sign-flip p
+    and bootstrap CI, and the two-level bootstrap's CI (seeds and queries drawn); its verdict."""
+    values = significance.paired_values(seed_mean(rows_a), seed_mean(rows_b), "NDCG@10")
+    result = significance.compare(*values)
+    query_ids = sorted(rows_a[0]["per_query"])
+    low, high = significance.two_level_bootstrap_ci(seed_matrix(rows_a, query_ids),
+                                                    seed_matrix(rows_b, query_ids))
+    return dict(result, seeds_a=[r["seed"] for r in rows_a], seeds_b=[r["seed"] for r in rows_b],
+                two_level_low=low, two_level_high=high, verdict=verdict(low, high))
 
 
 def lessons(results: dict) -> list[dict]:
-    """Each paper lesson whose two configurations are measured: A - B over the same queries, each
-    side's seeds averaged per query (for the teacher lesson, only the seeds both sides have)."""
+    """Each paper lesson whose two configurations are measured at the setting's steps and lr (for
+    the teacher lesson, only the seeds both sides have); then bidirectional against causal (latent)
+    at every other steps and lr measured for both, the tests of why that lesson reverses."""
+    config = results.get("config", {})
     groups = configurations(results["rows"])
+    plain = {k[:3]: v for k, v in groups.items()
+             if (k[3], k[4]) == (config.get("steps", k[3]), config.get("lr", k[4]))}
     found = []
     for claim, a, b in LESSONS:
-        if a not in groups or b not in groups:
+        if a not in plain or b not in plain:
             continue
-        rows_a, rows_b = groups[a], groups[b]
+        rows_a, rows_b = plain[a], plain[b]
         if a[2] != b[2]:  # teachers: the same seeds on both sides, so only the negatives differ
             seeds = {r["seed"] for r in rows_a} & {r["seed"] for r in rows_b}
             rows_a = [r for r in rows_a if r["seed"] in seeds]
             rows_b = [r for r in rows_b if r["seed"] in seeds]
-        values = significance.paired_values(seed_mean(rows_a), seed_mean(rows_b), "NDCG@10")
-        result = significance.compare(*values)
-        found.append(dict(claim=claim, a=a, b=b, seeds_a=[r["seed"] for r in rows_a],
-                          seeds_b=[r["seed"] for r in rows_b], verdict=verdict(result), **result))
+        found.append(dict(claim=claim, a=a, b=b, **compare_groups(rows_a, rows_b)))
+    others = sorted({k[3:] for k in groups} - {(config.get("steps"), config.get("lr"))})
+    for steps, lr in others:
+        a, b = (("latent", att, "bm25", steps, lr) for att in ("bidirectional", "causal"))
+        if a in groups and b in groups:
+            found.append(dict(claim=f"bidirectional > causal (latent, {steps} steps, lr {lr:g})",
+                              a=a, b=b, **compare_groups(groups[a], groups[b])))
     return found
 
 
@@ -486,18 +576,20 @@ def markdown(results: dict) -> str:
     commits = sorted({r["commit"] for r in rows})
     cpus = sorted({r["gpu"] or r["cpu"] for r in rows})
     wall = [r["wall_seconds"] for r in rows]
+    choices = "; ".join(f"{c.get('gflops')} -> {c['dtype']}" for c in results.get("dtype_choices", []))
     lines = [f"# Ablation, setting `{results['setting']}`", "",
              f"Command: `{results['command']}`. Setting: {json.dumps(results['config'])}. "
-             f"Machine: {'; '.join(cpus) or '-'}, {sorted({r['threads'] for r in rows})} threads. "
-             f"Dtype: {', '.join(dtypes) or '-'} ({json.dumps(results.get('dtype_choice'))}). "
-             f"Commit: {', '.join(commits) or '-'}. Rows: {len(rows)}, "
+             f"Machines: {'; '.join(cpus) or '-'}, {sorted({r['threads'] for r in rows})} threads. "
+             f"Dtype: {', '.join(dtypes) or '-'} (each run's timed matmul GFLOP/s -> its choice: "
+             f"{choices or '-'}). Commits: {', '.join(commits) or '-'}. Rows: {len(rows)}, "
              f"{np.mean(wall) / 60 if wall else 0:.1f} min each, {sum(wall) / 60:.0f} min in all.",
-             "", "| pooling | attention | negatives | seeds | nDCG@10 (mean ± sd) | per seed "
-             "| Recall@100 | vs BM25 (seeds averaged) |", "|---|---|---|---|---|---|---|---|"]
-    for (pooling, attention, teacher), group in sorted(
+             "", "| pooling | attention | negatives | steps | lr | seeds | nDCG@10 (mean ± sd) "
+             "| per seed | Recall@100 | vs BM25 (seeds averaged) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (pooling, attention, teacher, steps, lr), group in sorted(
             configurations(rows).items(),
-            key=lambda kv: (POOLING_ORDER.index(kv[0][0]), list(ATTENTIONS).index(kv[0][1]),
-                            TEACHERS.index(kv[0][2]))):
+            key=lambda kv: (kv[0][3], kv[0][4], POOLING_ORDER.index(kv[0][0]),
+                            list(ATTENTIONS).index(kv[0][1]), TEACHERS.index(kv[0][2]))):
         ndcg = [r["ndcg@10"] for r in group]
         gap = "-"
         if bm25:
@@ -505,26 +597,28 @@ def markdown(results: dict) -> str:
                                                                  "NDCG@10"))
             gap = (f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
                    f"p {p_text(c['p_value'])}")
-        lines.append(f"| {pooling} | {attention} | {teacher} | {len(group)} | {np.mean(ndcg):.4f} ± "
-                     f"{np.std(ndcg, ddof=1) if len(ndcg) > 1 else 0:.4f} | "
+        lines.append(f"| {pooling} | {attention} | {teacher} | {steps} | {lr:g} | {len(group)} | "
+                     f"{np.mean(ndcg):.4f} ± {np.std(ndcg, ddof=1) if len(ndcg) > 1 else 0:.4f} | "
                      f"{' '.join(f'{v:.4f}' for v in ndcg)} | "
                      f"{np.mean([r['recall@100'] for r in group]):.4f} | {gap} |")
     for r in results.get("zero_shot", []):
-        lines.append(f"| {r['pooling']} | {r['attention']} | untrained | - | {r['ndcg@10']:.4f} | - | "
-                     f"{r['recall@100']:.4f} | - |")
+        lines.append(f"| {r['pooling']} | {r['attention']} | untrained | 0 | - | - | "
+                     f"{r['ndcg@10']:.4f} | - | {r['recall@100']:.4f} | - |")
     found = lessons(results)
     if found:
-        lines += ["", "| the paper's lesson | A - B nDCG@10 | 95% CI | p | seeds A / B | verdict |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {f['claim']} | {f['difference']:+.4f} | [{f['ci_low']:+.4f}, {f['ci_high']:+.4f}] | "
-                  f"{p_text(f['p_value'])} | {len(f['seeds_a'])} / {len(f['seeds_b'])} | {f['verdict']} |"
-                  for f in found]
-    lines += ["", "Per query, each configuration's seeds averaged; p: the paired sign-flip test, CI: "
-              "the bootstrap (10,000 resamples each, significance.py); 'within noise': p >= 0.05."]
+        lines += ["", "| the paper's lesson | A - B nDCG@10 | per-query 95% CI | p | two-level 95% CI "
+                  "| seeds A / B | verdict |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {f['claim']} | {f['difference']:+.4f} | [{f['ci_low']:+.4f}, "
+                  f"{f['ci_high']:+.4f}] | {p_text(f['p_value'])} | [{f['two_level_low']:+.4f}, "
+                  f"{f['two_level_high']:+.4f}] | {len(f['seeds_a'])} / {len(f['seeds_b'])} | "
+                  f"{f['verdict']} |" for f in found]
+    lines += ["", "Per query: each configuration's seeds averaged, then the paired sign-flip test (p) "
+              "and bootstrap (CI) over the queries. Two-level: the bootstrap that draws each side's "
+              "seeds and the queries, so the spread between seeds counts; the verdict comes from "
+              "it ('within noise': its CI holds 0). 10,000 resamples each (significance.py)."]
     if bm25:
         lines += [f"This project's BM25 (bm25s) on the same {len(bm25['per_query'])} queries: nDCG@10 "
-                  f"{bm25['ndcg@10']:.4f}, "
-                  f"Recall@100 {bm25['recall@100']:.4f}."]
+                  f"{bm25['ndcg@10']:.4f}, Recall@100 {bm25['recall@100']:.4f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -570,8 +664,11 @@ def parse_args(argv):
     p.add_argument("--results", type=Path, default=None,
                    help="the results file (default bench/ablation-SETTING.json); rows there are kept")
     p.add_argument("--out", type=Path, default=None, help="run folders (default runs/ablate-SETTING)")
-    p.add_argument("--parts", nargs="+", default=None, choices=["a", "b", "c", "r"],
-                   help="default: a b c, or r with --recipe")
+    p.add_argument("--parts", nargs="+", default=None, choices=PARTS,
+                   help="which rows, measured in the order a lr seeds curve b c (default: all of "
+                        "them), or r with --recipe")
+    p.add_argument("--recipe-attention", choices=list(ATTENTIONS), default="bidirectional",
+                   help="--recipe: the attention of its row (the one the steps curve favours)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds of part (a) (part (c): up to 2; default 3, or 1 with --recipe)")
     p.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=list(ATTENTIONS),
@@ -582,7 +679,7 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cuda", "cpu"),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    args.parts = args.parts or (["r"] if args.recipe else ["a", "b", "c"])
+    args.parts = args.parts or (["r"] if args.recipe else [p for p in PARTS if p != "r"])
     args.seeds = args.seeds or (1 if args.recipe else 3)
     if args.tiny:
         if args.steps < 1:
@@ -619,31 +716,34 @@ def main(argv=None):
                   command="python bench/ablate.py" + ("" if setting_name == "full" else f" --{setting_name}"))
     results = read_results(results_path, header)
     dtype_name, why = choose_dtype(args.dtype, args.device)
-    results["dtype_choice"] = dict(why, dtype=dtype_name)
+    dtype_choice = dict(why, dtype=dtype_name, commit=commit(), **machine(args.device),
+                        date=time.strftime("%Y-%m-%d %H:%M"))
+    results["dtype_choices"].append(dtype_choice)  # every run's, beside the rows it measured
     print(f"dtype: {dtype_name} ({json.dumps(why)})", flush=True)
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     args.model = dequantised_base(args.model, out) if args.model.suffix == ".gguf" else args.model
     instruction = INSTRUCTIONS["scifact"]
     test = TestSet(*datafiles.load_beir(args.data, "test"), instruction, setting["max_length"],
                    args.batch_size)
     if "bm25" not in results:
         results["bm25"] = bm25_scores(args.data)
-    if not results["zero_shot"]:
-        results["zero_shot"] = zero_shot(args, test, dtype)
-        print(f"tokenizing the test set once: {test.tokenize_seconds:.1f} s", flush=True)
     write_results(results_path, results)
     done = {r["key"] for r in results["rows"]}
     measured = 0
-    for part, pooling, attention, teacher, seed in plan(args.parts, args.seeds):
-        if row_key(pooling, attention, teacher, seed) in done:
+    for planned in plan(args.parts, args.seeds, args.recipe_attention):
+        if planned_key(planned, setting) in done:
             continue
         if args.max_rows is not None and measured >= args.max_rows:
             break
-        row = measure_row(args, setting, dtype_name, out, test, instruction, pooling, attention,
-                          teacher, seed)
-        results["rows"].append(dict(row, part=part))
+        row = measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction, planned)
+        results["rows"].append(dict(row, part=planned.part))
         write_results(results_path, results)
         measured += 1
+    # Zero-shot rows last (the trained rows tell more); measured again where they lack the metadata
+    # (rows written before zero-shot rows carried it).
+    if not (args.max_rows is not None and measured >= args.max_rows) and not all(
+            "commit" in r for r in results["zero_shot"] or [{}]):
+        results["zero_shot"] = zero_shot(args, test, dtype_name, dtype_choice)
+        write_results(results_path, results)
     print(markdown(results))
     return results
 

@@ -8,6 +8,8 @@ query, d_i = A_i - B_i; their mean is the gap between the two averages the table
   with the observed pattern as one of them ((hits + 1) / (resamples + 1), which is never 0: a Monte Carlo p-value).
 - `bootstrap_ci`: the paired bootstrap's percentile interval of the mean difference: resample the n queries with
   replacement, `resamples` times.
+- `two_level_bootstrap_ci`: the same interval when the training seeds are chance too: each resample draws
+  each side's seeds and, shared by both sides, the queries, all with replacement.
 Both are seeded, so a table's p-values are reproducible. (Smucker, Allan & Carterette 2007 compare these tests on
 IR metrics: the randomization test is the one they recommend.)
 
@@ -70,6 +72,33 @@ def compare(a, b, resamples: int = 10_000, seed: int = 0) -> dict:
     low, high = bootstrap_ci(d, resamples=resamples, seed=seed)
     return dict(queries=len(d), mean_a=float(np.mean(a)), mean_b=float(np.mean(b)), difference=float(d.mean()),
                 ci_low=low, ci_high=high, p_value=randomization_test(d, resamples=resamples, seed=seed))
+
+
+def two_level_bootstrap_ci(a, b, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0):
+    """(low, high): the percentile interval of mean(A) - mean(B) when both the training seeds and the
+    queries are chance. a (S_a, n) and b (S_b, n) hold each seed's per-query values over the same n
+    queries (column j is query j on both sides). Each resample draws S_a of A's seeds and S_b of B's
+    with replacement (a configuration's seeds are its own: they need not pair across sides) and one
+    set of n queries with replacement, shared by both sides (the queries pair), then takes
+    A's mean over its drawn seeds and queries minus B's. With one seed a side this is
+    `bootstrap_ci` of the per-query differences; with more, the spread between seeds widens it."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not a.size or not b.size:
+        raise ValueError("two_level_bootstrap_ci: expected (seeds, queries) arrays over the same queries")
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+    seeds_a = rng.integers(0, len(a), size=(resamples, len(a)))  # (R, S_a)
+    seeds_b = rng.integers(0, len(b), size=(resamples, len(b)))  # (R, S_b)
+    queries = rng.integers(0, n, size=(resamples, n))  # (R, n)
+    # A resample's mean over its drawn seeds and queries: average the drawn seeds' rows first
+    # (R, n) by counting how often each seed was drawn, then pick the drawn queries.
+    weights_a = (seeds_a[:, :, None] == np.arange(len(a))).mean(axis=1)  # (R, S_a): share drawn
+    weights_b = (seeds_b[:, :, None] == np.arange(len(b))).mean(axis=1)  # (R, S_b)
+    rows = weights_a @ a - weights_b @ b  # (R, n): per query, drawn seeds' A mean - B mean
+    means = np.take_along_axis(rows, queries, axis=1).mean(axis=1)  # (R,)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def paired_values(per_query_a: dict, per_query_b: dict, metric: str, names=("A", "B")):

@@ -15,11 +15,12 @@ def row(pooling, attention, trained, ndcg):
                 **({"loss_curve": [[5, 4.0], [10, 2.0]]} if trained else {}))
 
 
-def trained_row(pooling, attention, teacher, seed, values):
+def trained_row(pooling, attention, teacher, seed, values, steps=30, lr=3e-4):
     """A measured row as bench/ablate.py writes it, with per-query nDCG@10 `values`."""
     per_query = {f"q{i}": {"NDCG@10": v, "Recall@100": v} for i, v in enumerate(values)}
     return dict(key=ablate.row_key(pooling, attention, teacher, seed), pooling=pooling,
-                attention=attention, teacher=teacher, seed=seed, trained=True, dtype="bf16",
+                attention=attention, teacher=teacher, seed=seed, steps=steps, lr=lr,
+                warmup_steps=steps // 10, trained=True, dtype="bf16",
                 commit="abc", cpu="cpu", gpu=None, threads=2, wall_seconds=60.0,
                 per_query=per_query, **{"ndcg@10": sum(values) / len(values), "recall@100": 0.5})
 
@@ -31,14 +32,57 @@ def test_lessons_average_seeds_per_query_then_pair_the_queries():
     b = [[0.5, 0.6, 0.4, 0.5, 0.5], [0.7, 0.6, 0.6, 0.5, 0.7]]
     rows = ([trained_row("latent", "bidirectional", "bm25", s, v) for s, v in enumerate(a)]
             + [trained_row("latent", "causal", "bm25", s, v) for s, v in enumerate(b)])
-    [found] = ablate.lessons(dict(rows=rows))
+    config = dict(steps=30, lr=3e-4)
+    [found] = ablate.lessons(dict(rows=rows, config=config))
     assert found["claim"].startswith("bidirectional > causal (latent")
     assert found["difference"] == pytest.approx(0.1) and found["p_value"] == pytest.approx(2 / 32)
-    assert found["seeds_a"] == [0, 1] and found["verdict"] == "within noise"  # 5 queries: p 0.0625
+    assert found["seeds_a"] == [0, 1]
+    # Each seed of A is 0.1 above the same seed of B; but A's seeds differ by 0.12 on average, so
+    # drawing them puts A - B anywhere from -0.02 to +0.22: the two-level CI holds 0.
+    assert found["two_level_low"] < 0 < found["two_level_high"]
+    assert found["ci_low"] > 0 and found["verdict"] == "within noise"
     # The teacher lesson pairs only the seeds both sides have.
     rows.append(trained_row("latent", "bidirectional", "minilm", 1, [0.9] * 5))
-    teacher = [f for f in ablate.lessons(dict(rows=rows)) if "teacher" in f["claim"]][0]
+    teacher = [f for f in ablate.lessons(dict(rows=rows, config=config)) if "teacher" in f["claim"]][0]
     assert teacher["seeds_b"] == [1] and teacher["difference"] == pytest.approx(0.9 - 0.72)
+    assert teacher["verdict"] == "holds"  # one seed each, every query +0.1 or more
+
+
+def test_rows_with_their_own_steps_or_lr_are_their_own_configurations():
+    """A row's own steps and lr set its configuration: the 30-step lessons use only the setting's
+    rows, and a bidirectional-causal pair at other steps or lr becomes a lesson row of its own."""
+    config = dict(steps=30, lr=3e-4, warmup_steps=3)
+    rows = [trained_row("latent", att, "bm25", 0, [v] * 4, steps=steps, lr=lr)
+            for att, steps, lr, v in (("bidirectional", 30, 3e-4, 0.2), ("causal", 30, 3e-4, 0.3),
+                                      ("bidirectional", 120, 3e-4, 0.5),
+                                      ("causal", 120, 3e-4, 0.4), ("bidirectional", 30, 1e-3, 0.1))]
+    found = {f["claim"]: f for f in ablate.lessons(dict(rows=rows, config=config))}
+    assert set(found) == {"bidirectional > causal (latent pooling)",
+                          "bidirectional > causal (latent, 120 steps, lr 0.0003)"}
+    assert found["bidirectional > causal (latent pooling)"]["difference"] == pytest.approx(-0.1)
+    assert found["bidirectional > causal (latent pooling)"]["verdict"] == "reversed"
+    assert found["bidirectional > causal (latent, 120 steps, lr 0.0003)"]["verdict"] == "holds"
+    # The plan gives each row its own schedule and key; the warm-up keeps its share of the steps.
+    planned = {p.part: p for p in reversed(ablate.plan(("lr", "curve")))}  # each part's first
+    curve = [p for p in ablate.plan(("curve",)) if p.steps == 480]
+    assert len(curve) == 4 and {p.seed for p in curve} == {0, 1}
+    assert ablate.row_schedule(curve[0], config) == dict(steps=480, lr=3e-4, warmup_steps=48)
+    assert ablate.planned_key(curve[0], config) == "latent/bidirectional/bm25/seed0/steps480"
+    assert ablate.row_schedule(planned["lr"], config)["lr"] in (1e-4, 1e-3)
+    assert ablate.planned_key(planned["lr"], config) == "latent/bidirectional/bm25/seed0/lr0.0001"
+    # A row at the setting's own steps keeps the plain key (the rows of (a) measured before).
+    same = ablate.Planned("seeds", "latent", "causal", "bm25", 3, steps=30, lr=3e-4)
+    assert ablate.planned_key(same, config) == "latent/causal/bm25/seed3"
+
+
+def test_a_results_file_from_before_rows_held_their_schedule_is_read_with_the_settings(tmp_path):
+    config = dict(steps=30, lr=3e-4, warmup_steps=3)
+    header = dict(setting="quick", config=config, model="m", data="d")
+    path = tmp_path / "ablation.json"
+    path.write_text(json.dumps(dict(header, rows=[dict(key="k")], dtype_choice=dict(dtype="bf16"))))
+    results = ablate.read_results(path, header)
+    assert results["rows"] == [dict(key="k", steps=30, lr=3e-4, warmup_steps=3)]
+    assert "dtype_choice" not in results and results["dtype_choices"][0]["dtype"] == "bf16"
 
 
 def test_plan_puts_every_main_configuration_at_seed_0_first():
@@ -46,7 +90,11 @@ def test_plan_puts_every_main_configuration_at_seed_0_first():
     assert len(rows) == 12 + 4 + 2  # (c)'s BM25 rows are (a)'s
     assert {r[1:3] for r in rows[:4]} == {("latent", "bidirectional"), ("latent", "causal"),
                                           ("mean", "bidirectional"), ("mean", "causal")}
-    assert all(r[4] == 0 for r in rows[:4]) and rows[-1] == ("c", "latent", "bidirectional", "minilm", 1)
+    assert all(r.seed == 0 for r in rows[:4])
+    assert rows[-1] == ablate.Planned("c", "latent", "bidirectional", "minilm", 1)
+    every = ablate.plan(ablate.PARTS[:-1], seeds=3)  # the default: the why before (b) and (c)
+    assert [r.part for r in every] == sorted([r.part for r in every], key=ablate.PARTS.index)
+    assert len(every) == 12 + 4 + 4 + 10 + 4 + 2  # (c): MiniLM seeds 0, 1
 
 
 def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
@@ -68,9 +116,14 @@ def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
     for r in first["rows"]:
         assert len(r["per_query"]) == 8 and r["dtype"] == "fp32" and r["cpu"] and r["threads"] >= 1
         assert r["commit"] and r["wall_seconds"] > 0
+        assert (r["steps"], r["lr"], r["warmup_steps"]) == (2, 1e-3, 1)
+        assert r["dtype_choice"]["dtype"] == "fp32"
     assert {(r["pooling"], r["attention"]) for r in first["zero_shot"]} == {
         (p, a) for p in ("eos", "mean") for a in ablate.ATTENTIONS}
-    assert "| latent | bidirectional | minilm | 1 |" in results.with_suffix(".md").read_text()
+    for r in first["zero_shot"]:  # the same metadata as the trained rows
+        assert r["commit"] and r["cpu"] and r["threads"] >= 1 and r["dtype"] == "fp32"
+        assert r["steps"] == 0 and len(r["per_query"]) == 8
+    assert "| latent | bidirectional | minilm | 2 | 0.001 | 1 |" in results.with_suffix(".md").read_text()
 
     def measure_row(*args, **kwargs):
         raise AssertionError("a row already in the results file was measured again")
@@ -79,6 +132,7 @@ def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
     again = ablate.main(argv)
     assert [r["key"] for r in again["rows"]] == keys
     assert [r["key"] for r in json.loads(results.read_text())["rows"]] == keys
+    assert len(json.loads(results.read_text())["dtype_choices"]) == 2  # each run's, kept
     other = json.loads(results.read_text()) | dict(setting="quick")
     results.write_text(json.dumps(other))
     with pytest.raises(SystemExit) as exit_info:

@@ -68,6 +68,41 @@ def test_bootstrap_equals_a_resampling_loop():
     assert low < differences.mean() < high
 
 
+def test_two_level_bootstrap_hand_example():
+    """Seeds drawn, queries fixed by design: A's two seeds score 0.2 and 0.4 on both queries, B's one
+    seed 0. Drawing 2 of A's seeds gives a mean of 0.2 (1/4), 0.3 (1/2) or 0.4 (1/4), whatever the
+    queries drawn: the 95% interval is [0.2, 0.4], where the per-query bootstrap of the seed means
+    (0.3 on every query) gives [0.3, 0.3]: the seeds' spread is what the two-level CI adds."""
+    a, b = [[0.2, 0.2], [0.4, 0.4]], [[0.0, 0.0]]
+    assert significance.two_level_bootstrap_ci(a, b) == pytest.approx((0.2, 0.4))
+    assert significance.bootstrap_ci([0.3, 0.3]) == pytest.approx((0.3, 0.3))
+    # One seed a side: only the queries are drawn, the per-query bootstrap's interval.
+    one_a, one_b = [[0.5, 0.1, 0.9, 0.4]], [[0.2, 0.3, 0.1, 0.4]]
+    d = np.array(one_a[0]) - np.array(one_b[0])
+    low, high = significance.two_level_bootstrap_ci(one_a, one_b, resamples=20_000)
+    exact = np.sort([d[list(q)].mean() for q in itertools.product(range(4), repeat=4)])  # all 256
+    assert low == pytest.approx(np.quantile(exact, 0.025), abs=0.02)
+    assert high == pytest.approx(np.quantile(exact, 0.975), abs=0.02)
+
+
+def test_two_level_bootstrap_equals_a_resampling_loop():
+    """The vectorised resamples against the same draws written out: seeds of A, seeds of B, then one
+    set of queries shared by both sides; the mean over drawn seeds and queries, A minus B."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 7)), rng.random((2, 7))
+    draws = np.random.default_rng(5)
+    seeds_a = draws.integers(0, 3, size=(300, 3))
+    seeds_b = draws.integers(0, 2, size=(300, 2))
+    queries = draws.integers(0, 7, size=(300, 7))
+    means = [np.mean([a[s, q] for s in sa for q in qs]) - np.mean([b[s, q] for s in sb for q in qs])
+             for sa, sb, qs in zip(seeds_a, seeds_b, queries)]
+    low, high = significance.two_level_bootstrap_ci(a, b, resamples=300, seed=5)
+    assert low == pytest.approx(np.quantile(means, 0.025))
+    assert high == pytest.approx(np.quantile(means, 0.975))
+    with pytest.raises(ValueError, match="same queries"):
+        significance.two_level_bootstrap_ci(a, b[:, :6])
+
+
 def write(path, per_query):
     path.write_text(json.dumps(dict(per_query=per_query)))
     return str(path)
