@@ -236,3 +236,27 @@ def test_teachers_dry_run_runs_every_teacher_and_compares_with_bm25(tmp_path):
     mined_queries = {line["query"] for line in map(json.loads, (tmp_path / "out" / "bm25.jsonl").open())}
     assert len(mined_queries) <= 9
     assert "| self | 128 |" in (tmp_path / "out" / "teachers-128.md").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="matplotlib is not installed (the plots extra: pip install -e '.[plots]')")
+def test_plot_reads_the_runners_table_and_draws_the_steps_curve(tmp_path):
+    """A table as bench/ablate.py writes it now (zero-shot rows apart, each row its steps and lr):
+    the bars use the setting's rows, the steps picture latent pooling at every length."""
+    config = dict(steps=30, lr=3e-4, warmup_steps=3, batch_size=8, hard_negatives=3, max_length=64)
+    rows = [dict(trained_row("latent", att, "bm25", s, [0.2 + 0.01 * s] * 3, steps=steps),
+                 loss_curve=[[5, 2.0]])
+            for att in ablate.ATTENTIONS for steps in (30, 120, 480) for s in range(2)]
+    zero_shot = [dict(row("mean", att, False, 0.1), cpu="cpu", gpu=None) for att in ablate.ATTENTIONS]
+    path = tmp_path / "ablation-quick.json"
+    path.write_text(json.dumps(dict(setting="quick", config=config, rows=rows, zero_shot=zero_shot)))
+    table = plot_ablation.read_table(path)
+    assert len(plot_ablation.at_setting(table)) == 4 + 2 and table["hardware"] == "cpu"
+    plot_ablation.main([str(path), "--out", str(tmp_path / "pictures")])
+    for name in ("ablation-quick.png", "loss-quick.png", "steps-quick.png"):
+        assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One length only: no steps picture.
+    path.write_text(json.dumps(dict(setting="quick", config=config, zero_shot=zero_shot,
+                                    rows=[r for r in rows if r["steps"] == 30])))
+    plot_ablation.main([str(path), "--out", str(tmp_path / "one")])
+    assert not (tmp_path / "one" / "steps-quick.png").exists()
