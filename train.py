@@ -59,8 +59,8 @@ from plumbing.train_cli import (build_parser, check_max_length, default_recipe, 
 # paper: a real decoder on GPUs, the values commonly quoted from the appendix (temperature from
 # NV-Retriever). tiny: the tiny preset on the built-in data, under 3 minutes on a 2-core CPU; its
 # decoder starts from random weights, so all of it trains (LoRA would adapt a random matrix).
-# quick: any --model on a CPU in minutes, bench/ablate.py's quick setting (SmolLM2-135M: 8.4 min a
-# run; its stage 2 repeats stage 1's values, not measured apart).
+# quick: any --model on a CPU in minutes, bench/ablate.py's quick setting (a SmolLM2-135M row,
+# trained and evaluated: 8.4 min on 2 cores); its stage 2 repeats stage 1's, not measured apart.
 RECIPES = {
     "paper": dict(stage1=dict(lr=2e-5, steps=20000), stage2=dict(lr=1.5e-5, steps=18000),
                   batch_size=128, hard_negatives=7, warmup_steps=500, max_length=512,
