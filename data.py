@@ -2,9 +2,9 @@
 hard negatives and document keys, one-dataset batches. Files on disk: plumbing/datafiles.py.
 
 PAPER.md section 3 (instruction template, instruction masked out of pooling, EOS
-appended) and 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in
-stage 1 and off in stage 2, example-based classification/clustering pairs, STS pairs with score >= 4
-in both directions). Differs from the released NV-Embed code: BOS is never pooled and a text cut at
+appended) and 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives in
+stage 1 only, example-based classification/clustering pairs, STS pairs with score >= 4 in both
+directions). Differs from the released NV-Embed code: BOS is never pooled and a text cut at
 max_length keeps its EOS; `TextRule` records a model's rule (`released_row`: NVIDIA's).
 Run: `python data.py check-beir FOLDER SPLIT` or `python data.py check-train FILE` [--skip-bad]
 validates files and prints their counts. Tests: `python -m pytest -x -q tests/test_data.py`.

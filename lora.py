@@ -15,24 +15,6 @@ import torch.nn.functional as F
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class LoRADropout(nn.Dropout):
-    """nn.Dropout whose CPU mask is drawn 2-3x faster: PyTorch's CPU generator makes one draw per
-    element, 42% of a SmolLM2 LoRA step (bench/lora_dropout.py). Each 64-bit draw gives four 16-bit
-    numbers, dropped below p * 2^16 (p rounded to a multiple of 1/65536). On GPU, in place, or for p
-    rounding to 0 or 1: nn.Dropout."""
-
-    def forward(self, x):
-        drop_below = round(self.p * 2**16)  # of the 2^16 values a 16-bit number can take
-        drawn_here = x.device.type == "cpu" and not self.inplace and 0 < drop_below < 2**16
-        if not self.training or not drawn_here:
-            return super().forward(x)
-        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
-        draws = draws.random_(-2**63, None)  # all 64 bits random
-        numbers = draws.view(torch.int16)[:x.numel()].view(x.shape)  # uniform on [-2^15, 2^15)
-        keep = numbers >= drop_below - 2**15
-        return x * keep * (1 / (1 - drop_below / 2**16))  # (bool mask first: x keeps its dtype)
-
-
 class LoRALinear(nn.Linear):
     """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen. `weight` keeps its name, so the
     checkpoint's names are unchanged and only lora_A / lora_B are added; B starts at zero, so a
@@ -57,6 +39,24 @@ class LoRALinear(nn.Linear):
         down = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         update = F.linear(down, self.lora_B)  # (..., out)
         return base + (self.scaling * update).to(base.dtype)
+
+
+class LoRADropout(nn.Dropout):
+    """nn.Dropout whose CPU mask is drawn 2-3x faster: PyTorch's CPU generator makes one draw per
+    element, 42% of a SmolLM2 LoRA step (bench/lora_dropout.py). Each 64-bit draw gives four 16-bit
+    numbers, dropped below p * 2^16 (p rounded to a multiple of 1/65536). On GPU, in place, or for p
+    rounding to 0 or 1: nn.Dropout."""
+
+    def forward(self, x):
+        drop_below = round(self.p * 2**16)  # of the 2^16 values a 16-bit number can take
+        drawn_here = x.device.type == "cpu" and not self.inplace and 0 < drop_below < 2**16
+        if not self.training or not drawn_here:
+            return super().forward(x)
+        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
+        draws = draws.random_(-2**63, None)  # all 64 bits random
+        numbers = draws.view(torch.int16)[:x.numel()].view(x.shape)  # uniform on [-2^15, 2^15)
+        keep = numbers >= drop_below - 2**15
+        return x * keep * (1 / (1 - drop_below / 2**16))  # (bool mask first: x keeps its dtype)
 
 
 def apply_lora(module: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1,

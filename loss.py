@@ -1,8 +1,11 @@
 """The loss of NV-Embed's contrastive instruction tuning (PAPER.md section 4): InfoNCE over cosine
 similarities divided by a temperature, each query against its positive, its hard negatives and, for
 retrieval data in stage 1, every other document of the global batch on every rank (in-batch
-negatives). train.py calls `contrastive_loss` on the embeddings of a whole batch (plainly, or
-GradCache's way). Tests: tests/test_loss.py (a naive loop), tests/test_train.py (2 ranks).
+negatives). That sum is the paper's. Two masking rules are this project's additions: a document
+known to be relevant to the query is no negative, and a document among the candidates twice counts
+once. NV-Embed-v2's own false-negative rule acts earlier, when the hard negatives are mined: the
+margin in mine.py (TopK-PercPos). train.py calls `contrastive_loss` on the embeddings of a whole
+batch (plainly, or GradCache's way). Tests: tests/test_loss.py (a naive loop), tests/test_train.py.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: t
     positive).
 
         loss_i = -log( exp(s(q_i, d_i+) / tau) / sum_{d in candidates_i} exp(s(q_i, d) / tau) )
+
+    candidates_i: d_i+, its hard negatives and (in-batch) the batch's other documents, as in the
+    paper, less what this project's two rules below mask.
     """
     B, D = query_emb.shape
     if B == 0 or doc_emb.shape[0] % B:
@@ -62,9 +68,11 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: t
         target = torch.zeros(B, dtype=torch.long, device=scores.device)  # the positive is column 0
         candidate_keys = keys.view(B, G)  # (B, C): query i sees its own group
 
-    # Two rules make the candidates a set of distinct negatives plus the positive. Rule 1, false
-    # negatives: a known positive of query i is not a negative (a copy of the positive, the positive
-    # of another example of the same query, a relevant document that is another query's positive).
+    # The paper's sum stops here. Two rules of this project (not the paper's) make the candidates
+    # a set of distinct negatives plus the positive. Rule 1, known positives: a document known to be
+    # relevant to query i is not its negative (a copy of the positive, the positive of another
+    # example of the same query, a relevant document that is another query's positive).
+    # NV-Embed-v2's own guard against false negatives is another: mine.py's margin, at mining time.
     known_positive = (candidate_keys[:, :, None] == known[:, None, :]).any(-1)  # (B, C)
     # Rule 2, one copy per document: a copy of a document already among the candidates (a hard
     # negative repeated to fill the n slots, or shared by several queries) would weigh it twice.

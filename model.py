@@ -1,12 +1,11 @@
 """The Mistral decoder in plain PyTorch, made bidirectional, and the NV-Embed model around it.
 
-NV-Embed (arXiv 2405.17428, section 3.1; PAPER.md sections 1-3) removes Mistral-7B's causal
-mask: every token attends to every real token, only padding is masked (`causal=False`).
-NVEmbed = decoder + pooling (pooling.py) + tokenizer and pool mask (data.py). Differences
-from transformers' MistralModel / LlamaModel: positions count from each row's first real
-token (HF's hidden states under left padding depend on the padding); no KV cache, no LM
-head; parameter names are HF's without "model.", so checkpoints load as they are
-(plumbing/checkpoints.py reads them). Parity tests: `python -m pytest tests/test_model.py`.
+NV-Embed (arXiv 2405.17428, section 3.1; PAPER.md sections 1-3) removes Mistral-7B's causal mask:
+every token attends to every real token, only padding is masked (`causal=False`). NVEmbed = decoder
++ pooling (pooling.py) + tokenizer and pool mask (data.py). Unlike transformers' MistralModel /
+LlamaModel: positions count from each row's first real token (HF's hidden states under left padding
+depend on the padding); no KV cache, no LM head; parameter names are HF's less "model.", so
+checkpoints load as they are. Parity tests: `python -m pytest tests/test_model.py`.
 
 Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head dim, F MLP width.
 """
@@ -35,10 +34,6 @@ from pooling import check_pool_mask
 log = logging.getLogger("nvembed.model")  # notices: errors.py
 
 
-# ----------------------------------------------------------------------------
-# Config
-
-
 @dataclass
 class MistralConfig:
     vocab_size: int = 32000
@@ -52,17 +47,14 @@ class MistralConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     sliding_window: int | None = 4096  # Mistral-7B-v0.1; None for Llama-family models
-    # Llama 3.1+'s RoPE scaling, as HF writes it: {"rope_type": "llama3", "factor",
-    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain RoPE.
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # Llama 3.1+'s, as HF writes it (llama3_rope_scaling)
 
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads} "
-                             "(grouped-query attention needs it)")
+                             f"num_key_value_heads={self.num_key_value_heads} (GQA needs it)")
 
     @classmethod
     def preset(cls, name: str) -> "MistralConfig":
@@ -104,36 +96,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
-def rotary_frequencies(config: MistralConfig, device=None) -> torch.Tensor:
-    """The rotary frequencies theta^(-2i/Dh), (Dh/2,), with Llama 3's scaling when configured."""
-    even = torch.arange(0, config.head_dim, 2, device=device).float()  # (Dh/2,): 2i
-    inv_freq = 1.0 / config.rope_theta ** (even / config.head_dim)  # (Dh/2,)
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
-    # Llama 3.1 stretches its context by `factor` without retraining every frequency: a frequency
-    # whose wavelength fits many times into the original context ("high" frequencies: local
-    # order) is kept, one whose wavelength exceeds the original context ("low": positions never
-    # seen in pretraining) is divided by `factor`, and the band between is interpolated linearly
-    # in original_context / wavelength, from low_freq_factor (all scaled) to high_freq_factor
-    # (none scaled). No sequence-length dependence and no attention factor (it is 1 for llama3).
-    original = scaling["original_max_position_embeddings"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    periods_in_context = original * inv_freq / (2 * math.pi)  # (Dh/2,): original / wavelength
-    kept = ((periods_in_context - low) / (high - low)).clamp(0, 1)  # (Dh/2,): 1 = unscaled
-    return kept * inv_freq + (1 - kept) * inv_freq / scaling["factor"]
-
-
-def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of the rotary angles position * inv_freq, each (B, T, Dh), in HF's "rotate
+def rotary_cos_sin(positions: torch.Tensor, config: MistralConfig, dtype: torch.dtype):
+    """cos and sin of the rotary angles position * theta^(-2i/Dh), each (B, T, Dh), in HF's "rotate
     half" layout (the halves of the head dimension pair up; HF's q_proj / k_proj are permuted for
-    it, so an interleaved RoPE would silently mismatch)."""
+    it, so an interleaved RoPE would silently mismatch). Llama 3.1 scales the frequencies."""
+    even = torch.arange(0, config.head_dim, 2, device=positions.device).float()  # (Dh/2,): 2i
+    inv_freq = 1.0 / config.rope_theta ** (even / config.head_dim)  # (Dh/2,)
+    if config.rope_scaling is not None:
+        inv_freq = llama3_rope_scaling(inv_freq, config.rope_scaling)  # (Dh/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -243,16 +218,12 @@ class Mistral(nn.Module):
         self.activation_checkpointing = False  # recompute each layer in backward to save memory
 
     def forward(self, input_ids, attention_mask=None, causal: bool = False):
-        B, T = input_ids.shape
-        cfg = self.config
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        T, cfg = input_ids.shape[1], self.config
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         # Positions count from each row's first real token, so left padding does not shift the
         # rotary angles: (pad, a, b, c) -> (0, 0, 1, 2); leading pads are clamped to 0 (unused).
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        dtype = self.embed_tokens.weight.dtype
-        inv_freq = rotary_frequencies(cfg, input_ids.device)  # (Dh/2,)
-        cos, sin = rotary_cos_sin(positions, inv_freq, dtype)  # (B, T, Dh) each
+        cos, sin = rotary_cos_sin(positions, cfg, self.embed_tokens.weight.dtype)  # (B, T, Dh) each
 
         window_active = causal and cfg.sliding_window is not None and T > cfg.sliding_window
         if bool(attention_mask.all()) and not window_active:
@@ -272,24 +243,35 @@ class Mistral(nn.Module):
         return self.norm(x)
 
     def compile(self, dynamic: bool = True, backend: str = "inductor") -> "Mistral":
-        """torch.compile each decoder layer in place, as torchtitan does (before FSDP's
-        fully_shard), the glue between them eager. dynamic: symbolic batch and sequence sizes."""
+        """torch.compile each layer in place, as torchtitan does (before FSDP's fully_shard), the
+        glue eager. dynamic: symbolic batch and sequence sizes."""
         for layer in self.layers:
             compile_forward(layer, dynamic, backend)
         return self
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "Mistral":
-        """An HF Mistral / Llama checkpoint folder ((sharded) safetensors, .bin) or a .gguf file."""
-        # The name rule: HF's names less "model." are this module's own (lm_head is dropped), e.g.
-        # model.layers.3.self_attn.q_proj.weight -> layers.3.self_attn.q_proj.weight. Built on the
-        # meta device and assigned tensor by tensor: about the checkpoint's size in memory.
+    def from_pretrained(cls, path: str | os.PathLike, dtype=torch.float32, device="cpu"):
+        """An HF Mistral / Llama checkpoint folder ((sharded) safetensors, .bin) or a .gguf file.
+        HF's names less "model." are this module's (lm_head dropped). Built on the meta device,
+        then assigned tensor by tensor: about the checkpoint's size in memory."""
         hf_config, source, state = read_hf_checkpoint(Path(path), dtype)
         with torch.device("meta"):
             model = cls(MistralConfig.from_hf(hf_config, source=source))
         load_checked(model, state, source=str(path))
         return model.to(device)
+
+
+def llama3_rope_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's RoPE frequencies (Dh/2,) from the plain ones (HF's rope_type "llama3"). It
+    stretches the context by `factor` without retraining every frequency: one whose wavelength fits
+    many times into the original context (high: local order) is kept, one longer than it (low:
+    positions never seen in pretraining) is divided by `factor`, the band between interpolated
+    linearly in original / wavelength from low_freq_factor (all scaled) to high_freq_factor."""
+    original = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    periods_in_context = original * inv_freq / (2 * math.pi)  # (Dh/2,): original / wavelength
+    kept = ((periods_in_context - low) / (high - low)).clamp(0, 1)  # (Dh/2,): 1 = unscaled
+    return kept * inv_freq + (1 - kept) * inv_freq / scaling["factor"]
 
 
 # ----------------------------------------------------------------------------
@@ -305,11 +287,8 @@ class NVEmbed(nn.Module):
                  text_rule=None, base: str | None = None, normalize: bool = True,
                  name: str | None = None):
         super().__init__()
-        self.decoder = decoder
-        self.pooling = pooling
-        self.tokenizer = tokenizer
-        self.pooling_name = pooling_name
-        self.pooling_kwargs = dict(pooling_kwargs or {})
+        self.decoder, self.pooling, self.tokenizer = decoder, pooling, tokenizer
+        self.pooling_name, self.pooling_kwargs = pooling_name, dict(pooling_kwargs or {})
         self.causal = causal  # False: the paper's bidirectional encoder
         self.max_length = max_length
         self.text_rule = text_rule or TextRule()  # template, instruction mask, BOS rule, truncation
@@ -323,8 +302,7 @@ class NVEmbed(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """batch: `data.tokenize`'s dict. Returns (B, D) unit vectors (fp32)."""
         hidden = self.decoder(batch["input_ids"], batch["attention_mask"], self.causal)  # (B, T, D)
-        # Every pooling's precondition, checked once here (pooling.py): a pooled token in every row.
-        pool_mask = check_pool_mask(hidden, batch["pool_mask"])  # (B, T) bool
+        pool_mask = check_pool_mask(hidden, batch["pool_mask"])  # (B, T) bool, a token in every row
         # A trained pooling is fp32 over a bf16 decoder (train.py): it reads hidden in its dtype.
         pooling_dtype = next((p.dtype for p in self.pooling.parameters()), hidden.dtype)
         pooled = self.pooling(hidden.to(pooling_dtype), pool_mask)  # (B, D)
@@ -387,18 +365,15 @@ class NVEmbed(nn.Module):
     def fingerprint(self) -> str:
         return weights_fingerprint(self.state_dict())  # the weights' revision, recorded by results
 
-    # Loading and saving: this project's own folders, in plumbing/loading.py with the other formats
-    # (a base decoder: from_base; NVIDIA's released model: from_released). Imported when called:
-    # plumbing/loading.py builds NVEmbeds, so it imports this file.
-
     @classmethod
     def load(cls, folder: str | os.PathLike, **kwargs) -> "NVEmbed":
-        """What `save` wrote; kwargs: dtype, device, trainable_dtype."""
+        """What `save` wrote; kwargs: dtype, device, trainable_dtype. Both are plumbing/loading.py's
+        (with from_base, from_released), imported when called: it builds NVEmbeds, so imports us."""
         from plumbing.loading import load
         return load(folder, **kwargs)
 
     def save(self, folder: str | os.PathLike, **kwargs) -> None:
-        """This project's layout (with a README.md model card); kwargs: layout ("released", "hf", "peft":
-        plumbing/loading.save), state_dict, overwrite, training (data, steps, metrics: for the card)."""
+        """This project's layout, with a README.md model card; kwargs: layout ("released", "hf",
+        "peft": plumbing/loading.save), state_dict, overwrite, training (data, steps, metrics)."""
         from plumbing.loading import save
         save(self, folder, **kwargs)

@@ -11,51 +11,23 @@ All four live here, with one interface:
 BOS, the instruction or padding). Positions outside it have no influence on the
 output of any pooling, whatever values they hold. A row with no True position is an
 error (the released code divides by zero there and returns NaN): `check_pool_mask`
-refuses it once per `NVEmbed.forward`, and the poolings assume it.
+(at the end) refuses it once per `NVEmbed.forward`, and the poolings assume it.
 
 Shape legend: B batch, T tokens, D hidden, H heads, Dh head dim, L latents.
 
 `POOLINGS`, the one registry, maps the `--pooling` names to constructors taking D as
-their one positional argument; every command's parser reads its names, and each
-pooling counts its own FLOPs (`forward_flops`, for train.py's MFU). The released
-NV-Embed-v1/v2 weights load onto `LatentAttentionPooling` through the name map in
-plumbing/checkpoints.py.
+their one positional argument; every command's parser reads its names. Their FLOPs,
+for train.py's MFU: plumbing/mfu.py's `pooling_flops`. The released NV-Embed-v1/v2
+weights load onto `LatentAttentionPooling` through the name map in plumbing/checkpoints.py.
 
 Run the tests with `python -m pytest -q tests/test_pooling.py`.
 """
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-
-def check_pool_mask(hidden: Tensor, pool_mask: Tensor) -> Tensor:
-    """pool_mask (B, T) as bool, refused unless it matches hidden (B, T, D) and pools a token per
-    row."""
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (B, T, D), got shape {tuple(hidden.shape)}")
-    if pool_mask.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"pool_mask must be (B, T) = {tuple(hidden.shape[:2])} to match hidden, "
-            f"got shape {tuple(pool_mask.shape)}"
-        )
-    pool_mask = pool_mask.bool()
-    pools_something = pool_mask.any(dim=1)  # (B,)
-    if pool_mask.device.type != "cpu":
-        # No host read-back on an accelerator: a device-side assert, raised when the stream runs it.
-        torch._assert_async(pools_something.all(), "pool_mask selects no token in some row")
-        return pool_mask
-    empty_rows = (~pools_something).nonzero().flatten().tolist()
-    if empty_rows:
-        raise ValueError(
-            f"pool_mask selects no token in row(s) {empty_rows[:10]}"
-            f"{' ...' if len(empty_rows) > 10 else ''}; every row needs at least one "
-            "position to pool (its text tokens and EOS)"
-        )
-    return pool_mask
 
 
 def masked_mean(hidden: Tensor, pool_mask: Tensor) -> Tensor:
@@ -73,9 +45,6 @@ class MeanPooling(nn.Module):
     def forward(self, hidden: Tensor, pool_mask: Tensor) -> Tensor:
         return masked_mean(hidden, pool_mask)
 
-    def forward_flops(self, pooled: Tensor) -> float:
-        return 0.0  # no matrix products
-
 
 class LastTokenPooling(nn.Module):
     """The hidden state of the last pooled position of each row: the appended EOS.
@@ -89,9 +58,6 @@ class LastTokenPooling(nn.Module):
         last = torch.where(pool_mask.bool(), positions, -1).amax(dim=1)  # (B,)
         rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
         return hidden[rows, last]  # (B, D)
-
-    def forward_flops(self, pooled: Tensor) -> float:
-        return 0.0  # no matrix products
 
 
 class LatentAttentionPooling(nn.Module):
@@ -171,13 +137,6 @@ class LatentAttentionPooling(nn.Module):
         hidden = hidden + self.ff_out(x * F.gelu(gate))
         return masked_mean(hidden, pool_mask)
 
-    def forward_flops(self, pooled: Tensor) -> float:
-        """Forward matmul FLOPs on rows of `pooled` (rows,) pooled tokens (train.py's MFU)."""
-        D, width, L = self.hidden_size, self.num_heads * self.head_dim, self.num_latents
-        # Per pooled token: to_q, the scores and values over the latents, to_out, ff_in and ff_out.
-        per_token = 2 * D * width + 4 * L * width + 2 * width * D + 6 * self.mlp_ratio * D * D
-        return float(pooled.sum()) * per_token + 2 * L * D * 2 * width  # + to_kv, once per forward
-
 
 class SelfAttentionPooling(nn.Module):
     """One multi-head self-attention layer over the tokens, then the masked mean.
@@ -212,12 +171,6 @@ class SelfAttentionPooling(nn.Module):
         attended = attended.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return masked_mean(hidden + self.out(attended), pool_mask)
 
-    def forward_flops(self, pooled: Tensor) -> float:
-        """Forward matmul FLOPs on rows of `pooled` (rows,) pooled tokens (train.py's MFU)."""
-        # qkv and out per token, then each row's P x P scores and values of width D.
-        D = self.hidden_size
-        return float(pooled.sum()) * 8 * D * D + 4 * D * float((pooled * pooled).sum())
-
 
 # The `--pooling` choices, the one registry. Each takes D as its one positional argument;
 # latent and self-attention take their other sizes as keywords (mean and eos take none).
@@ -227,3 +180,25 @@ POOLINGS = {
     "latent": LatentAttentionPooling,
     "self-attention": SelfAttentionPooling,
 }
+
+
+def check_pool_mask(hidden: Tensor, pool_mask: Tensor) -> Tensor:
+    """pool_mask (B, T) as bool, refused unless it matches hidden (B, T, D) and pools a token per
+    row: every pooling's precondition, checked once per `NVEmbed.forward`."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, D), got shape {tuple(hidden.shape)}")
+    if pool_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"pool_mask must be (B, T) = {tuple(hidden.shape[:2])} to match hidden, "
+                         f"got shape {tuple(pool_mask.shape)}")
+    pool_mask = pool_mask.bool()
+    pools_something = pool_mask.any(dim=1)  # (B,)
+    if pool_mask.device.type != "cpu":
+        # No host read-back on an accelerator: a device-side assert, raised when the stream runs it.
+        torch._assert_async(pools_something.all(), "pool_mask selects no token in some row")
+        return pool_mask
+    empty_rows = (~pools_something).nonzero().flatten().tolist()
+    if empty_rows:
+        more = " ..." if len(empty_rows) > 10 else ""
+        raise ValueError(f"pool_mask selects no token in row(s) {empty_rows[:10]}{more}; every row "
+                         "needs at least one position to pool (its text tokens and EOS)")
+    return pool_mask

@@ -6,11 +6,13 @@ from stage 1, retrieval blended with classification, clustering and STS, in-batc
     torchrun --nproc_per_node=2 train.py --stage 1    # the tiny default job -> runs/stage1/model
     torchrun --nproc_per_node=2 train.py --stage 2    # continues from runs/stage1
     torchrun --nproc_per_node=8 train.py --stage 1 --model /ckpt/Mistral-7B-v0.1 --data t/*.jsonl
+    python train.py --stage 1 --model SmolLM2-135M.gguf --recipe quick --data t.jsonl   # a CPU
 
 No flags: a tiny random Mistral, the byte tokenizer and the built-in data, printing nDCG@10 before
-and after. With --model the defaults are the paper's recipe (plumbing/train_cli.py's RECIPES);
-`python train.py` is one process, no group. Reading order: loss.py's `contrastive_loss` (InfoNCE
-with cross-rank negatives), then here `build_model` and `parallelize` (FSDP2), the step
+and after. Flags left out take a recipe's values (`RECIPES`: tiny, the paper's with --model, or
+--recipe's); `python train.py` is one process, no group. Reading order: `RECIPES` and `configure`
+(every difference between the stages), loss.py's `contrastive_loss` (InfoNCE with cross-rank
+negatives), then here `build_model` and `parallelize` (FSDP2), the step
 (`forward_backward`, and `forward_backward_cached`: GradCache, the paper's batch in one softmax on
 few GPUs), `train_step`, and the loop (`setup`, `loop`, `finish`). The run folder (--out:
 config.json, log.jsonl, checkpoints/step_N, model/) is written by plumbing/checkpoints.py; --resume
@@ -47,8 +49,51 @@ from plumbing.interrupts import stops_cleanly, watch
 from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
-from plumbing.train_cli import (build_parser, check_max_length, evaluation_set, resolve_config,
-                                 training_data)
+from plumbing.train_cli import (build_parser, check_max_length, default_recipe, evaluation_set,
+                                 resolve_config, training_data)
+
+# ----------------------------------------------------------------------------
+# The recipes and the two stages (PAPER.md section 4)
+
+# A recipe gives each flag left out its value; stage1 / stage2 hold what differs between the stages.
+# paper: a real decoder on GPUs, the values commonly quoted from the appendix (temperature from
+# NV-Retriever). tiny: the tiny preset on the built-in data, under 3 minutes on a 2-core CPU; its
+# decoder starts from random weights, so all of it trains (LoRA would adapt a random matrix).
+# quick: any --model on a CPU in minutes, bench/ablate.py's quick setting (a SmolLM2-135M row,
+# trained and evaluated: 8.4 min on 2 cores); its stage 2 repeats stage 1's, not measured apart.
+RECIPES = {
+    "paper": dict(stage1=dict(lr=2e-5, steps=20000), stage2=dict(lr=1.5e-5, steps=18000),
+                  batch_size=128, hard_negatives=7, warmup_steps=500, max_length=512,
+                  temperature=0.01, lora_rank=16, num_latents=512, latent_head_dim=None,
+                  log_every=10, save_every=1000),
+    "tiny": dict(stage1=dict(lr=3e-3, steps=200), stage2=dict(lr=1.5e-3, steps=100),
+                 batch_size=32, hard_negatives=7, warmup_steps=20, max_length=192,
+                 temperature=0.01, lora_rank=0, num_latents=32, latent_head_dim=8,
+                 log_every=20, save_every=100),
+    "quick": dict(stage1=dict(lr=3e-4, steps=30), stage2=dict(lr=3e-4, steps=30),
+                  batch_size=8, hard_negatives=3, warmup_steps=3, max_length=64,
+                  temperature=0.01, lora_rank=16, num_latents=64, latent_head_dim=None,
+                  log_every=5, save_every=10),
+}
+STAGE1_OUT = "runs/stage1"  # where stage 1 saves by default, and stage 2 starts from
+
+
+def configure(argv: list[str] | None = None) -> dict:
+    """The run's configuration from the command line: plumbing/train_cli.py parses and checks the
+    flags; here, the stage rules and the recipe's value for each flag left out."""
+    args = build_parser(RECIPES).parse_args(argv)
+    stage = args.stage
+    if stage == 2 and args.init_from is None and args.model is None:
+        args.init_from = STAGE1_OUT  # stage 2 starts from stage 1's model
+    # In-batch negatives in stage 1 only: in stage 2's classification, clustering and STS data,
+    # another item of the batch may share the query's class (retrieval only: data.TrainDataset).
+    if args.in_batch_negatives is None:
+        args.in_batch_negatives = stage == 1
+    args.out = args.out or f"runs/stage{stage}"
+    recipe = args.recipe or default_recipe(args)  # tiny for the tiny preset, else paper
+    shared = {key: value for key, value in RECIPES[recipe].items() if not key.startswith("stage")}
+    return resolve_config(args, recipe, shared | RECIPES[recipe][f"stage{stage}"])
+
 
 # ----------------------------------------------------------------------------
 # Model, parallelism, schedule
@@ -246,7 +291,7 @@ def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
 class Run:
     """What one training run holds from `setup` through `loop` to `finish`."""
 
-    config: dict  # train_cli.resolve_config's: every flag resolved, saved as the run's config.json
+    config: dict  # configure's: every flag resolved, saved as the run's config.json
     device: torch.device
     model: torch.nn.Module  # the NVEmbed, FSDP-sharded under torchrun
     optimizer: torch.optim.Optimizer
@@ -328,7 +373,8 @@ def setup(config: dict) -> Run:
     if rank() == 0:
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tracking.start(config.get("report_to"), out)  # --report-to tensorboard; stopped by train()
-    sources, sampler = training_data(config)
+    # Stage 1 trains on retrieval data only (PAPER.md section 4); stage 2 blends in the rest.
+    sources, sampler = training_data(config, retrieval_only=config["stage"] == 1)
     evaluation = evaluation_set(config)
 
     # The model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
@@ -434,7 +480,7 @@ def finish(run: Run, loss: float | None) -> dict:
 
 
 def train(config: dict) -> dict:
-    """Run one stage as `config` (train_cli.resolve_config) says; returns a summary dict."""
+    """Run one stage as `config` (`configure`'s) says; returns a summary dict."""
     try:
         run = setup(config)
         watch(run)  # its step, for the line an interruption prints
@@ -473,7 +519,7 @@ def run_evaluation(model, config: dict, evaluation, when: str, step: int,
 def main(argv: list[str] | None = None) -> dict:
     """The command (flags: plumbing/train_cli.py)."""
     try:
-        return train(resolve_config(build_parser().parse_args(argv)))
+        return train(configure(argv))
     except NonFiniteLossError as error:
         # Every rank holds the same all-reduced values and stops alike; rank 0 says it once. Exit
         # status 1: the input was well-formed, the training diverged.

@@ -63,7 +63,6 @@ from plumbing import datafiles  # noqa: E402
 from plumbing.errors import UsageError, exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
-from plumbing import train_cli  # noqa: E402
 from plumbing import significance  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
@@ -415,7 +414,7 @@ def train_run(args, setting, dtype_name, run, train_file, pooling, attention, se
             "--save-every", str(10 ** 9), "--keep-checkpoints", "1",
             *(["--activation-checkpointing"] if setting.get("activation_checkpointing") else [])]
     start = time.perf_counter()
-    train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(argv)))
+    train.train(train.configure(argv))
     seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     return seconds, [[r["step"], r["loss"]] for r in records if "loss" in r]
@@ -637,7 +636,7 @@ def tiny_table(out: Path, steps: int, seed: int) -> str:
                     "--seed", str(seed), "--out", str(out / f"{pooling}-{attention}"), "--overwrite",
                     "--no-progress", "--log-every", str(steps), "--save-every", str(10 ** 9)]
             start = time.perf_counter()
-            summary = train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(argv)))
+            summary = train.train(train.configure(argv))
             lines.append(f"| {pooling} | {attention} | {summary['ndcg_before']:.4f} | "
                          f"{summary['ndcg_after']:.4f} | {time.perf_counter() - start:.0f} |")
             (out / "ablation.md").write_text("\n".join(lines) + "\n")

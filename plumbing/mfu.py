@@ -16,6 +16,7 @@ from lora import lora_config
 from plumbing.checkpoints import append_log
 from plumbing.compiled import compile_counts
 from plumbing.distributed import rank, world_size
+from pooling import LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling
 
 # Dense bf16 peak per GPU, matched as substrings of the device name in this order
 # ("H20" is inside "H200", "L4" inside "L40S").
@@ -49,7 +50,24 @@ def model_shape(model) -> dict:
                 matmul=sum(p.numel() for name, p in base if p.dim() == 2 and not name.startswith("embed_tokens")),
                 lora=sum(p.numel() for name, p in decoder.named_parameters() if "lora_" in name),
                 frozen_base=frozen_base, first_qkv=first_qkv if frozen_base else 0,
-                pooling=model.pooling_name, pooling_flops=pooling.forward_flops)
+                pooling=model.pooling_name,
+                pooling_flops=lambda pooled: pooling_flops(pooling, pooled))
+
+
+def pooling_flops(pooling, pooled: torch.Tensor) -> float:
+    """Forward matmul FLOPs of a pooling.py pooling on rows of `pooled` (rows,) pooled tokens."""
+    if isinstance(pooling, LatentAttentionPooling):
+        D, width, L = pooling.hidden_size, pooling.num_heads * pooling.head_dim, pooling.num_latents
+        # Per pooled token: to_q, the scores and values over the latents, to_out, ff_in and ff_out.
+        per_token = 2 * D * width + 4 * L * width + 2 * width * D + 6 * pooling.mlp_ratio * D * D
+        return float(pooled.sum()) * per_token + 2 * L * D * 2 * width  # + to_kv, once per forward
+    if isinstance(pooling, SelfAttentionPooling):
+        # qkv and out per token, then each row's P x P scores and values of width D.
+        D = pooling.hidden_size
+        return float(pooled.sum()) * 8 * D * D + 4 * D * float((pooled * pooled).sum())
+    if isinstance(pooling, (MeanPooling, LastTokenPooling)):
+        return 0.0  # no matrix products
+    raise TypeError(f"pooling_flops: no FLOP count for {type(pooling).__name__}")
 
 
 def describe(model, device: torch.device) -> str:

@@ -1,7 +1,8 @@
-"""train.py's command line, read when you need it: the two recipes (the paper's, the tiny CPU job), the flags,
-and how a run's configuration is resolved from them (flags left out take the recipe's value, or with --init-from
-the saved model's) and checked, every mistake named by its flag; then what the flags name: the training data
-and the sampler, and the evaluation set."""
+"""train.py's command line, read when you need it: the flags, and how a run's configuration is
+resolved from them (flags left out take the saved model's value with --init-from, or the recipe's,
+which train.py gives for the stage) and checked, every mistake named by its flag; then what the
+flags name: the training data and the sampler, and the evaluation set. The recipes and the stage
+rules are train.py's."""
 
 from __future__ import annotations
 
@@ -26,38 +27,23 @@ from plumbing.sampler import BatchSampler
 from pooling import POOLINGS
 
 
-# Defaults that depend on the run. "paper": a real decoder (PAPER.md section 4; the batch
-# size, steps, warm-up and learning rates are the values commonly quoted from the
-# appendix, temperature from NV-Retriever). "tiny": the tiny preset on the built-in data,
-# sized to finish in under 3 minutes on a 2-core CPU; its decoder starts from random
-# weights, so it trains all of them (LoRA would adapt a random matrix).
-RECIPES = {
-    "paper": dict(lr={1: 2e-5, 2: 1.5e-5}, steps={1: 20000, 2: 18000}, batch_size=128, hard_negatives=7,
-                  warmup_steps=500, max_length=512, temperature=0.01, lora_rank=16, num_latents=512,
-                  latent_head_dim=None, log_every=10, save_every=1000),
-    "tiny": dict(lr={1: 3e-3, 2: 1.5e-3}, steps={1: 200, 2: 100}, batch_size=32, hard_negatives=7,
-                 warmup_steps=20, max_length=192, temperature=0.01, lora_rank=0, num_latents=32,
-                 latent_head_dim=8, log_every=20, save_every=100),
-}
-
-
-DEFAULT_STAGE1_OUT = "runs/stage1"
-
-
 def _recipe_text(recipe: dict) -> str:
-    def text(value):
-        return "/".join(map(str, value.values())) if isinstance(value, dict) else str(value)
+    """A recipe as the help shows it: 'lr 2e-05/1.5e-05, steps 20000/18000, batch-size 128, ...'."""
+    stage1, stage2 = recipe["stage1"], recipe["stage2"]
+    per_stage = {key: f"{stage1[key]}/{stage2[key]}" for key in stage1}
+    shared = {key: value for key, value in recipe.items() if key not in ("stage1", "stage2")}
+    values = per_stage | shared
+    return ", ".join(f"{key.replace('_', '-')} {value}" for key, value in values.items())
 
-    return ", ".join(f"{key.replace('_', '-')} {text(value)}" for key, value in recipe.items())
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipes: dict) -> argparse.ArgumentParser:
+    """The flags; `recipes`: train.RECIPES, shown in the help and named by --recipe."""
     p = ArgumentParser(  # said once under torchrun (errors.py)
         description="Two-stage contrastive instruction tuning of NV-Embed (PAPER.md section 4). "
                     "Run under torchrun for several ranks; flags left out take the recipe's default "
-                    "(the paper's with --model, the tiny CPU job without).",
+                    "(the paper's with --model, the tiny CPU job without, or --recipe's).",
         epilog="recipe defaults (stage 1 / stage 2 where two values): " + "; ".join(
-            f"{name}: {_recipe_text(recipe)}" for name, recipe in RECIPES.items()))
+            f"{name}: {_recipe_text(recipe)}" for name, recipe in recipes.items()))
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", type=int, choices=(1, 2), default=1,
                    help="1: retrieval data, in-batch + hard negatives; 2: retrieval + non-retrieval blend, "
@@ -65,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None,
                    help="base decoder: HF checkpoint folder, .gguf file or preset name (model.PRESETS); "
                         "default: the 'tiny' preset with the byte tokenizer")
+    g.add_argument("--recipe", choices=tuple(recipes), default=None,
+                   help="the defaults of every flag left out (train.RECIPES, below); "
+                        "default: tiny for the tiny preset, paper for any other model")
     g.add_argument("--init-from", default=None,
                    help="start from this saved model (a run folder or its model/); stage 2 without --model "
-                        f"defaults to {DEFAULT_STAGE1_OUT}")
+                        "defaults to runs/stage1")
     g.add_argument("--data", nargs="+", default=None,
                    help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, folders "
                         "datasets' save_to_disk wrote, or hub names; columns in datafiles.py's schema or "
@@ -170,19 +159,25 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
     add_verbosity_flags(p)
 
 
-def resolve_config(args: argparse.Namespace) -> dict:
-    """Fill every flag left out from the recipe (and, with --init-from, from the saved model)."""
+def default_recipe(args: argparse.Namespace) -> str:
+    """'tiny' when the decoder is the tiny preset (no --model, or --init-from a model trained from
+    it), else 'paper'."""
+    if args.init_from is not None and args.model is None:
+        saved = saved_architecture(args.init_from)["decoder"]  # a saved or released model's
+        tiny = dataclasses.asdict(MistralConfig.preset("tiny"))
+        return "tiny" if {"rope_scaling": None, **saved} == tiny else "paper"
+    return "tiny" if args.model in (None, "tiny") else "paper"
+
+
+def resolve_config(args: argparse.Namespace, recipe: str, defaults: dict) -> dict:
+    """Fill every flag left out: with --init-from from the saved model, else (and for the rest) from
+    `defaults`, the values of `recipe` for this stage (train.configure gives them)."""
 
     config = dict(vars(args))
-    stage = config["stage"]
-    if stage == 2 and config["init_from"] is None and config["model"] is None:
-        config["init_from"] = DEFAULT_STAGE1_OUT
     if config["init_from"] is not None:
         if config["model"] is not None:
             raise UsageError("pass either --model (start from a base decoder) or --init-from (a saved model)")
         saved = saved_architecture(config["init_from"])  # a saved model's, or a released one's
-        tiny = dataclasses.asdict(MistralConfig.preset("tiny"))
-        recipe = "tiny" if {"rope_scaling": None, **saved["decoder"]} == tiny else "paper"
         saved_lora = (saved["lora"] or {}).get("rank", 0)
         for key, value in (("pooling", saved["pooling"]), ("causal", saved["causal"])):
             if config[key] is not None and config[key] != value:
@@ -196,21 +191,16 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["pooling_kwargs"] = saved["pooling_kwargs"]
     else:
         config["model"] = config["model"] or "tiny"
-        recipe = "tiny" if config["model"] == "tiny" else "paper"
         if config["model"] not in PRESETS and not Path(config["model"]).exists():
             raise MissingFileError(f"--model {config['model']}: no such checkpoint folder, .gguf file or preset "
                                    f"({sorted(PRESETS)})")
         config["pooling"] = config["pooling"] or "latent"
         config["causal"] = bool(config["causal"])
-    defaults = RECIPES[recipe]
     config["recipe"] = recipe
-    for key in ("batch_size", "hard_negatives", "warmup_steps", "max_length", "temperature", "lora_rank",
-                "log_every", "save_every"):
+    for key in ("lr", "steps", "batch_size", "hard_negatives", "warmup_steps", "max_length",
+                "temperature", "lora_rank", "log_every", "save_every"):
         if config[key] is None:
             config[key] = defaults[key]
-    for key in ("lr", "steps"):
-        if config[key] is None:
-            config[key] = defaults[key][stage]
     if config["init_from"] is None:
         latent = dict(num_latents=config["num_latents"] or defaults["num_latents"])
         head_dim = config["latent_head_dim"] or defaults["latent_head_dim"]
@@ -222,15 +212,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if config["init_from"] is not None and (config["num_latents"] or config["latent_head_dim"]):
         raise UsageError("--num-latents / --latent-head-dim: the pooling of --init-from is kept as it was saved")
     del config["num_latents"], config["latent_head_dim"]
-    if config["in_batch_negatives"] is None:
-        config["in_batch_negatives"] = stage == 1  # PAPER.md section 4
     config["device"] = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     config["dtype"] = config["dtype"] or ("bf16" if config["device"] == "cuda" else "fp32")
     if config["model_dtype"] is None:
         config["model_dtype"] = "bf16" if config["dtype"] == "bf16" and config["lora_rank"] > 0 else "fp32"
     if config["model_dtype"] == "bf16" and config["dtype"] != "bf16":
         raise UsageError("--model-dtype bf16 needs --dtype bf16 (a bf16 base cannot compute in fp32)")
-    config["out"] = config["out"] or f"runs/stage{stage}"
     config["name"] = config["name"] or Path(config["out"]).resolve().name
     configure_logging(config.pop("log_level"))  # the notices' level: how the run talks, not what it computes
     if config["progress"] is None:
@@ -316,15 +303,16 @@ def check_max_length(config: dict, sources: list, tokenizer, rule) -> None:
                              f"--max-length >= {head + 2}")
 
 
-def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool,
-                 split: str = "train") -> list:
-    """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1 takes retrieval
-    files only (PAPER.md section 4); in-batch negatives go to retrieval data only (data.TrainDataset decides)."""
+def file_sources(paths: list[str], hard_negatives: int, in_batch_negatives: bool,
+                 split: str = "train", retrieval_only: bool = False) -> list:
+    """One TrainDataset per training file (datafiles.py's schema, one task type a file); in-batch
+    negatives go to retrieval data only (data.TrainDataset decides). retrieval_only: a file of
+    another task type is a DataError."""
     sources = []
     for path in paths:
         examples = datafiles.read_training_file(path, split=split)
         kinds = sorted({e.task_type for e in examples})
-        if stage == 1 and kinds != ["retrieval"]:
+        if retrieval_only and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
                             f"this file has task types {kinds}; use it in --stage 2")
         sources.append(TrainDataset(Path(path).stem, examples, in_batch_negatives=in_batch_negatives,
@@ -332,12 +320,15 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
     return sources
 
 
-def training_data(config: dict) -> tuple[list, BatchSampler]:
-    """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on (seed, k) alone."""
+def training_data(config: dict, retrieval_only: bool = False) -> tuple[list, BatchSampler]:
+    """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on
+    (seed, k) alone. retrieval_only (train.py's stage 1): --data files of other task types are
+    refused."""
     if config["data"]:
-        sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
-                               config["in_batch_negatives"], config.get("data_split", "train"))
-    else:
+        sources = file_sources(config["data"], config["hard_negatives"],
+                               config["in_batch_negatives"], config.get("data_split", "train"),
+                               retrieval_only)
+    else:  # the built-in data: its retrieval examples, and in stage 2 a classification task
         sources = builtin_sources(config["stage"], config["hard_negatives"], config["in_batch_negatives"],
                                   config["seed"])
     for source in sources:

@@ -97,6 +97,8 @@ def test_plan_puts_every_main_configuration_at_seed_0_first():
     assert len(every) == 12 + 4 + 4 + 10 + 4 + 2  # (c): MiniLM seeds 0, 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
+                    reason="its MiniLM teacher needs sentence-transformers (the st extra)")
 def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
     """bench/ablate.py end to end at tiny shapes (parts a and c, one seed), then again: the second call finds
     every row in the results file and measures nothing; a results file of another setting is refused."""
@@ -211,6 +213,8 @@ def small_beir(folder):
     return folder
 
 
+@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
+                    reason="its MiniLM teacher needs sentence-transformers (the st extra)")
 def test_teachers_dry_run_runs_every_teacher_and_compares_with_bm25(tmp_path):
     """bench/teachers.py --dry-run: the GPU experiment's whole path at tiny shapes (the tiny preset, 2 steps, a
     hand-made sentence-transformers folder for MiniLM), one text length."""

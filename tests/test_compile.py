@@ -13,7 +13,6 @@ import torch
 from plumbing import evaluate_cli
 from plumbing.checkpoints import check_resume_config
 import train
-from plumbing import train_cli
 from plumbing import mfu
 from plumbing.compiled import compile_counts
 from model import NVEmbed
@@ -91,7 +90,7 @@ def test_compile_keeps_parameter_names_and_activation_checkpointing_gradients():
 
 
 def test_train_compile_flag_compiles_each_layer_before_sharding():
-    config = train_cli.resolve_config(train_cli.build_parser().parse_args(["--compile", "--device", "cpu"]))
+    config = train.configure(["--compile", "--device", "cpu"])
     assert config["compile"]
     model = train.parallelize(tiny(), torch.device("cpu"), compile=config["compile"])
     for module in (*model.decoder.layers, model.pooling):
@@ -116,7 +115,7 @@ def test_step_log_records_the_graphs_compiled(tmp_path):
     flags = ["--device", "cpu", "--out", str(tmp_path), "--log-every", "1", "--no-progress"]
     stats = dict(loss=1.0, lr=1e-3, grad_norm=1.0, tokens=10, flops=100.0)
     for extra in ([], ["--compile"]):
-        config = train_cli.resolve_config(train_cli.build_parser().parse_args(flags + extra))
+        config = train.configure(flags + extra)
         mfu.StepLog(config, torch.device("cpu"), initial_step=0).add(1, stats, 0.5, "data", last_step=1)
     eager, compiled = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert "compiled" not in eager
@@ -124,7 +123,7 @@ def test_step_log_records_the_graphs_compiled(tmp_path):
 
 
 def test_a_run_resumes_with_or_without_compile_and_from_before_the_flag(tmp_path):
-    config = train_cli.resolve_config(train_cli.build_parser().parse_args(["--device", "cpu", "--out", str(tmp_path)]))
+    config = train.configure(["--device", "cpu", "--out", str(tmp_path)])
     before_the_flag = {k: v for k, v in config.items() if k != "compile"}
     (tmp_path / "trainer_state.json").write_text(json.dumps(dict(config=before_the_flag)))
     for compile_ in (False, True):

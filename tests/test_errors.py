@@ -58,6 +58,14 @@ def training_file(tmp_path, second_line=None):
     return path
 
 
+def non_retrieval_data_in_stage_1(tmp_path):
+    path = training_file(tmp_path)
+    rows = [dict(json.loads(line), task_type="classification") for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        f"{path}: stage 1 trains on retrieval data only"
+
+
 def training_row(**changes):
     """The second built-in example as a training-file row, with `changes` (a value None removes the field)."""
     row = {**builtin().train_examples[1].to_json(), **changes}
@@ -318,7 +326,8 @@ CASES = VALUE_CASES + [unknown_dataset_without_instruction, data_folder_misspelt
          empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
          duplicate_corpus_id, missing_split, missing_model_path, missing_model_path_to_evaluate,
          missing_model_path_to_mine, not_a_gguf_file, unsupported_architecture, truncated_safetensors,
-         batch_size_does_not_divide, negative_temperature, resume_without_checkpoint, mining_a_missing_folder]
+         batch_size_does_not_divide, negative_temperature, resume_without_checkpoint, mining_a_missing_folder,
+         non_retrieval_data_in_stage_1]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])

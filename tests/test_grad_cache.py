@@ -11,7 +11,6 @@ from plumbing import builtin
 import data
 import loss as loss_module
 import train
-from plumbing import train_cli
 from tests.test_train import SMALL_JOB, logged_losses, saved_weights, single_process  # noqa: F401 (fixture)
 
 CPU = torch.device("cpu")
@@ -160,11 +159,10 @@ def test_training_with_grad_cache_ends_where_the_plain_run_does(tmp_path, single
 
 
 def test_grad_cache_flags_are_checked():
-    parser = train_cli.build_parser()
     with pytest.raises(Exception, match="choose one"):
-        train_cli.resolve_config(parser.parse_args(["--grad-cache", "4", "--grad-accum", "2"]))
+        train.configure(["--grad-cache", "4", "--grad-accum", "2"])
     with pytest.raises(Exception, match="--grad-cache must be"):
-        train_cli.resolve_config(parser.parse_args(["--grad-cache", "-1"]))
+        train.configure(["--grad-cache", "-1"])
 
 
 def test_grad_cache_under_bf16_autocast():

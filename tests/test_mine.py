@@ -12,7 +12,7 @@ import mine
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from plumbing.datafiles import doc_text, read_training_file
 from model import NVEmbed
-from tests.test_teachers import make_folder
+from tests.test_teachers import HAS_ST, make_folder
 from plumbing.loading import from_base
 
 
@@ -203,7 +203,8 @@ def test_no_judged_positive_is_mined_adversarial_dense():
     assert stats["queries_kept"] == 2 and stats["negatives_per_query"]["histogram"] == {"2": 1, "3": 1}
 
 
-@pytest.mark.parametrize("teacher", ["bm25", "saved NV-Embed", "sentence-transformers"])
+@pytest.mark.parametrize("teacher", ["bm25", "saved NV-Embed", pytest.param("sentence-transformers", marks=(
+    pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (the st extra)")))])
 def test_no_judged_positive_is_mined_by_any_teacher(tmp_path, teacher):
     """Every kind of teacher on the built-in data (30 train queries, their positives and 70 other documents): no
     judged positive among a query's negatives, no negative twice. The saved NV-Embed stands for a stage-1 model

@@ -1,18 +1,20 @@
-"""mine.SentenceTransformerTeacher: a sentence-transformers folder read with transformers alone. Checked on tiny
-hand-made folders (a random BertModel and the json files sentence-transformers writes) against pooling computed
-here with numpy, one text at a time, and against sentence-transformers itself where it is installed; and on the
-real all-MiniLM-L6-v2 (tests/helpers.py fetches it) against sentence-transformers."""
+"""mine.SentenceTransformerTeacher: a sentence-transformers folder read by sentence-transformers (the st
+extra). Checked on tiny hand-made folders (a random BertModel and the json files sentence-transformers writes)
+against pooling computed here with numpy, one text at a time, and on the real all-MiniLM-L6-v2 (tests/helpers.py
+fetches it) against transformers' BertModel mean-pooled by hand; the settings it refuses, and the one-line error
+where sentence-transformers is not installed."""
 
+import builtins
 import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
 import mine
-from plumbing.errors import CheckpointError
+from plumbing.errors import CheckpointError, UsageError
 from tests.helpers import minilm_folder, scifact
 
 WORDS = ["the", "cell", "protein", "binds", "to", "dna", "in", "mice", "cancer", "risk", "is", "low", "high", "gene"]
@@ -22,6 +24,13 @@ TEXTS = ["The protein binds to DNA in mice and the gene is high in the cell of t
          "Cancer risk is low in mice", "The cell binds DNA", "gene protein", "dna"]
 MAX_SEQ_LENGTH = 12
 HAS_ST = importlib.util.find_spec("sentence_transformers") is not None
+needs_st = pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (the st extra: "
+                                                 "pip install -e '.[st]')")
+# sentence-transformers' legacy pooling flags in 1_Pooling/config.json (all-MiniLM-L6-v2 uses them), in the order
+# it concatenates several modes.
+POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                 "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                 "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 
 
 def make_folder(path, modes, normalize, padding_side="right", do_lower_case=False, words=WORDS):
@@ -43,7 +52,7 @@ def make_folder(path, modes, normalize, padding_side="right", do_lower_case=Fals
         (path / "2_Normalize").mkdir()
     (path / "modules.json").write_text(json.dumps(modules))
     (path / "1_Pooling").mkdir()
-    pooling = {"word_embedding_dimension": 16, **{key: mode in modes for key, mode in mine.ST_POOLING_MODES.items()}}
+    pooling = {"word_embedding_dimension": 16, **{key: mode in modes for key, mode in POOLING_FLAGS.items()}}
     (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     (path / "sentence_bert_config.json").write_text(json.dumps(dict(max_seq_length=MAX_SEQ_LENGTH,
                                                                     do_lower_case=do_lower_case)))
@@ -67,11 +76,13 @@ def naive_pool(hidden, mode):
     return (weights[:, None] * hidden).sum(axis=0) / weights.sum()
 
 
-def naive_encode(folder, texts, modes, normalize):
-    """The padded batch through BertModel, then each text's real tokens pooled one at a time in numpy."""
-    tokenizer = BertTokenizerFast.from_pretrained(folder)
-    model = BertModel.from_pretrained(folder).eval()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LENGTH, return_tensors="pt")
+def naive_encode(folder, texts, modes, normalize, max_length=MAX_SEQ_LENGTH, lower=False):
+    """The padded batch through the folder's model (transformers), then each text's real tokens pooled one at a
+    time in numpy."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    texts = [text.lower() for text in texts] if lower else texts
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state.double().numpy()  # (B, T, D)
     rows = []
@@ -88,85 +99,75 @@ CASES = [(["mean"], True, "right"), (["cls"], False, "right"), (["max"], True, "
          (["cls", "max", "mean"], True, "right")]  # several modes: concatenated in sentence-transformers' order
 
 
+@needs_st
 @pytest.mark.parametrize("modes, normalize, padding_side", CASES)
 def test_hand_made_folder_matches_naive_pooling(tmp_path, modes, normalize, padding_side):
     folder = make_folder(tmp_path / "st", modes, normalize, padding_side)
     teacher = mine.SentenceTransformerTeacher(folder)
-    assert teacher.pooling_modes == modes and teacher.normalize == normalize and teacher.max_length == MAX_SEQ_LENGTH
+    assert teacher.max_length == MAX_SEQ_LENGTH  # the folder's, not the model's 64
+    # One batch of the texts, longest first, as the naive path pads it: left padding shifts BERT's positions.
     got = teacher.encode(TEXTS, batch_size=len(TEXTS)).double().numpy()
     np.testing.assert_allclose(got, naive_encode(folder, TEXTS, modes, normalize), atol=1e-5)
     assert got.shape == (len(TEXTS), 16 * len(modes))
+    # Another max_length for one call, and the instruction prepended to each text as the prompt.
+    short = teacher.encode(TEXTS, instruction="gene ", batch_size=len(TEXTS), max_length=6).double().numpy()
+    expected = naive_encode(folder, ["gene " + text for text in TEXTS], modes, normalize, max_length=6)
+    np.testing.assert_allclose(short, expected, atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (the st extra: pip install -e '.[st]')")
-@pytest.mark.parametrize("modes, normalize, padding_side", CASES[:6])
-def test_hand_made_folder_matches_sentence_transformers(tmp_path, modes, normalize, padding_side):
-    from sentence_transformers import SentenceTransformer
-
-    folder = make_folder(tmp_path / "st", modes, normalize, padding_side, do_lower_case=True)
-    # Right padding changes nothing, so our batches may differ from theirs; left padding shifts BERT's absolute
-    # positions, so there the batch must be theirs (one batch of the texts, longest first, as both sort them).
-    batch_size = 2 if padding_side == "right" else len(TEXTS)
-    got = mine.SentenceTransformerTeacher(folder).encode(TEXTS, batch_size=batch_size)
-    expected = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, batch_size=len(TEXTS),
-                                                                    convert_to_tensor=True)
-    torch.testing.assert_close(got, expected.cpu(), atol=1e-5, rtol=0)
+@needs_st
+def test_do_lower_case_lowercases_before_the_cased_tokenizer(tmp_path):
+    folder = make_folder(tmp_path / "st", ["mean"], normalize=True, do_lower_case=True)
+    got = mine.SentenceTransformerTeacher(folder).encode(TEXTS, batch_size=len(TEXTS)).double().numpy()
+    np.testing.assert_allclose(got, naive_encode(folder, TEXTS, ["mean"], True, lower=True), atol=1e-5)
+    assert not np.allclose(got, naive_encode(folder, TEXTS, ["mean"], True), atol=1e-3)  # case matters here
 
 
-def test_refuses_what_it_does_not_implement(tmp_path):
-    folder = make_folder(tmp_path / "st", ["mean"], True)
-    modules = json.loads((folder / "modules.json").read_text())
-    (folder / "modules.json").write_text(json.dumps(modules + [dict(path="3_Dense", type="x.models.Dense")]))
-    with pytest.raises(CheckpointError, match=r"modules.json: modules \['Transformer', 'Pooling', 'Normalize', "
-                                              r"'Dense'\]: only Transformer, Pooling and an optional Normalize"):
-        mine.SentenceTransformerTeacher(folder)
-    (folder / "modules.json").write_text(json.dumps(modules[:2] + modules[1:2]))  # a second Pooling
-    with pytest.raises(CheckpointError, match=r"modules \['Transformer', 'Pooling', 'Pooling'\]"):
-        mine.SentenceTransformerTeacher(folder)
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": False}))
-    with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: pooling modes \[\]"):
-        mine.SentenceTransformerTeacher(folder)
-    (folder / "1_Pooling" / "config.json").write_text("{")
-    with pytest.raises(CheckpointError, match=r"1_Pooling/config.json: not JSON"):
-        mine.SentenceTransformerTeacher(folder)
-
-
-@pytest.mark.parametrize("file, settings, refused", [
-    ("sentence_bert_config.json", dict(max_seq_length=12, tokenizer_args=dict(model_max_length=5)),
-     r"sentence_bert_config.json: tokenizer_args: not implemented"),
-    ("config_sentence_transformers.json", dict(prompts=dict(query="query: "), default_prompt_name="query"),
-     r"config_sentence_transformers.json: default_prompt_name 'query'"),
-    ("config_sentence_transformers.json", dict(similarity_fn_name="dot"),
-     r"config_sentence_transformers.json: similarity_fn_name 'dot': mining ranks by cosine"),
+@needs_st
+@pytest.mark.parametrize("settings, refused", [
+    (dict(prompts=dict(query="query: "), default_prompt_name="query"), r"default prompt 'query'"),
+    (dict(similarity_fn_name="dot"), r"similarity 'dot': mining ranks by cosine"),
 ])
-def test_refuses_settings_sentence_transformers_would_apply(tmp_path, file, settings, refused):
+def test_refuses_settings_that_would_change_the_ranking(tmp_path, settings, refused):
     folder = make_folder(tmp_path / "st", ["mean"], normalize=False)
-    (folder / file).write_text(json.dumps(settings))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings))
     with pytest.raises(CheckpointError, match=refused):
         mine.SentenceTransformerTeacher(folder)
 
 
-def test_reads_an_older_models_config_name_and_accepts_dot_on_unit_vectors(tmp_path):
+@needs_st
+def test_accepts_dot_on_unit_vectors(tmp_path):
     folder = make_folder(tmp_path / "st", ["mean"], normalize=True)
-    (folder / "sentence_bert_config.json").rename(folder / "sentence_roberta_config.json")
     (folder / "config_sentence_transformers.json").write_text(json.dumps(dict(similarity_fn_name="dot")))
-    assert mine.SentenceTransformerTeacher(folder).max_length == MAX_SEQ_LENGTH  # not the model's 64
+    assert mine.SentenceTransformerTeacher(folder).max_length == MAX_SEQ_LENGTH
 
 
-@pytest.mark.skipif(not HAS_ST, reason="sentence-transformers is not installed (the st extra: pip install -e '.[st]')")
-def test_minilm_matches_sentence_transformers():
-    from sentence_transformers import SentenceTransformer
+def test_without_sentence_transformers_the_teacher_is_one_line(tmp_path, monkeypatch):
+    real_import = builtins.__import__
 
+    def no_sentence_transformers(name, *args, **kwargs):
+        if name.startswith("sentence_transformers"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sentence_transformers)
+    with pytest.raises(UsageError, match=r"needs the sentence-transformers package: pip install -e '\.\[st\]'"):
+        mine.SentenceTransformerTeacher(tmp_path / "st")
+
+
+@needs_st
+def test_minilm_matches_its_bert_mean_pooled_by_hand():
     folder = minilm_folder()
     corpus = [json.loads(line) for line in (scifact() / "corpus.jsonl").open().readlines()[:6]]
     texts = [(d["title"] + " " + d["text"]).strip() for d in corpus] + ["  a claim with spaces  ", "Vitamin D"]
     teacher = mine.SentenceTransformerTeacher(folder)
-    assert (teacher.pooling_modes, teacher.normalize, teacher.max_length) == (["mean"], True, 256)
-    expected = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
-    torch.testing.assert_close(teacher.encode(texts, batch_size=3), expected.cpu(), atol=2e-6, rtol=0)
+    assert teacher.max_length == 256
+    expected = naive_encode(folder, texts, ["mean"], normalize=True, max_length=256)
+    # Other batches than the naive one: right padding changes BERT's outputs by float noise only.
+    np.testing.assert_allclose(teacher.encode(texts, batch_size=3).double().numpy(), expected, atol=1e-5)
 
 
+@needs_st
 def test_mine_command_takes_a_sentence_transformers_folder(tmp_path):
     """mine.py --model FOLDER (it has modules.json): the teacher embeds bare queries (sentence-transformers models
     are trained on bare queries), the training file keeps the student's instruction; NV-Embed flags are refused."""

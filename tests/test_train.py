@@ -16,7 +16,6 @@ from plumbing import builtin  # noqa: E402
 from plumbing import checkpoints  # noqa: E402
 from plumbing import distributed  # noqa: E402
 import train  # noqa: E402
-from plumbing import train_cli  # noqa: E402
 from plumbing.sampler import rank_slice  # noqa: E402
 from tests.helpers import free_port, spawn_two_ranks  # noqa: E402
 from tests.test_loss import BagOfBytes, known_positive_dataset, known_positive_examples, naive_batch_loss  # noqa: E402
@@ -140,7 +139,7 @@ def two_rank_worker(rank, out_dir):
     # Sharded checkpoints: uninterrupted vs stopped after step 3 and resumed (train() keeps
     # the process group that is already up).
     def run(*extra):
-        train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(SMALL_JOB + ["--steps", "6", *extra])))
+        train.train(train.configure(SMALL_JOB + ["--steps", "6", *extra]))
 
     def built_on_rank_1(config):
         raise AssertionError("rank 1 built the model: only rank 0 should (train.build_model_on_rank0)")
@@ -152,8 +151,7 @@ def two_rank_worker(rank, out_dir):
     run("--out", os.path.join(out_dir, "b"), "--resume")
     run("--out", os.path.join(out_dir, "c"), "--steps", "3", "--lora-dropout", "0")  # vs one rank, below
     run("--out", os.path.join(out_dir, "f"), *EVAL_EVERY)  # sharded evaluations of the FSDP model, in lockstep
-    train.train(train_cli.resolve_config(train_cli.build_parser().parse_args(STAGE2_FROM + [os.path.join(out_dir, "c"),
-                                                                                   "--out", os.path.join(out_dir, "e")])))
+    train.train(train.configure(STAGE2_FROM + [os.path.join(out_dir, "c"), "--out", os.path.join(out_dir, "e")]))
 
     def unreadable(config):
         raise ValueError("checkpoint unreadable")
@@ -398,18 +396,38 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, single_process, mo
 def test_paper_recipe_with_a_real_model(tmp_path):
     checkpoint = tmp_path / "Mistral-7B"
     checkpoint.mkdir()
-    stage1 = train_cli.resolve_config(train_cli.build_parser().parse_args(["--model", str(checkpoint), "--device", "cpu"]))
+    stage1 = train.configure(["--model", str(checkpoint), "--device", "cpu"])
     # PAPER.md section 4.
     assert (stage1["lr"], stage1["batch_size"], stage1["hard_negatives"]) == (2e-5, 128, 7)
     assert (stage1["warmup_steps"], stage1["max_length"], stage1["temperature"]) == (500, 512, 0.01)
     assert (stage1["lora_rank"], stage1["lora_alpha"], stage1["lora_dropout"]) == (16, 32, 0.1)
     assert stage1["pooling"] == "latent" and stage1["pooling_kwargs"] == {"num_latents": 512}
     assert stage1["in_batch_negatives"] and not stage1["causal"] and stage1["out"] == "runs/stage1"
-    stage2 = train_cli.resolve_config(train_cli.build_parser().parse_args(
-        ["--stage", "2", "--model", str(checkpoint), "--device", "cpu"]))
+    stage2 = train.configure(["--stage", "2", "--model", str(checkpoint), "--device", "cpu"])
     assert stage2["lr"] == 1.5e-5 and not stage2["in_batch_negatives"]
     with pytest.raises(FileNotFoundError, match="no-such"):
-        train_cli.resolve_config(train_cli.build_parser().parse_args(["--model", str(tmp_path / "no-such")]))
+        train.configure(["--model", str(tmp_path / "no-such")])
+
+
+def test_quick_recipe_with_any_model_is_the_ablations_quick_setting(tmp_path):
+    """--recipe quick with any --model gives bench/ablate.py's quick setting; --recipe overrides the
+    default recipe (tiny for the tiny preset, paper for any other model), and flags override both."""
+    from bench import ablate
+
+    checkpoint = tmp_path / "SmolLM2-135M"
+    checkpoint.mkdir()
+    setting = ablate.SETTINGS["quick"]
+    keys = ("max_length", "steps", "batch_size", "hard_negatives", "lr", "warmup_steps")
+    for stage in ("1", "2"):
+        quick = train.configure(["--model", str(checkpoint), "--recipe", "quick", "--stage", stage,
+                                 "--device", "cpu"])
+        assert {key: quick[key] for key in keys} == {key: setting[key] for key in keys}
+        assert quick["pooling_kwargs"] == {"num_latents": setting["num_latents"]}  # latent head dim: D
+        assert quick["lora_rank"] == 16 and quick["recipe"] == "quick"  # ablate.py's --lora-rank 16
+    paper_on_tiny = train.configure(["--recipe", "paper", "--lr", "1e-3", "--device", "cpu"])
+    assert (paper_on_tiny["model"], paper_on_tiny["lr"], paper_on_tiny["batch_size"]) == ("tiny", 1e-3, 128)
+    assert train.configure(["--model", str(checkpoint), "--device", "cpu"])["recipe"] == "paper"
+    assert train.configure(["--device", "cpu"])["recipe"] == "tiny"
 
 
 # ---------------------------------------------------------------- stage 2's model and data
@@ -501,15 +519,13 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
     assert not config["in_batch_negatives"] and config["init_from"] == str(stage1)
     assert NVEmbed.load(summary["model"]).pooling_name == model.pooling_name
     with pytest.raises(ValueError, match="pooling"):
-        train_cli.resolve_config(train_cli.build_parser().parse_args(["--stage", "2", "--init-from", str(stage1),
-                                                              "--pooling", "mean"]))
+        train.configure(["--stage", "2", "--init-from", str(stage1), "--pooling", "mean"])
 
 
 STAGE1_TEST_STEPS = "60"
 
 
 def test_the_saved_models_name_is_name_or_the_out_folders():
-    parser = train_cli.build_parser()
-    assert train_cli.resolve_config(parser.parse_args(["--out", "runs/my-run"]))["name"] == "my-run"
-    named = train_cli.resolve_config(parser.parse_args(["--out", "runs/x", "--name", "ablation-3"]))
+    assert train.configure(["--out", "runs/my-run"])["name"] == "my-run"
+    named = train.configure(["--out", "runs/x", "--name", "ablation-3"])
     assert named["name"] == "ablation-3"
