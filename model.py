@@ -296,6 +296,12 @@ class Mistral(nn.Module):
 # NV-Embed: decoder + pooling + tokenizer
 
 
+def names_a_prompt(encode_kwargs: dict) -> bool:
+    """Whether encode's kwargs give a prefix: a prompt (even ""), a prompt_name, an instruction."""
+    return any(encode_kwargs.get(k) is not None for k in ("prompt", "prompt_name")) or \
+        bool(encode_kwargs.get("instruction"))
+
+
 class NVEmbed(nn.Module):
     """Texts -> L2-normalised embeddings: tokenize, decoder, pooling, normalise. Training and
     `encode` share `forward` and the model's own `text_rule`: their pool masks are the same."""
@@ -303,7 +309,7 @@ class NVEmbed(nn.Module):
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
                  text_rule=None, base: str | None = None, normalize: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, prompts: dict[str, str] | None = None):
         super().__init__()
         self.decoder = decoder
         self.pooling = pooling
@@ -316,6 +322,8 @@ class NVEmbed(nn.Module):
         self.normalize = normalize  # L2-normalise the output (the released `output_normalize`)
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
         self.name = name  # what the model is called in results (train.py's --name)
+        # sentence-transformers' named prompts, each a whole prefix: "query" is encode_query's.
+        self.prompts = dict(prompts or {})
         if len(tokenizer) > decoder.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocab_size is "
                              f"{decoder.config.vocab_size}")
@@ -346,10 +354,17 @@ class NVEmbed(nn.Module):
     def encode(self, sentences: str | Sequence[str], prompt: str | None = None,
                instruction: str = "", batch_size: int = 32, show_progress_bar: bool | None = None,
                convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-               normalize_embeddings: bool = False, max_length: int | None = None):
+               normalize_embeddings: bool = False, max_length: int | None = None,
+               prompt_name: str | None = None):
         """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D) float32 in input
         order: numpy, a CPU tensor (convert_to_tensor) or a list of (D,) tensors. Queries pass their
-        task as `instruction` (put in the model's template) or the whole prefix as `prompt`."""
+        task as `instruction` (put in the model's template), the whole prefix as `prompt`, or the
+        name of one of `prompts` as `prompt_name`."""
+        if prompt_name is not None and prompt is None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"prompt_name {prompt_name!r} is not one of prompts "
+                                 f"{sorted(self.prompts)}")
+            prompt = self.prompts[prompt_name]
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a string or a list of strings")
@@ -377,6 +392,32 @@ class NVEmbed(nn.Module):
             out = out.numpy() if convert_to_numpy else list(out)
         return out[0] if isinstance(sentences, str) else out
 
+    def encode_query(self, sentences: str | Sequence[str], **kwargs):
+        """encode with the query prompt `prompts["query"]` unless given a prompt, prompt_name or
+        instruction; refused with none of them: a query without its instruction is another task."""
+        if not names_a_prompt(kwargs):
+            if "query" not in self.prompts:
+                raise ValueError("encode_query: no prompts['query'] (set it to text_rule.template"
+                                 ".format(instruction=...), '' for none), instruction= or prompt=")
+            kwargs["prompt_name"] = "query"
+        return self.encode(sentences, **kwargs)
+
+    def encode_document(self, sentences: str | Sequence[str], **kwargs):
+        """encode with the first of prompts "document", "passage", "corpus" there is, as
+        sentence-transformers does, unless given a prompt; NV-Embed's documents have none."""
+        if not names_a_prompt(kwargs):
+            names = [n for n in ("document", "passage", "corpus") if n in self.prompts]
+            kwargs["prompt_name"] = names[0] if names else None
+        return self.encode(sentences, **kwargs)
+
+    @staticmethod
+    def similarity(embeddings1, embeddings2) -> torch.Tensor:
+        """sentence-transformers' `similarity` (similarity_fn_name "cosine"): (N, D) and (M, D)
+        embeddings, arrays or tensors (a (D,) one is one row) -> (N, M) float32 cosines."""
+        a, b = (F.normalize(torch.atleast_2d(torch.as_tensor(e)).float(), dim=-1)
+                for e in (embeddings1, embeddings2))
+        return a @ b.T  # (N, M)
+
     def batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
         """encode's batches (rows of `texts`): similar token counts together, longest first (memory
         peaks at once). All full but the last, sorted stably: evaluate.encode_sharded needs both."""
@@ -398,7 +439,8 @@ class NVEmbed(nn.Module):
         return load(folder, **kwargs)
 
     def save(self, folder: str | os.PathLike, **kwargs) -> None:
-        """This project's layout (with a README.md model card); kwargs: layout ("released", "hf", "peft":
-        plumbing/loading.save), state_dict, overwrite, training (data, steps, metrics: for the card)."""
+        """This project's layout (with a README.md model card); kwargs: layout ("released", "hf",
+        "peft", "sentence-transformers": plumbing/loading.save), state_dict, overwrite, training
+        (data, steps, metrics: for the card)."""
         from plumbing.loading import save
         save(self, folder, **kwargs)

@@ -55,7 +55,7 @@ def architecture(model: NVEmbed) -> dict:
     return dict(decoder=dataclasses.asdict(model.decoder.config), pooling=model.pooling_name,
                 pooling_kwargs=model.pooling_kwargs, lora=lora_config(model.decoder), causal=model.causal,
                 max_length=model.max_length, text_rule=dataclasses.asdict(model.text_rule),
-                normalize=model.normalize, base=model.base, name=model.name,
+                normalize=model.normalize, base=model.base, name=model.name, prompts=model.prompts,
                 params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
                         for name, p in model.named_parameters()})
 
@@ -72,7 +72,8 @@ def skeleton(architecture: dict, tokenizer) -> NVEmbed:
     rule = TextRule.from_dict(architecture["text_rule"], "text_rule")
     model = NVEmbed(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
                     causal=architecture["causal"], max_length=architecture["max_length"], text_rule=rule,
-                    normalize=architecture["normalize"], base=architecture["base"], name=architecture.get("name"))
+                    normalize=architecture["normalize"], base=architecture["base"], name=architecture.get("name"),
+                    prompts=architecture.get("prompts"))
     for name, (dtype, trainable) in architecture.get("params", {}).items():
         param = model.get_parameter(name)
         param.data = param.data.to(getattr(torch, dtype))
