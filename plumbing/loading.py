@@ -85,8 +85,9 @@ def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = No
          layout: str = "own", training: dict | None = None) -> None:
     """In this project's layout (checkpoints.py), NVIDIA's (layout="released"), transformers' (layout="hf": the
     decoder with LoRA folded in, AutoModel reads it) or this project's with PEFT's adapter files beside
-    (layout="peft"; export.py); `state_dict`: e.g. FSDP's; `training`: data, steps and metrics for the model card
-    (README.md). NVEmbed.load reads every layout but "released" (from_released reads that)."""
+    (layout="peft"; export.py), or sentence-transformers' (layout="sentence-transformers"; st_layout.py);
+    `state_dict`: e.g. FSDP's; `training`: data, steps and metrics for the model card (README.md). NVEmbed.load
+    reads "own", "hf" and "peft" (from_released reads "released", SentenceTransformer "sentence-transformers")."""
     from plumbing.export import write_hf_folder, write_peft_folder
     state_dict = state_dict or model.state_dict()
     if layout == "own":
@@ -97,8 +98,11 @@ def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = No
         write_hf_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
     elif layout == "peft":
         write_peft_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
+    elif layout == "sentence-transformers":  # st_layout.py: SentenceTransformer(folder) reads it
+        from plumbing.st_layout import write_st_folder
+        write_st_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
     else:
-        raise ValueError(f"unknown layout {layout!r}; choose own, released, hf or peft")
+        raise ValueError(f"unknown layout {layout!r}; choose own, released, hf, peft or sentence-transformers")
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -1,17 +1,32 @@
-"""NVEmbed's sentence-transformers API (prompts, prompt_name, encode_query, encode_document,
-similarity), which needs no sentence-transformers."""
+"""NVEmbed.save(layout="sentence-transformers") (plumbing/st_layout.py): SentenceTransformer(folder)
+gives NVEmbed.encode's vectors, for documents and for prompted queries, on tiny models (the byte
+tokenizer, which starts rows with BOS, and a byte-level BPE whose prompt merges with the text's first
+word as SmolLM2's does); and NVEmbed's sentence-transformers API (prompts, encode_query, encode_document, similarity), which needs no
+sentence-transformers."""
+
+import ast
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from model import NVEmbed
+from plumbing.errors import CheckpointError, UsageError
 from plumbing.loading import from_base
+from plumbing.st_layout import byte_tokenizer, check_rows
+from tests.test_export import adapted, needs_bidirectional_transformers
 
 INSTRUCTION = "Given a claim, find documents"
 TEXTS = ["vitamin D lowers the risk", "a much longer text that needs padding in the batch", "x",
          "", " a leading space", "(in brackets) 1990s", "naïve café " * 12]  # the last is cut
-MAX_LENGTH = 64
+MAX_LENGTH = 64  # the prompt takes 48 of them with BOS: a long query loses text, never EOS
+
+
+def sentence_transformers():
+    return pytest.importorskip("sentence_transformers", reason="the sentence-transformers layout is "
+                               "read by sentence-transformers, an extra (pip install "
+                               "sentence-transformers)")
 
 
 def tiny(pooling="latent", **kwargs):
@@ -20,6 +35,113 @@ def tiny(pooling="latent", **kwargs):
                       **kwargs).eval()
     model.prompts["query"] = model.text_rule.template.format(instruction=INSTRUCTION)
     return model
+
+
+def assert_same_embeddings(model, folder, remote_code):
+    """NVEmbed's documents, queries (the folder's query prompt) and a prompt passed by hand, against
+    sentence-transformers' on `folder`, to 1e-5."""
+    st = sentence_transformers().SentenceTransformer(str(folder), device="cpu",
+                                                     trust_remote_code=remote_code)
+    prompt = model.text_rule.template.format(instruction="Retrieve the vitamin")
+    pairs = [(model.encode_document(TEXTS), st.encode_document(TEXTS, batch_size=3)),
+             (model.encode_query(TEXTS), st.encode_query(TEXTS, batch_size=3)),
+             (model.encode(TEXTS, prompt=prompt), st.encode(TEXTS, prompt=prompt, batch_size=2))]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    assert not np.allclose(pairs[0][0], pairs[1][0], atol=1e-3)  # the prompt was not lost
+    return st
+
+
+@pytest.mark.parametrize("pooling, lora, causal", [("mean", False, False), ("latent", False, False),
+                                                   ("latent", True, False),
+                                                   ("self-attention", False, False),
+                                                   ("eos", False, False), ("eos", True, True)])
+def test_sentence_transformers_gives_encode(tmp_path, pooling, lora, causal):
+    needs_bidirectional_transformers()
+    model = tiny(pooling, causal=causal)
+    model = adapted(model) if lora else model
+    model.save(tmp_path / "st", layout="sentence-transformers")
+    native = pooling == "eos"  # sentence-transformers' own Pooling, no remote code
+    st = assert_same_embeddings(model, tmp_path / "st", remote_code=not native)
+    assert type(st[1]).__name__ == ("Pooling" if native else "NVEmbedPooling")
+    assert type(st[0]).__module__.startswith("sentence_transformers") == native
+    assert [type(m).__name__ for m in st][2:] == ["Normalize"]
+    config = json.loads((tmp_path / "st" / "config_sentence_transformers.json").read_text())
+    assert config["prompts"] == model.prompts and config["default_prompt_name"] is None
+    assert json.loads((tmp_path / "st" / "config.json").read_text())["is_causal"] is causal
+    assert st.max_seq_length == MAX_LENGTH
+
+
+def test_eos_pooling_loads_without_remote_code(tmp_path):
+    model = tiny("eos")
+    model.save(tmp_path / "st", layout="sentence-transformers")
+    assert not (tmp_path / "st" / "nvembed_st.py").exists()
+    mean = tiny("mean")
+    mean.save(tmp_path / "mean", layout="sentence-transformers")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        sentence_transformers().SentenceTransformer(str(tmp_path / "mean"), device="cpu")
+
+
+def bpe_tokenizer(bos: bool):
+    """A byte-level BPE as SmolLM2's, with two merges: 'Ġ' 'v' and 'Ġv' 'i'. "Query: " alone ends in
+    'Ġ', but "Query: vitamin" is ':' 'Ġvi' 't' ...: the prompt's last token merges with the text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    alphabet = bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)} | {"Ġv": 256, "Ġvi": 257}
+    tokens = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "v"), ("Ġv", "i")]))
+    tokens.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokens.decoder = decoders.ByteLevel()
+    tokens.add_special_tokens([AddedToken("<eos>", special=True), AddedToken("<s>", special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokens, eos_token="<eos>", bos_token="<s>",
+                                   add_bos_token=bos, padding_side="left")  # the folder's pads right
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_prompt_that_merges_with_the_text(tmp_path, bos):
+    """The prompt's tokens are those data.tokenize splits off, row by row: not the prompt encoded
+    alone (one more where it merges: before "vitamin", not before " a leading space")."""
+    needs_bidirectional_transformers()
+    from data import _split_prefix, bos_ids
+    tokenizer = bpe_tokenizer(bos)
+    prompt = "Instruct: " + INSTRUCTION + "\nQuery: "
+    alone = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    split = [len(prefix) for prefix, _ in _split_prefix(tokenizer, prompt, TEXTS)]
+    assert split[0] == alone - 1 and split[4] == alone and len(bos_ids(tokenizer)) == bos
+    base = tiny("mean")
+    model = NVEmbed(base.decoder, base.pooling, tokenizer, "mean", max_length=MAX_LENGTH,
+                    prompts=dict(query=prompt)).eval()
+    model.save(tmp_path / "st", layout="sentence-transformers")
+    assert_same_embeddings(model, tmp_path / "st", remote_code=True)
+
+
+def test_module_file_imports_only_torch_and_sentence_transformers(tmp_path):
+    tiny("self-attention").save(tmp_path / "st", layout="sentence-transformers")
+    tree = ast.parse((tmp_path / "st" / "nvembed_st.py").read_text())
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert roots == {"__future__", "torch", "sentence_transformers"}
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert {"SelfAttentionPooling", "NVEmbedTransformer", "NVEmbedPooling"} <= classes
+
+
+def test_refused_without_a_query_prompt_or_with_the_released_rule(tmp_path):
+    model = from_base("tiny", pooling="mean")
+    with pytest.raises(UsageError, match=r"model.prompts\['query'\]"):
+        model.save(tmp_path / "none", layout="sentence-transformers")
+    assert not (tmp_path / "none").exists()
+    model.prompts["query"] = ""  # said: queries take no instruction
+    model.save(tmp_path / "empty", layout="sentence-transformers")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(tmp_path / "empty", layout="sentence-transformers")
+    no_eos = byte_tokenizer()  # no post-processor: no BOS, no EOS
+    with pytest.raises(CheckpointError, match="cannot write a tokenizer"):
+        check_rows(no_eos, model.tokenizer, tmp_path / "x")
+    model.text_rule = type(model.text_rule)(truncation="sequence")  # one of NVIDIA's variants
+    with pytest.raises(UsageError, match="released"):
+        model.save(tmp_path / "released", layout="sentence-transformers", overwrite=True)
 
 
 # ----------------------------------------------------------------------------
