@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
-from plumbing.checkpoints import is_released
+from plumbing.checkpoints import is_released, is_saved
 from plumbing.datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
 from plumbing.errors import CheckpointError, MissingFileError, add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search
@@ -395,8 +395,10 @@ def main(argv=None):
         p.error("--model tfidf is gone: the lexical teacher is now --model bm25")
     if args.model == "bm25":
         model = BM25Teacher()
-    elif (Path(args.model) / "modules.json").is_file() and not is_released(args.model):
-        # A sentence-transformers folder (NV-Embed-v2 ships a modules.json too: read below)
+    elif (Path(args.model) / "modules.json").is_file() and not (is_released(args.model)
+                                                                or is_saved(args.model)):
+        # A sentence-transformers folder (NV-Embed-v2 ships a modules.json too, and layout="hf" a
+        # guard one: read below)
         if args.pooling is not None or args.causal is not None or args.dtype is not None:
             p.error("--pooling, --causal and --dtype are for NV-Embed base models, not a sentence-transformers folder")
         model = SentenceTransformerTeacher(args.model, device=device, max_length=args.max_length)

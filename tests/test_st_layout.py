@@ -1,8 +1,9 @@
 """NVEmbed.save(layout="sentence-transformers") (plumbing/st_layout.py): SentenceTransformer(folder)
 gives NVEmbed.encode's vectors, for documents and for prompted queries, on tiny models (the byte
-tokenizer, which starts rows with BOS, and a byte-level BPE whose prompt merges with the text's first
-word as SmolLM2's does); and NVEmbed's sentence-transformers API (prompts, encode_query, encode_document, similarity), which needs no
-sentence-transformers."""
+tokenizer, which starts rows with BOS, and a byte-level BPE whose prompt merges with the text's
+first word as SmolLM2's does); the layout="hf" folder that sentence-transformers refuses; and
+NVEmbed's sentence-transformers API (prompts, encode_query, encode_document, similarity), which
+needs no sentence-transformers."""
 
 import ast
 import json
@@ -24,8 +25,8 @@ MAX_LENGTH = 64  # the prompt takes 48 of them with BOS: a long query loses text
 
 
 def sentence_transformers():
-    return pytest.importorskip("sentence_transformers", reason="the sentence-transformers layout is "
-                               "read by sentence-transformers, an extra (pip install "
+    return pytest.importorskip("sentence_transformers", reason="the sentence-transformers layout "
+                               "is read by sentence-transformers, an extra (pip install "
                                "sentence-transformers)")
 
 
@@ -95,7 +96,7 @@ def bpe_tokenizer(bos: bool):
     tokens.decoder = decoders.ByteLevel()
     tokens.add_special_tokens([AddedToken("<eos>", special=True), AddedToken("<s>", special=True)])
     return PreTrainedTokenizerFast(tokenizer_object=tokens, eos_token="<eos>", bos_token="<s>",
-                                   add_bos_token=bos, padding_side="left")  # the folder's pads right
+                                   add_bos_token=bos, padding_side="left")  # the folder's: right
 
 
 @pytest.mark.parametrize("bos", [False, True])
@@ -121,7 +122,8 @@ def test_module_file_imports_only_torch_and_sentence_transformers(tmp_path):
     tree = ast.parse((tmp_path / "st" / "nvembed_st.py").read_text())
     roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
              for alias in node.names}
-    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom)}
     assert roots == {"__future__", "torch", "sentence_transformers"}
     classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     assert {"SelfAttentionPooling", "NVEmbedTransformer", "NVEmbedPooling"} <= classes
@@ -142,6 +144,18 @@ def test_refused_without_a_query_prompt_or_with_the_released_rule(tmp_path):
     model.text_rule = type(model.text_rule)(truncation="sequence")  # one of NVIDIA's variants
     with pytest.raises(UsageError, match="released"):
         model.save(tmp_path / "released", layout="sentence-transformers", overwrite=True)
+
+
+def test_hf_layout_is_refused_by_sentence_transformers_naming_the_layout(tmp_path):
+    """Without its guard files sentence-transformers would read the folder as mean pooling over
+    every token (BOS, instruction and all): silently another embedder."""
+    model = tiny("mean")
+    model.save(tmp_path / "hf", layout="hf")
+    for remote_code in (False, True):
+        with pytest.raises(ImportError, match='layout="sentence-transformers"'):
+            sentence_transformers().SentenceTransformer(str(tmp_path / "hf"), device="cpu",
+                                                        trust_remote_code=remote_code)
+    np.testing.assert_array_equal(NVEmbed.load(tmp_path / "hf").encode(TEXTS), model.encode(TEXTS))
 
 
 # ----------------------------------------------------------------------------
@@ -184,7 +198,8 @@ def test_prompts_are_saved_with_the_model(tmp_path):
 def test_similarity_is_the_cosine():
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 5, generator=generator), torch.randn(4, 5, generator=generator) * 7
-    expected = [[float(x @ y) / float(x.norm() * y.norm()) for y in b] for x in a]  # one pair at a time
+    # one pair at a time
+    expected = [[float(x @ y) / float(x.norm() * y.norm()) for y in b] for x in a]
     for first, second in ((a, b), (a.numpy(), b.numpy()), (a.double(), b.numpy())):
         scores = NVEmbed.similarity(first, second)
         assert scores.shape == (3, 4) and scores.dtype == torch.float32
@@ -194,3 +209,17 @@ def test_similarity_is_the_cosine():
     queries, documents = model.encode_query(TEXTS[:2]), model.encode_document(TEXTS)
     torch.testing.assert_close(model.similarity(queries, documents),
                                torch.from_numpy(queries @ documents.T), atol=1e-6, rtol=0)
+
+
+def test_mine_still_reads_an_hf_layout_folder_as_a_saved_model(tmp_path):
+    """Its guard modules.json does not make mine.py take it for a sentence-transformers teacher."""
+    import mine
+    from plumbing.datafiles import write_beir
+    corpus = {f"d{i}": {"title": "", "text": text} for i, text in enumerate(TEXTS[:3])}
+    write_beir(tmp_path / "beir", corpus, {"q0": "vitamin", "q1": "longer"},
+               {"train": {"q0": {"d0": 1}, "q1": {"d1": 1}}})
+    from_base("tiny", pooling="mean").save(tmp_path / "hf", layout="hf")
+    _, stats = mine.main(["--model", str(tmp_path / "hf"), "--data", str(tmp_path / "beir"),
+                          "--split", "train", "--instruction", INSTRUCTION, "--top-k", "2",
+                          "--out", str(tmp_path / "mined.jsonl")])
+    assert stats["model"] == str(tmp_path / "hf") and stats["examples"] == 2
