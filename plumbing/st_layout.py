@@ -5,7 +5,8 @@ tests/test_st_layout.py.
 The folder is a transformers folder (config.json with `is_causal`, model.safetensors: the decoder
 with LoRA folded in, as layout="hf" writes them) with sentence-transformers' files around it:
 - the tokenizer writes each row as data.tokenize does: [BOS] (where data.bos_ids has one) + prompt +
-  text + [EOS], right-padded, a long text cut before EOS; max_length is the model's;
+  text + [EOS], right-padded, a long text cut before EOS; max_length is the model's; no chat
+  template (sentence-transformers would wrap texts in one: SmolLM2's adds a system prompt);
 - modules.json: the decoder (module 0, root), the pooling (module 1), Normalize (module 2, when the
   model normalises); sentence_bert_config.json: unpadded inputs off (the pooling needs padded rows);
 - config_sentence_transformers.json: `prompts` (the model's, NVEmbed.prompts: "query" at least, so
@@ -77,6 +78,8 @@ def row_tokenizer(tokenizer, max_length: int):
         rows.pad_token = rows.eos_token  # what data.tokenize pads with then (padding is masked)
     # transformers >= 5 rebuilds the post-processor from these two (tokenizer.json keeps it).
     rows.add_bos_token, rows.add_eos_token = bool(bos_ids(tokenizer)), True
+    # Rows are plain text: sentence-transformers would put inputs into a chat template it finds.
+    rows.chat_template = None
     # no token_type_ids: the decoder takes none
     for key, value in dict(padding_side="right", model_max_length=max_length,
                            model_input_names=["input_ids", "attention_mask"]).items():

@@ -83,6 +83,9 @@ def test_eos_pooling_loads_without_remote_code(tmp_path):
         sentence_transformers().SentenceTransformer(str(tmp_path / "mean"), device="cpu")
 
 
+CHAT = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
 def bpe_tokenizer(bos: bool):
     """A byte-level BPE as SmolLM2's, with two merges: 'Ġ' 'v' and 'Ġv' 'i'. "Query: " alone ends in
     'Ġ', but "Query: vitamin" is ':' 'Ġvi' 't' ...: the prompt's last token merges with the text."""
@@ -95,8 +98,9 @@ def bpe_tokenizer(bos: bool):
     tokens.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokens.decoder = decoders.ByteLevel()
     tokens.add_special_tokens([AddedToken("<eos>", special=True), AddedToken("<s>", special=True)])
+    # The folder's pads right and has no chat template (sentence-transformers would render one).
     return PreTrainedTokenizerFast(tokenizer_object=tokens, eos_token="<eos>", bos_token="<s>",
-                                   add_bos_token=bos, padding_side="left")  # the folder's: right
+                                   add_bos_token=bos, padding_side="left", chat_template=CHAT)
 
 
 @pytest.mark.parametrize("bos", [False, True])
@@ -114,7 +118,8 @@ def test_a_prompt_that_merges_with_the_text(tmp_path, bos):
     model = NVEmbed(base.decoder, base.pooling, tokenizer, "mean", max_length=MAX_LENGTH,
                     prompts=dict(query=prompt)).eval()
     model.save(tmp_path / "st", layout="sentence-transformers")
-    assert_same_embeddings(model, tmp_path / "st", remote_code=True)
+    st = assert_same_embeddings(model, tmp_path / "st", remote_code=True)
+    assert st.tokenizer.padding_side == "right" and st.tokenizer.chat_template is None
 
 
 def test_module_file_imports_only_torch_and_sentence_transformers(tmp_path):
