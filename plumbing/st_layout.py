@@ -168,6 +168,7 @@ def st_files(architecture: dict, rule: TextRule, hidden_size: int) -> tuple[dict
 
 
 def check_savable(architecture: dict) -> TextRule:
+    """The model's text rule, if this layout can carry it and the model has a query prompt."""
     rule = TextRule.from_dict(architecture["text_rule"], "text_rule")
     if rule.released:
         raise UsageError("layout='sentence-transformers' writes this project's text rule; this "
