@@ -73,6 +73,15 @@ def test_sentence_transformers_gives_encode(tmp_path, pooling, lora, causal):
     assert st.max_seq_length == MAX_LENGTH
 
 
+def test_a_rule_that_pools_the_instruction(tmp_path):
+    """TextRule.mask_instruction=False pools the prompt's tokens too (never BOS): include_prompt."""
+    needs_bidirectional_transformers()
+    model = tiny("mean")
+    model.text_rule = type(model.text_rule)(mask_instruction=False)
+    model.save(tmp_path / "st", layout="sentence-transformers")
+    assert_same_embeddings(model, tmp_path / "st", remote_code=True)
+
+
 def test_eos_pooling_loads_without_remote_code(tmp_path):
     model = tiny("eos")
     model.save(tmp_path / "st", layout="sentence-transformers")
