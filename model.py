@@ -29,6 +29,7 @@ from data import TextRule, encode_texts, tokenize
 from plumbing.checkpoints import (hf_decoder_fields, load_checked, read_hf_checkpoint,
                                   weights_fingerprint)
 from plumbing.compiled import compile_forward
+from plumbing.st_api import SentenceTransformersAPI
 from pooling import check_pool_mask
 
 log = logging.getLogger("nvembed.model")  # notices: errors.py
@@ -278,14 +279,15 @@ def llama3_rope_scaling(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 # NV-Embed: decoder + pooling + tokenizer
 
 
-class NVEmbed(nn.Module):
+class NVEmbed(nn.Module, SentenceTransformersAPI):
     """Texts -> L2-normalised embeddings: tokenize, decoder, pooling, normalise. Training and
-    `encode` share `forward` and the model's own `text_rule`: their pool masks are the same."""
+    `encode` share `forward` and the model's own `text_rule`: their pool masks are the same.
+    sentence-transformers' encode_query, encode_document, similarity: plumbing/st_api.py."""
 
     def __init__(self, decoder: Mistral, pooling: nn.Module, tokenizer, pooling_name: str,
                  pooling_kwargs: dict | None = None, causal: bool = False, max_length: int = 512,
                  text_rule=None, base: str | None = None, normalize: bool = True,
-                 name: str | None = None):
+                 name: str | None = None, prompts: dict[str, str] | None = None):
         super().__init__()
         self.decoder, self.pooling, self.tokenizer = decoder, pooling, tokenizer
         self.pooling_name, self.pooling_kwargs = pooling_name, dict(pooling_kwargs or {})
@@ -295,6 +297,8 @@ class NVEmbed(nn.Module):
         self.normalize = normalize  # L2-normalise the output (the released `output_normalize`)
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
         self.name = name  # what the model is called in results (train.py's --name)
+        # sentence-transformers' named prompts, each a whole prefix: "query" is encode_query's.
+        self.prompts = dict(prompts or {})
         if len(tokenizer) > decoder.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the decoder's vocab_size is "
                              f"{decoder.config.vocab_size}")
@@ -324,10 +328,14 @@ class NVEmbed(nn.Module):
     def encode(self, sentences: str | Sequence[str], prompt: str | None = None,
                instruction: str = "", batch_size: int = 32, show_progress_bar: bool | None = None,
                convert_to_numpy: bool = True, convert_to_tensor: bool = False,
-               normalize_embeddings: bool = False, max_length: int | None = None):
+               normalize_embeddings: bool = False, max_length: int | None = None,
+               prompt_name: str | None = None):
         """sentence-transformers' `encode`: a text -> (D,), N texts -> (N, D) float32 in input
         order: numpy, a CPU tensor (convert_to_tensor) or a list of (D,) tensors. Queries pass their
-        task as `instruction` (put in the model's template) or the whole prefix as `prompt`."""
+        task as `instruction` (put in the model's template), the whole prefix as `prompt`, or the
+        name of one of `prompts` as `prompt_name`."""
+        if prompt_name is not None and prompt is None:
+            prompt = self.prompt_named(prompt_name)
         texts = [sentences] if isinstance(sentences, str) else list(sentences)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("encode expects a string or a list of strings")
@@ -374,6 +382,6 @@ class NVEmbed(nn.Module):
 
     def save(self, folder: str | os.PathLike, **kwargs) -> None:
         """This project's layout, with a README.md model card; kwargs: layout ("released", "hf",
-        "peft": plumbing/loading.save), state_dict, overwrite, training (data, steps, metrics)."""
+        "peft", "sentence-transformers": plumbing/loading.save), state_dict, overwrite, training."""
         from plumbing.loading import save
         save(self, folder, **kwargs)

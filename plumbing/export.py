@@ -5,7 +5,8 @@
   names, the tokenizer. transformers >= 5.2 builds the model without the causal mask from `is_causal: false`
   alone, so `AutoModel.from_pretrained(folder)` gives this decoder's hidden states with no remote code. This
   project's config and the pooling lie in nvembed/, where neither transformers nor a checkpoint reader looks;
-  `NVEmbed.load(folder)` reads the whole back.
+  `NVEmbed.load(folder)` reads the whole back. Its modules.json and config_sentence_transformers.json make
+  sentence-transformers refuse it, naming layout="sentence-transformers" (st_layout.sentence_transformers_guard).
 - layout="peft": this project's own folder (NVEmbed.load reads it) with the LoRA adapters also in PEFT's
   format beside it: adapter_config.json and adapter_model.safetensors, keyed as PEFT keys a LoRA on
   transformers' base model (AutoModel: `base_model.model.layers.0.self_attn.q_proj.lora_A.weight`). Then
@@ -70,9 +71,10 @@ def write_hf_folder(folder: str | os.PathLike, architecture: dict, state_dict: d
     card = model_card(config, architecture["base"], training or {}) + (
         "\nThe decoder alone (hidden states, no pooling) loads in transformers >= 5.2, bidirectional as trained: "
         "`transformers.AutoModel.from_pretrained(\"path/to/this/folder\")`.\n")
+    from plumbing.st_layout import sentence_transformers_guard  # imports this file
     _write_folder(final, hf_config(architecture["decoder"], architecture["causal"], tokenizer, dtype),
                   {HF_DECODER_FILE: decoder_state, HF_LAYOUT_POOLING: pooling_state}, tokenizer, ".", card,
-                  {HF_LAYOUT_CONFIG: config})
+                  {HF_LAYOUT_CONFIG: config, **sentence_transformers_guard()})  # SentenceTransformer refuses it
 
 
 PEFT_CONFIG = "adapter_config.json"

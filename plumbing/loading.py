@@ -55,7 +55,7 @@ def architecture(model: NVEmbed) -> dict:
     return dict(decoder=dataclasses.asdict(model.decoder.config), pooling=model.pooling_name,
                 pooling_kwargs=model.pooling_kwargs, lora=lora_config(model.decoder), causal=model.causal,
                 max_length=model.max_length, text_rule=dataclasses.asdict(model.text_rule),
-                normalize=model.normalize, base=model.base, name=model.name,
+                normalize=model.normalize, base=model.base, name=model.name, prompts=model.prompts,
                 params={name: (str(p.dtype).removeprefix("torch."), p.requires_grad)
                         for name, p in model.named_parameters()})
 
@@ -72,7 +72,8 @@ def skeleton(architecture: dict, tokenizer) -> NVEmbed:
     rule = TextRule.from_dict(architecture["text_rule"], "text_rule")
     model = NVEmbed(decoder, pooling, tokenizer, architecture["pooling"], architecture["pooling_kwargs"],
                     causal=architecture["causal"], max_length=architecture["max_length"], text_rule=rule,
-                    normalize=architecture["normalize"], base=architecture["base"], name=architecture.get("name"))
+                    normalize=architecture["normalize"], base=architecture["base"], name=architecture.get("name"),
+                    prompts=architecture.get("prompts"))
     for name, (dtype, trainable) in architecture.get("params", {}).items():
         param = model.get_parameter(name)
         param.data = param.data.to(getattr(torch, dtype))
@@ -84,8 +85,9 @@ def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = No
          layout: str = "own", training: dict | None = None) -> None:
     """In this project's layout (checkpoints.py), NVIDIA's (layout="released"), transformers' (layout="hf": the
     decoder with LoRA folded in, AutoModel reads it) or this project's with PEFT's adapter files beside
-    (layout="peft"; export.py); `state_dict`: e.g. FSDP's; `training`: data, steps and metrics for the model card
-    (README.md). NVEmbed.load reads every layout but "released" (from_released reads that)."""
+    (layout="peft"; export.py), or sentence-transformers' (layout="sentence-transformers"; st_layout.py);
+    `state_dict`: e.g. FSDP's; `training`: data, steps and metrics for the model card (README.md). NVEmbed.load
+    reads "own", "hf" and "peft" (from_released reads "released", SentenceTransformer "sentence-transformers")."""
     from plumbing.export import write_hf_folder, write_peft_folder
     state_dict = state_dict or model.state_dict()
     if layout == "own":
@@ -96,8 +98,11 @@ def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = No
         write_hf_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
     elif layout == "peft":
         write_peft_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
+    elif layout == "sentence-transformers":  # st_layout.py: SentenceTransformer(folder) reads it
+        from plumbing.st_layout import write_st_folder
+        write_st_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
     else:
-        raise ValueError(f"unknown layout {layout!r}; choose own, released, hf or peft")
+        raise ValueError(f"unknown layout {layout!r}; choose own, released, hf, peft or sentence-transformers")
 
 
 def load(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -12,7 +12,7 @@ import torch
 
 from evaluate import INSTRUCTIONS
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
-from plumbing.checkpoints import is_released
+from plumbing.checkpoints import is_released, is_saved
 from plumbing.datafiles import SkipReport, beir_training_examples, load_beir, write_training_file
 from plumbing.errors import ArgumentParser, UsageError, add_verbosity_flags
 from plumbing.loading import load_for_command
@@ -79,8 +79,10 @@ def teacher_kind(args: argparse.Namespace) -> str:
         raise UsageError("--model tfidf is gone: the lexical teacher is now --model bm25")
     if args.model == "bm25":
         return "bm25"
-    # NV-Embed-v2's released folder has a modules.json too: it is an NV-Embed.
-    if (Path(args.model) / "modules.json").is_file() and not is_released(args.model):
+    # NV-Embed-v2's released folder has a modules.json too, and a layout="hf" folder a guard one
+    # (sentence-transformers refuses it): both are NV-Embed models.
+    if (Path(args.model) / "modules.json").is_file() and not (is_released(args.model)
+                                                              or is_saved(args.model)):
         if args.pooling is not None or args.causal is not None or args.dtype is not None:
             raise UsageError("--pooling, --causal and --dtype are for NV-Embed base models, not a "
                              "sentence-transformers folder")
