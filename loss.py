@@ -84,6 +84,17 @@ def contrastive_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: t
     return F.cross_entropy(scores, target)
 
 
+def collapsed_loss(doc_keys: torch.Tensor, queries: int, in_batch_negatives: bool = True,
+                   known_positive_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss a collapsed model gets on this batch, one that scores every candidate alike: the
+    mean over queries of ln(the candidates the two rules leave query i). That is contrastive_loss
+    on equal embeddings (every score the same), so the rules are applied exactly as in training,
+    ranks included; a width-1 embedding keeps it cheap. The same arguments as contrastive_loss."""
+    same = torch.ones(len(doc_keys), 1)  # (B*G, 1): every cosine 1
+    return contrastive_loss(same[:queries], same, doc_keys, 1.0, in_batch_negatives,
+                            known_positive_keys)
+
+
 def _repeated_columns(keys: torch.Tensor) -> torch.Tensor:
     """keys (R, C) -> (R, C) bool, True where an earlier column of the row holds the same key. A
     stable sort puts equal keys side by side in column order: O(C) memory, where comparing all pairs

@@ -37,7 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
-from loss import contrastive_loss
+from loss import collapsed_loss, contrastive_loss
 from plumbing import tracking
 from plumbing.checkpoints import (append_log, discard_previous_run, load_checkpoint, logged_eval,
                                   logged_ndcg, open_run, save_checkpoint)
@@ -313,6 +313,7 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
     micro_batches = config["grad_accum"]
     micro_size = config["batch_size"] // micro_batches
     loss_sum, tokens, flops, truncated = torch.zeros((), device=device), 0, 0.0, 0
+    collapsed = torch.zeros((), device=device)  # the loss if every score were equal (guards.py)
     # Gradient accumulation: gradients are reduced across ranks only on the last micro-batch.
     # In-batch negatives are per micro-batch (the other documents of the same micro-batch on all
     # ranks), so accumulation trades memory for fewer negatives and another loss; 1 micro-batch is
@@ -333,14 +334,17 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
             loss, real_tokens = forward_backward(model, batch, config["temperature"],
                                                  1.0 / micro_batches, device, run.autocast)
         loss_sum += loss / micro_batches
+        collapsed += collapsed_loss(batch["doc_keys"], len(indices), batch["in_batch_negatives"],
+                                    batch["known_positive_keys"]).to(device) / micro_batches
         tokens += real_tokens
         flops += step_flops(run.shape, batch)
     # The logged loss is the global batch's mean (the ranks hold equal shares).
     stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
-                         torch.tensor(float(truncated), device=device)])
+                         torch.tensor(float(truncated), device=device), collapsed])
     if is_distributed():
         dist.all_reduce(stats)
         stats[0] /= world_size()
+        stats[3] /= world_size()
     loss_value = stats[0].item()
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(f"the loss is {loss_value}")
@@ -356,11 +360,8 @@ def train_step(run: Run, source, global_batch: list[int]) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    # The softmax's width (before duplicates are masked): a collapsed model's loss is its log.
-    group = batch["documents"]["input_ids"].shape[0] // batch["queries"]["input_ids"].shape[0]
-    candidates = group * micro_size if batch["in_batch_negatives"] else group
     return dict(loss=loss_value, grad_norm=grad_norm, lr=lr, tokens=int(stats[1].item()),
-                truncated=int(stats[2].item()), flops=flops, candidates=candidates)
+                truncated=int(stats[2].item()), flops=flops, collapsed_loss=stats[3].item())
 
 
 def setup(config: dict) -> Run:
@@ -430,7 +431,7 @@ def loop(run: Run) -> float | None:
         except NonFiniteLossError as error:
             raise non_finite_stop(config, run.step + 1, str(error)) from None
         run.step += 1
-        collapse.see(run.step, stats["loss"], stats["candidates"])  # warns once stuck at ln(C)
+        collapse.see(run.step, stats["loss"], stats["collapsed_loss"])  # warns once stuck there
         step_log.add(run.step, stats, time.perf_counter() - start, source.name, last_step)
         evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
         if evaluate_now and run.step < config["steps"]:  # eval mode: no dropout

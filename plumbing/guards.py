@@ -4,7 +4,6 @@ saved; a loss stuck where a collapsed model's sits is warned about (train.py's l
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -21,11 +20,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # A model whose embeddings have all become the same (too high an lr, say) scores every candidate
-# alike: its loss is ln(candidates) whatever it is shown, and it learns nothing from then on.
+# alike: its loss is the mean of ln(each query's candidates) whatever it is shown (loss.py's
+# collapsed_loss, known positives and copies masked), and it learns nothing from then on.
 COLLAPSE_STEPS = 10  # steps in a row at that loss before the warning
-# Relative: the uniform loss is ln of the candidates left after duplicates are masked (loss.py), a
-# little below ln of the softmax's width, never above it.
-COLLAPSE_BAND = (0.9, 1.01)
+COLLAPSE_TOLERANCE = 0.01  # relative: a collapsed model's scores are equal up to rounding
 
 
 def check_finite_weights(model):
@@ -53,18 +51,17 @@ def non_finite_stop(config: dict, step: int, what: str) -> NonFiniteLossError:
 
 
 class CollapseWatch:
-    """Counts the steps in a row whose loss sits at ln(candidates), and warns (rank 0, once per
-    stretch) after COLLAPSE_STEPS of them."""
+    """Counts the steps in a row whose loss sits at the collapsed model's (each step's own, as
+    duplicates change the candidates), and warns (rank 0, once per stretch) after COLLAPSE_STEPS."""
 
     def __init__(self, config: dict):
         self.config, self.steps = config, 0
 
-    def see(self, step: int, loss: float, candidates: int):
-        uniform = math.log(candidates)
-        at_uniform = COLLAPSE_BAND[0] * uniform <= loss <= COLLAPSE_BAND[1] * uniform
-        self.steps = self.steps + 1 if at_uniform else 0
+    def see(self, step: int, loss: float, collapsed: float):
+        at_collapse = abs(loss - collapsed) <= COLLAPSE_TOLERANCE * collapsed
+        self.steps = self.steps + 1 if at_collapse else 0
         if self.steps == COLLAPSE_STEPS and rank() == 0:
-            log.warning("warning: step %d: the loss has been ln(%d candidates) = %.4f for %d "
-                        "steps: the model scores every document alike (collapsed); a lower --lr "
-                        "(now %g) or --grad-clip (now %g) may avoid it", step, candidates, uniform,
-                        COLLAPSE_STEPS, self.config["lr"], self.config["grad_clip"])
+            log.warning("warning: step %d: the loss has been a collapsed model's (the mean of "
+                        "ln(candidates), now %.4f) for %d steps: the model scores every document "
+                        "alike; a lower --lr (now %g) or --grad-clip (now %g) may avoid it", step,
+                        collapsed, COLLAPSE_STEPS, self.config["lr"], self.config["grad_clip"])

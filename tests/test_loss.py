@@ -225,3 +225,32 @@ def test_batch_loss_masks_known_positives_and_counts_documents_once(in_batch_neg
 
 
 # ---------------------------------------------------------------- 2 ranks (FSDP2, gloo) vs 1 rank
+
+
+def naive_candidate_counts(keys, group_size, queries, in_batch_negatives, known_positives):
+    """How many candidates each query keeps, built by hand as naive_infonce builds them."""
+    counts = []
+    for i in range(queries):
+        positive = i * group_size
+        pool = range(len(keys)) if in_batch_negatives else range(positive, positive + group_size)
+        taken = {keys[positive]}
+        counts.append(1 + sum(1 for j in pool if keys[j] not in known_positives[i] | taken
+                              and not taken.add(keys[j])))
+    return counts
+
+
+@pytest.mark.parametrize("in_batch_negatives", [False, True])
+def test_collapsed_loss_is_the_mean_log_of_each_querys_candidates(in_batch_negatives):
+    """A collapsed model's loss: ln of the candidates each query keeps once known positives and
+    copies are masked, averaged; here 1 to 11 candidates a row, below ln of the softmax's width."""
+    B, G = 4, 3
+    keys = list(range(100, 100 + B * G))
+    keys[2] = keys[1]  # query 0's negatives repeated cyclically
+    keys[G + 2] = keys[2 * G + 1]  # a hard negative shared by queries 1 and 2
+    known = [{keys[0], keys[G]}, {keys[G]}, {keys[2 * G], keys[2 * G + 2]}, {keys[3 * G]}]
+    width = max(map(len, known))
+    known_tensor = torch.tensor([sorted(s) + [min(s)] * (width - len(s)) for s in known])
+    got = loss_module.collapsed_loss(torch.tensor(keys), B, in_batch_negatives, known_tensor)
+    counts = naive_candidate_counts(keys, G, B, in_batch_negatives, known)
+    assert got.item() == pytest.approx(sum(math.log(c) for c in counts) / B, rel=1e-6)
+    assert len(set(counts)) > 1 and got.item() < math.log(B * G if in_batch_negatives else G)
