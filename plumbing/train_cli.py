@@ -64,7 +64,7 @@ def build_parser(recipes: dict) -> argparse.ArgumentParser:
                         "default: plumbing/builtin.py's built-in dataset")
     g.add_argument("--data-split", default="train",
                    help="the split of --data datasets that have several (default %(default)s)")
-    g.add_argument("--data-weights", nargs="+", type=float, default=None,
+    g.add_argument("--data-weights", nargs="+", type=float32_number, default=None,
                    help="sampling weight of each --data dataset, in order (default: its size)")
     g.add_argument("--pooling", choices=tuple(POOLINGS), default=None,
                    help="pooling (default latent; with --init-from, the saved model's)")
@@ -77,8 +77,8 @@ def build_parser(recipes: dict) -> argparse.ArgumentParser:
     mask.add_argument("--bidirectional", dest="causal", action="store_false",
                       help="remove the causal mask (the paper's choice; default)")
     g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (paper 16)")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default %(default)s)")
+    g.add_argument("--lora-alpha", type=float32_number, default=32.0, help="LoRA alpha (default %(default)s)")
+    g.add_argument("--lora-dropout", type=float32_number, default=0.1, help="LoRA dropout (default %(default)s)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (paper ~20k / 18k)")
@@ -93,15 +93,15 @@ def build_parser(recipes: dict) -> argparse.ArgumentParser:
     g.add_argument("--in-batch-negatives", action=argparse.BooleanOptionalAction, default=None,
                    help="use the other documents of the global batch as negatives, for retrieval data only "
                         "(default: on in stage 1, off in stage 2)")
-    g.add_argument("--temperature", type=float, default=None, help="softmax temperature tau (0.01)")
+    g.add_argument("--temperature", type=float32_number, default=None, help="softmax temperature tau (0.01)")
     g.add_argument("--max-length", type=int, default=None, help="max tokens per text (paper 512)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (paper 2e-5 / 1.5e-5)")
+    g.add_argument("--lr", type=float32_number, default=None, help="peak learning rate (paper 2e-5 / 1.5e-5)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (paper 500)")
     g.add_argument("--decay", choices=("linear", "cosine"), default="linear",
                    help="learning-rate decay to 0 after the warm-up (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.0,
+    g.add_argument("--weight-decay", type=float32_number, default=0.0,
                    help="AdamW weight decay (default %(default)s: the paper uses Adam)")
-    g.add_argument("--grad-clip", type=float, default=1.0,
+    g.add_argument("--grad-clip", type=float32_number, default=1.0,
                    help="max gradient norm; 0 = no clipping (default %(default)s)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the model init, data order and dropout (default %(default)s)")
@@ -257,6 +257,18 @@ def check_paths(config: dict):
                                "queries.jsonl, qrels/SPLIT.tsv)")
 
 
+def float32_number(text: str) -> float:
+    """argparse's type for every float flag: a finite number float32 holds, as AdamW and the model
+    compute in float32 (1e39 is finite in Python, inf there; AdamW refuses it mid-run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite float32 number (|x| <= 3.4e38)")
+    return value
+
+
 def check_numbers(config: dict):
     """A UsageError for a count, size or rate out of range, or flags that cannot go together."""
     for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
@@ -270,6 +282,12 @@ def check_numbers(config: dict):
         raise UsageError("--grad-cache keeps the batch in one softmax, --grad-accum splits it: choose one")
     if not (math.isfinite(config["lr"]) and config["lr"] > 0):
         raise UsageError(f"--lr must be a finite number > 0, got {config['lr']}")
+    if config["weight_decay"] < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {config['weight_decay']}")
+    if not 0 <= config["lora_dropout"] < 1:
+        raise UsageError(f"--lora-dropout must be in [0, 1), got {config['lora_dropout']}")
+    if config["lora_alpha"] <= 0:
+        raise UsageError(f"--lora-alpha must be > 0, got {config['lora_alpha']}")
     if config["warmup_steps"] < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {config['warmup_steps']}")
     if not (math.isfinite(config["grad_clip"]) and config["grad_clip"] >= 0):

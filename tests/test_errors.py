@@ -503,7 +503,7 @@ def files_of(folder):
 
 
 @pytest.mark.parametrize("lr, code, said", [
-    ("inf", 2, "train.py: error: --lr must be a finite number > 0, got inf"),
+    ("inf", 2, "train.py: error: argument --lr: inf is not a finite float32 number (|x| <= 3.4e38)"),
     ("1e30", 1, "train.py: error: step 2: the loss is nan (--lr 1e+30, --grad-clip 1); nothing from this step "
                 "is saved; last good checkpoint: none; the previous model/ is kept")])
 def test_a_diverging_lr_stops_and_keeps_the_previous_model(lr, code, said, tmp_path, single_process, capsys):
@@ -519,6 +519,29 @@ def test_a_diverging_lr_stops_and_keeps_the_previous_model(lr, code, said, tmp_p
     assert stopped == code and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == said
     assert files_of(out / "model") == before
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--lr", "1e39"], "argument --lr: 1e39 is not a finite float32 number (|x| <= 3.4e38)"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--weight-decay", "nan"], "argument --weight-decay: nan is not a finite float32 number"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+    (["--grad-clip", "3e38"], "--grad-clip 3e38"),  # finite in float32: accepted by the flag check
+    (["--temperature", "x"], "argument --temperature: expected a number, got 'x'")])
+def test_float_flags_are_finite_float32_numbers_in_range(flags, said, tmp_path, single_process,
+                                                         capsys):
+    """Values that AdamW or the model would refuse mid-run, with a traceback from every rank, are
+    refused before the run starts: one line, exit status 2, nothing written."""
+    out = tmp_path / "run"
+    if flags[0] == "--grad-clip":  # the one value here that passes: the run starts
+        train.main(TINY_JOB + ["--steps", "1", "--out", str(out)] + flags)
+        assert (out / "model").is_dir()
+        return
+    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)] + flags,
+                               capsys)
+    assert code == 2 and "Traceback" not in stderr and not out.exists()
+    assert stderr.strip().splitlines()[-1].startswith("train.py: error: " + said)
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, single_process, monkeypatch, capsys):
