@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from evaluate import INSTRUCTIONS
-from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
+from plumbing.builtin import builtin_dataset
 from plumbing.checkpoints import is_released, is_saved
 from plumbing.datafiles import SkipReport, beir_training_examples, load_beir, write_training_file
 from plumbing.errors import ArgumentParser, UsageError, add_verbosity_flags
+from plumbing.evaluate_cli import resolve_instruction
 from plumbing.loading import load_for_command
 from pooling import POOLINGS
 
@@ -60,16 +61,17 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 def mining_data(args: argparse.Namespace) -> tuple:
     """(corpus, queries, qrels, instruction) of --data's --split: the built-in dataset's, or a BEIR
     folder's with NV-Embed-v2's instruction for a known name (--instruction: the user's). An
-    existing --out without --overwrite is refused first."""
+    existing --out without --overwrite is refused first; a folder of another name without
+    --instruction as evaluate.py refuses it (every row of the training file carries the
+    instruction: an empty one written silently trains another task than the one evaluated)."""
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"{args.out} already exists; pass --overwrite to replace it")
+    _, instruction = resolve_instruction(args.data, args.instruction, INSTRUCTIONS)
     if args.data == "builtin":
         corpus, queries, qrels = builtin_dataset().split(args.split)
-        instruction = BUILTIN_INSTRUCTION
     else:
         corpus, queries, qrels = load_beir(args.data, args.split)
-        instruction = INSTRUCTIONS.get(Path(args.data).resolve().name.lower(), "")
-    return corpus, queries, qrels, instruction if args.instruction is None else args.instruction
+    return corpus, queries, qrels, instruction
 
 
 def teacher_kind(args: argparse.Namespace) -> str:

@@ -155,7 +155,8 @@ def qrels_unknown_id(tmp_path):
 def qrels_non_integer_grade(tmp_path):
     folder = beir_folder(tmp_path)
     line = append_line(folder / "qrels" / "train.tsv", "q000-0\tdoc000\thigh")
-    return ("mine.py", ["--data", str(folder), "--out", str(tmp_path / "mined.jsonl")],
+    return ("mine.py", ["--data", str(folder), "--instruction", "", "--out",
+                        str(tmp_path / "mined.jsonl")],
             f"{folder / 'qrels' / 'train.tsv'}:{line}: score 'high'")
 
 
@@ -220,6 +221,13 @@ def batch_size_does_not_divide(tmp_path):
 
 def negative_temperature(tmp_path):
     return "train.py", ["--temperature", "-0.05", "--out", str(tmp_path / "run")], "--temperature"
+
+
+def mining_an_unknown_dataset_without_instruction(tmp_path):
+    # Every mined row would carry an empty instruction, and evaluate.py would refuse the folder.
+    folder = beir_folder(tmp_path)
+    return ("mine.py", ["--model", "bm25", "--data", str(folder), "--out", str(tmp_path / "m.jsonl")],
+            (f"no instruction known for a folder named {folder.name!r}", "--instruction ''"))
 
 
 def resume_without_checkpoint(tmp_path):
@@ -320,7 +328,8 @@ VALUE_CASES = [lr_not_a_number, lr_negative, warmup_negative, grad_clip_not_a_nu
                empty_corpus]
 
 
-CASES = VALUE_CASES + [unknown_dataset_without_instruction, data_folder_misspelt, training_file_missing, run_folder_given_as_model,
+CASES = VALUE_CASES + [unknown_dataset_without_instruction, mining_an_unknown_dataset_without_instruction,
+                       data_folder_misspelt, training_file_missing, run_folder_given_as_model,
          run_folder_given_as_teacher, beir_folder_given_as_training_data,
          malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
          empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
