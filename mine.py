@@ -32,15 +32,20 @@ Benchmark: python bench/mine_bm25.py. The command's flags and files: plumbing/mi
 
 from __future__ import annotations
 
-import bm25s
 import numpy as np
 import torch
 
 from evaluate import search
 from plumbing.datafiles import doc_text
-from plumbing.errors import CheckpointError, UsageError, configure_logging, exits_on_user_error
+from plumbing.errors import (CheckpointError, UsageError, configure_logging, exits_on_user_error,
+                             require)
 from plumbing.mine_cli import (build_parser, mining_data, nvembed_teacher, teacher_kind,
                                write_mined)
+
+
+def bm25s():
+    """The bm25s package (the bm25 extra), imported when a BM25 teacher first needs it."""
+    return require("bm25s", "bm25", "the BM25 teacher (--model bm25)")
 
 
 class BM25Teacher:
@@ -83,11 +88,11 @@ class BM25Teacher:
     def tokenize(texts, return_ids=False):
         """Words of each text (return_ids False), or bm25s's Tokenized (ids per text and the
         vocabulary)."""
-        return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=None,
-                              return_ids=return_ids, show_progress=False)
+        return bm25s().tokenize(texts, lower=True, stopwords="en", stemmer=None,
+                                return_ids=return_ids, show_progress=False)
 
     def index(self, doc_texts):
-        self.retriever = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
+        self.retriever = bm25s().BM25(k1=self.k1, b=self.b, method="lucene")
         self.retriever.index(self.tokenize(doc_texts, return_ids=True), show_progress=False)
         self.num_docs = len(doc_texts)
         return self

@@ -49,6 +49,22 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or holds a model this project does not implement; names its file."""
 
 
+class MissingExtraError(UserError, ImportError):
+    """An optional package a command needs for what it was asked (an extra of pyproject.toml)."""
+
+
+def require(module: str, extra: str, needed_for: str):
+    """`import module`, or a MissingExtraError naming what needs it and the install line: the
+    default job never imports gguf, accelerate or bm25s, so they are extras, not requirements."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{needed_for} needs the {module} package: pip install -e "
+                                f"'.[{extra}]'") from None
+
+
 def on_rank0() -> bool:
     """Whether this process is rank 0 of torchrun's ranks, or runs alone. Read from torchrun's environment, so
     that it holds before the process group is up (a bad flag is found before that)."""
