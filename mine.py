@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
-from plumbing.checkpoints import is_released
+from plumbing.released import is_released
 from plumbing.datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
 from plumbing.errors import CheckpointError, MissingFileError, add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search

@@ -37,8 +37,8 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import contrastive_loss
 from plumbing import tracking
-from plumbing.checkpoints import (append_log, discard_previous_run, load_checkpoint, logged_eval,
-                                  logged_ndcg, open_run, save_checkpoint)
+from plumbing.run_folder import (append_log, discard_previous_run, load_checkpoint, logged_eval,
+                                 logged_ndcg, open_run, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error

@@ -15,11 +15,12 @@ import torch
 from evaluate import DEFAULT_K_VALUES, INSTRUCTIONS, evaluate_per_query, run_evaluation
 from model import PRESETS
 from plumbing.builtin import builtin_dataset
-from plumbing.checkpoints import is_released, is_saved
+from plumbing.model_folders import is_saved
 from plumbing.compiled import compile_counts
 from plumbing.datafiles import format_table, load_beir, write_trec
 from plumbing.distributed import destroy_distributed, init_distributed, print0, rank, world_size
 from plumbing.loading import load_for_command
+from plumbing.released import is_released
 
 from plumbing.builtin import BUILTIN_INSTRUCTION
 from plumbing.errors import (ArgumentParser, MissingFileError, UsageError, add_verbosity_flags,

@@ -3,7 +3,7 @@ classmethods (model.py).
 
 - `from_base`: a fresh embedder on a base decoder: a preset (random weights, byte tokenizer),
   an HF checkpoint folder or a `.gguf` file (`Mistral.from_pretrained`).
-- `load` / `save`: this project's own folders (checkpoints.py writes and reads the files).
+- `load` / `save`: this project's own folders (model_folders.py writes and reads the files).
 - `from_released`: NVIDIA's released NV-Embed-v1/v2, with their text rule.
 - `skeleton`: the modules of a saved architecture on the meta device (loaders and FSDP ranks).
 - `load_for_command`: what the commands take as --model (a saved folder, or a base decoder).
@@ -23,13 +23,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from data import QUERY_TEMPLATE, TextRule
 from lora import apply_lora, lora_config
 from model import PRESETS, Mistral, MistralConfig, NVEmbed
-from plumbing.checkpoints import (ByteTokenizer, check_base, is_released, is_saved, load_checked,
-                                  load_tokenizer, model_folder, read_json, read_model_folder,
-                                  read_released, read_released_config, resolve_base, saved_config_file,
-                                  write_model_folder,
-                                  write_released_folder)
+from plumbing.base_checkpoints import ByteTokenizer, load_checked, load_tokenizer, read_json
 from plumbing.distributed import rank
 from plumbing.errors import MissingFileError, UsageError, UserError
+from plumbing.model_folders import (check_base, is_saved, read_model_folder, resolve_base,
+                                    saved_config_file, write_hf_folder, write_model_folder,
+                                    write_peft_folder)
+from plumbing.released import (is_released, read_released, read_released_config,
+                               write_released_folder)
 from pooling import POOLINGS
 
 
@@ -82,11 +83,10 @@ def skeleton(architecture: dict, tokenizer) -> NVEmbed:
 
 def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = None, overwrite: bool = False,
          layout: str = "own", training: dict | None = None) -> None:
-    """In this project's layout (checkpoints.py), NVIDIA's (layout="released"), transformers' (layout="hf": the
-    decoder with LoRA folded in, AutoModel reads it) or this project's with PEFT's adapter files beside
-    (layout="peft"; export.py); `state_dict`: e.g. FSDP's; `training`: data, steps and metrics for the model card
+    """In this project's layout (model_folders.py), NVIDIA's (layout="released": released.py), transformers'
+    (layout="hf": the decoder with LoRA folded in, AutoModel reads it) or this project's with PEFT's adapter
+    files beside (layout="peft"); `state_dict`: e.g. FSDP's; `training`: data, steps and metrics for the model card
     (README.md). NVEmbed.load reads every layout but "released" (from_released reads that)."""
-    from plumbing.export import write_hf_folder, write_peft_folder
     state_dict = state_dict or model.state_dict()
     if layout == "own":
         write_model_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite, training)
@@ -154,6 +154,20 @@ def released_architecture(folder: str | os.PathLike, config: dict, text_config: 
                 causal=False, max_length=max_length, text_rule=dataclasses.asdict(rule), base=None,
                 normalize=bool(latent_config.get("output_normalize", True)), name=Path(folder).name)
     return arch
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """A saved model: a run folder's `model/`, or the model folder itself."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if is_saved(path):
+        return path
+    if is_released(path):
+        return path
+    raise MissingFileError(f"{path}: neither a run folder with model/, a saved NV-Embed model nor a released one "
+                           "(run stage 1 first, or pass --init-from a stage-1 output)")
+
 
 
 def saved_architecture(path: str | os.PathLike) -> dict:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora import lora_config
-from plumbing.checkpoints import append_log
+from plumbing.run_folder import append_log
 from plumbing.compiled import compile_counts
 from plumbing.distributed import rank, world_size
 

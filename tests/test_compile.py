@@ -11,7 +11,7 @@ import json
 import torch
 
 from plumbing import evaluate_cli
-from plumbing.checkpoints import check_resume_config
+from plumbing.run_folder import check_resume_config
 import train
 from plumbing import train_cli
 from plumbing import mfu

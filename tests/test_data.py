@@ -17,7 +17,7 @@ from plumbing import builtin  # noqa: E402
 import data  # noqa: E402
 from plumbing import datafiles  # noqa: E402
 from plumbing.errors import DataError  # noqa: E402
-from plumbing.checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
+from plumbing.base_checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
 from data import (TextRule, TrainDataset, classification_pairs, clustering_pairs, collate, sts_pairs,  # noqa: E402
                   tokenize)
 from plumbing.datafiles import (Example, SkipReport, beir_training_examples, load_beir, read_training_file,  # noqa: E402

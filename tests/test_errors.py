@@ -549,12 +549,12 @@ def no_space_left(path, *args, **kwargs):
 
 
 def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, single_process, monkeypatch, capsys):
-    from plumbing import checkpoints
+    from plumbing import model_folders
 
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
     before = files_of(out / "model")
-    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path, **kwargs: no_space_left(path))
+    monkeypatch.setattr(model_folders, "save_file", lambda tensors, path, **kwargs: no_space_left(path))
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)], capsys)
     last_line = stderr.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in stderr
@@ -564,12 +564,12 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, sin
 
 
 def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_process, monkeypatch, capsys):
-    from plumbing import checkpoints
+    from plumbing import run_folder
 
     def dcp_save_on_a_full_disk(state, checkpoint_id, **kwargs):
         no_space_left(checkpoint_id / "__0_0.distcp")
 
-    monkeypatch.setattr(checkpoints.dcp, "save", dcp_save_on_a_full_disk)
+    monkeypatch.setattr(run_folder.dcp, "save", dcp_save_on_a_full_disk)
     out = tmp_path / "run"
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)],
                                capsys)
@@ -708,7 +708,7 @@ def test_a_run_holding_the_lock_refuses_another_until_it_dies(tmp_path, single_p
 
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing.runlock import take_run_lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing.run_folder import take_run_lock; "
                                "take_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -784,9 +784,9 @@ def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_proce
     """Ctrl-C arrives midway through writing step 2's checkpoint: the partial step_00000002.tmp is removed,
     step 1's checkpoint is the one --resume will use, and the line says so."""
     import signal
-    from plumbing import checkpoints
+    from plumbing import run_folder
 
-    real_save, saves = checkpoints.dcp.save, []
+    real_save, saves = run_folder.dcp.save, []
 
     def save_cut_by_ctrl_c(state, checkpoint_id, **kwargs):
         saves.append(checkpoint_id)
@@ -795,7 +795,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_proce
             os.kill(os.getpid(), signal.SIGINT)
         return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
 
-    monkeypatch.setattr(checkpoints.dcp, "save", save_cut_by_ctrl_c)
+    monkeypatch.setattr(run_folder.dcp, "save", save_cut_by_ctrl_c)
     out = tmp_path / "run"
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)],
                                capsys)
