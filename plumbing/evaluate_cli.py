@@ -1,24 +1,25 @@
 """evaluate.py's command line, read when you need it: the flags, the default model, and the query instruction of a
-dataset (the built-in one's, NV-Embed-v2's for a known BEIR folder, or the user's: never a silent none)."""
+dataset (the built-in one's, NV-Embed-v2's for a known BEIR folder, or the user's: never a silent none); then the
+model and the data loaded (`prepare`), and the table printed and the files written (`write_results`).
+evaluate.py's `main` runs the evaluation between the two; this module does not import evaluate.py."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from evaluate import DEFAULT_K_VALUES, INSTRUCTIONS, evaluate_per_query, run_evaluation
-from model import PRESETS
+from model import PRESETS, NVEmbed
 from plumbing.builtin import builtin_dataset
 from plumbing.model_folders import is_saved
 from plumbing.compiled import compile_counts
 from plumbing.datafiles import format_table, load_beir, write_trec
-from plumbing.distributed import destroy_distributed, init_distributed, print0, rank, world_size
+from plumbing.distributed import init_distributed, print0, rank, world_size
 from plumbing.loading import load_for_command
 from plumbing.released import is_released
 
@@ -121,22 +122,35 @@ def resolve_instruction(data: str, given: str | None, instructions: Mapping[str,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command (`python evaluate.py`): prints a BEIR-style table, writes the metrics (JSON) and the run (TREC format).
+# The command (`python evaluate.py`, evaluate.main): prints a BEIR-style table, writes the metrics (JSON) and the
+# run (TREC format).
 
-@exits_on_user_error
-def main(argv=None):
-    """The command. Under torchrun (`torchrun --nproc_per_node=8 evaluate.py ...`) every rank loads the model and
-    encodes a share; rank 0 alone searches, prints and writes."""
-    parser = build_parser(INSTRUCTIONS, DEFAULT_K_VALUES)  # the flags: above
+
+@dataclass
+class EvaluationJob:
+    """What the command scores, with what settings, and where it writes."""
+
+    args: argparse.Namespace  # the flags
+    model: NVEmbed
+    corpus: dict
+    queries: dict
+    qrels: dict
+    dataset_name: str
+    instruction: str
+    max_length: int
+    config: dict  # printed at the start, saved with the metrics
+    out: Path
+    metrics_file: Path
+    run_file: Path
+    per_query_file: Path
+
+
+def prepare(argv, instructions: Mapping[str, str], default_k_values: tuple[int, ...]) -> EvaluationJob:
+    """The flags read and checked, the output files free (or --overwrite), the model and the split loaded,
+    the configuration printed. Under torchrun every rank loads the model (`init_distributed`)."""
+    parser = build_parser(instructions, default_k_values)  # the flags: above
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    try:
-        return evaluate_command(args, parser)
-    finally:
-        destroy_distributed()
-
-
-def evaluate_command(args, parser):
     # Which model: a saved NV-Embed (from train.py) or a base decoder with a fresh pooling.
     model_spec = args.model
     if model_spec is None:
@@ -148,7 +162,7 @@ def evaluate_command(args, parser):
     saved = is_saved(model_spec)
     pooling = args.pooling or "mean"
     causal = bool(args.causal)
-    dataset_name, instruction = resolve_instruction(args.data, args.instruction, INSTRUCTIONS)
+    dataset_name, instruction = resolve_instruction(args.data, args.instruction, instructions)
     # Where the results go; refuse to overwrite before any expensive work.
     model_name = Path(model_spec).name if model_spec not in PRESETS else model_spec
     if args.out is not None:
@@ -189,24 +203,26 @@ def evaluate_command(args, parser):
     if args.top_k < max(args.k_values) and rank() == 0:
         log.warning("note: --top-k %d < largest k %d: metrics beyond it see a truncated run", args.top_k,
                     max(args.k_values))
-    start = time.perf_counter()
-    metrics, run = run_evaluation(model, corpus, queries, qrels, instruction=instruction,
-                                  batch_size=args.batch_size, max_length=max_length, top_k=args.top_k,
-                                  k_values=args.k_values, ignore_identical_ids=args.ignore_identical_ids)
-    if rank() != 0:
-        return None  # rank 0 scores and writes, once
-    seconds = time.perf_counter() - start
-    print(f"\n{dataset_name} ({args.split}): {len(run)} queries, {len(corpus)} documents, "
-          f"{seconds:.1f} s ({(len(run) + len(corpus)) / seconds:.0f} texts/s)")
+    return EvaluationJob(args, model, corpus, queries, qrels, dataset_name, instruction, max_length, config, out,
+                         metrics_file, run_file, per_query_file)
+
+
+def write_results(job: EvaluationJob, metrics: dict, run: dict, seconds: float) -> None:
+    """Rank 0: the table printed, the metrics (JSON) and the run (TREC) written."""
+    args = job.args
+    print(f"\n{job.dataset_name} ({args.split}): {len(run)} queries, {len(job.corpus)} documents, "
+          f"{seconds:.1f} s ({(len(run) + len(job.corpus)) / seconds:.0f} texts/s)")
     print(format_table(metrics))
     if args.compile:
         print("torch.compile: " + ", ".join(f"{key} {value}" for key, value in compile_counts().items()))
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(dict(metrics=metrics, config=config, seconds=seconds), indent=2) + "\n")
-    write_trec(run, run_file, run_name)
-    print(f"wrote {metrics_file} and {run_file}")
-    if args.per_query:  # the same metrics query by query (evaluate's are their means), for significance.py
-        per_query = evaluate_per_query(qrels, run, args.k_values, ignore_identical_ids=args.ignore_identical_ids)
-        per_query_file.write_text(json.dumps(dict(per_query=per_query, config=config), indent=1) + "\n")
-        print(f"wrote {per_query_file}")
-    return metrics
+    job.out.mkdir(parents=True, exist_ok=True)
+    job.metrics_file.write_text(json.dumps(dict(metrics=metrics, config=job.config, seconds=seconds), indent=2)
+                                + "\n")
+    write_trec(run, job.run_file, job.config["run_name"])
+    print(f"wrote {job.metrics_file} and {job.run_file}")
+
+
+def write_per_query(job: EvaluationJob, per_query: dict) -> None:
+    """Rank 0, --per-query: each query's metrics (significance.py compares two such files)."""
+    job.per_query_file.write_text(json.dumps(dict(per_query=per_query, config=job.config), indent=1) + "\n")
+    print(f"wrote {job.per_query_file}")

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from plumbing import datafiles  # noqa: E402
-from plumbing import evaluate_cli  # noqa: E402
+import evaluate  # noqa: E402
 from plumbing import guards  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
@@ -37,7 +37,7 @@ from tests.helpers import REPO, free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
-COMMANDS = {"train.py": train.main, "evaluate.py": evaluate_cli.main, "mine.py": mine.main, "data.py": datafiles.main}
+COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": datafiles.main}
 
 
 @functools.lru_cache(maxsize=1)
