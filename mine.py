@@ -41,10 +41,11 @@ from transformers import AutoModel, AutoTokenizer
 
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from plumbing.released import is_released
-from plumbing.datafiles import SkipReport, beir_training_examples, doc_text, load_beir, write_training_file
+from plumbing.datafiles import SkipReport, doc_text, load_beir
 from plumbing.errors import CheckpointError, MissingFileError, add_verbosity_flags, configure_logging, exits_on_user_error
 from evaluate import INSTRUCTIONS, search
 from plumbing.loading import load_for_command
+from plumbing.training_files import beir_training_examples, write_training_file
 from pooling import POOLINGS
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Sequence
 
 import data
-from plumbing.datafiles import Example, write_beir, write_training_file
+from plumbing.datafiles import write_beir
 from plumbing.errors import exits_on_user_error
+from plumbing.training_files import Example, write_training_file
 
 BUILTIN_INSTRUCTION = "Given a question, retrieve the passage that answers it"
 BUILTIN_TYPES = {

@@ -16,7 +16,7 @@ import torch
 import evaluate
 from data import TrainDataset, encode_texts, tokenize
 from model import PRESETS, MistralConfig
-from plumbing import datafiles, tracking
+from plumbing import datafiles, tracking, training_files
 from plumbing.builtin import builtin_dataset, builtin_sources
 from plumbing.distributed import print0, world_size
 from plumbing.errors import (ArgumentParser, DataError, MissingFileError, UsageError,
@@ -242,7 +242,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return config
 
 
-TRAINING_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")  # datafiles.read_training_file's
+TRAINING_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")  # training_files.read_training_file's
 
 
 def check_paths(config: dict):
@@ -253,7 +253,7 @@ def check_paths(config: dict):
         if (local / "corpus.jsonl").is_file():
             raise UsageError(f"--data {path}: a BEIR folder (corpus, queries, qrels), not a training file; mine "
                              f"one with hard negatives: python mine.py --data {path} --out {local.name}-train.jsonl")
-        if local.is_dir() and not datafiles.is_dataset_folder(local):
+        if local.is_dir() and not training_files.is_dataset_folder(local):
             raise UsageError(f"--data {path}: a folder, neither a training file "
                              f"({', '.join(TRAINING_FILE_SUFFIXES)}) nor a dataset save_to_disk wrote")
         if not local.exists() and local.suffix in TRAINING_FILE_SUFFIXES:
@@ -322,7 +322,7 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
     files only (PAPER.md section 4); in-batch negatives go to retrieval data only (data.TrainDataset decides)."""
     sources = []
     for path in paths:
-        examples = datafiles.read_training_file(path, split=split)
+        examples = training_files.read_training_file(path, split=split)
         kinds = sorted({e.task_type for e in examples})
         if stage == 1 and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "

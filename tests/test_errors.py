@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from plumbing import datafiles  # noqa: E402
+from plumbing import data_cli, datafiles  # noqa: E402
 import evaluate  # noqa: E402
 from plumbing import guards  # noqa: E402
 import mine  # noqa: E402
@@ -37,7 +37,7 @@ from tests.helpers import REPO, free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
-COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": datafiles.main}
+COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": data_cli.main}
 
 
 @functools.lru_cache(maxsize=1)
@@ -344,7 +344,7 @@ def test_no_negatives_names_the_example_and_check_train_counts_it(tmp_path, caps
     """The example with no negative is refused by training (naming its line, above); checking the file
     passes (with --hard-negatives 0 it can train on in-batch negatives) and says how many have none."""
     path = training_file(tmp_path, training_row(negatives=[], negative_ids=[]))
-    datafiles.main(["check-train", str(path)])
+    data_cli.main(["check-train", str(path)])
     assert f"1 example has no hard negative (first: {path}:2)" in capsys.readouterr().out
 
 
@@ -353,9 +353,9 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("a bug in the code")
 
-    monkeypatch.setattr(datafiles, "read_training_file", broken)
+    monkeypatch.setattr(data_cli, "read_training_file", broken)
     with pytest.raises(ValueError, match="a bug in the code"):
-        datafiles.main(["check-train", str(training_file(tmp_path))])
+        data_cli.main(["check-train", str(training_file(tmp_path))])
 
 
 # ---------------------------------------------------------------- two ranks
@@ -392,11 +392,11 @@ def test_skipped_records_are_a_notice_on_stderr_that_quiet_silences(tmp_path, ca
     # command's own output (the counts) stays on stdout.
     folder = beir_folder(tmp_path)
     append_line(folder / "queries.jsonl", '{"_id": "q-empty", "text": " "}')
-    datafiles.main(["check-beir", str(folder), "test", "--skip-bad"])
+    data_cli.main(["check-beir", str(folder), "test", "--skip-bad"])
     said = capsys.readouterr()
     assert "skipped 1 (1 missing or empty text)" in said.err and "skipped 1" not in said.out
     assert "documents" in said.out
-    datafiles.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
+    data_cli.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
     said = capsys.readouterr()
     assert "skipped 1" not in said.err and "documents" in said.out
 

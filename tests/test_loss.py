@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import loss as loss_module  # noqa: E402
 import train  # noqa: E402
-from plumbing import datafiles  # noqa: E402
+from plumbing import training_files  # noqa: E402
 from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -182,7 +182,7 @@ def known_positive_examples():
     - doc kilo is a hard negative of queries a and c (rank 0), doc lima of a and e (both ranks).
     """
     def example(query, positive, negatives):
-        return datafiles.Example(query, "Find", positive, negatives, "retrieval")
+        return training_files.Example(query, "Find", positive, negatives, "retrieval")
 
     return [example("query a", "doc alpha", ["doc kilo", "doc lima"]),
             example("query b", "doc bravo", ["doc mike"]),
@@ -196,7 +196,7 @@ def known_positive_examples():
 
 def known_positive_dataset(in_batch_negatives):
     """The examples above plus (query a, doc beta), which no batch of the tests takes."""
-    examples = known_positive_examples() + [datafiles.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
+    examples = known_positive_examples() + [training_files.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
     return data.TrainDataset("known-positives", examples, in_batch_negatives=in_batch_negatives,
                              num_hard_negatives=2)
 
