@@ -18,8 +18,8 @@ from plumbing.interrupts import deferred_signals
 
 @contextlib.contextmanager
 def written_whole(temporary: Path, final: Path):
-    """Around the writing of `temporary`: on any failure it is removed (on rank 0), and a full disk is
-    said as such (DiskFullError) instead of the writer's own words (torch's zip writer says
+    """Around the writing of `temporary`: on any failure it is removed (on rank 0), and a full disk
+    is said as such (DiskFullError) instead of the writer's own words (torch's zip writer says
     "unexpected pos 704 vs 598")."""
     try:
         yield
@@ -29,8 +29,9 @@ def written_whole(temporary: Path, final: Path):
         if _disk_full(error):
             kept = f"; the previous {final} is kept" if final.exists() else ""
             free = shutil.disk_usage(final.parent if final.parent.exists() else ".").free
-            raise DiskFullError(f"{final}: no space left on device while writing it ({free / 2**20:,.0f} MiB "
-                                f"free; the partial {temporary.name} was removed{kept})") from error
+            raise DiskFullError(f"{final}: no space left on device while writing it "
+                                f"({free / 2**20:,.0f} MiB free; the partial {temporary.name} was "
+                                f"removed{kept})") from error
         raise
 
 
@@ -60,7 +61,8 @@ def _fsync(path: Path):
 def replace_folder(temporary: Path, final: Path):
     """Rename the complete `temporary` over `final`. Its files are flushed to disk first (a rename
     that reaches the disk before the data would leave a complete-looking folder of empty files after
-    a power cut); an older `final` is renamed aside, then deleted only once the new one is in place."""
+    a power cut); an older `final` is renamed aside, then deleted only once the new one is in
+    place."""
     for path in temporary.rglob("*"):
         if path.is_file():
             _fsync(path)

@@ -34,14 +34,16 @@ BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: ids 0..255 are the bytes, then pad, bos, eos. Needs no vocabulary file or download."""
+    """UTF-8 bytes as tokens: ids 0..255 are the bytes, then pad, bos, eos. Needs no vocabulary file
+    or download."""
 
     pad_token_id, bos_token_id, eos_token_id, vocab_size = 256, 257, 258, 259
     specials = {256: "<pad>", 257: "<bos>", 258: "<eos>"}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = list(text.encode("utf-8"))
-        # As an HF Llama tokenizer does: special tokens means a leading BOS. `tokenize` never asks for them.
+        # As an HF Llama tokenizer does: special tokens means a leading BOS. `tokenize` never asks
+        # for them.
         return [self.bos_token_id] + ids if add_special_tokens else ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -63,14 +65,15 @@ class ByteTokenizer:
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"tokenizer_class": "ByteTokenizer", "vocab_size": self.vocab_size, "pad_token_id": 256,
-                  "bos_token_id": 257, "eos_token_id": 258}
+        config = {"tokenizer_class": "ByteTokenizer", "vocab_size": self.vocab_size,
+                  "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
         (directory / BYTE_TOKENIZER_FILE).write_text(json.dumps(config, indent=1) + "\n")
 
 
 def load_tokenizer(path: str | Path):
-    """"bytes" -> ByteTokenizer; a folder saved by ByteTokenizer -> ByteTokenizer; any other folder -> HF
-    AutoTokenizer; a .gguf file -> AutoTokenizer.from_pretrained(its folder, gguf_file=its name)."""
+    """"bytes" -> ByteTokenizer; a folder saved by ByteTokenizer -> ByteTokenizer; any other folder
+    -> HF AutoTokenizer; a .gguf file -> AutoTokenizer.from_pretrained(its folder, gguf_file=its
+    name)."""
     if str(path) == "bytes":
         return ByteTokenizer()
     path = Path(path)
@@ -80,7 +83,8 @@ def load_tokenizer(path: str | Path):
             raise DataError(f"{path / BYTE_TOKENIZER_FILE}: not a ByteTokenizer file: {config}")
         return ByteTokenizer()
     if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
-        raise MissingFileError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf file)")
+        raise MissingFileError(f"tokenizer not found: {path} (want 'bytes', a folder or a .gguf "
+                               "file)")
     from transformers import AutoTokenizer  # heavy, slow to import: needed only for HF tokenizers
     if path.is_file():
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -94,9 +98,10 @@ SUPPORTED_MODEL_TYPES = {"mistral", "llama"}
 
 
 def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
-    """An HF `config.json` dict of a Mistral or Llama-family model, with its rope_theta and key/value heads where
-    recent transformers versions or older files leave them out. Anything that would change the computation and
-    that model.py does not implement is refused by name rather than silently ignored."""
+    """An HF `config.json` dict of a Mistral or Llama-family model, with its rope_theta and
+    key/value heads where recent transformers versions or older files leave them out. Anything that
+    would change the computation and that model.py does not implement is refused by name rather than
+    silently ignored."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         archs = hf.get("architectures")
@@ -108,7 +113,8 @@ def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"{source}: attention_bias / mlp_bias are not supported")
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU "
+                              "needs silu)")
     fields = dict(hf)
     # HF's rope_theta moved into rope_parameters in recent versions.
     rope_parameters = hf.get("rope_parameters") or {}
@@ -121,7 +127,8 @@ def hf_decoder_fields(hf: dict, source: str = "config") -> dict:
     return fields
 
 
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
 
 
 def _rope_scaling(hf: dict, source: str) -> dict | None:
@@ -143,7 +150,8 @@ def _rope_scaling(hf: dict, source: str) -> dict | None:
     return scaling
 
 def read_json(file: Path) -> dict:
-    """A checkpoint's JSON file (config, index) as a dict; a malformed one is named with its line."""
+    """A checkpoint's JSON file (config, index) as a dict; a malformed one is named with its
+    line."""
     try:
         content = json.loads(file.read_text())
     except json.JSONDecodeError as error:
@@ -181,10 +189,12 @@ def read_checkpoint_tensors_raw(folder: Path, dtype: torch.dtype):
     """Yield every (name, tensor cast to dtype) of a checkpoint directory, one at a time."""
     for file in _checkpoint_files(folder):
         if file.suffix == ".safetensors":
-            try:  # the header is checked against the file's size here: a truncated file fails at once
+            # the header is checked against the file's size here: a truncated file fails at once
+            try:
                 opened = safe_open(str(file), framework="pt")
             except SafetensorError as error:  # its message does not name the file
-                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from error
+                raise CheckpointError(f"{file}: not a readable safetensors file "
+                                      f"({error})") from error
             with opened as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name).to(dtype)
@@ -192,20 +202,24 @@ def read_checkpoint_tensors_raw(folder: Path, dtype: torch.dtype):
             # mmap + weights_only: no unpickling of arbitrary objects, no full read.
             try:
                 shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a truncated or foreign file
-                raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({error})") from error
+            except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+                # a truncated or foreign file
+                raise CheckpointError(f"{file}: not a readable PyTorch checkpoint "
+                                      f"({error})") from error
             for name in list(shard):
                 yield name, shard.pop(name).to(dtype)
 
 
 def read_hf_checkpoint(path: Path, dtype: torch.dtype):
-    """(config.json as a dict, the file it came from, (name, tensor) pairs) of an HF checkpoint folder or a .gguf
-    file. Names lose HF's leading "model."; the LM head is left out (an embedder has none)."""
+    """(config.json as a dict, the file it came from, (name, tensor) pairs) of an HF checkpoint
+    folder or a .gguf file. Names lose HF's leading "model."; the LM head is left out (an embedder
+    has none)."""
     if path.suffix == ".gguf":
         return _read_gguf(path, dtype)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise MissingFileError(f"{path}: no config.json (expected an HF checkpoint directory or a .gguf file)")
+        raise MissingFileError(f"{path}: no config.json (expected an HF checkpoint directory or a "
+                               ".gguf file)")
     return read_json(config_file), str(config_file), _read_checkpoint_tensors(path, dtype)
 
 
@@ -215,11 +229,13 @@ def _read_gguf(file: Path, dtype: torch.dtype):
         raise MissingFileError(f"{file}: no such .gguf file")
     with open(file, "rb") as f:
         if f.read(4) != b"GGUF":  # what transformers would refuse, with a traceback
-            raise CheckpointError(f"{file}: not a GGUF file (it does not start with the bytes 'GGUF')")
+            raise CheckpointError(f"{file}: not a GGUF file (it does not start with the bytes "
+                                  "'GGUF')")
     from transformers import AutoModelForCausalLM  # slow to import: only for .gguf files
 
     # transformers dequantises to float32; we cast tensor by tensor.
-    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
+                                              dtype=torch.float32)
     state = ((k.removeprefix("model."), v.to(dtype)) for k, v in hf.state_dict().items()
              if k not in UNUSED_CHECKPOINT_KEYS)
     return hf.config.to_dict(), str(file), state
@@ -248,7 +264,8 @@ def load_checked(model: nn.Module, tensors, source: str):
         if name not in expected:
             unexpected.append(name)
         elif tuple(tensor.shape) != tuple(expected[name].shape):
-            misshapen.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
+            misshapen.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model "
+                             f"{tuple(expected[name].shape)}")
         else:
             state[name] = tensor
     missing = sorted(set(expected) - set(state) - {m.split(":")[0] for m in misshapen})
@@ -260,7 +277,8 @@ def load_checked(model: nn.Module, tensors, source: str):
     if misshapen:
         problems.append(f"wrongly shaped tensors: {misshapen}")
     if problems:
-        raise CheckpointError(f"{source}: checkpoint does not match the model config; " + "; ".join(problems))
+        raise CheckpointError(f"{source}: checkpoint does not match the model config; "
+                              + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
 
 

@@ -23,9 +23,10 @@ def check_beir(folder: str | Path, split: str, skip_bad: bool = False) -> None:
 
 def check_training_file(path: str | Path, skip_bad: bool = False) -> None:
     examples = read_training_file(path, skip_bad=skip_bad)
-    print(f"{path}: {len(examples)} examples, task types {dict(Counter(e.task_type for e in examples))}, "
-          f"hard negatives per example min {min(len(e.negatives) for e in examples)} "
-          f"max {max(len(e.negatives) for e in examples)}")
+    print(f"{path}: {len(examples)} examples, task types "
+          f"{dict(Counter(e.task_type for e in examples))}, hard negatives per example min "
+          f"{min(len(e.negatives) for e in examples)} max "
+          f"{max(len(e.negatives) for e in examples)}")
     without = [e for e in examples if not e.negatives]
     if without:  # allowed by the schema, refused by training unless it asks for no hard negative
         print(f"{len(without)} example{' has' if len(without) == 1 else 's have'} no hard negative "
@@ -34,17 +35,21 @@ def check_training_file(path: str | Path, skip_bad: bool = False) -> None:
 
 @exits_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="NV-Embed data: check data files (`python -m plumbing.builtin OUT` "
-                                                 "writes the built-in dataset).")
+    parser = argparse.ArgumentParser(description="NV-Embed data: check data files (`python -m "
+                                                 "plumbing.builtin OUT` writes the built-in "
+                                                 "dataset).")
     commands = parser.add_subparsers(dest="command", required=True)
-    check_beir_command = commands.add_parser("check-beir", help="read a BEIR folder's split and print its counts")
+    check_beir_command = commands.add_parser("check-beir",
+                                             help="read a BEIR folder's split and print its counts")
     check_beir_command.add_argument("folder")
     check_beir_command.add_argument("split")
     check_beir_command.add_argument("--skip-bad", action="store_true",
                                     help="skip bad records (counted) instead of failing")
-    check_train = commands.add_parser("check-train", help="read a training file and print its counts")
+    check_train = commands.add_parser("check-train",
+                                      help="read a training file and print its counts")
     check_train.add_argument("path")
-    check_train.add_argument("--skip-bad", action="store_true", help="skip bad rows (counted) instead of failing")
+    check_train.add_argument("--skip-bad", action="store_true",
+                             help="skip bad rows (counted) instead of failing")
     for command in (check_beir_command, check_train):
         add_verbosity_flags(command)
     args = parser.parse_args(argv)

@@ -5,10 +5,10 @@ the command line (`python data.py check-beir` / `check-train`): plumbing/data_cl
 Plumbing for data.py and evaluate.py (it imports neither). PAPER.md section 6: the BEIR format
 (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv; a document is encoded as title + " " + text).
 
-Bad input raises `DataError` (a missing file `MissingFileError`) naming file and line (or row / field); the
-commands print it as one line and exit with status 2 (`UserError`). With `skip_bad=True` the offending record is
-skipped instead, counted in a `SkipReport` by reason, and the counts are printed (and merged into the `report`
-argument when one is given).
+Bad input raises `DataError` (a missing file `MissingFileError`) naming file and line (or row /
+field); the commands print it as one line and exit with status 2 (`UserError`). With `skip_bad=True`
+the offending record is skipped instead, counted in a `SkipReport` by reason, and the counts are
+printed (and merged into the `report` argument when one is given).
 
 Tests: tests/test_data.py, tests/test_evaluate_command.py (TREC runs).
 """
@@ -31,7 +31,8 @@ log = logging.getLogger("nvembed.datafiles")  # notices: errors.py
 
 @dataclass
 class SkipReport:
-    """Counts of records skipped under `skip_bad=True`, by reason, with the first few messages kept verbatim."""
+    """Counts of records skipped under `skip_bad=True`, by reason, with the first few messages kept
+    verbatim."""
 
     source: str = ""
     counts: Counter = field(default_factory=Counter)
@@ -59,7 +60,8 @@ class SkipReport:
 
 
 class Problems:
-    """Raise on a problem, or (skip_bad) count it; `finish` prints the counts and merges them into `report`."""
+    """Raise on a problem, or (skip_bad) count it; `finish` prints the counts and merges them into
+    `report`."""
 
     def __init__(self, source: str, skip_bad: bool, report: SkipReport | None):
         self.skip_bad, self.report = skip_bad, report
@@ -82,7 +84,7 @@ class Problems:
 
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Reading a text or .jsonl file, each problem located (file and line).
 
 
@@ -94,12 +96,13 @@ def text_lines(path: Path):
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
-                                f"{error.start + 1})") from None
+                raise DataError(f"{path}:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at "
+                                f"column {error.start + 1})") from None
 
 
 def jsonl_records(path: Path, problems: Problems):
-    """Yields (line_number, dict) for each non-blank line; a malformed line is a problem naming file and line."""
+    """Yields (line_number, dict) for each non-blank line; a malformed line is a problem naming file
+    and line."""
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file")
     for number, line in text_lines(path):
@@ -108,10 +111,12 @@ def jsonl_records(path: Path, problems: Problems):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            problems("malformed JSON", f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
+            problems("malformed JSON",
+                     f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
             continue
         if not isinstance(record, dict):
-            problems("malformed JSON", f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            problems("malformed JSON",
+                     f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             continue
         yield number, record
 
@@ -121,23 +126,27 @@ def id_field(record: Mapping, key: str, where: str, problems: Problems) -> str |
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # some files store numeric ids; BEIR ids are strings
     if not isinstance(value, str) or not value:
-        problems(f"missing or empty {key}", f"{where}: field '{key}' is missing or empty (got {value!r})")
+        problems(f"missing or empty {key}",
+                 f"{where}: field '{key}' is missing or empty (got {value!r})")
         return None
     return value
 
 
-def _text_field(record: Mapping, key: str, where: str, problems: Problems, optional: bool = False) -> str | None:
-    """A string field; required ones must be non-blank, an optional one may be absent, null or empty ("")."""
+def _text_field(record: Mapping, key: str, where: str, problems: Problems,
+                optional: bool = False) -> str | None:
+    """A string field; required ones must be non-blank, an optional one may be absent, null or empty
+    ("")."""
     value = record.get(key)
     if optional and value is None:
         return ""
     if not isinstance(value, str) or not (optional or value.strip()):
-        problems(f"missing or empty {key}", f"{where}: field '{key}' is missing or empty (got {value!r})")
+        problems(f"missing or empty {key}",
+                 f"{where}: field '{key}' is missing or empty (got {value!r})")
         return None
     return value
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # BEIR folders (PAPER.md section 6).
 
 
@@ -153,16 +162,20 @@ def _read_corpus(path: Path, problems: Problems) -> dict[str, dict[str, str]]:
         doc_id = id_field(record, "_id", where, problems)
         title = _text_field(record, "title", where, problems, optional=True)
         text = record.get("text")
-        if not isinstance(text, str):  # may be empty when the title is not, but must be there (BEIR's schema)
-            problems("missing or empty text", f"{where}: field 'text' is missing or not a string (got {text!r})")
+        # may be empty when the title is not, but must be there (BEIR's schema)
+        if not isinstance(text, str):
+            problems("missing or empty text",
+                     f"{where}: field 'text' is missing or not a string (got {text!r})")
             continue
         if doc_id is None or title is None:
             continue
         if not (title + text).strip():
-            problems("missing or empty text", f"{where}: document {doc_id!r} has neither title nor text")
+            problems("missing or empty text",
+                     f"{where}: document {doc_id!r} has neither title nor text")
             continue
         if doc_id in corpus:
-            problems("duplicate id", f"{where}: duplicate document id {doc_id!r} (first at line {seen_at[doc_id]})")
+            problems("duplicate id",
+                     f"{where}: duplicate document id {doc_id!r} (first at line {seen_at[doc_id]})")
             continue
         corpus[doc_id], seen_at[doc_id] = {"title": title, "text": text}, number
     if not corpus:
@@ -179,13 +192,16 @@ def _read_queries(path: Path, problems: Problems) -> dict[str, str]:
         if query_id is None or text is None:
             continue
         if query_id in all_queries:
-            problems("duplicate id", f"{where}: duplicate query id {query_id!r} (first at line {seen_at[query_id]})")
+            problems("duplicate id",
+                     f"{where}: duplicate query id {query_id!r} (first at line "
+                     f"{seen_at[query_id]})")
             continue
         all_queries[query_id], seen_at[query_id] = text, number
     return all_queries
 
 
-def _read_qrels(path: Path, corpus: Mapping, all_queries: Mapping, problems: Problems) -> dict[str, dict[str, int]]:
+def _read_qrels(path: Path, corpus: Mapping, all_queries: Mapping,
+                problems: Problems) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     for number, line in text_lines(path):
         line = line.rstrip("\r\n")
@@ -210,24 +226,27 @@ def _read_qrels(path: Path, corpus: Mapping, all_queries: Mapping, problems: Pro
             problems("unknown id", f"{where}: corpus id {doc_id!r} is not in corpus.jsonl")
             continue
         if doc_id in qrels.get(query_id, {}):
-            problems("duplicate judgement", f"{where}: query {query_id!r} judges document {doc_id!r} twice")
+            problems("duplicate judgement",
+                     f"{where}: query {query_id!r} judges document {doc_id!r} twice")
             continue
         qrels.setdefault(query_id, {})[doc_id] = grade
     return qrels
 
 
-def load_beir(folder: str | Path, split: str, skip_bad: bool = False, report: SkipReport | None = None):
+def load_beir(folder: str | Path, split: str, skip_bad: bool = False,
+              report: SkipReport | None = None):
     """Reads corpus.jsonl, queries.jsonl and qrels/{split}.tsv of a BEIR folder.
 
-    Returns corpus {doc_id: {"title", "text"}}, queries {query_id: text} (only the queries the split judges) and
-    qrels {query_id: {doc_id: grade}}. Errors (DataError naming file and line): malformed JSON, a missing or empty
-    id or text (a document may lack a title, not both title and text), a duplicate id, a qrels row without three
-    tab-separated fields or with a non-integer grade, a duplicate judgement, a qrels id absent from the corpus or
-    the queries. skip_bad=True skips such records instead and reports the counts."""
+    Returns corpus {doc_id: {"title", "text"}}, queries {query_id: text} (only the queries the split
+    judges) and qrels {query_id: {doc_id: grade}}. Errors (DataError naming file and line):
+    malformed JSON, a missing or empty id or text (a document may lack a title, not both title and
+    text), a duplicate id, a qrels row without three tab-separated fields or with a non-integer
+    grade, a duplicate judgement, a qrels id absent from the corpus or the queries. skip_bad=True
+    skips such records instead and reports the counts."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MissingFileError(f"{folder}: no such folder (want a BEIR folder: corpus.jsonl, queries.jsonl, "
-                               "qrels/SPLIT.tsv)")
+        raise MissingFileError(f"{folder}: no such folder (want a BEIR folder: corpus.jsonl, "
+                               "queries.jsonl, qrels/SPLIT.tsv)")
     problems = Problems(f"{folder} ({split})", skip_bad, report)
     corpus = _read_corpus(folder / "corpus.jsonl", problems)
     all_queries = _read_queries(folder / "queries.jsonl", problems)
@@ -242,14 +261,17 @@ def load_beir(folder: str | Path, split: str, skip_bad: bool = False, report: Sk
     return corpus, queries, qrels
 
 
-def write_beir(folder: str | Path, corpus: Mapping[str, Mapping[str, str]], queries: Mapping[str, str],
+def write_beir(folder: str | Path, corpus: Mapping[str, Mapping[str, str]],
+               queries: Mapping[str, str],
                qrels_by_split: Mapping[str, Mapping[str, Mapping[str, int]]]) -> None:
-    """Writes a BEIR folder: corpus.jsonl, queries.jsonl (every query given) and qrels/{split}.tsv per split."""
+    """Writes a BEIR folder: corpus.jsonl, queries.jsonl (every query given) and qrels/{split}.tsv
+    per split."""
     folder = Path(folder)
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
     with open(folder / "corpus.jsonl", "w", encoding="utf-8") as f:
         for doc_id, doc in corpus.items():
-            f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""), "text": doc["text"]}) + "\n")
+            f.write(json.dumps({"_id": doc_id, "title": doc.get("title", ""),
+                                "text": doc["text"]}) + "\n")
     with open(folder / "queries.jsonl", "w", encoding="utf-8") as f:
         for query_id, text in queries.items():
             f.write(json.dumps({"_id": query_id, "text": text}) + "\n")
@@ -261,7 +283,7 @@ def write_beir(folder: str | Path, corpus: Mapping[str, Mapping[str, str]], quer
                     f.write(f"{query_id}\t{doc_id}\t{grade}\n")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # TREC run files (trec_eval's input; evaluate.py writes one per evaluation).
 
 
@@ -279,9 +301,10 @@ def write_trec(run, path, run_name):
             # A space in an id would shift every later column of the line.
             for item_id in (qid, *docs):
                 if not item_id or any(c.isspace() for c in item_id):
-                    raise ValueError(f"write_trec: id {item_id!r} (query {qid!r}) is empty or has whitespace, "
-                                     "which the TREC format cannot hold")
-            ranked = sorted(docs.items(), key=lambda item: (float(np.float32(item[1])), item[0]), reverse=True)
+                    raise ValueError(f"write_trec: id {item_id!r} (query {qid!r}) is empty or has "
+                                     "whitespace, which the TREC format cannot hold")
+            ranked = sorted(docs.items(), key=lambda item: (float(np.float32(item[1])), item[0]),
+                            reverse=True)
             for rank, (did, score) in enumerate(ranked, start=1):
                 f.write(f"{qid} Q0 {did} {rank} {score:.9g} {run_name}\n")
 
@@ -295,8 +318,8 @@ def read_trec(path):
             if not fields:
                 continue
             if len(fields) != 6:
-                raise ValueError(f"{path}:{number}: expected 6 fields (query_id Q0 doc_id rank score run_name), "
-                                 f"got {len(fields)}")
+                raise ValueError(f"{path}:{number}: expected 6 fields (query_id Q0 doc_id rank "
+                                 f"score run_name), got {len(fields)}")
             qid, _, did, _, score, _ = fields
             try:
                 run.setdefault(qid, {})[did] = float(score)
@@ -314,6 +337,7 @@ def format_table(metrics):
     k_values = sorted({int(name.split("@")[1]) for name in metrics})
     lines = [f"{'k':>6}" + "".join(f"{name:>10}" for name in METRIC_NAMES)]
     for k in k_values:
-        lines.append(f"{k:>6}" + "".join(f"{metrics[f'{name}@{k}']:>10.5f}" for name in METRIC_NAMES))
+        lines.append(f"{k:>6}" + "".join(f"{metrics[f'{name}@{k}']:>10.5f}"
+                                         for name in METRIC_NAMES))
     return "\n".join(lines)
 

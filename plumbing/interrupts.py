@@ -86,13 +86,15 @@ def at_end(cleanup: Callable[[], None]) -> None:
 
 
 def stops_cleanly(main):
-    """Wraps train.py's main(): the signal handlers for its duration, the one line and the exit status
-    on an interruption, and the `at_end` clean-ups (the --out lock) however it ends."""
+    """Wraps train.py's main(): the signal handlers for its duration, the one line and the exit
+    status on an interruption, and the `at_end` clean-ups (the --out lock) however it ends."""
 
     @functools.wraps(main)
     def main_stopping_cleanly(*args, **kwargs):
-        in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
-        previous = {signum: signal.signal(signum, _on_signal) for signum in SIGNALS} if in_main_thread else {}
+        # where handlers can be set
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = ({signum: signal.signal(signum, _on_signal) for signum in SIGNALS}
+                    if in_main_thread else {})
         _state.update(deferring=0, pending=None, step=None, say_where=None, at_end=[])
         try:
             return main(*args, **kwargs)
@@ -104,8 +106,8 @@ def stops_cleanly(main):
                 at = f" at step {step}" if step is not None else " before training started"
                 where = f"; {_state['say_where']()}" if _state["say_where"] else ""
                 sys.stdout.flush()
-                print(f"{Path(sys.argv[0]).name}: interrupted{at} ({interruption}){where}", file=sys.stderr,
-                      flush=True)
+                print(f"{Path(sys.argv[0]).name}: interrupted{at} ({interruption}){where}",
+                      file=sys.stderr, flush=True)
             raise SystemExit(128 + interruption.signum) from None
         finally:
             for cleanup in _state["at_end"]:

@@ -23,39 +23,47 @@ from plumbing.model_folders import fold_lora, write_folder
 log = logging.getLogger("nvembed.released")  # notices: errors.py
 
 
-def write_released_folder(folder: str | os.PathLike, architecture: dict, state_dict: dict[str, torch.Tensor],
-                          tokenizer, overwrite: bool = False) -> None:
-    """NVEmbed.save(layout="released"): NVIDIA's NV-Embed layout, which `read_released` (and the released code)
-    reads: config.json with `text_config` (bidir_mistral) and `latent_attention_config`, one model.safetensors of
-    `embedding_model.*` and `latent_attention_model.*` tensors (LoRA adapters folded into their weights in fp32),
-    and the tokenizer beside them. Latent pooling only. The released code reads inputs by its own rule (BOS of a
-    bare text pooled, rows cut at max_length): a model of another TextRule is saved with a warning."""
+def write_released_folder(folder: str | os.PathLike, architecture: dict,
+                          state_dict: dict[str, torch.Tensor], tokenizer,
+                          overwrite: bool = False) -> None:
+    """NVEmbed.save(layout="released"): NVIDIA's NV-Embed layout, which `read_released` (and the
+    released code) reads: config.json with `text_config` (bidir_mistral) and
+    `latent_attention_config`, one model.safetensors of `embedding_model.*` and
+    `latent_attention_model.*` tensors (LoRA adapters folded into their weights in fp32), and the
+    tokenizer beside them. Latent pooling only. The released code reads inputs by its own rule (BOS
+    of a bare text pooled, rows cut at max_length): a model of another TextRule is saved with a
+    warning."""
     final = Path(folder)
     if final.exists() and any(final.iterdir()) and not overwrite:
-        raise FileExistsError(f"{final} already exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{final} already exists and is not empty; pass overwrite=True to "
+                              "replace it")
     if architecture["pooling"] != "latent":
-        raise UsageError(f"layout='released' holds latent-attention pooling only, not {architecture['pooling']!r}")
+        raise UsageError("layout='released' holds latent-attention pooling only, not "
+                         f"{architecture['pooling']!r}")
     rule = architecture["text_rule"]
     if (rule.get("pool_bos"), rule.get("truncation"), rule.get("instruction_positions")) != \
             ("without_instruction", "sequence", "tokenize"):
-        log.warning("%s: the released layout's readers use the released input rule, not this model's %s: its "
-                    "documents' BOS will be pooled and long texts cut without EOS", final, rule)
+        log.warning("%s: the released layout's readers use the released input rule, not this "
+                    "model's %s: its documents' BOS will be pooled and long texts cut without "
+                    "EOS", final, rule)
     state = fold_lora(state_dict, architecture["lora"])
     released_of = {ours: released for released, ours in RELEASED_LATENT_NAMES.items()}
-    tensors = {"embedding_model." + k.removeprefix("decoder."): v.contiguous() for k, v in state.items()
-               if k.startswith("decoder.")}
+    tensors = {"embedding_model." + k.removeprefix("decoder."): v.contiguous()
+               for k, v in state.items() if k.startswith("decoder.")}
     tensors |= {RELEASED_LATENT_PREFIX + released_of[k.removeprefix("pooling.")]: v.contiguous()
                 for k, v in state.items() if k.startswith("pooling.")}
     decoder, pooling = architecture["decoder"], architecture["pooling_kwargs"]
     hidden = decoder["hidden_size"]
-    config = dict(model_type="nvembed", padding_side="right", add_pad_token=True, add_eos=True, mask_type="b",
+    config = dict(model_type="nvembed", padding_side="right", add_pad_token=True, add_eos=True,
+                  mask_type="b",
                   is_mask_instruction=bool(rule.get("mask_instruction", True)),
                   text_config={**decoder, "model_type": "bidir_mistral"},
                   latent_attention_config=dict(model_type="latent_attention",
                                                num_latents_value=pooling.get("num_latents", 512),
                                                num_cross_heads=pooling.get("num_heads", 8),
-                                               cross_dim_head=pooling.get("head_dim") or hidden, hidden_dim=hidden,
-                                               latent_dim=hidden, output_normalize=architecture["normalize"]))
+                                               cross_dim_head=pooling.get("head_dim") or hidden,
+                                               hidden_dim=hidden, latent_dim=hidden,
+                                               output_normalize=architecture["normalize"]))
     write_folder(final, config, {"model.safetensors": tensors}, tokenizer, ".")
 
 
@@ -131,7 +139,8 @@ def _shape(shape) -> tuple[int, ...] | None:
 
 
 def read_released(folder: str | os.PathLike, dtype: torch.dtype) -> tuple[dict, dict, dict, dict]:
-    """(config, text_config, latent_attention_config, {NVEmbed name: tensor}) of a released NV-Embed folder.
+    """(config, text_config, latent_attention_config, {NVEmbed name: tensor}) of a released NV-Embed
+    folder.
 
     Their decoder type "bidir_mistral" (Mistral without the causal mask) reads as "mistral".
     Left padding is refused: there the released code masks no instruction and its decoder
@@ -140,26 +149,31 @@ def read_released(folder: str | os.PathLike, dtype: torch.dtype) -> tuple[dict, 
     folder = Path(folder)
     config, text_config, latent_config = read_released_config(folder)
     released = dict(read_checkpoint_tensors_raw(folder, dtype))
-    unknown = sorted(k for k in released if not k.startswith(("embedding_model.", RELEASED_LATENT_PREFIX)))
+    unknown = sorted(k for k in released
+                     if not k.startswith(("embedding_model.", RELEASED_LATENT_PREFIX)))
     if unknown:
         raise CheckpointError(f"{folder}: unexpected tensors {unknown[:10]}")
     tensors = {"decoder." + k.removeprefix("embedding_model."): v for k, v in released.items()
                if k.startswith("embedding_model.")}
-    tensors |= {"pooling." + k: v for k, v in latent_attention_state_dict_from_released(released).items()}
+    tensors |= {"pooling." + k: v
+                for k, v in latent_attention_state_dict_from_released(released).items()}
     return config, text_config, latent_config, tensors
 
 
 def is_released(path: str | os.PathLike) -> bool:
-    """Whether `path` is a released NV-Embed folder (NVIDIA's layout: text_config and latent_attention_config)."""
+    """Whether `path` is a released NV-Embed folder (NVIDIA's layout: text_config and
+    latent_attention_config)."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "text_config" in config and "latent_attention_config" in config
+    return (isinstance(config, dict) and "text_config" in config
+            and "latent_attention_config" in config)
 
 
 def read_released_config(folder: Path) -> tuple[dict, dict, dict]:
-    """(config, text_config, latent_attention_config) of a released NV-Embed folder, without its weights."""
+    """(config, text_config, latent_attention_config) of a released NV-Embed folder, without its
+    weights."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise MissingFileError(f"{folder}: no config.json (not a released NV-Embed checkpoint)")
@@ -170,6 +184,7 @@ def read_released_config(folder: Path) -> tuple[dict, dict, dict]:
     if text_config.get("model_type") == "bidir_mistral":
         text_config["model_type"] = "mistral"
     if config.get("padding_side", "right") != "right":
-        raise CheckpointError(f"{config_file}: padding_side {config['padding_side']!r} is not supported (the "
-                              "released code then shifts rotary positions by the padding and masks no instruction)")
+        raise CheckpointError(f"{config_file}: padding_side {config['padding_side']!r} is not "
+                              "supported (the released code then shifts rotary positions by the "
+                              "padding and masks no instruction)")
     return config, text_config, config.get("latent_attention_config") or {}

@@ -14,9 +14,9 @@ it). A save is written whole or not at all (plumbing/atomic_folders.py). On Ctrl
 continues (`after_interruption`), and the lock is released however the command ends.
 
 The lock. Two train.py runs with the same --out would interleave log.jsonl and trip over each
-other's temporary files. So rank 0 takes out/train.lock before it touches anything in the folder (before
---overwrite sets the old run aside, before --resume cuts the log back), and holds it until the
-command ends. The file says who holds it, as JSON: {"pid": ..., "host": ...}.
+other's temporary files. So rank 0 takes out/train.lock before it touches anything in the folder
+(before --overwrite sets the old run aside, before --resume cuts the log back), and holds it until
+the command ends. The file says who holds it, as JSON: {"pid": ..., "host": ...}.
 
 - While the process it names lives (on this host; another host's process is taken to live, as
   nothing here can tell), another run is refused with one line:
@@ -120,17 +120,20 @@ def _take(out: Path, lock: Path) -> None:
             os.close(fd)
             _refuse(out, lock, holder)
         if holder is not None:
-            print0(f"notice: --out {out}: taking over the lock of process {holder['pid']}, which is no "
-                   f"longer running (lock file {lock})")
+            print0(f"notice: --out {out}: taking over the lock of process {holder['pid']}, which "
+                   f"is no longer running (lock file {lock})")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode(), 0)
+        os.pwrite(fd,
+                  (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode(),
+                  0)
         os.fsync(fd)
         _held.update(path=lock, fd=fd)
         return
 
 
 def release_run_lock():
-    """Remove and release the lock this process holds, if any (at the command's end, however it ends)."""
+    """Remove and release the lock this process holds, if any (at the command's end, however it
+    ends)."""
     if not _held:
         return
     lock, fd = _held.pop("path"), _held.pop("fd")
@@ -182,8 +185,10 @@ def _training_state(model, optimizer, with_rng: bool = True) -> tuple[dict, list
     state (the step, the schedule, the param groups: lr, betas, eps...) stays out of it and
     goes to trainer_state.json (`save_checkpoint`)."""
 
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options(model))
-    state = {"model": model_state, "optimizer": optimizer_state["state"]}  # per parameter: exp_avg, step...
+    model_state, optimizer_state = get_state_dict(model, optimizer,
+                                                  options=_state_dict_options(model))
+    # per parameter: exp_avg, step...
+    state = {"model": model_state, "optimizer": optimizer_state["state"]}
     if with_rng:
         # One key per rank: dcp would keep only one copy of a key that every rank writes.
         state[f"rng_rank{rank()}"] = _rng_state()
@@ -193,7 +198,8 @@ def _training_state(model, optimizer, with_rng: bool = True) -> tuple[dict, list
             for key, item in value.items():
                 check_tensors(item, f"{where}.{key}")
         elif not isinstance(value, torch.Tensor):
-            raise TypeError(f"checkpoint: {where} is a {type(value).__name__}, not a tensor (dcp would pickle it)")
+            raise TypeError(f"checkpoint: {where} is a {type(value).__name__}, not a tensor (dcp "
+                            "would pickle it)")
 
     check_tensors(state, "state")
     return state, optimizer_state["param_groups"]
@@ -239,8 +245,8 @@ MANIFEST = "manifest.json"  # a checkpoint's files and their sizes at save time
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """Why the checkpoint `folder` cannot be resumed from, or None when its files are all there at the
-    sizes they were saved with and its trainer_state.json reads."""
+    """Why the checkpoint `folder` cannot be resumed from, or None when its files are all there at
+    the sizes they were saved with and its trainer_state.json reads."""
     manifest = folder / MANIFEST
     try:
         sizes = json.loads(manifest.read_text())
@@ -259,7 +265,8 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, keep: int = 2) -> Path:
+def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict,
+                    keep: int = 2) -> Path:
     """Write the training state after `step` optimizer steps to out/checkpoints/step_N.
 
     Every rank writes its shards into step_N.tmp; only when all have finished (dcp.save
@@ -285,15 +292,18 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict, k
             # Param groups name their parameters by FQN and are the same on every rank; so is the
             # schedule. JSON writes floats exactly (shortest repr that reads back the same).
             trainer_state = {"step": step, "world_size": world_size(), "config": config,
-                             "scheduler": scheduler.state_dict(), "optimizer_param_groups": param_groups}
-            (temporary / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+                             "scheduler": scheduler.state_dict(),
+                             "optimizer_param_groups": param_groups}
+            (temporary / "trainer_state.json").write_text(json.dumps(trainer_state,
+                                                                     indent=2) + "\n")
             # Every file's size, written last: --resume checks them before it loads (a cut or
             # lost shard is found by name, and the checkpoint before it is used instead).
             sizes = {str(path.relative_to(temporary)): path.stat().st_size
                      for path in sorted(temporary.rglob("*")) if path.is_file()}
             (temporary / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
     if rank() == 0:
-        with interrupts.deferred_signals():  # the new checkpoint in place and the old ones gone, or neither
+        # the new checkpoint in place and the old ones gone, or neither
+        with interrupts.deferred_signals():
             replace_folder(temporary, final)
             for stale in saved_checkpoints(out)[keep:] if keep > 0 else []:
                 shutil.rmtree(stale)
@@ -315,18 +325,21 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> int:
     saved = json.loads((folder / "trainer_state.json").read_text())
     missing = [key for key in ("scheduler", "optimizer_param_groups") if key not in saved]
     if missing:
-        raise CheckpointError(f"{folder / 'trainer_state.json'} has no {' or '.join(missing)}: the checkpoint was "
-                              "written by an older train.py (which pickled them into the dcp files); it cannot be "
-                              "resumed")
+        raise CheckpointError(f"{folder / 'trainer_state.json'} has no {' or '.join(missing)}: the "
+                              "checkpoint was written by an older train.py (which pickled them "
+                              "into the dcp files); it cannot be resumed")
     same_world = saved["world_size"] == world_size()
     if not same_world:
-        print0(f"resume: {folder} was written by {saved['world_size']} ranks, this run has {world_size()}; "
-               "RNG states are not restored (dropout masks will differ from an uninterrupted run)")
+        print0(f"resume: {folder} was written by {saved['world_size']} ranks, this run has "
+               f"{world_size()}; RNG states are not restored (dropout masks will differ from an "
+               "uninterrupted run)")
     state, _ = _training_state(model, optimizer, with_rng=same_world)
     with _single_process_dcp():
         dcp.load(state, checkpoint_id=folder, no_dist=not is_distributed())
-    # JSON has lists where the optimizer had tuples (AdamW's betas): give back the live groups' types.
-    param_groups = [{key: tuple(value) if isinstance(live.get(key), tuple) else value for key, value in group.items()}
+    # JSON has lists where the optimizer had tuples (AdamW's betas): give back the live groups'
+    # types.
+    param_groups = [{key: tuple(value) if isinstance(live.get(key), tuple) else value
+                     for key, value in group.items()}
                     for group, live in zip(saved["optimizer_param_groups"], optimizer.param_groups)]
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict={"state": state["optimizer"], "param_groups": param_groups},
@@ -354,10 +367,12 @@ def prepare_run_folder(config: dict):
         take_run_lock(out)  # one run per --out: refused while another live process holds it (above)
     if not config["resume"]:
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
-        old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json") if (out / name).exists()]
+        old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json")
+               if (out / name).exists()]
         if old and not config["overwrite"]:
-            raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); pass --resume "
-                             "to continue it, --overwrite to replace it, or another --out")
+            raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); "
+                             "pass --resume to continue it, --overwrite to replace it, or another "
+                             "--out")
         if rank() == 0 and old:
             set_aside_previous_run(out)
     if rank() == 0:
@@ -387,8 +402,9 @@ def discard_previous_run(out: Path):
 
 
 # Config keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "stop_after", "eval",
-                     "eval_every", "eval_batch_size", "device", "progress", "compile", "report_to"}  # compile: same step, faster
+RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints",
+                     "stop_after", "eval", "eval_every", "eval_batch_size", "device", "progress",
+                     "compile", "report_to"}  # compile: same step, faster
 
 
 # Config keys added since runs were first saved, and the value an older run had without them.
@@ -400,14 +416,14 @@ def check_resume_config(folder: Path, config: dict):
     differ = sorted(k for k in set(saved) | set(config)
                     if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
     if differ:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in differ)
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}"
+                            for k in differ)
         raise UsageError(f"--resume: {folder} was written with another configuration ({details})")
 
 
 def logged_eval(out: Path, when: str) -> dict | None:
     """The record of an evaluation already written to out/log.jsonl."""
-    log_file = out / "log.jsonl"
-    records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    records = log_records(out)
     return next((r for r in records if r.get("event") == "eval" and r["when"] == when), None)
 
 
@@ -418,9 +434,9 @@ def logged_ndcg(out: Path, when: str) -> float | None:
 
 
 def open_run(config: dict) -> Path | None:
-    """Make the run folder --out ready (`prepare_run_folder`); with --resume, the checkpoint to resume from, after
-    checking that it was written with the same configuration and cutting the log back to its step (the steps
-    logged after it were lost with the crash and will run again)."""
+    """Make the run folder --out ready (`prepare_run_folder`); with --resume, the checkpoint to
+    resume from, after checking that it was written with the same configuration and cutting the log
+    back to its step (the steps logged after it were lost with the crash and will run again)."""
     out = Path(config["out"])
     prepare_run_folder(config)
     if not config["resume"]:
@@ -437,11 +453,17 @@ def open_run(config: dict) -> Path | None:
     check_resume_config(resume_from, config)
     if rank() == 0:
         resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-        log_file = out / "log.jsonl"
-        records = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
-        kept = [r for r in records if r.get("step", 0) <= resumed_step]
-        log_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in log_records(out) if r.get("step", 0) <= resumed_step]
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     return resume_from
+
+
+def log_records(out: Path) -> list[dict]:
+    """The records of out/log.jsonl ([] before its first)."""
+    log_file = out / "log.jsonl"
+    if not log_file.is_file():
+        return []
+    return [json.loads(line) for line in log_file.read_text().splitlines()]
 
 
 def append_log(out: Path, record: dict) -> None:
@@ -459,5 +481,6 @@ def after_interruption(out: Path) -> str:
         shutil.rmtree(path, ignore_errors=True)
     last = latest_checkpoint(out)
     if last is None:
-        return f"no checkpoint was saved in {out}, so --resume has nothing to continue: start again with --overwrite"
+        return (f"no checkpoint was saved in {out}, so --resume has nothing to continue: start "
+                "again with --overwrite")
     return f"continue with --resume (last checkpoint: {last}, step {checkpoint_step(last)})"
