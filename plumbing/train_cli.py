@@ -1,7 +1,7 @@
-"""train.py's command line, read when you need it: the two recipes (the paper's, the tiny CPU job), the flags,
-and how a run's configuration is resolved from them (flags left out take the recipe's value, or with --init-from
-the saved model's) and checked, every mistake named by its flag; then what the flags name: the training data
-and the sampler, and the evaluation set."""
+"""train.py's command line, read when you need it: the two recipes (the paper's, the tiny CPU job),
+the flags, and how a run's configuration is resolved from them (flags left out take the recipe's
+value, or with --init-from the saved model's) and checked, every mistake named by its flag; then
+what the flags name: the training data and the sampler, and the evaluation set."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ from pooling import POOLINGS
 # sized to finish in under 3 minutes on a 2-core CPU; its decoder starts from random
 # weights, so it trains all of them (LoRA would adapt a random matrix).
 RECIPES = {
-    "paper": dict(lr={1: 2e-5, 2: 1.5e-5}, steps={1: 20000, 2: 18000}, batch_size=128, hard_negatives=7,
-                  warmup_steps=500, max_length=512, temperature=0.01, lora_rank=16, num_latents=512,
-                  latent_head_dim=None, log_every=10, save_every=1000),
+    "paper": dict(lr={1: 2e-5, 2: 1.5e-5}, steps={1: 20000, 2: 18000}, batch_size=128,
+                  hard_negatives=7, warmup_steps=500, max_length=512, temperature=0.01,
+                  lora_rank=16, num_latents=512, latent_head_dim=None, log_every=10,
+                  save_every=1000),
     "tiny": dict(lr={1: 3e-3, 2: 1.5e-3}, steps={1: 200, 2: 100}, batch_size=32, hard_negatives=7,
                  warmup_steps=20, max_length=192, temperature=0.01, lora_rank=0, num_latents=32,
                  latent_head_dim=8, log_every=20, save_every=100),
@@ -54,32 +55,35 @@ def _recipe_text(recipe: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(  # said once under torchrun (errors.py)
         description="Two-stage contrastive instruction tuning of NV-Embed (PAPER.md section 4). "
-                    "Run under torchrun for several ranks; flags left out take the recipe's default "
-                    "(the paper's with --model, the tiny CPU job without).",
+                    "Run under torchrun for several ranks; flags left out take the recipe's "
+                    "default (the paper's with --model, the tiny CPU job without).",
         epilog="recipe defaults (stage 1 / stage 2 where two values): " + "; ".join(
             f"{name}: {_recipe_text(recipe)}" for name, recipe in RECIPES.items()))
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", type=int, choices=(1, 2), default=1,
-                   help="1: retrieval data, in-batch + hard negatives; 2: retrieval + non-retrieval blend, "
-                        "in-batch negatives off, from a stage-1 model (default %(default)s)")
+                   help="1: retrieval data, in-batch + hard negatives; 2: retrieval + "
+                        "non-retrieval blend, in-batch negatives off, from a stage-1 model "
+                        "(default %(default)s)")
     g.add_argument("--model", default=None,
-                   help="base decoder: HF checkpoint folder, .gguf file or preset name (model.PRESETS); "
-                        "default: the 'tiny' preset with the byte tokenizer")
+                   help="base decoder: HF checkpoint folder, .gguf file or preset name "
+                        "(model.PRESETS); default: the 'tiny' preset with the byte tokenizer")
     g.add_argument("--init-from", default=None,
-                   help="start from this saved model (a run folder or its model/); stage 2 without --model "
-                        f"defaults to {DEFAULT_STAGE1_OUT}")
+                   help="start from this saved model (a run folder or its model/); stage 2 "
+                        f"without --model defaults to {DEFAULT_STAGE1_OUT}")
     g.add_argument("--data", nargs="+", default=None,
-                   help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, folders "
-                        "datasets' save_to_disk wrote, or hub names; columns in datafiles.py's schema or "
-                        "the sentence-transformers, FlagEmbedding or tevatron layout (mapped by name); "
-                        "default: plumbing/builtin.py's built-in dataset")
+                   help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, "
+                        "folders datasets' save_to_disk wrote, or hub names; columns in "
+                        "datafiles.py's schema or the sentence-transformers, FlagEmbedding or "
+                        "tevatron layout (mapped by name); default: plumbing/builtin.py's "
+                        "built-in dataset")
     g.add_argument("--data-split", default="train",
                    help="the split of --data datasets that have several (default %(default)s)")
     g.add_argument("--data-weights", nargs="+", type=float, default=None,
                    help="sampling weight of each --data dataset, in order (default: its size)")
     g.add_argument("--pooling", choices=tuple(POOLINGS), default=None,
                    help="pooling (default latent; with --init-from, the saved model's)")
-    g.add_argument("--num-latents", type=int, default=None, help="latent pooling: latents (paper 512, tiny 32)")
+    g.add_argument("--num-latents", type=int, default=None,
+                   help="latent pooling: latents (paper 512, tiny 32)")
     g.add_argument("--latent-head-dim", type=int, default=None,
                    help="latent pooling: head dim (paper: the hidden size, tiny 8)")
     mask = g.add_mutually_exclusive_group()
@@ -87,27 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the decoder's causal mask (the paper's ablation)")
     mask.add_argument("--bidirectional", dest="causal", action="store_false",
                       help="remove the causal mask (the paper's choice; default)")
-    g.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning (paper 16)")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout (default %(default)s)")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA rank; 0 = full fine-tuning (paper 16)")
+    g.add_argument("--lora-alpha", type=float, default=32.0,
+                   help="LoRA alpha (default %(default)s)")
+    g.add_argument("--lora-dropout", type=float, default=0.1,
+                   help="LoRA dropout (default %(default)s)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (paper ~20k / 18k)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch: queries per step, all ranks")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch: queries per step, all ranks")
     g.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step, each its own softmax: fewer negatives, another loss; "
-                        "--grad-cache keeps the loss (default %(default)s)")
+                   help="micro-batches per step, each its own softmax: fewer negatives, another "
+                        "loss; --grad-cache keeps the loss (default %(default)s)")
     g.add_argument("--grad-cache", type=int, default=0, metavar="CHUNK",
-                   help="GradCache: embed CHUNK texts per forward pass, the whole batch in one softmax, the "
-                        "paper's loss at any batch size for one more forward (default 0: off)")
-    g.add_argument("--hard-negatives", type=int, default=None, help="hard negatives per query (paper 7)")
+                   help="GradCache: embed CHUNK texts per forward pass, the whole batch in one "
+                        "softmax, the paper's loss at any batch size for one more forward "
+                        "(default 0: off)")
+    g.add_argument("--hard-negatives", type=int, default=None,
+                   help="hard negatives per query (paper 7)")
     g.add_argument("--in-batch-negatives", action=argparse.BooleanOptionalAction, default=None,
-                   help="use the other documents of the global batch as negatives, for retrieval data only "
-                        "(default: on in stage 1, off in stage 2)")
+                   help="use the other documents of the global batch as negatives, for retrieval "
+                        "data only (default: on in stage 1, off in stage 2)")
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature tau (0.01)")
     g.add_argument("--max-length", type=int, default=None, help="max tokens per text (paper 512)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (paper 2e-5 / 1.5e-5)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (paper 500)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (paper 2e-5 / 1.5e-5)")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (paper 500)")
     g.add_argument("--decay", choices=("linear", "cosine"), default="linear",
                    help="learning-rate decay to 0 after the warm-up (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0,
@@ -123,48 +135,55 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
 
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    g.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda if available")
     g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--model-dtype", choices=("bf16", "fp32"), default=None,
-                   help="dtype the frozen base is stored in (default: bf16 for LoRA with bf16 compute, else fp32); "
-                        "trainable parameters are always fp32")
+                   help="dtype the frozen base is stored in (default: bf16 for LoRA with bf16 "
+                        "compute, else fp32); trainable parameters are always fp32")
     g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each decoder layer in the backward pass (less memory, ~30%% more compute)")
+                   help="recompute each decoder layer in the backward pass (less memory, ~30%% "
+                        "more compute)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoder layer and the pooling (NVEmbed.compile; dynamic shapes, so other "
-                        "lengths do not recompile); the log counts the graphs compiled")
+                   help="torch.compile each decoder layer and the pooling (NVEmbed.compile; "
+                        "dynamic shapes, so other lengths do not recompile); the log counts the "
+                        "graphs compiled")
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/stage{1,2})")
     g.add_argument("--name", default=None,
-                   help="the saved model's name, which evaluate.py and the MTEB adapter report with its weights' "
-                        "fingerprint (default: --out's folder name)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+                   help="the saved model's name, which evaluate.py and the MTEB adapter report "
+                        "with its weights' fingerprint (default: --out's folder name)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run in --out (without it, or --resume, an existing run is refused)")
+                   help="replace an existing run in --out (without it, or --resume, an existing "
+                        "run is refused)")
     g.add_argument("--stop-after", type=int, default=None,
-                   help="stop (with a checkpoint) after this step, as if interrupted; the schedule still "
-                        "spans --steps")
+                   help="stop (with a checkpoint) after this step, as if interrupted; the "
+                        "schedule still spans --steps")
     g.add_argument("--log-every", type=int, default=None, help="steps between log lines")
     g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
     g.add_argument("--keep-checkpoints", type=int, default=2,
                    help="newest checkpoints to keep, 0: all (default %(default)s)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="nDCG@10 before and after training (built-in test split, or --eval-beir; default on)")
+                   help="nDCG@10 before and after training (built-in test split, or --eval-beir; "
+                        "default on)")
     g.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="also evaluate every N steps during training, logging nDCG@10 to log.jsonl (default 0: "
-                        "off); every rank encodes a share of the texts")
+                   help="also evaluate every N steps during training, logging nDCG@10 to "
+                        "log.jsonl (default 0: off); every rank encodes a share of the texts")
     g.add_argument("--eval-beir", default=None, help="BEIR folder to evaluate on")
-    g.add_argument("--eval-split", default="test", help="qrels split of --eval-beir (default %(default)s)")
+    g.add_argument("--eval-split", default="test",
+                   help="qrels split of --eval-beir (default %(default)s)")
     g.add_argument("--eval-instruction", default=None,
-                   help="query instruction for --eval-beir (default: NV-Embed-v2's for a known BEIR folder name, "
-                        "as evaluate.py picks it)")
+                   help="query instruction for --eval-beir (default: NV-Embed-v2's for a known "
+                        "BEIR folder name, as evaluate.py picks it)")
     g.add_argument("--eval-batch-size", type=int, default=64,
                    help="texts per batch when encoding (default %(default)s)")
     g.add_argument("--report-to", choices=tracking.REPORT_TO, default="none",
-                   help="also log what log.jsonl logs to TensorBoard, in --out's tensorboard/ (needs the "
-                        "tensorboard package; default %(default)s)")
+                   help="also log what log.jsonl logs to TensorBoard, in --out's tensorboard/ "
+                        "(needs the tensorboard package; default %(default)s)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: when stderr is a terminal)")
     add_verbosity_flags(p)
@@ -179,33 +198,34 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["init_from"] = DEFAULT_STAGE1_OUT
     if config["init_from"] is not None:
         if config["model"] is not None:
-            raise UsageError("pass either --model (start from a base decoder) or --init-from (a saved model)")
+            raise UsageError("pass either --model (start from a base decoder) or --init-from (a "
+                             "saved model)")
         saved = saved_architecture(config["init_from"])  # a saved model's, or a released one's
         tiny = dataclasses.asdict(MistralConfig.preset("tiny"))
         recipe = "tiny" if {"rope_scaling": None, **saved["decoder"]} == tiny else "paper"
         saved_lora = (saved["lora"] or {}).get("rank", 0)
         for key, value in (("pooling", saved["pooling"]), ("causal", saved["causal"])):
             if config[key] is not None and config[key] != value:
-                raise UsageError(f"--{key}={config[key]!r} differs from the model in {config['init_from']} "
-                                 f"({key} {value!r})")
+                raise UsageError(f"--{key}={config[key]!r} differs from the model in "
+                                 f"{config['init_from']} ({key} {value!r})")
             config[key] = value
         if saved_lora and config["lora_rank"] not in (None, saved_lora):
-            raise UsageError(f"--lora-rank {config['lora_rank']}: {config['init_from']} carries rank-{saved_lora} "
-                             "adapters, which training continues")
+            raise UsageError(f"--lora-rank {config['lora_rank']}: {config['init_from']} carries "
+                             f"rank-{saved_lora} adapters, which training continues")
         config["lora_rank"] = saved_lora or config["lora_rank"] or 0
         config["pooling_kwargs"] = saved["pooling_kwargs"]
     else:
         config["model"] = config["model"] or "tiny"
         recipe = "tiny" if config["model"] == "tiny" else "paper"
         if config["model"] not in PRESETS and not Path(config["model"]).exists():
-            raise MissingFileError(f"--model {config['model']}: no such checkpoint folder, .gguf file or preset "
-                                   f"({sorted(PRESETS)})")
+            raise MissingFileError(f"--model {config['model']}: no such checkpoint folder, .gguf "
+                                   f"file or preset ({sorted(PRESETS)})")
         config["pooling"] = config["pooling"] or "latent"
         config["causal"] = bool(config["causal"])
     defaults = RECIPES[recipe]
     config["recipe"] = recipe
-    for key in ("batch_size", "hard_negatives", "warmup_steps", "max_length", "temperature", "lora_rank",
-                "log_every", "save_every"):
+    for key in ("batch_size", "hard_negatives", "warmup_steps", "max_length", "temperature",
+                "lora_rank", "log_every", "save_every"):
         if config[key] is None:
             config[key] = defaults[key]
     for key in ("lr", "steps"):
@@ -218,21 +238,26 @@ def resolve_config(args: argparse.Namespace) -> dict:
             latent["head_dim"] = head_dim
         config["pooling_kwargs"] = latent if config["pooling"] == "latent" else {}
     if config["pooling"] != "latent" and (config["num_latents"] or config["latent_head_dim"]):
-        raise UsageError(f"--num-latents / --latent-head-dim apply to latent pooling, not {config['pooling']!r}")
+        raise UsageError("--num-latents / --latent-head-dim apply to latent pooling, not "
+                         f"{config['pooling']!r}")
     if config["init_from"] is not None and (config["num_latents"] or config["latent_head_dim"]):
-        raise UsageError("--num-latents / --latent-head-dim: the pooling of --init-from is kept as it was saved")
+        raise UsageError("--num-latents / --latent-head-dim: the pooling of --init-from is kept "
+                         "as it was saved")
     del config["num_latents"], config["latent_head_dim"]
     if config["in_batch_negatives"] is None:
         config["in_batch_negatives"] = stage == 1  # PAPER.md section 4
     config["device"] = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     config["dtype"] = config["dtype"] or ("bf16" if config["device"] == "cuda" else "fp32")
     if config["model_dtype"] is None:
-        config["model_dtype"] = "bf16" if config["dtype"] == "bf16" and config["lora_rank"] > 0 else "fp32"
+        config["model_dtype"] = ("bf16" if config["dtype"] == "bf16" and config["lora_rank"] > 0
+                                 else "fp32")
     if config["model_dtype"] == "bf16" and config["dtype"] != "bf16":
-        raise UsageError("--model-dtype bf16 needs --dtype bf16 (a bf16 base cannot compute in fp32)")
+        raise UsageError("--model-dtype bf16 needs --dtype bf16 (a bf16 base cannot compute in "
+                         "fp32)")
     config["out"] = config["out"] or f"runs/stage{stage}"
     config["name"] = config["name"] or Path(config["out"]).resolve().name
-    configure_logging(config.pop("log_level"))  # the notices' level: how the run talks, not what it computes
+    # the notices' level: how the run talks, not what it computes
+    configure_logging(config.pop("log_level"))
     if config["progress"] is None:
         config["progress"] = sys.stderr.isatty()
     check_numbers(config)
@@ -242,32 +267,36 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return config
 
 
-TRAINING_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")  # training_files.read_training_file's
+# training_files.read_training_file's
+TRAINING_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 
 def check_paths(config: dict):
-    """A UserError for a --data or --eval-beir path of the wrong kind, before the run folder is made: a path that
-    does not exist says so first, and a BEIR folder given as training data points to mine.py, which makes one."""
+    """A UserError for a --data or --eval-beir path of the wrong kind, before the run folder is
+    made: a path that does not exist says so first, and a BEIR folder given as training data points
+    to mine.py, which makes one."""
     for path in config["data"] or ():
         local = Path(path)
         if (local / "corpus.jsonl").is_file():
-            raise UsageError(f"--data {path}: a BEIR folder (corpus, queries, qrels), not a training file; mine "
-                             f"one with hard negatives: python mine.py --data {path} --out {local.name}-train.jsonl")
+            raise UsageError(f"--data {path}: a BEIR folder (corpus, queries, qrels), not a "
+                             "training file; mine one with hard negatives: python mine.py --data "
+                             f"{path} --out {local.name}-train.jsonl")
         if local.is_dir() and not training_files.is_dataset_folder(local):
             raise UsageError(f"--data {path}: a folder, neither a training file "
-                             f"({', '.join(TRAINING_FILE_SUFFIXES)}) nor a dataset save_to_disk wrote")
+                             f"({', '.join(TRAINING_FILE_SUFFIXES)}) nor a dataset save_to_disk "
+                             "wrote")
         if not local.exists() and local.suffix in TRAINING_FILE_SUFFIXES:
             raise MissingFileError(f"--data {path}: no such file")
     weights = config.get("data_weights")
     if weights is not None and len(weights) != len(config["data"] or ()):
-        raise UsageError(f"--data-weights: {len(weights)} weights for {len(config['data'] or ())} --data datasets "
-                         "(one each, in order)")
+        raise UsageError(f"--data-weights: {len(weights)} weights for {len(config['data'] or ())} "
+                         "--data datasets (one each, in order)")
     if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
         raise UsageError(f"--data-weights {weights}: want non-negative weights, not all zero")
     beir = config["eval_beir"]
     if beir is not None and not Path(beir).is_dir():
-        raise MissingFileError(f"--eval-beir {beir}: no such folder (want a BEIR folder: corpus.jsonl, "
-                               "queries.jsonl, qrels/SPLIT.tsv)")
+        raise MissingFileError(f"--eval-beir {beir}: no such folder (want a BEIR folder: "
+                               "corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
 
 
 def check_numbers(config: dict):
@@ -278,48 +307,57 @@ def check_numbers(config: dict):
     if config["eval_every"] < 0:
         raise UsageError(f"--eval-every must be >= 1 step (0: off), got {config['eval_every']}")
     if config["grad_cache"] < 0:
-        raise UsageError(f"--grad-cache must be >= 1 text per chunk (0: off), got {config['grad_cache']}")
+        raise UsageError("--grad-cache must be >= 1 text per chunk (0: off), got "
+                         f"{config['grad_cache']}")
     if config["grad_cache"] and config["grad_accum"] > 1:
-        raise UsageError("--grad-cache keeps the batch in one softmax, --grad-accum splits it: choose one")
+        raise UsageError("--grad-cache keeps the batch in one softmax, --grad-accum splits it: "
+                         "choose one")
     if not (math.isfinite(config["lr"]) and config["lr"] > 0):
         raise UsageError(f"--lr must be a finite number > 0, got {config['lr']}")
     if config["warmup_steps"] < 0:
         raise UsageError(f"--warmup-steps must be >= 0, got {config['warmup_steps']}")
     if not (math.isfinite(config["grad_clip"]) and config["grad_clip"] >= 0):
-        raise UsageError(f"--grad-clip must be a finite number >= 0 (0: no clipping), got {config['grad_clip']}")
+        raise UsageError("--grad-clip must be a finite number >= 0 (0: no clipping), got "
+                         f"{config['grad_clip']}")
     if config["hard_negatives"] < 0:
         raise UsageError(f"--hard-negatives must be >= 0, got {config['hard_negatives']}")
     if config["temperature"] <= 0:
         raise UsageError(f"--temperature must be > 0, got {config['temperature']}")
     if config["hard_negatives"] == 0 and not config["in_batch_negatives"]:
-        raise UsageError("--hard-negatives 0 without in-batch negatives leaves no negative: the loss would be 0")
+        raise UsageError("--hard-negatives 0 without in-batch negatives leaves no negative: the "
+                         "loss would be 0")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# What the flags name: the training data (--data, else the built-in set) and the evaluation set (--eval-beir)
+# ----------------------------------------------------------------------------
+# What the flags name: the training data (--data, else the built-in set) and the evaluation set
+# (--eval-beir)
 
 
 def check_max_length(config: dict, sources: list, tokenizer, rule) -> None:
-    """A UsageError when --max-length leaves no room for a text after an instruction's tokens (BOS, the
-    template filled with it) and EOS: found here, before the first step, not as a ValueError mid-batch."""
+    """A UsageError when --max-length leaves no room for a text after an instruction's tokens (BOS,
+    the template filled with it) and EOS: found here, before the first step, not as a ValueError
+    mid-batch."""
     instructions = {instruction for source in sources for example in source.examples
-                    for instruction in (example.instruction, example.document_instruction) if instruction}
+                    for instruction in (example.instruction, example.document_instruction)
+                    if instruction}
     one_token = "x"  # a text of one token: the shortest that still leaves room for some text
     for instruction in sorted(instructions):
         row = tokenize(tokenizer, [one_token], instruction, None, rule)["attention_mask"][0]
-        head = int(row.sum()) - len(encode_texts(tokenizer, [one_token])[0]) - 1  # BOS + instruction
+        # BOS + instruction
+        head = int(row.sum()) - len(encode_texts(tokenizer, [one_token])[0]) - 1
         if config["max_length"] < head + 2:
             shown = instruction if len(instruction) <= 40 else instruction[:37] + "..."
-            raise UsageError(f"--max-length {config['max_length']} leaves no room for text: the instruction "
-                             f"{shown!r} takes {head} tokens in its template (BOS included, where the tokenizer adds "
-                             f"one), EOS 1 more; want "
+            raise UsageError(f"--max-length {config['max_length']} leaves no room for text: the "
+                             f"instruction {shown!r} takes {head} tokens in its template (BOS "
+                             "included, where the tokenizer adds one), EOS 1 more; want "
                              f"--max-length >= {head + 2}")
 
 
 def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool,
                  split: str = "train") -> list:
-    """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1 takes retrieval
-    files only (PAPER.md section 4); in-batch negatives go to retrieval data only (data.TrainDataset decides)."""
+    """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1
+    takes retrieval files only (PAPER.md section 4); in-batch negatives go to retrieval data only
+    (data.TrainDataset decides)."""
     sources = []
     for path in paths:
         examples = training_files.read_training_file(path, split=split)
@@ -327,23 +365,26 @@ def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_neg
         if stage == 1 and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
                             f"this file has task types {kinds}; use it in --stage 2")
-        sources.append(TrainDataset(Path(path).stem, examples, in_batch_negatives=in_batch_negatives,
-                                         num_hard_negatives=hard_negatives))
+        sources.append(TrainDataset(Path(path).stem, examples,
+                                    in_batch_negatives=in_batch_negatives,
+                                    num_hard_negatives=hard_negatives))
     return sources
 
 
 def training_data(config: dict) -> tuple[list, BatchSampler]:
-    """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on (seed, k) alone."""
+    """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on
+    (seed, k) alone."""
     if config["data"]:
         sources = file_sources(config["data"], config["stage"], config["hard_negatives"],
                                config["in_batch_negatives"], config.get("data_split", "train"))
     else:
-        sources = builtin_sources(config["stage"], config["hard_negatives"], config["in_batch_negatives"],
-                                  config["seed"])
+        sources = builtin_sources(config["stage"], config["hard_negatives"],
+                                  config["in_batch_negatives"], config["seed"])
     for source in sources:
         print0(source.summary())
         if len(source) < config["batch_size"]:
-            raise UsageError(f"--batch-size {config['batch_size']}: {source.name} has only {len(source)} examples")
+            raise UsageError(f"--batch-size {config['batch_size']}: {source.name} has only "
+                             f"{len(source)} examples")
     if config["batch_size"] % (config["grad_accum"] * world_size()):
         raise UsageError(f"--batch-size {config['batch_size']} must be divisible by --grad-accum "
                          f"{config['grad_accum']} x {world_size()} ranks")
@@ -352,15 +393,17 @@ def training_data(config: dict) -> tuple[list, BatchSampler]:
 
 
 def evaluation_set(config: dict):
-    """(corpus, queries, qrels, instruction) to evaluate on, or None (--no-eval, or training files without
-    --eval-beir). Every rank reads it, at the start: a wrong folder stops them all before the model is built."""
+    """(corpus, queries, qrels, instruction) to evaluate on, or None (--no-eval, or training files
+    without --eval-beir). Every rank reads it, at the start: a wrong folder stops them all before
+    the model is built."""
     if not config["eval"]:
         return None
     if config["eval_beir"]:
         corpus, queries, qrels = datafiles.load_beir(config["eval_beir"], config["eval_split"])
         instruction = config["eval_instruction"]
         if instruction is None:
-            instruction = evaluate.INSTRUCTIONS.get(Path(config["eval_beir"]).resolve().name.lower(), "")
+            instruction = evaluate.INSTRUCTIONS.get(
+                Path(config["eval_beir"]).resolve().name.lower(), "")
         return corpus, queries, qrels, instruction
     if not config["data"]:  # the built-in dataset's held-out test queries
         builtin = builtin_dataset(seed=0)
