@@ -11,7 +11,7 @@ out of the caller's dict); MRR@k ranks and averages as the other metrics do (see
     python evaluate.py          # built-in dataset; runs/stage{2,1}/model, else a fresh tiny model
     python evaluate.py --model runs/stage1/model --data path/to/scifact --split test
     python evaluate.py --model SmolLM2.gguf --pooling mean --bidirectional --data DIR  # zero-shot
-The command (`main`): its flags and checks in plumbing/evaluate_cli.py. Tests: tests/test_evaluate.py,
+The command's flags and its checks: plumbing/evaluate_cli.py. Tests: tests/test_evaluate.py,
 tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py
 """
 
@@ -264,22 +264,17 @@ def encode_sharded(model, texts, instruction="", batch_size=32, max_length=None,
     return gather_rows_to_rank0(local, rows_per_rank, len(texts))
 
 
-# ----------------------------------------------------------------------------
-# The command
-
-
 @exits_on_user_error  # a mistake in the input: one line, exit status 2 (errors.py)
 def main(argv: list[str] | None = None) -> dict | None:
-    """`python evaluate.py`: the flags, the model and data, and the files written are
-    plumbing/evaluate_cli.py's; the evaluation is `run_evaluation`. Under torchrun every rank loads
-    the model and encodes a share; rank 0 alone searches, prints, writes and returns the metrics."""
+    """`python evaluate.py`: flags, model, data and output files in plumbing/evaluate_cli.py. Under
+    torchrun every rank encodes a share; rank 0 alone searches, writes and returns the metrics."""
     try:
         job = evaluate_cli.prepare(argv, INSTRUCTIONS, DEFAULT_K_VALUES)
         args, start = job.args, time.perf_counter()
-        metrics, run = run_evaluation(job.model, job.corpus, job.queries, job.qrels, job.instruction,
-                                      batch_size=args.batch_size, max_length=job.max_length,
-                                      top_k=args.top_k, k_values=args.k_values,
-                                      ignore_identical_ids=args.ignore_identical_ids)
+        metrics, run = run_evaluation(
+            job.model, job.corpus, job.queries, job.qrels, job.instruction, top_k=args.top_k,
+            batch_size=args.batch_size, max_length=job.max_length, k_values=args.k_values,
+            ignore_identical_ids=args.ignore_identical_ids)
         if rank() != 0:
             return None  # rank 0 scores and writes, once
         evaluate_cli.write_results(job, metrics, run, time.perf_counter() - start)
