@@ -1,5 +1,5 @@
 """NV-Embed's data side, in the order a batch flows: tokenization with the pool mask, stage-2 pairs,
-hard negatives and document keys, one-dataset batches. Files on disk: plumbing/datafiles.py.
+hard negatives and document keys, one-dataset batches. Files: plumbing/training_files.py.
 
 PAPER.md section 3 (instruction template, instruction masked out of pooling, EOS
 appended) and 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives on in

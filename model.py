@@ -6,7 +6,7 @@ NVEmbed = decoder + pooling (pooling.py) + tokenizer and pool mask (data.py). Di
 from transformers' MistralModel / LlamaModel: positions count from each row's first real
 token (HF's hidden states under left padding depend on the padding); no KV cache, no LM
 head; parameter names are HF's without "model.", so checkpoints load as they are
-(plumbing/checkpoints.py reads them). Parity tests: `python -m pytest tests/test_model.py`.
+(plumbing/base_checkpoints.py reads them). Parity tests: `python -m pytest tests/test_model.py`.
 
 Shapes: B batch, T tokens, D hidden, H query heads, Hkv key/value heads, Dh head dim, F MLP width.
 """

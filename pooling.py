@@ -19,7 +19,7 @@ Shape legend: B batch, T tokens, D hidden, H heads, Dh head dim, L latents.
 their one positional argument; every command's parser reads its names, and each
 pooling counts its own FLOPs (`forward_flops`, for train.py's MFU). The released
 NV-Embed-v1/v2 weights load onto `LatentAttentionPooling` through the name map in
-plumbing/checkpoints.py.
+plumbing/released.py.
 
 Run the tests with `python -m pytest -q tests/test_pooling.py`.
 """

@@ -13,7 +13,7 @@ and after. With --model the defaults are the paper's recipe (plumbing/train_cli.
 with cross-rank negatives), then here `build_model` and `parallelize` (FSDP2), the step
 (`forward_backward`, and `forward_backward_cached`: GradCache, the paper's batch in one softmax on
 few GPUs), `train_step`, and the loop (`setup`, `loop`, `finish`). The run folder (--out:
-config.json, log.jsonl, checkpoints/step_N, model/) is written by plumbing/checkpoints.py; --resume
+config.json, log.jsonl, checkpoints/step_N, model/) is written by plumbing/run_folder.py; --resume
 continues exactly where the last checkpoint stopped. MFU and the log line: plumbing/mfu.py.
 """
 

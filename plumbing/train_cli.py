@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", default=None,
                    help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, "
                         "folders datasets' save_to_disk wrote, or hub names; columns in "
-                        "datafiles.py's schema or the sentence-transformers, FlagEmbedding or "
-                        "tevatron layout (mapped by name); default: plumbing/builtin.py's "
+                        "training_files.py's schema or the sentence-transformers, FlagEmbedding "
+                        "or tevatron layout (mapped by name); default: plumbing/builtin.py's "
                         "built-in dataset")
     g.add_argument("--data-split", default="train",
                    help="the split of --data datasets that have several (default %(default)s)")
@@ -355,9 +355,9 @@ def check_max_length(config: dict, sources: list, tokenizer, rule) -> None:
 
 def file_sources(paths: list[str], stage: int, hard_negatives: int, in_batch_negatives: bool,
                  split: str = "train") -> list:
-    """One TrainDataset per training file (datafiles.py's schema, one task type a file). Stage 1
-    takes retrieval files only (PAPER.md section 4); in-batch negatives go to retrieval data only
-    (data.TrainDataset decides)."""
+    """One TrainDataset per training file (training_files.py's schema, one task type a file).
+    Stage 1 takes retrieval files only (PAPER.md section 4); in-batch negatives go to retrieval data
+    only (data.TrainDataset decides)."""
     sources = []
     for path in paths:
         examples = training_files.read_training_file(path, split=split)

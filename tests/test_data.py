@@ -1,5 +1,5 @@
 """Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), stage-2 pairs and batching; for
-plumbing/builtin.py's built-in dataset; and for plumbing/datafiles.py's readers and their errors (the sampler:
+plumbing/builtin.py's built-in dataset; and for the data files' readers and their errors (the sampler:
 tests/test_sampler.py). Run: python -m pytest -x -q tests/test_data.py"""
 
 import hashlib
