@@ -1,5 +1,5 @@
 """NV-Embed's data side, in the order a batch flows: tokenization with the pool mask, stage-2 pairs,
-hard negatives and document keys, one-dataset batches. Files on disk: plumbing/datafiles.py.
+hard negatives and document keys, one-dataset batches. Files: plumbing/training_files.py.
 
 PAPER.md section 3 (instruction template, instruction masked out of pooling, EOS
 appended) and 4 (two-stage contrastive instruction tuning: hard negatives, in-batch negatives in
@@ -20,8 +20,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from plumbing.datafiles import Example, SkipReport, _Problems, labelled_rows, scored_rows
+from plumbing.datafiles import Problems, SkipReport
 from plumbing.errors import CheckpointError, DataError
+from plumbing.training_files import Example, labelled_rows, scored_rows
 
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery: "
 
@@ -254,7 +255,7 @@ def _sample_others(rng: random.Random, pool: Sequence[int], count: int, reject) 
 def _example_based_pairs(rows, instruction, num_negatives, seed, task_type, skip_bad,
                          report) -> list[Example]:
     source = f"{task_type} rows"
-    problems = _Problems(source, skip_bad, report)
+    problems = Problems(source, skip_bad, report)
     texts, labels = labelled_rows(rows, source, problems)
     by_label: dict[Any, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
@@ -311,7 +312,7 @@ def sts_pairs(rows: Iterable, instruction: str, threshold: float = 4.0, num_nega
     its positive or a sentence paired with it at score >= threshold (in-batch negatives are off in
     stage 2)."""
     source = "sts rows"
-    problems = _Problems(source, skip_bad, report)
+    problems = Problems(source, skip_bad, report)
     pairs = scored_rows(rows, source, problems)  # (text1, text2, score)
     sentences = sorted({t for a, b, _ in pairs for t in (a, b)})
     similar: dict[str, set[str]] = defaultdict(set)
@@ -472,5 +473,5 @@ def collate(examples: Sequence[Example], tokenizer, max_length: int | None = 512
 
 
 if __name__ == "__main__":  # python data.py check-beir FOLDER SPLIT | check-train FILE [--skip-bad]
-    from plumbing.datafiles import main
+    from plumbing.data_cli import main
     main()

@@ -15,11 +15,15 @@ The command's flags and its checks: plumbing/evaluate_cli.py. Tests: tests/test_
 tests/test_evaluate_command.py. Benchmark: python bench/eval_speed.py
 """
 
+import time
+
 import numpy as np
 import torch
 
+from plumbing import evaluate_cli
 from plumbing.datafiles import doc_text
-from plumbing.distributed import gather_rows_to_rank0, rank, world_size
+from plumbing.distributed import destroy_distributed, gather_rows_to_rank0, rank, world_size
+from plumbing.errors import exits_on_user_error
 from plumbing.eval_checks import (check_grades, check_k_values, check_search_inputs, check_split,
                                   check_texts, checked_scores)
 
@@ -260,6 +264,27 @@ def encode_sharded(model, texts, instruction="", batch_size=32, max_length=None,
     return gather_rows_to_rank0(local, rows_per_rank, len(texts))
 
 
-if __name__ == "__main__":  # the command and its flags: plumbing/evaluate_cli.py
-    from plumbing.evaluate_cli import main
+@exits_on_user_error  # a mistake in the input: one line, exit status 2 (errors.py)
+def main(argv: list[str] | None = None) -> dict | None:
+    """`python evaluate.py`: flags, model, data and output files in plumbing/evaluate_cli.py. Under
+    torchrun every rank encodes a share; rank 0 alone searches, writes and returns the metrics."""
+    try:
+        job = evaluate_cli.prepare(argv, INSTRUCTIONS, DEFAULT_K_VALUES)
+        args, start = job.args, time.perf_counter()
+        metrics, run = run_evaluation(
+            job.model, job.corpus, job.queries, job.qrels, job.instruction, top_k=args.top_k,
+            batch_size=args.batch_size, max_length=job.max_length, k_values=args.k_values,
+            ignore_identical_ids=args.ignore_identical_ids)
+        if rank() != 0:
+            return None  # rank 0 scores and writes, once
+        evaluate_cli.write_results(job, metrics, run, time.perf_counter() - start)
+        if args.per_query:  # the same metrics query by query (the ones above are their means)
+            evaluate_cli.write_per_query(job, evaluate_per_query(
+                job.qrels, run, args.k_values, ignore_identical_ids=args.ignore_identical_ids))
+        return metrics
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
     main()

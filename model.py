@@ -26,8 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from data import TextRule, encode_texts, tokenize
-from plumbing.checkpoints import (hf_decoder_fields, load_checked, read_hf_checkpoint,
-                                  weights_fingerprint)
+from plumbing.base_checkpoints import (hf_decoder_fields, load_checked, read_hf_checkpoint,
+                                       weights_fingerprint)
 from plumbing.compiled import compile_forward
 from plumbing.st_api import SentenceTransformersAPI
 from pooling import check_pool_mask

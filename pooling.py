@@ -18,7 +18,7 @@ Shape legend: B batch, T tokens, D hidden, H heads, Dh head dim, L latents.
 `POOLINGS`, the one registry, maps the `--pooling` names to constructors taking D as
 their one positional argument; every command's parser reads its names. Their FLOPs,
 for train.py's MFU: plumbing/mfu.py's `pooling_flops`. The released NV-Embed-v1/v2
-weights load onto `LatentAttentionPooling` through the name map in plumbing/checkpoints.py.
+weights load onto `LatentAttentionPooling` through the name map in plumbing/released.py.
 
 Run the tests with `python -m pytest -q tests/test_pooling.py`.
 """

@@ -15,7 +15,7 @@ and after. Flags left out take a recipe's values (`RECIPES`: tiny, the paper's w
 negatives), then here `build_model` and `parallelize` (FSDP2), the step
 (`forward_backward`, and `forward_backward_cached`: GradCache, the paper's batch in one softmax on
 few GPUs), `train_step`, and the loop (`setup`, `loop`, `finish`). The run folder (--out:
-config.json, log.jsonl, checkpoints/step_N, model/) is written by plumbing/checkpoints.py; --resume
+config.json, log.jsonl, checkpoints/step_N, model/) is written by plumbing/run_folder.py; --resume
 continues exactly where the last checkpoint stopped. MFU and the log line: plumbing/mfu.py.
 """
 
@@ -39,8 +39,8 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import collapsed_loss, contrastive_loss
 from plumbing import tracking
-from plumbing.checkpoints import (append_log, discard_previous_run, load_checkpoint, logged_eval,
-                                  logged_ndcg, open_run, save_checkpoint)
+from plumbing.run_folder import (append_log, discard_previous_run, load_checkpoint, logged_eval,
+                                 logged_ndcg, open_run, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error

@@ -59,7 +59,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from plumbing import datafiles  # noqa: E402
+from plumbing import datafiles, training_files  # noqa: E402
 from plumbing.errors import UsageError, exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
@@ -390,8 +390,8 @@ def mined_negatives(args, setting: dict, teacher: str, out: Path, instruction: s
     negatives, stats = mine.mine(load_teacher(teacher, args), corpus, queries, qrels, instruction,
                                  top_k=setting["hard_negatives"], depth=setting["depth"],
                                  margin=mined_with["margin"])
-    examples = datafiles.beir_training_examples(corpus, queries, qrels, negatives, instruction)
-    datafiles.write_training_file(train_file, examples)
+    examples = training_files.beir_training_examples(corpus, queries, qrels, negatives, instruction)
+    training_files.write_training_file(train_file, examples)
     stats_file.write_text(json.dumps(stats | mined_with, indent=2) + "\n")
     print(f"mined with {teacher}: {json.dumps(stats)}", flush=True)
     return train_file

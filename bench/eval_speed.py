@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from plumbing import checkpoints  # noqa: E402
+from plumbing import base_checkpoints  # noqa: E402
 import data  # noqa: E402
 from plumbing import datafiles  # noqa: E402
 from evaluate import evaluate, search  # noqa: E402
@@ -115,9 +115,9 @@ def scifact_like_texts(num_docs, seed):
 def small_embedder():
     """A random small decoder on SmolLM2's tokenizer (realistic token counts), or on bytes if it is not cached."""
     if SMOLLM2_GGUF.is_file():
-        tokenizer, name = checkpoints.load_tokenizer(str(SMOLLM2_GGUF)), "SmolLM2 BPE tokenizer"
+        tokenizer, name = base_checkpoints.load_tokenizer(str(SMOLLM2_GGUF)), "SmolLM2 BPE tokenizer"
     else:
-        tokenizer, name = checkpoints.ByteTokenizer(), "byte tokenizer (SmolLM2 .gguf not cached: ~4.6x more tokens)"
+        tokenizer, name = base_checkpoints.ByteTokenizer(), "byte tokenizer (SmolLM2 .gguf not cached: ~4.6x more tokens)"
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=None)

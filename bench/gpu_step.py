@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plumbing.checkpoints import ByteTokenizer  # noqa: E402
+from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
 from data import TextRule  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from plumbing.loading import skeleton  # noqa: E402

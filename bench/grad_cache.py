@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from plumbing.checkpoints import ByteTokenizer  # noqa: E402
+from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
 from lora import apply_lora, mark_only_lora_trainable  # noqa: E402
 from model import PRESETS, Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import LatentAttentionPooling  # noqa: E402

@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from plumbing import datafiles  # noqa: E402
+from plumbing import datafiles, training_files  # noqa: E402
 import mine  # noqa: E402
 from plumbing import significance  # noqa: E402
 from bench import ablate  # noqa: E402
@@ -148,9 +148,9 @@ def mined_file(teacher_model, name, corpus, queries, fit_qrels, instruction, set
     negatives, stats = mine.mine(teacher_model, corpus, queries, fit_qrels, instruction,
                                  top_k=setting["hard_negatives"], margin=setting["margin"], depth=setting["depth"],
                                  batch_size=batch_size)
-    examples = datafiles.beir_training_examples(corpus, queries, fit_qrels, negatives, instruction)
+    examples = training_files.beir_training_examples(corpus, queries, fit_qrels, negatives, instruction)
     path = out / f"{name}.jsonl"
-    datafiles.write_training_file(path, examples)
+    training_files.write_training_file(path, examples)
     path.with_suffix(".stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"mined with {name}: {json.dumps({k: v for k, v in stats.items() if k != 'teacher_instruction'})}",
           flush=True)

@@ -66,17 +66,20 @@ def barrier():
 
 def gather_rows_to_rank0(local: torch.Tensor | None, rows_per_rank: list[list[int]], total: int,
                          block: int = 16384):
-    """Rank 0 gets a (total, D) CPU tensor whose row rows_per_rank[r][j] is rank r's local[j]; other ranks get
-    None. local (n_r, D) float32 on the CPU, None where a rank has no rows; at least one rank has some. Every
-    rank must call it. Gathered `block` rows per rank at a time, each block moved to the CPU before the next, so
-    the GPU never holds the corpus (8.8M x 4096 floats would be 144 GB)."""
+    """Rank 0 gets a (total, D) CPU tensor whose row rows_per_rank[r][j] is rank r's local[j]; other
+    ranks get None. local (n_r, D) float32 on the CPU, None where a rank has no rows; at least one
+    rank has some. Every rank must call it. Gathered `block` rows per rank at a time, each block
+    moved to the CPU before the next, so the GPU never holds the corpus (8.8M x 4096 floats would be
+    144 GB)."""
     # nccl moves CUDA tensors only; gloo, CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
     width = torch.tensor([local.shape[1] if local is not None else 0], device=device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)  # D, known to every rank with rows
     out = torch.empty(total, int(width)) if rank() == 0 else None
     for start in range(0, max(len(rows) for rows in rows_per_rank), block):
-        padded = torch.zeros(block, int(width), device=device)  # (block, D): gather wants equal shapes
+        # (block, D): gather wants equal shapes
+        padded = torch.zeros(block, int(width), device=device)
         if local is not None and start < len(local):
             padded[:len(local[start:start + block])] = local[start:start + block].to(device)
         shares = [torch.empty_like(padded) for _ in rows_per_rank] if rank() == 0 else None

@@ -10,9 +10,10 @@ Under torchrun every rank meets the same mistake; rank 0 alone says it (the usag
 too: `ArgumentParser`), and exits first (`stop_on_user_error`). torchrun then prints its own
 report of the failed ranks after our line and exits with status 1, whatever status ours had.
 
-Notices (texts cut at max_length, records skipped) are logged as warnings under the logger "nvembed", so a library
-user routes or silences them with `logging`; the commands print them on stderr, `--quiet` hides them
-(`add_verbosity_flags`, `configure_logging`). Progress bars and results stay on the console.
+Notices (texts cut at max_length, records skipped) are logged as warnings under the logger
+"nvembed", so a library user routes or silences them with `logging`; the commands print them on
+stderr, `--quiet` hides them (`add_verbosity_flags`, `configure_logging`). Progress bars and results
+stay on the console.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ class UsageError(UserError, ValueError):
 
 
 class DiskFullError(UserError, OSError):
-    """The disk filled while a model or checkpoint was written; names the path (what was there is kept)."""
+    """The disk filled while a model or checkpoint was written; names the path (what was there is
+    kept)."""
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read, or holds a model this project does not implement; names its file."""
+    """A checkpoint that cannot be read, or holds a model this project does not implement; names its
+    file."""
 
 
 class MissingExtraError(UserError, ImportError):
@@ -66,21 +69,24 @@ def require(module: str, extra: str, needed_for: str):
 
 
 def on_rank0() -> bool:
-    """Whether this process is rank 0 of torchrun's ranks, or runs alone. Read from torchrun's environment, so
-    that it holds before the process group is up (a bad flag is found before that)."""
+    """Whether this process is rank 0 of torchrun's ranks, or runs alone. Read from torchrun's
+    environment, so that it holds before the process group is up (a bad flag is found before
+    that)."""
     return os.environ.get("RANK", "0") == "0"
 
 
-# How long a rank other than 0 waits before it stops on a user's mistake under torchrun (see stop_on_user_error).
+# How long a rank other than 0 waits before it stops on a user's mistake under torchrun (see
+# stop_on_user_error).
 RANK0_FIRST_S = 10.0
 
 
 def let_rank0_stop_first() -> bool:
-    """Under torchrun, wait a little on ranks other than 0 before stopping on a user's mistake. torchrun ends
-    every rank (SIGTERM) as soon as one exits with a failure and names that one the root cause: a rank 1 that
-    stopped first could cut rank 0 off before it printed the mistake, and would be blamed for it. Waiting lets
-    rank 0 say it and exit first. Returns whether this rank waited and is still alive: then rank 0 did not stop
-    on the mistake, and this rank must say it. Spawned ranks without torchrun (the tests) do not wait."""
+    """Under torchrun, wait a little on ranks other than 0 before stopping on a user's mistake.
+    torchrun ends every rank (SIGTERM) as soon as one exits with a failure and names that one the
+    root cause: a rank 1 that stopped first could cut rank 0 off before it printed the mistake, and
+    would be blamed for it. Waiting lets rank 0 say it and exit first. Returns whether this rank
+    waited and is still alive: then rank 0 did not stop on the mistake, and this rank must say it.
+    Spawned ranks without torchrun (the tests) do not wait."""
     if on_rank0() or "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
     time.sleep(RANK0_FIRST_S)
@@ -88,7 +94,8 @@ def let_rank0_stop_first() -> bool:
 
 
 def stop_on_user_error(command: str, error: UserError):
-    """End the command on a user's mistake: `<command>: error: <error>` on stderr (rank 0 only), exit status 2."""
+    """End the command on a user's mistake: `<command>: error: <error>` on stderr (rank 0 only),
+    exit status 2."""
     if on_rank0() or let_rank0_stop_first():
         sys.stdout.flush()
         where = "" if on_rank0() else f"(rank {os.environ['RANK']}) "
@@ -97,8 +104,9 @@ def stop_on_user_error(command: str, error: UserError):
 
 
 def exits_on_user_error(main):
-    """Wraps a command's main(): a UserError ends it as argparse's `parser.error` does, with the one line
-    `<command>: error: <message>` on stderr and exit status 2. Other exceptions pass through untouched."""
+    """Wraps a command's main(): a UserError ends it as argparse's `parser.error` does, with the one
+    line `<command>: error: <message>` on stderr and exit status 2. Other exceptions pass through
+    untouched."""
 
     @functools.wraps(main)
     def main_ending_user_errors(*args, **kwargs):
@@ -112,8 +120,9 @@ def exits_on_user_error(main):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser for the commands torchrun starts: on ranks other than 0 it prints nothing (usage, error,
-    --help), so that a bad flag is said once, and it stops after rank 0 (`let_rank0_stop_first`)."""
+    """argparse's parser for the commands torchrun starts: on ranks other than 0 it prints nothing
+    (usage, error, --help), so that a bad flag is said once, and it stops after rank 0
+    (`let_rank0_stop_first`)."""
 
     def print_usage(self, file=None):
         if on_rank0():
@@ -133,15 +142,17 @@ def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
     """--quiet / --verbose, read by `configure_logging(args.log_level)`."""
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", dest="log_level", action="store_const", const=logging.ERROR,
-                           default=logging.INFO, help="no notices (texts truncated, records skipped), only errors")
+                           default=logging.INFO,
+                           help="no notices (texts truncated, records skipped), only errors")
     verbosity.add_argument("--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
                            help="debug messages too")
 
 
 def configure_logging(level: int) -> None:
-    """Print the "nvembed" logger's records at `level` and above on stderr: a fresh handler per command run, so that it
-    writes to the sys.stderr of the moment (pytest swaps it). The level is the handler's: records still reach the
-    root logger's handlers (a caller's logging setup, pytest's caplog) whatever a previous --quiet run asked."""
+    """Print the "nvembed" logger's records at `level` and above on stderr: a fresh handler per
+    command run, so that it writes to the sys.stderr of the moment (pytest swaps it). The level is
+    the handler's: records still reach the root logger's handlers (a caller's logging setup,
+    pytest's caplog) whatever a previous --quiet run asked."""
     logger = logging.getLogger("nvembed")
     for handler in [h for h in logger.handlers if getattr(h, "nvembed_command", False)]:
         logger.removeHandler(handler)

@@ -1,5 +1,6 @@
-"""evaluate.py's input checks: a wrong argument to `search`, `evaluate` or `run_evaluation` is refused
-here with a message naming it, so that the method stays readable. Tests: tests/test_evaluate.py."""
+"""evaluate.py's input checks: a wrong argument to `search`, `evaluate` or `run_evaluation` is
+refused here with a message naming it, so that the method stays readable. Tests:
+tests/test_evaluate.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def check_search_inputs(query_emb, corpus_emb, top_k, chunk_size, query_chunk_si
     if query_emb.shape[1] != corpus_emb.shape[1]:
         raise ValueError(f"search: embedding sizes differ: queries D={query_emb.shape[1]}, "
                          f"corpus D={corpus_emb.shape[1]}")
-    for name, value in (("top_k", top_k), ("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
+    for name, value in (("top_k", top_k), ("chunk_size", chunk_size),
+                        ("query_chunk_size", query_chunk_size)):
         if not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"search: {name} must be a positive integer, got {value!r}")
     for name, emb in (("query_emb", query_emb), ("corpus_emb", corpus_emb)):
@@ -45,14 +47,16 @@ def check_grades(qid, judgments) -> dict[str, int]:
         if not isinstance(did, str):
             raise TypeError(f"evaluate: qrels[{qid!r}] has a non-string doc id {did!r}")
         if not isinstance(grade, numbers.Integral):
-            raise TypeError(f"evaluate: qrels[{qid!r}][{did!r}] = {grade!r}: a grade must be an integer")
+            raise TypeError(f"evaluate: qrels[{qid!r}][{did!r}] = {grade!r}: a grade must be an "
+                            "integer")
         grades[did] = int(grade)
     return grades
 
 
 def checked_scores(qid, doc_scores) -> tuple[list[str], np.ndarray]:
     """(doc ids, float64 scores) of run[qid], refused unless string ids and real, non-NaN scores."""
-    # Checks per query, not per document, where they can: evaluate's time is mostly here (1,000 x 1,000).
+    # Checks per query, not per document, where they can: evaluate's time is mostly here (1,000 x
+    # 1,000).
     if {type(did) for did in doc_scores} - {str}:
         for did in doc_scores:
             if not isinstance(did, str):
@@ -61,12 +65,14 @@ def checked_scores(qid, doc_scores) -> tuple[list[str], np.ndarray]:
     if not {type(score) for score in values} <= _PLAIN_SCORE_TYPES:
         for did, score in doc_scores.items():
             if not isinstance(score, numbers.Real):
-                raise ValueError(f"evaluate: run[{qid!r}][{did!r}] = {score!r}: a score must be a real number")
+                raise ValueError(f"evaluate: run[{qid!r}][{did!r}] = {score!r}: a score must be a "
+                                 "real number")
         values = [float(score) for score in values]
     scores = np.array(values, dtype=np.float64)  # (n,)
     if np.isnan(scores).any():
         did = doc_ids[int(np.argmax(np.isnan(scores)))]
-        raise ValueError(f"evaluate: run[{qid!r}][{did!r}] is NaN: a score must be a real number, not NaN")
+        raise ValueError(f"evaluate: run[{qid!r}][{did!r}] is NaN: a score must be a real number, "
+                         "not NaN")
     return doc_ids, scores
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from plumbing.checkpoints import latest_checkpoint
+from plumbing.run_folder import latest_checkpoint
 from plumbing.distributed import is_distributed, rank
 
 log = logging.getLogger("nvembed.train")

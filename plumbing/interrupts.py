@@ -2,14 +2,19 @@
 
 `stops_cleanly` wraps the command. On either signal the running code is stopped (the handler
 raises `Interrupted`): a checkpoint or model being written is abandoned (`written_whole` removes
-its .tmp, and whatever .tmp is left in the run folder is swept), the one line
+its .tmp), the one line
 
     train.py: interrupted at step N; continue with --resume (last checkpoint: PATH, step M)
 
-is printed on stderr (no traceback), the --out lock is released, and the exit status is the
-shell's for a signal: 130 for SIGINT, 143 for SIGTERM. Renaming a complete folder into place
-(`replace_folder`) is never cut in the middle: it runs under `deferred_signals`, and a signal
-arriving then stops the run right after it.
+is printed on stderr (no traceback), and the exit status is the shell's for a signal: 130 for
+SIGINT, 143 for SIGTERM. Renaming a complete folder into place (`replace_folder`) is never cut
+in the middle: it runs under `deferred_signals`, and a signal arriving then stops the run right
+after it.
+
+This module knows signals only. What the run folder does is handed over by the run folder
+(run_folder.py, when it takes its lock): `on_interruption` (sweep the .tmp folders, and the
+line's "continue with --resume ..." ending) and `at_end` (release the lock, however the command
+ends).
 
 Under torchrun every rank gets the signal (the terminal's process group, or torchrun's SIGTERM);
 each stops alike, and rank 0 alone says the line.
@@ -20,13 +25,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import signal
 import sys
 import threading
 from pathlib import Path
-
-from plumbing import runlock
+from typing import Callable
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,7 +42,9 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-_state = {"deferring": 0, "pending": None, "step": None}
+# Reset each time the command starts and ends. "step": the run's step, for the line;
+# "say_where": the line's ending (`on_interruption`); "at_end": clean-ups (`at_end`).
+_state = {"deferring": 0, "pending": None, "step": None, "say_where": None, "at_end": []}
 
 
 def _on_signal(signum, frame):
@@ -68,52 +73,47 @@ def watch(run) -> None:
     _state["step"] = lambda: run.step
 
 
-def _sweep(out: Path) -> None:
-    """Remove the temporary folders an interrupted save may have left (the lock makes them ours)."""
-    for path in [out / "model.tmp", *(out / "checkpoints").glob("*.tmp")]:
-        shutil.rmtree(path, ignore_errors=True)
+def on_interruption(say_where: Callable[[], str]) -> None:
+    """On an interruption, rank 0 calls `say_where()` once: it cleans up and returns the line's
+    ending (the run folder's: where --resume continues)."""
+    _state["say_where"] = say_where
 
 
-def _where_to_resume(out: Path) -> str:
-    from plumbing.checkpoints import checkpoint_folder, checkpoint_problem
-
-    found = sorted((p for p in checkpoint_folder(out).glob("step_*") if p.name[len("step_"):].isdigit()),
-                   key=lambda p: int(p.name[len("step_"):]), reverse=True)
-    last = next((p for p in found if checkpoint_problem(p) is None), None)
-    if last is None:
-        return f"no checkpoint was saved in {out}, so --resume has nothing to continue: start again with --overwrite"
-    return f"continue with --resume (last checkpoint: {last}, step {int(last.name[len('step_'):])})"
+def at_end(cleanup: Callable[[], None]) -> None:
+    """`cleanup()` once the command that `stops_cleanly` wraps ends, however it ends."""
+    if cleanup not in _state["at_end"]:
+        _state["at_end"].append(cleanup)
 
 
 def stops_cleanly(main):
-    """Wraps train.py's main(): the signal handlers for its duration, the one line and the exit status
-    on an interruption, and the --out lock released however it ends."""
+    """Wraps train.py's main(): the signal handlers for its duration, the one line and the exit
+    status on an interruption, and the `at_end` clean-ups (the --out lock) however it ends."""
 
     @functools.wraps(main)
     def main_stopping_cleanly(*args, **kwargs):
-        in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
-        previous = {signum: signal.signal(signum, _on_signal) for signum in SIGNALS} if in_main_thread else {}
-        _state.update(deferring=0, pending=None, step=None)
+        # where handlers can be set
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = ({signum: signal.signal(signum, _on_signal) for signum in SIGNALS}
+                    if in_main_thread else {})
+        _state.update(deferring=0, pending=None, step=None, say_where=None, at_end=[])
         try:
             return main(*args, **kwargs)
         except Interrupted as interruption:
             for signum in previous:  # a second Ctrl-C does not cut the clean-up short
                 signal.signal(signum, signal.SIG_IGN)
-            held = runlock.held_folder()
             if os.environ.get("RANK", "0") == "0":
-                if held is not None:
-                    _sweep(held)
                 step = _state["step"]() if _state["step"] else None
                 at = f" at step {step}" if step is not None else " before training started"
-                where = f"; {_where_to_resume(held)}" if held is not None else ""
+                where = f"; {_state['say_where']()}" if _state["say_where"] else ""
                 sys.stdout.flush()
-                print(f"{Path(sys.argv[0]).name}: interrupted{at} ({interruption}){where}", file=sys.stderr,
-                      flush=True)
+                print(f"{Path(sys.argv[0]).name}: interrupted{at} ({interruption}){where}",
+                      file=sys.stderr, flush=True)
             raise SystemExit(128 + interruption.signum) from None
         finally:
-            runlock.release_run_lock()
+            for cleanup in _state["at_end"]:
+                cleanup()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            _state.update(deferring=0, pending=None, step=None)
+            _state.update(deferring=0, pending=None, step=None, say_where=None, at_end=[])
 
     return main_stopping_cleanly

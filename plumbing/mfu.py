@@ -1,6 +1,6 @@
-"""MFU for train.py's log line: the useful FLOPs of a training step (`step_flops`, over `model_shape`,
-computed once per run), the GPU's peak, and `StepLog`, the log line and log.jsonl record every
---log-every steps. Tests: tests/test_flops.py (against torch's FlopCounterMode)."""
+"""MFU for train.py's log line: the useful FLOPs of a training step (`step_flops`, over
+`model_shape`, computed once per run), the GPU's peak, and `StepLog`, the log line and log.jsonl
+record every --log-every steps. Tests: tests/test_flops.py (against torch's FlopCounterMode)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lora import lora_config
-from plumbing.checkpoints import append_log
+from plumbing.run_folder import append_log
 from plumbing.compiled import compile_counts
 from plumbing.distributed import rank, world_size
 from pooling import LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling
@@ -35,19 +35,24 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def model_shape(model) -> dict:
-    """The sizes step_flops counts with (parameter counts are global: a DTensor's numel under FSDP is unsharded).
-    matmul: decoder weights used in matrix products (2-D, not the embedding, not the adapters); lora: the adapters';
-    first_qkv: layer 0's q/k/v base weights and lora_A, whose input gradient a frozen base never computes."""
+    """The sizes step_flops counts with (parameter counts are global: a DTensor's numel under FSDP
+    is unsharded). matmul: decoder weights used in matrix products (2-D, not the embedding, not the
+    adapters); lora: the adapters'; first_qkv: layer 0's q/k/v base weights and lora_A, whose input
+    gradient a frozen base never computes."""
     decoder, pooling = model.decoder, model.pooling
     base = [(name, p) for name, p in decoder.named_parameters() if "lora_" not in name]
-    frozen_base = lora_config(model.decoder) is not None and not any(p.requires_grad for _, p in base)
+    frozen_base = lora_config(model.decoder) is not None and not any(p.requires_grad
+                                                                     for _, p in base)
     first_attn = decoder.layers[0].self_attn
     first_qkv = sum(p.numel() for m in (first_attn.q_proj, first_attn.k_proj, first_attn.v_proj)
                     for name, p in m.named_parameters() if name in ("weight", "lora_A"))
-    return dict(params=sum(p.numel() for p in model.parameters()), layers=decoder.config.num_hidden_layers,
+    return dict(params=sum(p.numel() for p in model.parameters()),
+                layers=decoder.config.num_hidden_layers,
                 hidden=decoder.config.hidden_size,
-                attention_width=decoder.config.num_attention_heads * decoder.config.head_dim, causal=model.causal,
-                matmul=sum(p.numel() for name, p in base if p.dim() == 2 and not name.startswith("embed_tokens")),
+                attention_width=decoder.config.num_attention_heads * decoder.config.head_dim,
+                causal=model.causal,
+                matmul=sum(p.numel() for name, p in base
+                           if p.dim() == 2 and not name.startswith("embed_tokens")),
                 lora=sum(p.numel() for name, p in decoder.named_parameters() if "lora_" in name),
                 frozen_base=frozen_base, first_qkv=first_qkv if frozen_base else 0,
                 pooling=model.pooling_name,
@@ -74,34 +79,40 @@ def describe(model, device: torch.device) -> str:
     shape, lora = model_shape(model), lora_config(model.decoder)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (f"model: {shape['params'] / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
-            f"({'LoRA ' + json.dumps(lora) if lora else 'full fine-tuning'}), pooling {model.pooling_name}, "
-            f"{'causal' if model.causal else 'bidirectional'}; {world_size()} rank(s) on {device.type}")
+            f"({'LoRA ' + json.dumps(lora) if lora else 'full fine-tuning'}), pooling "
+            f"{model.pooling_name}, {'causal' if model.causal else 'bidirectional'}; "
+            f"{world_size()} rank(s) on {device.type}")
 
 
 def step_flops(model_shape: dict, batch: dict) -> float:
-    """Useful training FLOPs of one micro-batch (data.collate's queries and documents): the matrix products of
-    forward and backward, counted once, over real tokens only (MFU, not HFU). The counting rule, per real token:
+    """Useful training FLOPs of one micro-batch (data.collate's queries and documents): the matrix
+    products of forward and backward, counted once, over real tokens only (MFU, not HFU). The
+    counting rule, per real token:
 
-    - decoder weights (N = model_shape["matmul"]): 2N forward, 2N for the input gradient, 2N for the weight
-      gradient: 6N with full fine-tuning. LoRA on a frozen base computes no weight gradient of the frozen
-      matrices, so 4N, less 2 x layer 0's q/k/v (their input is the frozen embedding: no gradient flows to it),
-      plus 6 x the adapters' parameters (each adapter is two small matmuls, trained);
-    - attention, per layer and row of L real tokens: QK^T and AV are 4 x L x L_keys x (H x Dh) forward and twice
-      that backward (12 in all), L_keys = L bidirectional, (L + 1) / 2 on average causal;
-    - the pooling, over the pooled tokens P of a row (pool_mask), forward x 3 (every weight trains, and the
-      gradient flows on into the decoder): latent attention's to_q, scores and values over the latents, to_out
-      and GEGLU MLP per token, plus to_kv on the latents once per forward; self-attention's projections and
-      P x P attention; mean and EOS nothing.
+    - decoder weights (N = model_shape["matmul"]): 2N forward, 2N for the input gradient, 2N for the
+      weight gradient: 6N with full fine-tuning. LoRA on a frozen base computes no weight gradient
+      of the frozen matrices, so 4N, less 2 x layer 0's q/k/v (their input is the frozen embedding:
+      no gradient flows to it), plus 6 x the adapters' parameters (each adapter is two small
+      matmuls, trained);
+    - attention, per layer and row of L real tokens: QK^T and AV are 4 x L x L_keys x (H x Dh)
+      forward and twice that backward (12 in all), L_keys = L bidirectional, (L + 1) / 2 on average
+      causal;
+    - the pooling, over the pooled tokens P of a row (pool_mask), forward x 3 (every weight trains,
+      and the gradient flows on into the decoder): latent attention's to_q, scores and values over
+      the latents, to_out and GEGLU MLP per token, plus to_kv on the latents once per forward;
+      self-attention's projections and P x P attention; mean and EOS nothing.
 
-    Not counted: padding (zero-padded positions are wasted work), activation-checkpoint recomputation and GradCache's
-    re-embedding (the same forward again: call this once per logical batch), norms, softmax and other elementwise
-    ops, and the loss's (B x C) similarity product. tests/test_flops.py checks this against FlopCounterMode."""
+    Not counted: padding (zero-padded positions are wasted work), activation-checkpoint
+    recomputation and GradCache's re-embedding (the same forward again: call this once per logical
+    batch), norms, softmax and other elementwise ops, and the loss's (B x C) similarity product.
+    tests/test_flops.py checks this against FlopCounterMode."""
     s = model_shape
     per_token = (4 * s["matmul"] + 6 * s["lora"]) if s["frozen_base"] else 6 * s["matmul"]
     flops = 0.0
     for part in ("queries", "documents"):
         lengths = batch[part]["attention_mask"].sum(1).double()  # (rows,) real tokens
-        keys = (lengths + 1) / 2 if s["causal"] else lengths  # (rows,) keys a token attends to, on average
+        # (rows,) keys a token attends to, on average
+        keys = (lengths + 1) / 2 if s["causal"] else lengths
         flops += float(lengths.sum()) * (per_token - 2 * s["first_qkv"])
         flops += 12 * s["layers"] * s["attention_width"] * float((lengths * keys).sum())
         flops += 3 * s["pooling_flops"](batch[part]["pool_mask"].sum(1).double())
@@ -111,37 +122,45 @@ def step_flops(model_shape: dict, batch: dict) -> float:
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+    # Linux: KiB; the process's peak RSS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 
 class StepLog:
-    """A log line and log.jsonl record per --log-every steps (loss, lr, grad norm, ms/step, tokens/s, MFU, memory)."""
+    """A log line and log.jsonl record per --log-every steps (loss, lr, grad norm, ms/step,
+    tokens/s, MFU, memory)."""
 
     def __init__(self, config: dict, device: torch.device, initial_step: int):
         self.config, self.device, self.peak = config, device, peak_flops(device)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)  # this run's peak, even after others in the same process
-        self.progress = tqdm(total=config["steps"], initial=initial_step, desc=f"stage {config['stage']}",
-                             dynamic_ncols=True, disable=rank() != 0 or not config["progress"])
+            # this run's peak, even after others in the same process
+            torch.cuda.reset_peak_memory_stats(device)
+        self.progress = tqdm(total=config["steps"], initial=initial_step,
+                             desc=f"stage {config['stage']}", dynamic_ncols=True,
+                             disable=rank() != 0 or not config["progress"])
         self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0, truncated=0)
         self.truncated = 0  # texts cut at --max-length, all steps of this process's run
 
     def add(self, step: int, stats: dict, seconds: float, dataset: str, last_step: int):
         self.progress.update(1)
-        for key, value in (("time", seconds), ("steps", 1), ("tokens", stats["tokens"]), ("flops", stats["flops"]),
-                           ("truncated", stats.get("truncated", 0))):
+        for key, value in (("time", seconds), ("steps", 1), ("tokens", stats["tokens"]),
+                           ("flops", stats["flops"]), ("truncated", stats.get("truncated", 0))):
             self.window[key] += value
         self.truncated += stats.get("truncated", 0)
         if step % self.config["log_every"] and step != last_step:
             return
         window = self.window
-        ms, tokens_per_s = 1000 * window["time"] / window["steps"], window["tokens"] / window["time"]
-        mfu = window["flops"] / window["time"] / self.peak if self.peak else None  # this rank's share of the work
-        record = dict(step=step, loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"], ms_per_step=ms,
-                      tokens_per_s=tokens_per_s, mfu=mfu, peak_memory_mib=peak_memory_mib(self.device),
-                      dataset=dataset, truncated=window["truncated"])
-        # --compile: graphs compiled so far; growth after the first steps is recompilation (compiled.py's bound).
+        ms, tokens_per_s = (1000 * window["time"] / window["steps"],
+                            window["tokens"] / window["time"])
+        # this rank's share of the work
+        mfu = window["flops"] / window["time"] / self.peak if self.peak else None
+        record = dict(step=step, loss=stats["loss"], lr=stats["lr"], grad_norm=stats["grad_norm"],
+                      ms_per_step=ms, tokens_per_s=tokens_per_s, mfu=mfu,
+                      peak_memory_mib=peak_memory_mib(self.device), dataset=dataset,
+                      truncated=window["truncated"])
+        # --compile: graphs compiled so far; growth after the first steps is recompilation
+        # (compiled.py's bound).
         if self.config["compile"]:
             record["compiled"] = compile_counts()
         compiled = f" | graphs {record['compiled']['graphs']}" if "compiled" in record else ""
@@ -149,10 +168,11 @@ class StepLog:
         compiled += f" | truncated {window['truncated']}" if window["truncated"] else ""
         append_log(Path(self.config["out"]), record)
         if rank() == 0:
-            self.progress.write(f"step {step:5d}/{self.config['steps']} | loss {stats['loss']:.4f} | "
-                                f"lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | {ms:.0f} ms/step | "
-                                f"{tokens_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-                                f"mem {record['peak_memory_mib']:,.0f} MiB | {dataset}{compiled}")
+            self.progress.write(f"step {step:5d}/{self.config['steps']} | loss {stats['loss']:.4f} "
+                                f"| lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | "
+                                f"{ms:.0f} ms/step | {tokens_per_s:,.0f} tok/s | mfu "
+                                f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | mem "
+                                f"{record['peak_memory_mib']:,.0f} MiB | {dataset}{compiled}")
         self.window = dict(time=0.0, steps=0, tokens=0, flops=0.0, truncated=0)
 
     def close(self):

@@ -12,11 +12,13 @@ import torch
 
 from evaluate import INSTRUCTIONS
 from plumbing.builtin import builtin_dataset
-from plumbing.checkpoints import is_released, is_saved
-from plumbing.datafiles import SkipReport, beir_training_examples, load_beir, write_training_file
+from plumbing.datafiles import SkipReport, load_beir
+from plumbing.model_folders import is_saved
+from plumbing.released import is_released
 from plumbing.errors import ArgumentParser, UsageError, add_verbosity_flags
 from plumbing.evaluate_cli import resolve_instruction
 from plumbing.loading import load_for_command
+from plumbing.training_files import beir_training_examples, write_training_file
 from pooling import POOLINGS
 
 

@@ -38,10 +38,10 @@ import torch
 from safetensors.torch import save_file
 
 from data import TextRule, bos_ids, tokenize
-from plumbing.checkpoints import (HF_DECODER_FILE, ByteTokenizer, fold_lora, model_card,
-                                  replace_folder, weights_fingerprint, written_whole)
+from plumbing.atomic_folders import replace_folder, written_whole
+from plumbing.base_checkpoints import ByteTokenizer, weights_fingerprint
 from plumbing.errors import CheckpointError, UsageError
-from plumbing.export import hf_config
+from plumbing.model_folders import HF_DECODER_FILE, fold_lora, hf_config, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_FILE = "nvembed_st.py"  # the one code file of the folder

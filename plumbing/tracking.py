@@ -1,8 +1,9 @@
-"""train.py --report-to tensorboard: every record train.py appends to log.jsonl (checkpoints.append_log) also as
-TensorBoard scalars, in the run folder's tensorboard/. Training records are tagged train/<key> (loss, lr,
-grad_norm, ms_per_step, ...), evaluations eval/<metric>, each at its step; nested values (compiled counts)
-get one tag per entry, text values none. Rank 0 only. tensorboard is an optional dependency
-(pip install -e '.[tensorboard]'). Tests: tests/test_tracking.py."""
+"""train.py --report-to tensorboard: every record train.py appends to log.jsonl
+(checkpoints.append_log) also as TensorBoard scalars, in the run folder's tensorboard/. Training
+records are tagged train/<key> (loss, lr, grad_norm, ms_per_step, ...), evaluations eval/<metric>,
+each at its step; nested values (compiled counts) get one tag per entry, text values none. Rank 0
+only. tensorboard is an optional dependency (pip install -e '.[tensorboard]'). Tests:
+tests/test_tracking.py."""
 
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ def summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:  # torch raises it when the tensorboard package is missing
-        raise UsageError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
-                         f"(or pip install -e '.[tensorboard]'); {error}") from None
+        raise UsageError("--report-to tensorboard needs the tensorboard package: pip install "
+                         f"tensorboard (or pip install -e '.[tensorboard]'); {error}") from None
     return SummaryWriter
 
 
 def start(report_to: str | None, out: str | Path) -> None:
-    """Begin reporting the records of the run in `out` (a no-op for "none" and on ranks other than 0)."""
+    """Begin reporting the records of the run in `out` (a no-op for "none" and on ranks other than
+    0)."""
     from plumbing.distributed import rank
     if report_to in (None, "none") or rank() != 0:
         return
@@ -43,7 +45,8 @@ def record(out: str | Path, entry: dict) -> None:
     for key, value in entry.items():
         for tag, number in ([(f"{key}/{k}", v) for k, v in value.items()] if isinstance(value, dict)
                             else [(key, value)]):
-            if key not in ("event", "step") and isinstance(number, (int, float)) and not isinstance(number, bool):
+            if (key not in ("event", "step") and isinstance(number, (int, float))
+                    and not isinstance(number, bool)):
                 writer.add_scalar(f"{group}/{tag}", number, global_step=entry["step"])
     writer.flush()
 

@@ -17,7 +17,7 @@ import torch
 import evaluate
 from data import TrainDataset, encode_texts, tokenize
 from model import PRESETS, MistralConfig
-from plumbing import datafiles, tracking
+from plumbing import datafiles, tracking, training_files
 from plumbing.builtin import builtin_dataset, builtin_sources
 from plumbing.distributed import print0, world_size
 from plumbing.errors import (ArgumentParser, DataError, MissingFileError, UsageError,
@@ -59,7 +59,7 @@ def build_parser(recipes: dict) -> argparse.ArgumentParser:
                         "defaults to runs/stage1")
     g.add_argument("--data", nargs="+", default=None,
                    help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, folders "
-                        "datasets' save_to_disk wrote, or hub names; columns in datafiles.py's schema or "
+                        "datasets' save_to_disk wrote, or hub names; columns in training_files.py's schema or "
                         "the sentence-transformers, FlagEmbedding or tevatron layout (mapped by name); "
                         "default: plumbing/builtin.py's built-in dataset")
     g.add_argument("--data-split", default="train",
@@ -229,7 +229,7 @@ def resolve_config(args: argparse.Namespace, recipe: str, defaults: dict) -> dic
     return config
 
 
-TRAINING_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")  # datafiles.read_training_file's
+TRAINING_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")  # training_files.read_training_file's
 
 
 def check_paths(config: dict):
@@ -240,7 +240,7 @@ def check_paths(config: dict):
         if (local / "corpus.jsonl").is_file():
             raise UsageError(f"--data {path}: a BEIR folder (corpus, queries, qrels), not a training file; mine "
                              f"one with hard negatives: python mine.py --data {path} --out {local.name}-train.jsonl")
-        if local.is_dir() and not datafiles.is_dataset_folder(local):
+        if local.is_dir() and not training_files.is_dataset_folder(local):
             raise UsageError(f"--data {path}: a folder, neither a training file "
                              f"({', '.join(TRAINING_FILE_SUFFIXES)}) nor a dataset save_to_disk wrote")
         if not local.exists() and local.suffix in TRAINING_FILE_SUFFIXES:
@@ -323,12 +323,12 @@ def check_max_length(config: dict, sources: list, tokenizer, rule) -> None:
 
 def file_sources(paths: list[str], hard_negatives: int, in_batch_negatives: bool,
                  split: str = "train", retrieval_only: bool = False) -> list:
-    """One TrainDataset per training file (datafiles.py's schema, one task type a file); in-batch
+    """One TrainDataset per training file (training_files.py's schema, one task type a file); in-batch
     negatives go to retrieval data only (data.TrainDataset decides). retrieval_only: a file of
     another task type is a DataError."""
     sources = []
     for path in paths:
-        examples = datafiles.read_training_file(path, split=split)
+        examples = training_files.read_training_file(path, split=split)
         kinds = sorted({e.task_type for e in examples})
         if retrieval_only and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "

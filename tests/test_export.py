@@ -1,4 +1,4 @@
-"""NVEmbed.save's ecosystem layouts (plumbing/export.py): "hf" (transformers' AutoModel reads the decoder) and
+"""NVEmbed.save's ecosystem layouts (plumbing/model_folders.py): "hf" (transformers' AutoModel reads the decoder) and
 "peft" (PEFT reads the adapters); NVEmbed.load reads both back."""
 
 import json
@@ -8,7 +8,7 @@ import torch
 
 from lora import apply_lora
 from model import NVEmbed
-from plumbing.checkpoints import ByteTokenizer
+from plumbing.base_checkpoints import ByteTokenizer
 from plumbing.errors import UsageError
 from plumbing.loading import from_base
 

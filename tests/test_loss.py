@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import loss as loss_module  # noqa: E402
 import train  # noqa: E402
-from plumbing import checkpoints, datafiles  # noqa: E402
+from plumbing import training_files  # noqa: E402
+from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -181,7 +182,7 @@ def known_positive_examples():
     - doc kilo is a hard negative of queries a and c (rank 0), doc lima of a and e (both ranks).
     """
     def example(query, positive, negatives):
-        return datafiles.Example(query, "Find", positive, negatives, "retrieval")
+        return training_files.Example(query, "Find", positive, negatives, "retrieval")
 
     return [example("query a", "doc alpha", ["doc kilo", "doc lima"]),
             example("query b", "doc bravo", ["doc mike"]),
@@ -195,7 +196,7 @@ def known_positive_examples():
 
 def known_positive_dataset(in_batch_negatives):
     """The examples above plus (query a, doc beta), which no batch of the tests takes."""
-    examples = known_positive_examples() + [datafiles.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
+    examples = known_positive_examples() + [training_files.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
     return data.TrainDataset("known-positives", examples, in_batch_negatives=in_batch_negatives,
                              num_hard_negatives=2)
 
@@ -203,7 +204,7 @@ def known_positive_dataset(in_batch_negatives):
 def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperature, in_batch_negatives):
     """The loss of a batch of examples, every query's candidates built from the texts by hand."""
     def embed(text, instruction=""):
-        return model(data.tokenize(checkpoints.ByteTokenizer(), [text], instruction))[0].tolist()
+        return model(data.tokenize(ByteTokenizer(), [text], instruction))[0].tolist()
 
     groups = [[e.positive] + [e.negatives[k % len(e.negatives)] for k in range(num_hard_negatives)]
               for e in examples]
@@ -218,7 +219,7 @@ def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperat
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
 def test_batch_loss_masks_known_positives_and_counts_documents_once(in_batch_negatives):
     dataset, model = known_positive_dataset(in_batch_negatives), BagOfBytes()
-    batch = dataset.collate(range(8), checkpoints.ByteTokenizer(), max_length=64)
+    batch = dataset.collate(range(8), ByteTokenizer(), max_length=64)
     got, _ = train.forward_backward(model, batch, 0.05, 1.0, torch.device("cpu"))
     want = naive_batch_loss(model, known_positive_examples(), dataset.examples, 2, 0.05, in_batch_negatives)
     assert got.item() == pytest.approx(want, rel=1e-9)

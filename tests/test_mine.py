@@ -10,7 +10,8 @@ import torch
 
 import mine
 from plumbing.builtin import BUILTIN_INSTRUCTION, builtin_dataset
-from plumbing.datafiles import doc_text, read_training_file
+from plumbing.datafiles import doc_text
+from plumbing.training_files import read_training_file
 from model import NVEmbed
 from tests.test_teachers import HAS_ST, make_folder
 from plumbing.loading import from_base

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from plumbing.checkpoints import load_checked
+from plumbing.base_checkpoints import load_checked
 from model import Mistral, MistralConfig
 from tests.helpers import smollm2_gguf
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from plumbing.checkpoints import ByteTokenizer, load_tokenizer
+from plumbing.base_checkpoints import ByteTokenizer, load_tokenizer
 from lora import apply_lora
 from model import Mistral, MistralConfig, NVEmbed
-from plumbing.checkpoints import RELEASED_LATENT_NAMES
+from plumbing.released import RELEASED_LATENT_NAMES
 from pooling import LatentAttentionPooling
 from tests.helpers import smollm2_gguf
 from plumbing.loading import from_base, from_released

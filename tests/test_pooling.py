@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from plumbing.checkpoints import RELEASED_LATENT_PREFIX, latent_attention_state_dict_from_released  # noqa: E402
+from plumbing.released import RELEASED_LATENT_PREFIX, latent_attention_state_dict_from_released  # noqa: E402
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
-from plumbing.checkpoints import ByteTokenizer  # noqa: E402
+from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
 from pooling import (POOLINGS, LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling,  # noqa: E402
                      check_pool_mask)
 

@@ -283,9 +283,9 @@ def test_every_command_takes_a_released_folder(checkpoint, tmp_path):
 
     import mine
     import train
-    from plumbing import evaluate_cli
+    import evaluate
 
-    metrics = evaluate_cli.main(["--model", str(checkpoint), "--out", str(tmp_path / "eval"), "--max-length", "96"])
+    metrics = evaluate.main(["--model", str(checkpoint), "--out", str(tmp_path / "eval"), "--max-length", "96"])
     assert 0.0 <= metrics["NDCG@10"] <= 1.0
     copy = tmp_path / "NV-Embed-v2"
     shutil.copytree(checkpoint, copy)
@@ -302,4 +302,4 @@ def test_every_command_takes_a_released_folder(checkpoint, tmp_path):
     assert trained.pooling_name == "latent" and not trained.causal
     assert lora_config(trained.decoder)["rank"] == 4
     with pytest.raises(SystemExit):  # a released model keeps its pooling
-        evaluate_cli.main(["--model", str(checkpoint), "--pooling", "mean", "--out", str(tmp_path / "e2")])
+        evaluate.main(["--model", str(checkpoint), "--pooling", "mean", "--out", str(tmp_path / "e2")])

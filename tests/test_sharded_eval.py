@@ -38,7 +38,7 @@ def worker(rank, out_dir):
         torch.save(dict(encoded=shared, gathered=gathered, none=none), os.path.join(out_dir, "encoded.pt"))
     else:
         assert shared is None and gathered is None and none is None
-    result = evaluate_cli.main(ARGS + ["--out", os.path.join(out_dir, "two")])  # destroys the process group
+    result = evaluate.main(ARGS + ["--out", os.path.join(out_dir, "two")])  # destroys the process group
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(written=written, returned=result), f)
 
@@ -51,7 +51,7 @@ def two_ranks(tmp_path_factory):
 
 
 def test_two_ranks_write_the_run_of_one_process_once(two_ranks, tmp_path, single_process):  # noqa: F811
-    one = evaluate_cli.main(ARGS + ["--out", str(tmp_path)])
+    one = evaluate.main(ARGS + ["--out", str(tmp_path)])
     ranks = [json.loads((two_ranks / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == dict(written=[0], returned=one) and ranks[1] == dict(written=[], returned=None)
     assert (two_ranks / "two" / "builtin-test.trec").read_bytes() == (tmp_path / "builtin-test.trec").read_bytes()

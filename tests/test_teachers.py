@@ -172,7 +172,7 @@ def test_mine_command_takes_a_sentence_transformers_folder(tmp_path):
     """mine.py --model FOLDER (it has modules.json): the teacher embeds bare queries (sentence-transformers models
     are trained on bare queries), the training file keeps the student's instruction; NV-Embed flags are refused."""
     from plumbing.builtin import BUILTIN_INSTRUCTION
-    from plumbing.datafiles import read_training_file
+    from plumbing.training_files import read_training_file
 
     folder = make_folder(tmp_path / "st", ["mean"], normalize=True)
     out = tmp_path / "mined.jsonl"

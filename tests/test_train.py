@@ -13,7 +13,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from plumbing import builtin  # noqa: E402
-from plumbing import checkpoints  # noqa: E402
+from plumbing import run_folder  # noqa: E402
+from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
 from plumbing import distributed  # noqa: E402
 import train  # noqa: E402
 from plumbing.sampler import rank_slice  # noqa: E402
@@ -44,7 +45,7 @@ def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_pa
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
-    folder = checkpoints.save_checkpoint(tmp_path, model, optimizer, scheduler, 2, config={"seed": 0})
+    folder = run_folder.save_checkpoint(tmp_path, model, optimizer, scheduler, 2, config={"seed": 0})
 
     entries = FileSystemReader(folder).read_metadata().state_dict_metadata
     pickled = sorted(key for key, value in entries.items() if not isinstance(value, TensorStorageMetadata))
@@ -58,7 +59,7 @@ def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_pa
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    assert checkpoints.load_checkpoint(folder, fresh_model, fresh_optimizer, fresh_scheduler) == 2
+    assert run_folder.load_checkpoint(folder, fresh_model, fresh_optimizer, fresh_scheduler) == 2
     assert weights_only and set(weights_only) == {True}
     # Restored exactly, types included (JSON has no tuples; AdamW's betas is one).
     assert fresh_scheduler.state_dict() == scheduler.state_dict()
@@ -128,7 +129,7 @@ def two_rank_worker(rank, out_dir):
     # The loss alone, through the data pipeline: cross-rank known positives and copies.
     losses = {}
     for in_batch in (False, True):
-        batch = known_positive_dataset(in_batch).collate(rank_slice(range(8), rank, 2), checkpoints.ByteTokenizer(),
+        batch = known_positive_dataset(in_batch).collate(rank_slice(range(8), rank, 2), ByteTokenizer(),
                                                          max_length=64)
         loss, _ = train.forward_backward(BagOfBytes(), batch, TEMPERATURE, 1.0, device)
         torch.distributed.all_reduce(loss)
@@ -324,7 +325,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, single_process):
     uninterrupted = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "a")])
     stopped = train.main(SMALL_JOB + ["--steps", "6", "--stop-after", "3", "--out", str(tmp_path / "b")])
     assert stopped["step"] == 3 and stopped["model"] is None
-    assert checkpoints.latest_checkpoint(tmp_path / "b").name == "step_00000003"
+    assert run_folder.latest_checkpoint(tmp_path / "b").name == "step_00000003"
     # A save that crashed midway leaves a .tmp folder; it must not be taken for a checkpoint.
     (tmp_path / "b" / "checkpoints" / "step_00000005.tmp").mkdir()
     resumed = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "b"), "--resume"])
@@ -389,7 +390,7 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, single_process, mo
         train.main(SMALL_JOB + ["--steps", "5", "--save-every", "1", "--out", str(tmp_path)])
     assert stopped.value.code == 1
     assert "step 3: the loss is nan" in capsys.readouterr().err
-    assert checkpoints.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert run_folder.latest_checkpoint(tmp_path).name == "step_00000002"
     assert not (tmp_path / "model").exists()
 
 
@@ -460,7 +461,7 @@ def test_stage_2_starts_from_stage_1s_trainable_weights_bit_for_bit(tmp_path, ba
         config = MistralConfig.preset("tiny")
         transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **{k: v for k, v in config.__dict__.items() if k != "sliding_window"})).save_pretrained(tmp_path / "base")
-        checkpoints.ByteTokenizer().save_pretrained(str(tmp_path / "base"))
+        ByteTokenizer().save_pretrained(str(tmp_path / "base"))
     saved = stage_1_like_save(tmp_path / "stage1", "tiny" if base == "preset" else str(tmp_path / "base"))
     model = train.build_model(dict(init_from=str(tmp_path / "stage1"), model=None, max_length=96, model_dtype="bf16",
                                    seed=0, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, name="stage2"))
@@ -476,7 +477,7 @@ def test_builtin_stage_2_gives_in_batch_negatives_to_retrieval_only():
     retrieval, classification = builtin.builtin_sources(stage=2, hard_negatives=2, in_batch_negatives=True)
     assert retrieval.task_type == "retrieval" and retrieval.in_batch_negatives
     assert classification.task_type == "classification" and not classification.in_batch_negatives
-    assert classification.collate([0, 1], checkpoints.ByteTokenizer(), max_length=None)["in_batch_negatives"] is False
+    assert classification.collate([0, 1], ByteTokenizer(), max_length=None)["in_batch_negatives"] is False
     assert "in-batch negatives off (retrieval data only)" in classification.summary()
 
 
