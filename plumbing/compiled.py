@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch._dynamo.utils import counters
 
 
 RECOMPILE_LIMIT = 64
@@ -44,6 +43,8 @@ def compile_counts() -> dict:
     """What torch.compile has done in this process so far: graphs compiled (every recompilation is
     one more), frames compiled and graph breaks. Logged by train.py each log line and by evaluate.py
     after encoding."""
+    from torch._dynamo.utils import counters  # 3-4 s to import: not for a run that compiles nothing
+
     limit_hits = sum(n for reason, n in counters["unimplemented"].items()
                      if "recompile limit exceeded" in reason)
     return dict(graphs=counters["stats"]["unique_graphs"], frames=counters["frames"]["ok"],
