@@ -308,6 +308,18 @@ def out_is_a_file(tmp_path):
     return "train.py", ["--out", str(tmp_path / "run")], f"--out {tmp_path / 'run'}: a file, not a folder"
 
 
+def evaluate_out_is_a_file(tmp_path):
+    (tmp_path / "eval").write_text("notes\n")
+    return "evaluate.py", ["--model", "tiny", "--out", str(tmp_path / "eval")], \
+        f"--out {tmp_path / 'eval'}: a file, not a folder"
+
+
+def evaluate_out_inside_a_file(tmp_path):
+    (tmp_path / "eval").write_text("notes\n")
+    return "evaluate.py", ["--model", "tiny", "--out", str(tmp_path / "eval" / "sub")], \
+        f"--out {tmp_path / 'eval' / 'sub'}: {tmp_path / 'eval'} is a file, not a folder"
+
+
 def out_not_writable(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes into a read-only folder: this case needs an ordinary user")
@@ -325,6 +337,7 @@ def empty_corpus(tmp_path):
 
 VALUE_CASES = [lr_not_a_number, lr_negative, warmup_negative, grad_clip_not_a_number,
                max_length_shorter_than_the_instruction, training_line_not_utf8, out_is_a_file, out_not_writable,
+               evaluate_out_is_a_file, evaluate_out_inside_a_file,
                empty_corpus]
 
 
