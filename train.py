@@ -369,14 +369,13 @@ def setup(config: dict) -> Run:
     training, the optimizer and schedule; with --resume, the newest checkpoint's state."""
     device = init_distributed(config["device"])
     out = Path(config["out"])
-    resume_from = open_run(config)
-    print0("config " + json.dumps(config, indent=2))
-    if rank() == 0:
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tracking.start(config.get("report_to"), out)  # --report-to tensorboard; stopped by train()
+    # The data read and checked before anything is written into --out: a bad line leaves
+    # nothing there that the same command, run again, would trip over.
     # Stage 1 trains on retrieval data only (PAPER.md section 4); stage 2 blends in the rest.
     sources, sampler = training_data(config, retrieval_only=config["stage"] == 1)
     evaluation = evaluation_set(config)
+    resume_from = open_run(config)
+    print0("config " + json.dumps(config, indent=2))
 
     # The model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
     lockstep = is_distributed() and world_size() > 1
@@ -384,6 +383,9 @@ def setup(config: dict) -> Run:
     model = build_on_rank0(build_model, config) if lockstep else build_model(config)
     print0(describe(model, device))
     check_max_length(config, sources, model.tokenizer, model.text_rule)
+    if rank() == 0:  # the model built and the texts fit: the run has started
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tracking.start(config.get("report_to"), out)  # --report-to tensorboard; stopped by train()
     full_state = model.state_dict() if lockstep and rank() == 0 else None  # what rank 0 broadcasts
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"],
                         config["compile"])

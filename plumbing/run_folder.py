@@ -369,7 +369,13 @@ def prepare_run_folder(config: dict):
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json")
                if (out / name).exists()]
-        if old and not config["overwrite"]:
+        if old and not config["overwrite"] and not started(out):
+            # A start that failed (a bad data line, a crash before the first save) left its
+            # config and log: the same command again starts afresh, setting them aside as
+            # --overwrite does, rather than ask for a --resume that has nothing to continue.
+            print0(f"notice: --out {out} holds a run that saved no checkpoint and no model "
+                   f"({', '.join(p.name for p in old)}): starting it again")
+        elif old and not config["overwrite"]:
             raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); "
                              "pass --resume to continue it, --overwrite to replace it, or another "
                              "--out")
@@ -378,6 +384,11 @@ def prepare_run_folder(config: dict):
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     barrier()
+
+
+def started(out: Path) -> bool:
+    """Whether the run folder `out` holds what a run must not lose: a checkpoint or a model."""
+    return bool(saved_checkpoints(out)) or (out / "model").exists()
 
 
 PREVIOUS_RUN = "previous"  # --overwrite: the replaced run's log, config and checkpoints, until done
@@ -442,7 +453,9 @@ def open_run(config: dict) -> Path | None:
     if not config["resume"]:
         return None
     if not saved_checkpoints(out):
-        raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
+        never = " (the run saved none: run it without --resume to start again)" \
+            if (out / "config.json").exists() else ""
+        raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}{never}")
     skipped = []
     resume_from = latest_checkpoint(out, skipped)  # a corrupt newer one is named and passed over
     for folder, problem in skipped:

@@ -642,6 +642,49 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_pr
     assert list((out / "checkpoints").iterdir()) == []
 
 
+def test_a_retry_after_a_bad_data_line_succeeds_with_the_same_command(tmp_path, single_process,
+                                                                     capsys):
+    """The data is checked before anything is written into --out: after the user fixes the line,
+    the very same command trains (no "already holds a run", no --resume needed)."""
+    path = training_file(tmp_path, training_row(positive=None))
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "1", "--batch-size", "2", "--data", str(path), "--out", str(out)]
+    code, stderr = run_command("train.py", job, capsys)
+    assert code == 2 and f"{path}:2: field 'positive'" in stderr.strip().splitlines()[-1]
+    assert not out.exists() or list(out.iterdir()) == []
+    training_file(tmp_path)  # fixed
+    assert train.main(job)["step"] == 1 and (out / "model" / "config.json").is_file()
+
+
+def test_a_retry_after_a_crash_before_the_first_checkpoint_starts_again(tmp_path, single_process,
+                                                                         monkeypatch, capsys):
+    """A start that got as far as config.json, then died before any checkpoint or
+    model: the same command starts again, says so in one line, and keeps the old files aside in
+    previous/ until its model is saved; --resume there says why it cannot continue."""
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "2", "--out", str(out)]
+    real_loop = train.loop
+
+    def crash(run):
+        raise MemoryError("out of memory at step 1")
+
+    monkeypatch.setattr(train, "loop", crash)
+    with pytest.raises(MemoryError):  # a crash, not a user's mistake: its traceback kept
+        train.main(job)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # --no-eval: no log yet
+    code, stderr = run_command("train.py", job + ["--resume"], capsys)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"train.py: error: --resume: no checkpoint in {out / 'checkpoints'} (the run saved none: "
+        "run it without --resume to start again)")
+    monkeypatch.setattr(train, "loop", real_loop)
+    assert train.main(job)["step"] == 2 and (out / "model" / "config.json").is_file()
+    assert (f"notice: --out {out} holds a run that saved no checkpoint and no model "
+            "(config.json): starting it again") in capsys.readouterr().out
+    assert not (out / "previous").exists()
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]  # the new run's log alone
+
+
 def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path, single_process, capsys):
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--out", str(out)])
