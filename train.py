@@ -39,8 +39,8 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import collapsed_loss, contrastive_loss
 from plumbing import tracking
-from plumbing.run_folder import (append_log, discard_previous_run, load_checkpoint, logged_eval,
-                                 logged_ndcg, open_run, save_checkpoint)
+from plumbing.run_folder import (append_log, discard_previous_run, logged_eval, logged_ndcg,
+                                 open_run, resume, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
 from plumbing.errors import exits_on_user_error
@@ -374,7 +374,7 @@ def setup(config: dict) -> Run:
     # Stage 1 trains on retrieval data only (PAPER.md section 4); stage 2 blends in the rest.
     sources, sampler = training_data(config, retrieval_only=config["stage"] == 1)
     evaluation = evaluation_set(config)
-    resume_from = open_run(config)
+    candidates = open_run(config)  # with --resume, its checkpoints newest first
     print0("config " + json.dumps(config, indent=2))
 
     # The model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
@@ -392,7 +392,7 @@ def setup(config: dict) -> Run:
     if lockstep:
         load_from_rank0(model, full_state, device)
     del full_state
-    if resume_from is None:
+    if candidates is None:
         ndcg_before = run_evaluation(model, config, evaluation, "before", 0, lockstep=lockstep)
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
@@ -411,8 +411,8 @@ def setup(config: dict) -> Run:
     torch.manual_seed(config["seed"] + 1 + rank())
     run = Run(config, device, model, optimizer, scheduler, sources, sampler, evaluation, autocast,
               model_shape(model), lockstep, ndcg_before)
-    if resume_from is not None:
-        run.step = load_checkpoint(resume_from, model, optimizer, scheduler)
+    if candidates is not None:  # the newest that verifies and loads (others named, passed over)
+        resume_from, run.step = resume(config, candidates, model, optimizer, scheduler)
         print0(f"resumed from {resume_from} at step {run.step}")
     return run
 

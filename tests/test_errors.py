@@ -753,7 +753,19 @@ def delete_a_shard(step):
     return shard
 
 
-CORRUPTIONS = [cut_a_shard_in_half, truncate_the_metadata, garble_the_trainer_state, delete_a_shard]
+def overwrite_bytes_inside_a_shard(step):
+    """4 KiB (or the middle half of a smaller shard) overwritten in place: the size is unchanged,
+    so only the manifest's checksum can tell."""
+    shard = next(step.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    start, length = len(data) // 4, min(4096, len(data) // 2)
+    data[start:start + length] = bytes(b ^ 0xFF for b in data[start:start + length])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+CORRUPTIONS = [cut_a_shard_in_half, truncate_the_metadata, garble_the_trainer_state, delete_a_shard,
+               overwrite_bytes_inside_a_shard]
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__ for c in CORRUPTIONS])
@@ -770,6 +782,50 @@ def test_resume_skips_a_corrupt_newest_checkpoint(corrupt, tmp_path, single_proc
     assert f"notice: --resume skips step_00000002: {damaged}" in said
     assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1" in said
     assert summary["step"] == 3 and (out / "model" / "config.json").is_file()
+
+
+def test_resume_skips_a_checkpoint_whose_load_raises(tmp_path, single_process, monkeypatch,
+                                                      capsys):
+    """A checkpoint that passes its checks but whose load raises (dcp's CheckpointException, a
+    BaseException) is named and passed over like a damaged one; the run completes."""
+    from plumbing import run_folder
+
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)]
+    train.main(job + ["--stop-after", "2"])
+    real_load, newest = run_folder.load_checkpoint, out / "checkpoints" / "step_00000002"
+
+    def load_failing_on_the_newest(folder, *args):
+        if folder == newest:
+            api = run_folder.dcp.api
+            raise api.CheckpointException("load", {0: api._wrap_exception(ValueError("bad"))})
+        return real_load(folder, *args)
+
+    monkeypatch.setattr(run_folder, "load_checkpoint", load_failing_on_the_newest)
+    capsys.readouterr()
+    summary = train.main(job + ["--resume"])
+    said = capsys.readouterr().out
+    assert f"notice: --resume skips step_00000002: {newest} does not load (CheckpointException: " \
+        "bad)" in said
+    assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1" in said
+    assert summary["step"] == 3
+
+
+def test_the_manifest_holds_each_files_size_and_checksum(tmp_path, single_process):
+    """Checked against hashlib directly, file by file."""
+    import hashlib
+
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "1", "--save-every", "1", "--stop-after", "1", "--out",
+                           str(out)])
+    step = out / "checkpoints" / "step_00000001"
+    manifest = json.loads((step / "manifest.json").read_text())
+    files = sorted(p.name for p in step.iterdir() if p.name != "manifest.json")
+    assert sorted(manifest) == files and any(name.endswith(".distcp") for name in files)
+    for name in files:
+        data = (step / name).read_bytes()
+        assert manifest[name] == dict(size=len(data),
+                                      blake2b=hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
 def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, single_process, capsys):
