@@ -232,7 +232,8 @@ def checkpoint_step(folder: Path) -> int:
 def latest_checkpoint(out: str | os.PathLike, skipped: list | None = None) -> Path | None:
     """The newest complete checkpoint of the run folder `out` (plumbing/manifest.py's
     `size_problem` finds none), or None; a newer, incomplete one is passed over, and (its folder,
-    its problem) appended to `skipped` when given. --resume, the interruption line and the non-finite stop all ask here."""
+    its problem) appended to `skipped` when given. --resume, the interruption line and the
+    non-finite stop all ask here."""
     for folder in saved_checkpoints(out):
         problem = size_problem(folder)
         if problem is None:
