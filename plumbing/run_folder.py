@@ -46,7 +46,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from plumbing import interrupts, tracking
 from plumbing.atomic_folders import replace_folder, written_whole
-from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
+from plumbing.distributed import (barrier, is_distributed, on_rank0_for_all, print0, rank,
+                                  world_size)
 from plumbing.errors import CheckpointError, UsageError
 from plumbing.manifest import content_problem, size_problem, write_manifest
 
@@ -88,10 +89,16 @@ def _refuse(out: Path, lock: Path, holder: dict | None):
 
 
 def take_run_lock(out: str | os.PathLike) -> Path:
-    """Take out/train.lock for this process (the folder exists), or refuse in one line
-    (UsageError) while another live process holds it. Under `interrupts.stops_cleanly` it is
+    """Make `out` and take out/train.lock for this process, or refuse in one line (UsageError) if
+    it cannot be written or another live process holds it. Under `interrupts.stops_cleanly` it is
     released when the command ends, and an interruption sweeps the folder first."""
     out = Path(out)
+    try:  # a read-only file system or a folder of someone else's: said before anything runs
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f".write-test-{os.getpid()}").touch()
+        (out / f".write-test-{os.getpid()}").unlink()
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
     lock = out / LOCK_FILE
     if _held.get("path") != lock:
         _take(out, lock)
@@ -332,15 +339,8 @@ def prepare_run_folder(config: dict):
     out = Path(config["out"])
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: a file, not a folder (the run folder is made there)")
-    if rank() == 0:
-        try:  # a read-only file system or a folder of someone else's: said before anything runs
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as error:
-            raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
-        take_run_lock(out)  # one run per --out: refused while another live process holds it (above)
+    # one run per --out (the lock, above): rank 0 takes it, and every rank stops if refused
+    on_rank0_for_all(functools.partial(take_run_lock, out))
     if not config["resume"]:
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json")

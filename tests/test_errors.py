@@ -492,6 +492,32 @@ def test_a_bad_flag_under_torchrun_is_said_once_by_rank_0(tmp_path):
     assert all("usage:" not in line and ": error: " not in line for line in lines[said[0] + 1:])
 
 
+def test_a_run_folder_in_use_is_refused_once_on_two_ranks(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py --out X` while a live process (this one) holds X's
+    lock: rank 0 alone takes the lock and tells every rank its outcome, so rank 1 does not wait in
+    a collective for a rank 0 that has exited (a gloo traceback, "[rank1]: Traceback"): our one
+    line, rank 0 the root cause, then torchrun's own report."""
+    import subprocess
+
+    out = tmp_path / "run"
+    lock_naming(out, os.getpid())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", "--steps", "1",
+                             "--batch-size", "4", "--no-eval", "--no-progress", "--device", "cpu",
+                             "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    lines = result.stderr.splitlines()
+    said = [line for line in lines if line.startswith("train.py: error: ")]
+    assert said == [f"train.py: error: --out {out} is in use by process {os.getpid()} (lock file "
+                    f"{out / 'train.lock'})"], result.stderr[-3000:]
+    assert not any(line.startswith("[rank") for line in lines), result.stderr[-3000:]
+    assert "Connection closed" not in result.stderr and result.returncode == 1
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+
+
 def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monkeypatch, capsys):
     """Under torchrun a rank other than 0 waits for rank 0 to stop (torchrun then ends it); if it is still alive,
     rank 0 never met the mistake, so this rank says it, naming itself. Spawned ranks (no torchrun) stay silent."""
