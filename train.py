@@ -43,7 +43,7 @@ from plumbing.run_folder import (append_log, discard_previous_run, logged_eval, 
                                  open_run, resume, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
-from plumbing.errors import exits_on_user_error
+from plumbing.errors import exits_on_user_error, let_rank0_stop_first
 from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
 from plumbing.interrupts import stops_cleanly, watch
 from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank0
@@ -526,7 +526,9 @@ def main(argv: list[str] | None = None) -> dict:
     except NonFiniteLossError as error:
         # Every rank holds the same all-reduced values and stops alike; rank 0 says it once. Exit
         # status 1: the input was well-formed, the training diverged.
-        if rank() == 0:
+        # Other ranks wait for rank 0 to exit first, as on user errors (errors.py), so that
+        # torchrun names rank 0 the root cause.
+        if rank() == 0 or let_rank0_stop_first():
             sys.stdout.flush()
             print(f"train.py: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1)
