@@ -39,11 +39,11 @@ import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import collapsed_loss, contrastive_loss
 from plumbing import tracking
-from plumbing.run_folder import (append_log, discard_previous_run, load_checkpoint, logged_eval,
-                                 logged_ndcg, open_run, save_checkpoint)
+from plumbing.run_folder import (append_log, discard_previous_run, logged_eval, logged_ndcg,
+                                 open_run, resume, save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
                                   print0, rank, world_size)
-from plumbing.errors import exits_on_user_error
+from plumbing.errors import exits_on_user_error, let_rank0_stop_first
 from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
 from plumbing.interrupts import stops_cleanly, watch
 from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank0
@@ -369,14 +369,13 @@ def setup(config: dict) -> Run:
     training, the optimizer and schedule; with --resume, the newest checkpoint's state."""
     device = init_distributed(config["device"])
     out = Path(config["out"])
-    resume_from = open_run(config)
-    print0("config " + json.dumps(config, indent=2))
-    if rank() == 0:
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tracking.start(config.get("report_to"), out)  # --report-to tensorboard; stopped by train()
+    # The data read and checked before anything is written into --out: a bad line leaves
+    # nothing there that the same command, run again, would trip over.
     # Stage 1 trains on retrieval data only (PAPER.md section 4); stage 2 blends in the rest.
     sources, sampler = training_data(config, retrieval_only=config["stage"] == 1)
     evaluation = evaluation_set(config)
+    candidates = open_run(config)  # with --resume, its checkpoints newest first
+    print0("config " + json.dumps(config, indent=2))
 
     # The model: built on rank 0 (the others: shapes only), evaluated, sharded, broadcast.
     lockstep = is_distributed() and world_size() > 1
@@ -384,13 +383,16 @@ def setup(config: dict) -> Run:
     model = build_on_rank0(build_model, config) if lockstep else build_model(config)
     print0(describe(model, device))
     check_max_length(config, sources, model.tokenizer, model.text_rule)
+    if rank() == 0:  # the model built and the texts fit: the run has started
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tracking.start(config.get("report_to"), out)  # --report-to tensorboard; stopped by train()
     full_state = model.state_dict() if lockstep and rank() == 0 else None  # what rank 0 broadcasts
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"],
                         config["compile"])
     if lockstep:
         load_from_rank0(model, full_state, device)
     del full_state
-    if resume_from is None:
+    if candidates is None:
         ndcg_before = run_evaluation(model, config, evaluation, "before", 0, lockstep=lockstep)
     else:
         ndcg_before = logged_ndcg(out, "before")  # evaluated when the run started
@@ -409,8 +411,8 @@ def setup(config: dict) -> Run:
     torch.manual_seed(config["seed"] + 1 + rank())
     run = Run(config, device, model, optimizer, scheduler, sources, sampler, evaluation, autocast,
               model_shape(model), lockstep, ndcg_before)
-    if resume_from is not None:
-        run.step = load_checkpoint(resume_from, model, optimizer, scheduler)
+    if candidates is not None:  # the newest that verifies and loads (others named, passed over)
+        resume_from, run.step = resume(config, candidates, model, optimizer, scheduler)
         print0(f"resumed from {resume_from} at step {run.step}")
     return run
 
@@ -524,7 +526,9 @@ def main(argv: list[str] | None = None) -> dict:
     except NonFiniteLossError as error:
         # Every rank holds the same all-reduced values and stops alike; rank 0 says it once. Exit
         # status 1: the input was well-formed, the training diverged.
-        if rank() == 0:
+        # Other ranks wait for rank 0 to exit first, as on user errors (errors.py), so that
+        # torchrun names rank 0 the root cause.
+        if rank() == 0 or let_rank0_stop_first():
             sys.stdout.flush()
             print(f"train.py: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(1)

@@ -201,6 +201,10 @@ def prepare(argv, instructions: Mapping[str, str],
     else:
         out = Path("runs") / "eval" / (f"{Path(model_name).stem}-{pooling}-"
                                        f"{'causal' if causal else 'bidirectional'}")
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # found now, not by mkdir after the evaluation (a traceback)
+        what = "" if blocked == out else f"{blocked} is "
+        raise UsageError(f"--out {out}: {what}a file, not a folder (the results are written in it)")
     stem = f"{dataset_name}-{args.split}"
     metrics_file, run_file, per_query_file = (out / f"{stem}.json", out / f"{stem}.trec",
                                               out / f"{stem}.per_query.json")

@@ -31,11 +31,12 @@ def check_finite_weights(model):
     a checkpoint or the model is saved, so nothing non-finite is ever written."""
     trainable = [p.to_local() if hasattr(p, "to_local") else p  # FSDP: this rank's shard
                  for p in model.parameters() if p.requires_grad]
-    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in trainable]).sum().float()
-    if is_distributed():
-        dist.all_reduce(bad)
-    if bad.item():
-        raise NonFiniteLossError(f"{int(bad.item())} trainable weight tensor(s) hold NaN or inf")
+    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in trainable]).float()
+    if is_distributed():  # a tensor is bad if any rank's shard of it is: counted once, not per rank
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.sum().item():
+        raise NonFiniteLossError(f"{int(bad.sum().item())} trainable weight tensor(s) hold NaN or "
+                                 "inf")
 
 
 def non_finite_stop(config: dict, step: int, what: str) -> NonFiniteLossError:

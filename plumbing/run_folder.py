@@ -3,7 +3,7 @@
     out/train.lock                one run per folder at a time (below)
     out/config.json, log.jsonl    the resolved configuration; one JSON record a log line or eval
     out/checkpoints/step_N/       training state: dcp shards (tensors only), trainer_state.json
-                                  (the rest, as JSON), manifest.json (every file's size)
+                                  (the rest, as JSON), manifest.json (sizes, hashes)
     out/model/                    the trained model (plumbing/model_folders.py)
     out/previous/                 --overwrite: the replaced run, until the new model is saved
 
@@ -46,8 +46,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from plumbing import interrupts, tracking
 from plumbing.atomic_folders import replace_folder, written_whole
-from plumbing.distributed import barrier, is_distributed, print0, rank, world_size
+from plumbing.distributed import (barrier, is_distributed, on_rank0_for_all, print0, rank,
+                                  world_size)
 from plumbing.errors import CheckpointError, UsageError
+from plumbing.manifest import content_problem, size_problem, write_manifest
 
 # ----------------------------------------------------------------------------
 # The lock: one run per --out at a time
@@ -87,10 +89,16 @@ def _refuse(out: Path, lock: Path, holder: dict | None):
 
 
 def take_run_lock(out: str | os.PathLike) -> Path:
-    """Take out/train.lock for this process (the folder exists), or refuse in one line
-    (UsageError) while another live process holds it. Under `interrupts.stops_cleanly` it is
+    """Make `out` and take out/train.lock for this process, or refuse in one line (UsageError) if
+    it cannot be written or another live process holds it. Under `interrupts.stops_cleanly` it is
     released when the command ends, and an interruption sweeps the folder first."""
     out = Path(out)
+    try:  # a read-only file system or a folder of someone else's: said before anything runs
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f".write-test-{os.getpid()}").touch()
+        (out / f".write-test-{os.getpid()}").unlink()
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
     lock = out / LOCK_FILE
     if _held.get("path") != lock:
         _take(out, lock)
@@ -229,39 +237,16 @@ def checkpoint_step(folder: Path) -> int:
 
 
 def latest_checkpoint(out: str | os.PathLike, skipped: list | None = None) -> Path | None:
-    """The newest complete checkpoint of the run folder `out` (`checkpoint_problem` finds none),
-    or None; a newer, incomplete one is passed over, and (its folder, its problem) appended to
-    `skipped` when given. --resume, the interruption line and the non-finite stop all ask here."""
+    """The newest complete checkpoint of the run folder `out` (plumbing/manifest.py's
+    `size_problem` finds none), or None; a newer, incomplete one is passed over, and (its folder,
+    its problem) appended to `skipped` when given. --resume, the interruption line and the
+    non-finite stop all ask here."""
     for folder in saved_checkpoints(out):
-        problem = checkpoint_problem(folder)
+        problem = size_problem(folder)
         if problem is None:
             return folder
         if skipped is not None:
             skipped.append((folder, problem))
-    return None
-
-
-MANIFEST = "manifest.json"  # a checkpoint's files and their sizes at save time
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why the checkpoint `folder` cannot be resumed from, or None when its files are all there at
-    the sizes they were saved with and its trainer_state.json reads."""
-    manifest = folder / MANIFEST
-    try:
-        sizes = json.loads(manifest.read_text())
-    except (OSError, ValueError) as error:
-        return f"{manifest} is unreadable ({error})"
-    for name, size in sizes.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, {size} when saved"
-    try:
-        json.loads((folder / "trainer_state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError) as error:
-        return f"{folder / 'trainer_state.json'} is unreadable ({error})"
     return None
 
 
@@ -296,11 +281,9 @@ def save_checkpoint(out, model, optimizer, scheduler, step: int, config: dict,
                              "optimizer_param_groups": param_groups}
             (temporary / "trainer_state.json").write_text(json.dumps(trainer_state,
                                                                      indent=2) + "\n")
-            # Every file's size, written last: --resume checks them before it loads (a cut or
-            # lost shard is found by name, and the checkpoint before it is used instead).
-            sizes = {str(path.relative_to(temporary)): path.stat().st_size
-                     for path in sorted(temporary.rglob("*")) if path.is_file()}
-            (temporary / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
+        # Every file's size and hash, written last: --resume checks them before it loads (a cut,
+        # lost or altered shard is found by name, and the checkpoint before it used instead).
+        write_manifest(temporary)
     if rank() == 0:
         # the new checkpoint in place and the old ones gone, or neither
         with interrupts.deferred_signals():
@@ -356,20 +339,19 @@ def prepare_run_folder(config: dict):
     out = Path(config["out"])
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: a file, not a folder (the run folder is made there)")
-    if rank() == 0:
-        try:  # a read-only file system or a folder of someone else's: said before anything runs
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as error:
-            raise UsageError(f"--out {out}: cannot write there ({error.strerror})") from None
-        take_run_lock(out)  # one run per --out: refused while another live process holds it (above)
+    # one run per --out (the lock, above): rank 0 takes it, and every rank stops if refused
+    on_rank0_for_all(functools.partial(take_run_lock, out))
     if not config["resume"]:
         # Every rank looks, not rank 0 alone, so that all of them stop on this mistake.
         old = [out / name for name in ("checkpoints", "model", "log.jsonl", "config.json")
                if (out / name).exists()]
-        if old and not config["overwrite"]:
+        if old and not config["overwrite"] and not started(out):
+            # A start that failed (a bad data line, a crash before the first save) left its
+            # config and log: the same command again starts afresh, setting them aside as
+            # --overwrite does, rather than ask for a --resume that has nothing to continue.
+            print0(f"notice: --out {out} holds a run that saved no checkpoint and no model "
+                   f"({', '.join(p.name for p in old)}): starting it again")
+        elif old and not config["overwrite"]:
             raise UsageError(f"--out {out} already holds a run ({', '.join(p.name for p in old)}); "
                              "pass --resume to continue it, --overwrite to replace it, or another "
                              "--out")
@@ -378,6 +360,11 @@ def prepare_run_folder(config: dict):
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     barrier()
+
+
+def started(out: Path) -> bool:
+    """Whether the run folder `out` holds what a run must not lose: a checkpoint or a model."""
+    return bool(saved_checkpoints(out)) or (out / "model").exists()
 
 
 PREVIOUS_RUN = "previous"  # --overwrite: the replaced run's log, config and checkpoints, until done
@@ -433,16 +420,18 @@ def logged_ndcg(out: Path, when: str) -> float | None:
     return None if record is None else record["NDCG@10"]
 
 
-def open_run(config: dict) -> Path | None:
-    """Make the run folder --out ready (`prepare_run_folder`); with --resume, the checkpoint to
-    resume from, after checking that it was written with the same configuration and cutting the log
-    back to its step (the steps logged after it were lost with the crash and will run again)."""
+def open_run(config: dict) -> list[Path] | None:
+    """Make the run folder --out ready (`prepare_run_folder`); with --resume, the checkpoints to
+    resume from, newest first (`resume` loads the first that verifies), after checking that the
+    newest complete one was written with the same configuration."""
     out = Path(config["out"])
     prepare_run_folder(config)
     if not config["resume"]:
         return None
     if not saved_checkpoints(out):
-        raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}")
+        never = " (the run saved none: run it without --resume to start again)" \
+            if (out / "config.json").exists() else ""
+        raise UsageError(f"--resume: no checkpoint in {checkpoint_folder(out)}{never}")
     skipped = []
     resume_from = latest_checkpoint(out, skipped)  # a corrupt newer one is named and passed over
     for folder, problem in skipped:
@@ -451,11 +440,36 @@ def open_run(config: dict) -> Path | None:
         raise CheckpointError(f"--resume: no complete checkpoint in {checkpoint_folder(out)} "
                               f"({'; '.join(problem for _, problem in skipped)})")
     check_resume_config(resume_from, config)
-    if rank() == 0:
-        resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-        kept = [r for r in log_records(out) if r.get("step", 0) <= resumed_step]
-        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return resume_from
+    return saved_checkpoints(out)[len(skipped):]
+
+
+def resume(config: dict, candidates: list[Path], model, optimizer, scheduler) -> tuple[Path, int]:
+    """Load the newest of `candidates` (`open_run`'s) whose files hold the bytes they were saved
+    with and whose load succeeds; each one passed over is named in a notice. The log is cut back
+    to its step (the steps logged after it were lost and will run again). Returns (its folder,
+    its step); a CheckpointError if none loads."""
+    out, problems = Path(config["out"]), []
+    for folder in candidates:
+        problem = size_problem(folder) if problems else None  # the first: open_run's check
+        problem = problem or content_problem(folder)
+        if problem is None:
+            check_resume_config(folder, config)
+            try:
+                step = load_checkpoint(folder, model, optimizer, scheduler)
+            except (Exception, dcp.api.CheckpointException) as error:  # not an Exception
+                failures = getattr(error, "failures", None) or {}  # dcp's: {rank: (error, stack)}
+                cause = next(iter(failures.values()))[0] if failures else error
+                said = (str(cause).strip().splitlines() or [""])[0][:200]
+                problem = f"{folder} does not load ({type(error).__name__}: {said})"
+        if problem is None:
+            if rank() == 0:
+                kept = [r for r in log_records(out) if r.get("step", 0) <= step]
+                (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            return folder, step
+        print0(f"notice: --resume skips {folder.name}: {problem}")
+        problems.append(problem)
+    raise CheckpointError(f"--resume: no checkpoint in {checkpoint_folder(out)} loads "
+                          f"({'; '.join(problems)})")
 
 
 def log_records(out: Path) -> list[dict]:

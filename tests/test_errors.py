@@ -308,6 +308,18 @@ def out_is_a_file(tmp_path):
     return "train.py", ["--out", str(tmp_path / "run")], f"--out {tmp_path / 'run'}: a file, not a folder"
 
 
+def evaluate_out_is_a_file(tmp_path):
+    (tmp_path / "eval").write_text("notes\n")
+    return "evaluate.py", ["--model", "tiny", "--out", str(tmp_path / "eval")], \
+        f"--out {tmp_path / 'eval'}: a file, not a folder"
+
+
+def evaluate_out_inside_a_file(tmp_path):
+    (tmp_path / "eval").write_text("notes\n")
+    return "evaluate.py", ["--model", "tiny", "--out", str(tmp_path / "eval" / "sub")], \
+        f"--out {tmp_path / 'eval' / 'sub'}: {tmp_path / 'eval'} is a file, not a folder"
+
+
 def out_not_writable(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes into a read-only folder: this case needs an ordinary user")
@@ -325,6 +337,7 @@ def empty_corpus(tmp_path):
 
 VALUE_CASES = [lr_not_a_number, lr_negative, warmup_negative, grad_clip_not_a_number,
                max_length_shorter_than_the_instruction, training_line_not_utf8, out_is_a_file, out_not_writable,
+               evaluate_out_is_a_file, evaluate_out_inside_a_file,
                empty_corpus]
 
 
@@ -479,6 +492,32 @@ def test_a_bad_flag_under_torchrun_is_said_once_by_rank_0(tmp_path):
     assert all("usage:" not in line and ": error: " not in line for line in lines[said[0] + 1:])
 
 
+def test_a_run_folder_in_use_is_refused_once_on_two_ranks(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py --out X` while a live process (this one) holds X's
+    lock: rank 0 alone takes the lock and tells every rank its outcome, so rank 1 does not wait in
+    a collective for a rank 0 that has exited (a gloo traceback, "[rank1]: Traceback"): our one
+    line, rank 0 the root cause, then torchrun's own report."""
+    import subprocess
+
+    out = tmp_path / "run"
+    lock_naming(out, os.getpid())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", "--steps", "1",
+                             "--batch-size", "4", "--no-eval", "--no-progress", "--device", "cpu",
+                             "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    lines = result.stderr.splitlines()
+    said = [line for line in lines if line.startswith("train.py: error: ")]
+    assert said == [f"train.py: error: --out {out} is in use by process {os.getpid()} (lock file "
+                    f"{out / 'train.lock'})"], result.stderr[-3000:]
+    assert not any(line.startswith("[rank") for line in lines), result.stderr[-3000:]
+    assert "Connection closed" not in result.stderr and result.returncode == 1
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+
+
 def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monkeypatch, capsys):
     """Under torchrun a rank other than 0 waits for rank 0 to stop (torchrun then ends it); if it is still alive,
     rank 0 never met the mistake, so this rank says it, naming itself. Spawned ranks (no torchrun) stay silent."""
@@ -629,6 +668,49 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_pr
     assert list((out / "checkpoints").iterdir()) == []
 
 
+def test_a_retry_after_a_bad_data_line_succeeds_with_the_same_command(tmp_path, single_process,
+                                                                     capsys):
+    """The data is checked before anything is written into --out: after the user fixes the line,
+    the very same command trains (no "already holds a run", no --resume needed)."""
+    path = training_file(tmp_path, training_row(positive=None))
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "1", "--batch-size", "2", "--data", str(path), "--out", str(out)]
+    code, stderr = run_command("train.py", job, capsys)
+    assert code == 2 and f"{path}:2: field 'positive'" in stderr.strip().splitlines()[-1]
+    assert not out.exists() or list(out.iterdir()) == []
+    training_file(tmp_path)  # fixed
+    assert train.main(job)["step"] == 1 and (out / "model" / "config.json").is_file()
+
+
+def test_a_retry_after_a_crash_before_the_first_checkpoint_starts_again(tmp_path, single_process,
+                                                                         monkeypatch, capsys):
+    """A start that got as far as config.json, then died before any checkpoint or
+    model: the same command starts again, says so in one line, and keeps the old files aside in
+    previous/ until its model is saved; --resume there says why it cannot continue."""
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "2", "--out", str(out)]
+    real_loop = train.loop
+
+    def crash(run):
+        raise MemoryError("out of memory at step 1")
+
+    monkeypatch.setattr(train, "loop", crash)
+    with pytest.raises(MemoryError):  # a crash, not a user's mistake: its traceback kept
+        train.main(job)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # --no-eval: no log yet
+    code, stderr = run_command("train.py", job + ["--resume"], capsys)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"train.py: error: --resume: no checkpoint in {out / 'checkpoints'} (the run saved none: "
+        "run it without --resume to start again)")
+    monkeypatch.setattr(train, "loop", real_loop)
+    assert train.main(job)["step"] == 2 and (out / "model" / "config.json").is_file()
+    assert (f"notice: --out {out} holds a run that saved no checkpoint and no model "
+            "(config.json): starting it again") in capsys.readouterr().out
+    assert not (out / "previous").exists()
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]  # the new run's log alone
+
+
 def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path, single_process, capsys):
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--out", str(out)])
@@ -697,7 +779,19 @@ def delete_a_shard(step):
     return shard
 
 
-CORRUPTIONS = [cut_a_shard_in_half, truncate_the_metadata, garble_the_trainer_state, delete_a_shard]
+def overwrite_bytes_inside_a_shard(step):
+    """4 KiB (or the middle half of a smaller shard) overwritten in place: the size is unchanged,
+    so only the manifest's checksum can tell."""
+    shard = next(step.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    start, length = len(data) // 4, min(4096, len(data) // 2)
+    data[start:start + length] = bytes(b ^ 0xFF for b in data[start:start + length])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+CORRUPTIONS = [cut_a_shard_in_half, truncate_the_metadata, garble_the_trainer_state, delete_a_shard,
+               overwrite_bytes_inside_a_shard]
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__ for c in CORRUPTIONS])
@@ -714,6 +808,50 @@ def test_resume_skips_a_corrupt_newest_checkpoint(corrupt, tmp_path, single_proc
     assert f"notice: --resume skips step_00000002: {damaged}" in said
     assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1" in said
     assert summary["step"] == 3 and (out / "model" / "config.json").is_file()
+
+
+def test_resume_skips_a_checkpoint_whose_load_raises(tmp_path, single_process, monkeypatch,
+                                                      capsys):
+    """A checkpoint that passes its checks but whose load raises (dcp's CheckpointException, a
+    BaseException) is named and passed over like a damaged one; the run completes."""
+    from plumbing import run_folder
+
+    out = tmp_path / "run"
+    job = TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)]
+    train.main(job + ["--stop-after", "2"])
+    real_load, newest = run_folder.load_checkpoint, out / "checkpoints" / "step_00000002"
+
+    def load_failing_on_the_newest(folder, *args):
+        if folder == newest:
+            api = run_folder.dcp.api
+            raise api.CheckpointException("load", {0: api._wrap_exception(ValueError("bad"))})
+        return real_load(folder, *args)
+
+    monkeypatch.setattr(run_folder, "load_checkpoint", load_failing_on_the_newest)
+    capsys.readouterr()
+    summary = train.main(job + ["--resume"])
+    said = capsys.readouterr().out
+    assert f"notice: --resume skips step_00000002: {newest} does not load (CheckpointException: " \
+        "bad)" in said
+    assert f"resumed from {out / 'checkpoints' / 'step_00000001'} at step 1" in said
+    assert summary["step"] == 3
+
+
+def test_the_manifest_holds_each_files_size_and_checksum(tmp_path, single_process):
+    """Checked against hashlib directly, file by file."""
+    import hashlib
+
+    out = tmp_path / "run"
+    train.main(TINY_JOB + ["--steps", "1", "--save-every", "1", "--stop-after", "1", "--out",
+                           str(out)])
+    step = out / "checkpoints" / "step_00000001"
+    manifest = json.loads((step / "manifest.json").read_text())
+    files = sorted(p.name for p in step.iterdir() if p.name != "manifest.json")
+    assert sorted(manifest) == files and any(name.endswith(".distcp") for name in files)
+    for name in files:
+        data = (step / name).read_bytes()
+        assert manifest[name] == dict(size=len(data),
+                                      blake2b=hashlib.blake2b(data, digest_size=16).hexdigest())
 
 
 def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, single_process, capsys):
