@@ -50,7 +50,7 @@ from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
 from plumbing.train_cli import (build_parser, check_max_length, default_recipe, evaluation_set,
-                                 resolve_config, training_data)
+                                 query_prompt, resolve_config, training_data)
 
 # ----------------------------------------------------------------------------
 # The recipes and the two stages (PAPER.md section 4)
@@ -384,6 +384,8 @@ def setup(config: dict) -> Run:
     model = build_on_rank0(build_model, config) if lockstep else build_model(config)
     print0(describe(model, device))
     check_max_length(config, sources, model.tokenizer, model.text_rule)
+    if (prompt := query_prompt(sources, model.text_rule)) is not None:
+        model.prompts["query"] = prompt  # the run's one instruction: encode_query's prefix
     full_state = model.state_dict() if lockstep and rank() == 0 else None  # what rank 0 broadcasts
     model = parallelize(model, device, config["activation_checkpointing"], config["dtype"],
                         config["compile"])

@@ -165,7 +165,7 @@ def is_dataset_folder(path: str | Path) -> bool:
 
 
 def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipReport | None = None,
-                       split: str = "train") -> list[Example]:
+                       split: str = "train", instruction: str | None = None) -> list[Example]:
     """Reads and validates a training file, row by row (errors name file and line/row).
 
     A local .jsonl file is parsed line by line here, so that a malformed line is named (datasets'
@@ -173,7 +173,8 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
     under skip_bad. A folder `save_to_disk` wrote goes through datasets.load_from_disk; any other
     local file (.json, .csv, .parquet, ...) or a hub dataset name through datasets.load_dataset.
     `split`: the split of a dataset that has several. The columns may be this project's schema or a
-    layout of LAYOUTS; the mapping used is printed."""
+    layout of LAYOUTS; the mapping used is printed. `instruction` (train.py --instruction): the
+    instruction of every row that has none (missing or ""), their count logged."""
     problems = Problems(str(path), skip_bad, report)
     local = Path(path)
     builders = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -209,7 +210,7 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
                 raise MissingFileError(f"{path}: no such file, nor a dataset of that name "
                                        f"({error})") from error
         rows = ((f"{path} row {i + 1}", record) for i, record in enumerate(table))
-    examples, layout = [], None
+    examples, layout, given = [], None, 0
     for where, record in rows:
         # the first row's columns say the layout (a table's columns are every row's)
         if layout is None:
@@ -218,11 +219,18 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
                 log.info("%s: %s layout: %s; instruction \"\", task_type retrieval", path, layout,
                             LAYOUTS[layout])
         for row in rows_as_schema(layout, record):
+            without = instruction is not None and not row.get("instruction")
+            if without:
+                row = {**row, "instruction": instruction}
             if (example := _example_from_row(row, where, problems)) is not None:
                 examples.append(example)
+                given += without
     problems.finish()
     if not examples:
         raise DataError(f"{path}: no training examples")
+    if instruction is not None:
+        log.info("%s: --instruction %r set on %d of %d rows (those without one)", path,
+                 instruction, given, len(examples))
     return examples
 
 

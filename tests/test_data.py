@@ -2,6 +2,7 @@
 plumbing/builtin.py's built-in dataset; and for the data files' readers and their errors (the sampler:
 tests/test_sampler.py). Run: python -m pytest -x -q tests/test_data.py"""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -655,3 +656,38 @@ def test_training_from_a_dataset_folder_and_a_sentence_transformers_parquet(tmp_
     with pytest.raises(SystemExit):  # another split than the folder has: a one-line error
         train.main(["--data", str(folder), "--steps", "1", "--batch-size", "4", "--no-eval", "--no-progress",
                     "--out", str(tmp_path / "run2")])
+
+
+def test_instruction_for_rows_without_one(tmp_path, caplog):
+    """--instruction fills rows with none (a table without the column, or ""), keeps the others',
+    and the log counts them; in train.py the one instruction of a run becomes prompts["query"]."""
+    datasets = pytest.importorskip("datasets")
+    import train
+    from plumbing.loading import load_any
+
+    examples = [e for e in builtin.builtin_dataset().train_examples if len(e.negatives) >= 2][:8]
+    parquet = tmp_path / "st.parquet"  # sentence-transformers: no instruction column
+    rows = layout_rows(examples, "sentence-transformers")
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    ours = tmp_path / "ours.jsonl"  # our schema: 3 rows with "", 5 with their own
+    write_training_file(ours, [dataclasses.replace(e, instruction="" if i < 3 else "own")
+                               for i, e in enumerate(examples)])
+    with caplog.at_level("INFO"):
+        read = read_training_file(parquet, instruction="Find the answer")
+        mixed = read_training_file(ours, instruction="Find the answer")
+    assert [e.instruction for e in read] == ["Find the answer"] * 8
+    assert [e.instruction for e in mixed] == ["Find the answer"] * 3 + ["own"] * 5
+    assert "--instruction 'Find the answer' set on 8 of 8 rows" in caplog.text
+    assert "set on 3 of 8 rows" in caplog.text
+    assert [e.instruction for e in read_training_file(parquet)] == [""] * 8  # without the flag
+
+    summary = train.main(["--data", str(parquet), "--instruction", "Find the answer",
+                          "--steps", "1", "--batch-size", "4", "--hard-negatives", "1",
+                          "--no-eval", "--no-progress", "--out", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["instruction"] == "Find the answer"
+    model = load_any(summary["model"])
+    assert model.prompts["query"] == data.QUERY_TEMPLATE.format(instruction="Find the answer")
+    with pytest.raises(SystemExit):  # nothing to set it on: the built-in data has its own
+        train.main(["--instruction", "x", "--steps", "1", "--no-eval",
+                    "--out", str(tmp_path / "r2")])
