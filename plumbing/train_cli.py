@@ -60,7 +60,8 @@ def build_parser(recipes: dict) -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", default=None,
                    help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, folders "
                         "datasets' save_to_disk wrote, or hub names; columns in training_files.py's schema or "
-                        "the sentence-transformers, FlagEmbedding or tevatron layout (mapped by name); "
+                        "FlagEmbedding's or tevatron's (mapped by name) or sentence-transformers' "
+                        "(anchor, positive, negatives... by position); "
                         "default: plumbing/builtin.py's built-in dataset")
     g.add_argument("--data-split", default="train",
                    help="the split of --data datasets that have several (default %(default)s)")
