@@ -469,8 +469,11 @@ def finish(run: Run, loss: float | None) -> dict:
     full_state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=True))
     if rank() == 0:
-        training = dict(data=config["data"] or "built-in", steps=run.step,
-                        metrics=logged_eval(out, "after"))  # for the model card
+        beir = config["eval_beir"]  # the card's model-index names the evaluation's data
+        evaluation = dict(data=Path(beir).name, split=config["eval_split"]) if beir else \
+            dict(data="built-in", split="test")
+        training = dict(data=config["data"] or "built-in", steps=run.step,  # for the model card
+                        metrics=logged_eval(out, "after"), evaluation=evaluation)
         run.model.save(out / "model", state_dict=full_state, overwrite=True, training=training)
         print0(f"saved model to {out / 'model'}")
         discard_previous_run(out)  # --overwrite's set-aside run: replaced now

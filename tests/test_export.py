@@ -157,3 +157,45 @@ def test_peft_layout_needs_adapters(tmp_path):
     with pytest.raises(UsageError, match="has none"):
         tiny().save(tmp_path / "m", layout="peft")
     assert not (tmp_path / "m").exists()
+
+
+def test_model_card_metadata_reads_back_in_huggingface_hub(tmp_path):
+    """Every layout's README.md has YAML front matter that huggingface_hub reads (library_name,
+    pipeline_tag, tags, datasets, the metrics as model-index); a loaded model saved again keeps its
+    training facts."""
+    hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub not installed")
+    from plumbing.model_folders import hub_name
+
+    model = tiny()
+    model.prompts["query"] = model.text_rule.template.format(instruction="Find it")
+    training = dict(data=["someone/their-pairs", str(tmp_path / "local.jsonl")], steps=7,
+                    metrics={"event": "eval", "step": 7, "NDCG@10": 0.5, "P@10": 0.25},
+                    evaluation=dict(data="scifact", split="test"))
+    libraries = {"own": "nv-embed", "hf": "transformers", "peft": "peft",
+                 "sentence-transformers": "sentence-transformers"}
+    adapted(model)
+    for layout, library in libraries.items():
+        model.save(tmp_path / layout, layout=layout, training=training)
+        meta = hub.metadata_load(tmp_path / layout / "README.md")
+        assert meta["library_name"] == library, layout
+        assert meta["pipeline_tag"] == ("sentence-similarity" if layout == "sentence-transformers"
+                                        else "feature-extraction"), layout
+        assert {"nv-embed", "sentence-similarity", "lora"} <= set(meta["tags"]), layout
+        # a local path is no Hub dataset (the table names it); a preset has no base_model
+        assert meta["datasets"] == ["someone/their-pairs"] and "base_model" not in meta, layout
+    card = hub.ModelCard.load(tmp_path / "own" / "README.md")
+    results = {(r.task_type, r.dataset_name, r.dataset_split, r.metric_type): r.metric_value
+               for r in card.data.eval_results}
+    assert results == {("retrieval", "scifact", "test", "ndcg_at_10"): 0.5,
+                       ("retrieval", "scifact", "test", "precision_at_10"): 0.25}
+    assert card.text.lstrip().startswith("# ")  # the body after the front matter
+
+    # saved again, from a loaded model and without `training`: the same facts
+    for layout in ("own", "hf"):
+        NVEmbed.load(tmp_path / layout).save(tmp_path / f"again-{layout}")
+        again = (tmp_path / f"again-{layout}" / "README.md").read_text()
+        assert hub.metadata_load(tmp_path / f"again-{layout}" / "README.md")["model-index"] == \
+            hub.metadata_load(tmp_path / layout / "README.md")["model-index"], layout
+        assert "| steps | 7 |" in again and "local.jsonl" in again, layout
+    assert hub_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert hub_name(str(tmp_path / "own")) is None and hub_name("data/train.jsonl") is None
