@@ -50,7 +50,7 @@ from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
 from plumbing.sampler import BatchSampler, rank_slice
 from plumbing.train_cli import (build_parser, check_max_length, default_recipe, evaluation_set,
-                                 resolve_config, training_data)
+                                 query_prompt, resolve_config, training_data)
 
 # ----------------------------------------------------------------------------
 # The recipes and the two stages (PAPER.md section 4)
@@ -383,6 +383,8 @@ def setup(config: dict) -> Run:
     model = build_on_rank0(build_model, config) if lockstep else build_model(config)
     print0(describe(model, device))
     check_max_length(config, sources, model.tokenizer, model.text_rule)
+    if (prompt := query_prompt(sources, model.text_rule)) is not None:
+        model.prompts["query"] = prompt  # the run's one instruction: encode_query's prefix
     if rank() == 0:  # the model built and the texts fit: the run has started
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tracking.start(config.get("report_to"), out)  # --report-to tensorboard; stopped by train()
@@ -469,8 +471,11 @@ def finish(run: Run, loss: float | None) -> dict:
     full_state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=True))
     if rank() == 0:
-        training = dict(data=config["data"] or "built-in", steps=run.step,
-                        metrics=logged_eval(out, "after"))  # for the model card
+        beir = config["eval_beir"]  # the card's model-index names the evaluation's data
+        evaluation = dict(data=Path(beir).name, split=config["eval_split"]) if beir else \
+            dict(data="built-in", split="test")
+        training = dict(data=config["data"] or "built-in", steps=run.step,  # for the model card
+                        metrics=logged_eval(out, "after"), evaluation=evaluation)
         run.model.save(out / "model", state_dict=full_state, overwrite=True, training=training)
         print0(f"saved model to {out / 'model'}")
         discard_previous_run(out)  # --overwrite's set-aside run: replaced now

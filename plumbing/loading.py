@@ -97,6 +97,8 @@ def save(model: NVEmbed, folder: str | os.PathLike, state_dict: dict | None = No
     steps and metrics for the model card (README.md). NVEmbed.load reads "own", "hf" and "peft"
     (from_released reads "released", SentenceTransformer "sentence-transformers")."""
     state_dict = state_dict or model.state_dict()
+    # a loaded model saved again keeps its training facts in the card (`load` read them)
+    training = training if training is not None else getattr(model, "training_record", None)
     if layout == "own":
         write_model_folder(folder, architecture(model), state_dict, model.tokenizer, overwrite,
                            training)
@@ -134,6 +136,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     model = skeleton(config, load_tokenizer(str(Path(folder) / config["tokenizer"])))
     # where the base is from here, for a save of this model elsewhere
     model.base = base_path or model.base
+    model.training_record = config.get("training")  # the card's training facts, for `save`
     # what training updates
     trainable = {k for k in tensors if "lora_" in k or k.startswith("pooling.")}
     load_checked(model, ((k, v.to(trainable_dtype if k in trainable else dtype))

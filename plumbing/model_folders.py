@@ -15,8 +15,11 @@ these), in three layouts; NVIDIA's released one is plumbing/released.py.
 - layout="peft": the own layout with the LoRA adapters also in PEFT's format beside it:
   adapter_config.json and adapter_model.safetensors, keyed as PEFT keys a LoRA on transformers'
   base model (AutoModel: `base_model.model.layers.0.self_attn.q_proj.lora_A.weight`). Then
-  `PeftModel.from_pretrained(AutoModel.from_pretrained(base, is_causal=False), folder)` is the
-  adapted decoder (is_causal=False for a bidirectional model; the base's own config says causal).
+  `PeftModel.from_pretrained(AutoModel.from_pretrained(base, config=config), folder)` is the
+  adapted decoder, where `config = AutoConfig.from_pretrained(base)` with `config.is_causal =
+  False` set first (a bidirectional model; the base's own config says causal). A .gguf base:
+  its folder, and gguf_file=NAME in both calls (from_pretrained(..., is_causal=False) fails there:
+  README's recipe, tested in tests/test_export.py).
 
 Every folder is written whole into NAME.tmp and renamed (plumbing/atomic_folders.py), so a crash
 never leaves a half-saved model. Tests: tests/test_nvembed.py, tests/test_export.py.
@@ -43,11 +46,12 @@ from plumbing.errors import CheckpointError, MissingFileError, UsageError
 def write_model_folder(folder: str | os.PathLike, architecture: dict,
                        state_dict: dict[str, torch.Tensor], tokenizer, overwrite: bool = False,
                        training: dict | None = None,
-                       extra_files: tuple[dict, dict] | None = None) -> None:
+                       extra_files: tuple[dict, dict] | None = None, layout: str = "own") -> None:
     """What NVEmbed.save writes: config.json (the architecture with the model's name, the weights'
     dtype and fingerprint: the model's identity in results), the decoder's weights (or, for LoRA on
     a checkpoint's decoder, only the adapters plus a fingerprint of the base's weights), the
-    pooling's, and the tokenizer in tokenizer/.
+    pooling's, and the tokenizer in tokenizer/. `training` (data, steps, metrics, evaluation) goes
+    into config.json too: a model loaded and saved again keeps it in its card.
 
     Written whole into a temporary folder, then renamed: a crash never leaves a folder
     that looks saved, and no file of an older model survives beside the new.
@@ -75,15 +79,15 @@ def write_model_folder(folder: str | os.PathLike, architecture: dict,
                   dtype=str(state["decoder.embed_tokens.weight"].dtype).removeprefix("torch."),
                   tokenizer="tokenizer",
                   # all the weights, the base's too: NVEmbed.fingerprint
-                  fingerprint=weights_fingerprint(state))
+                  fingerprint=weights_fingerprint(state), training=training or None)
 
     decoder_file = "adapters.safetensors" if adapters_only else "decoder.safetensors"
     extra_weights, json_files = extra_files or ({}, {})  # e.g. PEFT's files (export.peft_files)
     write_folder(final, config,
                  {decoder_file: decoder_state, "pooling.safetensors": pooling_state,
                   **extra_weights},
-                 tokenizer, "tokenizer", model_card(config, architecture["base"], training or {}),
-                 json_files)
+                 tokenizer, "tokenizer",
+                 model_card(config, architecture["base"], training or {}, layout), json_files)
 
 
 def is_inside(path: str | None, folder: Path) -> bool:
@@ -111,9 +115,73 @@ def resolve_base(config: dict, config_file: Path) -> str:
     return os.path.normpath(path)
 
 
-def model_card(config: dict, base: str | None, training: dict) -> str:
-    """README.md of a saved model: what it is, where it came from, how well it did, how to load
-    it."""
+# The Hub's names of a layout's library and task (its card's library_name and pipeline_tag)
+CARD_LIBRARY = {"own": "nv-embed", "peft": "peft", "hf": "transformers",
+                "sentence-transformers": "sentence-transformers"}
+
+
+def hub_name(name: object) -> str | None:
+    """`name` where it can be a Hub repository id ("owner/name", not a path here): the Hub refuses
+    a card whose base_model is not a model id, so local paths stay in the card's table only."""
+    text = str(name)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or Path(text).exists() or text.startswith(".") or \
+            Path(text).suffix in (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".gguf"):
+        return None
+    return text if all(c.isalnum() or c in "-_." for c in "".join(parts)) else None
+
+
+def card_metadata(config: dict, base: str | None, training: dict, layout: str) -> dict:
+    """The card's YAML front matter, as huggingface_hub reads it (ModelCard.load(folder).data):
+    library_name, pipeline_tag, tags, base_model and datasets where they are Hub names, and the
+    final metrics as model-index (the evaluation's dataset and split, BEIR's metric names as
+    MTEB's: NDCG@10 -> ndcg_at_10)."""
+    data = training.get("data")
+    names = [hub_name(d) for d in (data if isinstance(data, list) else [data]) if d]
+    meta = dict(library_name=CARD_LIBRARY[layout],
+                pipeline_tag="sentence-similarity" if layout == "sentence-transformers"
+                else "feature-extraction",
+                tags=["nv-embed", "sentence-similarity", "feature-extraction", "embeddings"]
+                + (["sentence-transformers"] if layout == "sentence-transformers" else [])
+                + (["lora"] if config.get("lora") or config.get("lora_folded") else []))
+    if base is not None and hub_name(base):
+        meta["base_model"] = base
+    if [n for n in names if n]:
+        meta["datasets"] = [n for n in names if n]
+    metrics = {k: v for k, v in (training.get("metrics") or {}).items() if isinstance(v, float)}
+    if metrics:
+        evaluation = training.get("evaluation") or {}
+        dataset = str(evaluation.get("data") or "not recorded")
+        metric_names = {"p": "precision"}
+        meta["model-index"] = [dict(name=config.get("name") or "nv-embed", results=[dict(
+            task=dict(type="retrieval"),
+            dataset=dict(type=dataset, name=dataset, split=evaluation.get("split") or "test"),
+            metrics=[dict(type=metric_names.get(k.split("@")[0].lower(), k.split("@")[0].lower())
+                          + (f"_at_{k.split('@')[1]}" if "@" in k else ""), value=v)
+                     for k, v in metrics.items()])])]
+    return meta
+
+
+def yaml_lines(value: object, indent: int = 0) -> list[str]:
+    """`value` (dicts, lists, JSON scalars) as block YAML; each scalar as JSON, which YAML reads."""
+    pad = "  " * indent
+    lines = []
+    for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+        head = f"{pad}{key}:" if isinstance(value, dict) else f"{pad}-"
+        if isinstance(item, (dict, list)) and item:
+            inner = yaml_lines(item, indent + 1)
+            if isinstance(value, list) and isinstance(item, dict):  # "- key: ..." on one line
+                lines += [f"{pad}- {inner[0].lstrip()}"] + inner[1:]
+            else:
+                lines += [head] + inner
+        else:
+            lines.append(f"{head} {json.dumps(item)}")
+    return lines
+
+
+def model_card(config: dict, base: str | None, training: dict, layout: str = "own") -> str:
+    """README.md of a saved model: the Hub's metadata (card_metadata) as YAML front matter, then
+    what it is, where it came from, how well it did, how to load it."""
     metrics = training.get("metrics") or {}
     data = training.get("data")
     rows = [("name", config.get("name")), ("base", base or "random init (a preset)"),
@@ -128,7 +196,9 @@ def model_card(config: dict, base: str | None, training: dict) -> str:
             ("fingerprint", config["fingerprint"]), ("dtype", config["dtype"])]
     table = "\n".join(f"| {key} | {value if value is not None else 'not recorded'} |"
                       for key, value in rows)
-    return (f"# {config.get('name') or 'NV-Embed model'}\n\nAn NV-Embed-style embedder (arXiv "
+    front = "\n".join(["---", *yaml_lines(card_metadata(config, base, training, layout)), "---"])
+    title = config.get("name") or "NV-Embed model"
+    return (f"{front}\n\n# {title}\n\nAn NV-Embed-style embedder (arXiv "
             f"2405.17428) saved by this project.\n\n| | |\n|---|---|\n{table}\n\n## Load "
             "it\n\n```python\nfrom model import NVEmbed\n\nmodel = "
             "NVEmbed.load(\"path/to/this/folder\")\nvectors = model.encode([\"a text\"], "
@@ -301,8 +371,8 @@ def write_hf_folder(folder: str | os.PathLike, architecture: dict,
                   **{k: v for k, v in architecture.items() if k not in ("params", "base", "lora")},
                   lora=None, lora_folded=architecture["lora"], base=None, base_relative=False,
                   base_fingerprint=None, dtype=str(dtype).removeprefix("torch."), tokenizer=".",
-                  fingerprint=weights_fingerprint(state))
-    card = model_card(config, architecture["base"], training or {}) + (
+                  fingerprint=weights_fingerprint(state), training=training or None)
+    card = model_card(config, architecture["base"], training or {}, "hf") + (
         "\nThe decoder alone (hidden states, no pooling) loads in transformers >= 5.2, "
         "bidirectional as trained: "
         "`transformers.AutoModel.from_pretrained(\"path/to/this/folder\")`.\n")
@@ -347,4 +417,4 @@ def write_peft_folder(folder: str | os.PathLike, architecture: dict,
     # refuses a model without adapters before anything is written
     extra = peft_files(architecture, state_dict)
     write_model_folder(folder, architecture, state_dict, tokenizer, overwrite, training,
-                       extra_files=extra)
+                       extra_files=extra, layout="peft")

@@ -395,7 +395,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_che
 
 
 # Config keys added since runs were first saved, and the value an older run had without them.
-ADDED_KEYS = {"data_split": "train", "data_weights": None}
+ADDED_KEYS = {"data_split": "train", "data_weights": None, "instruction": None}
 
 
 def check_resume_config(folder: Path, config: dict):

@@ -203,7 +203,8 @@ def write_st_folder(folder: str | os.PathLike, architecture: dict,
                        fingerprint=weights_fingerprint(state),
                        dtype=str(dtype).removeprefix("torch."))
     # The card's table, then how to load this folder (the card's own "Load it" is NVEmbed.load's).
-    card = model_card(card_config, architecture["base"], training or {}).split("\n## Load it")[0]
+    card = model_card(card_config, architecture["base"], training or {},
+                      "sentence-transformers").split("\n## Load it")[0]
     card += "\n" + load_section(bool(code), sorted(architecture["prompts"]))
     temporary = final.with_name(final.name + ".tmp")
     with written_whole(temporary, final):

