@@ -271,7 +271,8 @@ def beir_folder_given_as_training_data(tmp_path):
 
 
 def lr_not_a_number(tmp_path):
-    return "train.py", ["--lr", "nan", "--out", str(tmp_path / "run")], "--lr must be a finite number > 0, got nan"
+    return "train.py", ["--lr", "nan", "--out", str(tmp_path / "run")], \
+        "argument --lr: nan is not a finite float32 number"
 
 
 def lr_negative(tmp_path):
@@ -284,7 +285,7 @@ def warmup_negative(tmp_path):
 
 def grad_clip_not_a_number(tmp_path):
     return "train.py", ["--grad-clip", "nan", "--out", str(tmp_path / "run")], \
-        "--grad-clip must be a finite number >= 0 (0: no clipping), got nan"
+        "argument --grad-clip: nan is not a finite float32 number"
 
 
 def max_length_shorter_than_the_instruction(tmp_path):
