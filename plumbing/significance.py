@@ -87,11 +87,11 @@ def compare(a, b, resamples: int = 10_000, seed: int = 0) -> dict:
 
 def two_level_bootstrap_ci(a, b, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0):
     """(low, high): the percentile interval of mean(A) - mean(B) when both the training seeds and
-    the queries are chance. a (S_a, n) and b (S_b, n) hold each seed's per-query values over the same n
-    queries (column j is query j on both sides). Each resample draws S_a of A's seeds and S_b of B's
-    with replacement (a configuration's seeds are its own: they need not pair across sides) and one
-    set of n queries with replacement, shared by both sides (the queries pair), then takes
-    A's mean over its drawn seeds and queries minus B's. With one seed a side this is
+    the queries are chance. a (S_a, n) and b (S_b, n) hold each seed's per-query values over the
+    same n queries (column j is query j on both sides). Each resample draws S_a of A's seeds and
+    S_b of B's with replacement (a configuration's seeds are its own: they need not pair across
+    sides) and one set of n queries with replacement, shared by both sides (the queries pair), then
+    takes A's mean over its drawn seeds and queries minus B's. With one seed a side this is
     `bootstrap_ci` of the per-query differences; with more, the spread between seeds widens it."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not a.size or not b.size:

@@ -10,9 +10,9 @@ puts them together): it imports torch and sentence-transformers (>= 6), never th
   does: `text_mask` (B, T), the text and EOS; `prompt_mask` (B, T), the prompt's tokens. BOS and
   padding are in neither. The prompt's tokens are the leading tokens of the joined encoding equal to
   the prompt's own encoding (data._split_prefix): where the prompt's last token merges with the
-  text's first ("Query: " + "vitamin" gives ':' 'Ġvitamin', while "Query: " alone ends in 'Ġ'), the
-  merged token is text. sentence-transformers' own `prompt_length` counts the prompt encoded alone,
-  one token more there, and is one number for the batch.
+  text's first ("Query: " + "vitamin" gives ':' 'Ġvitamin', while "Query: " alone ends in 'Ġ'),
+  the merged token is text. sentence-transformers' own `prompt_length` counts the prompt encoded
+  alone, one token more there, and is one number for the batch.
 - NVEmbedPooling: this project's pooling over those tokens (the weights in its folder).
 """
 
