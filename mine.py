@@ -24,7 +24,7 @@ Usage:
 
 M is `bm25`, a sentence-transformers folder (it has modules.json), a saved NV-Embed folder or a
 base decoder (HF folder, .gguf, preset) with --pooling / --causal, as in evaluate.py. The output
-is a training file in datafiles.py's schema, plus DIR-of-out/NAME.stats.json: queries kept,
+is a training file in training_files.py's schema, plus DIR-of-out/NAME.stats.json: queries kept,
 negatives per query (min / median / mean / max and a histogram), candidates dropped as positives
 and by the margin rule, queries with no negative.
 Benchmark: python bench/mine_bm25.py. The command's flags and files: plumbing/mine_cli.py.

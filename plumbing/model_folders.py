@@ -11,7 +11,7 @@ these), in three layouts; NVIDIA's released one is plumbing/released.py.
   decoder's hidden states with no remote code. This project's config and the pooling lie in
   nvembed/, where neither transformers nor a checkpoint reader looks; `NVEmbed.load(folder)` reads
   the whole back. Its modules.json and config_sentence_transformers.json make sentence-transformers
-  refuse it, naming layout="sentence-transformers" (st_layout.sentence_transformers_guard).
+  refuse it, naming layout="sentence-transformers" (sentence_transformers_guard).
 - layout="peft": the own layout with the LoRA adapters also in PEFT's format beside it:
   adapter_config.json and adapter_model.safetensors, keyed as PEFT keys a LoRA on transformers'
   base model (AutoModel: `base_model.model.layers.0.self_attn.q_proj.lora_A.weight`). Then
@@ -376,11 +376,26 @@ def write_hf_folder(folder: str | os.PathLike, architecture: dict,
         "\nThe decoder alone (hidden states, no pooling) loads in transformers >= 5.2, "
         "bidirectional as trained: "
         "`transformers.AutoModel.from_pretrained(\"path/to/this/folder\")`.\n")
-    from plumbing.st_layout import sentence_transformers_guard  # imports this file
     write_folder(final,
                  hf_config(architecture["decoder"], architecture["causal"], tokenizer, dtype),
                  {HF_DECODER_FILE: decoder_state, HF_LAYOUT_POOLING: pooling_state}, tokenizer, ".",
                  card, {HF_LAYOUT_CONFIG: config, **sentence_transformers_guard()})
+
+
+def sentence_transformers_guard() -> dict[str, object]:
+    """{file: JSON} for a layout="hf" folder: without them sentence-transformers loads any
+    transformers folder as mean pooling over every token, the wrong embedder. With them it stops
+    before loading anything, on a requirement no Python meets, saying why and which layout to
+    save."""
+    reason = ("This folder is NVEmbed.save(layout=\"hf\"): the decoder alone, without this model's "
+              "pooling, text rule and prompts. Save the model with NVEmbed.save(folder, "
+              "layout=\"sentence-transformers\") and load that folder.")
+    return {"config_sentence_transformers.json": dict(
+                model_type="SentenceTransformer",
+                requirements={"python": {"specifier": "<0", "reason": reason}}),
+            # Older sentence-transformers do not check requirements: a module they cannot import.
+            "modules.json": [dict(idx=0, name="0", path="",
+                                  type="save_with_layout_sentence_transformers.NotThisFolder")]}
 
 
 PEFT_CONFIG = "adapter_config.json"

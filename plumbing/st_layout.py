@@ -23,7 +23,8 @@ text's first (SmolLM2: "Query: " ends in 'Ġ' alone, but "Query: vitamin" is ':'
 drops the text's first token, and whether they merge varies from text to text (SmolLM2: not before
 " spaced" or "1990s"), which its one prompt length per batch cannot say.
 
-sentence_transformers_guard: the files that make sentence-transformers refuse a layout="hf" folder.
+model_folders.sentence_transformers_guard: the files that make sentence-transformers refuse a
+layout="hf" folder.
 """
 
 from __future__ import annotations
@@ -240,17 +241,3 @@ def load_section(remote_code: bool, prompts: list[str]) -> str:
             "`AutoModel.from_pretrained(\"path/to/this/folder\")`.\n")
 
 
-def sentence_transformers_guard() -> dict[str, object]:
-    """{file: JSON} for a layout="hf" folder: without them sentence-transformers loads any
-    transformers folder as mean pooling over every token, the wrong embedder. With them it stops
-    before loading anything, on a requirement no Python meets, saying why and which layout to
-    save."""
-    reason = ("This folder is NVEmbed.save(layout=\"hf\"): the decoder alone, without this model's "
-              "pooling, text rule and prompts. Save the model with NVEmbed.save(folder, "
-              "layout=\"sentence-transformers\") and load that folder.")
-    return {"config_sentence_transformers.json": dict(
-                model_type="SentenceTransformer",
-                requirements={"python": {"specifier": "<0", "reason": reason}}),
-            # Older sentence-transformers do not check requirements: a module they cannot import.
-            "modules.json": [dict(idx=0, name="0", path="",
-                                  type="save_with_layout_sentence_transformers.NotThisFolder")]}
