@@ -169,16 +169,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
-        if gqa and attn_mask is not None:
-            # SDPA's fused GPU kernels take a mask (memory-efficient) or GQA (flash), not both: with
-            # a mask, repeat each key/value head for its group of query heads, or it falls back to
-            # math.
+        if gqa and attn_mask is not None and x.device.type != "cpu":
+            # SDPA's fused GPU kernels take a mask (memory-efficient) or GQA (flash), not both:
+            # repeat each key/value head for its query heads, or math runs. The CPU's takes both.
             groups = self.num_heads // self.num_kv_heads
             # (B, H, T, Dh)
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = False
-        # enable_gqa: each group of H / Hkv query heads reads one key/value head, no repeated
-        # copies.
+        # enable_gqa: each group of H / Hkv query heads reads one key/value head, no copies.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*Dh)
@@ -215,12 +213,14 @@ class DecoderLayer(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, sliding_window: int | None):
-    """Boolean (B, 1, T, T), True where query i may attend to key j: every real key when
-    bidirectional (the paper's encoder sees the whole text, no window); causal adds j <= i and, with
-    a window W, i - j < W (HF's Mistral). Every position sees itself, or a left-padded row would see
-    nothing and SDPA would give NaN."""
+    """Boolean, True where query i may attend to key j: every real key when bidirectional (the
+    paper's encoder sees the whole text, no window): (B, 1, 1, T), alike for all queries; causal
+    adds j <= i and, with a window W, i - j < W (HF's Mistral): (B, 1, T, T). Every position sees
+    itself, or a left-padded row would see nothing and SDPA would give NaN."""
     B, T = attention_mask.shape
     real = attention_mask.bool()
+    if not causal and bool(real.any(1).all()):  # every query sees a real key: no row sees nothing
+        return real[:, None, None, :]  # (B, 1, 1, T): SDPA broadcasts it, nothing to build
     mask = real[:, None, None, :].expand(B, 1, T, T)  # keys: (B, 1, T, T)
     idx = torch.arange(T, device=attention_mask.device)
     if causal:
@@ -258,8 +258,7 @@ class Mistral(nn.Module):
         if bool(attention_mask.all()) and not window_active:
             # No padding: SDPA builds the (causal or empty) mask itself, allowing its fused kernels.
             attn_mask, is_causal = None, causal
-        else:
-            # (B, 1, T, T): padding masked, and causal (with a window) if asked
+        else:  # padding masked, and causal (with a window) if asked
             attn_mask = attention_mask_4d(attention_mask, causal, cfg.sliding_window)
             is_causal = False
 

@@ -513,3 +513,88 @@ def test_the_saved_models_name_is_name_or_the_out_folders():
     assert train_cli.resolve_config(parser.parse_args(["--out", "runs/my-run"]))["name"] == "my-run"
     named = train_cli.resolve_config(parser.parse_args(["--out", "runs/x", "--name", "ablation-3"]))
     assert named["name"] == "ablation-3"
+
+
+# ----------------------------------------------------------------------------
+# The fast step (issue 29) against the plain one: LoRA and attention as they were at abc58cb
+
+
+def plain_lora_forward(self, x):
+    """LoRALinear.forward before issue 29: the dropout's scale on the full-width input, a round
+    trip through the adapters' dtype, the update added in its own pass."""
+    base = torch.nn.functional.linear(x, self.weight, self.bias)
+    down = torch.nn.functional.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
+    update = torch.nn.functional.linear(down, self.lora_B)
+    return base + (self.scaling * update).to(base.dtype)
+
+
+def plain_attention_forward(self, x, cos, sin, attn_mask, is_causal):
+    """model.Attention.forward before issue 29: with a mask, every key/value head repeated for its
+    group of query heads."""
+    import model as model_module
+
+    B, T, _ = x.shape
+    q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+    k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    q, k = model_module.apply_rotary(q, cos, sin), model_module.apply_rotary(k, cos, sin)
+    groups = self.num_heads // self.num_kv_heads
+    if attn_mask is not None:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=attn_mask is None)
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def plain_attention_mask(attention_mask, causal, sliding_window):
+    """model.attention_mask_4d before issue 29: (B, 1, T, T) always, each position seeing itself."""
+    B, T = attention_mask.shape
+    mask = attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool).tril()
+    return mask | torch.eye(T, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fast_step_equals_the_plain_step(monkeypatch, dtype):
+    """One forward and backward of the quick setting's kind (a GQA decoder, LoRA with dropout on
+    every projection, latent pooling; bf16: a bf16 base under autocast with fp32 adapters) gives
+    the loss and gradients of the step as it was computed before issue 29, the same dropout masks
+    drawn: equal to float32 round-off in fp32, to bf16 rounding in bf16."""
+    import lora
+    import model as model_module
+    from data import collate
+
+    config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96,
+                  model_dtype=dtype, seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8),
+                  name="tiny", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
+    model = train.build_model(config)
+    assert model.decoder.config.num_key_value_heads < model.decoder.config.num_attention_heads
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # adapters that change the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    examples = builtin.builtin_dataset(seed=0).train_examples[:6]
+    batch = collate(examples, model.tokenizer, max_length=96, num_hard_negatives=2)
+    assert not batch["documents"]["attention_mask"].all()  # padded rows
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else None
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss, _ = train.forward_backward(model, batch, 0.05, 1.0, torch.device("cpu"), autocast)
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+    fast_loss, fast = step()
+    monkeypatch.setattr(lora.LoRALinear, "forward", plain_lora_forward)
+    monkeypatch.setattr(model_module.Attention, "forward", plain_attention_forward)
+    monkeypatch.setattr(model_module, "attention_mask_4d", plain_attention_mask)
+    plain_loss, plain = step()
+    assert set(fast) == set(plain) and any("lora_A" in n for n in plain)
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    assert fast_loss == pytest.approx(plain_loss, rel=tolerance)
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=tolerance,
+                                   atol=tolerance * plain[name].abs().max().item(), msg=name)
+
