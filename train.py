@@ -354,8 +354,10 @@ def setup(config: dict) -> Run:
         if config["dtype"] == "bf16" and not fsdp_casts else None
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel over all parameters; torch's CPU default loops in Python, ~10 small ops per
+    # parameter (420 of them with LoRA on SmolLM2). FSDP's sharded parameters keep the default.
     optimizer = torch.optim.AdamW(trainable, lr=config["lr"], betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=config["weight_decay"])
+                                  weight_decay=config["weight_decay"], fused=not is_distributed())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config["warmup_steps"], config["steps"], config["decay"]))
     # Dropout masks differ per rank (each rank sees other examples); reproducible per (seed, rank).
