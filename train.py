@@ -377,6 +377,7 @@ def loop(run: Run) -> float | None:
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
     step_log = StepLog(config, run.device, initial_step=run.step)
     stats, collapse = dict(loss=None), CollapseWatch(config)
+    saved_at = time.monotonic()  # --save-every-minutes counts from here
     while run.step < last_step:
         start = time.perf_counter()
         source_index, global_batch = run.sampler.batch_for_step(run.step)
@@ -391,7 +392,9 @@ def loop(run: Run) -> float | None:
         evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
         if evaluate_now and run.step < config["steps"]:  # eval mode: no dropout
             run_evaluation(run.model, config, run.evaluation, "during", run.step, run.lockstep)
-        if run.step % config["save_every"] == 0 or (run.step == last_step < config["steps"]):
+        by_time = run.step < config["steps"] and minutes_passed(saved_at, config, run.device)
+        stopping = run.step == last_step < config["steps"]  # --stop-after: resumable from here
+        if run.step % config["save_every"] == 0 or by_time or stopping:
             try:
                 check_finite_weights(run.model)
             except NonFiniteLossError as error:
@@ -399,8 +402,21 @@ def loop(run: Run) -> float | None:
             path = save_checkpoint(Path(config["out"]), run.model, run.optimizer, run.scheduler,
                                    run.step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
+            saved_at = time.monotonic()
     step_log.close()
     return stats["loss"]
+
+
+def minutes_passed(since: float, config: dict, device: torch.device) -> bool:
+    """Whether --save-every-minutes (0: never) have passed since `since` by rank 0's clock: every
+    rank takes part in a checkpoint, so all follow rank 0."""
+    minutes = config["save_every_minutes"]
+    due = minutes > 0 and time.monotonic() - since >= 60 * minutes
+    if is_distributed():
+        flag = torch.tensor(float(due), device=device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
 
 
 def finish(run: Run, loss: float | None) -> dict:

@@ -934,6 +934,8 @@ def discard_previous_run(out: Path):
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints", "stop_after", "eval",
                      "eval_every", "eval_batch_size", "device", "progress", "compile", "report_to"}  # compile: same step, faster
+# How often a run logs and saves, and --dtype auto's timings (the dtype they chose must match).
+RESUMABLE_CHANGES |= {"log_seconds", "save_every_minutes", "dtype_choice"}
 
 
 # Config keys added since runs were first saved, and the value an older run had without them.

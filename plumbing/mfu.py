@@ -1,7 +1,7 @@
 """MFU for train.py's log line: the useful FLOPs of a training step (`step_flops`, over `model_shape`,
 computed once per run), the hardware's peak (a GPU's from its datasheet, a CPU's measured once per
-process: `cpu_peak_flops`), and `StepLog`, the log line and log.jsonl record every --log-every
-steps. Tests: tests/test_flops.py (against torch's FlopCounterMode)."""
+process: `cpu_peak_flops`), and `StepLog`, the log line and log.jsonl record every --log-every steps
+(and at least every --log-seconds). Tests: tests/test_flops.py (against torch's FlopCounterMode)."""
 
 from __future__ import annotations
 
@@ -180,11 +180,14 @@ def peak_memory_mib(device: torch.device) -> float:
 
 class StepLog:
     """A log line and log.jsonl record (loss, lr, grad norm, ms/step, tokens/s, MFU, memory) per
-    --log-every steps. MFU on a CPU: against its matmul rate in the run's dtype."""
+    --log-every steps, and after any step that ends --log-seconds or more after the last line: a
+    slow run shows its progress off a terminal too. MFU on a CPU: against its matmul rate in the
+    run's dtype."""
 
     def __init__(self, config: dict, device: torch.device, initial_step: int):
         dtype = DTYPES.get(config.get("dtype"), torch.bfloat16)
         self.config, self.device, self.peak = config, device, peak_flops(device, dtype)
+        self.last_line = time.monotonic()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # this run's peak, even after others in the same process
         self.progress = tqdm(total=config["steps"], initial=initial_step, desc=f"stage {config['stage']}",
@@ -198,8 +201,11 @@ class StepLog:
                            ("truncated", stats.get("truncated", 0))):
             self.window[key] += value
         self.truncated += stats.get("truncated", 0)
-        if step % self.config["log_every"] and step != last_step:
+        seconds_due = self.config.get("log_seconds", 0)
+        late = seconds_due > 0 and time.monotonic() - self.last_line >= seconds_due
+        if step % self.config["log_every"] and step != last_step and not late:
             return
+        self.last_line = time.monotonic()
         window = self.window
         ms, tokens_per_s = 1000 * window["time"] / window["steps"], window["tokens"] / window["time"]
         mfu = window["flops"] / window["time"] / self.peak if self.peak else None  # this rank's share of the work

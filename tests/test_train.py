@@ -598,3 +598,50 @@ def test_fast_step_equals_the_plain_step(monkeypatch, dtype):
         torch.testing.assert_close(fast[name], plain[name], rtol=tolerance,
                                    atol=tolerance * plain[name].abs().max().item(), msg=name)
 
+
+def test_slow_steps_are_logged_and_saved_by_the_clock(tmp_path, single_process, monkeypatch,
+                                                      capsys):
+    """Steps of 40 s (a clock advanced by hand): a step line after each one though --log-every is
+    100, and a checkpoint once a minute has passed though --save-every is 100 (not after the last
+    step: the final model is saved then)."""
+    import time
+    import types
+
+    from plumbing import mfu
+
+    now = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: now[0],
+                                                             perf_counter=lambda: now[0]))
+    monkeypatch.setattr(mfu, "time", types.SimpleNamespace(monotonic=lambda: now[0],
+                                                           perf_counter=time.perf_counter))
+    step = train.train_step
+
+    def slow_step(*args):
+        now[0] += 40.0
+        return step(*args)
+    monkeypatch.setattr(train, "train_step", slow_step)
+    out = tmp_path / "run"
+    train.main(["--steps", "4", "--batch-size", "8", "--no-eval", "--no-progress", "--out",
+                str(out), "--log-every", "100", "--save-every", "100", "--save-every-minutes", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [1, 2, 3, 4]
+    assert "40000 ms/step" in lines[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_dtype_auto_takes_the_faster_matmul_and_says_why(monkeypatch, capsys):
+    from plumbing import mfu
+
+    for speeds, want in (((600e9, 100e9), "bf16"), ((50e9, 100e9), "fp32")):
+        peaks = dict(zip((torch.bfloat16, torch.float32), speeds))
+        monkeypatch.setattr(mfu, "cpu_peak_flops", lambda dtype: peaks[dtype])
+        config = train_cli.resolve_config(train_cli.build_parser().parse_args(
+            ["--dtype", "auto", "--device", "cpu"]))
+        assert config["dtype"] == want
+        gflops = dict(bf16=speeds[0] / 1e9, fp32=speeds[1] / 1e9)
+        assert config["dtype_choice"] == dict(chosen_by="matmul GFLOP/s", gflops=gflops)
+        said = capsys.readouterr().out
+        assert f"--dtype auto: {want} (a 1024 x 1024 matmul ran at {speeds[0] / 1e9:,.0f} GFLOP/s" \
+            in said
+    config = train_cli.resolve_config(train_cli.build_parser().parse_args(["--dtype", "fp32"]))
+    assert config["dtype"] == "fp32" and config["dtype_choice"] == dict(chosen_by="--dtype")
