@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from data import TextRule, encode_texts, tokenize
+from data import TextRule, length_batches, padded_rows, token_rows, tokenize
 from plumbing.checkpoints import (hf_decoder_fields, load_checked, read_hf_checkpoint,
                                   weights_fingerprint)
 from plumbing.compiled import compile_forward
@@ -358,9 +358,10 @@ class NVEmbed(nn.Module):
         self.eval()  # (below: out is (N, width), width D unless a pooling changes it)
         out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0
         show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
-        for rows in tqdm(self.batches(texts, batch_size), "encode", disable=not show, leave=False):
-            # An empty text is embedded too: its row is BOS, the prefix and EOS.
-            batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
+        tokens = self.token_rows(texts, instruction, max_length, prompt)  # each text tokenized once
+        batches = tqdm(length_batches(tokens, batch_size), "encode", disable=not show, leave=False)
+        for rows in batches:  # an empty text is embedded too: its row is BOS, the prefix and EOS
+            batch = padded_rows(self.tokenizer, [tokens[i] for i in rows])
             truncated += int(batch.pop("truncated").sum())
             embeddings = self({k: v.to(device) for k, v in batch.items()}).cpu()  # (b, width) fp32
             if out.shape[1] != embeddings.shape[1]:
@@ -376,19 +377,19 @@ class NVEmbed(nn.Module):
             out = out.numpy() if convert_to_numpy else list(out)
         return out[0] if isinstance(sentences, str) else out
 
-    def batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
-        """encode's batches (rows of `texts`): similar token counts together, longest first (memory
-        peaks at once). All full but the last, sorted stably: evaluate.encode_sharded needs both."""
-        lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        return [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
+    def token_rows(self, texts, instruction="", max_length=None, prompt=None) -> list[tuple]:
+        return token_rows(self.tokenizer, texts, instruction, max_length or self.max_length,
+                          self.text_rule, prompt)  # data.token_rows: (ids, pool mask, truncated)
+
+    def batches(self, texts: Sequence[str], batch_size: int, instruction="", max_length=None,
+                prompt=None) -> list[list[int]]:  # encode's batches (data.length_batches)
+        return length_batches(self.token_rows(texts, instruction, max_length, prompt), batch_size)
 
     def fingerprint(self) -> str:
         return weights_fingerprint(self.state_dict())  # the weights' revision, recorded by results
 
-    # Loading and saving: this project's own folders, in plumbing/loading.py with the other formats
-    # (a base decoder: from_base; NVIDIA's released model: from_released). Imported when called:
-    # plumbing/loading.py builds NVEmbeds, so it imports this file.
+    # Loading and saving: plumbing/loading.py, with the other formats (from_base, from_released);
+    # imported when called, as plumbing/loading.py builds NVEmbeds and so imports this file.
 
     @classmethod
     def load(cls, folder: str | os.PathLike, **kwargs) -> "NVEmbed":
