@@ -599,6 +599,69 @@ def test_fast_step_equals_the_plain_step(monkeypatch, dtype):
                                    atol=tolerance * plain[name].abs().max().item(), msg=name)
 
 
+def test_length_chunks_finds_the_cheapest_cut_of_sorted_rows():
+    """The dynamic programme against every way of cutting a few sorted rows into ranges."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = sorted((rng.randint(1, 512) for _ in range(rng.randint(1, 9))), reverse=True)
+        pass_cost = rng.choice([0, 50, 512, 5000])
+
+        def cost(cuts):
+            return sum((end - start) * lengths[start] + pass_cost for start, end in cuts)
+        every = []
+        for mask in itertools.product([0, 1], repeat=len(lengths) - 1):
+            ends = [i + 1 for i, cut in enumerate(mask) if cut] + [len(lengths)]
+            every.append(list(zip([0] + ends[:-1], ends)))
+        chunks = train.length_chunks(lengths, pass_cost)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert cost(chunks) == min(cost(cuts) for cuts in every)
+
+
+@pytest.mark.parametrize("pass_cost", [0, 10 ** 9])
+def test_length_sorted_passes_give_the_plain_step(monkeypatch, pass_cost):
+    """Documents sorted by length and embedded in many passes (no cost per pass) or one (a
+    prohibitive one): the loss and gradients of one padded pass, dropout off."""
+    from data import collate
+    from loss import contrastive_loss
+
+    config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96,
+                  model_dtype="fp32", seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8),
+                  name="tiny", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
+    model = train.build_model(config)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    batch = collate(builtin.builtin_dataset(seed=0).train_examples[:6], model.tokenizer,
+                    max_length=96, num_hard_negatives=2)
+    cpu = torch.device("cpu")
+
+    def gradients():
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    query_emb = model(train.to_device(batch["queries"], cpu))
+    doc_emb = model(train.to_device(batch["documents"], cpu))
+    plain_loss = contrastive_loss(query_emb, doc_emb, batch["doc_keys"], 0.05,
+                                  known_positive_keys=batch["known_positive_keys"])
+    plain_loss.backward()
+    plain = gradients()
+    passes, length_chunks = [], train.length_chunks
+    monkeypatch.setattr(train, "SORT_FROM_LENGTH", 0)  # the built-in texts are short
+    monkeypatch.setattr(train, "PASS_COST_SLOTS", pass_cost)
+    monkeypatch.setattr(train, "length_chunks", lambda *a: passes.append(length_chunks(*a))
+                        or passes[-1])
+    model.zero_grad(set_to_none=True)
+    loss, _ = train.forward_backward(model, batch, 0.05, 1.0, cpu)
+    assert len(passes) == 1 and (len(passes[0]) == 1 if pass_cost else len(passes[0]) > 2)
+    assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    for name, grad in gradients().items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_slow_steps_are_logged_and_saved_by_the_clock(tmp_path, single_process, monkeypatch,
                                                       capsys):
     """Steps of 40 s (a clock advanced by hand): a step line after each one though --log-every is
