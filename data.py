@@ -127,13 +127,24 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
     """Row i = [BOS] + prefix_i + text_i + [EOS]. Returns input_ids (B, T) long, attention_mask (B,
     T) long, pool_mask (B, T) bool and truncated (B,) bool (the rows that were cut), right- or
     left-padded."""
-    texts, prefixes = _prefixes(texts, instruction, rule, prompt, padding_side)
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    rows = token_rows(tokenizer, texts, instruction, max_length, rule, prompt)
+    return padded_rows(tokenizer, rows, padding_side)
+
+
+def token_rows(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] = "",
+               max_length: int | None = 512, rule: TextRule = TextRule(),
+               prompt: str | None = None) -> list[tuple[list[int], list[bool], bool]]:
+    """`tokenize`'s rows before padding: (ids, pool mask, truncated) per text. Encoding sorts them
+    by length and pads each batch (`padded_rows`): every text is tokenized once."""
+    texts, prefixes = _prefixes(texts, instruction, rule, prompt)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; every input must end with EOS "
                          "(PAPER.md section 1)")
     bos = bos_ids(tokenizer)  # [BOS] where the tokenizer starts inputs with it (Mistral, Llama)
-    rows, masks, truncated = [], [], []
+    rows = []
     for prefix, prefix_ids, text_ids in _encode(tokenizer, prefixes, texts):
         head = bos + prefix_ids
         if rule.released:
@@ -143,14 +154,28 @@ def tokenize(tokenizer, texts: Sequence[str], instruction: str | Sequence[str] =
             # PAPER.md section 3: the instruction is masked out of the pool; BOS is never pooled.
             unpooled = len(head) if prefix and rule.mask_instruction else len(bos)
             row, cut = _cut_text(head, text_ids, eos, max_length)
-        rows.append(row)
-        masks.append([False] * unpooled + [True] * (len(row) - unpooled))  # the text and EOS
-        truncated.append(cut)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return _padded(rows, masks, truncated, pad, padding_side)
+        rows.append((row, [False] * unpooled + [True] * (len(row) - unpooled), cut))  # text + EOS
+    return rows
 
 
-def _prefixes(texts, instruction, rule: TextRule, prompt: str | None, padding_side: str):
+def padded_rows(tokenizer, rows: Sequence[tuple[list[int], list[bool], bool]],
+                padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """`token_rows`' rows as `tokenize`'s padded tensors."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, masks, truncated = zip(*rows)
+    return _padded(ids, masks, truncated, pad, padding_side)
+
+
+def length_batches(rows: Sequence[tuple[list[int], list[bool], bool]],
+                   batch_size: int) -> list[list[int]]:
+    """Encoding's batches of `token_rows`' rows (their indices): the longest rows first, so memory
+    peaks at once and each batch pads little. All full but the last and sorted stably:
+    evaluate.encode_sharded splits them among ranks and counts on both."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    return [order[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+
+
+def _prefixes(texts, instruction, rule: TextRule, prompt: str | None):
     """(texts, prefix per text): the rule's template filled with the instruction, "" for none, or
     `prompt` as given (sentence-transformers' `prompt=`, the whole prefix). Refuses arguments that
     cannot work."""
@@ -161,8 +186,6 @@ def _prefixes(texts, instruction, rule: TextRule, prompt: str | None, padding_si
     if prompt is not None and any(instructions):
         raise ValueError("pass a prompt (the whole prefix) or an instruction (formatted by the "
                          "template), not both")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"text {i} is not a string: {text!r}")

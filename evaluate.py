@@ -251,7 +251,7 @@ def encode_sharded(model, texts, instruction="", batch_size=32, max_length=None,
     # Rank r embeds encode's batches r, r + W, r + 2W, ... (`NVEmbed.batches`). model.encode, given
     # those rows, makes exactly those batches again (they are full and in the stable sort's order),
     # so every text is embedded in the batch, and with the padding, that one process gives it.
-    W, batches = world_size(), model.batches(texts, batch_size)
+    W, batches = world_size(), model.batches(texts, batch_size, instruction, max_length)
     rows_per_rank = [[i for batch in batches[r::W] for i in batch] for r in range(W)]
     mine = rows_per_rank[rank()]
     local = model.encode([texts[i] for i in mine], instruction=instruction, batch_size=batch_size,

@@ -33,12 +33,20 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = LoRADropout(dropout)
 
     def forward(self, x):
-        base = F.linear(x, self.weight, self.bias)
-        # fp32 adapters over a bf16 base (train.py): the update in the adapters' dtype, the sum in
-        # the base's.
-        down = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        update = F.linear(down, self.lora_B)  # (..., out)
-        return base + (self.scaling * update).to(base.dtype)
+        base = F.linear(x, self.weight, self.bias)  # (..., out)
+        dropped, dropout_scale = self.lora_dropout.drop(x)  # (..., in), zeros where dropped
+        if not torch.is_autocast_enabled(x.device.type):
+            # fp32 adapters over a bf16 base without autocast: the update in the adapters' dtype.
+            # (Under autocast a cast here would be undone by the product's own cast to bf16.)
+            dropped = dropped.to(self.lora_A.dtype)
+        # Both scales on the r columns of the down-projection, not on a full-width tensor.
+        down = F.linear(dropped, self.lora_A) * (self.scaling * dropout_scale)  # (..., r)
+        if down.dtype != base.dtype and not torch.is_autocast_enabled(x.device.type):
+            return base + F.linear(down, self.lora_B).to(base.dtype)
+        # base + down B^T in one product that adds into its output: no separate sum pass
+        update = torch.addmm(base.reshape(-1, base.shape[-1]), down.reshape(-1, down.shape[-1]),
+                             self.lora_B.t())  # (N, out)
+        return update.view(base.shape)
 
 
 class LoRADropout(nn.Dropout):
@@ -48,15 +56,23 @@ class LoRADropout(nn.Dropout):
     rounding to 0 or 1: nn.Dropout."""
 
     def forward(self, x):
+        dropped, scale = self.drop(x)
+        return dropped if scale == 1.0 else dropped * scale
+
+    def drop(self, x):
+        """(x with the dropped elements zeroed, the factor 1 / (1 - p) still to apply): LoRALinear
+        applies the factor to its rank-r product, not to the full-width input. Where nn.Dropout
+        draws (or out of training): (nn.Dropout's output, 1.0)."""
         drop_below = round(self.p * 2**16)  # of the 2^16 values a 16-bit number can take
         drawn_here = x.device.type == "cpu" and not self.inplace and 0 < drop_below < 2**16
         if not self.training or not drawn_here:
-            return super().forward(x)
+            return super().forward(x), 1.0
         draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64)
         draws = draws.random_(-2**63, None)  # all 64 bits random
         numbers = draws.view(torch.int16)[:x.numel()].view(x.shape)  # uniform on [-2^15, 2^15)
         keep = numbers >= drop_below - 2**15
-        return x * keep * (1 / (1 - drop_below / 2**16))  # (bool mask first: x keeps its dtype)
+        # where, not x * keep: one pass in x's dtype, and only the bool mask saved for backward
+        return torch.where(keep, x, 0), 1 / (1 - drop_below / 2**16)
 
 
 def apply_lora(module: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.1,

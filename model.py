@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from data import TextRule, encode_texts, tokenize
+from data import TextRule, length_batches, padded_rows, token_rows, tokenize
 from plumbing.base_checkpoints import (hf_decoder_fields, load_checked, read_hf_checkpoint,
                                        weights_fingerprint)
 from plumbing.compiled import compile_forward
@@ -145,16 +145,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.num_kv_heads != self.num_heads
-        if gqa and attn_mask is not None:
-            # SDPA's fused GPU kernels take a mask (memory-efficient) or GQA (flash), not both: with
-            # a mask, repeat each key/value head for its group of query heads, or it falls back to
-            # math.
+        if gqa and attn_mask is not None and x.device.type != "cpu":
+            # SDPA's fused GPU kernels take a mask (memory-efficient) or GQA (flash), not both:
+            # repeat each key/value head for its query heads, or math runs. The CPU's takes both.
             groups = self.num_heads // self.num_kv_heads
             # (B, H, T, Dh)
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = False
-        # enable_gqa: each group of H / Hkv query heads reads one key/value head, no repeated
-        # copies.
+        # enable_gqa: each group of H / Hkv query heads reads one key/value head, no copies.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*Dh)
@@ -191,12 +189,14 @@ class DecoderLayer(nn.Module):
 
 
 def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, sliding_window: int | None):
-    """Boolean (B, 1, T, T), True where query i may attend to key j: every real key when
-    bidirectional (the paper's encoder sees the whole text, no window); causal adds j <= i and, with
-    a window W, i - j < W (HF's Mistral). Every position sees itself, or a left-padded row would see
-    nothing and SDPA would give NaN."""
+    """Boolean, True where query i may attend to key j: every real key when bidirectional (the
+    paper's encoder sees the whole text, no window): (B, 1, 1, T), alike for all queries; causal
+    adds j <= i and, with a window W, i - j < W (HF's Mistral): (B, 1, T, T). Every position sees
+    itself, or a left-padded row would see nothing and SDPA would give NaN."""
     B, T = attention_mask.shape
     real = attention_mask.bool()
+    if not causal and bool(real.any(1).all()):  # every query sees a real key: no row sees nothing
+        return real[:, None, None, :]  # (B, 1, 1, T): SDPA broadcasts it, nothing to build
     mask = real[:, None, None, :].expand(B, 1, T, T)  # keys: (B, 1, T, T)
     idx = torch.arange(T, device=attention_mask.device)
     if causal:
@@ -230,8 +230,7 @@ class Mistral(nn.Module):
         if bool(attention_mask.all()) and not window_active:
             # No padding: SDPA builds the (causal or empty) mask itself, allowing its fused kernels.
             attn_mask, is_causal = None, causal
-        else:
-            # (B, 1, T, T): padding masked, and causal (with a window) if asked
+        else:  # padding masked, and causal (with a window) if asked
             attn_mask = attention_mask_4d(attention_mask, causal, cfg.sliding_window)
             is_causal = False
 
@@ -345,9 +344,10 @@ class NVEmbed(nn.Module, SentenceTransformersAPI):
         self.eval()  # (below: out is (N, width), width D unless a pooling changes it)
         out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0
         show = len(texts) > 8 * batch_size if show_progress_bar is None else show_progress_bar
-        for rows in tqdm(self.batches(texts, batch_size), "encode", disable=not show, leave=False):
-            # An empty text is embedded too: its row is BOS, the prefix and EOS.
-            batch = self.tokenize([texts[i] for i in rows], instruction, max_length, prompt=prompt)
+        tokens = self.token_rows(texts, instruction, max_length, prompt)  # each text tokenized once
+        batches = tqdm(length_batches(tokens, batch_size), "encode", disable=not show, leave=False)
+        for rows in batches:  # an empty text is embedded too: its row is BOS, the prefix and EOS
+            batch = padded_rows(self.tokenizer, [tokens[i] for i in rows])
             truncated += int(batch.pop("truncated").sum())
             embeddings = self({k: v.to(device) for k, v in batch.items()}).cpu()  # (b, width) fp32
             if out.shape[1] != embeddings.shape[1]:
@@ -363,12 +363,13 @@ class NVEmbed(nn.Module, SentenceTransformersAPI):
             out = out.numpy() if convert_to_numpy else list(out)
         return out[0] if isinstance(sentences, str) else out
 
-    def batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
-        """encode's batches (rows of `texts`): similar token counts together, longest first (memory
-        peaks at once). All full but the last, sorted stably: evaluate.encode_sharded needs both."""
-        lengths = [len(ids) for ids in encode_texts(self.tokenizer, texts)]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        return [order[start:start + batch_size] for start in range(0, len(texts), batch_size)]
+    def token_rows(self, texts, instruction="", max_length=None, prompt=None) -> list[tuple]:
+        return token_rows(self.tokenizer, texts, instruction, max_length or self.max_length,
+                          self.text_rule, prompt)  # data.token_rows: (ids, pool mask, truncated)
+
+    def batches(self, texts: Sequence[str], batch_size: int, instruction="", max_length=None,
+                prompt=None) -> list[list[int]]:  # encode's batches (data.length_batches)
+        return length_batches(self.token_rows(texts, instruction, max_length, prompt), batch_size)
 
     def fingerprint(self) -> str:
         return weights_fingerprint(self.state_dict())  # the weights' revision, recorded by results

@@ -187,12 +187,56 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float,
     queries, documents = to_device(batch["queries"], device), to_device(batch["documents"], device)
     with autocast or contextlib.nullcontext():
         query_emb = model(queries)  # (B, D)
-        doc_emb = model(documents)  # (B*(1+n), D)
+        doc_emb = embed_documents(model, documents)  # (B*(1+n), D)
     loss = contrastive_loss(query_emb, doc_emb, batch["doc_keys"], temperature,
                             in_batch_negatives=batch["in_batch_negatives"],
                             known_positive_keys=batch["known_positive_keys"])
     (loss * loss_scale).backward()
     return loss.detach(), int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
+
+
+# Documents of this many tokens or more are sorted by length and run in passes of similar lengths
+# (`length_chunks`): shorter ones waste little on padding (SciFact: 97-99% real tokens at 64-128,
+# 92% at 256, 62% at 512), and one pass keeps the dropout masks GradCache replays for them. A pass
+# costs about as much as PASS_COST_SLOTS padded token slots more (bench/quick_step.py --baseline).
+SORT_FROM_LENGTH = 256
+PASS_COST_SLOTS = 512
+
+
+def embed_documents(model, documents: dict) -> torch.Tensor:
+    """model(documents), (rows, D), for a right-padded batch; long ones (SORT_FROM_LENGTH) sorted by
+    length and embedded in the passes `length_chunks` picks, each cut to its longest row: each
+    row's embedding is the one the padded batch gives (the same masks and positions), for less
+    padding. Under torchrun one pass: every rank must run as many forwards as the others (FSDP
+    gathers the weights in each)."""
+    if is_distributed() or documents["input_ids"].shape[1] < SORT_FROM_LENGTH:
+        return model(documents)
+    lengths = documents["attention_mask"].sum(1)  # (rows,)
+    order = torch.argsort(lengths, descending=True, stable=True)  # (rows,): longest first
+    passes = length_chunks(lengths[order].tolist(), PASS_COST_SLOTS)
+    if len(passes) == 1:
+        return model(documents)
+    ordered = {key: value[order] for key, value in documents.items()}
+    embeddings = [model({key: value[start:end, :int(lengths[order[start]])]
+                         for key, value in ordered.items()}) for start, end in passes]
+    return torch.cat(embeddings)[torch.argsort(order)]  # (rows, D), back in the batch's order
+
+
+def length_chunks(lengths: list[int], pass_cost: float) -> list[tuple[int, int]]:
+    """Row ranges [start, end) of `lengths` (longest first) that minimise the padded token slots
+    (rows x the range's longest row) plus `pass_cost` per range: dynamic programming over the
+    range ends, at most ~64 candidate ends (a step of rows // 64)."""
+    step = max(1, len(lengths) // 64)
+    ends = sorted(set(range(step, len(lengths), step)) | {len(lengths)}) if lengths else []
+    best = {0: (0.0, None)}  # end -> (cost of rows [0, end), the previous end)
+    for end in ends:
+        best[end] = min((cost + (end - start) * lengths[start] + pass_cost, start)
+                        for start, (cost, _) in best.items())
+    cuts, end = [], len(lengths)
+    while end:
+        cuts.append((best[end][1], end))
+        end = best[end][1]
+    return cuts[::-1]
 
 
 # ----------------------------------------------------------------------------
@@ -405,8 +449,10 @@ def setup(config: dict) -> Run:
         if config["dtype"] == "bf16" and not fsdp_casts else None
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel over all parameters; torch's CPU default loops in Python, ~10 small ops per
+    # parameter (420 of them with LoRA on SmolLM2). FSDP's sharded parameters keep the default.
     optimizer = torch.optim.AdamW(trainable, lr=config["lr"], betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=config["weight_decay"])
+                                  weight_decay=config["weight_decay"], fused=not is_distributed())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config["warmup_steps"], config["steps"], config["decay"]))
     # Dropout masks differ per rank (each rank sees other examples); reproducible per (seed, rank).
@@ -426,6 +472,7 @@ def loop(run: Run) -> float | None:
     last_step = min(config["steps"], config["stop_after"] or config["steps"])
     step_log = StepLog(config, run.device, initial_step=run.step)
     stats, collapse = dict(loss=None), CollapseWatch(config)
+    saved_at = time.monotonic()  # --save-every-minutes counts from here
     while run.step < last_step:
         start = time.perf_counter()
         source_index, global_batch = run.sampler.batch_for_step(run.step)
@@ -440,7 +487,9 @@ def loop(run: Run) -> float | None:
         evaluate_now = config["eval_every"] and run.step % config["eval_every"] == 0
         if evaluate_now and run.step < config["steps"]:  # eval mode: no dropout
             run_evaluation(run.model, config, run.evaluation, "during", run.step, run.lockstep)
-        if run.step % config["save_every"] == 0 or (run.step == last_step < config["steps"]):
+        by_time = run.step < config["steps"] and minutes_passed(saved_at, config, run.device)
+        stopping = run.step == last_step < config["steps"]  # --stop-after: resumable from here
+        if run.step % config["save_every"] == 0 or by_time or stopping:
             try:
                 check_finite_weights(run.model)
             except NonFiniteLossError as error:
@@ -448,8 +497,21 @@ def loop(run: Run) -> float | None:
             path = save_checkpoint(Path(config["out"]), run.model, run.optimizer, run.scheduler,
                                    run.step, config, config["keep_checkpoints"])
             print0(f"saved checkpoint {path}")
+            saved_at = time.monotonic()
     step_log.close()
     return stats["loss"]
+
+
+def minutes_passed(since: float, config: dict, device: torch.device) -> bool:
+    """Whether --save-every-minutes (0: never) have passed since `since` by rank 0's clock: every
+    rank takes part in a checkpoint, so all follow rank 0."""
+    minutes = config["save_every_minutes"]
+    due = minutes > 0 and time.monotonic() - since >= 60 * minutes
+    if is_distributed():
+        flag = torch.tensor(float(due), device=device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
 
 
 def finish(run: Run, loss: float | None) -> dict:

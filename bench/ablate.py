@@ -64,6 +64,7 @@ from plumbing.errors import UsageError, exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
 from plumbing import significance  # noqa: E402
+from plumbing.mfu import choose_dtype, encode_mfu, logged_mfu  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
 from plumbing.loading import from_base  # noqa: E402
@@ -157,29 +158,6 @@ def planned_key(planned: Planned, setting: dict) -> str:
 
 
 # -- the machine ------------------------------------------------------------------------------------
-
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
-    """GFLOP/s of an (n, n) @ (n, n) product in `dtype` on the CPU, at this process's threads."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(2):
-        a @ b  # warm-up: the first products pick their kernels
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def choose_dtype(requested: str, device: str) -> tuple[str, dict]:
-    """'bf16' or 'fp32', and why: a GPU computes in bf16; a CPU in whichever multiplies faster
-    (with native bf16, AMX or avx512_bf16, bf16 was 2-12x fp32; without it, about 8x slower)."""
-    if requested != "auto":
-        return requested, dict(chosen_by="--dtype")
-    if device == "cuda":
-        return "bf16", dict(chosen_by="GPU")
-    speed = {name: round(matmul_gflops(dt), 1) for name, dt in (("bf16", torch.bfloat16),
-                                                                 ("fp32", torch.float32))}
-    return max(speed, key=speed.get), dict(chosen_by="matmul GFLOP/s", gflops=speed)
-
 
 def cpu_model() -> str:
     try:
@@ -442,7 +420,10 @@ def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
                 trained=True, **schedule, dtype=dtype_name, dtype_choice=dtype_choice,
                 commit=commit(), **machine(args.device), train_seconds=train_seconds,
                 eval_seconds=now - eval_start, wall_seconds=now - start, **metrics,
-                loss_curve=losses)
+                loss_curve=losses, train_mfu=logged_mfu(run / "log.jsonl"),
+                # over the whole evaluation (loading and scoring too): a lower bound
+                encode_mfu=encode_mfu(model, [inputs for part in test.batches.values()
+                                              for _, inputs in part], now - eval_start))
 
 
 # -- the results file -------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """MFU for train.py's log line: the useful FLOPs of a training step (`step_flops`, over
-`model_shape`, computed once per run), the GPU's peak, and `StepLog`, the log line and log.jsonl
-record every --log-every steps. Tests: tests/test_flops.py (against torch's FlopCounterMode)."""
+`model_shape`, computed once per run), the hardware's peak (a GPU's from its datasheet, a CPU's
+measured once per process: `cpu_peak_flops`), and `StepLog`, the log line and log.jsonl record
+every --log-every steps (and at least every --log-seconds). Tests: tests/test_flops.py (against
+torch's FlopCounterMode)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -22,14 +25,59 @@ from pooling import LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfA
 # ("H20" is inside "H200", "L4" inside "L40S").
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12,
                    "A10G": 125e12, "L4": 121e12}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 log = logging.getLogger("nvembed.train")
 
 
-def peak_flops(device: torch.device) -> float | None:
+def matmul_flops(dtype: torch.dtype, n: int = 1024, repeats: int = 4, tries: int = 3) -> float:
+    """FLOP/s of an (n, n) @ (n, n) product in `dtype` on the CPU at this process's threads: the
+    best of `tries` timings of `repeats` products (a shared CPU's other jobs only slow it down)."""
+    generator = torch.Generator().manual_seed(0)  # its own: the run's random stream is untouched
+    a, b = (torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b  # warm-up: the first products pick their kernels
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 * repeats / best
+
+
+_cpu_peaks: dict = {}  # (dtype, threads) -> FLOP/s, measured once per process
+
+
+def cpu_peak_flops(dtype: torch.dtype = torch.bfloat16) -> float:
+    """The CPU's matrix-product rate in `dtype` at this process's threads, the denominator of CPU
+    MFU: measured (`matmul_flops`) at the first call, then remembered for the process."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _cpu_peaks:
+        _cpu_peaks[key] = matmul_flops(dtype)
+    return _cpu_peaks[key]
+
+
+def choose_dtype(requested: str, device: str) -> tuple[str, dict]:
+    """'bf16' or 'fp32', and why: as requested; on a GPU bf16; on a CPU whichever multiplies
+    faster by `cpu_peak_flops` (with native bf16, AMX or avx512_bf16, bf16 was 2-12x fp32; without
+    it, about 8x slower)."""
+    if requested != "auto":
+        return requested, dict(chosen_by="--dtype")
+    if device == "cuda":
+        return "bf16", dict(chosen_by="GPU")
+    speed = {name: round(cpu_peak_flops(dtype) / 1e9, 1) for name, dtype in DTYPES.items()}
+    return max(speed, key=speed.get), dict(chosen_by="matmul GFLOP/s", gflops=speed)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """FLOP/s MFU divides by: a GPU's dense bf16 peak (None for a GPU not in the table), a CPU's
+    measured matmul rate in `dtype`."""
+    if device.type == "cpu":
+        return cpu_peak_flops(dtype)
     if device.type != "cuda":
-        return None  # MFU is only reported on GPUs
+        return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
@@ -119,6 +167,40 @@ def step_flops(model_shape: dict, batch: dict) -> float:
     return flops
 
 
+def forward_flops(model_shape: dict, inputs: dict) -> float:
+    """Useful FLOPs of one forward (encoding) of a tokenized batch: 2 x the decoder's and adapters'
+    weights per real token, 4 x L x L_keys x (H x Dh) of attention per layer and row, the pooling's
+    forward; padding not counted (step_flops' rule, forward only)."""
+    s = model_shape
+    lengths = inputs["attention_mask"].sum(1).double()  # (rows,) real tokens
+    keys = (lengths + 1) / 2 if s["causal"] else lengths
+    return (float(lengths.sum()) * 2 * (s["matmul"] + s["lora"])
+            + 4 * s["layers"] * s["attention_width"] * float((lengths * keys).sum())
+            + s["pooling_flops"](inputs["pool_mask"].sum(1).double()))
+
+
+def encode_mfu(model, batches, seconds: float) -> float | None:
+    """MFU of encoding `batches` (tokenized dicts) in `seconds`: forward_flops against the peak of
+    the model's device in the decoder's dtype (None where no peak is known)."""
+    weight = model.decoder.embed_tokens.weight
+    peak = peak_flops(weight.device, weight.dtype)
+    flops = sum(forward_flops(model_shape(model), inputs) for inputs in batches)
+    return flops / seconds / peak if peak else None
+
+
+def logged_mfu(log_file: Path) -> float | None:
+    """A run's MFU over all its logged steps, from its log.jsonl: each record's MFU weighted by the
+    time of the steps it covers (None without any)."""
+    records = [json.loads(line) for line in Path(log_file).read_text().splitlines()]
+    records = [r for r in records if r.get("mfu") is not None and "ms_per_step" in r]
+    weighted, seconds, previous = 0.0, 0.0, 0
+    for record in records:
+        window = record["ms_per_step"] * (record["step"] - previous)
+        weighted, seconds = weighted + record["mfu"] * window, seconds + window
+        previous = record["step"]
+    return weighted / seconds if seconds else None
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -128,11 +210,15 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class StepLog:
-    """A log line and log.jsonl record per --log-every steps (loss, lr, grad norm, ms/step,
-    tokens/s, MFU, memory)."""
+    """A log line and log.jsonl record (loss, lr, grad norm, ms/step, tokens/s, MFU, memory) per
+    --log-every steps, and after any step that ends --log-seconds or more after the last line: a
+    slow run shows its progress off a terminal too. MFU on a CPU: against its matmul rate in the
+    run's dtype."""
 
     def __init__(self, config: dict, device: torch.device, initial_step: int):
-        self.config, self.device, self.peak = config, device, peak_flops(device)
+        dtype = DTYPES.get(config.get("dtype"), torch.bfloat16)
+        self.config, self.device, self.peak = config, device, peak_flops(device, dtype)
+        self.last_line = time.monotonic()
         if device.type == "cuda":
             # this run's peak, even after others in the same process
             torch.cuda.reset_peak_memory_stats(device)
@@ -148,8 +234,11 @@ class StepLog:
                            ("flops", stats["flops"]), ("truncated", stats.get("truncated", 0))):
             self.window[key] += value
         self.truncated += stats.get("truncated", 0)
-        if step % self.config["log_every"] and step != last_step:
+        seconds_due = self.config.get("log_seconds", 0)
+        late = seconds_due > 0 and time.monotonic() - self.last_line >= seconds_due
+        if step % self.config["log_every"] and step != last_step and not late:
             return
+        self.last_line = time.monotonic()
         window = self.window
         ms, tokens_per_s = (1000 * window["time"] / window["steps"],
                             window["tokens"] / window["time"])

@@ -21,8 +21,7 @@ the command ends. The file says who holds it, as JSON: {"pid": ..., "host": ...}
 - While the process it names lives (on this host; another host's process is taken to live, as
   nothing here can tell), another run is refused with one line:
   `--out X is in use by process PID (lock file X/train.lock)`.
-- A lock left by a process that is gone (killed, its machine rebooted) is taken over with a
-  notice.
+- A lock left by a dead process (killed, its machine rebooted) is taken over with a notice.
 - Two runs starting at the same moment cannot both take it: the file is also flock()ed, which
   the kernel releases when its process dies, and a taker checks that the file it locked is still
   the one at the path (a holder that finished removes it).
@@ -388,10 +387,11 @@ def discard_previous_run(out: Path):
         shutil.rmtree(Path(out) / PREVIOUS_RUN, ignore_errors=True)
 
 
-# Config keys that may change between a run and its resumption.
+# Config keys that may change between a run and its resumption (compile: the same step, faster;
+# dtype_choice: --dtype auto's timings, the dtype itself is compared).
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "keep_checkpoints",
                      "stop_after", "eval", "eval_every", "eval_batch_size", "device", "progress",
-                     "compile", "report_to"}  # compile: same step, faster
+                     "compile", "report_to", "log_seconds", "save_every_minutes", "dtype_choice"}
 
 
 # Config keys added since runs were first saved, and the value an older run had without them.

@@ -23,6 +23,7 @@ from plumbing.distributed import print0, world_size
 from plumbing.errors import (ArgumentParser, DataError, MissingFileError, UsageError,
                              add_verbosity_flags, configure_logging)
 from plumbing.loading import saved_architecture
+from plumbing.mfu import choose_dtype
 from plumbing.sampler import BatchSampler
 from pooling import POOLINGS
 
@@ -130,8 +131,9 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda if available")
-    g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default=None,
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU); auto: bf16 on GPU, "
+                        "on a CPU the faster by a timed matmul (said at start; in config.json)")
     g.add_argument("--model-dtype", choices=("bf16", "fp32"), default=None,
                    help="dtype the frozen base is stored in (default: bf16 for LoRA with bf16 "
                         "compute, else fp32); trainable parameters are always fp32")
@@ -157,7 +159,15 @@ def _add_hardware_and_output_flags(p: argparse.ArgumentParser):
                    help="stop (with a checkpoint) after this step, as if interrupted; the "
                         "schedule still spans --steps")
     g.add_argument("--log-every", type=int, default=None, help="steps between log lines")
+    g.add_argument("--log-seconds", type=float, default=30.0,
+                   help="also log a step line once this many seconds have passed since the last "
+                        "(each step when steps are slower); 0: by --log-every only "
+                        "(default %(default)s)")
     g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
+    g.add_argument("--save-every-minutes", type=float, default=10.0,
+                   help="also save a checkpoint once this many minutes have passed since the last "
+                        "(or the start): a slow run stopped keeps its work; 0: by steps only "
+                        "(default %(default)s)")
     g.add_argument("--keep-checkpoints", type=int, default=2,
                    help="newest checkpoints to keep, 0: all (default %(default)s)")
     g.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
@@ -243,6 +253,13 @@ def resolve_config(args: argparse.Namespace, recipe: str, defaults: dict) -> dic
     del config["num_latents"], config["latent_head_dim"]
     config["device"] = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     config["dtype"] = config["dtype"] or ("bf16" if config["device"] == "cuda" else "fp32")
+    config["dtype"], config["dtype_choice"] = choose_dtype(config["dtype"], config["device"])
+    if config["dtype_choice"]["chosen_by"] != "--dtype":
+        speed = config["dtype_choice"].get("gflops")
+        why = (f"a 1024 x 1024 matmul ran at {speed['bf16']:,.0f} GFLOP/s in bf16, "
+               f"{speed['fp32']:,.0f} in fp32 at {torch.get_num_threads()} threads") if speed \
+            else "a GPU computes in bf16"
+        print0(f"--dtype auto: {config['dtype']} ({why})")
     if config["model_dtype"] is None:
         config["model_dtype"] = ("bf16" if config["dtype"] == "bf16" and config["lora_rank"] > 0
                                  else "fp32")
@@ -310,6 +327,10 @@ def check_numbers(config: dict):
     for key in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
         if config[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
+    for key in ("log_seconds", "save_every_minutes"):
+        if not (math.isfinite(config[key]) and config[key] >= 0):
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0 (0: off), "
+                             f"got {config[key]}")
     if config["eval_every"] < 0:
         raise UsageError(f"--eval-every must be >= 1 step (0: off), got {config['eval_every']}")
     if config["grad_cache"] < 0:

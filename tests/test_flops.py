@@ -85,3 +85,33 @@ def test_padding_is_not_counted():
     one_by_one = sum(counted(model, [batch([n])]) for rows in lengths.values() for n in rows)
     assert mfu.step_flops(mfu.model_shape(model), parts) == one_by_one
     assert counted(model, parts.values()) > one_by_one  # what the padded batch really runs
+
+
+def forward_counted(model, parts) -> int:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        for part in parts:
+            model(part)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "latent"])
+def test_forward_flops_equal_the_flop_counter(pooling):
+    """An unpadded batch's one forward, as counted; a padded batch (mean pooling: nothing computed
+    once per forward) as its rows one by one."""
+    model = small_model(pooling, lora=True, layers=2).eval()
+    shape = mfu.model_shape(model)
+    assert mfu.forward_flops(shape, batch([5, 5, 5])) == forward_counted(model, [batch([5, 5, 5])])
+    if pooling == "mean":
+        one_by_one = forward_counted(model, [batch([n]) for n in (2, 7, 4)])
+        assert mfu.forward_flops(shape, batch([2, 7, 4])) == one_by_one
+
+
+def test_logged_mfu_weights_each_record_by_its_steps_time(tmp_path):
+    """Two records: steps 1-4 at 100 ms and 20% MFU, step 5-6 at 400 ms and 10%: (0.4 x 20% + 0.8 x
+    10%) / 1.2 s."""
+    import json
+
+    records = [dict(step=4, ms_per_step=100.0, mfu=0.2), dict(event="eval", step=4),
+               dict(step=6, ms_per_step=400.0, mfu=0.1)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert mfu.logged_mfu(tmp_path / "log.jsonl") == pytest.approx((0.4 * 0.2 + 0.8 * 0.1) / 1.2)

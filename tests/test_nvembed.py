@@ -49,6 +49,21 @@ def test_encode_keeps_input_order_and_batches_by_length():
     assert not torch.allclose(full[0], full[1])
 
 
+@pytest.mark.parametrize("instruction", ["", "Find the passage"])
+def test_encode_tokenizes_each_text_once(monkeypatch, instruction):
+    """Every text goes through the tokenizer once, alone or after its prefix: sorting by length and
+    embedding use the same ids (issue 29: encode tokenized twice)."""
+    model = tiny("mean")
+    calls, encode = [], model.tokenizer.encode
+    monkeypatch.setattr(model.tokenizer, "encode",
+                        lambda text, add_special_tokens=False: calls.append(text)
+                        or encode(text, add_special_tokens))
+    prefix = model.text_rule.template.format(instruction=instruction) if instruction else ""
+    model.encode(TEXTS, instruction=instruction, batch_size=2)
+    assert sorted(c for c in calls if c.endswith(tuple(TEXTS))) == sorted(prefix + t for t in TEXTS)
+    assert model.batches(TEXTS, 2, instruction) == [[4, 1], [2, 0], [3]]  # longest first, full
+
+
 def test_instruction_changes_query_but_is_not_pooled():
     model = tiny("mean")
     with_instruction = model.encode(["what is a fox"], instruction="Given a question, find the answer",

@@ -530,3 +530,198 @@ def test_the_saved_models_name_is_name_or_the_out_folders():
     assert train.configure(["--out", "runs/my-run"])["name"] == "my-run"
     named = train.configure(["--out", "runs/x", "--name", "ablation-3"])
     assert named["name"] == "ablation-3"
+
+
+# ----------------------------------------------------------------------------
+# The fast step (issue 29) against the plain one: LoRA and attention as they were at abc58cb
+
+
+def plain_lora_forward(self, x):
+    """LoRALinear.forward before issue 29: the dropout's scale on the full-width input, a round
+    trip through the adapters' dtype, the update added in its own pass."""
+    base = torch.nn.functional.linear(x, self.weight, self.bias)
+    down = torch.nn.functional.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
+    update = torch.nn.functional.linear(down, self.lora_B)
+    return base + (self.scaling * update).to(base.dtype)
+
+
+def plain_attention_forward(self, x, cos, sin, attn_mask, is_causal):
+    """model.Attention.forward before issue 29: with a mask, every key/value head repeated for its
+    group of query heads."""
+    import model as model_module
+
+    B, T, _ = x.shape
+    q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+    k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    q, k = model_module.apply_rotary(q, cos, sin), model_module.apply_rotary(k, cos, sin)
+    groups = self.num_heads // self.num_kv_heads
+    if attn_mask is not None:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=attn_mask is None)
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def plain_attention_mask(attention_mask, causal, sliding_window):
+    """model.attention_mask_4d before issue 29: (B, 1, T, T) always, each position seeing itself."""
+    B, T = attention_mask.shape
+    mask = attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool).tril()
+    return mask | torch.eye(T, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fast_step_equals_the_plain_step(monkeypatch, dtype):
+    """One forward and backward of the quick setting's kind (a GQA decoder, LoRA with dropout on
+    every projection, latent pooling; bf16: a bf16 base under autocast with fp32 adapters) gives
+    the loss and gradients of the step as it was computed before issue 29, the same dropout masks
+    drawn: equal to float32 round-off in fp32, to bf16 rounding in bf16."""
+    import lora
+    import model as model_module
+    from data import collate
+
+    config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96,
+                  model_dtype=dtype, seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8),
+                  name="tiny", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
+    model = train.build_model(config)
+    assert model.decoder.config.num_key_value_heads < model.decoder.config.num_attention_heads
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # adapters that change the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    examples = builtin.builtin_dataset(seed=0).train_examples[:6]
+    batch = collate(examples, model.tokenizer, max_length=96, num_hard_negatives=2)
+    assert not batch["documents"]["attention_mask"].all()  # padded rows
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else None
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss, _ = train.forward_backward(model, batch, 0.05, 1.0, torch.device("cpu"), autocast)
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+    fast_loss, fast = step()
+    monkeypatch.setattr(lora.LoRALinear, "forward", plain_lora_forward)
+    monkeypatch.setattr(model_module.Attention, "forward", plain_attention_forward)
+    monkeypatch.setattr(model_module, "attention_mask_4d", plain_attention_mask)
+    plain_loss, plain = step()
+    assert set(fast) == set(plain) and any("lora_A" in n for n in plain)
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    assert fast_loss == pytest.approx(plain_loss, rel=tolerance)
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=tolerance,
+                                   atol=tolerance * plain[name].abs().max().item(), msg=name)
+
+
+def test_length_chunks_finds_the_cheapest_cut_of_sorted_rows():
+    """The dynamic programme against every way of cutting a few sorted rows into ranges."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = sorted((rng.randint(1, 512) for _ in range(rng.randint(1, 9))), reverse=True)
+        pass_cost = rng.choice([0, 50, 512, 5000])
+
+        def cost(cuts):
+            return sum((end - start) * lengths[start] + pass_cost for start, end in cuts)
+        every = []
+        for mask in itertools.product([0, 1], repeat=len(lengths) - 1):
+            ends = [i + 1 for i, cut in enumerate(mask) if cut] + [len(lengths)]
+            every.append(list(zip([0] + ends[:-1], ends)))
+        chunks = train.length_chunks(lengths, pass_cost)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert cost(chunks) == min(cost(cuts) for cuts in every)
+
+
+@pytest.mark.parametrize("pass_cost", [0, 10 ** 9])
+def test_length_sorted_passes_give_the_plain_step(monkeypatch, pass_cost):
+    """Documents sorted by length and embedded in many passes (no cost per pass) or one (a
+    prohibitive one): the loss and gradients of one padded pass, dropout off."""
+    from data import collate
+    from loss import contrastive_loss
+
+    config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96,
+                  model_dtype="fp32", seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8),
+                  name="tiny", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
+    model = train.build_model(config)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    batch = collate(builtin.builtin_dataset(seed=0).train_examples[:6], model.tokenizer,
+                    max_length=96, num_hard_negatives=2)
+    cpu = torch.device("cpu")
+
+    def gradients():
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    query_emb = model(train.to_device(batch["queries"], cpu))
+    doc_emb = model(train.to_device(batch["documents"], cpu))
+    plain_loss = contrastive_loss(query_emb, doc_emb, batch["doc_keys"], 0.05,
+                                  known_positive_keys=batch["known_positive_keys"])
+    plain_loss.backward()
+    plain = gradients()
+    passes, length_chunks = [], train.length_chunks
+    monkeypatch.setattr(train, "SORT_FROM_LENGTH", 0)  # the built-in texts are short
+    monkeypatch.setattr(train, "PASS_COST_SLOTS", pass_cost)
+    monkeypatch.setattr(train, "length_chunks", lambda *a: passes.append(length_chunks(*a))
+                        or passes[-1])
+    model.zero_grad(set_to_none=True)
+    loss, _ = train.forward_backward(model, batch, 0.05, 1.0, cpu)
+    assert len(passes) == 1 and (len(passes[0]) == 1 if pass_cost else len(passes[0]) > 2)
+    assert loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    for name, grad in gradients().items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_slow_steps_are_logged_and_saved_by_the_clock(tmp_path, single_process, monkeypatch,
+                                                      capsys):
+    """Steps of 40 s (a clock advanced by hand): a step line after each one though --log-every is
+    100, and a checkpoint once a minute has passed though --save-every is 100 (not after the last
+    step: the final model is saved then)."""
+    import time
+    import types
+
+    from plumbing import mfu
+
+    now = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: now[0],
+                                                             perf_counter=lambda: now[0]))
+    monkeypatch.setattr(mfu, "time", types.SimpleNamespace(monotonic=lambda: now[0],
+                                                           perf_counter=time.perf_counter))
+    step = train.train_step
+
+    def slow_step(*args):
+        now[0] += 40.0
+        return step(*args)
+    monkeypatch.setattr(train, "train_step", slow_step)
+    out = tmp_path / "run"
+    train.main(["--steps", "4", "--batch-size", "8", "--no-eval", "--no-progress", "--out",
+                str(out), "--log-every", "100", "--save-every", "100", "--save-every-minutes", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [1, 2, 3, 4]
+    assert "40000 ms/step" in lines[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_dtype_auto_takes_the_faster_matmul_and_says_why(monkeypatch, capsys):
+    from plumbing import mfu
+
+    for speeds, want in (((600e9, 100e9), "bf16"), ((50e9, 100e9), "fp32")):
+        peaks = dict(zip((torch.bfloat16, torch.float32), speeds))
+        monkeypatch.setattr(mfu, "cpu_peak_flops", lambda dtype: peaks[dtype])
+        config = train_cli.resolve_config(train_cli.build_parser().parse_args(
+            ["--dtype", "auto", "--device", "cpu"]))
+        assert config["dtype"] == want
+        gflops = dict(bf16=speeds[0] / 1e9, fp32=speeds[1] / 1e9)
+        assert config["dtype_choice"] == dict(chosen_by="matmul GFLOP/s", gflops=gflops)
+        said = capsys.readouterr().out
+        assert f"--dtype auto: {want} (a 1024 x 1024 matmul ran at {speeds[0] / 1e9:,.0f} GFLOP/s" \
+            in said
+    config = train_cli.resolve_config(train_cli.build_parser().parse_args(["--dtype", "fp32"]))
+    assert config["dtype"] == "fp32" and config["dtype_choice"] == dict(chosen_by="--dtype")
