@@ -716,13 +716,12 @@ def test_dtype_auto_takes_the_faster_matmul_and_says_why(monkeypatch, capsys):
     for speeds, want in (((600e9, 100e9), "bf16"), ((50e9, 100e9), "fp32")):
         peaks = dict(zip((torch.bfloat16, torch.float32), speeds))
         monkeypatch.setattr(mfu, "cpu_peak_flops", lambda dtype: peaks[dtype])
-        config = train_cli.resolve_config(train_cli.build_parser().parse_args(
-            ["--dtype", "auto", "--device", "cpu"]))
+        config = train.configure(["--dtype", "auto", "--device", "cpu"])
         assert config["dtype"] == want
         gflops = dict(bf16=speeds[0] / 1e9, fp32=speeds[1] / 1e9)
         assert config["dtype_choice"] == dict(chosen_by="matmul GFLOP/s", gflops=gflops)
         said = capsys.readouterr().out
         assert f"--dtype auto: {want} (a 1024 x 1024 matmul ran at {speeds[0] / 1e9:,.0f} GFLOP/s" \
             in said
-    config = train_cli.resolve_config(train_cli.build_parser().parse_args(["--dtype", "fp32"]))
+    config = train.configure(["--dtype", "fp32"])
     assert config["dtype"] == "fp32" and config["dtype_choice"] == dict(chosen_by="--dtype")
