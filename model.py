@@ -290,8 +290,7 @@ class NVEmbed(nn.Module, SentenceTransformersAPI):
         super().__init__()
         self.decoder, self.pooling, self.tokenizer = decoder, pooling, tokenizer
         self.pooling_name, self.pooling_kwargs = pooling_name, dict(pooling_kwargs or {})
-        self.causal = causal  # False: the paper's bidirectional encoder
-        self.max_length = max_length
+        self.causal, self.max_length = causal, max_length  # causal False: the paper's encoder
         self.text_rule = text_rule or TextRule()  # template, instruction mask, BOS rule, truncation
         self.normalize = normalize  # L2-normalise the output (the released `output_normalize`)
         self.base = base  # the checkpoint the decoder came from, if any (for LoRA-only saves)
@@ -333,13 +332,7 @@ class NVEmbed(nn.Module, SentenceTransformersAPI):
         order: numpy, a CPU tensor (convert_to_tensor) or a list of (D,) tensors. Queries pass their
         task as `instruction` (put in the model's template), the whole prefix as `prompt`, or the
         name of one of `prompts` as `prompt_name`."""
-        if prompt_name is not None and prompt is None:
-            prompt = self.prompt_named(prompt_name)
-        texts = [sentences] if isinstance(sentences, str) else list(sentences)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("encode expects a string or a list of strings")
-        if not isinstance(batch_size, int) or batch_size < 1:  # range() would say it obscurely
-            raise ValueError(f"encode: batch_size must be an integer >= 1, got {batch_size!r}")
+        texts, prompt = self.checked_arguments(sentences, batch_size, prompt, prompt_name)
         was_training, device = self.training, self.decoder.embed_tokens.weight.device
         self.eval()  # (below: out is (N, width), width D unless a pooling changes it)
         out, truncated = torch.empty(len(texts), self.decoder.config.hidden_size), 0
@@ -376,13 +369,12 @@ class NVEmbed(nn.Module, SentenceTransformersAPI):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, **kwargs) -> "NVEmbed":
-        """What `save` wrote; kwargs: dtype, device, trainable_dtype. Both are plumbing/loading.py's
-        (with from_base, from_released), imported when called: it builds NVEmbeds, so imports us."""
+        """What `save` wrote; kwargs: dtype, device, trainable_dtype (plumbing/loading.load)."""
         from plumbing.loading import load
         return load(folder, **kwargs)
 
     def save(self, folder: str | os.PathLike, **kwargs) -> None:
-        """This project's layout, with a README.md model card; kwargs: layout ("released", "hf",
-        "peft", "sentence-transformers": plumbing/loading.save), state_dict, overwrite, training."""
+        """kwargs: layout (own, released, hf, peft, sentence-transformers), state_dict, overwrite,
+        training (plumbing/loading.save; the loader builds NVEmbeds, so both import it late)."""
         from plumbing.loading import save
         save(self, folder, **kwargs)

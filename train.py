@@ -33,22 +33,23 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import evaluate
 from lora import apply_lora, lora_config, mark_only_lora_trainable
 from loss import collapsed_loss, contrastive_loss
 from plumbing import tracking
-from plumbing.run_folder import (append_log, discard_previous_run, logged_eval, logged_ndcg,
-                                 open_run, resume, save_checkpoint)
+from plumbing.run_folder import (discard_previous_run, logged_eval, logged_ndcg, open_run, resume,
+                                 save_checkpoint)
 from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
-                                  print0, rank, world_size)
+                                  print0, rank, rank0_decides, world_size)
 from plumbing.errors import exits_on_user_error, let_rank0_stop_first
 from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
 from plumbing.interrupts import stops_cleanly, watch
 from plumbing.loading import build_on_rank0, from_base, load_any, load_from_rank0
 from plumbing.mfu import StepLog, describe, model_shape, step_flops
+from plumbing.passes import RandomState, check_replay, embed_documents, text_chunks
 from plumbing.sampler import BatchSampler, rank_slice
+from plumbing.train_eval import run_evaluation
 from plumbing.train_cli import (build_parser, check_max_length, default_recipe, evaluation_set,
                                  query_prompt, resolve_config, training_data)
 
@@ -195,50 +196,6 @@ def forward_backward(model, batch: dict, temperature: float, loss_scale: float,
     return loss.detach(), int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
 
 
-# Documents of this many tokens or more are sorted by length and run in passes of similar lengths
-# (`length_chunks`): shorter ones waste little on padding (SciFact: 97-99% real tokens at 64-128,
-# 92% at 256, 62% at 512), and one pass keeps the dropout masks GradCache replays for them. A pass
-# costs about as much as PASS_COST_SLOTS padded token slots more (bench/quick_step.py --baseline).
-SORT_FROM_LENGTH = 256
-PASS_COST_SLOTS = 512
-
-
-def embed_documents(model, documents: dict) -> torch.Tensor:
-    """model(documents), (rows, D), for a right-padded batch; long ones (SORT_FROM_LENGTH) sorted by
-    length and embedded in the passes `length_chunks` picks, each cut to its longest row: each
-    row's embedding is the one the padded batch gives (the same masks and positions), for less
-    padding. Under torchrun one pass: every rank must run as many forwards as the others (FSDP
-    gathers the weights in each)."""
-    if is_distributed() or documents["input_ids"].shape[1] < SORT_FROM_LENGTH:
-        return model(documents)
-    lengths = documents["attention_mask"].sum(1)  # (rows,)
-    order = torch.argsort(lengths, descending=True, stable=True)  # (rows,): longest first
-    passes = length_chunks(lengths[order].tolist(), PASS_COST_SLOTS)
-    if len(passes) == 1:
-        return model(documents)
-    ordered = {key: value[order] for key, value in documents.items()}
-    embeddings = [model({key: value[start:end, :int(lengths[order[start]])]
-                         for key, value in ordered.items()}) for start, end in passes]
-    return torch.cat(embeddings)[torch.argsort(order)]  # (rows, D), back in the batch's order
-
-
-def length_chunks(lengths: list[int], pass_cost: float) -> list[tuple[int, int]]:
-    """Row ranges [start, end) of `lengths` (longest first) that minimise the padded token slots
-    (rows x the range's longest row) plus `pass_cost` per range: dynamic programming over the
-    range ends, at most ~64 candidate ends (a step of rows // 64)."""
-    step = max(1, len(lengths) // 64)
-    ends = sorted(set(range(step, len(lengths), step)) | {len(lengths)}) if lengths else []
-    best = {0: (0.0, None)}  # end -> (cost of rows [0, end), the previous end)
-    for end in ends:
-        best[end] = min((cost + (end - start) * lengths[start] + pass_cost, start)
-                        for start, (cost, _) in best.items())
-    cuts, end = [], len(lengths)
-    while end:
-        cuts.append((best[end][1], end))
-        end = best[end][1]
-    return cuts[::-1]
-
-
 # ----------------------------------------------------------------------------
 # GradCache (Gao et al. 2021): the whole global batch in one softmax, at the memory of `chunk_size`
 # texts.
@@ -279,52 +236,6 @@ def forward_backward_cached(model, batch: dict, temperature: float, chunk_size: 
         check_replay(embeddings, first, i)
         embeddings.backward(first.grad)
     return loss.detach(), int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
-
-
-def text_chunks(inputs: dict, chunk_size: int) -> list[dict]:
-    """Rows [i, i + chunk_size) of a right-padded tokenized batch, each cut to its own longest
-    row."""
-    chunks = []
-    for start in range(0, inputs["input_ids"].shape[0], chunk_size):
-        rows = {key: value[start:start + chunk_size] for key, value in inputs.items()}
-        width = int(rows["attention_mask"].sum(1).max())
-        chunks.append({key: value[:, :width] for key, value in rows.items()})
-    return chunks
-
-
-class RandomState:
-    """The CPU (and this GPU's) random state as a chunk is first embedded, to replay when it is
-    embedded again: dropout (LoRA's) then draws the same masks, so the graph computes the embeddings
-    the loss saw."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    @contextlib.contextmanager
-    def replay(self):
-        # fork_rng restores the state on exit: the random stream goes on from where the first pass
-        # left it.
-        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
-def check_replay(again: torch.Tensor, first: torch.Tensor, chunk: int):
-    """The second pass must compute what the loss was taken at: a random draw that is not replayed
-    (dropout outside torch's generators, say) would silently give another model's gradients."""
-    # Same kernels on the same inputs agree to the last bit or nearly (a bf16 rounding step, ~4e-3
-    # relative, should another kernel run); a different dropout mask moves embeddings by ~1e-1 of
-    # their size, except LoRA's at initialisation (B = 0: no embedding moves, only B's gradient
-    # would be wrong). The bound lies between the two.
-    error = (again.detach() - first.detach()).abs().max().item()
-    if error > 2e-2 * max(first.detach().abs().max().item(), 1e-6):
-        raise RuntimeError(f"GradCache: chunk {chunk} embedded differently the second time (max "
-                           f"difference {error:.2e}): something random in the forward is not "
-                           "replayed by RandomState")
 
 
 # ----------------------------------------------------------------------------
@@ -506,12 +417,7 @@ def minutes_passed(since: float, config: dict, device: torch.device) -> bool:
     """Whether --save-every-minutes (0: never) have passed since `since` by rank 0's clock: every
     rank takes part in a checkpoint, so all follow rank 0."""
     minutes = config["save_every_minutes"]
-    due = minutes > 0 and time.monotonic() - since >= 60 * minutes
-    if is_distributed():
-        flag = torch.tensor(float(due), device=device)
-        dist.broadcast(flag, src=0)
-        due = bool(flag.item())
-    return due
+    return rank0_decides(minutes > 0 and time.monotonic() - since >= 60 * minutes, device)
 
 
 def finish(run: Run, loss: float | None) -> dict:
@@ -557,31 +463,6 @@ def train(config: dict) -> dict:
         return finish(run, loop(run))
     finally:
         tracking.stop(config["out"])
-
-
-def run_evaluation(model, config: dict, evaluation, when: str, step: int,
-                   lockstep: bool) -> float | None:
-    """nDCG@10 of `model` on `evaluation` (BEIR's way: evaluate.run_evaluation, every rank encoding
-    a share), logged as `when` (before, during or after training) at `step`; returned on rank 0."""
-    if evaluation is None:
-        return None
-    corpus, queries, qrels, instruction = evaluation
-    metrics, _ = evaluate.run_evaluation(model, corpus, queries, qrels, instruction, top_k=100,
-                                         batch_size=config["eval_batch_size"],
-                                         k_values=(1, 10, 100), lockstep=lockstep)
-    # FSDP2 keeps the root's weights gathered after a forward with no backward: shard them again.
-    if lockstep:
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-    barrier()  # the other ranks wait while rank 0 searches
-    if rank() != 0:
-        return None
-    moment = f"at step {step}" if when == "during" else f"{when} training"
-    print0(f"eval {moment}: nDCG@10 {metrics['NDCG@10']:.4f}  "
-           f"Recall@10 {metrics['Recall@10']:.4f}  MRR@10 {metrics['MRR@10']:.4f}")
-    append_log(Path(config["out"]), {"event": "eval", "when": when, "step": step, **metrics})
-    return metrics["NDCG@10"]
 
 
 @exits_on_user_error  # a mistake in the input: one line, exit status 2, said by rank 0 (errors.py)

@@ -110,3 +110,12 @@ def gather_rows_to_rank0(local: torch.Tensor | None, rows_per_rank: list[list[in
                 rows = rows[start:start + block]
                 out[rows] = share[:len(rows)].cpu()
     return out
+
+
+def rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (a broadcast), for decisions all ranks must take together."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

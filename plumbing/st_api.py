@@ -20,6 +20,22 @@ def names_a_prompt(encode_kwargs: dict) -> bool:
 class SentenceTransformersAPI:
     prompts: dict[str, str]  # sentence-transformers' named prompts: "query" is encode_query's
 
+    @staticmethod
+    def checked_texts(sentences, batch_size) -> list[str]:
+        """encode's `sentences` as a list; a TypeError or ValueError for what encode cannot take."""
+        texts = [sentences] if isinstance(sentences, str) else list(sentences)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode expects a string or a list of strings")
+        if not isinstance(batch_size, int) or batch_size < 1:  # range() would say it obscurely
+            raise ValueError(f"encode: batch_size must be an integer >= 1, got {batch_size!r}")
+        return texts
+
+    def checked_arguments(self, sentences, batch_size, prompt, prompt_name) -> tuple:
+        """(texts, prompt): encode's arguments checked, prompt_name turned into its prompt."""
+        if prompt_name is not None and prompt is None:
+            prompt = self.prompt_named(prompt_name)
+        return self.checked_texts(sentences, batch_size), prompt
+
     def prompt_named(self, prompt_name: str) -> str:
         """The prefix `prompts[prompt_name]`; a ValueError naming the prompts there are."""
         if prompt_name not in self.prompts:

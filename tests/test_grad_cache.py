@@ -7,7 +7,7 @@ process: tests/test_train.py (its spawned workers)."""
 import pytest
 import torch
 
-from plumbing import builtin
+from plumbing import builtin, passes
 import data
 import loss as loss_module
 import train
@@ -50,7 +50,7 @@ def chunked_with_graphs(model, batch, chunk_size, seed=1):
     """The naive reference: each chunk embedded once, with its graph kept, in GradCache's order; one backward."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    embed = [[model(chunk) for chunk in train.text_chunks(train.to_device(batch[part], CPU), chunk_size)]
+    embed = [[model(chunk) for chunk in passes.text_chunks(train.to_device(batch[part], CPU), chunk_size)]
              for part in ("queries", "documents")]
     loss = loss_module.contrastive_loss(torch.cat(embed[0]), torch.cat(embed[1]), batch["doc_keys"], TEMPERATURE,
                                   in_batch_negatives=batch["in_batch_negatives"],
@@ -121,7 +121,7 @@ def test_a_second_pass_without_the_replayed_masks_is_detected(monkeypatch):
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     batch = batch_for(model)
     _, want = chunked_with_graphs(model, batch, 3)
-    monkeypatch.setattr(train.RandomState, "replay", lambda self: torch.enable_grad())  # no replay
+    monkeypatch.setattr(passes.RandomState, "replay", lambda self: torch.enable_grad())  # no replay
     with pytest.raises(RuntimeError, match="chunk 0 embedded differently the second time"):
         step(model, batch, 3)
     monkeypatch.setattr(train, "check_replay", lambda *args: None)
@@ -133,7 +133,7 @@ def test_chunks_are_cut_to_their_own_longest_row():
     model = tiny_model("full")
     batch = batch_for(model)
     documents = batch["documents"]
-    chunks = train.text_chunks(train.to_device(documents, CPU), 5)
+    chunks = passes.text_chunks(train.to_device(documents, CPU), 5)
     assert [c["input_ids"].shape[0] for c in chunks] == [5, 5, 5, 5, 4]
     lengths = documents["attention_mask"].sum(1)
     for i, chunk in enumerate(chunks):

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from plumbing import builtin  # noqa: E402
+from plumbing import passes as batch_passes  # noqa: E402
 from plumbing import run_folder  # noqa: E402
 from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
 from plumbing import distributed  # noqa: E402
@@ -632,7 +633,7 @@ def test_length_chunks_finds_the_cheapest_cut_of_sorted_rows():
         for mask in itertools.product([0, 1], repeat=len(lengths) - 1):
             ends = [i + 1 for i, cut in enumerate(mask) if cut] + [len(lengths)]
             every.append(list(zip([0] + ends[:-1], ends)))
-        chunks = train.length_chunks(lengths, pass_cost)
+        chunks = batch_passes.length_chunks(lengths, pass_cost)
         assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
         assert cost(chunks) == min(cost(cuts) for cuts in every)
@@ -666,10 +667,10 @@ def test_length_sorted_passes_give_the_plain_step(monkeypatch, pass_cost):
                                   known_positive_keys=batch["known_positive_keys"])
     plain_loss.backward()
     plain = gradients()
-    passes, length_chunks = [], train.length_chunks
-    monkeypatch.setattr(train, "SORT_FROM_LENGTH", 0)  # the built-in texts are short
-    monkeypatch.setattr(train, "PASS_COST_SLOTS", pass_cost)
-    monkeypatch.setattr(train, "length_chunks", lambda *a: passes.append(length_chunks(*a))
+    passes, length_chunks = [], batch_passes.length_chunks
+    monkeypatch.setattr(batch_passes, "SORT_FROM_LENGTH", 0)  # the built-in texts are short
+    monkeypatch.setattr(batch_passes, "PASS_COST_SLOTS", pass_cost)
+    monkeypatch.setattr(batch_passes, "length_chunks", lambda *a: passes.append(length_chunks(*a))
                         or passes[-1])
     model.zero_grad(set_to_none=True)
     loss, _ = train.forward_backward(model, batch, 0.05, 1.0, cpu)
@@ -715,13 +716,12 @@ def test_dtype_auto_takes_the_faster_matmul_and_says_why(monkeypatch, capsys):
     for speeds, want in (((600e9, 100e9), "bf16"), ((50e9, 100e9), "fp32")):
         peaks = dict(zip((torch.bfloat16, torch.float32), speeds))
         monkeypatch.setattr(mfu, "cpu_peak_flops", lambda dtype: peaks[dtype])
-        config = train_cli.resolve_config(train_cli.build_parser().parse_args(
-            ["--dtype", "auto", "--device", "cpu"]))
+        config = train.configure(["--dtype", "auto", "--device", "cpu"])
         assert config["dtype"] == want
         gflops = dict(bf16=speeds[0] / 1e9, fp32=speeds[1] / 1e9)
         assert config["dtype_choice"] == dict(chosen_by="matmul GFLOP/s", gflops=gflops)
         said = capsys.readouterr().out
         assert f"--dtype auto: {want} (a 1024 x 1024 matmul ran at {speeds[0] / 1e9:,.0f} GFLOP/s" \
             in said
-    config = train_cli.resolve_config(train_cli.build_parser().parse_args(["--dtype", "fp32"]))
+    config = train.configure(["--dtype", "fp32"])
     assert config["dtype"] == "fp32" and config["dtype_choice"] == dict(chosen_by="--dtype")
