@@ -34,7 +34,7 @@ def quick_lengths(folder: Path, data: Path, texts: int = 40) -> list[int]:
 
     from evaluate import INSTRUCTIONS
     from plumbing import datafiles
-    from plumbing.checkpoints import load_tokenizer
+    from plumbing.base_checkpoints import load_tokenizer
     from data import tokenize
 
     tokenizer = load_tokenizer(str(folder))
@@ -95,8 +95,11 @@ class LayerSide:
     def inputs(self, layout):
         attention_mask, positions, block, _ = layout
         model = self.tree.modules["model"]
-        inv_freq = model.rotary_frequencies(self.config)
-        cos, sin = model.rotary_cos_sin(positions, inv_freq, torch.bfloat16)
+        if hasattr(model, "rotary_frequencies"):  # abc58cb: the frequencies, then cos and sin
+            inv_freq = model.rotary_frequencies(self.config)
+            cos, sin = model.rotary_cos_sin(positions, inv_freq, torch.bfloat16)
+        else:
+            cos, sin = model.rotary_cos_sin(positions, self.config, torch.bfloat16)
         if block is None:
             block = model.attention_mask_4d(attention_mask, False, None)
         return cos, sin, block

@@ -15,6 +15,7 @@ against this process's measured matmul peak (plumbing/mfu.py).
     python bench/quick_step.py --layers 6           # a 6-layer cut of the model: quicker to iterate
     python bench/quick_step.py --profile            # one profiled step of each side, by category
     python bench/quick_step.py --encode 1000        # encoding SciFact documents instead
+    python bench/quick_step.py --flags=--compile    # this tree's side compiled (torch.compile)
     python bench/quick_step.py --baseline passes --max-length 512 --layers 4
                                                     # long documents: sorted passes or one
 
@@ -407,14 +408,15 @@ def compare_encoding(args, folder: Path, sides_trees: list[Tree], peak: float) -
     """Encode --encode SciFact documents with each tree, alternating; their MFU (this tree's
     forward_flops of the batches) and the ratio."""
     from plumbing import datafiles
-    from plumbing.mfu import forward_flops, model_shape
 
     corpus, _, _ = datafiles.load_beir(args.data, "test")
     texts = [datafiles.doc_text(corpus[d]) for d in sorted(corpus)[:args.encode]]
     sides = [EncodeSide(tree, folder, args.max_length) for tree in sides_trees]
-    model = sides[1].model
-    flops = sum(forward_flops(model_shape(model), model.tokenize([texts[i] for i in rows]))
-                for rows in model.batches(texts, 64))
+    model, mfu = sides[1].model, sides_trees[1].mfu
+    with sides_trees[1].active():  # its pooling classes, which mfu.pooling_flops recognises
+        flops = sum(mfu.forward_flops(mfu.model_shape(model),
+                                      model.tokenize([texts[i] for i in rows]))
+                    for rows in model.batches(texts, 64))
     print(f"encoding {len(texts)} SciFact documents at {args.max_length} tokens, batches of 64: "
           f"{flops / 1e9:,.0f} GFLOP; load before: {load_text()}")
     outputs = {}
@@ -456,6 +458,8 @@ def main(argv=None):
                         "padded pass (no length sorting)")
     p.add_argument("--encode", type=int, default=0, metavar="N",
                    help="time encoding N SciFact documents instead of training steps")
+    p.add_argument("--flags", nargs="+", default=[], metavar="FLAG",
+                   help="more train.py flags for this tree's side, e.g. --flags=--compile")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = base_folder(args.model, args.cache)
@@ -478,7 +482,7 @@ def main(argv=None):
                             args.layers)
         else:
             baseline = Side(this, argv[0], args.layers, "one padded pass", one_pass_per_part=True)
-        sides = [baseline, Side(this, argv[1], args.layers)]
+        sides = [baseline, Side(this, argv[1] + args.flags, args.layers)]
         with this.active():
             peak = this.mfu.cpu_peak_flops(torch.bfloat16)
         print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
