@@ -487,7 +487,8 @@ def main(argv=None):
             peak = this.mfu.cpu_peak_flops(torch.bfloat16)
         print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
               f"this tree {commit_of()} against {sides[0].name}; measured bf16 matmul peak "
-              f"{peak / 1e9:,.0f} GFLOP/s; layers {args.layers or 30}; {args.max_length} tokens")
+              f"{peak / 1e9:,.0f} GFLOP/s; layers {sides[1].run.model.decoder.config.num_hidden_layers}; "
+              f"{args.max_length} tokens")
         print(f"load before: {load_text()}")
         for round_ in range(args.rounds + 1):
             for side in sides if round_ % 2 == 0 else sides[::-1]:

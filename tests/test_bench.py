@@ -264,3 +264,23 @@ def test_plot_reads_the_runners_table_and_draws_the_steps_curve(tmp_path):
                                     rows=[r for r in rows if r["steps"] == 30])))
     plot_ablation.main([str(path), "--out", str(tmp_path / "one")])
     assert not (tmp_path / "one" / "steps-quick.png").exists()
+
+
+def test_quick_step_bench_runs_both_trees_on_the_same_batch(tmp_path, capsys):
+    """bench/quick_step.py at tiny shapes against abc58cb: both trees build the quick setting from
+    the same flags and take the same first batch, so their losses before any update agree."""
+    import subprocess
+
+    from bench import quick_step
+
+    if subprocess.run(["git", "-C", str(quick_step.REPO), "cat-file", "-e", "abc58cb^{commit}"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("commit abc58cb is not in this clone's history (a shallow clone)")
+    data = small_beir(tmp_path / "data")
+    speedup = quick_step.main(["--model", "tiny", "--data", str(data), "--rounds", "1",
+                               "--threads", "1", "--max-length", "160"])
+    out = capsys.readouterr().out
+    first = re.search(r"round 0 \(warm-up\): abc58cb [\d,]+ ms loss ([\d.]+); this tree [\d,]+ ms "
+                      r"loss ([\d.]+)", out)
+    assert first and first.group(1) == first.group(2), out
+    assert speedup > 0 and "layers 2;" in out
