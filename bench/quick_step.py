@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -116,7 +115,7 @@ def training_file(data: Path, out: Path, negatives: int = 3, seed: int = 0) -> P
 
 
 def base_folder(model: Path, cache: Path) -> Path:
-    """An HF folder for --model: a .gguf is dequantised once into `cache` (bench/ablate.py's way)."""
+    """An HF folder for --model: a .gguf is dequantised once into `cache` (as bench/ablate.py)."""
     if model.suffix != ".gguf":
         return model
     from bench.ablate import dequantised_base
@@ -147,7 +146,8 @@ class Side:
             if hasattr(tree.train, "configure"):  # the recipes and stage rules (train.py)
                 config = tree.train.configure(argv)
             else:  # abc58cb: the parser alone
-                config = tree.train_cli.resolve_config(tree.train_cli.build_parser().parse_args(argv))
+                cli = tree.train_cli
+                config = cli.resolve_config(cli.build_parser().parse_args(argv))
             self.run = tree.train.setup(config)
             if layers is not None:  # a cut of the model: the first `layers` decoder layers
                 decoder = self.run.model.decoder
@@ -247,7 +247,8 @@ def categories(side: Side):
         category = MODULE_CATEGORIES.get(type(module).__name__)
         if category is not None:
             enter, leave = label(category)
-            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+            handles += [module.register_forward_pre_hook(enter),
+                        module.register_forward_hook(leave)]
 
     def patch(owner, attribute, name):
         saved.append((owner, attribute, getattr(owner, attribute)))
@@ -368,8 +369,8 @@ def print_breakdown(tables: dict):
             ms, ops = tables[n].get(category, [0.0, 0])
             cells.append(f"{ms:,.0f} | {100 * ms / totals[n]:.1f} | {ops:,}")
         print(f"| {category} | " + " | ".join(cells) + " |")
-    print("| step | " + " | ".join(f"{totals[n]:,.0f} | 100 | "
-                                  f"{sum(o for _, o in tables[n].values()):,}" for n in names) + " |")
+    steps = [f"{totals[n]:,.0f} | 100 | {sum(o for _, o in tables[n].values()):,}" for n in names]
+    print("| step | " + " | ".join(steps) + " |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def main(argv=None):
             peak = this.mfu.cpu_peak_flops(torch.bfloat16)
         print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
               f"this tree {commit_of()} against {sides[0].name}; measured bf16 matmul peak "
-              f"{peak / 1e9:,.0f} GFLOP/s; layers {sides[1].run.model.decoder.config.num_hidden_layers}; "
+              f"{peak / 1e9:,.0f} GFLOP/s; layers {sides[1].run.shape['layers']}; "
               f"{args.max_length} tokens")
         print(f"load before: {load_text()}")
         for round_ in range(args.rounds + 1):
@@ -505,8 +506,8 @@ def main(argv=None):
         # Paired: each round's two steps ran back to back, under about the same load.
         ratios = [old / new for old, new in zip(sides[0].seconds[1:], sides[1].seconds[1:])]
         speedup = statistics.median(ratios)
-        print(f"speed-up (this tree over {sides[0].name}): {speedup:.2f}x, the median of the rounds' "
-              f"ratios {', '.join(f'{r:.2f}' for r in ratios)}")
+        print(f"speed-up (this tree over {sides[0].name}): {speedup:.2f}x, the median of the "
+              f"rounds' ratios {', '.join(f'{r:.2f}' for r in ratios)}")
         # CPU seconds (all threads): less sensitive to other jobs than wall time, though a thread
         # spinning at a barrier while its partner is descheduled counts too.
         cpu = [statistics.median(s.cpu_seconds[1:]) for s in sides]
