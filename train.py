@@ -40,8 +40,8 @@ from loss import collapsed_loss, contrastive_loss
 from plumbing import tracking
 from plumbing.run_folder import (discard_previous_run, logged_eval, logged_ndcg, open_run, resume,
                                  save_checkpoint)
-from plumbing.distributed import (barrier, destroy_distributed, init_distributed, is_distributed,
-                                  print0, rank, rank0_decides, world_size)
+from plumbing.distributed import (barrier, destroy_distributed, every_rank_agrees, init_distributed,
+                                  is_distributed, print0, rank, rank0_decides, world_size)
 from plumbing.errors import exits_on_user_error, let_rank0_stop_first
 from plumbing.guards import CollapseWatch, NonFiniteLossError, check_finite_weights, non_finite_stop
 from plumbing.interrupts import stops_cleanly, watch
@@ -327,8 +327,9 @@ def setup(config: dict) -> Run:
     # The data read and checked before anything is written into --out: a bad line leaves
     # nothing there that the same command, run again, would trip over.
     # Stage 1 trains on retrieval data only (PAPER.md section 4); stage 2 blends in the rest.
-    sources, sampler = training_data(config, retrieval_only=config["stage"] == 1)
-    evaluation = evaluation_set(config)
+    # Every rank reads them; a mistake found on one rank alone (a node without the file) stops all.
+    sources, sampler, evaluation = every_rank_agrees(lambda: (
+        *training_data(config, retrieval_only=config["stage"] == 1), evaluation_set(config)))
     candidates = open_run(config)  # with --resume, its checkpoints newest first
     print0("config " + json.dumps(config, indent=2))
 

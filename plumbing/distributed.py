@@ -52,6 +52,29 @@ def on_rank0_for_all(action) -> None:
         raise error
 
 
+def every_rank_agrees(action):
+    """`action()` on every rank (reading the data, say), and its result; if it raised a UserError on
+    any rank, every rank raises one: that rank its own, the others one naming it, so all stop on
+    the one mistake and rank 0 says it (a file missing on one node's disk alone), none left in a
+    later collective to die with a traceback. `action` must run no collective itself."""
+    from plumbing.errors import UserError
+
+    result, error = None, None
+    try:
+        result = action()
+    except UserError as raised:
+        error = raised
+    if is_distributed() and world_size() > 1:
+        said = [None] * world_size()
+        dist.all_gather_object(said, None if error is None else str(error))
+        first = next(((r, message) for r, message in enumerate(said) if message is not None), None)
+        if error is None and first is not None:
+            error = UserError(f"rank {first[0]}: {first[1]}")
+    if error is not None:
+        raise error
+    return result
+
+
 def init_distributed(device: str | None = None) -> torch.device:
     """Start the process group if launched by torchrun; return this rank's device.
 

@@ -519,6 +519,62 @@ def test_a_run_folder_in_use_is_refused_once_on_two_ranks(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
 
 
+def _agree_on_a_mistake_found_by_rank_1(rank, folder):
+    """every_rank_agrees with a mistake on rank 1 only: each rank records what it raised."""
+    import torch.distributed as dist
+
+    from plumbing.distributed import every_rank_agrees
+    from plumbing.errors import UserError
+
+    dist.init_process_group("gloo")
+
+    def read():
+        if rank == 1:
+            raise datafiles.MissingFileError("--data /only/on/node0.jsonl does not exist")
+        return "read"
+    try:
+        every_rank_agrees(read)
+        outcome = "no error"
+    except UserError as error:
+        outcome = f"{type(error).__name__}: {error}"
+    (folder / f"rank{rank}").write_text(outcome)
+    ok = every_rank_agrees(lambda: rank)  # no mistake anywhere: each rank's own result
+    (folder / f"rank{rank}").write_text(outcome + f" | then {ok}")
+    dist.destroy_process_group()
+
+
+def test_a_mistake_found_on_one_rank_alone_stops_every_rank(tmp_path):
+    """A file missing on one node's disk: rank 1 finds it, rank 0 reads fine. Both stop on it,
+    rank 1 with its own error and rank 0 with one naming rank 1 (which rank 0 prints: one line,
+    exit 2), none left waiting in a collective; with no mistake each rank gets its result."""
+    spawn_two_ranks(_agree_on_a_mistake_found_by_rank_1, tmp_path)
+    assert (tmp_path / "rank0").read_text() == (
+        "UserError: rank 1: --data /only/on/node0.jsonl does not exist | then 0")
+    assert (tmp_path / "rank1").read_text() == (
+        "MissingFileError: --data /only/on/node0.jsonl does not exist | then 1")
+
+
+def test_a_non_finite_stop_on_two_ranks_is_said_once_by_rank_0(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py --lr 1e30`: the loss turns non-finite on both ranks
+    (all-reduced); rank 1 waits for rank 0 as on user errors, so rank 0 alone says it, exits first
+    with status 1, and torchrun names it the root cause; nothing of the run's model is saved."""
+    import subprocess
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", "--steps", "4",
+                             "--lr", "1e30", "--warmup-steps", "0", "--out", str(out)] + TINY_JOB,
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.splitlines()
+    said = [line for line in lines if line.startswith("train.py: error: ")]
+    assert len(said) == 1 and "(rank" not in said[0] and "--lr 1e+30" in said[0], result.stderr[-3000:]
+    assert not any(line.startswith("[rank") for line in lines), result.stderr[-3000:]
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 1" in root_cause
+    assert not (out / "model").exists()
+
+
 def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monkeypatch, capsys):
     """Under torchrun a rank other than 0 waits for rank 0 to stop (torchrun then ends it); if it is still alive,
     rank 0 never met the mistake, so this rank says it, naming itself. Spawned ranks (no torchrun) stay silent."""
