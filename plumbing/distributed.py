@@ -53,23 +53,30 @@ def on_rank0_for_all(action) -> None:
 
 
 def every_rank_agrees(action):
-    """`action()` on every rank (reading the data, say), and its result; if it raised a UserError on
-    any rank, every rank raises one: that rank its own, the others one naming it, so all stop on
-    the one mistake and rank 0 says it (a file missing on one node's disk alone), none left in a
-    later collective to die with a traceback. `action` must run no collective itself."""
+    """`action()` on every rank (reading the data, say), and its result; if it raised on any rank,
+    every rank raises: that rank its own exception, the others one naming the rank and its host
+    (a UserError for a user's mistake, so rank 0 says it in one line; a RuntimeError for a bug),
+    none left in a later collective to hang or die with a traceback. The case it is for: a file on
+    one node's disk only. `action` must run no collective itself."""
+    import socket
+
     from plumbing.errors import UserError
 
     result, error = None, None
     try:
         result = action()
-    except UserError as raised:
+    except Exception as raised:  # noqa: BLE001 - re-raised below, after the others heard of it
         error = raised
     if is_distributed() and world_size() > 1:
         said = [None] * world_size()
-        dist.all_gather_object(said, None if error is None else str(error))
-        first = next(((r, message) for r, message in enumerate(said) if message is not None), None)
-        if error is None and first is not None:
-            error = UserError(f"rank {first[0]}: {first[1]}")
+        dist.all_gather_object(said, None if error is None else (
+            isinstance(error, UserError), socket.gethostname(), str(error)))
+        failed = [(r, *what) for r, what in enumerate(said) if what is not None]
+        if error is None and failed:
+            first, users_mistake, host, message = failed[0]
+            others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+            kind = UserError if users_mistake else RuntimeError
+            error = kind(f"rank {first} on {host}{others}: {message}")
     if error is not None:
         raise error
     return result

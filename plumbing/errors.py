@@ -6,7 +6,8 @@ command stops on one as argparse stops on a bad flag: one line `<command>: error
 on stderr and exit status 2, no traceback (`exits_on_user_error`, every command uses it).
 Any other exception is a bug and keeps its traceback.
 
-Under torchrun every rank meets the same mistake; rank 0 alone says it (the usage of a bad flag
+Under torchrun every rank meets the same mistake, or hears of it from the rank that met it alone
+(distributed.every_rank_agrees, on_rank0_for_all); rank 0 alone says it (the usage of a bad flag
 too: `ArgumentParser`), and exits first (`stop_on_user_error`). torchrun then prints its own
 report of the failed ranks after our line and exits with status 1, whatever status ours had.
 

@@ -266,21 +266,41 @@ def test_plot_reads_the_runners_table_and_draws_the_steps_curve(tmp_path):
     assert not (tmp_path / "one" / "steps-quick.png").exists()
 
 
-def test_quick_step_bench_runs_both_trees_on_the_same_batch(tmp_path, capsys):
-    """bench/quick_step.py at tiny shapes against abc58cb: both trees build the quick setting from
-    the same flags and take the same first batch, so their losses before any update agree."""
+def test_quick_step_bench_runs_both_trees_on_the_same_batch(tmp_path, capsys, monkeypatch):
+    """bench/quick_step.py at tiny shapes against abc58cb: each side runs its own tree's code (the
+    baseline's modules from the unpacked commit), both build the quick setting from the same flags
+    and take the same first batch, so their losses before any update agree."""
+    import math
     import subprocess
+
+    import torch
 
     from bench import quick_step
 
     if subprocess.run(["git", "-C", str(quick_step.REPO), "cat-file", "-e", "abc58cb^{commit}"],
                       capture_output=True).returncode != 0:
         pytest.skip("commit abc58cb is not in this clone's history (a shallow clone)")
+    trees = []
+    monkeypatch.setattr(quick_step.Side, "__init__", record(quick_step.Side.__init__, trees))
+    threads = torch.get_num_threads()
     data = small_beir(tmp_path / "data")
-    speedup = quick_step.main(["--model", "tiny", "--data", str(data), "--rounds", "1",
-                               "--threads", "1", "--max-length", "160"])
+    try:
+        quick_step.main(["--model", "tiny", "--data", str(data), "--rounds", "1",
+                         "--threads", "1", "--max-length", "160"])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     first = re.search(r"round 0 \(warm-up\): abc58cb [\d,]+ ms loss ([\d.]+); this tree [\d,]+ ms "
                       r"loss ([\d.]+)", out)
-    assert first and first.group(1) == first.group(2), out
-    assert speedup > 0 and "layers 2;" in out
+    assert first and math.isclose(float(first.group(1)), float(first.group(2)), rel_tol=1e-4), out
+    assert "layers 2;" in out
+    baseline, this = (tree.train.__file__ for tree in trees)
+    assert str(quick_step.REPO) not in baseline and this == str(quick_step.REPO / "train.py")
+
+
+def record(init, trees):
+    """Side.__init__ that also keeps each side's tree."""
+    def recording(self, tree, *args, **kwargs):
+        trees.append(tree)
+        init(self, tree, *args, **kwargs)
+    return recording

@@ -519,39 +519,89 @@ def test_a_run_folder_in_use_is_refused_once_on_two_ranks(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
 
 
-def _agree_on_a_mistake_found_by_rank_1(rank, folder):
-    """every_rank_agrees with a mistake on rank 1 only: each rank records what it raised."""
+def _agree(rank, folder, failing):
+    """every_rank_agrees where the ranks in `failing` meet a mistake (rank 1: a missing file;
+    rank 0: a bad flag) or a bug ("bug"), and then with none: each rank records what it raised."""
+    import datetime
+    import socket
+
     import torch.distributed as dist
 
     from plumbing.distributed import every_rank_agrees
-    from plumbing.errors import UserError
+    from plumbing.errors import MissingFileError, UsageError
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a hang fails
 
     def read():
-        if rank == 1:
-            raise datafiles.MissingFileError("--data /only/on/node0.jsonl does not exist")
+        if rank == 1 and "missing" in failing:
+            raise MissingFileError("--data /only/on/node0.jsonl does not exist")
+        if rank == 0 and "flag" in failing:
+            raise UsageError("--lr: a mistake rank 0 found")
+        if rank == 1 and "bug" in failing:
+            raise KeyError("a bug")
         return "read"
     try:
         every_rank_agrees(read)
         outcome = "no error"
-    except UserError as error:
-        outcome = f"{type(error).__name__}: {error}"
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}".replace(socket.gethostname(), "HOST")
+    outcome += f" | then {every_rank_agrees(lambda: rank)}"  # no mistake: each rank's own result
     (folder / f"rank{rank}").write_text(outcome)
-    ok = every_rank_agrees(lambda: rank)  # no mistake anywhere: each rank's own result
-    (folder / f"rank{rank}").write_text(outcome + f" | then {ok}")
     dist.destroy_process_group()
 
 
-def test_a_mistake_found_on_one_rank_alone_stops_every_rank(tmp_path):
-    """A file missing on one node's disk: rank 1 finds it, rank 0 reads fine. Both stop on it,
-    rank 1 with its own error and rank 0 with one naming rank 1 (which rank 0 prints: one line,
-    exit 2), none left waiting in a collective; with no mistake each rank gets its result."""
-    spawn_two_ranks(_agree_on_a_mistake_found_by_rank_1, tmp_path)
-    assert (tmp_path / "rank0").read_text() == (
-        "UserError: rank 1: --data /only/on/node0.jsonl does not exist | then 0")
+@pytest.mark.parametrize("failing, rank0, rank1", [
+    (("missing",), "UserError: rank 1 on HOST: --data /only/on/node0.jsonl does not exist",
+     "MissingFileError: --data /only/on/node0.jsonl does not exist"),
+    (("flag",), "UsageError: --lr: a mistake rank 0 found",
+     "UserError: rank 0 on HOST: --lr: a mistake rank 0 found"),
+    (("flag", "missing"), "UsageError: --lr: a mistake rank 0 found",
+     "MissingFileError: --data /only/on/node0.jsonl does not exist"),
+    (("bug",), "RuntimeError: rank 1 on HOST: 'a bug'", "KeyError: 'a bug'")])
+def test_a_mistake_found_on_one_rank_alone_stops_every_rank(tmp_path, failing, rank0, rank1):
+    """A file missing on one node's disk (rank 1 finds it, rank 0 reads fine), a mistake rank 0
+    alone finds, both, a bug on one rank: every rank stops, the one that met it with its own
+    error, the others with one naming its rank and host (a UserError, which rank 0 prints as the
+    one line, for a mistake; a RuntimeError for a bug), none left waiting in a collective; with no
+    mistake each rank gets its own result."""
+    spawn_two_ranks(_agree, tmp_path, failing)
+    assert (tmp_path / "rank0").read_text() == rank0 + " | then 0"
+    assert (tmp_path / "rank1").read_text() == rank1 + " | then 1"
+
+
+def _setup_with_data_missing_on_rank_1(rank, folder):
+    """train.setup on 2 ranks where reading the training data fails on rank 1 alone."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from plumbing.errors import MissingFileError, UserError
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    read = train.training_data
+
+    def training_data(config, **kwargs):
+        if rank == 1:
+            raise MissingFileError("--data x.jsonl does not exist")
+        return read(config, **kwargs)
+    train.training_data = training_data
+    config = train.configure(["--steps", "1", "--out", str(folder / "run")] + TINY_JOB)
+    try:
+        train.setup(config)
+        outcome = "set up"
+    except UserError as error:
+        outcome = f"{type(error).__name__}: {error}"
+    (folder / f"rank{rank}").write_text(outcome.split(" on ")[0] + " | " + outcome.split(": ")[-1])
+
+
+def test_train_stops_every_rank_when_one_rank_cannot_read_the_data(tmp_path):
+    """train.setup reads the data through every_rank_agrees: rank 0, which read it, stops with a
+    UserError naming rank 1 (its one line), before anything is written into --out."""
+    spawn_two_ranks(_setup_with_data_missing_on_rank_1, tmp_path)
+    assert (tmp_path / "rank0").read_text() == "UserError: rank 1 | --data x.jsonl does not exist"
     assert (tmp_path / "rank1").read_text() == (
-        "MissingFileError: --data /only/on/node0.jsonl does not exist | then 1")
+        "MissingFileError: --data x.jsonl does not exist | --data x.jsonl does not exist")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_a_non_finite_stop_on_two_ranks_is_said_once_by_rank_0(tmp_path):
@@ -568,7 +618,7 @@ def test_a_non_finite_stop_on_two_ranks_is_said_once_by_rank_0(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     lines = result.stderr.splitlines()
     said = [line for line in lines if line.startswith("train.py: error: ")]
-    assert len(said) == 1 and "(rank" not in said[0] and "--lr 1e+30" in said[0], result.stderr[-3000:]
+    assert len(said) == 1 and "--lr 1e+30" in said[0], result.stderr[-3000:]
     assert not any(line.startswith("[rank") for line in lines), result.stderr[-3000:]
     root_cause = result.stderr[result.stderr.index("Root Cause"):]
     assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 1" in root_cause
