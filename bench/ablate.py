@@ -64,7 +64,7 @@ from plumbing.errors import UsageError, exits_on_user_error  # noqa: E402
 import mine  # noqa: E402
 import train  # noqa: E402
 from plumbing import significance  # noqa: E402
-from plumbing.mfu import choose_dtype, encode_mfu, logged_mfu  # noqa: E402
+from plumbing.mfu import choose_dtype, cpu_peak_flops, encode_mfu, logged_mfu  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
 from plumbing.loading import from_base  # noqa: E402
@@ -407,6 +407,8 @@ def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
     schedule = row_schedule(planned, setting)
     train_file = mined_negatives(args, setting, teacher, out, instruction)
     run = out / key.replace("/", "-")
+    if args.device == "cpu":  # this row's MFU against the highest peak timed so far
+        cpu_peak_flops(torch.bfloat16 if dtype_name == "bf16" else torch.float32, remeasure=True)
     train_seconds, losses = train_run(args, setting, dtype_name, run, train_file, pooling,
                                       attention, seed, schedule)
     eval_start = time.perf_counter()
