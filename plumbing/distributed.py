@@ -32,24 +32,10 @@ def print0(*args, **kwargs):
 
 
 def on_rank0_for_all(action) -> None:
-    """Run `action()` on rank 0 alone, and let every rank act on its outcome: a UserError it raises
-    (a refused lock, an unwritable --out) is sent to the other ranks and raised on each, so that all
-    stop on the one mistake (rank 0 says it: errors.stop_on_user_error), none left in a collective
-    to die with a traceback when rank 0 exits."""
-    from plumbing.errors import UserError
-
-    error = None
-    if rank() == 0:
-        try:
-            action()
-        except UserError as raised:
-            error = raised
-    if is_distributed() and world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise error
+    """Run `action()` on rank 0 alone, and let every rank act on its outcome (every_rank_agrees): a
+    UserError it raises (a refused lock, an unwritable --out) stops all on the one mistake, rank 0
+    saying it, none left in a collective to die with a traceback when rank 0 exits."""
+    every_rank_agrees(lambda: action() if rank() == 0 else None)
 
 
 def every_rank_agrees(action):
