@@ -84,3 +84,6 @@ def _as_rank(rank, port, worker, args):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     worker(rank, *args)
+    if torch.distributed.is_initialized():  # a gloo group left to the interpreter's exit can abort
+        torch.distributed.barrier()  # it ("terminate called without an active exception"): both
+        torch.distributed.destroy_process_group()  # ranks done with it, each closes its own
