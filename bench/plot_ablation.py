@@ -1,7 +1,9 @@
 """Draw an ablation table (bench/ablate.py's JSON) as PNG pictures.
 
-    python bench/plot_ablation.py bench/history/ablation-full.json   # -> bench/history/ablation-full.png, ...
-    python bench/plot_ablation.py --runs runs/stage1 runs/other  # -> curves.png: loss and nDCG@10 per step
+    python bench/plot_ablation.py bench/history/ablation-full.json
+        # -> bench/history/ablation-full.png, ...
+    python bench/plot_ablation.py --runs runs/stage1 runs/other
+        # -> curves.png: loss and nDCG@10 per step
 
 - ablation-SETTING.png: SciFact test nDCG@10 per pooling, causal beside bidirectional,
   trained (solid: the seeds' mean, each seed a dot) over zero-shot (pale), with BM25's
@@ -10,8 +12,8 @@
 - steps-SETTING.png (where rows of more than one length were measured): latent pooling's
   nDCG@10 against the training steps, bidirectional beside causal, each seed a dot, the
   line through the seeds' means, the bar +-1 standard deviation between seeds.
-- curves.png (--runs): for train.py run folders, the logged loss beside the nDCG@10 of the evaluations before,
-  during (train.py --eval-every N) and after training, against the step.
+- curves.png (--runs): for train.py run folders, the logged loss beside the nDCG@10 of the
+  evaluations before, during (train.py --eval-every N) and after training, against the step.
 
 Needs matplotlib, which nothing else in the project uses, so it is not a requirement:
 `pip install matplotlib` to redraw the committed pictures.
@@ -25,7 +27,8 @@ from pathlib import Path
 
 POOLING_ORDER = ("eos", "mean", "latent", "self-attention")
 ATTENTION_COLOURS = {"causal": "tab:orange", "bidirectional": "tab:blue"}
-POOLING_COLOURS = {"eos": "tab:red", "mean": "tab:green", "latent": "tab:blue", "self-attention": "tab:purple"}
+POOLING_COLOURS = {"eos": "tab:red", "mean": "tab:green", "latent": "tab:blue",
+                   "self-attention": "tab:purple"}
 BM25_SCIFACT_NDCG10 = 0.665  # PAPER.md section 6
 
 
@@ -74,12 +77,15 @@ def bar_chart(table: dict, out: Path):
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, (attention, colour) in enumerate(ATTENTION_COLOURS.items()):
         x_of = {p: i + (j - 0.5) * width for i, p in enumerate(poolings)}
-        for trained, style in ((True, dict(width=width, color=colour, label=f"{attention}, trained")),
-                               (False, dict(width=width * 0.6, color="white", edgecolor=colour, hatch="//",
-                                            label=f"{attention}, zero-shot"))):
-            present = [p for p in poolings if (p, attention, trained) in by]  # a row not run draws no bar
+        for trained, style in ((True, dict(width=width, color=colour,
+                                           label=f"{attention}, trained")),
+                               (False, dict(width=width * 0.6, color="white", edgecolor=colour,
+                                            hatch="//", label=f"{attention}, zero-shot"))):
+            # a row not run draws no bar
+            present = [p for p in poolings if (p, attention, trained) in by]
             if present:
-                ax.bar([x_of[p] for p in present], [by[p, attention, trained] for p in present], **style)
+                ax.bar([x_of[p] for p in present], [by[p, attention, trained] for p in present],
+                       **style)
         for p in poolings:
             if (p, attention, True) in by:
                 values = seeds[p, attention, True]
@@ -87,12 +93,14 @@ def bar_chart(table: dict, out: Path):
                 ax.text(x_of[p], max(values) + 0.01, f"{by[p, attention, True]:.3f}", ha="center",
                         fontsize=7)
     ax.axhline(BM25_SCIFACT_NDCG10, color="grey", linestyle="--", linewidth=1)
-    ax.text(len(poolings) - 0.5, BM25_SCIFACT_NDCG10 + 0.01, "BM25 0.665", ha="right", fontsize=8, color="grey")
+    ax.text(len(poolings) - 0.5, BM25_SCIFACT_NDCG10 + 0.01, "BM25 0.665", ha="right", fontsize=8,
+            color="grey")
     ax.set_xticks(range(len(poolings)), poolings)
     ax.set_ylabel("SciFact test nDCG@10")
     ax.set_ylim(0, max(0.75, max(by.values()) + 0.08))
     model = Path(table.get("model", "model not recorded")).name
-    ax.set_title(f"{model} + LoRA, stage 1, setting '{table['setting']}' ({table['hardware']})", fontsize=9)
+    ax.set_title(f"{model} + LoRA, stage 1, setting '{table['setting']}' ({table['hardware']})",
+                 fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -104,7 +112,8 @@ def loss_curves(table: dict, out: Path):
 
     rows = [r for r in at_setting(table) if r["trained"] and r.get("loss_curve")]
     if not rows:
-        raise ValueError("no trained row has a loss_curve (written by bench/ablate.py since it logs them)")
+        raise ValueError("no trained row has a loss_curve (written by bench/ablate.py since it "
+                         "logs them)")
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         steps, losses = zip(*r["loss_curve"])
@@ -115,8 +124,9 @@ def loss_curves(table: dict, out: Path):
     ax.set_ylabel("InfoNCE loss (the logged step's batch)")
     ax.set_yscale("log")
     c = table["config"]
-    ax.set_title(f"Training loss, setting '{table['setting']}': {c['steps']} steps of {c['batch_size']} queries, "
-                 f"{c['hard_negatives']} hard negatives, {c['max_length']} tokens, lr {c['lr']}", fontsize=9)
+    ax.set_title(f"Training loss, setting '{table['setting']}': {c['steps']} steps of "
+                 f"{c['batch_size']} queries, {c['hard_negatives']} hard negatives, "
+                 f"{c['max_length']} tokens, lr {c['lr']}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -147,7 +157,8 @@ def steps_curve(table: dict, out: Path) -> bool:
                   for s, m in zip(steps, means)]
         shift = 1.03 if attention == "causal" else 1 / 1.03  # side by side on the log axis
         ax.errorbar([s * shift for s in steps], means, yerr=spread, color=colour, marker="o",
-                    capsize=3, label=f"{attention} (seeds: {', '.join(str(len(by_steps[s])) for s in steps)})")
+                    capsize=3,
+                    label=f"{attention} (seeds: {', '.join(str(len(by_steps[s])) for s in steps)})")
         for s in steps:
             ax.plot([s * shift] * len(by_steps[s]), by_steps[s], ".", color=colour, alpha=0.5)
     ax.set_xscale("log")
@@ -155,10 +166,11 @@ def steps_curve(table: dict, out: Path) -> bool:
     ax.set_xticks(measured, [str(s) for s in measured])
     ax.minorticks_off()
     ax.set_xlabel(f"training steps ({config['batch_size']} queries each; warm-up "
-                  f"{config['warmup_steps'] / config['steps']:.0%} of the steps, then linear decay)")
+                  f"{config['warmup_steps'] / config['steps']:.0%} of the steps, then linear "
+                  "decay)")
     ax.set_ylabel("SciFact test nDCG@10")
-    ax.set_title(f"Latent pooling, BM25 negatives, lr {config['lr']:g}: bidirectional against causal "
-                 f"({table['hardware']})", fontsize=8)
+    ax.set_title(f"Latent pooling, BM25 negatives, lr {config['lr']:g}: bidirectional against "
+                 f"causal ({table['hardware']})", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -182,7 +194,8 @@ def run_curves(folder: Path) -> dict:
         elif "loss" in record:
             curves["loss"].append((record["step"], record["loss"]))
     if not curves["ndcg"]:
-        raise ValueError(f"{log_file}: no evaluation logged (train.py without --no-eval; --eval-every N for a curve)")
+        raise ValueError(f"{log_file}: no evaluation logged (train.py without --no-eval; "
+                         "--eval-every N for a curve)")
     return curves
 
 
@@ -205,11 +218,15 @@ def training_curves(folders: list[Path], out: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("tables", nargs="*", type=Path, help="ablation JSON files written by bench/ablate.py")
-    p.add_argument("--runs", nargs="+", type=Path, default=[], help="train.py run folders: curves.png")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tables", nargs="*", type=Path,
+                   help="ablation JSON files written by bench/ablate.py")
+    p.add_argument("--runs", nargs="+", type=Path, default=[],
+                   help="train.py run folders: curves.png")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for the PNGs (default: each JSON's folder; for --runs, the first run's)")
+                   help="folder for the PNGs (default: each JSON's folder; for --runs, the first "
+                        "run's)")
     args = p.parse_args(argv)
     if not args.tables and not args.runs:
         p.error("give ablation JSON files, or --runs with train.py run folders")

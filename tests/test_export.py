@@ -1,5 +1,5 @@
-"""NVEmbed.save's ecosystem layouts (plumbing/model_folders.py): "hf" (transformers' AutoModel reads the decoder) and
-"peft" (PEFT reads the adapters); NVEmbed.load reads both back."""
+"""NVEmbed.save's ecosystem layouts (plumbing/model_folders.py): "hf" (transformers' AutoModel reads
+the decoder) and "peft" (PEFT reads the adapters); NVEmbed.load reads both back."""
 
 import json
 from pathlib import Path
@@ -36,10 +36,12 @@ def ids_and_mask(model):
 
 
 def transformers_honours_is_causal():
-    """Whether the installed transformers builds a Llama without the causal mask from `is_causal: false`."""
+    """Whether the installed transformers builds a Llama without the causal mask from `is_causal:
+    false`."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, is_causal=False)
+    config = transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, is_causal=False)
     torch.manual_seed(0)
     model = transformers.LlamaModel(config).eval()
     ids = torch.tensor([[1, 2, 3]])
@@ -79,7 +81,8 @@ def test_hf_layout_of_a_mistral_with_a_window(tmp_path):
     needs_bidirectional_transformers()
     import transformers
     model = tiny()
-    model.decoder.config.sliding_window = 4  # shorter than the texts: a window would change the states
+    # shorter than the texts: a window would change the states
+    model.decoder.config.sliding_window = 4
     model.save(tmp_path / "hf", layout="hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "mistral" and config["sliding_window"] is None
@@ -96,15 +99,16 @@ def test_hf_layout_keeps_llama3_rope(tmp_path):
     import transformers
     model = tiny()
     model.decoder.config.rope_scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                             high_freq_factor=4.0, original_max_position_embeddings=16)
+                                             high_freq_factor=4.0,
+                                             original_max_position_embeddings=16)
     model.save(tmp_path / "hf", layout="hf")
     hf = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
     input_ids, mask = ids_and_mask(model)
     with torch.no_grad():
         ours = model.decoder(input_ids, mask)
         theirs = hf(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        plain = model.decoder.__class__(type(model.decoder.config)(**{**model.decoder.config.__dict__,
-                                                                      "rope_scaling": None}))
+        plain = model.decoder.__class__(type(model.decoder.config)(
+            **{**model.decoder.config.__dict__, "rope_scaling": None}))
         plain.load_state_dict(model.decoder.state_dict())
         unscaled = plain(input_ids, mask)
     real = mask.bool()
@@ -117,14 +121,17 @@ def test_hf_layout_reads_back_to_the_same_embeddings(tmp_path):
     model = adapted(tiny())
     before = model.encode(TEXTS, instruction="find it", convert_to_tensor=True)
     model.save(tmp_path / "hf", layout="hf")
-    assert not (tmp_path / "hf" / "pooling.safetensors").exists()  # only model.safetensors at the top
+    # only model.safetensors at the top
+    assert not (tmp_path / "hf" / "pooling.safetensors").exists()
     loaded = NVEmbed.load(tmp_path / "hf")
     assert not any("lora_" in name for name, _ in loaded.named_parameters())  # folded in
     after = loaded.encode(TEXTS, instruction="find it", convert_to_tensor=True)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
-    # ... and our own checkpoint reader takes it as a base decoder (the pooling in nvembed/ is not read)
+    # ... and our own checkpoint reader takes it as a base decoder (the pooling in nvembed/ is not
+    # read)
     fresh = from_base(str(tmp_path / "hf"), pooling="mean")
-    torch.testing.assert_close(fresh.decoder.state_dict()["norm.weight"], loaded.decoder.state_dict()["norm.weight"])
+    torch.testing.assert_close(fresh.decoder.state_dict()["norm.weight"],
+                               loaded.decoder.state_dict()["norm.weight"])
     with pytest.raises(FileExistsError):
         model.save(tmp_path / "hf", layout="hf")
 
@@ -133,7 +140,8 @@ def test_peft_layout_loads_in_peft_on_the_transformers_base(tmp_path):
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e .[peft])")
     needs_bidirectional_transformers()
     import transformers
-    tiny().save(tmp_path / "base", layout="hf")  # a transformers base checkpoint (bidirectional config)
+    # a transformers base checkpoint (bidirectional config)
+    tiny().save(tmp_path / "base", layout="hf")
     model = adapted(tiny(str(tmp_path / "base")))
     model.save(tmp_path / "adapters", layout="peft")
     adapter_config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
@@ -146,12 +154,14 @@ def test_peft_layout_loads_in_peft_on_the_transformers_base(tmp_path):
         theirs = wrapped(input_ids=input_ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(theirs[real], ours[real], atol=2e-5, rtol=1e-4)
-    with wrapped.disable_adapter(), torch.no_grad():  # the adapters matter: without them, other states
+    # the adapters matter: without them, other states
+    with wrapped.disable_adapter(), torch.no_grad():
         plain = wrapped(input_ids=input_ids, attention_mask=mask).last_hidden_state
     assert not torch.allclose(plain[real], ours[real], atol=1e-3)
     # the same folder is this project's adapters-only save
-    torch.testing.assert_close(NVEmbed.load(tmp_path / "adapters").encode(TEXTS, convert_to_tensor=True),
-                               model.encode(TEXTS, convert_to_tensor=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        NVEmbed.load(tmp_path / "adapters").encode(TEXTS, convert_to_tensor=True),
+        model.encode(TEXTS, convert_to_tensor=True), atol=1e-5, rtol=1e-5)
 
 
 def test_peft_layout_needs_adapters(tmp_path):

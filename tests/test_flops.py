@@ -1,5 +1,5 @@
-"""mfu.step_flops (the MFU numerator) against a hand count and against torch's FlopCounterMode, an independent
-count of every matrix product a forward + backward actually runs."""
+"""mfu.step_flops (the MFU numerator) against a hand count and against torch's FlopCounterMode, an
+independent count of every matrix product a forward + backward actually runs."""
 
 import pytest
 import torch
@@ -20,10 +20,12 @@ class Vocab:
 
 def small_model(pooling: str, lora: bool = False, causal: bool = False, layers: int = 1) -> NVEmbed:
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=layers,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=4, sliding_window=None)
+    config = MistralConfig(vocab_size=11, hidden_size=8, intermediate_size=12,
+                           num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=4, sliding_window=None)
     decoder = Mistral(config)
-    sizes = {"latent": dict(num_latents=3, num_heads=2, head_dim=4, mlp_ratio=1), "self-attention": dict(num_heads=2)}
+    sizes = {"latent": dict(num_latents=3, num_heads=2, head_dim=4, mlp_ratio=1),
+             "self-attention": dict(num_heads=2)}
     pool = POOLINGS[pooling](8, **sizes.get(pooling, {}))
     model = NVEmbed(decoder, pool, Vocab(), pooling, causal=causal, text_rule=TextRule())
     if lora:
@@ -41,8 +43,8 @@ def batch(lengths, T=None):
 
 
 def counted(model, parts) -> int:
-    """FlopCounterMode's FLOPs of embedding every part and backpropagating through all of them (math SDPA, which
-    runs as matrix products the counter sees)."""
+    """FlopCounterMode's FLOPs of embedding every part and backpropagating through all of them (math
+    SDPA, which runs as matrix products the counter sees)."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         total = sum((model(part) * torch.linspace(-1, 1, 8)).sum() for part in parts)
         total.backward()
@@ -50,21 +52,23 @@ def counted(model, parts) -> int:
 
 
 def test_hand_count_of_a_tiny_config():
-    """One layer, D 8, F 12, 2 query heads / 1 KV head of dim 4; a query of 5 tokens and a document of 3 real ones
-    (padded to 5). N = q 64 + k 32 + v 32 + o 64 + gate 96 + up 96 + down 96 = 480 matmul weights."""
+    """One layer, D 8, F 12, 2 query heads / 1 KV head of dim 4; a query of 5 tokens and a document
+    of 3 real ones (padded to 5). N = q 64 + k 32 + v 32 + o 64 + gate 96 + up 96 + down 96 = 480
+    matmul weights."""
     N, tokens, pairs = 480, 5 + 3, 5 * 5 + 3 * 3
     parts = dict(queries=batch([5]), documents=batch([3], T=5))
     full = mfu.step_flops(mfu.model_shape(small_model("mean")), parts)
     assert full == 6 * N * tokens + 12 * 1 * 8 * pairs
     causal = mfu.step_flops(mfu.model_shape(small_model("mean", causal=True)), parts)
     assert causal == 6 * N * tokens + 12 * 8 * (5 * 6 / 2 + 3 * 4 / 2)
-    # LoRA r 2 on all 7 projections: A is r x in, B is out x r. Layer 0's q/k/v (the only layer here) get no input
-    # gradient: 2 x (their 128 weights + their lora_A's 3 x 2 x 8).
+    # LoRA r 2 on all 7 projections: A is r x in, B is out x r. Layer 0's q/k/v (the only layer
+    # here) get no input gradient: 2 x (their 128 weights + their lora_A's 3 x 2 x 8).
     adapters = 2 * (8 + 8) + 2 * (8 + 4) * 2 + 2 * (8 + 8) + 2 * (8 + 12) * 2 + 2 * (12 + 8)
     lora = mfu.step_flops(mfu.model_shape(small_model("mean", lora=True)), parts)
     assert lora == (4 * N + 6 * adapters - 2 * (128 + 3 * 16)) * tokens + 12 * 8 * pairs
-    # Latent pooling, 3 latents x 2 heads x dim 4 (width 8), MLP ratio 1: per pooled token to_q 2*8*8, scores and
-    # values 4*3*8, to_out 2*8*8, GEGLU 6*8*8; to_kv 2*3*8*16 once per part; all of it x 3.
+    # Latent pooling, 3 latents x 2 heads x dim 4 (width 8), MLP ratio 1: per pooled token to_q
+    # 2*8*8, scores and values 4*3*8, to_out 2*8*8, GEGLU 6*8*8; to_kv 2*3*8*16 once per part; all
+    # of it x 3.
     latent = mfu.step_flops(mfu.model_shape(small_model("latent")), parts)
     assert latent == full + 3 * ((128 + 96 + 128 + 384) * tokens + 2 * 768)
 

@@ -1,5 +1,5 @@
-"""Tests for lora.py: a fresh adapter changes nothing, merging folds it in exactly, only the adapters
-train; LoRADropout's fast CPU mask against nn.Dropout's contract.
+"""Tests for lora.py: a fresh adapter changes nothing, merging folds it in exactly, only the
+adapters train; LoRADropout's fast CPU mask against nn.Dropout's contract.
 
 Run: python -m pytest -q tests/test_lora.py
 """

@@ -1,6 +1,6 @@
-"""Tests for loss.py: contrastive_loss against a naive InfoNCE loop (the one reference the other tests
-use), its masking of known positives and repeated documents, and a batch's loss end to end. Two ranks
-against one: tests/test_train.py.
+"""Tests for loss.py: contrastive_loss against a naive InfoNCE loop (the one reference the other
+tests use), its masking of known positives and repeated documents, and a batch's loss end to end.
+Two ranks against one: tests/test_train.py.
 
 Run: python -m pytest -q tests/test_loss.py
 """
@@ -25,7 +25,8 @@ torch.set_num_threads(1)
 # ---------------------------------------------------------------- the loss
 
 
-def naive_infonce(queries, docs, keys, group_size, temperature, in_batch_negatives, known_positives=None):
+def naive_infonce(queries, docs, keys, group_size, temperature, in_batch_negatives,
+                  known_positives=None):
     """The loss of PAPER.md section 4, one query at a time, in plain Python.
 
     queries: B lists of floats; docs: B*G lists of floats grouped per query [pos, negs];
@@ -79,8 +80,10 @@ def loss(queries, docs, keys, temperature, in_batch_negatives, known_positives=N
     known = None
     if known_positives is not None:
         width = max(map(len, known_positives))
-        known = torch.tensor([sorted(s) + [min(s)] * (width - len(s)) for s in known_positives])  # (B, P)
-    return loss_module.contrastive_loss(queries, docs, torch.tensor(keys), temperature, in_batch_negatives, known).item()
+        known = torch.tensor([sorted(s) + [min(s)] * (width - len(s))
+                              for s in known_positives])  # (B, P)
+    return loss_module.contrastive_loss(queries, docs, torch.tensor(keys), temperature,
+                                        in_batch_negatives, known).item()
 
 
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
@@ -106,7 +109,8 @@ def test_loss_masks_duplicates_of_the_positive(in_batch_negatives):
     want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives)
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     # Without the mask the value would differ: the test would notice a missing mask.
-    unmasked = naive_infonce(queries.tolist(), docs.tolist(), list(range(B * G)), G, 0.05, in_batch_negatives)
+    unmasked = naive_infonce(queries.tolist(), docs.tolist(), list(range(B * G)), G, 0.05,
+                             in_batch_negatives)
     assert abs(unmasked - want) > 1e-3
 
 
@@ -121,7 +125,8 @@ def test_loss_counts_each_document_once(in_batch_negatives):
     got = loss(queries, docs, keys, 0.05, in_batch_negatives)
     want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives)
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-    every_copy = naive_infonce(queries.tolist(), docs.tolist(), list(range(B * G)), G, 0.05, in_batch_negatives)
+    every_copy = naive_infonce(queries.tolist(), docs.tolist(), list(range(B * G)), G, 0.05,
+                               in_batch_negatives)
     assert abs(every_copy - want) > 1e-3  # counting copies would give another loss
 
 
@@ -138,7 +143,8 @@ def test_loss_masks_every_known_positive(in_batch_negatives):
     got = loss(queries, docs, keys, 0.05, in_batch_negatives, known)
     want = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives, known)
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-    own_positive_only = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05, in_batch_negatives)
+    own_positive_only = naive_infonce(queries.tolist(), docs.tolist(), keys, G, 0.05,
+                                      in_batch_negatives)
     assert abs(own_positive_only - want) > 1e-3
 
 
@@ -151,7 +157,8 @@ def test_loss_checks_keys_and_shapes():
     with pytest.raises(ValueError, match="doc_keys must be an int64 tensor"):
         loss_module.contrastive_loss(queries, docs, [str(k) for k in keys])
     with pytest.raises(ValueError, match=r"known_positive_keys must be an int64 tensor \(2, P\)"):
-        loss_module.contrastive_loss(queries, docs, torch.tensor(keys), known_positive_keys=torch.tensor(keys))
+        loss_module.contrastive_loss(queries, docs, torch.tensor(keys),
+                                     known_positive_keys=torch.tensor(keys))
 
 
 # Through the data pipeline: data.TrainDataset -> collate -> train.forward_backward, with a
@@ -163,8 +170,9 @@ class BagOfBytes(torch.nn.Module):
 
     def __init__(self, D=16, seed=0):
         super().__init__()
-        self.table = torch.nn.Parameter(torch.randn(259, D, generator=torch.Generator().manual_seed(seed),
-                                                    dtype=torch.float64))
+        self.table = \
+            torch.nn.Parameter(torch.randn(259, D, generator=torch.Generator().manual_seed(seed),
+                                           dtype=torch.float64))
 
     def forward(self, batch):
         return (self.table[batch["input_ids"]] * batch["pool_mask"][..., None]).sum(1)  # (B, D)
@@ -196,12 +204,14 @@ def known_positive_examples():
 
 def known_positive_dataset(in_batch_negatives):
     """The examples above plus (query a, doc beta), which no batch of the tests takes."""
-    examples = known_positive_examples() + [training_files.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
+    examples = known_positive_examples() + \
+        [training_files.Example("query a", "Find", "doc beta", ["doc x"], "retrieval")]
     return data.TrainDataset("known-positives", examples, in_batch_negatives=in_batch_negatives,
                              num_hard_negatives=2)
 
 
-def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperature, in_batch_negatives):
+def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperature,
+                     in_batch_negatives):
     """The loss of a batch of examples, every query's candidates built from the texts by hand."""
     def embed(text, instruction=""):
         return model(data.tokenize(ByteTokenizer(), [text], instruction))[0].tolist()
@@ -209,11 +219,13 @@ def naive_batch_loss(model, examples, all_examples, num_hard_negatives, temperat
     groups = [[e.positive] + [e.negatives[k % len(e.negatives)] for k in range(num_hard_negatives)]
               for e in examples]
     texts = [text for group in groups for text in group]
-    known = [{other.positive for other in all_examples if (other.instruction, other.query) == (e.instruction, e.query)}
+    known = [{other.positive for other in all_examples
+              if (other.instruction, other.query) == (e.instruction, e.query)}
              for e in examples]
     with torch.no_grad():
-        return naive_infonce([embed(e.query, e.instruction) for e in examples], [embed(t) for t in texts], texts,
-                             1 + num_hard_negatives, temperature, in_batch_negatives, known)
+        return naive_infonce([embed(e.query, e.instruction) for e in examples],
+                             [embed(t) for t in texts], texts, 1 + num_hard_negatives, temperature,
+                             in_batch_negatives, known)
 
 
 @pytest.mark.parametrize("in_batch_negatives", [False, True])
@@ -221,7 +233,8 @@ def test_batch_loss_masks_known_positives_and_counts_documents_once(in_batch_neg
     dataset, model = known_positive_dataset(in_batch_negatives), BagOfBytes()
     batch = dataset.collate(range(8), ByteTokenizer(), max_length=64)
     got, _ = train.forward_backward(model, batch, 0.05, 1.0, torch.device("cpu"))
-    want = naive_batch_loss(model, known_positive_examples(), dataset.examples, 2, 0.05, in_batch_negatives)
+    want = naive_batch_loss(model, known_positive_examples(), dataset.examples, 2, 0.05,
+                            in_batch_negatives)
     assert got.item() == pytest.approx(want, rel=1e-9)
 
 

@@ -225,8 +225,8 @@ def test_from_pretrained_refuses_bad_checkpoints(tmp_path):
     from safetensors.torch import load_file, save_file
 
     cfg = tiny_config("llama", 0)
-    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in cfg.__dict__.items()
-                                                                   if k != "sliding_window"}))
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{k: v for k, v in cfg.__dict__.items() if k != "sliding_window"}))
     lm.save_pretrained(tmp_path, safe_serialization=True)
     weights = load_file(tmp_path / "model.safetensors")
 
@@ -238,7 +238,9 @@ def test_from_pretrained_refuses_bad_checkpoints(tmp_path):
         Mistral.from_pretrained(tmp_path)
 
     write({**weights, "model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)})
-    with pytest.raises(ValueError, match=r"wrongly shaped.*layers.0.self_attn.q_proj.weight: checkpoint \(3, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"wrongly shaped.*layers.0.self_attn.q_proj.weight: "
+                             r"checkpoint \(3, 3\)"):
         Mistral.from_pretrained(tmp_path)
 
     write({**weights, "model.layers.9.mlp.up_proj.weight": torch.zeros(3, 3)})
@@ -262,7 +264,8 @@ def test_from_pretrained_refuses_bad_checkpoints(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**config, key: scaling}))
         with pytest.raises(ValueError, match=f"{key} type 'yarn' is not supported"):
             Mistral.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear"}}))
+    (tmp_path / "config.json").write_text(json.dumps({**config,
+                                                      "rope_scaling": {"type": "linear"}}))
     with pytest.raises(ValueError, match="rope_scaling type 'linear' is not supported"):
         Mistral.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(
@@ -285,7 +288,8 @@ def test_real_smollm2_matches_transformers():
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                            dtype=torch.float32).model.eval()
     ours = Mistral.from_pretrained(gguf).eval()
-    sentences = ["The capital of France is", "Bidirectional attention turns a decoder into an encoder."]
+    sentences = ["The capital of France is",
+                 "Bidirectional attention turns a decoder into an encoder."]
     for text in sentences:
         ids = torch.tensor([tokenizer.encode(text)])
         with torch.no_grad():

@@ -45,7 +45,8 @@ def test_encode_keeps_input_order_and_batches_by_length():
     model = tiny("mean")
     full = model.encode(TEXTS, batch_size=2, convert_to_tensor=True)
     perm = [3, 0, 4, 2, 1]
-    torch.testing.assert_close(model.encode([TEXTS[i] for i in perm], batch_size=2, convert_to_tensor=True), full[perm])
+    torch.testing.assert_close(model.encode([TEXTS[i] for i in perm], batch_size=2,
+                                            convert_to_tensor=True), full[perm])
     assert not torch.allclose(full[0], full[1])
 
 
@@ -66,55 +67,68 @@ def test_encode_tokenizes_each_text_once(monkeypatch, instruction):
 
 def test_instruction_changes_query_but_is_not_pooled():
     model = tiny("mean")
-    with_instruction = model.encode(["what is a fox"], instruction="Given a question, find the answer",
+    with_instruction = model.encode(["what is a fox"],
+                                    instruction="Given a question, find the answer",
                                     convert_to_tensor=True)
     without = model.encode(["what is a fox"], convert_to_tensor=True)
     assert not torch.allclose(with_instruction, without)  # attended to (bidirectional) ...
     batch = model.tokenize(["what is a fox"], instruction="Given a question, find the answer")
     pooled_ids = batch["input_ids"][batch["pool_mask"]].tolist()
-    assert pooled_ids == model.tokenizer.encode("what is a fox") + [model.tokenizer.eos_token_id]  # ... not pooled
+    # ... not pooled
+    assert pooled_ids == model.tokenizer.encode("what is a fox") + [model.tokenizer.eos_token_id]
 
 
 def test_pool_mask_is_exactly_text_and_eos_with_real_bpe():
     gguf = smollm2_gguf()
     tokenizer = load_tokenizer(str(gguf))
     decoder = Mistral(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1))
     model = NVEmbed(decoder, LatentAttentionPooling(32, num_latents=4), tokenizer, "latent")
     instruction, text = "Given a claim, retrieve evidence", "vitamin-D deficiency raises risk"
     batch = model.tokenize([text, "ok"], instruction=instruction)
     pooled = batch["input_ids"][0][batch["pool_mask"][0]].tolist()
-    # Byte-level BPE: the text's first token carries the boundary's space ("Ġvitamin"), as in the joined string.
-    assert pooled == tokenizer.encode(" " + text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    # Byte-level BPE: the text's first token carries the boundary's space ("Ġvitamin"), as in the
+    # joined string.
+    assert pooled == \
+        tokenizer.encode(" " + text, add_special_tokens=False) + [tokenizer.eos_token_id]
     model.encode([text, "ok"], instruction=instruction)  # runs end to end with the real tokenizer
 
 
 def test_sentence_transformers_style_script_runs_unchanged():
-    # As NV-Embed-v2's model card calls sentence-transformers: the whole query prefix as `prompt`, numpy out.
+    # As NV-Embed-v2's model card calls sentence-transformers: the whole query prefix as `prompt`,
+    # numpy out.
     model = tiny("mean")
     query_prefix = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
     queries = ["are judo throws allowed in wrestling?", "how to become a radiology technician?"]
-    passages = ["Judo throws are allowed in freestyle wrestling.", "Radiology technicians need a degree.", ""]
-    query_embeddings = model.encode(queries, prompt=query_prefix, batch_size=1, normalize_embeddings=True)
-    passage_embeddings = model.encode(passages, batch_size=2, normalize_embeddings=True, show_progress_bar=False)
+    passages = ["Judo throws are allowed in freestyle wrestling.",
+                "Radiology technicians need a degree.", ""]
+    query_embeddings = model.encode(queries, prompt=query_prefix, batch_size=1,
+                                    normalize_embeddings=True)
+    passage_embeddings = model.encode(passages, batch_size=2, normalize_embeddings=True,
+                                      show_progress_bar=False)
     scores = (query_embeddings @ passage_embeddings.T) * 100
-    assert isinstance(scores, np.ndarray) and scores.shape == (2, 3) and query_embeddings.dtype == np.float32
+    assert isinstance(scores, np.ndarray) and scores.shape == (2, 3) and \
+        query_embeddings.dtype == np.float32
     one = model.encode(queries[0], prompt=query_prefix)  # a single string -> (D,)
     assert isinstance(one, np.ndarray) and one.shape == (model.decoder.config.hidden_size,)
     np.testing.assert_allclose(one, query_embeddings[0], atol=1e-6, rtol=0)
 
     # prompt= is the template filled in: the same ids, so exactly the same vectors as instruction=.
     task = "Given a question, retrieve passages that answer the question"
-    np.testing.assert_array_equal(model.encode(queries, instruction=task), model.encode(queries, prompt=query_prefix))
+    np.testing.assert_array_equal(model.encode(queries, instruction=task),
+                                  model.encode(queries, prompt=query_prefix))
     # Any other prefix is read as given and kept out of the pool like an instruction.
     batch = model.tokenize(["ab"], prompt="query: ")
-    assert batch["input_ids"][0][batch["pool_mask"][0]].tolist() == [97, 98, model.tokenizer.eos_token_id]
+    assert batch["input_ids"][0][batch["pool_mask"][0]].tolist() == \
+        [97, 98, model.tokenizer.eos_token_id]
 
     # An empty text is embedded: by hand, the mean pooling of BOS EOS pools EOS alone.
     bos, eos = model.tokenizer.bos_token_id, model.tokenizer.eos_token_id
     hidden = model.decoder(torch.tensor([[bos, eos]]))  # (1, 2, D)
     by_hand = F.normalize(hidden[0, 1], dim=-1)
-    torch.testing.assert_close(model.encode("", convert_to_tensor=True), by_hand.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.encode("", convert_to_tensor=True), by_hand.detach(),
+                               atol=1e-6, rtol=0)
     np.testing.assert_allclose(passage_embeddings[2], by_hand.detach().numpy(), atol=1e-6, rtol=0)
 
     # Neither numpy nor tensor: a list of (D,) tensors, as sentence-transformers gives.
@@ -157,8 +171,8 @@ def test_save_and_reload_identical(tmp_path, pooling):
     model.save(tmp_path / "m")
     loaded = NVEmbed.load(tmp_path / "m")
     assert loaded.causal == model.causal and loaded.pooling_name == pooling
-    torch.testing.assert_close(loaded.encode(TEXTS, instruction="find it", convert_to_tensor=True), before,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(loaded.encode(TEXTS, instruction="find it", convert_to_tensor=True),
+                               before, atol=0, rtol=0)
     with pytest.raises(FileExistsError, match="already exists and is not empty"):
         model.save(tmp_path / "m")
 
@@ -180,19 +194,22 @@ def test_lora_on_a_checkpoint_saves_adapters_only(tmp_path):
     assert (tmp_path / "m" / "adapters.safetensors").is_file()
     assert not (tmp_path / "m" / "decoder.safetensors").exists()
     loaded = NVEmbed.load(tmp_path / "m")
-    torch.testing.assert_close(loaded.encode(TEXTS, convert_to_tensor=True), before, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loaded.encode(TEXTS, convert_to_tensor=True), before, atol=1e-6,
+                               rtol=1e-6)
     # The same in bf16: the fingerprint of the base does not depend on the dtype it is loaded in.
     NVEmbed.load(tmp_path / "m", dtype=torch.bfloat16)
     # Another checkpoint of the same shape in the base's place is refused, not silently used.
     torch.manual_seed(1)
     transformers.LlamaForCausalLM(hf.config).save_pretrained(tmp_path / "base")
-    with pytest.raises(ValueError, match="holds other weights than the ones these adapters were trained on"):
+    with pytest.raises(ValueError,
+                       match="holds other weights than the ones these adapters were trained on"):
         NVEmbed.load(tmp_path / "m")
 
 
 def test_run_folder_with_its_base_moves_whole(tmp_path):
-    """A base inside the run folder is recorded relative to the model: the whole run folder can move.
-    A base outside it is recorded as given; a missing base is one error naming the recorded path."""
+    """A base inside the run folder is recorded relative to the model: the whole run folder can
+    move. A base outside it is recorded as given; a missing base is one error naming the recorded
+    path."""
     transformers = pytest.importorskip("transformers")
     cfg = MistralConfig.preset("tiny")
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -203,12 +220,13 @@ def test_run_folder_with_its_base_moves_whole(tmp_path):
     model = from_base(str(run / "base"), pooling="mean")
     apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
     before = model.eval().encode(TEXTS, convert_to_tensor=True)
-    model.save(run / "model", training=dict(data=["train.jsonl"], steps=7, metrics={"NDCG@10": 0.5}))
+    model.save(run / "model",
+               training=dict(data=["train.jsonl"], steps=7, metrics={"NDCG@10": 0.5}))
     config = json.loads((run / "model" / "config.json").read_text())
     assert (config["base"], config["base_relative"]) == ("../base", True)
     card = (run / "model" / "README.md").read_text()
-    for expected in ("| base |", "| pooling | mean", "bidirectional", "train.jsonl", "| steps | 7 |",
-                     "NDCG@10 0.5000", config["fingerprint"], "NVEmbed.load("):
+    for expected in ("| base |", "| pooling | mean", "bidirectional", "train.jsonl",
+                     "| steps | 7 |", "NDCG@10 0.5000", config["fingerprint"], "NVEmbed.load("):
         assert expected in card, expected
     (run).rename(tmp_path / "moved")
     loaded = NVEmbed.load(tmp_path / "moved" / "model")
@@ -219,7 +237,8 @@ def test_run_folder_with_its_base_moves_whole(tmp_path):
     model = from_base(str(outside), pooling="mean")
     apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
     model.save(tmp_path / "other" / "model")
-    assert json.loads((tmp_path / "other" / "model" / "config.json").read_text())["base"] == str(outside)
+    assert json.loads((tmp_path / "other" / "model" / "config.json").read_text())["base"] == \
+        str(outside)
     outside.rename(tmp_path / "gone")
     with pytest.raises(FileNotFoundError, match=f"base checkpoint '{outside}' is not found"):
         NVEmbed.load(tmp_path / "other" / "model")
@@ -246,7 +265,8 @@ def released_folder(tmp_path, drop=None, misshape=None):
         torch.nn.init.normal_(p, std=0.2)
     ours_to_released = {v: k for k, v in RELEASED_LATENT_NAMES.items()}
     state = {f"embedding_model.{k}": v for k, v in decoder.state_dict().items()}
-    state |= {f"latent_attention_model.{ours_to_released[k]}": v for k, v in pooling.state_dict().items()}
+    state |= {f"latent_attention_model.{ours_to_released[k]}": v
+              for k, v in pooling.state_dict().items()}
     if drop:
         state.pop(drop)
     if misshape:
@@ -256,7 +276,8 @@ def released_folder(tmp_path, drop=None, misshape=None):
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "nvembed",
         "text_config": {**text_config, "model_type": "bidir_mistral"},
-        "latent_attention_config": {"num_latents_value": 8, "num_cross_heads": 2, "cross_dim_head": 16},
+        "latent_attention_config": {"num_latents_value": 8, "num_cross_heads": 2,
+                                    "cross_dim_head": 16},
     }))
     ByteTokenizer().save_pretrained(str(tmp_path))
     return NVEmbed(decoder, pooling, ByteTokenizer(), "latent").eval()
@@ -265,7 +286,8 @@ def released_folder(tmp_path, drop=None, misshape=None):
 def test_released_names_load(tmp_path):
     reference = released_folder(tmp_path)
     loaded = from_released(tmp_path)
-    reference.text_rule = loaded.text_rule  # the released input rule (tests/test_released.py); here: the names
+    # the released input rule (tests/test_released.py); here: the names
+    reference.text_rule = loaded.text_rule
     torch.testing.assert_close(loaded.encode(TEXTS, instruction="q", convert_to_tensor=True),
                                reference.encode(TEXTS, instruction="q", convert_to_tensor=True))
 
@@ -283,8 +305,9 @@ def test_released_names_refuse_missing_or_misshapen(tmp_path):
 
 
 def test_bf16_base_with_fp32_adapters_and_pooling_encodes():
-    """What train.py builds for LoRA in bf16 (trainable weights fp32 over a bf16 base) encodes outside autocast,
-    as train.py's evaluation before training does, and agrees with an all-fp32 copy."""
+    """What train.py builds for LoRA in bf16 (trainable weights fp32 over a bf16 base) encodes
+    outside autocast, as train.py's evaluation before training does, and agrees with an all-fp32
+    copy."""
     model = tiny("latent", dtype=torch.bfloat16)
     apply_lora(model.decoder, rank=4, alpha=8, dropout=0.0)
     for name, param in model.named_parameters():
@@ -297,7 +320,8 @@ def test_bf16_base_with_fp32_adapters_and_pooling_encodes():
 
 
 def test_encode_keeps_a_pooling_of_another_width():
-    """bench/ablate.py pools four ways at once and concatenates them: encode must keep that width."""
+    """bench/ablate.py pools four ways at once and concatenates them: encode must keep that
+    width."""
     class TwoMeans(torch.nn.Module):
         def forward(self, hidden, pool_mask):
             mean = (hidden * pool_mask[..., None]).sum(1) / pool_mask.sum(1, keepdim=True)

@@ -15,11 +15,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from plumbing.released import RELEASED_LATENT_PREFIX, latent_attention_state_dict_from_released  # noqa: E402
+from plumbing.released import (RELEASED_LATENT_PREFIX,  # noqa: E402
+                               latent_attention_state_dict_from_released)
 from model import Mistral, MistralConfig, NVEmbed  # noqa: E402
 from plumbing.base_checkpoints import ByteTokenizer  # noqa: E402
-from pooling import (POOLINGS, LastTokenPooling, LatentAttentionPooling, MeanPooling, SelfAttentionPooling,  # noqa: E402
-                     check_pool_mask)
+from pooling import (POOLINGS, LastTokenPooling, LatentAttentionPooling, MeanPooling,  # noqa: E402
+                     SelfAttentionPooling, check_pool_mask)
 
 torch.set_num_threads(1)
 DTYPE = torch.float64
@@ -108,19 +109,23 @@ def naive_self_attention(hidden, pool_mask, module):
         for t in kept:
             normed = layer_norm(hidden[b, t].to(DTYPE), state["norm.weight"], state["norm.bias"])
             qkv = state["qkv.weight"] @ normed + state["qkv.bias"]
-            q[t], k[t], v[t] = qkv[:hidden_size], qkv[hidden_size:2 * hidden_size], qkv[2 * hidden_size:]
+            q[t], k[t], v[t] = qkv[:hidden_size], qkv[hidden_size:2 * hidden_size], \
+                qkv[2 * hidden_size:]
         for t in kept:
             heads_out = []
             for h in range(num_heads):
                 part = slice(h * head_dim, (h + 1) * head_dim)
-                probs = softmax([float(q[t][part] @ k[s][part]) / math.sqrt(head_dim) for s in kept])
+                probs = softmax([float(q[t][part] @ k[s][part]) / math.sqrt(head_dim)
+                                 for s in kept])
                 heads_out.append(sum(p * v[s][part] for p, s in zip(probs, kept)))
-            x = hidden[b, t].to(DTYPE) + state["out.weight"] @ torch.cat(heads_out) + state["out.bias"]
+            x = hidden[b, t].to(DTYPE) + state["out.weight"] @ torch.cat(heads_out) + \
+                state["out.bias"]
             pooled[b] += x / len(kept)
     return pooled
 
 
-def synthetic_released(hidden_size=16, num_latents=4, num_heads=2, head_dim=None, mlp_ratio=4, seed=0):
+def synthetic_released(hidden_size=16, num_latents=4, num_heads=2, head_dim=None, mlp_ratio=4,
+                       seed=0):
     """A state dict with the released NV-Embed names at tiny sizes, every tensor random."""
     generator = torch.Generator().manual_seed(seed)
     D = hidden_size
@@ -144,7 +149,8 @@ def synthetic_released(hidden_size=16, num_latents=4, num_heads=2, head_dim=None
     released = {RELEASED_LATENT_PREFIX + name: torch.randn(shape, generator=generator) * 0.5
                 for name, shape in shapes.items()}
     # The decoder's weights sit in the same file; the mapping must ignore them.
-    released["embedding_model.layers.0.self_attn.q_proj.weight"] = torch.randn(D, D, generator=generator)
+    released["embedding_model.layers.0.self_attn.q_proj.weight"] = \
+        torch.randn(D, D, generator=generator)
     return released
 
 
@@ -188,7 +194,8 @@ def test_eos_by_hand():
 
 def test_eos_right_and_left_padding():
     # Token t of row b holds the value 10 * b + t in every feature.
-    hidden = (10 * torch.arange(3)[:, None] + torch.arange(6)[None, :]).float()[..., None].expand(3, 6, 4)
+    hidden = (10 * torch.arange(3)[:, None]
+              + torch.arange(6)[None, :]).float()[..., None].expand(3, 6, 4)
     out = LastTokenPooling()(hidden, example_mask())
     # right padding -> position 2; left padding -> the last position 5; instruction row -> 4
     assert torch.equal(out[:, 0], torch.tensor([2.0, 15.0, 24.0]))
@@ -199,7 +206,8 @@ def test_eos_right_and_left_padding():
 def test_latent_attention_matches_naive_loop_through_released_names():
     released = synthetic_released(hidden_size=16, num_latents=4, num_heads=2)
     module = LatentAttentionPooling(16, num_latents=4, num_heads=2).to(DTYPE)
-    module.load_state_dict(latent_attention_state_dict_from_released(released, expected=module), strict=True)
+    module.load_state_dict(latent_attention_state_dict_from_released(released, expected=module),
+                           strict=True)
     hidden = torch.randn(3, 6, 16, dtype=DTYPE)
     mask = example_mask()
     expected = naive_latent_attention(hidden, mask, released, num_heads=2)
@@ -208,9 +216,12 @@ def test_latent_attention_matches_naive_loop_through_released_names():
 
 def test_latent_attention_other_sizes_match_naive_loop():
     # head_dim != D and mlp_ratio != 4 catch a head/feature layout mix-up that Dh = D could hide.
-    released = synthetic_released(hidden_size=6, num_latents=5, num_heads=3, head_dim=4, mlp_ratio=2, seed=1)
-    module = LatentAttentionPooling(6, num_latents=5, num_heads=3, head_dim=4, mlp_ratio=2).to(DTYPE)
-    module.load_state_dict(latent_attention_state_dict_from_released(released, expected=module), strict=True)
+    released = synthetic_released(hidden_size=6, num_latents=5, num_heads=3, head_dim=4,
+                                  mlp_ratio=2, seed=1)
+    module = LatentAttentionPooling(6, num_latents=5, num_heads=3, head_dim=4,
+                                    mlp_ratio=2).to(DTYPE)
+    module.load_state_dict(latent_attention_state_dict_from_released(released, expected=module),
+                           strict=True)
     hidden = torch.randn(3, 6, 6, dtype=DTYPE)
     mask = example_mask()
     expected = naive_latent_attention(hidden, mask, released, num_heads=3)
@@ -233,7 +244,8 @@ def test_masked_positions_have_no_influence(name, filler):
     module = build(name)
     mask = example_mask()
     hidden = torch.randn(3, 6, 8, dtype=DTYPE)
-    noise = torch.randn_like(hidden) * 100 if filler == "random" else torch.full_like(hidden, float("nan"))
+    noise = torch.randn_like(hidden) * 100 if filler == "random" \
+        else torch.full_like(hidden, float("nan"))
     scrambled = torch.where(mask[..., None], hidden, noise)
     reference = module(hidden, mask)
     assert torch.isfinite(reference).all()
@@ -245,10 +257,12 @@ def test_empty_row_is_an_error(name):
     # Checked once, where every pooling is called: NVEmbed.forward (check_pool_mask).
     mask = example_mask()
     mask[1] = False
-    decoder = Mistral(MistralConfig(vocab_size=259, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, sliding_window=None))
+    decoder = Mistral(MistralConfig(vocab_size=259, hidden_size=8, intermediate_size=16,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, sliding_window=None))
     model = NVEmbed(decoder.to(DTYPE), build(name), ByteTokenizer(), name)
-    batch = dict(input_ids=torch.ones(3, 6, dtype=torch.long), attention_mask=torch.ones(3, 6), pool_mask=mask)
+    batch = dict(input_ids=torch.ones(3, 6, dtype=torch.long), attention_mask=torch.ones(3, 6),
+                 pool_mask=mask)
     with pytest.raises(ValueError, match=r"row\(s\) \[1\]"):
         model(batch)
 
@@ -299,14 +313,16 @@ def test_latent_attention_init_and_meta_reset():
 def test_mapping_refuses_missing_key():
     released = synthetic_released()
     del released[RELEASED_LATENT_PREFIX + "cross_attend_blocks.0.fn.to_kv.weight"]
-    with pytest.raises(KeyError, match=r"latent_attention_model\.cross_attend_blocks\.0\.fn\.to_kv\.weight"):
+    with pytest.raises(KeyError,
+                       match=r"latent_attention_model\.cross_attend_blocks\.0\.fn\.to_kv\.weight"):
         latent_attention_state_dict_from_released(released)
 
 
 def test_mapping_refuses_unexpected_key():
     released = synthetic_released()
     released[RELEASED_LATENT_PREFIX + "cross_attend_blocks.0.fn.to_v.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match=r"unexpected \['latent_attention_model\.cross_attend_blocks\.0\.fn\.to_v"):
+    with pytest.raises(KeyError, match=r"unexpected \['latent_attention_model\."
+                                       r"cross_attend_blocks\.0\.fn\.to_v"):
         latent_attention_state_dict_from_released(released)
 
 
@@ -314,7 +330,8 @@ def test_mapping_refuses_misshapen_tensor():
     released = synthetic_released()
     released[RELEASED_LATENT_PREFIX + "cross_attend_blocks.1.fn.net.0.weight"] = torch.zeros(64, 16)
     module = LatentAttentionPooling(16, num_latents=4, num_heads=2)
-    with pytest.raises(ValueError, match=r"cross_attend_blocks\.1\.fn\.net\.0\.weight -> ff_in\.weight: "
+    with pytest.raises(ValueError,
+                       match=r"cross_attend_blocks\.1\.fn\.net\.0\.weight -> ff_in\.weight: "
                                          r"expected \(128, 16\), got \(64, 16\)"):
         latent_attention_state_dict_from_released(released, expected=module)
     shapes = {k: v.shape for k, v in module.state_dict().items()}

@@ -96,8 +96,9 @@ CHAT = "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
 def bpe_tokenizer(bos: bool):
-    """A byte-level BPE as SmolLM2's, with two merges: 'Ġ' 'v' and 'Ġv' 'i'. "Query: " alone ends in
-    'Ġ', but "Query: vitamin" is ':' 'Ġvi' 't' ...: the prompt's last token merges with the text."""
+    """A byte-level BPE as SmolLM2's, with two merges: 'Ġ' 'v' and 'Ġv' 'i'. "Query: " alone ends
+    in 'Ġ', but "Query: vitamin" is ':' 'Ġvi' 't' ...: the prompt's last token merges with the
+    text."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode

@@ -20,16 +20,19 @@ from plumbing import distributed  # noqa: E402
 import train  # noqa: E402
 from plumbing.sampler import rank_slice  # noqa: E402
 from tests.helpers import free_port, spawn_two_ranks  # noqa: E402
-from tests.test_loss import BagOfBytes, known_positive_dataset, known_positive_examples, naive_batch_loss  # noqa: E402
+from tests.test_loss import (BagOfBytes, known_positive_dataset,  # noqa: E402
+                             known_positive_examples, naive_batch_loss)
 from plumbing.loading import from_base  # noqa: E402
 
 torch.set_num_threads(1)
 
 
-def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_path, single_process, monkeypatch):
-    """dcp pickles every non-tensor entry (torch.save) and unpickles it at load with torch.load(weights_only=False).
-    The step, the schedule and the optimizer's param groups live in trainer_state.json instead, so the dcp
-    folder's metadata lists tensors only and loading calls torch.load in weights_only mode alone."""
+def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_path, single_process,
+                                                                          monkeypatch):
+    """dcp pickles every non-tensor entry (torch.save) and unpickles it at load with
+    torch.load(weights_only=False). The step, the schedule and the optimizer's param groups live in
+    trainer_state.json instead, so the dcp folder's metadata lists tensors only and loading calls
+    torch.load in weights_only mode alone."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -42,14 +45,17 @@ def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_pa
 
     model, optimizer, scheduler = training_objects()
     for _ in range(2):
-        train.forward_backward(model, collate(model, global_batch(), True), TEMPERATURE, 1.0, torch.device("cpu"))
+        train.forward_backward(model, collate(model, global_batch(), True), TEMPERATURE, 1.0,
+                               torch.device("cpu"))
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
-    folder = run_folder.save_checkpoint(tmp_path, model, optimizer, scheduler, 2, config={"seed": 0})
+    folder = run_folder.save_checkpoint(tmp_path, model, optimizer, scheduler, 2,
+                                        config={"seed": 0})
 
     entries = FileSystemReader(folder).read_metadata().state_dict_metadata
-    pickled = sorted(key for key, value in entries.items() if not isinstance(value, TensorStorageMetadata))
+    pickled = sorted(key for key, value in entries.items()
+                     if not isinstance(value, TensorStorageMetadata))
     assert entries and not pickled, pickled
 
     fresh_model, fresh_optimizer, fresh_scheduler = training_objects()
@@ -70,7 +76,8 @@ def test_checkpoint_holds_only_tensors_and_loading_unpickles_nothing_else(tmp_pa
     assert got["state"].keys() == expected["state"].keys()
     for index, state in expected["state"].items():
         assert all(torch.equal(got["state"][index][name], value) for name, value in state.items())
-    for (name, value), (_, restored) in zip(model.state_dict().items(), fresh_model.state_dict().items()):
+    for (name, value), (_, restored) in zip(model.state_dict().items(),
+                                            fresh_model.state_dict().items()):
         assert torch.equal(value, restored), name
 
 
@@ -81,14 +88,16 @@ TEMPERATURE = 0.05
 
 
 def tiny_model(kind):
-    config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96, model_dtype="fp32",
-                  seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8), name=f"tiny-{kind}",
-                  lora_rank=4 if kind == "lora" else 0, lora_alpha=8.0, lora_dropout=0.0)
+    config = dict(init_from=None, model="tiny", pooling="latent", causal=False, max_length=96,
+                  model_dtype="fp32", seed=0, pooling_kwargs=dict(num_latents=8, head_dim=8),
+                  name=f"tiny-{kind}", lora_rank=4 if kind == "lora" else 0, lora_alpha=8.0,
+                  lora_dropout=0.0)
     return train.build_model(config)
 
 
 def global_batch():
-    """8 built-in examples; example 0 appears twice, once on each rank (a duplicate positive across ranks)."""
+    """8 built-in examples; example 0 appears twice, once on each rank (a duplicate positive across
+    ranks)."""
     examples = builtin.builtin_dataset(seed=0).train_examples
     return [examples[i] for i in (0, 1, 2, 3, 0, 5, 6, 7)]
 
@@ -102,7 +111,8 @@ def collate(model, examples, in_batch_negatives):
 
 def gradients(model):
     """Full (unsharded) gradients by parameter name."""
-    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
+                   else p.grad).detach().clone()
             for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -115,13 +125,16 @@ def two_rank_worker(rank, out_dir):
         model = train.parallelize(tiny_model(kind), device, activation_checkpointing=checkpointing)
         examples = global_batch()
         mine = [examples[i] for i in rank_slice(range(len(examples)), rank, 2)]
-        loss, _ = train.forward_backward(model, collate(model, mine, in_batch), TEMPERATURE, 1.0, device)
+        loss, _ = train.forward_backward(model, collate(model, mine, in_batch), TEMPERATURE, 1.0,
+                                         device)
         torch.distributed.all_reduce(loss)
         results[(kind, in_batch, checkpointing)] = (loss.item() / 2, gradients(model))
-    for kind, chunk_size in GRAD_CACHE_CASES:  # GradCache under FSDP: chunks of 3 (divides 4 queries, not 12 docs)
+    # GradCache under FSDP: chunks of 3 (divides 4 queries, not 12 docs)
+    for kind, chunk_size in GRAD_CACHE_CASES:
         model = train.parallelize(tiny_model(kind), device)
         mine = [global_batch()[i] for i in rank_slice(range(8), rank, 2)]
-        loss, _ = train.forward_backward_cached(model, collate(model, mine, True), TEMPERATURE, chunk_size, device)
+        loss, _ = train.forward_backward_cached(model, collate(model, mine, True), TEMPERATURE,
+                                                chunk_size, device)
         torch.distributed.all_reduce(loss)
         results[("grad-cache", kind, chunk_size)] = (loss.item() / 2, gradients(model))
     if rank == 0:
@@ -130,8 +143,8 @@ def two_rank_worker(rank, out_dir):
     # The loss alone, through the data pipeline: cross-rank known positives and copies.
     losses = {}
     for in_batch in (False, True):
-        batch = known_positive_dataset(in_batch).collate(rank_slice(range(8), rank, 2), ByteTokenizer(),
-                                                         max_length=64)
+        batch = known_positive_dataset(in_batch).collate(rank_slice(range(8), rank, 2),
+                                                         ByteTokenizer(), max_length=64)
         loss, _ = train.forward_backward(BagOfBytes(), batch, TEMPERATURE, 1.0, device)
         torch.distributed.all_reduce(loss)
         losses[in_batch] = loss.item() / 2
@@ -144,16 +157,20 @@ def two_rank_worker(rank, out_dir):
         train.train(train.configure(SMALL_JOB + ["--steps", "6", *extra]))
 
     def built_on_rank_1(config):
-        raise AssertionError("rank 1 built the model: only rank 0 should (train.build_model_on_rank0)")
+        raise AssertionError("rank 1 built the model: only rank 0 should "
+                             "(train.build_model_on_rank0)")
 
     if rank == 1:
         train.build_model = built_on_rank_1
     run("--out", os.path.join(out_dir, "a"))
     run("--out", os.path.join(out_dir, "b"), "--stop-after", "3")
     run("--out", os.path.join(out_dir, "b"), "--resume")
-    run("--out", os.path.join(out_dir, "c"), "--steps", "3", "--lora-dropout", "0")  # vs one rank, below
-    run("--out", os.path.join(out_dir, "f"), *EVAL_EVERY)  # sharded evaluations of the FSDP model, in lockstep
-    train.train(train.configure(STAGE2_FROM + [os.path.join(out_dir, "c"), "--out", os.path.join(out_dir, "e")]))
+    # vs one rank, below
+    run("--out", os.path.join(out_dir, "c"), "--steps", "3", "--lora-dropout", "0")
+    # sharded evaluations of the FSDP model, in lockstep
+    run("--out", os.path.join(out_dir, "f"), *EVAL_EVERY)
+    train.train(train.configure(STAGE2_FROM + [os.path.join(out_dir, "c"), "--out",
+                                               os.path.join(out_dir, "e")]))
 
     def unreadable(config):
         raise ValueError("checkpoint unreadable")
@@ -190,7 +207,8 @@ def test_two_ranks_give_the_gradients_of_one(two_ranks):
         if kind == "lora":
             assert all("lora_" in name or name.startswith("pooling.") for name in one)
         for name, grad in one.items():
-            torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{kind} {in_batch} {name}")
+            torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{kind} {in_batch} {name}")
 
 
 def test_grad_cache_on_two_ranks_gives_the_gradients_of_one_plain_step(two_ranks):
@@ -198,14 +216,15 @@ def test_grad_cache_on_two_ranks_gives_the_gradients_of_one_plain_step(two_ranks
     two = torch.load(two_ranks / "gradients.pt")
     for kind, chunk_size in GRAD_CACHE_CASES:
         model = tiny_model(kind)
-        loss, _ = train.forward_backward(model, collate(model, global_batch(), True), TEMPERATURE, 1.0,
-                                         torch.device("cpu"))
+        loss, _ = train.forward_backward(model, collate(model, global_batch(), True), TEMPERATURE,
+                                         1.0, torch.device("cpu"))
         one = gradients(model)
         two_loss, two_grads = two[("grad-cache", kind, chunk_size)]
         assert two_loss == pytest.approx(loss.item(), rel=1e-5)
         assert set(two_grads) == set(one) and one
         for name, grad in one.items():
-            torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
+            torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{kind} {name}")
 
 
 def test_batch_loss_on_two_ranks_matches_the_naive_loop(two_ranks):
@@ -213,8 +232,8 @@ def test_batch_loss_on_two_ranks_matches_the_naive_loop(two_ranks):
     two = torch.load(two_ranks / "known_positive_losses.pt")
     for in_batch_negatives in (False, True):
         dataset = known_positive_dataset(in_batch_negatives)
-        want = naive_batch_loss(BagOfBytes(), known_positive_examples(), dataset.examples, 2, TEMPERATURE,
-                                in_batch_negatives)
+        want = naive_batch_loss(BagOfBytes(), known_positive_examples(), dataset.examples, 2,
+                                TEMPERATURE, in_batch_negatives)
         assert two[in_batch_negatives] == pytest.approx(want, rel=1e-9)
 
 
@@ -224,13 +243,16 @@ def test_two_ranks_fed_by_rank_0_train_as_one_process(two_ranks, tmp_path):
     train.main(SMALL_JOB + ["--steps", "3", "--lora-dropout", "0", "--out", str(tmp_path / "one")])
     one, two = saved_weights(tmp_path / "one"), saved_weights(two_ranks / "c")
     assert set(one) == set(two)
-    assert any("lora_B" in name and weight.abs().max() > 0 for name, weight in one.items())  # it trained
-    for name in one:  # Adam's first steps turn ~1e-8 gradient round-off into ~1e-5; a wrong rank 1, ~1e-2
+    assert any("lora_B" in name and weight.abs().max() > 0
+               for name, weight in one.items())  # it trained
+    # Adam's first steps turn ~1e-8 gradient round-off into ~1e-5; a wrong rank 1, ~1e-2
+    for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_stage_2_from_a_saved_model_on_two_ranks_trains_as_one_process(two_ranks, tmp_path):
-    """--init-from on 2 ranks: rank 1 gets the saved model's architecture and tokenizer from rank 0."""
+    """--init-from on 2 ranks: rank 1 gets the saved model's architecture and tokenizer from rank
+    0."""
     train.main(STAGE2_FROM + [str(two_ranks / "c"), "--out", str(tmp_path / "one")])
     one, two = saved_weights(tmp_path / "one"), saved_weights(two_ranks / "e")
     start = saved_weights(two_ranks / "c")
@@ -244,24 +266,29 @@ def logged_evals(folder):
     import json
 
     return [(r["when"], r["step"], r["NDCG@10"], r["Recall@100"])
-            for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines()) if r.get("event") == "eval"]
+            for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines())
+            if r.get("event") == "eval"]
 
 
 def test_evaluations_during_training_on_two_ranks_are_one_process_evaluations(two_ranks, tmp_path):
-    """--eval-every on 2 ranks: each rank encodes a share with the FSDP-sharded model, rank 0 logs nDCG@10."""
+    """--eval-every on 2 ranks: each rank encodes a share with the FSDP-sharded model, rank 0 logs
+    nDCG@10."""
     train.main(SMALL_JOB + EVAL_EVERY + ["--out", str(tmp_path / "one")])
     one, two = logged_evals(tmp_path / "one"), logged_evals(two_ranks / "f")
     assert [(when, step) for when, step, *_ in one] == [("before", 0), ("during", 2), ("after", 4)]
     assert len(two) == len(one)
     for (when, step, *metrics), (_, _, *want) in zip(two, one):
         assert metrics == pytest.approx(want, abs=1e-6), (when, step)
-    assert logged_losses(two_ranks / "f") == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5)
+    assert logged_losses(two_ranks / "f") == \
+        pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5)
 
 
 def test_evaluating_during_training_leaves_the_training_unchanged(tmp_path, single_process):
     train.main(SMALL_JOB + ["--steps", "4", "--out", str(tmp_path / "plain")])
-    train.main(SMALL_JOB + ["--steps", "4", "--eval", "--eval-every", "1", "--out", str(tmp_path / "evaluated")])
-    assert logged_losses(tmp_path / "evaluated") == logged_losses(tmp_path / "plain")  # dropout's stream untouched
+    train.main(SMALL_JOB + ["--steps", "4", "--eval", "--eval-every", "1", "--out",
+                            str(tmp_path / "evaluated")])
+    # dropout's stream untouched
+    assert logged_losses(tmp_path / "evaluated") == logged_losses(tmp_path / "plain")
     assert len(logged_evals(tmp_path / "evaluated")) == 1 + 3 + 1  # before, steps 1-3, after
     from bench import plot_ablation  # what draws the curves, bench/plot_ablation.py --runs
 
@@ -290,17 +317,20 @@ def test_two_rank_resume_gives_the_uninterrupted_result(two_ranks):
 # ---------------------------------------------------------------- resume, non-finite loss, config
 
 # Stage 2 from a saved model (no dropout: its LoRA comes from run "c"), followed by that folder.
-STAGE2_FROM = ["--stage", "2", "--steps", "2", "--batch-size", "8", "--max-length", "96", "--no-eval", "--no-progress",
-               "--log-every", "1", "--save-every", "100", "--init-from"]
+STAGE2_FROM = ["--stage", "2", "--steps", "2", "--batch-size", "8", "--max-length", "96",
+               "--no-eval", "--no-progress", "--log-every", "1", "--save-every", "100",
+               "--init-from"]
 
-# Evaluations before, during (step 2) and after 4 steps, without dropout (so 2 ranks train as one process).
-# 48 texts a batch: 100 queries and 500 documents make 3 and 11 batches, so one rank runs encode's lockstep forward.
-EVAL_EVERY = ["--steps", "4", "--eval", "--eval-every", "2", "--lora-dropout", "0", "--eval-batch-size", "48"]
+# Evaluations before, during (step 2) and after 4 steps, without dropout (so 2 ranks train as one
+# process). 48 texts a batch: 100 queries and 500 documents make 3 and 11 batches, so one rank runs
+# encode's lockstep forward.
+EVAL_EVERY = ["--steps", "4", "--eval", "--eval-every", "2", "--lora-dropout", "0",
+              "--eval-batch-size", "48"]
 
 # A small job: LoRA with dropout, so resuming must restore the RNG states too.
 SMALL_JOB = ["--batch-size", "8", "--hard-negatives", "2", "--max-length", "96", "--lora-rank", "4",
-             "--lora-dropout", "0.1", "--num-latents", "8", "--warmup-steps", "2", "--lr", "1e-2", "--no-eval",
-             "--no-progress", "--log-every", "1", "--save-every", "100"]
+             "--lora-dropout", "0.1", "--num-latents", "8", "--warmup-steps", "2", "--lr", "1e-2",
+             "--no-eval", "--no-progress", "--log-every", "1", "--save-every", "100"]
 
 
 @pytest.fixture
@@ -319,12 +349,14 @@ def saved_weights(folder):
 def logged_losses(folder):
     import json
 
-    return [r["loss"] for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    return [r["loss"] for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines())
+            if "loss" in r]
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, single_process):
     uninterrupted = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "a")])
-    stopped = train.main(SMALL_JOB + ["--steps", "6", "--stop-after", "3", "--out", str(tmp_path / "b")])
+    stopped = train.main(SMALL_JOB + ["--steps", "6", "--stop-after", "3", "--out",
+                                      str(tmp_path / "b")])
     assert stopped["step"] == 3 and stopped["model"] is None
     assert run_folder.latest_checkpoint(tmp_path / "b").name == "step_00000003"
     # A save that crashed midway leaves a .tmp folder; it must not be taken for a checkpoint.
@@ -339,9 +371,11 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, single_process):
     assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
 
 
-def test_resume_past_a_corrupt_newest_checkpoint_gives_the_uninterrupted_result(tmp_path, single_process, capsys):
-    """Issue 25's acceptance: of two checkpoints the newest is cut in half; --resume names it, continues from the
-    one before, and ends bit-identical to a run never interrupted (weights, embeddings and logged losses)."""
+def test_resume_past_a_corrupt_newest_checkpoint_gives_the_uninterrupted_result(
+        tmp_path, single_process, capsys):
+    """Issue 25's acceptance: of two checkpoints the newest is cut in half; --resume names it,
+    continues from the one before, and ends bit-identical to a run never interrupted (weights,
+    embeddings and logged losses)."""
     uninterrupted = train.main(SMALL_JOB + ["--steps", "6", "--out", str(tmp_path / "a")])
     job = SMALL_JOB + ["--steps", "6", "--save-every", "2", "--out", str(tmp_path / "b")]
     stopped = train.main(job + ["--stop-after", "4"])
@@ -413,7 +447,8 @@ def test_paper_recipe_with_a_real_model(tmp_path):
 
 def test_quick_recipe_with_any_model_is_the_ablations_quick_setting(tmp_path):
     """--recipe quick with any --model gives bench/ablate.py's quick setting; --recipe overrides the
-    default recipe (tiny for the tiny preset, paper for any other model), and flags override both."""
+    default recipe (tiny for the tiny preset, paper for any other model), and flags override
+    both."""
     from bench import ablate
 
     checkpoint = tmp_path / "SmolLM2-135M"
@@ -424,10 +459,12 @@ def test_quick_recipe_with_any_model_is_the_ablations_quick_setting(tmp_path):
         quick = train.configure(["--model", str(checkpoint), "--recipe", "quick", "--stage", stage,
                                  "--device", "cpu"])
         assert {key: quick[key] for key in keys} == {key: setting[key] for key in keys}
-        assert quick["pooling_kwargs"] == {"num_latents": setting["num_latents"]}  # latent head dim: D
+        # latent head dim: D
+        assert quick["pooling_kwargs"] == {"num_latents": setting["num_latents"]}
         assert quick["lora_rank"] == 16 and quick["recipe"] == "quick"  # ablate.py's --lora-rank 16
     paper_on_tiny = train.configure(["--recipe", "paper", "--lr", "1e-3", "--device", "cpu"])
-    assert (paper_on_tiny["model"], paper_on_tiny["lr"], paper_on_tiny["batch_size"]) == ("tiny", 1e-3, 128)
+    assert (paper_on_tiny["model"], paper_on_tiny["lr"], paper_on_tiny["batch_size"]) == \
+        ("tiny", 1e-3, 128)
     assert train.configure(["--model", str(checkpoint), "--device", "cpu"])["recipe"] == "paper"
     assert train.configure(["--device", "cpu"])["recipe"] == "tiny"
 
@@ -461,11 +498,14 @@ def test_stage_2_starts_from_stage_1s_trainable_weights_bit_for_bit(tmp_path, ba
 
         config = MistralConfig.preset("tiny")
         transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **{k: v for k, v in config.__dict__.items() if k != "sliding_window"})).save_pretrained(tmp_path / "base")
+            **{k: v for k, v in config.__dict__.items()
+               if k != "sliding_window"})).save_pretrained(tmp_path / "base")
         ByteTokenizer().save_pretrained(str(tmp_path / "base"))
-    saved = stage_1_like_save(tmp_path / "stage1", "tiny" if base == "preset" else str(tmp_path / "base"))
-    model = train.build_model(dict(init_from=str(tmp_path / "stage1"), model=None, max_length=96, model_dtype="bf16",
-                                   seed=0, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, name="stage2"))
+    saved = stage_1_like_save(tmp_path / "stage1",
+                              "tiny" if base == "preset" else str(tmp_path / "base"))
+    model = train.build_model(dict(init_from=str(tmp_path / "stage1"), model=None, max_length=96,
+                                   model_dtype="bf16", seed=0, lora_rank=4, lora_alpha=8.0,
+                                   lora_dropout=0.0, name="stage2"))
     loaded = dict(model.named_parameters())
     for name, weight in saved.items():
         assert loaded[name].dtype == torch.float32 and loaded[name].requires_grad, name
@@ -475,10 +515,12 @@ def test_stage_2_starts_from_stage_1s_trainable_weights_bit_for_bit(tmp_path, ba
 
 
 def test_builtin_stage_2_gives_in_batch_negatives_to_retrieval_only():
-    retrieval, classification = builtin.builtin_sources(stage=2, hard_negatives=2, in_batch_negatives=True)
+    retrieval, classification = builtin.builtin_sources(stage=2, hard_negatives=2,
+                                                        in_batch_negatives=True)
     assert retrieval.task_type == "retrieval" and retrieval.in_batch_negatives
     assert classification.task_type == "classification" and not classification.in_batch_negatives
-    assert classification.collate([0, 1], ByteTokenizer(), max_length=None)["in_batch_negatives"] is False
+    assert classification.collate([0, 1], ByteTokenizer(),
+                                  max_length=None)["in_batch_negatives"] is False
     assert "in-batch negatives off (retrieval data only)" in classification.summary()
 
 
@@ -500,11 +542,13 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     stage1 = tmp_path / "stage1"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "train.py", "--stage", "1", "--steps", STAGE1_TEST_STEPS, "--out", str(stage1), "--no-progress"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", "train.py", "--stage", "1", "--steps", STAGE1_TEST_STEPS,
+         "--out", str(stage1), "--no-progress"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    evals = {r["when"]: r["NDCG@10"] for r in map(json.loads, (stage1 / "log.jsonl").read_text().splitlines())
+    evals = {r["when"]: r["NDCG@10"]
+             for r in map(json.loads, (stage1 / "log.jsonl").read_text().splitlines())
              if r.get("event") == "eval"}
     assert evals["after"] > evals["before"] + 0.02, evals
     assert f"nDCG@10 before {evals['before']:.4f} -> after {evals['after']:.4f}" in result.stdout
@@ -512,11 +556,13 @@ def test_default_command_trains_and_saves_a_loadable_model(tmp_path):
     embeddings = model.encode(["a small river in the north"])
     assert embeddings.shape == (1, model.decoder.config.hidden_size)
     assert json.loads((stage1 / "config.json").read_text())["stage"] == 1
-    assert json.loads((stage1 / "model" / "config.json").read_text())["name"] == "stage1"  # --out's folder
+    # --out's folder
+    assert json.loads((stage1 / "model" / "config.json").read_text())["name"] == "stage1"
 
     # Stage 2 continues from stage 1 (single process here), in-batch negatives off.
-    summary = train.main(["--stage", "2", "--init-from", str(stage1), "--steps", "3", "--batch-size", "8",
-                          "--out", str(tmp_path / "stage2"), "--no-eval", "--no-progress"])
+    summary = train.main(["--stage", "2", "--init-from", str(stage1), "--steps", "3",
+                          "--batch-size", "8", "--out", str(tmp_path / "stage2"), "--no-eval",
+                          "--no-progress"])
     config = json.loads((tmp_path / "stage2" / "config.json").read_text())
     assert not config["in_batch_negatives"] and config["init_from"] == str(stage1)
     assert NVEmbed.load(summary["model"]).pooling_name == model.pooling_name
