@@ -66,6 +66,7 @@ import mine  # noqa: E402
 import train  # noqa: E402
 from plumbing import significance  # noqa: E402
 from plumbing.mfu import choose_dtype, cpu_peak_flops, encode_mfu, logged_mfu  # noqa: E402
+from plumbing.run_folder import latest_checkpoint  # noqa: E402
 from evaluate import INSTRUCTIONS, evaluate_per_query, search  # noqa: E402
 from model import NVEmbed  # noqa: E402
 from plumbing.loading import from_base  # noqa: E402
@@ -384,9 +385,15 @@ def mined_negatives(args, setting: dict, teacher: str, out: Path, instruction: s
 
 
 def train_run(args, setting, dtype_name, run, train_file, pooling, attention, seed, schedule=None):
-    """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, losses).
-    `schedule` holds the row's steps, lr and warmup_steps (row_schedule; None: the setting's)."""
+    """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, losses,
+    earlier), `earlier` None or, for a resumed row, dict(step, seconds). `schedule` holds the
+    row's steps, lr and warmup_steps (row_schedule; None: the setting's). A row stopped in an
+    earlier sitting (RUN holds a checkpoint, which train.py saves every 10 minutes, and no model)
+    continues from it: a resumed run ends bit-identical to an uninterrupted one, so a 480-step row
+    may span sittings. Its seconds are then this sitting's plus the logged step time of the steps
+    before the checkpoint (`earlier`)."""
     schedule = schedule or {k: setting[k] for k in ("steps", "lr", "warmup_steps")}
+    checkpoint = None if (run / "model").exists() else latest_checkpoint(run)
     argv = ["--stage", "1", "--model", str(args.model), "--data", str(train_file),
             "--pooling", pooling, "--causal" if ATTENTIONS[attention] else "--bidirectional",
             "--lora-rank", "16", "--steps", str(schedule["steps"]),
@@ -396,14 +403,32 @@ def train_run(args, setting, dtype_name, run, train_file, pooling, attention, se
             "--warmup-steps", str(schedule["warmup_steps"]),
             *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
             "--dtype", dtype_name, "--seed", str(seed), "--device", args.device,
-            "--out", str(run), "--overwrite", "--no-eval", "--no-progress", "--log-every", "5",
-            "--save-every", str(10 ** 9), "--keep-checkpoints", "1",
+            "--out", str(run), "--resume" if checkpoint else "--overwrite", "--no-eval",
+            "--no-progress", "--log-every", "5", "--save-every", str(10 ** 9),
+            "--keep-checkpoints", "1",
             *(["--activation-checkpointing"] if setting.get("activation_checkpointing") else [])]
+    earlier = None
+    if checkpoint is not None:
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        earlier = dict(step=step, seconds=logged_seconds(run / "log.jsonl", up_to=step))
+        print(f"{run.name}: resuming an earlier sitting's run at step {step}", flush=True)
     start = time.perf_counter()
     train.train(train.configure(argv))
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + (earlier["seconds"] if earlier else 0.0)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return seconds, [[r["step"], r["loss"]] for r in records if "loss" in r]
+    return seconds, [[r["step"], r["loss"]] for r in records if "loss" in r], earlier
+
+
+def logged_seconds(log_file: Path, up_to: int) -> float:
+    """The step time a run's log.jsonl records for its steps up to `up_to` (each line's ms/step
+    over the steps since the line before)."""
+    seconds, previous = 0.0, 0
+    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
+        record = json.loads(line)
+        if "ms_per_step" in record and record["step"] <= up_to:
+            seconds += record["ms_per_step"] / 1000 * (record["step"] - previous)
+            previous = record["step"]
+    return seconds
 
 
 def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
@@ -417,8 +442,8 @@ def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
     run = out / key.replace("/", "-")
     if args.device == "cpu":  # this row's MFU against the highest peak timed so far
         cpu_peak_flops(torch.bfloat16 if dtype_name == "bf16" else torch.float32, remeasure=True)
-    train_seconds, losses = train_run(args, setting, dtype_name, run, train_file, pooling,
-                                      attention, seed, schedule)
+    train_seconds, losses, earlier = train_run(args, setting, dtype_name, run, train_file,
+                                               pooling, attention, seed, schedule)
     eval_start = time.perf_counter()
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     model = NVEmbed.load(run / "model", dtype=dtype, device=args.device)
@@ -429,7 +454,10 @@ def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
     return dict(key=key, pooling=pooling, attention=attention, teacher=teacher, seed=seed,
                 trained=True, **schedule, dtype=dtype_name, dtype_choice=dtype_choice,
                 commit=commit(), **machine(args.device), train_seconds=train_seconds,
-                eval_seconds=now - eval_start, wall_seconds=now - start, **metrics,
+                eval_seconds=now - eval_start, **metrics,
+                # a row resumed from an earlier sitting: that sitting's logged step time counts too
+                wall_seconds=now - start + (earlier["seconds"] if earlier else 0.0),
+                resumed_at_step=earlier and earlier["step"],
                 loss_curve=losses, train_mfu=logged_mfu(run / "log.jsonl"),
                 # over the whole evaluation (loading and scoring too): a lower bound
                 encode_mfu=encode_mfu(model, [inputs for part in test.batches.values()

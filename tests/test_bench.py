@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from bench import ablate, plot_ablation
 
@@ -146,6 +147,47 @@ def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         ablate.main(argv)
     assert exit_info.value.code == 2
+
+
+def test_a_row_stopped_in_an_earlier_sitting_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """train_run on a row folder holding a checkpoint and no model (the runner stopped mid-row)
+    passes --resume, and the row ends with the weights and losses of a row never stopped; its
+    seconds count the earlier sitting's logged steps."""
+    import types
+
+    from safetensors.torch import load_file
+
+    import train
+    from plumbing.builtin import builtin_dataset
+
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(example.to_json()) + "\n"
+                                  for example in builtin_dataset().train_examples[:24]))
+    args = types.SimpleNamespace(model="tiny", device="cpu")
+    schedule = dict(steps=4, lr=1e-3, warmup_steps=1)
+
+    def run(folder):
+        return ablate.train_run(args, ablate.SETTINGS["dry-run"], "fp32", tmp_path / folder,
+                                train_file, "latent", "bidirectional", 0, schedule)
+
+    whole_seconds, whole_losses, earlier = run("whole")
+    assert earlier is None
+    configure, argvs = train.configure, []
+    monkeypatch.setattr(train, "configure", lambda argv: configure(argv + ["--stop-after", "2"]))
+    run("stopped")  # as if the runner were stopped after step 2 (a checkpoint, no model)
+    assert not (tmp_path / "stopped" / "model").exists()
+    monkeypatch.setattr(train, "configure", lambda argv: (argvs.append(argv), configure(argv))[1])
+    seconds, losses, earlier = run("stopped")
+    assert "--resume" in argvs[0] and "--overwrite" not in argvs[0]
+    assert earlier["step"] == 2 and 0 < earlier["seconds"] < seconds
+    assert [[step, dict(losses)[step]] for step, _ in whole_losses] == whole_losses
+    names = sorted(path.name for path in (tmp_path / "whole" / "model").glob("*.safetensors"))
+    assert "pooling.safetensors" in names
+    for name in names:
+        whole = load_file(tmp_path / "whole" / "model" / name)
+        resumed = load_file(tmp_path / "stopped" / "model" / name)
+        assert whole.keys() == resumed.keys()
+        assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
 def test_read_table_names_the_missing_field(tmp_path):
