@@ -210,8 +210,8 @@ def one_row(args, setting, teacher, train_file, stats, splits, instruction, bm25
     """Train latent / bidirectional stage 1 on one teacher's negatives, score dev and test, compare
     to BM25."""
     run = args.out / f"{teacher}-{setting['max_length']}"
-    train_seconds, loss_curve = ablate.train_run(args, setting, setting["dtype"], run, train_file,
-                                                 "latent", "bidirectional", args.seed)
+    train_seconds, loss_curve, earlier = ablate.train_run(
+        args, setting, setting["dtype"], run, train_file, "latent", "bidirectional", args.seed)
     (dev, _), (test, test_per_query) = scored_model(run / "model", splits, instruction, setting,
                                                     args)
     write_per_query(run / "scifact-test.per_query.json", test_per_query,
@@ -221,7 +221,7 @@ def one_row(args, setting, teacher, train_file, stats, splits, instruction, bm25
                train_seconds=train_seconds,
                vs_bm25={m: compared(test_per_query, bm25_test, m) for m in METRICS},
                queries_kept=stats["queries_kept"], mined_negatives=stats["negatives"],
-               loss_curve=loss_curve)
+               loss_curve=loss_curve, resumed_at_step=earlier and earlier["step"])
     print(f"{teacher:>7} {setting['max_length']:>4} tokens: dev nDCG@10 {row['dev_ndcg10']:.4f}, "
           f"test nDCG@10 {row['test_ndcg10']:.4f}, vs BM25 "
           f"{row['vs_bm25']['NDCG@10']['difference']:+.4f} (p "
