@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -386,14 +387,13 @@ def mined_negatives(args, setting: dict, teacher: str, out: Path, instruction: s
 
 def train_run(args, setting, dtype_name, run, train_file, pooling, attention, seed, schedule=None):
     """Stage 1 (LoRA + pooling) of args.model on train_file into RUN/model: (seconds, losses,
-    earlier), `earlier` None or, for a resumed row, dict(step, seconds). `schedule` holds the
-    row's steps, lr and warmup_steps (row_schedule; None: the setting's). A row stopped in an
-    earlier sitting (RUN holds a checkpoint, which train.py saves every 10 minutes, and no model)
-    continues from it: a resumed run ends bit-identical to an uninterrupted one, so a 480-step row
-    may span sittings. Its seconds are then this sitting's plus the logged step time of the steps
-    before the checkpoint (`earlier`)."""
+    earlier). `schedule` holds the row's steps, lr and warmup_steps (row_schedule; None: the
+    setting's). A row stopped in an earlier sitting (RUN holds a checkpoint, which train.py saves
+    every 10 minutes, newer than any model) continues from it where `row_identity` is unchanged:
+    then it ends bit-identical to a row never stopped, so a 480-step row may span sittings. RUN's
+    ablate-row.json keeps the identity and the sittings; `earlier` is dict(seconds: the earlier
+    sittings' logged step time, which `seconds` includes; sittings: [{commit, from_step}])."""
     schedule = schedule or {k: setting[k] for k in ("steps", "lr", "warmup_steps")}
-    checkpoint = None if (run / "model").exists() else latest_checkpoint(run)
     argv = ["--stage", "1", "--model", str(args.model), "--data", str(train_file),
             "--pooling", pooling, "--causal" if ATTENTIONS[attention] else "--bidirectional",
             "--lora-rank", "16", "--steps", str(schedule["steps"]),
@@ -403,32 +403,68 @@ def train_run(args, setting, dtype_name, run, train_file, pooling, attention, se
             "--warmup-steps", str(schedule["warmup_steps"]),
             *(["--num-latents", str(setting["num_latents"])] if pooling == "latent" else []),
             "--dtype", dtype_name, "--seed", str(seed), "--device", args.device,
-            "--out", str(run), "--resume" if checkpoint else "--overwrite", "--no-eval",
-            "--no-progress", "--log-every", "5", "--save-every", str(10 ** 9),
-            "--keep-checkpoints", "1",
+            "--out", str(run), "--no-eval", "--no-progress", "--log-every", "5",
+            "--save-every", str(10 ** 9), "--keep-checkpoints", "1",
             *(["--activation-checkpointing"] if setting.get("activation_checkpointing") else [])]
-    earlier = None
+    identity, row_file = row_identity(args, argv, train_file), run / "ablate-row.json"
+    checkpoint, sittings, step = latest_checkpoint(run), [], 0
+    model = run / "model"
+    if checkpoint and model.exists() and model.stat().st_mtime > checkpoint.stat().st_mtime:
+        checkpoint = None  # a finished row's (its evaluation was stopped): trained again
     if checkpoint is not None:
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-        earlier = dict(step=step, seconds=logged_seconds(run / "log.jsonl", up_to=step))
-        print(f"{run.name}: resuming an earlier sitting's run at step {step}", flush=True)
+        saved = json.loads(row_file.read_text()) if row_file.is_file() else {}
+        changed = [k for k in identity if saved.get("identity", {}).get(k) != identity[k]]
+        if changed:
+            print(f"notice: {run.name}: its checkpoint was trained with another "
+                  f"{', '.join(changed)}: the row starts again", flush=True)
+            checkpoint = None
+        else:
+            sittings = saved["sittings"]
+            step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+            print(f"{run.name}: continuing an earlier sitting's run from step {step}", flush=True)
+    earlier = dict(seconds=logged_seconds(run / "log.jsonl", up_to=step) if step else 0.0,
+                   sittings=sittings + [dict(commit=commit(), from_step=step)])
+    run.mkdir(parents=True, exist_ok=True)
+    row_file.write_text(json.dumps(dict(identity=identity, sittings=earlier["sittings"]),
+                                   indent=1) + "\n")
     start = time.perf_counter()
-    train.train(train.configure(argv))
-    seconds = time.perf_counter() - start + (earlier["seconds"] if earlier else 0.0)
+    train.train(train.configure(argv + ["--resume" if checkpoint else "--overwrite"]))
+    seconds = time.perf_counter() - start + earlier["seconds"]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     return seconds, [[r["step"], r["loss"]] for r in records if "loss" in r], earlier
 
 
+def row_identity(args, argv: list, train_file: Path) -> dict:
+    """What a row's training depends on: train.py's arguments, the code (the files at the root and
+    in plumbing/), the training file's and the base model's bytes, and the machine."""
+    def digest(root: Path, paths) -> str:
+        sha = hashlib.sha256()
+        for path in sorted(paths):
+            sha.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+        return sha.hexdigest()[:16]
+
+    model = Path(args.model)
+    weights = [p for p in model.rglob("*") if p.is_file()] if model.is_dir() else [model]
+    return dict(argv=argv, code=digest(REPO, [*REPO.glob("*.py"), *REPO.glob("plumbing/*.py")]),
+                train_file=digest(train_file.parent, [train_file]),
+                model=digest(model.parent, weights) if model.exists() else str(args.model),
+                **machine(args.device))
+
+
 def logged_seconds(log_file: Path, up_to: int) -> float:
-    """The step time a run's log.jsonl records for its steps up to `up_to` (each line's ms/step
-    over the steps since the line before)."""
-    seconds, previous = 0.0, 0
-    for line in log_file.read_text().splitlines() if log_file.is_file() else []:
-        record = json.loads(line)
-        if "ms_per_step" in record and record["step"] <= up_to:
-            seconds += record["ms_per_step"] / 1000 * (record["step"] - previous)
-            previous = record["step"]
-    return seconds
+    """The step time a run's log.jsonl records for its steps up to `up_to`: each line's ms/step
+    over the steps since the line before. Steps after the last line up to `up_to` (a checkpoint
+    saved on the clock writes no line) at the rate of the line that covers them, or else the
+    last line's."""
+    records = [r for r in map(json.loads, log_file.read_text().splitlines()) if "ms_per_step" in r]
+    seconds, previous, rate = 0.0, 0, None
+    for record in records:
+        rate = record["ms_per_step"] / 1000
+        seconds += rate * (min(record["step"], up_to) - previous)
+        previous = min(record["step"], up_to)
+        if record["step"] >= up_to:
+            return seconds
+    return seconds + (rate or 0.0) * (up_to - previous)
 
 
 def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
@@ -455,9 +491,8 @@ def measure_row(args, setting, dtype_name, dtype_choice, out, test, instruction,
                 trained=True, **schedule, dtype=dtype_name, dtype_choice=dtype_choice,
                 commit=commit(), **machine(args.device), train_seconds=train_seconds,
                 eval_seconds=now - eval_start, **metrics,
-                # a row resumed from an earlier sitting: that sitting's logged step time counts too
-                wall_seconds=now - start + (earlier["seconds"] if earlier else 0.0),
-                resumed_at_step=earlier and earlier["step"],
+                # a row continued from earlier sittings: their logged step time counts too
+                wall_seconds=now - start + earlier["seconds"], sittings=earlier["sittings"],
                 loss_curve=losses, train_mfu=logged_mfu(run / "log.jsonl"),
                 # over the whole evaluation (loading and scoring too): a lower bound
                 encode_mfu=encode_mfu(model, [inputs for part in test.batches.values()

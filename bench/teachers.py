@@ -221,7 +221,7 @@ def one_row(args, setting, teacher, train_file, stats, splits, instruction, bm25
                train_seconds=train_seconds,
                vs_bm25={m: compared(test_per_query, bm25_test, m) for m in METRICS},
                queries_kept=stats["queries_kept"], mined_negatives=stats["negatives"],
-               loss_curve=loss_curve, resumed_at_step=earlier and earlier["step"])
+               loss_curve=loss_curve, sittings=earlier["sittings"])
     print(f"{teacher:>7} {setting['max_length']:>4} tokens: dev nDCG@10 {row['dev_ndcg10']:.4f}, "
           f"test nDCG@10 {row['test_ndcg10']:.4f}, vs BM25 "
           f"{row['vs_bm25']['NDCG@10']['difference']:+.4f} (p "

@@ -149,10 +149,11 @@ def test_runner_dry_run_resumes_without_duplicates(tmp_path, monkeypatch):
     assert exit_info.value.code == 2
 
 
-def test_a_row_stopped_in_an_earlier_sitting_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+def test_a_row_stopped_in_an_earlier_sitting_resumes_from_its_checkpoint(tmp_path, monkeypatch,
+                                                                          capsys):
     """train_run on a row folder holding a checkpoint and no model (the runner stopped mid-row)
-    passes --resume, and the row ends with the weights and losses of a row never stopped; its
-    seconds count the earlier sitting's logged steps."""
+    passes --resume, and the row ends with the weights and losses of a row never stopped, its
+    sittings listed; a checkpoint trained on other data starts the row again, with a notice."""
     import types
 
     from safetensors.torch import load_file
@@ -161,25 +162,27 @@ def test_a_row_stopped_in_an_earlier_sitting_resumes_from_its_checkpoint(tmp_pat
     from plumbing.builtin import builtin_dataset
 
     train_file = tmp_path / "train.jsonl"
-    train_file.write_text("".join(json.dumps(example.to_json()) + "\n"
-                                  for example in builtin_dataset().train_examples[:24]))
+    examples = builtin_dataset().train_examples
+    train_file.write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples[:24]))
     args = types.SimpleNamespace(model="tiny", device="cpu")
     schedule = dict(steps=4, lr=1e-3, warmup_steps=1)
+    configure, argvs = train.configure, []
 
-    def run(folder):
+    def run(folder, *extra):
+        monkeypatch.setattr(train, "configure",
+                            lambda argv: (argvs.append(argv), configure(argv + list(extra)))[1])
         return ablate.train_run(args, ablate.SETTINGS["dry-run"], "fp32", tmp_path / folder,
                                 train_file, "latent", "bidirectional", 0, schedule)
 
-    whole_seconds, whole_losses, earlier = run("whole")
-    assert earlier is None
-    configure, argvs = train.configure, []
-    monkeypatch.setattr(train, "configure", lambda argv: configure(argv + ["--stop-after", "2"]))
-    run("stopped")  # as if the runner were stopped after step 2 (a checkpoint, no model)
+    _, whole_losses, earlier = run("whole")
+    this = ablate.commit()
+    assert earlier == dict(seconds=0.0, sittings=[dict(commit=this, from_step=0)])
+    run("stopped", "--stop-after", "2")  # the runner stopped after step 2: a checkpoint, no model
     assert not (tmp_path / "stopped" / "model").exists()
-    monkeypatch.setattr(train, "configure", lambda argv: (argvs.append(argv), configure(argv))[1])
     seconds, losses, earlier = run("stopped")
-    assert "--resume" in argvs[0] and "--overwrite" not in argvs[0]
-    assert earlier["step"] == 2 and 0 < earlier["seconds"] < seconds
+    assert "--resume" in argvs[-1] and "--overwrite" not in argvs[-1]
+    assert earlier["sittings"] == [dict(commit=this, from_step=0), dict(commit=this, from_step=2)]
+    assert earlier["seconds"] > 0
     assert [[step, dict(losses)[step]] for step, _ in whole_losses] == whole_losses
     names = sorted(path.name for path in (tmp_path / "whole" / "model").glob("*.safetensors"))
     assert "pooling.safetensors" in names
@@ -188,6 +191,29 @@ def test_a_row_stopped_in_an_earlier_sitting_resumes_from_its_checkpoint(tmp_pat
         resumed = load_file(tmp_path / "stopped" / "model" / name)
         assert whole.keys() == resumed.keys()
         assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+    run("changed", "--stop-after", "2")
+    train_file.write_text("".join(json.dumps(e.to_json()) + "\n" for e in examples[24:48]))
+    capsys.readouterr()
+    _, _, earlier = run("changed")
+    assert "--overwrite" in argvs[-1] and "--resume" not in argvs[-1]
+    assert earlier["sittings"] == [dict(commit=this, from_step=0)]
+    assert ("notice: changed: its checkpoint was trained with another train_file: the row starts "
+            "again") in capsys.readouterr().out
+
+
+def test_logged_seconds_counts_each_line_over_the_steps_since_the_line_before(tmp_path):
+    """Lines at steps 5 (1 s a step), 8 (a line by the clock, 2 s), 10 (3 s) and 15 (4 s): up to
+    step 10, 5 + 6 + 6 s; up to step 12, a checkpoint saved by the clock between lines, the two
+    steps after step 10 at the covering line's 4 s; past the last line, at its rate."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(dict(step=step, loss=1.0, ms_per_step=ms)) + "\n"
+                           for step, ms in ((5, 1000), (8, 2000), (10, 3000), (15, 4000)))
+                   + json.dumps(dict(step=15, eval="builtin-test")) + "\n")
+    assert ablate.logged_seconds(log, up_to=10) == pytest.approx(17.0)
+    assert ablate.logged_seconds(log, up_to=12) == pytest.approx(25.0)
+    assert ablate.logged_seconds(log, up_to=17) == pytest.approx(45.0)
+    assert ablate.logged_seconds(log, up_to=3) == pytest.approx(3.0)
 
 
 def test_read_table_names_the_missing_field(tmp_path):
